@@ -1,0 +1,85 @@
+"""`create_app()`: the REST API around one `Orchestrator`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from chiffon import __version__
+from chiffon.api import routes_agents, routes_ingest
+from chiffon.orchestrator.service import Orchestrator
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "request"
+    body = first.get("loc", ("",))[0] == "body"
+    return JSONResponse(
+        {"detail": f"{where}: {first.get('msg')}"}, status_code=422 if body else 400
+    )
+
+
+def _database_down(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"registry database unavailable: {type(exc).__name__}"}, status_code=503
+    )
+
+
+def create_app(orchestrator: Orchestrator, *, manage_lifecycle: bool = True) -> FastAPI:
+    """The API. With `manage_lifecycle`, the app starts and stops the orchestrator."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await orchestrator.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await orchestrator.stop()
+
+    app = FastAPI(
+        title="Chiffon",
+        version=__version__,
+        summary="A capacity-aware registry of GPU desktops.",
+        lifespan=lifespan,
+    )
+    app.state.orchestrator = orchestrator
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(DBAPIError, _database_down)
+    app.add_exception_handler(OSError, _database_down)
+    app.include_router(routes_agents.router)
+    app.include_router(routes_ingest.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """The registry database answers."""
+        try:
+            async with orchestrator.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (OSError, DBAPIError) as exc:
+            return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, 503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(
+            generate_latest(orchestrator.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    return app

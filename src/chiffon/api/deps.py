@@ -1,0 +1,39 @@
+"""FastAPI dependencies: the orchestrator and a database session per request."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chiffon.orchestrator.service import Orchestrator
+
+
+def get_orchestrator(request: Request) -> Orchestrator:
+    orchestrator: Orchestrator = request.app.state.orchestrator
+    return orchestrator
+
+
+OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
+
+
+async def get_session(orchestrator: OrchestratorDep) -> AsyncIterator[AsyncSession]:
+    async with orchestrator.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def parse_agent_id(agent_id: str) -> uuid.UUID:
+    """A path id, or 400 (not FastAPI's 422) when it is not a UUID."""
+    try:
+        return uuid.UUID(agent_id)
+    except ValueError:
+        raise HTTPException(400, f"agent_id {agent_id[:64]!r} is not a UUID") from None
+
+
+AgentIdDep = Annotated[uuid.UUID, Depends(parse_agent_id)]

@@ -1,0 +1,143 @@
+"""Registry reads, the capacity query and deregistration."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
+from chiffon.orchestrator import views
+from chiffon.persistence import registry
+from chiffon.persistence.registry import CapacityFilter
+from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord, AgentStatus, ErrorDetail
+
+router = APIRouter(prefix="/api/v1", tags=["agents"])
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail},
+    400: {"model": ErrorDetail},
+}
+Minimum = Annotated[float | None, Query(ge=0, le=1_000_000, allow_inf_nan=False)]
+
+
+@router.get("/agents", response_model=list[AgentRecord])
+async def list_agents(
+    session: SessionDep,
+    orchestrator: OrchestratorDep,
+    status: AgentStatus | None = None,
+    agent_type: Annotated[str | None, Query(max_length=64)] = None,
+    pool_name: Annotated[str | None, Query(max_length=128)] = None,
+) -> list[AgentRecord]:
+    """Every registered agent, optionally filtered."""
+    rows = await registry.list_agents(
+        session, status=status, agent_type=agent_type, pool_name=pool_name
+    )
+    now = orchestrator.clock.now()
+    return [views.record(row, now) for row in rows]
+
+
+@router.get("/agents/available-capacity", response_model=list[AgentCapacity], responses=_NOT_FOUND)
+async def available_capacity(
+    session: SessionDep,
+    orchestrator: OrchestratorDep,
+    min_gpu_vram_gb: Annotated[
+        Minimum, Query(description="free VRAM summed over the agent's GPUs, GB")
+    ] = None,
+    min_single_gpu_vram_gb: Annotated[
+        Minimum, Query(description="free VRAM on one single GPU, GB (one job, one device)")
+    ] = None,
+    min_cpu_cores: Annotated[int | None, Query(ge=0, le=16_384)] = None,
+    min_memory_gb: Minimum = None,
+    pool_name: Annotated[str | None, Query(max_length=128)] = None,
+    agent_type: Annotated[
+        str, Query(max_length=64, description="'any' for every type")
+    ] = "desktop",
+    limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+) -> list[AgentCapacity]:
+    """Online agents that meet every requirement, most free VRAM first.
+
+    The first entry is the best agent. An empty list means no one can take the work now.
+    """
+    want = CapacityFilter(
+        min_gpu_vram_gb=min_gpu_vram_gb,
+        min_single_gpu_vram_gb=min_single_gpu_vram_gb,
+        min_cpu_cores=min_cpu_cores,
+        min_memory_gb=min_memory_gb,
+        pool_name=pool_name,
+        agent_type=None if agent_type == "any" else agent_type,
+        limit=limit,
+    )
+    started = time.perf_counter()
+    rows = await registry.find_capacity(session, want=want)
+    orchestrator.metrics.query_seconds.labels("available_capacity").observe(
+        time.perf_counter() - started
+    )
+    now = orchestrator.clock.now()
+    return [views.capacity(row, now) for row in rows]
+
+
+@router.get("/agents/{agent_id}", response_model=AgentRecord, responses=_NOT_FOUND)
+async def get_agent(
+    agent_id: AgentIdDep, session: SessionDep, orchestrator: OrchestratorDep
+) -> AgentRecord:
+    """One agent's full record."""
+    row = await registry.get_agent(session, agent_id=agent_id)
+    if row is None:
+        raise HTTPException(404, f"agent {agent_id} is not registered")
+    return views.record(row, orchestrator.clock.now())
+
+
+@router.get("/agents/{agent_id}/capacity", response_model=AgentCapacity, responses=_NOT_FOUND)
+async def get_capacity(
+    agent_id: AgentIdDep, session: SessionDep, orchestrator: OrchestratorDep
+) -> AgentCapacity:
+    """One agent's capacity: the seeds' fields, each GPU, and the metrics' age."""
+    row = await registry.get_agent(session, agent_id=agent_id)
+    if row is None:
+        raise HTTPException(404, f"agent {agent_id} is not registered")
+    return views.capacity(row, orchestrator.clock.now())
+
+
+@router.delete("/agents/{agent_id}", status_code=204, responses=_NOT_FOUND)
+async def deregister(
+    agent_id: AgentIdDep, session: SessionDep, orchestrator: OrchestratorDep
+) -> Response:
+    """Remove an agent from the registry (its event history stays)."""
+    async with session.begin():
+        was = await registry.delete_agent(session, agent_id=agent_id)
+        if was is None:
+            raise HTTPException(404, f"agent {agent_id} is not registered")
+        event = {
+            "agent_id": agent_id,
+            "at": orchestrator.clock.now(),
+            "from_status": was,
+            "to_status": "deregistered",
+            "reason": "deregistered",
+        }
+        await registry.add_events(session, events=[event])
+    return Response(status_code=204)
+
+
+@router.get("/events", response_model=list[AgentEvent])
+async def list_events(
+    session: SessionDep,
+    agent_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> list[AgentEvent]:
+    """Status changes, newest first: when each agent went online or offline, and why."""
+    wanted = None if agent_id is None else parse_agent_id(agent_id)
+    rows = await registry.list_events(session, agent_id=wanted, limit=limit)
+    return [views.event(row) for row in rows]
+
+
+@router.get("/agents/{agent_id}/events", response_model=list[AgentEvent], responses=_NOT_FOUND)
+async def agent_events(
+    agent_id: AgentIdDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> list[AgentEvent]:
+    """One agent's status history, newest first."""
+    rows = await registry.list_events(session, agent_id=agent_id, limit=limit)
+    return [views.event(row) for row in rows]

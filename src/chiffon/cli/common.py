@@ -1,0 +1,50 @@
+"""What every command shares: one-line errors, logging, settings errors in plain words."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, exit status `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def describe_settings_error(exc: ValidationError, source: str = "environment or flags") -> str:
+    """One line naming the setting, the bad value and where it came from."""
+    first = exc.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in first["loc"]) or "settings"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"bad setting {key}{shown} (from {source}): {first['msg']}"
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aiormq", "aio_pika", "httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of a driver error, without SQLAlchemy's background link."""
+    inner = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return lines[0] if lines else type(inner).__name__

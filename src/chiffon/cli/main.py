@@ -1,0 +1,47 @@
+"""`chiffon`: the command line. Wiring only: build settings and objects, call the rest."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from chiffon import __version__
+from chiffon.cli import orchestrator_cmd
+from chiffon.cli.common import CliError, fail
+
+app = typer.Typer(
+    name="chiffon",
+    help="Chiffon: a fleet of GPU desktops as one capacity-aware pool.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+orchestrator_cmd.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"chiffon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Chiffon: a fleet of GPU desktops as one capacity-aware pool."""
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except CliError as exc:
+        if debug:
+            raise
+        raise SystemExit(fail(str(exc), exc.code).exit_code) from None

@@ -1,0 +1,125 @@
+"""Group concurrent messages into one transaction each, and say when they are durable.
+
+Every transport submits here. The future a caller gets resolves only after the batch that
+holds its message has committed, so a transport acks (AMQP) or answers (HTTP) after the
+write, never before. A failed commit fails every future of the batch: the broker redelivers,
+the HTTP client retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chiffon.orchestrator.ingest import Outcome, Received, apply_batch
+from chiffon.orchestrator.metrics import OrchestratorMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    item: Received
+    future: asyncio.Future[Outcome]
+
+
+class IngestBatcher:
+    """Flushes after `max_batch` messages or `max_delay_seconds`, whichever comes first."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        metrics: OrchestratorMetrics,
+        *,
+        max_batch: int = 500,
+        max_delay_seconds: float = 0.02,
+        retry_backoff_seconds: float = 0.5,
+    ) -> None:
+        self._sessions = sessions
+        self._metrics = metrics
+        self._max_batch = max_batch
+        self._max_delay = max_delay_seconds
+        self._backoff = retry_backoff_seconds
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.healthy = True
+
+    def submit_nowait(self, item: Received) -> asyncio.Future[Outcome]:
+        """Queue one message; the future resolves after its batch commits."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(item, future))
+        return future
+
+    async def submit(self, item: Received) -> Outcome:
+        return await self.submit_nowait(item)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="chiffon-ingest")
+
+    async def stop(self) -> None:
+        """Flush what is queued, then stop."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        while not self._queue.empty():
+            await self._flush(self._drain([]))
+
+    def _drain(self, batch: list[_Pending]) -> list[_Pending]:
+        while len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self._max_delay
+        while len(batch) < self._max_batch:
+            self._drain(batch)
+            remaining = deadline - time.monotonic()
+            if len(batch) >= self._max_batch or remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if not await self._flush(batch):
+                await asyncio.sleep(self._backoff)
+
+    async def _flush(self, batch: list[_Pending]) -> bool:
+        started = time.perf_counter()
+        try:
+            async with self._sessions.begin() as session:
+                outcomes = await apply_batch(session, [p.item for p in batch])
+        except Exception as exc:  # the database is down or refused: nothing is durable
+            self.healthy = False
+            self._metrics.ingest_errors.inc()
+            log.warning("ingest batch of %d failed, will be retried: %s", len(batch), exc)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(IngestUnavailableError(str(exc)))
+            return False
+        self.healthy = True
+        self._metrics.batch_seconds.observe(time.perf_counter() - started)
+        self._metrics.batch_size.observe(len(batch))
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            self._metrics.accepted.labels(pending.item.message.kind, outcome).inc()
+            if not pending.future.done():
+                pending.future.set_result(outcome)
+        return True
+
+
+class IngestUnavailableError(RuntimeError):
+    """The registry could not store a message right now; try again later."""

@@ -1,0 +1,151 @@
+"""Heartbeat ingest: one handler for every transport.
+
+`apply_batch` takes validated messages with the orchestrator's receipt time and applies
+them in the caller's transaction: two statements for the registry (a locked read of the
+agents' message ordering, then one upsert) and one for status events.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chiffon.persistence import registry
+from chiffon.persistence.registry import Ordering
+from chiffon.schemas.heartbeat import AgentMessage, Resources
+
+Outcome = Literal["applied", "stale", "unknown_agent"]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A valid message and when this orchestrator received it (its own clock)."""
+
+    message: AgentMessage
+    received_at: datetime
+
+
+def is_newer(message: AgentMessage, last: Ordering) -> bool:
+    """Whether `message` comes after the last one applied for its agent.
+
+    Within one agent run the sequence number decides, so the agent's clock cannot matter;
+    across runs (a restart), the agent's own send time does.
+    """
+    if last.boot_id is None or last.seq is None:
+        return True
+    if message.boot_id == last.boot_id:
+        return message.seq > last.seq
+    return last.sent_at is None or message.sent_at > last.sent_at
+
+
+def metric_columns(resources: Resources) -> dict[str, Any]:
+    """The typed columns the capacity query filters on, copied from the JSON."""
+    return {
+        "resource_metrics": resources.model_dump(mode="json"),
+        "cpu_cores_available": resources.cpu_cores_available,
+        "cpu_cores_physical": resources.cpu_cores_physical,
+        "cpu_load_1min": resources.cpu_load_1min,
+        "memory_available_gb": resources.memory_available_gb,
+        "gpu_count": resources.gpu_count,
+        "gpu_type": resources.gpu_type,
+        "gpu_vram_total_gb": resources.gpu_vram_total_gb,
+        "gpu_vram_available_gb": resources.gpu_vram_available_gb,
+        "gpu_vram_available_max_gb": resources.gpu_vram_available_max_gb,
+    }
+
+
+def _ordering_columns(message: AgentMessage) -> dict[str, Any]:
+    return {
+        "last_boot_id": message.boot_id,
+        "last_seq": message.seq,
+        "last_sent_at": message.sent_at,
+    }
+
+
+def _heartbeat_row(item: Received) -> dict[str, Any]:
+    msg = item.message
+    assert msg.resources is not None  # the schema guarantees it for heartbeats
+    return {
+        "agent_id": msg.agent_id,
+        "name": msg.name,
+        "agent_type": msg.agent_type,
+        "pool_name": msg.pool_name,
+        "agent_version": msg.agent_version,
+        "labels": dict(msg.labels),
+        "capabilities": list(msg.capabilities),
+        "specializations": list(msg.specializations),
+        "status": "online",
+        "last_heartbeat_at": item.received_at,
+        "created_at": item.received_at,
+        "updated_at": item.received_at,
+        **metric_columns(msg.resources),
+        **_ordering_columns(msg),
+    }
+
+
+@dataclass
+class _BatchPlan:
+    """What one batch will write, built message by message in arrival order."""
+
+    state: dict[uuid.UUID, Ordering]
+    upserts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    goodbyes: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def take(self, item: Received) -> Outcome:
+        msg = item.message
+        last = self.state.get(msg.agent_id)
+        if last is None and msg.kind == "offline":
+            return "unknown_agent"
+        if last is not None and not is_newer(msg, last):
+            return "stale"
+        new_status = "online" if msg.kind == "heartbeat" else "offline"
+        if last is None or last.status != new_status:
+            self._event(item, last, new_status)
+        self.state[msg.agent_id] = Ordering(new_status, msg.boot_id, msg.seq, msg.sent_at)
+        if msg.kind == "heartbeat":
+            self.upserts[msg.agent_id] = _heartbeat_row(item)
+            self.goodbyes.pop(msg.agent_id, None)
+        elif msg.agent_id in self.upserts:
+            row = self.upserts[msg.agent_id]
+            row.update(status="offline", updated_at=item.received_at, **_ordering_columns(msg))
+        else:
+            self.goodbyes[msg.agent_id] = {
+                "agent_id": msg.agent_id,
+                "updated_at": item.received_at,
+                "boot_id": msg.boot_id,
+                "seq": msg.seq,
+                "sent_at": msg.sent_at,
+            }
+        return "applied"
+
+    def _event(self, item: Received, last: Ordering | None, to_status: str) -> None:
+        if last is None:
+            reason = "registered"
+        else:
+            reason = "heartbeat" if to_status == "online" else "goodbye"
+        self.events.append(
+            {
+                "agent_id": item.message.agent_id,
+                "at": item.received_at,
+                "from_status": None if last is None else last.status,
+                "to_status": to_status,
+                "reason": reason,
+            }
+        )
+
+
+async def apply_batch(session: AsyncSession, items: Sequence[Received]) -> list[Outcome]:
+    """Apply messages in order inside the caller's transaction; one outcome per message."""
+    ids = {item.message.agent_id for item in items}
+    plan = _BatchPlan(state=await registry.lock_orderings(session, agent_ids=list(ids)))
+    outcomes = [plan.take(item) for item in items]
+    await registry.upsert_agents(session, rows=list(plan.upserts.values()))
+    await registry.mark_offline(session, rows=list(plan.goodbyes.values()))
+    await registry.add_events(session, events=plan.events)
+    return outcomes

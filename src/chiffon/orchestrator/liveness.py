@@ -1,0 +1,113 @@
+"""The offline sweep: agents silent for longer than the timeout are marked offline.
+
+An orchestrator that could not hear anyone (it just started, or its broker link was down)
+must not conclude that everyone died: `grant_grace` gives every agent one full timeout from
+that moment before the sweep may judge it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chiffon.orchestrator.clock import Clock
+from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.persistence import registry
+
+log = logging.getLogger(__name__)
+
+# Above this share of the online fleet going silent in one sweep, say so loudly.
+MASS_OFFLINE_FRACTION = 0.5
+
+
+class Sweeper:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Clock,
+        metrics: OrchestratorMetrics,
+        *,
+        timeout_seconds: float,
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = timedelta(seconds=timeout_seconds)
+        self._not_before: datetime = clock.now() + self._timeout
+        self._deaf = False
+
+    def grant_grace(self) -> None:
+        """Judge no one before one full timeout from now (start, reconnect)."""
+        self._not_before = self._clock.now() + self._timeout
+        self._deaf = False
+
+    def set_deaf(self, deaf: bool) -> None:
+        """While a transport cannot receive, silence proves nothing: pause judging."""
+        if self._deaf and not deaf:
+            self.grant_grace()
+        self._deaf = deaf
+
+    async def sweep_once(self) -> list[str]:
+        """One sweep; returns the ids marked offline."""
+        now = self._clock.now()
+        if self._deaf or now < self._not_before:
+            return await self._refresh_counts([])
+        started = time.perf_counter()
+        async with self._sessions.begin() as session:
+            before = await registry.count_by_status(session)
+            gone = await registry.mark_silent_offline(session, cutoff=now - self._timeout, now=now)
+            await registry.add_events(
+                session,
+                events=[
+                    {
+                        "agent_id": agent_id,
+                        "at": now,
+                        "from_status": "online",
+                        "to_status": "offline",
+                        "reason": "timeout",
+                    }
+                    for agent_id in gone
+                ],
+            )
+        self._metrics.sweep_seconds.observe(time.perf_counter() - started)
+        self._report(gone=len(gone), online_before=before.get("online", 0))
+        return await self._refresh_counts([str(agent_id) for agent_id in gone])
+
+    def _report(self, *, gone: int, online_before: int) -> None:
+        fraction = gone / online_before if online_before else 0.0
+        self._metrics.mass_offline.set(fraction)
+        if gone:
+            self._metrics.marked_offline.labels("timeout").inc(gone)
+        if gone >= 2 and fraction > MASS_OFFLINE_FRACTION:
+            log.warning(
+                "%d of %d online agents went silent at once: likely a network event, "
+                "not %d dead desktops",
+                gone,
+                online_before,
+                gone,
+            )
+        elif gone:
+            log.info("marked %d silent agent(s) offline", gone)
+
+    async def _refresh_counts(self, gone: list[str]) -> list[str]:
+        async with self._sessions() as session:
+            counts = await registry.count_by_status(session)
+        for status in ("online", "offline"):
+            self._metrics.agents.labels(status).set(counts.get(status, 0))
+        return gone
+
+    async def run(self, interval_seconds: float) -> None:
+        """Sweep forever on a monotonic schedule; a failed sweep is logged and retried."""
+        next_at = time.monotonic()
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception as exc:  # database down: the next sweep will try again
+                log.warning("offline sweep failed: %s", exc)
+            # Keep the cadence, but never try to catch up on sweeps missed while down.
+            next_at = max(next_at + interval_seconds, time.monotonic())
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))

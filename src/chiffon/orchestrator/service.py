@@ -1,0 +1,93 @@
+"""The orchestrator's core, free of any web framework: ingest, sweep, queries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chiffon.orchestrator.batcher import IngestBatcher
+from chiffon.orchestrator.clock import Clock, SystemClock
+from chiffon.orchestrator.ingest import Outcome, Received
+from chiffon.orchestrator.liveness import Sweeper
+from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.persistence.db import check_schema, create_engine, session_factory
+from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
+
+log = logging.getLogger(__name__)
+
+
+class Orchestrator:
+    """Owns the database engine, the ingest batcher and the offline sweep.
+
+    Transports hand raw bytes (or parsed messages) to `receive`; the API reads through
+    `sessions`. `start(sweep=False)` leaves sweeping to the caller (tests drive
+    `sweeper.sweep_once()` with a manual clock).
+    """
+
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        *,
+        clock: Clock | None = None,
+        engine: AsyncEngine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.engine = engine or create_engine(settings.effective_database_url)
+        self.sessions = session_factory(self.engine)
+        self.metrics = OrchestratorMetrics()
+        self.batcher = IngestBatcher(
+            self.sessions,
+            self.metrics,
+            max_batch=settings.ingest_batch_size,
+            max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
+        )
+        self.sweeper = Sweeper(
+            self.sessions,
+            self.clock,
+            self.metrics,
+            timeout_seconds=settings.heartbeat_timeout_seconds,
+        )
+        self._sweep_task: asyncio.Task[None] | None = None
+
+    async def start(self, *, sweep: bool = True) -> None:
+        """Refuse a stale schema, then start ingest and (optionally) the sweep."""
+        await check_schema(self.engine)
+        self.batcher.start()
+        self.sweeper.grant_grace()
+        if sweep:
+            self._sweep_task = asyncio.create_task(
+                self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
+            )
+
+    async def stop(self) -> None:
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sweep_task
+            self._sweep_task = None
+        await self.batcher.stop()
+        await self.engine.dispose()
+
+    def parse(self, raw: bytes) -> AgentMessage:
+        """Validate raw bytes; a refusal is counted and raised as `RejectedMessage`."""
+        try:
+            return parse_message(raw, max_bytes=self.settings.max_message_bytes)
+        except RejectedMessage as exc:
+            self.reject(exc.reason)
+            raise
+
+    def reject(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+
+    def receive(self, message: AgentMessage) -> asyncio.Future[Outcome]:
+        """Stamp receipt time now and queue; resolves once the write has committed."""
+        return self.batcher.submit_nowait(Received(message, self.clock.now()))
+
+    async def ingest(self, raw: bytes) -> Outcome:
+        """Parse and apply one message, waiting for its commit (tests, HTTP)."""
+        return await self.receive(self.parse(raw))

@@ -1,0 +1,65 @@
+"""Orchestrator settings: defaults < environment (`CHIFFON_*`) < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chiffon.persistence.db import default_database_url
+from chiffon.schemas.heartbeat import MAX_MESSAGE_BYTES
+
+
+def _env(name: str, env: str) -> AliasChoices:
+    """Accept the seeds' field name and its `CHIFFON_<env>` variable."""
+    return AliasChoices(name, f"CHIFFON_{env}")
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".chiffon"
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHIFFON_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = Field(
+        None, description="sqlite:///path or postgresql://...; default: SQLite in data_dir"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8700, ge=1, le=65535)
+    amqp_url: str | None = None
+    # Seeds' names; defaults give a killed agent offline <= timeout + sweep = 50 s (< 60 s).
+    heartbeat_interval_seconds: float = Field(
+        15,
+        gt=0,
+        le=3600,
+        validation_alias=_env("heartbeat_interval_seconds", "HEARTBEAT_INTERVAL"),
+    )
+    heartbeat_timeout_seconds: float = Field(
+        45,
+        gt=0,
+        le=86400,
+        validation_alias=_env("heartbeat_timeout_seconds", "HEARTBEAT_TIMEOUT"),
+    )
+    sweep_interval_seconds: float = Field(
+        5, gt=0, le=3600, validation_alias=_env("sweep_interval_seconds", "SWEEP_INTERVAL")
+    )
+    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024, le=16 * 1024 * 1024)
+    ingest_batch_size: int = Field(500, ge=1, le=10_000)
+    ingest_batch_delay_ms: float = Field(20, ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _timeout_exceeds_interval(self) -> Self:
+        if self.heartbeat_timeout_seconds <= self.heartbeat_interval_seconds:
+            raise ValueError(
+                f"heartbeat_timeout_seconds ({self.heartbeat_timeout_seconds}) must be greater "
+                f"than heartbeat_interval_seconds ({self.heartbeat_interval_seconds})"
+            )
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or default_database_url(self.data_dir)

@@ -1,0 +1,66 @@
+"""Registry rows turned into the API's models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from chiffon.persistence.models import AgentEventRow, AgentRow
+from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord
+from chiffon.schemas.heartbeat import GpuInfo
+
+
+def _age(at: datetime | None, now: datetime) -> float | None:
+    return None if at is None else round(max(0.0, (now - at).total_seconds()), 3)
+
+
+def capacity(row: AgentRow, now: datetime) -> AgentCapacity:
+    metrics = row.resource_metrics or {}
+    return AgentCapacity(
+        agent_id=row.agent_id,
+        name=row.name,
+        pool_name=row.pool_name,
+        agent_type=row.agent_type,
+        status=row.status,
+        cpu_cores_available=row.cpu_cores_available,
+        cpu_cores_physical=row.cpu_cores_physical,
+        cpu_load_1min=row.cpu_load_1min,
+        memory_available_gb=row.memory_available_gb,
+        gpu_vram_available_gb=row.gpu_vram_available_gb,
+        gpu_vram_total_gb=row.gpu_vram_total_gb,
+        gpu_vram_available_max_gb=row.gpu_vram_available_max_gb,
+        gpu_count=row.gpu_count,
+        gpu_type=row.gpu_type,
+        gpus=[GpuInfo.model_validate(gpu) for gpu in metrics.get("gpus", [])],
+        timestamp=row.last_heartbeat_at if metrics else None,
+        age_seconds=_age(row.last_heartbeat_at, now) if metrics else None,
+        probe_errors=metrics.get("probe_errors", {}),
+    )
+
+
+def record(row: AgentRow, now: datetime) -> AgentRecord:
+    return AgentRecord(
+        agent_id=row.agent_id,
+        name=row.name,
+        agent_type=row.agent_type,
+        pool_name=row.pool_name,
+        agent_version=row.agent_version,
+        labels=row.labels,
+        capabilities=row.capabilities,
+        specializations=row.specializations,
+        status=row.status,
+        last_heartbeat_at=row.last_heartbeat_at,
+        age_seconds=_age(row.last_heartbeat_at, now),
+        resource_metrics=row.resource_metrics,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def event(row: AgentEventRow) -> AgentEvent:
+    return AgentEvent(
+        agent_id=row.agent_id,
+        at=row.at,
+        from_status=row.from_status,
+        to_status=row.to_status,
+        reason=row.reason,
+    )

@@ -1,0 +1,126 @@
+"""SQLAlchemy tables: the agent registry and its status history.
+
+The capacity query filters on typed columns (`cpu_cores_available`, `memory_available_gb`,
+`gpu_vram_available_gb`, `gpu_vram_available_max_gb`) that ingest keeps in step with the
+`resource_metrics` JSON, so "who has 8 GB free" is plain SQL, not a scan of JSON in Python.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both engines.
+
+    SQLite has no timezone type; values are stored as naive UTC text (which sorts and
+    compares correctly) and come back aware.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JsonDocument = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only autoincrements an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime,
+        dict[str, Any]: JsonDocument,
+    }
+
+
+class AgentRow(Base):
+    __tablename__ = "agent_registry"
+    __table_args__ = (
+        Index("ix_agent_registry_status_type", "status", "agent_type"),
+        Index("ix_agent_registry_pool", "pool_name"),
+        # The seeds' GIN index; PostgreSQL can only build it on JSONB, SQLite has no GIN.
+        Index(
+            "idx_agent_registry_resource_metrics",
+            "resource_metrics",
+            postgresql_using="gin",
+        ).ddl_if(dialect="postgresql"),
+        # Room on each page so the every-15-s update stays a HOT update on PostgreSQL.
+        {"postgresql_with": {"fillfactor": 70}},
+    )
+
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    agent_type: Mapped[str] = mapped_column(String(64), default="desktop")
+    pool_name: Mapped[str] = mapped_column(String(128), default="desktop_pool_1")
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    capabilities: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
+    specializations: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
+    status: Mapped[str] = mapped_column(String(16))
+    last_heartbeat_at: Mapped[datetime | None]
+    resource_metrics: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+
+    # Typed copies of the numbers the capacity query filters on; NULL means unknown.
+    cpu_cores_available: Mapped[int | None] = mapped_column(Integer)
+    cpu_cores_physical: Mapped[int | None] = mapped_column(Integer)
+    cpu_load_1min: Mapped[float | None] = mapped_column(Float)
+    memory_available_gb: Mapped[float | None] = mapped_column(Float)
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_type: Mapped[str] = mapped_column(String(16), default="none")
+    gpu_vram_total_gb: Mapped[float | None] = mapped_column(Float)
+    gpu_vram_available_gb: Mapped[float | None] = mapped_column(Float)
+    gpu_vram_available_max_gb: Mapped[float | None] = mapped_column(Float)
+
+    # Ordering of the agent's own messages (see schemas.heartbeat.AgentMessage).
+    last_boot_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    last_seq: Mapped[int | None] = mapped_column(BigInteger)
+    last_sent_at: Mapped[datetime | None]
+
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class AgentEventRow(Base):
+    """One status change. Kept after an agent is deregistered: it is history."""
+
+    __tablename__ = "agent_events"
+    __table_args__ = (Index("ix_agent_events_agent_at", "agent_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    at: Mapped[datetime]
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,200 @@
+"""Repository functions over the registry. Keyword-only, the session passed in explicitly."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chiffon.persistence.models import AgentEventRow, AgentRow, Base
+
+_agents = Base.metadata.tables["agent_registry"]
+_events = Base.metadata.tables["agent_events"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    """Where an agent's message stream stood when last applied."""
+
+    status: str
+    boot_id: uuid.UUID | None
+    seq: int | None
+    sent_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityFilter:
+    """A capacity requirement; `None` means "no requirement on this number"."""
+
+    min_gpu_vram_gb: float | None = None
+    min_single_gpu_vram_gb: float | None = None
+    min_cpu_cores: int | None = None
+    min_memory_gb: float | None = None
+    pool_name: str | None = None
+    agent_type: str | None = "desktop"
+    limit: int | None = None
+
+
+async def lock_orderings(
+    session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Ordering]:
+    """Read and lock (on PostgreSQL) the rows a batch is about to change.
+
+    Rows are locked in id order so two orchestrators applying overlapping batches
+    cannot deadlock.
+    """
+    stmt = (
+        select(
+            AgentRow.agent_id,
+            AgentRow.status,
+            AgentRow.last_boot_id,
+            AgentRow.last_seq,
+            AgentRow.last_sent_at,
+        )
+        .where(AgentRow.agent_id.in_(sorted(agent_ids)))
+        .order_by(AgentRow.agent_id)
+        .with_for_update()
+    )
+    rows = await session.execute(stmt)
+    return {row[0]: Ordering(*row[1:]) for row in rows}
+
+
+_UPSERT_KEEP = frozenset({"agent_id", "created_at"})
+
+
+def _upsert_statement(dialect: str) -> Any:
+    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = make(_agents)
+    changed = {c.name: stmt.excluded[c.name] for c in _agents.columns if c.name not in _UPSERT_KEEP}
+    return stmt.on_conflict_do_update(index_elements=[_agents.c.agent_id], set_=changed)
+
+
+async def upsert_agents(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert new agents and overwrite known ones, in one statement."""
+    if rows:
+        await session.execute(_upsert_statement(session.get_bind().dialect.name), list(rows))
+
+
+async def mark_offline(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
+    """Apply goodbyes: `rows` carry agent_id, updated_at and the message ordering."""
+    if not rows:
+        return
+    stmt = (
+        update(_agents)
+        .where(_agents.c.agent_id == bindparam("b_agent_id"))
+        .values(
+            status="offline",
+            updated_at=bindparam("b_updated_at"),
+            last_boot_id=bindparam("b_boot_id"),
+            last_seq=bindparam("b_seq"),
+            last_sent_at=bindparam("b_sent_at"),
+        )
+    )
+    # Bind names must differ from column names in an executemany UPDATE.
+    await session.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in rows])
+
+
+async def add_events(session: AsyncSession, *, events: Sequence[dict[str, Any]]) -> None:
+    if events:
+        await session.execute(insert(_events), list(events))
+
+
+async def mark_silent_offline(
+    session: AsyncSession, *, cutoff: datetime, now: datetime
+) -> list[uuid.UUID]:
+    """Mark online agents not heard from since `cutoff` offline; one statement.
+
+    Safe with several orchestrators: PostgreSQL re-checks `status = 'online'` after
+    waiting for a row lock, so each agent is marked (and returned) by exactly one.
+    """
+    stmt = (
+        update(_agents)
+        .where(_agents.c.status == "online", _agents.c.last_heartbeat_at < cutoff)
+        .values(status="offline", updated_at=now)
+        .returning(_agents.c.agent_id)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def count_by_status(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(AgentRow.status, func.count()).group_by(AgentRow.status))
+    return {str(row[0]): int(row[1]) for row in rows}
+
+
+async def get_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> AgentRow | None:
+    return await session.get(AgentRow, agent_id)
+
+
+async def list_agents(
+    session: AsyncSession,
+    *,
+    status: str | None = None,
+    agent_type: str | None = None,
+    pool_name: str | None = None,
+) -> Sequence[AgentRow]:
+    stmt = select(AgentRow).order_by(AgentRow.pool_name, AgentRow.name, AgentRow.agent_id)
+    if status is not None:
+        stmt = stmt.where(AgentRow.status == status)
+    if agent_type is not None:
+        stmt = stmt.where(AgentRow.agent_type == agent_type)
+    if pool_name is not None:
+        stmt = stmt.where(AgentRow.pool_name == pool_name)
+    return (await session.scalars(stmt)).all()
+
+
+def capacity_statement(want: CapacityFilter) -> Select[AgentRow]:
+    """Online agents meeting every requirement, most free VRAM first.
+
+    A requirement on a number excludes agents for which that number is unknown (NULL);
+    an agent that never reported metrics (`last_heartbeat_at` unset) never matches.
+    """
+    stmt = select(AgentRow).where(
+        AgentRow.status == "online", AgentRow.cpu_cores_physical.is_not(None)
+    )
+    bounds = (
+        (AgentRow.gpu_vram_available_gb, want.min_gpu_vram_gb),
+        (AgentRow.gpu_vram_available_max_gb, want.min_single_gpu_vram_gb),
+        (AgentRow.cpu_cores_available, want.min_cpu_cores),
+        (AgentRow.memory_available_gb, want.min_memory_gb),
+    )
+    for column, minimum in bounds:
+        if minimum is not None:
+            stmt = stmt.where(column >= minimum)
+    if want.pool_name is not None:
+        stmt = stmt.where(AgentRow.pool_name == want.pool_name)
+    if want.agent_type is not None:
+        stmt = stmt.where(AgentRow.agent_type == want.agent_type)
+    stmt = stmt.order_by(
+        AgentRow.gpu_vram_available_gb.desc().nulls_last(),
+        AgentRow.cpu_cores_available.desc().nulls_last(),
+        AgentRow.memory_available_gb.desc().nulls_last(),
+        AgentRow.agent_id,
+    )
+    if want.limit is not None:
+        stmt = stmt.limit(want.limit)
+    return stmt
+
+
+async def find_capacity(session: AsyncSession, *, want: CapacityFilter) -> Sequence[AgentRow]:
+    return (await session.scalars(capacity_statement(want))).all()
+
+
+async def delete_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> str | None:
+    """Remove an agent; returns the status it had, or None when it was not registered."""
+    stmt = delete(_agents).where(_agents.c.agent_id == agent_id).returning(_agents.c.status)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_events(
+    session: AsyncSession, *, agent_id: uuid.UUID | None = None, limit: int = 100
+) -> Sequence[AgentEventRow]:
+    stmt = select(AgentEventRow).order_by(AgentEventRow.at.desc(), AgentEventRow.id.desc())
+    if agent_id is not None:
+        stmt = stmt.where(AgentEventRow.agent_id == agent_id)
+    return (await session.scalars(stmt.limit(limit))).all()

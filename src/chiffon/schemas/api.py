@@ -1,0 +1,111 @@
+"""Models the REST API returns. Never the ORM row on the wire."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chiffon.schemas.heartbeat import GpuInfo, GpuType
+
+AgentStatus = Literal["online", "offline"]
+
+
+class AgentCapacity(BaseModel):
+    """The seeds' capacity fields for one agent, plus per-GPU detail and freshness."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "agent_id": "6f1c2a8e-3b6d-4b0e-9a51-0c8f1d2e3a4b",
+                    "name": "render-02",
+                    "pool_name": "desktop_pool_1",
+                    "agent_type": "desktop",
+                    "status": "online",
+                    "cpu_cores_available": 6,
+                    "cpu_cores_physical": 8,
+                    "cpu_load_1min": 1.7,
+                    "memory_available_gb": 41.2,
+                    "gpu_vram_available_gb": 22.5,
+                    "gpu_vram_total_gb": 24.0,
+                    "gpu_vram_available_max_gb": 22.5,
+                    "gpu_count": 1,
+                    "gpu_type": "nvidia",
+                    "gpus": [
+                        {
+                            "index": 0,
+                            "vendor": "nvidia",
+                            "name": "NVIDIA GeForce RTX 4090",
+                            "vram_total_gb": 24.0,
+                            "vram_free_gb": 22.5,
+                        }
+                    ],
+                    "timestamp": "2026-11-22T15:04:05.123456Z",
+                    "age_seconds": 3.2,
+                    "probe_errors": {},
+                }
+            ]
+        }
+    )
+
+    agent_id: UUID
+    name: str
+    pool_name: str
+    agent_type: str
+    status: AgentStatus
+    cpu_cores_available: int | None = Field(description="floor(physical - load_1min), >= 0")
+    cpu_cores_physical: int | None
+    cpu_load_1min: float | None
+    memory_available_gb: float | None
+    gpu_vram_available_gb: float | None = Field(description="free VRAM summed over GPUs")
+    gpu_vram_total_gb: float | None
+    gpu_vram_available_max_gb: float | None = Field(description="free VRAM of the emptiest GPU")
+    gpu_count: int
+    gpu_type: GpuType
+    gpus: list[GpuInfo]
+    timestamp: datetime | None = Field(
+        description="when the orchestrator received these metrics (its own clock, UTC)"
+    )
+    age_seconds: float | None = Field(description="seconds since `timestamp`")
+    probe_errors: dict[str, str]
+
+
+class AgentRecord(BaseModel):
+    """One agent's full registry record."""
+
+    agent_id: UUID
+    name: str
+    agent_type: str
+    pool_name: str
+    agent_version: str | None
+    labels: dict[str, str]
+    capabilities: list[str]
+    specializations: list[str]
+    status: AgentStatus
+    last_heartbeat_at: datetime | None
+    age_seconds: float | None
+    resource_metrics: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgentEvent(BaseModel):
+    agent_id: UUID
+    at: datetime
+    from_status: AgentStatus | None
+    to_status: AgentStatus | Literal["deregistered"]
+    reason: str
+
+
+class IngestResult(BaseModel):
+    """What happened to one accepted message."""
+
+    agent_id: UUID
+    outcome: Literal["applied", "stale", "unknown_agent"]
+
+
+class ErrorDetail(BaseModel):
+    detail: str

@@ -1,0 +1,168 @@
+"""The wire message an agent sends: a heartbeat with its resources, or a goodbye.
+
+This module is the contract between the agent and the orchestrator; `docs/protocol.md`
+describes the same thing for people. Every bound below exists so that a broken or hostile
+agent cannot store a number no real desktop could report.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+from uuid import UUID
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+# A heartbeat of a desktop with eight GPUs is about 2 KiB; anything past this is not ours.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+GpuVendor = Literal["nvidia", "amd", "intel", "other"]
+GpuType = Literal["nvidia", "amd", "intel", "other", "mixed", "none"]
+MessageKind = Literal["heartbeat", "offline"]
+
+# Bounds: generous for real hardware, tight enough to refuse nonsense (10^9 GPUs, 1e300 GB).
+Gigabytes = Annotated[float, Field(ge=0, le=1_000_000)]
+GpuGigabytes = Annotated[float, Field(ge=0, le=4096)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+Load = Annotated[float, Field(ge=0, le=100_000)]
+Cores = Annotated[int, Field(ge=0, le=16_384)]
+ShortText = Annotated[str, Field(min_length=1, max_length=255)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")]
+LabelValue = Annotated[str, Field(max_length=255)]
+
+
+class _Strict(BaseModel):
+    """Strict JSON: no NaN/Infinity, no strings where numbers belong."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", frozen=True)
+
+
+def _check_not_above(free: float | None, total: float | None, what: str) -> None:
+    if free is not None and total is not None and free > total + 1e-6:
+        raise ValueError(f"{what}: free ({free}) is greater than total ({total})")
+
+
+class GpuInfo(_Strict):
+    """One GPU as the agent read it. `None` means the driver did not say."""
+
+    index: Annotated[int, Field(ge=0, le=255)]
+    uuid: Annotated[str, Field(max_length=128)] | None = None
+    name: ShortText | None = None
+    vendor: GpuVendor
+    vram_total_gb: GpuGigabytes | None = None
+    vram_free_gb: GpuGigabytes | None = None
+    utilization_percent: Percent | None = None
+    temperature_c: Annotated[float, Field(ge=-50, le=200)] | None = None
+
+    @model_validator(mode="after")
+    def _free_not_above_total(self) -> Self:
+        _check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
+        return self
+
+
+class Resources(_Strict):
+    """A snapshot of one desktop's capacity: the seeds' metric names plus per-GPU detail.
+
+    Any number may be `None` (unknown): a probe that failed says so in `probe_errors`
+    instead of inventing a value.
+    """
+
+    cpu_load_1min: Load | None = None
+    cpu_load_5min: Load | None = None
+    cpu_load_15min: Load | None = None
+    cpu_cores_physical: Cores | None = None
+    cpu_cores_logical: Cores | None = None
+    cpu_cores_available: Cores | None = None
+    memory_percent: Percent | None = None
+    memory_available_gb: Gigabytes | None = None
+    memory_total_gb: Gigabytes | None = None
+    gpus: Annotated[list[GpuInfo], Field(max_length=64)] = []
+    gpu_count: Annotated[int, Field(ge=0, le=64)] = 0
+    gpu_type: GpuType = "none"
+    gpu_vram_total_gb: Gigabytes | None = None
+    gpu_vram_available_gb: Gigabytes | None = None
+    gpu_vram_available_max_gb: GpuGigabytes | None = None
+    probe_errors: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = {}
+    collection_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_not_above(self.memory_available_gb, self.memory_total_gb, "memory")
+        _check_not_above(self.gpu_vram_available_gb, self.gpu_vram_total_gb, "gpu_vram")
+        _check_not_above(
+            self.gpu_vram_available_max_gb, self.gpu_vram_available_gb, "gpu_vram_available_max"
+        )
+        if self.gpu_count != len(self.gpus):
+            raise ValueError(f"gpu_count ({self.gpu_count}) != number of gpus ({len(self.gpus)})")
+        return self
+
+
+class AgentMessage(_Strict):
+    """What travels from agent to orchestrator (schema_version 1).
+
+    Ordering: within one run of an agent (`boot_id`) the `seq` grows by one per message;
+    across runs the agent's own `sent_at` decides. The orchestrator never uses `sent_at`
+    as the time it heard the agent: it stamps its own clock at receipt.
+    """
+
+    schema_version: Literal[1]
+    kind: MessageKind = "heartbeat"
+    agent_id: UUID
+    boot_id: UUID
+    seq: Annotated[int, Field(ge=0, le=2**62)]
+    sent_at: AwareDatetime
+    name: ShortText
+    agent_type: Annotated[str, Field(min_length=1, max_length=64)] = "desktop"
+    pool_name: Annotated[str, Field(min_length=1, max_length=128)] = "desktop_pool_1"
+    agent_version: Annotated[str, Field(max_length=64)] | None = None
+    labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] = {}
+    capabilities: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] = []
+    specializations: Annotated[
+        list[Annotated[str, Field(max_length=128)]], Field(max_length=64)
+    ] = []
+    resources: Resources | None = None
+
+    @model_validator(mode="after")
+    def _heartbeat_has_resources(self) -> Self:
+        if self.kind == "heartbeat" and self.resources is None:
+            raise ValueError("a heartbeat must carry resources")
+        return self
+
+
+class RejectedMessage(ValueError):
+    """A message the orchestrator refused, with a short machine-readable reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_message(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> AgentMessage:
+    """Validate raw JSON bytes into an `AgentMessage`, or raise `RejectedMessage`."""
+    if len(raw) > max_bytes:
+        raise RejectedMessage("too_large", f"message is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        return AgentMessage.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RejectedMessage(*describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
+    """A (reason, one-line detail) pair for the first thing wrong with a message."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    if first["type"] == "json_invalid":
+        reason = "malformed_json"
+    elif first["loc"][:1] == ("schema_version",):
+        reason = "unknown_schema_version"
+    else:
+        reason = "invalid"
+    return reason, f"{where}: {first['msg']}"

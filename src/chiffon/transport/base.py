@@ -1,0 +1,31 @@
+"""What the agent needs from a transport, whichever carries the message."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from chiffon.schemas.heartbeat import AgentMessage
+
+# The orchestrator side of every transport: raw message bytes in, an outcome out once the
+# write has committed (`Orchestrator.ingest`). It raises when the message is refused.
+IngestSink = Callable[[bytes], Awaitable[str]]
+
+
+class TransportError(RuntimeError):
+    """The message could not be delivered now; the agent sends a newer one next beat."""
+
+
+class Publisher(Protocol):
+    """Delivers agent messages to the orchestrator.
+
+    `publish` returns once the message is accepted by the other side (broker confirm,
+    HTTP 2xx, or ingest commit for the in-memory twin) and raises `TransportError`
+    otherwise. It must never block longer than its own timeout.
+    """
+
+    async def connect(self) -> None: ...
+
+    async def publish(self, message: AgentMessage) -> None: ...
+
+    async def close(self) -> None: ...

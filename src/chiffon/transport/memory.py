@@ -1,0 +1,32 @@
+"""The in-memory transport: an agent in the same process as its orchestrator.
+
+It goes through the same bytes-in path as the network transports (serialise, validate,
+ingest, wait for commit), so it is a faithful twin for tests and for single-process use.
+"""
+
+from __future__ import annotations
+
+from chiffon.schemas.heartbeat import AgentMessage
+from chiffon.transport.base import IngestSink, TransportError
+
+
+class InMemoryPublisher:
+    def __init__(self, sink: IngestSink) -> None:
+        self._sink = sink
+        self._open = False
+        self.sent = 0
+
+    async def connect(self) -> None:
+        self._open = True
+
+    async def publish(self, message: AgentMessage) -> None:
+        if not self._open:
+            raise TransportError("in-memory transport is closed")
+        try:
+            await self._sink(message.model_dump_json().encode())
+        except Exception as exc:  # any refusal by the sink means "not delivered"
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+        self.sent += 1
+
+    async def close(self) -> None:
+        self._open = False

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real SQLite file and a real PostgreSQL database for every registry test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.service import Orchestrator
+from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.persistence import db
+from tests.services import POSTGRES_ADMIN_URL, need
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database for this test run, migrated to head."""
+    admin = make_url(POSTGRES_ADMIN_URL)
+    need("PostgreSQL", admin.host or "127.0.0.1", admin.port or 5432)
+    name = f"chiffon_test_{uuid.uuid4().hex[:12]}"
+    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    db.upgrade(url)
+    yield url
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = db.default_database_url(tmp_path_factory.mktemp("sqlite"))
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each registry test runs on both engines, against an empty registry."""
+    name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> OrchestratorSettings:
+    return OrchestratorSettings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        heartbeat_interval_seconds=15,
+        heartbeat_timeout_seconds=45,
+        sweep_interval_seconds=5,
+        ingest_batch_delay_ms=5,
+    )
+
+
+@pytest.fixture
+async def orchestrator(
+    settings: OrchestratorSettings, clock: ManualClock
+) -> AsyncIterator[Orchestrator]:
+    orch = Orchestrator(settings, clock=clock)
+    async with orch.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM agent_registry"))
+        await conn.execute(text("DELETE FROM agent_events"))
+    await orch.start(sweep=False)
+    yield orch
+    await orch.stop()

@@ -1,0 +1,242 @@
+"""The seeds' capacity scenarios through the REST API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import httpx
+import pytest
+
+from chiffon.api.app import create_app
+from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.service import Orchestrator
+from chiffon.schemas.heartbeat import Resources
+from tests import factories as f
+
+GPU_RICH = uuid.UUID("00000000-0000-0000-0000-000000000001")
+MODERATE = uuid.UUID("00000000-0000-0000-0000-000000000002")
+CPU_ONLY = uuid.UUID("00000000-0000-0000-0000-000000000003")
+
+
+@pytest.fixture
+async def api(orchestrator: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(orchestrator, manage_lifecycle=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://chiffon") as client:
+        yield client
+
+
+@pytest.fixture
+async def three_agents(orchestrator: Orchestrator) -> None:
+    """The seeds' fleet: GPU-rich, moderate GPU, CPU-only."""
+    fleet = [
+        (
+            GPU_RICH,
+            "rich",
+            f.resources(
+                gpus_free_total=[(20.0, 24.0), (4.0, 24.0)], cores_physical=12, load_1min=0.5
+            ),
+        ),
+        (
+            MODERATE,
+            "moderate",
+            f.resources(gpus_free_total=[(6.0, 8.0)], cores_physical=4, load_1min=1.2),
+        ),
+        (CPU_ONLY, "cpu-only", f.resources(cores_physical=4, load_1min=0.8)),
+    ]
+    for agent, name, res in fleet:
+        await orchestrator.receive(f.message(agent, name=name, res=res))
+
+
+def _ids(body: list[dict[str, object]]) -> list[str]:
+    return [str(a["agent_id"]) for a in body]
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_list_all_three_with_distinct_resources(api: httpx.AsyncClient) -> None:
+    resp = await api.get("/api/v1/agents")
+    assert resp.status_code == 200
+    by_name = {a["name"]: a for a in resp.json()}
+    assert set(by_name) == {"rich", "moderate", "cpu-only"}
+    assert by_name["rich"]["resource_metrics"]["gpu_vram_available_gb"] == 24.0
+    assert by_name["cpu-only"]["resource_metrics"]["gpu_type"] == "none"
+
+
+@pytest.mark.usefixtures("three_agents")
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", [GPU_RICH, MODERATE, CPU_ONLY]),  # most free VRAM first
+        ("min_gpu_vram_gb=5", [GPU_RICH, MODERATE]),
+        ("min_gpu_vram_gb=10", [GPU_RICH]),
+        ("min_cpu_cores=4", [GPU_RICH]),
+        ("min_cpu_cores=3", [GPU_RICH, CPU_ONLY]),  # moderate: floor(4 - 1.2) = 2
+        ("min_gpu_vram_gb=5&min_cpu_cores=3", [GPU_RICH]),
+        ("min_gpu_vram_gb=5&min_cpu_cores=2", [GPU_RICH, MODERATE]),
+        ("min_single_gpu_vram_gb=21", []),  # 24 GB free in total, but 20 on the best GPU
+        ("min_single_gpu_vram_gb=6", [GPU_RICH, MODERATE]),
+        ("min_memory_gb=16", [GPU_RICH, MODERATE, CPU_ONLY]),
+        ("min_memory_gb=17", []),
+        ("min_gpu_vram_gb=100", []),
+        ("pool_name=elsewhere", []),
+    ],
+)
+async def test_available_capacity_filters(
+    api: httpx.AsyncClient, query: str, expected: list[uuid.UUID]
+) -> None:
+    resp = await api.get(f"/api/v1/agents/available-capacity?{query}")
+    assert resp.status_code == 200, resp.text
+    assert _ids(resp.json()) == [str(a) for a in expected]
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_offline_agents_are_excluded(
+    api: httpx.AsyncClient, orchestrator: Orchestrator
+) -> None:
+    await orchestrator.receive(f.message(GPU_RICH, kind="offline"))
+    resp = await api.get("/api/v1/agents/available-capacity?min_gpu_vram_gb=1")
+    assert _ids(resp.json()) == [str(MODERATE)]
+    listed = await api.get("/api/v1/agents?status=offline")
+    assert _ids(listed.json()) == [str(GPU_RICH)]
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_non_desktop_agent_types_are_excluded_by_default(
+    api: httpx.AsyncClient, orchestrator: Orchestrator
+) -> None:
+    infra = uuid.uuid4()
+    big = f.resources(gpus_free_total=[(80.0, 80.0)])
+    await orchestrator.receive(f.message(infra, agent_type="infra", res=big))
+    default = await api.get("/api/v1/agents/available-capacity")
+    assert str(infra) not in _ids(default.json())
+    anyone = await api.get("/api/v1/agents/available-capacity?agent_type=any")
+    assert _ids(anyone.json())[0] == str(infra)
+    only_infra = await api.get("/api/v1/agents?agent_type=infra")
+    assert _ids(only_infra.json()) == [str(infra)]
+
+
+async def test_agent_with_unreadable_metrics_never_matches(
+    api: httpx.AsyncClient, orchestrator: Orchestrator
+) -> None:
+    blind = uuid.uuid4()
+    await orchestrator.receive(
+        f.message(blind, res=Resources(probe_errors={"cpu": "psutil failed"}))
+    )
+    cap = await api.get(f"/api/v1/agents/{blind}/capacity")
+    assert cap.status_code == 200
+    body = cap.json()
+    assert body["cpu_cores_available"] is None and body["gpu_vram_available_gb"] is None
+    assert body["probe_errors"] == {"cpu": "psutil failed"}
+    found = await api.get("/api/v1/agents/available-capacity")
+    assert str(blind) not in _ids(found.json())
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_single_agent_capacity_has_the_seeds_fields(
+    api: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    clock.advance(12.5)
+    resp = await api.get(f"/api/v1/agents/{MODERATE}/capacity")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert {
+        "agent_id",
+        "status",
+        "cpu_cores_available",
+        "cpu_cores_physical",
+        "cpu_load_1min",
+        "memory_available_gb",
+        "gpu_vram_available_gb",
+        "gpu_vram_total_gb",
+        "gpu_type",
+        "timestamp",
+        "gpus",
+        "age_seconds",
+    } <= set(body)
+    assert (body["cpu_cores_available"], body["cpu_cores_physical"]) == (2, 4)
+    assert body["gpu_vram_total_gb"] == 8.0 and body["gpu_type"] == "nvidia"
+    stamp = datetime.fromisoformat(body["timestamp"])
+    assert stamp.utcoffset() is not None  # ISO 8601 with a timezone
+    assert body["age_seconds"] == pytest.approx(12.5)
+    assert len(body["gpus"]) == 1 and body["gpus"][0]["vram_free_gb"] == 6.0
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/v1/agents/not-a-uuid/capacity", 400),
+        ("/api/v1/agents/not-a-uuid", 400),
+        (f"/api/v1/agents/{uuid.uuid4()}/capacity", 404),
+        (f"/api/v1/agents/{uuid.uuid4()}", 404),
+        ("/api/v1/agents/available-capacity?min_gpu_vram_gb=-1", 400),
+        ("/api/v1/agents/available-capacity?min_gpu_vram_gb=nan", 400),
+        ("/api/v1/agents/available-capacity?min_gpu_vram_gb=inf", 400),
+        ("/api/v1/agents/available-capacity?min_cpu_cores=two", 400),
+        ("/api/v1/agents/available-capacity?min_memory_gb=abc", 400),
+        ("/api/v1/agents?status=sleeping", 400),
+    ],
+)
+async def test_bad_requests_get_a_json_detail(
+    api: httpx.AsyncClient, path: str, status: int
+) -> None:
+    resp = await api.get(path)
+    assert resp.status_code == status, resp.text
+    assert isinstance(resp.json()["detail"], str)
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_deregister_removes_agent_and_keeps_history(api: httpx.AsyncClient) -> None:
+    assert (await api.delete(f"/api/v1/agents/{CPU_ONLY}")).status_code == 204
+    assert (await api.get(f"/api/v1/agents/{CPU_ONLY}")).status_code == 404
+    assert (await api.delete(f"/api/v1/agents/{CPU_ONLY}")).status_code == 404
+    events = (await api.get(f"/api/v1/agents/{CPU_ONLY}/events")).json()
+    assert [e["reason"] for e in events] == ["deregistered", "registered"]
+
+
+async def test_http_heartbeat_and_goodbye_use_the_same_ingest(
+    api: httpx.AsyncClient,
+) -> None:
+    agent = uuid.uuid4()
+    beat = f.message(agent, seq=1)
+    resp = await api.post(f"/api/v1/agents/{agent}/heartbeat", content=f.raw(beat))
+    assert resp.status_code == 200 and resp.json()["outcome"] == "applied"
+    bye = f.message(agent, kind="offline", seq=2)
+    resp = await api.post(f"/api/v1/agents/{agent}/offline", content=f.raw(bye))
+    assert resp.json()["outcome"] == "applied"
+    assert (await api.get(f"/api/v1/agents/{agent}")).json()["status"] == "offline"
+
+
+async def test_http_ingest_refuses_bad_bodies_and_counts_them(
+    api: httpx.AsyncClient, orchestrator: Orchestrator
+) -> None:
+    agent = uuid.uuid4()
+    url = f"/api/v1/agents/{agent}/heartbeat"
+    too_big = await api.post(url, content=b"{" + b" " * 70_000 + b"}")
+    assert too_big.status_code == 413
+    broken = await api.post(url, content=b"{not json")
+    assert broken.status_code == 422 and broken.json()["detail"].startswith("malformed_json")
+    other = f.message(uuid.uuid4())
+    assert (await api.post(url, content=f.raw(other))).status_code == 422
+    nan = f.raw(f.message(agent)).replace(b'"cpu_load_1min":1.0', b'"cpu_load_1min":NaN')
+    assert (await api.post(url, content=nan)).status_code == 422
+    assert (await api.get(f"/api/v1/agents/{agent}")).status_code == 404
+    metrics = (await api.get("/metrics")).text
+    assert 'chiffon_messages_rejected_total{reason="malformed_json"} 1.0' in metrics
+    assert 'chiffon_messages_rejected_total{reason="path_mismatch"} 1.0' in metrics
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_health_ready_metrics_and_openapi(
+    api: httpx.AsyncClient, orchestrator: Orchestrator
+) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    assert (await api.get("/readyz")).json()["status"] == "ready"
+    await orchestrator.sweeper.sweep_once()
+    metrics = (await api.get("/metrics")).text
+    assert 'chiffon_agents{status="online"} 3.0' in metrics
+    assert 'chiffon_messages_accepted_total{kind="heartbeat",outcome="applied"} 3.0' in metrics
+    spec = (await api.get("/openapi.json")).json()
+    assert "/api/v1/agents/available-capacity" in spec["paths"]
+    assert (await api.get("/docs")).status_code == 200
