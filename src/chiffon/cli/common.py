@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (scripts, tests) is not cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 class CliError(Exception):

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from chiffon import __version__
-from chiffon.cli import orchestrator_cmd
+from chiffon.cli import fleet_cmd, orchestrator_cmd
 from chiffon.cli.common import CliError, fail
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 orchestrator_cmd.register(app)
+fleet_cmd.register(app)
 
 
 def _version(value: bool) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-import uvicorn
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
 
-from chiffon.api.app import create_app
 from chiffon.cli.common import (
     CliError,
     console,
@@ -19,16 +17,21 @@ from chiffon.cli.common import (
     one_line,
     setup_logging,
 )
-from chiffon.orchestrator.service import Orchestrator
-from chiffon.orchestrator.settings import OrchestratorSettings
-from chiffon.persistence import db
-from chiffon.persistence.db import SchemaBehindError
+
+if TYPE_CHECKING:
+    from chiffon.orchestrator.service import Orchestrator
+    from chiffon.orchestrator.settings import OrchestratorSettings
+
+# The server side (FastAPI, SQLAlchemy, Alembic) is imported inside the commands that use
+# it, so `chiffon agents` or `chiffon --help` start in a fraction of a second.
 
 db_app = typer.Typer(help="Manage the registry database.", no_args_is_help=True)
 
 
 def build_settings(**flags: object) -> OrchestratorSettings:
     """Environment (`CHIFFON_*`) overridden by the flags that were given."""
+    from chiffon.orchestrator.settings import OrchestratorSettings
+
     given = {k: v for k, v in flags.items() if v is not None}
     try:
         return OrchestratorSettings(**given)  # type: ignore[arg-type]
@@ -51,6 +54,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(orchestrator: Orchestrator, sock: socket.socket, *, log_level: str) -> None:
     """Run the API until SIGINT/SIGTERM; the orchestrator is started and stopped here."""
+    import uvicorn
+    from sqlalchemy.exc import DBAPIError
+
+    from chiffon.api.app import create_app
+    from chiffon.persistence.db import SchemaBehindError
+
     try:
         await orchestrator.start()
     except SchemaBehindError as exc:
@@ -83,6 +92,9 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v"),
     ) -> None:
         """Run the registry: REST API, heartbeat ingest and the offline sweep."""
+        from chiffon.orchestrator.service import Orchestrator
+        from chiffon.persistence import db
+
         setup_logging(verbose)
         settings = build_settings(
             host=host, port=port, database_url=database_url, amqp_url=amqp_url, data_dir=data_dir
@@ -103,6 +115,10 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = typer.Option(None, help="Where the SQLite registry lives [~/.chiffon]."),
     ) -> None:
         """Create or migrate the registry schema to this version."""
+        from sqlalchemy.exc import DBAPIError
+
+        from chiffon.persistence import db
+
         settings = build_settings(database_url=database_url, data_dir=data_dir)
         url = settings.effective_database_url
         try:

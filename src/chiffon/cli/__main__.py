@@ -1,0 +1,3 @@
+from chiffon.cli.main import main
+
+main()

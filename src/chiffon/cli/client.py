@@ -1,0 +1,63 @@
+"""A small client of the orchestrator's REST API, for the read commands."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import httpx
+
+from chiffon.cli.common import CliError
+
+DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8700"
+
+
+def orchestrator_url(flag: str | None) -> str:
+    return (flag or os.environ.get("CHIFFON_ORCHESTRATOR_URL") or DEFAULT_ORCHESTRATOR_URL).rstrip(
+        "/"
+    )
+
+
+class ApiClient:
+    def __init__(self, base_url: str, *, timeout_seconds: float = 5.0) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(base_url=base_url, timeout=timeout_seconds)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get(self, path: str, **params: Any) -> Any:
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            resp = self._http.get(f"/api/v1{path}", params=query)
+        except httpx.HTTPError as exc:
+            raise CliError(
+                f"cannot reach the orchestrator at {self.base_url} ({type(exc).__name__}); "
+                "is it running? (set CHIFFON_ORCHESTRATOR_URL or --orchestrator-url)"
+            ) from None
+        if resp.status_code >= 400:
+            raise CliError(f"{_detail(resp)} (HTTP {resp.status_code})")
+        return resp.json()
+
+    def resolve(self, ref: str) -> str:
+        """An agent id from a UUID, a unique id prefix (as `chiffon agents` shows) or a name."""
+        try:
+            return str(uuid.UUID(ref))
+        except ValueError:
+            pass
+        agents = self.get("/agents")
+        hits = [a for a in agents if a["agent_id"].startswith(ref.lower()) or a["name"] == ref]
+        if len(hits) == 1:
+            return str(hits[0]["agent_id"])
+        if not hits:
+            raise CliError(f"no agent has the id, id prefix or name {ref!r}")
+        raise CliError(f"{ref!r} matches {len(hits)} agents; give more of the id")
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail")
+    except ValueError:
+        detail = None
+    return str(detail) if detail else resp.reason_phrase

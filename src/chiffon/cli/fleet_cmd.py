@@ -1,0 +1,218 @@
+"""Read commands, like `kubectl get nodes`: `chiffon agents`, `capacity`, `events`."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from chiffon.cli.client import ApiClient, orchestrator_url
+from chiffon.cli.common import CliError, console
+
+URL_OPTION = typer.Option(
+    None,
+    "--orchestrator-url",
+    help="Default: env CHIFFON_ORCHESTRATOR_URL or http://127.0.0.1:8700.",
+)
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+agents_app = typer.Typer(help="List agents (default) or manage one.", no_args_is_help=False)
+
+
+def ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def _num(value: Any, fmt: str = "{:.1f}") -> str:
+    return "?" if value is None else fmt.format(value)
+
+
+def _gpus(gpus: list[dict[str, Any]]) -> str:
+    if not gpus:
+        return "-"
+    return ", ".join(
+        f"{_num(g.get('vram_free_gb'))}/{_num(g.get('vram_total_gb'))} GB" for g in gpus
+    )
+
+
+def _status(status: str) -> str:
+    return f"[green]{status}[/]" if status == "online" else f"[red]{status}[/]"
+
+
+def agents_table(agents: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in (
+        "NAME",
+        "ID",
+        "POOL",
+        "STATUS",
+        "LAST SEEN",
+        "CORES",
+        "LOAD1",
+        "MEM FREE",
+        "GPUS (free/total)",
+        "TYPE",
+    ):
+        table.add_column(column, no_wrap=column != "GPUS (free/total)")
+    for a in agents:
+        m = a["resource_metrics"]
+        table.add_row(
+            a["name"],
+            a["agent_id"][:8],
+            a["pool_name"],
+            _status(a["status"]),
+            ago(a["age_seconds"]),
+            f"{_num(m.get('cpu_cores_available'), '{}')}/{_num(m.get('cpu_cores_physical'), '{}')}",
+            _num(m.get("cpu_load_1min"), "{:.2f}"),
+            f"{_num(m.get('memory_available_gb'))} GB",
+            _gpus(m.get("gpus", [])),
+            m.get("gpu_type", "?"),
+        )
+    return table
+
+
+def capacity_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("#", "NAME", "ID", "POOL", "FREE VRAM", "BEST GPU", "CORES", "MEM FREE", "AGE"):
+        table.add_column(column, no_wrap=True)
+    for rank, c in enumerate(rows, start=1):
+        table.add_row(
+            str(rank),
+            c["name"],
+            c["agent_id"][:8],
+            c["pool_name"],
+            f"{_num(c['gpu_vram_available_gb'])}/{_num(c['gpu_vram_total_gb'])} GB",
+            f"{_num(c['gpu_vram_available_max_gb'])} GB",
+            f"{_num(c['cpu_cores_available'], '{}')}/{_num(c['cpu_cores_physical'], '{}')}",
+            f"{_num(c['memory_available_gb'])} GB",
+            ago(c["age_seconds"]),
+        )
+    return table
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+@agents_app.callback(invoke_without_command=True)
+def agents(
+    ctx: typer.Context,
+    status: str = typer.Option(None, help="online or offline."),
+    pool: str = typer.Option(None, help="Only this pool."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh in place until Ctrl-C."),
+    interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
+    as_json: bool = JSON_OPTION,
+    url: str = URL_OPTION,
+) -> None:
+    """One row per agent: status, last seen, free cores, memory and VRAM."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if status not in (None, "online", "offline"):
+        raise CliError(f"--status must be online or offline, not {status!r}", code=2)
+    client = ApiClient(orchestrator_url(url))
+
+    def fetch() -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = client.get("/agents", status=status, pool_name=pool)
+        return result
+
+    if as_json:
+        _print_json(fetch())
+    elif not watch:
+        rows = fetch()
+        console.print(agents_table(rows) if rows else "no agents registered yet")
+    else:
+        with Live(agents_table(fetch()), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(interval)
+                    live.update(agents_table(fetch()), refresh=True)
+            except KeyboardInterrupt:
+                pass
+
+
+def capacity(
+    agent: str = typer.Argument(None, help="One agent (id, id prefix or name)."),
+    min_gpu_vram: float = typer.Option(None, help="Free VRAM summed over GPUs, GB."),
+    min_single_gpu_vram: float = typer.Option(None, help="Free VRAM on one GPU, GB."),
+    min_cpu_cores: int = typer.Option(None, help="Free CPU cores."),
+    min_memory: float = typer.Option(None, help="Free memory, GB."),
+    pool: str = typer.Option(None, help="Only this pool."),
+    as_json: bool = JSON_OPTION,
+    url: str = URL_OPTION,
+) -> None:
+    """One agent's capacity, or the agents that can take the work, best first.
+
+    Exit status 1 when no agent can take the work, so a script can wait on it.
+    """
+    client = ApiClient(orchestrator_url(url))
+    if agent is not None:
+        one = client.get(f"/agents/{client.resolve(agent)}/capacity")
+        if as_json:
+            _print_json(one)
+        else:
+            console.print(capacity_table([one]))
+        return
+    rows = client.get(
+        "/agents/available-capacity",
+        min_gpu_vram_gb=min_gpu_vram,
+        min_single_gpu_vram_gb=min_single_gpu_vram,
+        min_cpu_cores=min_cpu_cores,
+        min_memory_gb=min_memory,
+        pool_name=pool,
+    )
+    if as_json:
+        _print_json(rows)
+    elif rows:
+        console.print(capacity_table(rows))
+    else:
+        console.print("no online agent can take that work right now")
+    if not rows:
+        raise typer.Exit(1)
+
+
+def events(
+    agent: str = typer.Argument(None, help="One agent (id, id prefix or name)."),
+    limit: int = typer.Option(50, min=1, max=10_000),
+    as_json: bool = JSON_OPTION,
+    url: str = URL_OPTION,
+) -> None:
+    """Status history, newest first: when agents went online or offline, and why."""
+    client = ApiClient(orchestrator_url(url))
+    agent_id = None if agent is None else client.resolve(agent)
+    rows = client.get("/events", agent_id=agent_id, limit=limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("WHEN", "AGENT", "FROM", "TO", "WHY"):
+        table.add_column(column, no_wrap=True)
+    now = datetime.now(UTC)
+    for e in rows:
+        when = datetime.fromisoformat(e["at"])
+        table.add_row(
+            f"{when:%Y-%m-%d %H:%M:%S} ({ago((now - when).total_seconds())})",
+            e["agent_id"][:8],
+            e["from_status"] or "-",
+            e["to_status"],
+            e["reason"],
+        )
+    console.print(table if rows else "no events")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(agents_app, name="agents")
+    app.command()(capacity)
+    app.command()(events)

@@ -1,0 +1,88 @@
+"""`chiffon agents`, `capacity`, `events` against a real orchestrator process."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import factories as f
+from tests.procs import free_port, orchestrator_process, run_cli
+
+RICH = uuid.UUID("11111111-0000-0000-0000-000000000001")
+SMALL = uuid.UUID("22222222-0000-0000-0000-000000000002")
+
+
+@pytest.fixture(scope="module")
+def fleet_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with orchestrator_process(tmp_path_factory.mktemp("orch")) as url:
+        beats = [
+            (RICH, "rich", f.resources(gpus_free_total=[(20.0, 24.0), (22.0, 24.0)])),
+            (SMALL, "small", f.resources(gpus_free_total=[(6.0, 8.0)], cores_physical=4)),
+        ]
+        for agent, name, res in beats:
+            body = f.raw(f.message(agent, name=name, res=res))
+            resp = httpx.post(f"{url}/api/v1/agents/{agent}/heartbeat", content=body)
+            assert resp.status_code == 200, resp.text
+        yield url
+
+
+def test_agents_lists_every_agent(fleet_url: str) -> None:
+    out = run_cli("agents", "--orchestrator-url", fleet_url)
+    assert out.returncode == 0, out.stderr
+    assert "rich" in out.stdout and "small" in out.stdout
+    assert "22.0/24.0 GB" in out.stdout and "11111111" in out.stdout
+    as_json = json.loads(
+        run_cli("agents", "--json", env={"CHIFFON_ORCHESTRATOR_URL": fleet_url}).stdout
+    )
+    assert {a["name"] for a in as_json} == {"rich", "small"}
+
+
+def test_capacity_query_best_first_and_exit_status(fleet_url: str) -> None:
+    found = run_cli("capacity", "--min-gpu-vram", "8", "--json", "--orchestrator-url", fleet_url)
+    assert found.returncode == 0
+    assert [c["name"] for c in json.loads(found.stdout)] == ["rich"]
+    both = run_cli("capacity", "--min-cpu-cores", "1", "--json", "--orchestrator-url", fleet_url)
+    assert [c["name"] for c in json.loads(both.stdout)] == ["rich", "small"]
+    none = run_cli("capacity", "--min-single-gpu-vram", "23", "--orchestrator-url", fleet_url)
+    assert none.returncode == 1
+    assert "no online agent can take that work" in none.stdout
+
+
+def test_one_agent_by_name_prefix_or_id(fleet_url: str) -> None:
+    by_name = run_cli("capacity", "small", "--json", "--orchestrator-url", fleet_url)
+    assert json.loads(by_name.stdout)["agent_id"] == str(SMALL)
+    by_prefix = run_cli("capacity", "2222", "--json", "--orchestrator-url", fleet_url)
+    assert json.loads(by_prefix.stdout)["gpu_vram_total_gb"] == 8.0
+    events = run_cli("events", "rich", "--json", "--orchestrator-url", fleet_url)
+    assert [e["reason"] for e in json.loads(events.stdout)] == ["registered"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("capacity", "nobody"), 1, "no agent has the id, id prefix or name 'nobody'"),
+        (("capacity", str(uuid.uuid4())), 1, "is not registered (HTTP 404)"),
+        (("capacity", "--min-gpu-vram", "-3"), 1, "greater than or equal to 0 (HTTP 400)"),
+        (("agents", "--status", "asleep"), 2, "--status must be online or offline"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(
+    fleet_url: str, args: tuple[str, ...], code: int, message: str
+) -> None:
+    out = run_cli(*args, "--orchestrator-url", fleet_url)
+    assert out.returncode == code
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_orchestrator_is_one_line(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    out = run_cli("agents", "--orchestrator-url", url)
+    assert out.returncode == 1
+    assert f"cannot reach the orchestrator at {url}" in out.stderr
+    assert "Traceback" not in out.stderr
