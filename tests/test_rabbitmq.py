@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from sqlalchemy.exc import OperationalError
 from yarl import URL
@@ -32,7 +35,7 @@ from chiffon.transport.rabbitmq import (
     Topology,
 )
 from tests import factories as f
-from tests.procs import free_port
+from tests.procs import CHIFFON, free_port, run_cli, stop, wait_http
 from tests.services import AMQP_URL, need
 
 FAST = Backoff(initial_seconds=0.1, max_seconds=0.5)
@@ -416,3 +419,88 @@ def test_settings_derive_the_queue_ttl_from_the_liveness_timeout() -> None:
 
     settings = OrchestratorSettings(heartbeat_interval_seconds=10, heartbeat_timeout_seconds=30)
     assert settings.amqp_message_ttl_ms == 30_000
+
+
+async def test_a_consumer_cancelled_by_the_broker_is_subscribed_again(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+) -> None:
+    """The zero-consumers pitfall: the watchdog notices and re-declares and re-consumes."""
+    msg = f.message()
+    async with consuming(orchestrator, amqp_url, topology, watchdog_interval_seconds=0.2) as c:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(topology.queue)  # the broker cancels our consumer
+        await eventually(lambda: _consumer_count(amqp_url, topology.queue, 1))
+        assert c.consuming
+        async with publisher(amqp_url, topology) as pub:
+            await pub.publish(msg)
+        await eventually(lambda: _applied(orchestrator, msg.agent_id))
+
+
+async def _consumer_count(url: str, queue: str, n: int) -> bool:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:  # not declared again yet
+            return False
+        return declared.declaration_result.consumer_count == n
+
+
+def test_chiffon_orchestrator_consumes_and_drains_on_sigterm(
+    amqp_url: str, topology: Topology, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "CHIFFON_DATA_DIR": str(tmp_path),
+        "CHIFFON_AMQP_EXCHANGE": topology.exchange,
+        "CHIFFON_AMQP_QUEUE": topology.queue,
+        "CHIFFON_AMQP_REJECTED_QUEUE": topology.rejected_queue,
+        "CHIFFON_AMQP_QUEUE_MAX_LENGTH": "1000",
+        "CHIFFON_AMQP_REJECTED_MAX_LENGTH": "10",
+    }
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    port = free_port()
+    log = tmp_path / "orchestrator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*CHIFFON, "orchestrator", "--port", str(port), "--amqp-url", amqp_url],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            api = f"http://127.0.0.1:{port}"
+            wait_http(f"{api}/healthz", proc, log=log)
+            _wait_ready_consuming(api)
+            msgs = [f.message(name=f"desk-{i}") for i in range(20)]
+            asyncio.run(_publish_all(amqp_url, topology, msgs))
+            _wait_agents(api, {str(m.agent_id) for m in msgs})
+        finally:
+            returncode = stop(proc)
+    assert returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+    assert asyncio.run(ready_count(amqp_url, topology.queue)) == 0
+
+
+def _wait_ready_consuming(api: str) -> None:
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{api}/readyz").json().get("amqp") != "consuming":
+        assert time.monotonic() < deadline, "the orchestrator never subscribed"
+        time.sleep(0.1)
+
+
+def _wait_agents(api: str, wanted: set[str]) -> None:
+    deadline = time.monotonic() + 15
+    while not wanted <= {a["agent_id"] for a in httpx.get(f"{api}/api/v1/agents").json()}:
+        assert time.monotonic() < deadline, "published heartbeats never reached the registry"
+        time.sleep(0.1)
+
+
+async def _publish_all(url: str, topology: Topology, msgs: list[Any]) -> None:
+    async with publisher(url, topology) as pub:
+        for msg in msgs:
+            await pub.publish(msg)
