@@ -504,3 +504,15 @@ async def _publish_all(url: str, topology: Topology, msgs: list[Any]) -> None:
     async with publisher(url, topology) as pub:
         for msg in msgs:
             await pub.publish(msg)
+
+
+async def test_concurrent_publishes_share_one_connection(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+) -> None:
+    async with consuming(orchestrator, amqp_url, topology):
+        pub = RabbitPublisher(amqp_url, exchange=topology.exchange)
+        try:
+            await asyncio.gather(*(pub.publish(f.message()) for _ in range(50)))
+        finally:
+            await pub.close()
+    assert (pub.sent, pub.connects) == (50, 1)

@@ -143,7 +143,9 @@ class RabbitPublisher:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._opening = asyncio.Lock()
         self.sent = 0
+        self.connects = 0
 
     @property
     def connected(self) -> bool:
@@ -183,14 +185,19 @@ class RabbitPublisher:
         await self._drop()
 
     async def _ensure_open(self) -> AbstractExchange:
-        if self._exchange is not None and self.connected:
-            return self._exchange
+        async with self._opening:  # concurrent publishes must share one connection
+            if self._exchange is not None and self.connected:
+                return self._exchange
+            return await self._open()
+
+    async def _open(self) -> AbstractExchange:
         await self._drop()
         self._connection = await aio_pika.connect(self._url, timeout=self._timeout)
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
         self._exchange = await declare_exchange(self._channel, self._exchange_name)
+        self.connects += 1
         return self._exchange
 
     async def _drop(self) -> None:
