@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -33,8 +33,17 @@ def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def create_app(orchestrator: Orchestrator, *, manage_lifecycle: bool = True) -> FastAPI:
-    """The API. With `manage_lifecycle`, the app starts and stops the orchestrator."""
+def create_app(
+    orchestrator: Orchestrator,
+    *,
+    manage_lifecycle: bool = True,
+    amqp_state: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """The API. With `manage_lifecycle`, the app starts and stops the orchestrator.
+
+    `amqp_state`, when given, says whether the RabbitMQ consumer is subscribed; `/readyz`
+    reports it without failing on it (the API and HTTP ingest work without the broker).
+    """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -67,13 +76,16 @@ def create_app(orchestrator: Orchestrator, *, manage_lifecycle: bool = True) -> 
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """The registry database answers."""
+        """The registry database answers (and whether the RabbitMQ consumer is subscribed)."""
         try:
             async with orchestrator.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except (OSError, DBAPIError) as exc:
             return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, 503)
-        return JSONResponse({"status": "ready"})
+        body = {"status": "ready"}
+        if amqp_state is not None:
+            body["amqp"] = "consuming" if amqp_state() else "not consuming"
+        return JSONResponse(body)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

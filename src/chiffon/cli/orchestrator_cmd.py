@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import ValidationError
@@ -19,8 +23,11 @@ from chiffon.cli.common import (
 )
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.orchestrator.settings import OrchestratorSettings
+    from chiffon.transport.rabbitmq import RabbitConsumer
 
 # The server side (FastAPI, SQLAlchemy, Alembic) is imported inside the commands that use
 # it, so `chiffon agents` or `chiffon --help` start in a fraction of a second.
@@ -53,7 +60,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(orchestrator: Orchestrator, sock: socket.socket, *, log_level: str) -> None:
-    """Run the API until SIGINT/SIGTERM; the orchestrator is started and stopped here."""
+    """Run the API (and the RabbitMQ consumer when configured) until SIGINT/SIGTERM.
+
+    Shutdown order: the API stops, the consumer stops taking messages and acks those whose
+    batch commits, then the orchestrator flushes and closes the database.
+    """
     import uvicorn
     from sqlalchemy.exc import DBAPIError
 
@@ -68,13 +79,62 @@ async def serve(orchestrator: Orchestrator, sock: socket.socket, *, log_level: s
     except (OSError, DBAPIError) as exc:
         await orchestrator.engine.dispose()
         raise CliError(f"cannot reach the registry database: {one_line(exc)}") from None
-    config = uvicorn.Config(
-        create_app(orchestrator, manage_lifecycle=False), log_level=log_level, access_log=False
+    consumer = await start_consumer(orchestrator)
+    app = create_app(
+        orchestrator,
+        manage_lifecycle=False,
+        amqp_state=None if consumer is None else lambda: consumer.consuming,
     )
+    config = uvicorn.Config(app, log_level=log_level, access_log=False)
     try:
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await _server_class()(config).serve(sockets=[sock])
     finally:
+        if consumer is not None:
+            await consumer.stop()
         await orchestrator.stop()
+
+
+async def start_consumer(orchestrator: Orchestrator) -> RabbitConsumer | None:
+    """The RabbitMQ consumer, connecting in the background, or None without an AMQP URL."""
+    from chiffon.transport.rabbitmq import RabbitConsumer, Topology
+
+    settings = orchestrator.settings
+    if not settings.amqp_url:
+        return None
+    topology = Topology(
+        exchange=settings.amqp_exchange,
+        queue=settings.amqp_queue,
+        rejected_queue=settings.amqp_rejected_queue,
+        message_ttl_ms=settings.amqp_message_ttl_ms,
+        max_length=settings.amqp_queue_max_length,
+        rejected_max_length=settings.amqp_rejected_max_length,
+    )
+    consumer = RabbitConsumer(
+        settings.amqp_url, orchestrator, topology=topology, prefetch=settings.amqp_prefetch
+    )
+    await consumer.start()
+    return consumer
+
+
+def _server_class() -> type[uvicorn.Server]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a caught SIGTERM once it has stopped, which kills the process
+        before our own shutdown (consumer drain, last batch) can run; handle it instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    return Server
 
 
 def register(app: typer.Typer) -> None:
@@ -87,7 +147,9 @@ def register(app: typer.Typer) -> None:
         database_url: str = typer.Option(
             None, help="sqlite:///path or postgresql://...; env CHIFFON_DATABASE_URL."
         ),
-        amqp_url: str = typer.Option(None, help="Consume heartbeats from RabbitMQ here."),
+        amqp_url: str = typer.Option(
+            None, help="Also consume heartbeats from RabbitMQ (amqp://...); env CHIFFON_AMQP_URL."
+        ),
         data_dir: Path = typer.Option(None, help="Where the SQLite registry lives [~/.chiffon]."),
         verbose: bool = typer.Option(False, "--verbose", "-v"),
     ) -> None:
@@ -105,6 +167,9 @@ def register(app: typer.Typer) -> None:
             f"Chiffon orchestrator on http://{settings.host}:{settings.port} "
             f"(docs at /docs), registry {where}"
         )
+        if settings.amqp_url:
+            broker = urlsplit(settings.amqp_url)
+            console.print(f"consuming {settings.amqp_queue} from {broker.hostname}:{broker.port}")
         asyncio.run(
             serve(Orchestrator(settings), sock, log_level="debug" if verbose else "warning")
         )

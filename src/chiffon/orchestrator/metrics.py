@@ -50,6 +50,19 @@ class OrchestratorMetrics:
         self.ingest_errors = Counter(
             "chiffon_ingest_errors", "Ingest batches that failed to commit", registry=r
         )
+        self.amqp_connected = Gauge(
+            "chiffon_amqp_consumer_connected",
+            "1 while the RabbitMQ consumer is subscribed to its queue",
+            registry=r,
+        )
+        self.amqp_reconnects = Counter(
+            "chiffon_amqp_reconnects", "Times the RabbitMQ connection was restored", registry=r
+        )
+        self.amqp_requeued = Counter(
+            "chiffon_amqp_requeued",
+            "RabbitMQ messages nacked with requeue because the registry write failed",
+            registry=r,
+        )
         self.sweep_seconds = Histogram(
             "chiffon_sweep_seconds", "Time of one offline sweep", buckets=_FAST, registry=r
         )

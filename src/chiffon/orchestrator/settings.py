@@ -31,6 +31,13 @@ class OrchestratorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=1, le=65535)
     amqp_url: str | None = None
+    amqp_exchange: str = Field("chiffon", min_length=1, max_length=255)
+    amqp_queue: str = Field("chiffon.orchestrator.agent-events", min_length=1, max_length=255)
+    amqp_rejected_queue: str = Field("chiffon.rejected", min_length=1, max_length=255)
+    # Unacked deliveries in hand: enough to fill one ingest batch (ingest_batch_size).
+    amqp_prefetch: int = Field(500, ge=1, le=65_535)
+    amqp_queue_max_length: int = Field(100_000, ge=1)
+    amqp_rejected_max_length: int = Field(10_000, ge=1)
     # Seeds' names; defaults give a killed agent offline <= timeout + sweep = 50 s (< 60 s).
     heartbeat_interval_seconds: float = Field(
         15,
@@ -59,6 +66,11 @@ class OrchestratorSettings(BaseSettings):
                 f"than heartbeat_interval_seconds ({self.heartbeat_interval_seconds})"
             )
         return self
+
+    @property
+    def amqp_message_ttl_ms(self) -> int:
+        """A heartbeat older than the liveness timeout is worthless: the broker drops it."""
+        return int(self.heartbeat_timeout_seconds * 1000)
 
     @property
     def effective_database_url(self) -> str:

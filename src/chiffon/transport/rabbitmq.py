@@ -1,0 +1,520 @@
+"""RabbitMQ transport (the only module that imports aio-pika).
+
+Topology (docs/protocol.md, "RabbitMQ"): agents publish to the durable topic exchange
+`chiffon` with routing key `agent.<kind>.<agent_id>`; orchestrators share the durable queue
+`chiffon.orchestrator.agent-events` bound to `agent.#` as competing consumers. The queue has
+a message TTL (a heartbeat older than the liveness timeout is worthless) and a length limit,
+so a stopped orchestrator never lets the broker fill up. A message that fails validation is
+acked and copied to the bounded queue `chiffon.rejected` with the reason in a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aio_pika.exceptions import DeliveryError, PublishError
+
+from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage
+from chiffon.transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "chiffon"
+AGENT_EVENTS_QUEUE = "chiffon.orchestrator.agent-events"
+REJECTED_QUEUE = "chiffon.rejected"
+BINDING_KEY = "agent.#"
+REJECT_REASON_HEADER = "x-chiffon-reject-reason"
+REJECT_DETAIL_HEADER = "x-chiffon-reject-detail"
+CONTENT_TYPE = "application/json"
+
+T = TypeVar("T")
+
+
+def routing_key(message: AgentMessage) -> str:
+    """`agent.heartbeat.<agent_id>` or `agent.offline.<agent_id>`."""
+    return f"agent.{message.kind}.{message.agent_id}"
+
+
+def agent_events_arguments(*, message_ttl_ms: int, max_length: int) -> dict[str, Any]:
+    """Queue arguments of the orchestrators' queue; no dead-lettering on purpose."""
+    return {"x-message-ttl": message_ttl_ms, "x-max-length": max_length, "x-overflow": "drop-head"}
+
+
+def rejected_arguments(*, max_length: int) -> dict[str, Any]:
+    return {"x-max-length": max_length, "x-overflow": "drop-head"}
+
+
+async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
+    return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter in [delay * (1 - jitter), delay]."""
+
+    initial_seconds: float = 0.5
+    max_seconds: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        ceiling = min(self.max_seconds, self.initial_seconds * self.factor ** max(0, attempt - 1))
+        return ceiling * (1 - self.jitter * random.random())
+
+
+async def retry(
+    what: str,
+    attempt_once: Callable[[], Awaitable[T]],
+    *,
+    backoff: Backoff,
+    attempts: int | None = None,
+) -> T:
+    """Connect-and-retry, the one place that does it: log each failure and the retries left.
+
+    `attempts=None` retries until cancelled (an orchestrator waiting for its broker).
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await attempt_once()
+        except Exception as exc:  # anything that stops a connect is worth a retry
+            left = "unlimited" if attempts is None else str(attempts - attempt)
+            if attempts is not None and attempt >= attempts:
+                log.warning("%s failed (%s); no retries left", what, _describe(exc))
+                raise
+            pause = backoff.delay(attempt)
+            log.warning(
+                "%s failed (%s); retrying in %.1f s, retries left: %s",
+                what,
+                _describe(exc),
+                pause,
+                left,
+            )
+            await asyncio.sleep(pause)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+async def _close_quietly(connection: AbstractConnection | None) -> None:
+    if connection is None or connection.is_closed:
+        return
+    try:
+        await asyncio.wait_for(connection.close(), 2)
+    except Exception as exc:  # a dead socket may refuse even to close; it is gone anyway
+        log.debug("closing an AMQP connection failed: %s", _describe(exc))
+
+
+# --------------------------------------------------------------------------- agent side
+
+
+class RabbitPublisher:
+    """The agent's `Publisher` over RabbitMQ, with publisher confirms.
+
+    It holds no buffer: a publish either gets the broker's confirm within `timeout_seconds`
+    or raises `TransportError`, and the agent's loop keeps only its newest snapshot for the
+    next try. A broken connection is dropped and reopened lazily by the next publish, so the
+    agent's backoff (with jitter) paces reconnection.
+    """
+
+    def __init__(
+        self, amqp_url: str, *, timeout_seconds: float = 5.0, exchange: str = EXCHANGE
+    ) -> None:
+        self._url = amqp_url
+        self._timeout = timeout_seconds
+        self._exchange_name = exchange
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._opening = asyncio.Lock()
+        self.sent = 0
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def connect(self) -> None:
+        """Open connection, confirm channel and exchange, within `timeout_seconds`."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._ensure_open()
+        except TransportError:
+            raise
+        except Exception as exc:
+            await self._drop()
+            raise TransportError(f"cannot reach the AMQP broker: {_describe(exc)}") from exc
+
+    async def publish(self, message: AgentMessage) -> None:
+        """Publish and wait for the broker's confirm; `TransportError` on anything else."""
+        outgoing = aio_pika.Message(
+            message.model_dump_json().encode(),
+            content_type=CONTENT_TYPE,
+            type=message.kind,
+            app_id="chiffon-agent",
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                exchange = await self._ensure_open()
+                await exchange.publish(outgoing, routing_key(message), mandatory=True)
+        except (PublishError, DeliveryError) as exc:  # unroutable or nacked: channel is fine
+            raise TransportError(f"broker refused the message: {_describe(exc)}") from exc
+        except Exception as exc:
+            await self._drop()
+            raise TransportError(f"publish failed: {_describe(exc)}") from exc
+        self.sent += 1
+
+    async def close(self) -> None:
+        await self._drop()
+
+    async def _ensure_open(self) -> AbstractExchange:
+        async with self._opening:  # concurrent publishes must share one connection
+            if self._exchange is not None and self.connected:
+                return self._exchange
+            return await self._open()
+
+    async def _open(self) -> AbstractExchange:
+        await self._drop()
+        self._connection = await aio_pika.connect(self._url, timeout=self._timeout)
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._exchange = await declare_exchange(self._channel, self._exchange_name)
+        self.connects += 1
+        return self._exchange
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        self._channel = self._exchange = None
+        await _close_quietly(connection)
+
+
+# --------------------------------------------------------------------- orchestrator side
+
+
+class _Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class ConsumerMetrics(Protocol):
+    @property
+    def amqp_connected(self) -> _Gauge: ...
+
+    @property
+    def amqp_reconnects(self) -> _Counter: ...
+
+    @property
+    def amqp_requeued(self) -> _Counter: ...
+
+
+class IngestTarget(Protocol):
+    """What the consumer needs from the orchestrator (`Orchestrator` fits)."""
+
+    @property
+    def metrics(self) -> ConsumerMetrics: ...
+
+    def parse(self, raw: bytes) -> AgentMessage: ...
+
+    def reject(self, reason: str) -> None: ...
+
+    def receive(self, message: AgentMessage) -> asyncio.Future[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Names and limits of what the consumer declares; injectable for isolated tests."""
+
+    exchange: str = EXCHANGE
+    queue: str = AGENT_EVENTS_QUEUE
+    rejected_queue: str = REJECTED_QUEUE
+    message_ttl_ms: int = 45_000
+    max_length: int = 100_000
+    rejected_max_length: int = 10_000
+
+
+class RabbitConsumer:
+    """Feeds agent messages from the shared queue into the orchestrator, acking after commit.
+
+    `start()` returns at once and connects in the background, retrying with backoff until
+    the broker answers, so the API serves while RabbitMQ is down. Every delivery runs in its
+    own task (aiormq's), so hundreds are in flight and the batcher groups them into one
+    transaction; each is acked only when its write committed, or nacked with requeue when
+    the write failed, which also pauses consuming for a backoff. A watchdog re-consumes
+    when a reconnect left the queue without this consumer. `stop()` cancels the consumer,
+    lets the messages in hand commit and ack, then closes.
+    """
+
+    def __init__(
+        self,
+        amqp_url: str,
+        target: IngestTarget,
+        *,
+        topology: Topology | None = None,
+        prefetch: int = 500,
+        backoff: Backoff | None = None,
+        reconnect_interval_seconds: float = 1.0,
+        watchdog_interval_seconds: float = 2.0,
+        connect_timeout_seconds: float = 5.0,
+    ) -> None:
+        self._url = amqp_url
+        self._target = target
+        self.topology = topology or Topology()
+        self._prefetch = prefetch
+        self._backoff = backoff or Backoff()
+        self._reconnect_interval = reconnect_interval_seconds
+        self._watchdog_interval = watchdog_interval_seconds
+        self._connect_timeout = connect_timeout_seconds
+        # Strong references: a robust connection restores only objects still referenced.
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._rejected: AbstractExchange | None = None
+        self._consumer_tag: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()  # deliveries being handled
+        self._tasks: set[asyncio.Task[None]] = set()  # our own background chores
+        self._failures = 0
+        self._stopping = False
+        self.consumed = 0
+
+    @property
+    def consuming(self) -> bool:
+        """Connected and subscribed: the state `/readyz` reports."""
+        return (
+            self._channel is not None
+            and not self._channel.is_closed
+            and self._consumer_tag is not None
+        )
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name="chiffon-amqp-consumer")
+
+    async def wait_consuming(self, timeout_seconds: float) -> None:
+        """Wait until subscribed (tests, and callers that want to know)."""
+        async with asyncio.timeout(timeout_seconds):
+            # polled: the state has several sources (connection, channel, consumer tag)
+            while not self.consuming:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+    async def stop(self, *, drain_timeout_seconds: float = 10.0) -> None:
+        """Stop consuming, let in-flight messages commit and ack, then close."""
+        self._stopping = True
+        if self._resume is not None:
+            self._resume.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._cancel_consumer()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=drain_timeout_seconds)
+        connection, self._connection = self._connection, None
+        self._channel = self._queue = self._rejected = None
+        self._target.metrics.amqp_connected.set(0)
+        await _close_quietly(connection)
+
+    # -- connection and topology
+
+    async def _run(self) -> None:
+        self._connection = await retry(
+            "connecting to the AMQP broker", self._connect_once, backoff=self._backoff
+        )
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        while True:
+            await asyncio.sleep(self._watchdog_interval)
+            await self._watchdog()
+
+    async def _connect_once(self) -> aio_pika.abc.AbstractRobustConnection:
+        connection = await aio_pika.connect_robust(
+            self._url,
+            timeout=self._connect_timeout,
+            reconnect_interval=self._reconnect_interval,
+        )
+        try:
+            await self._declare_and_consume(connection)
+        except BaseException:
+            await _close_quietly(connection)
+            raise
+        log.info("consuming %s on %s", self.topology.queue, connection)
+        return connection
+
+    async def _declare_and_consume(self, connection: AbstractConnection) -> None:
+        top = self.topology
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self._prefetch)
+        exchange = await declare_exchange(channel, top.exchange)
+        queue = await channel.declare_queue(
+            top.queue,
+            durable=True,
+            arguments=agent_events_arguments(
+                message_ttl_ms=top.message_ttl_ms, max_length=top.max_length
+            ),
+        )
+        await queue.bind(exchange, BINDING_KEY)
+        await channel.declare_queue(
+            top.rejected_queue,
+            durable=True,
+            arguments=rejected_arguments(max_length=top.rejected_max_length),
+        )
+        self._channel, self._queue, self._rejected = channel, queue, channel.default_exchange
+        self._consumer_tag = await queue.consume(self._on_message)
+        self._target.metrics.amqp_connected.set(1)
+
+    def _on_reconnect(self, *_args: Any) -> None:
+        log.warning("reconnected to the AMQP broker")
+        self._target.metrics.amqp_reconnects.inc()
+
+    async def _watchdog(self) -> None:
+        """Re-subscribe when a reconnect left our channel without its consumer."""
+        connection = self._connection
+        healthy = await self._has_consumer()
+        self._target.metrics.amqp_connected.set(1 if healthy else 0)
+        if healthy or self._paused or connection is None or connection.is_closed:
+            return
+        log.warning("the AMQP consumer is gone after a reconnect; subscribing again")
+        old = self._channel
+        try:
+            await self._declare_and_consume(connection)
+        except Exception as exc:
+            log.warning("re-subscribing failed, will try again: %s", _describe(exc))
+            return
+        if old is not None and not old.is_closed:
+            await old.close()
+
+    async def _has_consumer(self) -> bool:
+        if self._channel is None or self._channel.is_closed or self._consumer_tag is None:
+            return False
+        try:
+            underlay = await asyncio.wait_for(self._channel.get_underlay_channel(), 1)
+        except Exception:  # closed or being restored
+            return False
+        consumers: dict[str, Any] = getattr(underlay, "consumers", {})
+        return self._consumer_tag in consumers
+
+    # -- pausing after a failed write
+
+    @property
+    def _paused(self) -> bool:
+        return self._resume is not None
+
+    def _pause(self) -> None:
+        """A write failed: stop taking messages for a backoff, then subscribe again."""
+        if self._paused or self._stopping:
+            return
+        self._failures += 1
+        pause = self._backoff.delay(self._failures)
+        log.warning("registry write failed; pausing the AMQP consumer for %.1f s", pause)
+        self._spawn(self._cancel_consumer())
+        self._resume = asyncio.get_running_loop().call_later(
+            pause, lambda: self._spawn(self._resume_consuming())
+        )
+
+    def _spawn(self, chore: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(chore)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resume_consuming(self) -> None:
+        self._resume = None
+        if self._stopping or self._queue is None or self._consumer_tag is not None:
+            return
+        try:
+            self._consumer_tag = await self._queue.consume(self._on_message)
+        except Exception as exc:  # the watchdog subscribes again once the broker is back
+            log.warning("resuming the AMQP consumer failed: %s", _describe(exc))
+
+    async def _cancel_consumer(self) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is None or self._queue is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.cancel(tag), 5)
+        except Exception as exc:  # a dead channel has no consumer to cancel
+            log.debug("cancelling the AMQP consumer failed: %s", _describe(exc))
+
+    # -- one delivery
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            parsed = self._target.parse(message.body)
+        except RejectedMessage as exc:
+            await self._reject(message, exc.reason, exc.detail)
+            return
+        except Exception as exc:  # a bug must not stop the consumer on one message
+            log.exception("unexpected error parsing an AMQP message")
+            self._target.reject("consumer_error")
+            await self._reject(message, "consumer_error", _describe(exc))
+            return
+        try:
+            # shield: a channel closing under us must not cancel the batcher's future
+            await asyncio.shield(self._target.receive(parsed))
+        except Exception as exc:  # not durable: let the broker hand it out again
+            await self._requeue(message, exc)
+            return
+        self._failures = 0
+        self.consumed += 1
+        await self._settle(message.ack(), "ack")
+
+    async def _requeue(self, message: AbstractIncomingMessage, exc: BaseException) -> None:
+        log.debug("requeueing an AMQP message: %s", _describe(exc))
+        self._target.metrics.amqp_requeued.inc()
+        self._pause()
+        await self._settle(message.nack(requeue=True), "nack")
+
+    async def _reject(self, message: AbstractIncomingMessage, reason: str, detail: str) -> None:
+        """Copy to the rejected queue with the reason in a header, then ack."""
+        copy = aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            headers={
+                REJECT_REASON_HEADER: reason,
+                REJECT_DETAIL_HEADER: detail[:500],
+                "x-chiffon-routing-key": message.routing_key or "",
+            },
+        )
+        if self._rejected is not None:
+            try:
+                await self._rejected.publish(copy, self.topology.rejected_queue, timeout=5)
+            except Exception as exc:  # the message is counted either way; keep consuming
+                log.warning("copying a rejected message failed: %s", _describe(exc))
+        await self._settle(message.ack(), "ack")
+
+    @staticmethod
+    async def _settle(action: Awaitable[None], what: str) -> None:
+        try:
+            await action
+        except Exception as exc:  # the channel died: the broker redelivers (no ack was lost)
+            log.info("AMQP %s not delivered, the broker will redeliver: %s", what, _describe(exc))
