@@ -516,3 +516,28 @@ async def test_concurrent_publishes_share_one_connection(
         finally:
             await pub.close()
     assert (pub.sent, pub.connects) == (50, 1)
+
+
+async def test_orchestrator_that_cannot_hear_its_broker_marks_no_one_offline(
+    orchestrator: Orchestrator, clock: Any
+) -> None:
+    """Broker unreachable for longer than the timeout: silence proves nothing."""
+    from chiffon.cli.orchestrator_cmd import follow_consumer
+
+    beating = f.message()
+    assert await orchestrator.ingest(f.raw(beating)) == "applied"
+    clock.advance(orchestrator.settings.heartbeat_timeout_seconds + 1)  # past start-up grace
+    consumer = RabbitConsumer(f"amqp://guest:guest@127.0.0.1:{free_port()}/", orchestrator)
+    await consumer.start()
+    follower = asyncio.create_task(follow_consumer(orchestrator, consumer, interval_seconds=0.05))
+    try:
+        await asyncio.sleep(0.2)
+        clock.advance(orchestrator.settings.heartbeat_timeout_seconds * 3)
+        assert await orchestrator.sweeper.sweep_once() == []
+    finally:
+        follower.cancel()
+        await consumer.stop()
+    # Without the follower the same silence is judged: the check above could fail.
+    orchestrator.sweeper.set_deaf(False)
+    clock.advance(orchestrator.settings.heartbeat_timeout_seconds + 1)
+    assert await orchestrator.sweeper.sweep_once() == [str(beating.agent_id)]

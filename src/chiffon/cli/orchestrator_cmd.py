@@ -86,12 +86,27 @@ async def serve(orchestrator: Orchestrator, sock: socket.socket, *, log_level: s
         amqp_state=None if consumer is None else lambda: consumer.consuming,
     )
     config = uvicorn.Config(app, log_level=log_level, access_log=False)
+    hearing = None
+    if consumer is not None:
+        hearing = asyncio.create_task(follow_consumer(orchestrator, consumer))
     try:
         await _server_class()(config).serve(sockets=[sock])
     finally:
+        if hearing is not None:
+            hearing.cancel()
         if consumer is not None:
             await consumer.stop()
         await orchestrator.stop()
+
+
+async def follow_consumer(
+    orchestrator: Orchestrator, consumer: RabbitConsumer, *, interval_seconds: float = 1.0
+) -> None:
+    """While the consumer cannot hear the broker, silence proves nothing: the sweep waits,
+    and once consuming again every agent gets one full timeout to be heard."""
+    while True:
+        orchestrator.sweeper.set_deaf(not consumer.consuming)
+        await asyncio.sleep(interval_seconds)
 
 
 async def start_consumer(orchestrator: Orchestrator) -> RabbitConsumer | None:
