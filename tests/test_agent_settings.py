@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
 import pytest
 
 from chiffon.agent.identity import IdentityError, default_name, load_or_create_agent_id
-from chiffon.agent.settings import SettingsError, load_settings
+from chiffon.agent.settings import AgentSettings, SettingsError, load_settings
 
 
 def write(path: Path, text: str) -> Path:
@@ -119,3 +120,16 @@ def test_corrupt_identity_file_is_refused_not_replaced(tmp_path: Path) -> None:
 def test_default_name_is_the_seeds_shape_but_stable() -> None:
     agent_id = uuid.UUID("1234abcd-0000-4000-8000-000000000000")
     assert default_name(agent_id, "render-01.lab.example") == "render-01-1234abcd"
+
+
+def test_example_config_documents_every_setting_with_its_default(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "agent.yml"
+    lines = [
+        line.removeprefix("# ")
+        for line in example.read_text().splitlines()
+        if re.match(r"^# [a-z_]+:", line)
+    ]
+    uncommented = write(tmp_path / "agent.yml", "\n".join(lines))
+    documented = load_settings(config=uncommented, environ={}).settings
+    assert {line.split(":")[0] for line in lines} == set(AgentSettings.model_fields)
+    assert documented == AgentSettings()

@@ -15,7 +15,7 @@ from typing import Any, Literal, Self
 from uuid import UUID
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path.home() / ".chiffon"
@@ -71,6 +71,11 @@ class AgentSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # `load_settings` has already merged file, environment and flags in order.
         return (init_settings,)
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Self:
