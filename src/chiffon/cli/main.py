@@ -7,7 +7,7 @@ import sys
 import typer
 
 from chiffon import __version__
-from chiffon.cli import fleet_cmd, orchestrator_cmd
+from chiffon.cli import agent_cmd, fleet_cmd, orchestrator_cmd
 from chiffon.cli.common import CliError, fail
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 orchestrator_cmd.register(app)
 fleet_cmd.register(app)
+agent_cmd.register(app)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,1 @@
+"""What the agent reads from this machine: host (psutil) and one backend per GPU vendor."""

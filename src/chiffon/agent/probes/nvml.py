@@ -1,0 +1,103 @@
+"""NVIDIA GPUs through NVML (nvidia-ml-py). The only module that imports `pynvml`.
+
+NVML is initialised once and kept for the life of the agent: an init per heartbeat costs
+milliseconds and churns driver state. Static facts (name, UUID) are read once per device.
+Every query goes through `_query`, which turns "not supported" into `None`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from chiffon.agent.probes.common import ProbeError, make_gpu
+from chiffon.schemas.heartbeat import GpuInfo
+
+
+class NvmlUnavailable(ProbeError):
+    """No usable NVML here (library or driver missing): try the next backend."""
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class NvmlProbe:
+    name = "nvml"
+
+    def __init__(self, module: ModuleType | None = None) -> None:
+        self._nvml = module
+        self._ready = False
+        self._static: dict[int, tuple[Any, str | None, str | None]] = {}
+
+    def _load(self) -> ModuleType:
+        if self._nvml is None:
+            try:
+                self._nvml = importlib.import_module("pynvml")
+            except ImportError as exc:
+                raise NvmlUnavailable(f"nvidia-ml-py is not installed: {exc}") from None
+        return self._nvml
+
+    def _init(self) -> ModuleType:
+        nvml = self._load()
+        if not self._ready:
+            try:
+                nvml.nvmlInit()
+            except nvml.NVMLError as exc:
+                raise NvmlUnavailable(f"NVML init failed: {exc}") from None
+            self._ready = True
+        return nvml
+
+    def _query(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One NVML call; "not supported" (common on consumer cards) means unknown."""
+        nvml = self._load()
+        try:
+            return fn(*args)
+        except nvml.NVMLError_NotSupported:
+            return None
+        except nvml.NVMLError as exc:
+            raise ProbeError(f"{fn.__name__}: {exc}") from None
+
+    def _device(self, index: int) -> tuple[Any, str | None, str | None]:
+        if index not in self._static:
+            nvml = self._load()
+            handle = self._query(nvml.nvmlDeviceGetHandleByIndex, index)
+            name = self._query(nvml.nvmlDeviceGetName, handle)
+            uuid = self._query(nvml.nvmlDeviceGetUUID, handle)
+            self._static[index] = (
+                handle,
+                None if name is None else _text(name),
+                None if uuid is None else _text(uuid),
+            )
+        return self._static[index]
+
+    def _read_one(self, index: int) -> GpuInfo:
+        nvml = self._load()
+        handle, name, uuid = self._device(index)
+        memory = self._query(nvml.nvmlDeviceGetMemoryInfo, handle)
+        rates = self._query(nvml.nvmlDeviceGetUtilizationRates, handle)
+        temperature = self._query(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+        return make_gpu(
+            index=index,
+            vendor="nvidia",
+            name=name,
+            uuid=uuid,
+            vram_total_bytes=None if memory is None else memory.total,
+            vram_free_bytes=None if memory is None else memory.free,
+            utilization_percent=None if rates is None else float(rates.gpu),
+            temperature_c=None if temperature is None else float(temperature),
+        )
+
+    def read(self) -> list[GpuInfo]:
+        nvml = self._init()
+        count = self._query(nvml.nvmlDeviceGetCount) or 0
+        return [self._read_one(i) for i in range(count)]
+
+    def close(self) -> None:
+        if self._ready and self._nvml is not None:
+            with contextlib.suppress(self._nvml.NVMLError):  # shutting down anyway
+                self._nvml.nvmlShutdown()
+            self._ready = False

@@ -1,0 +1,230 @@
+"""`chiffon probe` and `chiffon agent`: the desktop side.
+
+Only the agent's own modules are imported here (lazily, inside the commands): never the
+orchestrator, persistence, FastAPI or SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.table import Table
+
+from chiffon.cli.common import CliError, console, setup_logging
+
+if TYPE_CHECKING:
+    from chiffon.agent.loop import AgentIdentity
+    from chiffon.agent.settings import AgentSettings, LoadedSettings
+    from chiffon.schemas.heartbeat import Resources
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", help="YAML file [~/.chiffon/agent.yml, else /etc/chiffon/agent.yml]."
+)
+GPU_TIMEOUT_OPTION = typer.Option(
+    None, "--gpu-timeout", help="Seconds each GPU backend may take [5]; env CHIFFON_GPU_TIMEOUT."
+)
+
+
+def load(config: Path | None, flags: dict[str, Any]) -> LoadedSettings:
+    """Settings from every layer; a bad value is one line and exit status 2."""
+    from chiffon.agent.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(config=config, flags=flags)
+    except SettingsError as exc:
+        raise CliError(str(exc), code=2) from None
+
+
+def _num(value: float | int | None, fmt: str = "{:.1f}") -> str:
+    return "?" if value is None else fmt.format(value)
+
+
+def resources_table(res: Resources) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    loads = (res.cpu_load_1min, res.cpu_load_5min, res.cpu_load_15min)
+    table.add_row("CPU load 1/5/15", " / ".join(_num(x, "{:.2f}") for x in loads))
+    table.add_row(
+        "CPU cores",
+        f"{_num(res.cpu_cores_available, '{}')} free of {_num(res.cpu_cores_physical, '{}')}"
+        f" physical ({_num(res.cpu_cores_logical, '{}')} logical)",
+    )
+    table.add_row(
+        "Memory",
+        f"{_num(res.memory_available_gb)} GB free of {_num(res.memory_total_gb)} GB "
+        f"({_num(res.memory_percent)}% used)",
+    )
+    table.add_row(
+        "GPUs",
+        f"{res.gpu_count} ({res.gpu_type}), {_num(res.gpu_vram_available_gb)} GB free of "
+        f"{_num(res.gpu_vram_total_gb)} GB, best single GPU "
+        f"{_num(res.gpu_vram_available_max_gb)} GB",
+    )
+    for g in res.gpus:
+        table.add_row(
+            f"  {g.vendor} #{g.index}",
+            f"{g.name or '?'}: {_num(g.vram_free_gb)}/{_num(g.vram_total_gb)} GB free, "
+            f"{_num(g.utilization_percent, '{:.0f}')}% busy, "
+            f"{_num(g.temperature_c, '{:.0f}')} °C  {g.uuid or ''}",
+        )
+    for name, error in res.probe_errors.items():
+        table.add_row(f"[red]probe {name}[/]", error)
+    table.add_row("Collected in", f"{_num(res.collection_ms, '{:.2f}')} ms")
+    return table
+
+
+def probe(
+    as_json: bool = typer.Option(False, "--json", help="The `resources` object of a heartbeat."),
+    gpu_timeout: float = GPU_TIMEOUT_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """One snapshot of this machine: CPU, memory and every GPU the agent can see."""
+    from chiffon.agent.probes.collect import Collector, default_gpu_probes
+
+    settings = load(config, {"gpu_detection_timeout_seconds": gpu_timeout}).settings
+    timeout = settings.gpu_detection_timeout_seconds
+    collector = Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
+    try:
+        res = collector.collect()
+    finally:
+        collector.close()
+    if as_json:
+        typer.echo(json.dumps(res.model_dump(mode="json"), indent=2))
+    else:
+        console.print(resources_table(res))
+
+
+def identity_of(settings: AgentSettings) -> AgentIdentity:
+    from chiffon.agent.identity import IdentityError, default_name, load_or_create_agent_id
+    from chiffon.agent.loop import AgentIdentity
+
+    try:
+        agent_id = load_or_create_agent_id(settings.state_dir, settings.agent_id)
+    except IdentityError as exc:
+        raise CliError(str(exc), code=2) from None
+    return AgentIdentity(
+        agent_id=agent_id,
+        name=settings.name or default_name(agent_id),
+        pool_name=settings.agent_pool_name,
+        labels=settings.labels,
+        capabilities=settings.capabilities,
+        specializations=settings.specializations,
+    )
+
+
+def print_config(loaded: LoadedSettings) -> None:
+    from chiffon.agent.identity import ID_FILE
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("SETTING", "VALUE", "FROM"):
+        table.add_column(column)
+    settings = loaded.settings
+    for key, value in settings.model_dump(mode="json").items():
+        origin = loaded.origins[key]
+        if key == "agent_id" and value is None:
+            value, origin = "(kept in the state directory)", str(settings.state_dir / ID_FILE)
+        table.add_row(key, json.dumps(value) if not isinstance(value, str) else value, origin)
+    console.print(f"config file: {loaded.config_file or 'none found'}")
+    console.print(table)
+
+
+def _install_signal_handlers(stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError):  # Windows: no add_signal_handler
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
+
+
+async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
+    from chiffon.agent.bounded import in_daemon_thread
+    from chiffon.agent.loop import AgentLoop
+    from chiffon.agent.probes.collect import Collector, default_gpu_probes
+    from chiffon.transport.factory import make_publisher
+
+    timeout = settings.gpu_detection_timeout_seconds
+    collector = Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
+    publisher = make_publisher(
+        settings.transport,
+        amqp_url=settings.amqp_url,
+        orchestrator_url=settings.orchestrator_url,
+        timeout_seconds=settings.publish_timeout_seconds,
+    )
+    agent = AgentLoop(
+        identity,
+        publisher,
+        lambda: in_daemon_thread(collector.collect, name="chiffon-collect"),
+        interval_seconds=settings.heartbeat_interval_seconds,
+        publish_timeout_seconds=settings.publish_timeout_seconds,
+    )
+    _install_signal_handlers(agent.stop)
+    try:
+        await agent.run()
+    finally:
+        collector.close()
+
+
+def agent(
+    config: Path = CONFIG_OPTION,
+    transport: str = typer.Option(None, help="http or amqp [http]; env CHIFFON_TRANSPORT."),
+    orchestrator_url: str = typer.Option(
+        None, help="For --transport http [http://127.0.0.1:8700]; env CHIFFON_ORCHESTRATOR_URL."
+    ),
+    amqp_url: str = typer.Option(None, help="For --transport amqp; env CHIFFON_AMQP_URL."),
+    interval: float = typer.Option(
+        None, "--interval", help="Seconds between heartbeats [15]; env CHIFFON_HEARTBEAT_INTERVAL."
+    ),
+    gpu_timeout: float = GPU_TIMEOUT_OPTION,
+    pool: str = typer.Option(None, "--pool", help="Pool name; env CHIFFON_POOL_NAME."),
+    name: str = typer.Option(None, "--name", help="Shown name [hostname-<id prefix>]."),
+    state_dir: Path = typer.Option(None, help="Where the agent id is kept [~/.chiffon]."),
+    label: list[str] = typer.Option(None, "--label", help="key=value; repeatable."),
+    show_config: bool = typer.Option(
+        False, "--print-config", help="Show the effective settings and where each came from."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the agent: a heartbeat at start (registration), then every interval."""
+    from chiffon.agent.settings import SettingsError, parse_labels
+
+    try:
+        labels = parse_labels(label, "flag --label") if label else None
+    except SettingsError as exc:
+        raise CliError(str(exc), code=2) from None
+    flags = {
+        "transport": transport,
+        "orchestrator_url": orchestrator_url,
+        "amqp_url": amqp_url,
+        "heartbeat_interval_seconds": interval,
+        "gpu_detection_timeout_seconds": gpu_timeout,
+        "agent_pool_name": pool,
+        "name": name,
+        "state_dir": state_dir,
+        "labels": labels,
+    }
+    loaded = load(config, flags)
+    if show_config:
+        print_config(loaded)
+        return
+    setup_logging(verbose)
+    settings = loaded.settings
+    identity = identity_of(settings)
+    where = settings.orchestrator_url if settings.transport == "http" else "RabbitMQ"
+    console.print(
+        f"Chiffon agent {identity.name} ({identity.agent_id}) -> {where} "
+        f"every {settings.heartbeat_interval_seconds:g} s",
+        highlight=False,
+    )
+    asyncio.run(run_agent(settings, identity))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(probe)
+    app.command()(agent)

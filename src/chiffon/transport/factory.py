@@ -1,0 +1,22 @@
+"""Pick the transport an agent publishes through, by name."""
+
+from __future__ import annotations
+
+import importlib
+from typing import cast
+
+from chiffon.transport.base import Publisher
+from chiffon.transport.http import HttpPublisher
+
+
+def make_publisher(
+    transport: str, *, amqp_url: str, orchestrator_url: str, timeout_seconds: float
+) -> Publisher:
+    """`http` posts to the orchestrator's REST API; `amqp` publishes to RabbitMQ."""
+    if transport == "http":
+        return HttpPublisher(orchestrator_url, timeout_seconds=timeout_seconds)
+    if transport == "amqp":
+        # Imported by name: aio-pika loads only for agents that use it.
+        rabbitmq = importlib.import_module("chiffon.transport.rabbitmq")
+        return cast(Publisher, rabbitmq.RabbitPublisher(amqp_url, timeout_seconds=timeout_seconds))
+    raise ValueError(f"unknown transport {transport!r}; use http or amqp")

@@ -1,0 +1,1 @@
+"""Fakes at the operating-system and GPU boundary only: NVML, nvidia-smi, sysfs."""

@@ -1,0 +1,97 @@
+"""A stand-in for the `pynvml` module: the calls the agent makes, on configurable GPUs."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+NVML_TEMPERATURE_GPU = 0
+
+
+# Names and signatures follow pynvml exactly, so the agent cannot tell the difference.
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    pass
+
+
+class NVMLError_LibraryNotFound(NVMLError):
+    pass
+
+
+@dataclass
+class FakeGpu:
+    name: str = "NVIDIA GeForce RTX 4090"
+    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
+    total_bytes: int = 24 * 1024**3
+    free_bytes: int = 20 * 1024**3
+    utilization: int | None = 7  # None: not supported on this card
+    temperature: int | None = 41
+
+
+@dataclass
+class State:
+    gpus: list[FakeGpu] = field(default_factory=list)
+    missing_library: bool = False
+    init_calls: int = 0
+    memory_calls: int = 0
+    hang: threading.Event | None = None  # when set: memory queries block until it is set
+
+
+state = State()
+
+
+def reset(gpus: list[FakeGpu] | None = None, *, missing_library: bool = False) -> State:
+    global state
+    state = State(gpus=list(gpus or []), missing_library=missing_library)
+    return state
+
+
+def nvmlInit() -> None:
+    state.init_calls += 1
+    if state.missing_library:
+        raise NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+
+
+def nvmlShutdown() -> None:
+    pass
+
+
+def nvmlDeviceGetCount() -> int:
+    return len(state.gpus)
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> FakeGpu:
+    return state.gpus[index]
+
+
+def nvmlDeviceGetName(handle: FakeGpu) -> str:
+    return handle.name
+
+
+def nvmlDeviceGetUUID(handle: FakeGpu) -> bytes:
+    return handle.uuid.encode()  # older nvidia-ml-py versions return bytes
+
+
+def nvmlDeviceGetMemoryInfo(handle: FakeGpu) -> Any:
+    state.memory_calls += 1
+    if state.hang is not None:
+        state.hang.wait()
+    used = handle.total_bytes - handle.free_bytes
+    return SimpleNamespace(total=handle.total_bytes, free=handle.free_bytes, used=used)
+
+
+def nvmlDeviceGetUtilizationRates(handle: FakeGpu) -> Any:
+    if handle.utilization is None:
+        raise NVMLError_NotSupported("Not Supported")
+    return SimpleNamespace(gpu=handle.utilization, memory=0)
+
+
+def nvmlDeviceGetTemperature(handle: FakeGpu, sensor: int) -> int:
+    if handle.temperature is None:
+        raise NVMLError_NotSupported("Not Supported")
+    return handle.temperature
