@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -18,9 +19,9 @@ from chiffon.persistence import db
 from tests.services import POSTGRES_ADMIN_URL, need
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL database for this test run, migrated to head."""
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A throwaway PostgreSQL database migrated to head; dropped afterwards."""
     admin = make_url(POSTGRES_ADMIN_URL)
     need("PostgreSQL", admin.host or "127.0.0.1", admin.port or 5432)
     name = f"chiffon_test_{uuid.uuid4().hex[:12]}"
@@ -28,10 +29,19 @@ def postgres_url() -> Iterator[str]:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = admin.set(database=name).render_as_string(hide_password=False)
-    db.upgrade(url)
-    yield url
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        db.upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The PostgreSQL database of this test run's registry tests."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import cast
-
 from chiffon.transport.base import Publisher
 from chiffon.transport.http import HttpPublisher
 
@@ -16,7 +13,8 @@ def make_publisher(
     if transport == "http":
         return HttpPublisher(orchestrator_url, timeout_seconds=timeout_seconds)
     if transport == "amqp":
-        # Imported by name: aio-pika loads only for agents that use it.
-        rabbitmq = importlib.import_module("chiffon.transport.rabbitmq")
-        return cast(Publisher, rabbitmq.RabbitPublisher(amqp_url, timeout_seconds=timeout_seconds))
+        # Imported here: aio-pika loads only for agents that use it.
+        from chiffon.transport.rabbitmq import RabbitPublisher
+
+        return RabbitPublisher(amqp_url, timeout_seconds=timeout_seconds)
     raise ValueError(f"unknown transport {transport!r}; use http or amqp")
