@@ -18,9 +18,11 @@ from rich.table import Table
 from chiffon.cli.common import CliError, console, setup_logging
 
 if TYPE_CHECKING:
-    from chiffon.agent.loop import AgentIdentity
+    from chiffon.agent.loop import AgentIdentity, AgentLoop
+    from chiffon.agent.probes.collect import Collector
     from chiffon.agent.settings import AgentSettings, LoadedSettings
     from chiffon.schemas.heartbeat import Resources
+    from chiffon.transport.base import Publisher
 
 CONFIG_OPTION = typer.Option(
     None, "--config", help="YAML file [~/.chiffon/agent.yml, else /etc/chiffon/agent.yml]."
@@ -85,11 +87,8 @@ def probe(
     config: Path = CONFIG_OPTION,
 ) -> None:
     """One snapshot of this machine: CPU, memory and every GPU the agent can see."""
-    from chiffon.agent.probes.collect import Collector, default_gpu_probes
-
     settings = load(config, {"gpu_detection_timeout_seconds": gpu_timeout}).settings
-    timeout = settings.gpu_detection_timeout_seconds
-    collector = Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
+    collector = new_collector(settings)
     try:
         res = collector.collect()
     finally:
@@ -143,27 +142,40 @@ def _install_signal_handlers(stop: Any) -> None:
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
 
 
-async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
-    from chiffon.agent.bounded import in_daemon_thread
-    from chiffon.agent.loop import AgentLoop
+def new_collector(settings: AgentSettings) -> Collector:
     from chiffon.agent.probes.collect import Collector, default_gpu_probes
-    from chiffon.transport.factory import make_publisher
 
     timeout = settings.gpu_detection_timeout_seconds
-    collector = Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
-    publisher = make_publisher(
-        settings.transport,
-        amqp_url=settings.amqp_url,
-        orchestrator_url=settings.orchestrator_url,
-        timeout_seconds=settings.publish_timeout_seconds,
-    )
-    agent = AgentLoop(
+    return Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
+
+
+def new_agent_loop(
+    settings: AgentSettings, identity: AgentIdentity, publisher: Publisher, collector: Collector
+) -> AgentLoop:
+    """The heartbeat loop, collecting in a daemon thread so a hung driver cannot stall it."""
+    from chiffon.agent.bounded import in_daemon_thread
+    from chiffon.agent.loop import AgentLoop
+
+    return AgentLoop(
         identity,
         publisher,
         lambda: in_daemon_thread(collector.collect, name="chiffon-collect"),
         interval_seconds=settings.heartbeat_interval_seconds,
         publish_timeout_seconds=settings.publish_timeout_seconds,
     )
+
+
+async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
+    from chiffon.transport.factory import make_publisher
+
+    collector = new_collector(settings)
+    publisher = make_publisher(
+        settings.transport,
+        amqp_url=settings.amqp_url,
+        orchestrator_url=settings.orchestrator_url,
+        timeout_seconds=settings.publish_timeout_seconds,
+    )
+    agent = new_agent_loop(settings, identity, publisher, collector)
     _install_signal_handlers(agent.stop)
     try:
         await agent.run()

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import typer
@@ -59,11 +59,26 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(orchestrator: Orchestrator, sock: socket.socket, *, log_level: str) -> None:
+class Companion(Protocol):
+    """Something that runs beside the orchestrator in its process (`chiffon up`'s agent)."""
+
+    async def start(self, orchestrator: Orchestrator) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve(
+    orchestrator: Orchestrator,
+    sock: socket.socket,
+    *,
+    log_level: str,
+    companions: Sequence[Companion] = (),
+) -> None:
     """Run the API (and the RabbitMQ consumer when configured) until SIGINT/SIGTERM.
 
-    Shutdown order: the API stops, the consumer stops taking messages and acks those whose
-    batch commits, then the orchestrator flushes and closes the database.
+    Shutdown order: the API stops, companions stop (an in-process agent says goodbye while
+    ingest still runs), the consumer stops taking messages and acks those whose batch
+    commits, then the orchestrator flushes and closes the database.
     """
     import uvicorn
     from sqlalchemy.exc import DBAPIError
@@ -89,9 +104,15 @@ async def serve(orchestrator: Orchestrator, sock: socket.socket, *, log_level: s
     hearing = None
     if consumer is not None:
         hearing = asyncio.create_task(follow_consumer(orchestrator, consumer))
+    started: list[Companion] = []
     try:
+        for companion in companions:
+            await companion.start(orchestrator)
+            started.append(companion)
         await _server_class()(config).serve(sockets=[sock])
     finally:
+        for companion in reversed(started):
+            await companion.stop()
         if hearing is not None:
             hearing.cancel()
         if consumer is not None:

@@ -1,0 +1,128 @@
+"""`chiffon up`: the five-minute start, like `nomad agent -dev`.
+
+One process: an orchestrator on the embedded SQLite registry (migrated on the spot), its
+REST API with the HTTP heartbeat path, and this machine's own agent, which hands its
+heartbeats straight to the orchestrator's ingest (the in-memory transport: same bytes, same
+validation, same commit). No broker, no database server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from chiffon.cli.common import CliError, console, one_line, setup_logging
+
+if TYPE_CHECKING:
+    from chiffon.agent.loop import AgentIdentity, AgentLoop
+    from chiffon.agent.probes.collect import Collector
+    from chiffon.agent.settings import AgentSettings
+    from chiffon.orchestrator.service import Orchestrator
+
+STOP_TIMEOUT_SECONDS = 3.0
+
+
+class LocalAgent:
+    """This machine's agent, running inside the orchestrator's process."""
+
+    def __init__(self, settings: AgentSettings, identity: AgentIdentity, collector: Collector):
+        self._settings = settings
+        self._identity = identity
+        self._collector = collector
+        self._loop: AgentLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, orchestrator: Orchestrator) -> None:
+        from chiffon.cli.agent_cmd import new_agent_loop
+        from chiffon.transport.memory import InMemoryPublisher
+
+        publisher = InMemoryPublisher(orchestrator.ingest)
+        self._loop = new_agent_loop(self._settings, self._identity, publisher, self._collector)
+        self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
+
+    async def stop(self) -> None:
+        """Say goodbye (the orchestrator marks this machine offline at once), then stop."""
+        if self._loop is None or self._task is None:
+            return
+        self._loop.stop()
+        try:
+            await asyncio.wait_for(self._task, STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            pass  # the goodbye is best effort; the sweep judges an agent that did not say it
+        finally:
+            self._collector.close()
+
+
+def _join_hint(host: str, port: int) -> str:
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return (
+            "Other desktops cannot reach 127.0.0.1: restart with --host 0.0.0.0, then on "
+            f"each of them run:\n  chiffon agent --orchestrator-url "
+            f"http://{socket.gethostname()}:{port} --transport http"
+        )
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    return (
+        "To add another desktop, run there:\n  chiffon agent --orchestrator-url "
+        f"http://{shown}:{port} --transport http"
+    )
+
+
+def _migrate(url: str) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from chiffon.persistence import db
+
+    try:
+        db.upgrade(url)
+    except (OSError, DBAPIError) as exc:
+        raise CliError(f"cannot open the registry {url}: {one_line(exc)}") from None
+
+
+def up(
+    host: str = typer.Option("127.0.0.1", help="Address to serve the API on."),
+    port: int = typer.Option(8700, min=1, max=65535, help="Port to serve the API on."),
+    data_dir: Path = typer.Option(
+        None, help="Registry and agent identity live here [~/.chiffon]; env CHIFFON_DATA_DIR."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start everything on this machine: orchestrator, API, dashboard and its own agent."""
+    from chiffon.cli.agent_cmd import identity_of, load, new_collector, resources_table
+    from chiffon.cli.orchestrator_cmd import bind, build_settings, serve
+    from chiffon.orchestrator.service import Orchestrator
+    from chiffon.persistence import db
+
+    setup_logging(verbose)
+    settings = build_settings(host=host, port=port, data_dir=data_dir)
+    # Embedded on purpose: `up` needs no database server, whatever the environment says.
+    url = db.default_database_url(settings.data_dir)
+    settings = settings.model_copy(update={"database_url": url, "amqp_url": None})
+    agent_settings = load(None, {"state_dir": settings.data_dir}).settings
+    sock = bind(settings.host, settings.port)
+    _migrate(url)
+    identity = identity_of(agent_settings)
+    collector = new_collector(agent_settings)
+    snapshot = collector.collect()
+    api = f"http://{settings.host}:{settings.port}"
+    console.print(f"[bold]Chiffon is up[/] on {api}  (API docs {api}/docs)", highlight=False)
+    console.print(f"registry: {settings.data_dir / 'chiffon.db'}", highlight=False)
+    console.print(f"\nThis machine, [bold]{identity.name}[/] ({identity.agent_id}):")
+    console.print(resources_table(snapshot))
+    console.print(f"\n{_join_hint(settings.host, settings.port)}", highlight=False)
+    console.print("See the fleet: chiffon agents   Stop: Ctrl-C\n")
+    asyncio.run(
+        serve(
+            Orchestrator(settings),
+            sock,
+            log_level="debug" if verbose else "warning",
+            companions=[LocalAgent(agent_settings, identity, collector)],
+        )
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)

@@ -1,0 +1,86 @@
+"""`chiffon up`: orchestrator, API and this machine's own agent in one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.procs import CHIFFON, free_port, run_cli, stop, wait_http
+
+
+@contextmanager
+def chiffon_up(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        # `up` is embedded: neither of these may be used.
+        "CHIFFON_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "CHIFFON_AMQP_URL": "amqp://nobody@127.0.0.1:1/",
+    }
+    env.pop("CHIFFON_DATA_DIR", None)
+    out = (home / f"up-{time.monotonic_ns()}.log").open("w")
+    proc = subprocess.Popen(
+        [*CHIFFON, "up", "--port", str(port)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log=Path(out.name))
+        yield proc
+    finally:
+        stop(proc, signal.SIGKILL)
+        out.close()
+
+
+def get(port: int, path: str) -> Any:
+    return httpx.get(f"http://127.0.0.1:{port}/api/v1{path}", timeout=5).json()
+
+
+def wait_agent_online(port: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        agents: list[dict[str, Any]] = get(port, "/agents")
+        if agents and agents[0]["status"] == "online":
+            return agents
+        time.sleep(0.1)
+    raise AssertionError("this machine's agent did not come online")
+
+
+def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
+    port = free_port()
+    with chiffon_up(tmp_path, port) as proc:
+        (me,) = wait_agent_online(port)
+        agent_id = (tmp_path / ".chiffon" / "agent_id").read_text().strip()
+        assert me["agent_id"] == agent_id
+        assert me["resource_metrics"]["cpu_cores_physical"] >= 1
+        assert (tmp_path / ".chiffon" / "chiffon.db").is_file()
+
+        busy = run_cli("up", "--port", str(port), env={"HOME": str(tmp_path)})
+        assert busy.returncode == 1
+        assert busy.stderr.strip() == (
+            f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        )
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+    log = next(tmp_path.glob("up-*.log")).read_text()
+    assert f"http://127.0.0.1:{port}" in log and "chiffon agent --orchestrator-url" in log
+    assert "Traceback" not in log
+
+    with chiffon_up(tmp_path, port):  # run twice: the registry and the identity stay
+        (again,) = wait_agent_online(port)
+        assert again["agent_id"] == agent_id
+        reasons = [e["reason"] for e in get(port, f"/events?agent_id={agent_id}")]
+        assert reasons[:3] == ["heartbeat", "goodbye", "registered"]
