@@ -69,6 +69,8 @@ def test_one_agent_by_name_prefix_or_id(fleet_url: str) -> None:
         (("capacity", str(uuid.uuid4())), 1, "is not registered (HTTP 404)"),
         (("capacity", "--min-gpu-vram", "-3"), 1, "greater than or equal to 0 (HTTP 400)"),
         (("agents", "--status", "asleep"), 2, "--status must be online or offline"),
+        (("capacity", "--min-gpu-vram", "lots"), 2, "Invalid value for '--min-gpu-vram'"),
+        (("agents", "--colour"), 2, "chiffon agents: No such option: --colour"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(

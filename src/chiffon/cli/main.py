@@ -38,13 +38,33 @@ def _root(
     """Chiffon: a fleet of GPU desktops as one capacity-aware pool."""
 
 
+def usage_error(exc: typer.TyperException) -> int:
+    """Print typer's usage error as one line (help itself when no command was given)."""
+    ctx = getattr(exc, "ctx", None)
+    code = int(getattr(exc, "exit_code", 2))
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help())
+        return code
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    return fail(f"{where}{message}", code).exit_code
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        app()
+        result = app(standalone_mode=False, prog_name="chiffon")
     except CliError as exc:
         if debug:
             raise
         raise SystemExit(fail(str(exc), exc.code).exit_code) from None
+    except typer.TyperException as exc:  # a bad flag or argument: one line, not a panel
+        if debug:
+            raise
+        raise SystemExit(usage_error(exc)) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    raise SystemExit(result if isinstance(result, int) else 0)
