@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chiffon.orchestrator.history import Tier
 from chiffon.orchestrator.ingest import Outcome, Received, apply_batch
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 
@@ -39,12 +41,14 @@ class IngestBatcher:
         max_batch: int = 500,
         max_delay_seconds: float = 0.02,
         retry_backoff_seconds: float = 0.5,
+        history_tiers: Sequence[Tier] = (),
     ) -> None:
         self._sessions = sessions
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay = max_delay_seconds
         self._backoff = retry_backoff_seconds
+        self._history_tiers = tuple(history_tiers)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
@@ -102,7 +106,9 @@ class IngestBatcher:
         started = time.perf_counter()
         try:
             async with self._sessions.begin() as session:
-                outcomes = await apply_batch(session, [p.item for p in batch])
+                outcomes = await apply_batch(
+                    session, [p.item for p in batch], history_tiers=self._history_tiers
+                )
         except Exception as exc:  # the database is down or refused: nothing is durable
             self.healthy = False
             self._metrics.ingest_errors.inc()
