@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.history import HistoryRecorder
 from chiffon.orchestrator.ingest import Received, apply_batch
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import AgentMetricsRow
@@ -66,26 +67,34 @@ async def test_every_heartbeat_for_an_hour_then_one_point_per_minute_and_quarter
                 .order_by(AgentMetricsRow.bucket_start)
             )
         ).all()
-    # Last value wins: minute 0 ends with the 4th beat (3 GB), minute 1 with the 8th (7 GB).
-    assert [(r.samples, r.gpus[0]["vram_free_gb"]) for r in rows] == [(4, 3.0), (4, 7.0)]
-    assert rows[1].gpu_vram_available_gb == 8.0 and rows[1].cpu_load_1min == 0.7
+    # First value wins: minute 0 starts with the 1st beat (0 GB), minute 1 with the 5th (4 GB).
+    assert [r.gpus[0]["vram_free_gb"] for r in rows] == [0.0, 4.0]
+    assert rows[1].gpu_vram_available_gb == 5.0 and rows[1].cpu_load_1min == 0.4
 
 
-async def test_two_heartbeats_in_one_batch_land_in_the_same_buckets(
+async def test_a_bucket_keeps_its_first_heartbeat_across_batches_and_orchestrators(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
+    tiers = orchestrator.settings.history_tiers
+    mine, other = HistoryRecorder(tiers), HistoryRecorder(tiers)
     first = f.message(AGENT, seq=1, res=f.resources(memory_available_gb=10.0))
     second = f.message(AGENT, seq=2, res=f.resources(memory_available_gb=12.0))
-    async with orchestrator.sessions.begin() as s:
+    async with orchestrator.sessions.begin() as s:  # two beats at once in one batch
         items = [Received(first, clock.now()), Received(second, clock.now())]
-        tiers = orchestrator.settings.history_tiers
-        assert await apply_batch(s, items, history_tiers=tiers) == ["applied", "applied"]
+        assert await apply_batch(s, items, history=mine) == ["applied", "applied"]
+    mine.committed()
+    clock.advance(15)
+    third = f.message(AGENT, seq=3, res=f.resources(memory_available_gb=14.0))
+    assert [r["resolution_seconds"] for r in mine.rows([(third, clock.now())])] == [0]
+    async with orchestrator.sessions.begin() as s:  # another orchestrator, same buckets
+        await apply_batch(s, [Received(third, clock.now())], history=other)
     async with orchestrator.sessions() as s:
         rows = (await s.scalars(select(AgentMetricsRow))).all()
-    assert sorted((r.resolution_seconds, r.samples, r.memory_available_gb) for r in rows) == [
-        (0, 2, 12.0),
-        (60, 2, 12.0),
-        (900, 2, 12.0),
+    assert sorted((r.resolution_seconds, r.memory_available_gb) for r in rows) == [
+        (0, 10.0),
+        (0, 14.0),
+        (60, 10.0),
+        (900, 10.0),
     ]
 
 
@@ -108,7 +117,7 @@ async def test_api_reads_the_finest_tier_covering_the_window_one_point_per_step(
 
     per_minute = (await api.get(url, params={"since": iso(start), "step": 60})).json()
     assert per_minute["resolution_seconds"] == 60
-    assert [p["gpu_vram_available_gb"] for p in per_minute["points"]] == [4.0, 8.0]
+    assert [p["gpu_vram_available_gb"] for p in per_minute["points"]] == [1.0, 5.0]
 
     clock.advance(2 * 3600)  # the raw tier no longer reaches back to `start`
     later = (await api.get(url, params={"since": iso(start), "step": 1})).json()
@@ -162,5 +171,22 @@ async def test_fleet_summary_counts_by_pool_and_sums_online_capacity(
 
 async def test_history_off_writes_nothing(orchestrator: Orchestrator, clock: ManualClock) -> None:
     async with orchestrator.sessions.begin() as s:
-        await apply_batch(s, [Received(f.message(AGENT), clock.now())], history_tiers=())
+        recorder = HistoryRecorder([])
+        await apply_batch(s, [Received(f.message(AGENT), clock.now())], history=recorder)
     assert await tier_counts(orchestrator) == {}
+
+
+def test_retention_of_zero_turns_a_tier_off_and_history_can_be_disabled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chiffon.orchestrator.settings import OrchestratorSettings
+
+    monkeypatch.setenv("CHIFFON_HISTORY_RAW_RETENTION_SECONDS", "0")
+    monkeypatch.setenv("CHIFFON_HISTORY_15M_RETENTION_SECONDS", "86400")
+    tiers = OrchestratorSettings().history_tiers
+    assert [(t.resolution_seconds, t.retention_seconds) for t in tiers] == [
+        (60, 86400),
+        (900, 86400),
+    ]
+    monkeypatch.setenv("CHIFFON_HISTORY_ENABLED", "false")
+    assert OrchestratorSettings().history_tiers == []

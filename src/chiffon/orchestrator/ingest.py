@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chiffon.orchestrator.history import Tier, history_rows
-from chiffon.persistence import history, registry
+from chiffon.orchestrator.history import HistoryRecorder
+from chiffon.persistence import history as metrics_history
+from chiffon.persistence import registry
 from chiffon.persistence.registry import Ordering
 from chiffon.schemas.heartbeat import AgentMessage, Resources
 
@@ -145,12 +146,12 @@ class _BatchPlan:
 
 
 async def apply_batch(
-    session: AsyncSession, items: Sequence[Received], *, history_tiers: Sequence[Tier] = ()
+    session: AsyncSession, items: Sequence[Received], *, history: HistoryRecorder | None = None
 ) -> list[Outcome]:
     """Apply messages in order inside the caller's transaction; one outcome per message.
 
-    With `history_tiers`, every applied heartbeat also lands in each tier's current bucket
-    of the metrics history: one more statement per batch, whatever its size.
+    With `history`, applied heartbeats also land in the metrics history: one more
+    statement per batch, whatever its size.
     """
     ids = {item.message.agent_id for item in items}
     plan = _BatchPlan(state=await registry.lock_orderings(session, agent_ids=list(ids)))
@@ -158,6 +159,6 @@ async def apply_batch(
     await registry.upsert_agents(session, rows=list(plan.upserts.values()))
     await registry.mark_offline(session, rows=list(plan.goodbyes.values()))
     await registry.add_events(session, events=plan.events)
-    if history_tiers:
-        await history.upsert_points(session, rows=history_rows(plan.samples, history_tiers))
+    if history is not None and history.tiers:
+        await metrics_history.add_points(session, rows=history.rows(plan.samples))
     return outcomes

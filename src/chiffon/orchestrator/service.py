@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chiffon.orchestrator.batcher import IngestBatcher
 from chiffon.orchestrator.clock import Clock, SystemClock
-from chiffon.orchestrator.history import HistoryPruner
+from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
@@ -46,7 +46,7 @@ class Orchestrator:
             self.metrics,
             max_batch=settings.ingest_batch_size,
             max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
-            history_tiers=settings.history_tiers,
+            history=HistoryRecorder(settings.history_tiers),
         )
         self.sweeper = Sweeper(
             self.sessions,

@@ -17,27 +17,16 @@ _metrics = Base.metadata.tables["agent_metrics"]
 _KEY = ("agent_id", "resolution_seconds", "bucket_start")
 
 
-def _upsert_statement(dialect: str) -> Any:
-    """Last value wins within a bucket; `samples` counts the heartbeats it absorbed."""
+def _insert_statement(dialect: str) -> Any:
+    """The first point written to a bucket stays; later ones are dropped by the database."""
     make = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = make(_metrics)
-    changed: dict[str, Any] = {
-        c.name: stmt.excluded[c.name]
-        for c in _metrics.columns
-        if c.name not in _KEY and c.name != "samples"
-    }
-    changed["samples"] = _metrics.c.samples + stmt.excluded.samples
-    return stmt.on_conflict_do_update(index_elements=list(_KEY), set_=changed)
+    return make(_metrics).on_conflict_do_nothing(index_elements=list(_KEY))
 
 
-async def upsert_points(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
-    """Write every tier's current bucket for a batch of heartbeats, in one statement.
-
-    `rows` must hold each (agent_id, resolution_seconds, bucket_start) at most once:
-    PostgreSQL refuses to update one row twice in a single INSERT ... ON CONFLICT.
-    """
+async def add_points(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
+    """Write a batch's history points, every tier, in one statement."""
     if rows:
-        await session.execute(_upsert_statement(session.get_bind().dialect.name), list(rows))
+        await session.execute(_insert_statement(session.get_bind().dialect.name), list(rows))
 
 
 async def prune_tier(session: AsyncSession, *, resolution_seconds: int, before: datetime) -> int:

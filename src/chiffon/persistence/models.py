@@ -127,11 +127,11 @@ class AgentEventRow(Base):
 
 
 class AgentMetricsRow(Base):
-    """One point of an agent's history: the last heartbeat heard in a time bucket.
+    """One point of an agent's history: the first heartbeat heard in a time bucket.
 
     `resolution_seconds` names the tier: 0 keeps every heartbeat (`bucket_start` is its
     receipt time), 60 and 900 keep one point per minute and per quarter hour. The key lets
-    ingest upsert into the current bucket of every tier in one statement.
+    ingest write every tier's bucket in one INSERT ... ON CONFLICT DO NOTHING.
     """
 
     __tablename__ = "agent_metrics"
@@ -144,7 +144,6 @@ class AgentMetricsRow(Base):
     resolution_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
     sampled_at: Mapped[datetime]
-    samples: Mapped[int] = mapped_column(Integer)
     cpu_load_1min: Mapped[float | None] = mapped_column(Float)
     cpu_cores_available: Mapped[int | None] = mapped_column(Integer)
     cpu_cores_physical: Mapped[int | None] = mapped_column(Integer)

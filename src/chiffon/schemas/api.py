@@ -121,10 +121,9 @@ class GpuPoint(BaseModel):
 
 
 class MetricPoint(BaseModel):
-    """The last heartbeat heard in one history bucket."""
+    """The first heartbeat heard in one history bucket."""
 
     at: datetime = Field(description="start of the bucket (receipt time at full resolution)")
-    samples: int = Field(description="heartbeats heard in the bucket")
     cpu_load_1min: float | None
     cpu_cores_available: int | None
     cpu_cores_physical: int | None

@@ -25,7 +25,6 @@ def upgrade() -> None:
         sa.Column("resolution_seconds", sa.Integer(), primary_key=True),
         sa.Column("bucket_start", UTCDateTime(), primary_key=True),
         sa.Column("sampled_at", UTCDateTime(), nullable=False),
-        sa.Column("samples", sa.Integer(), nullable=False),
         sa.Column("cpu_load_1min", sa.Float(), nullable=True),
         sa.Column("cpu_cores_available", sa.Integer(), nullable=True),
         sa.Column("cpu_cores_physical", sa.Integer(), nullable=True),
