@@ -1,11 +1,14 @@
-"""How much batching buys heartbeat ingest: batched vs one-transaction-per-message.
+"""How much batching buys heartbeat ingest, and what the metrics history costs it.
 
 Drives `Orchestrator.ingest` in-process (parse, batcher, one transaction per batch, commit)
 with many concurrent messages, on SQLite and on the local PostgreSQL, once with the
 default batch size and once with batches of one message. The unbatched run is the
 machine's own baseline in the same run, so the ratio means something on a noisy box.
 
-    .venv/bin/python bench/ingest_batching.py [--agents 2000] [--messages 20000]
+Batched runs are repeated `--repeats` times with the metrics history off and on,
+alternating so that a noisy neighbour hits both alike; the median of each is reported.
+
+    .venv/bin/python bench/ingest_batching.py [--agents 2000] [--messages 20000] [--repeats 3]
 
 Prints a table and writes bench/results/ingest_batching.json. Needs PostgreSQL at
 CHIFFON_BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres).
@@ -18,15 +21,18 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from sqlalchemy.engine import make_url
 
+from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import db
@@ -36,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 ADMIN_URL = os.environ.get(
     "CHIFFON_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-IN_FLIGHT = 2000  # messages submitted concurrently, as a busy consumer would
+HEARTBEAT_INTERVAL_SECONDS = 15
 
 
 def heartbeat(agent_id: uuid.UUID, boot_id: uuid.UUID, seq: int) -> bytes:
@@ -68,21 +74,30 @@ def heartbeat(agent_id: uuid.UUID, boot_id: uuid.UUID, seq: int) -> bytes:
     return msg.model_dump_json().encode()
 
 
-async def run_once(url: str, batch_size: int, agents: int, messages: int) -> float:
+async def run_once(
+    url: str, batch_size: int, agents: int, messages: int, *, history: bool = True
+) -> float:
     """Messages per second through parse -> batch -> commit."""
     settings = OrchestratorSettings(
-        database_url=url, ingest_batch_size=batch_size, ingest_batch_delay_ms=5
+        database_url=url,
+        ingest_batch_size=batch_size,
+        ingest_batch_delay_ms=5,
+        history_enabled=history,
     )
-    orch = Orchestrator(settings)
+    # Each round of `agents` messages is one 15 s heartbeat period on the orchestrator's
+    # clock, so the history's minute and quarter-hour buckets fill as in a real fleet.
+    clock = ManualClock(datetime.now(UTC))
+    orch = Orchestrator(settings, clock=clock)
     await orch.start(sweep=False)
     ids = [uuid.uuid4() for _ in range(agents)]
     boot = uuid.uuid4()
     bodies = [heartbeat(ids[i % agents], boot, i // agents) for i in range(messages)]
     started = time.perf_counter()
-    for chunk in range(0, messages, IN_FLIGHT):
-        window = bodies[chunk : chunk + IN_FLIGHT]
+    for chunk in range(0, messages, agents):
+        window = bodies[chunk : chunk + agents]
         outcomes = await asyncio.gather(*(orch.ingest(body) for body in window))
         assert all(o == "applied" for o in outcomes), set(outcomes)
+        clock.advance(HEARTBEAT_INTERVAL_SECONDS)
     elapsed = time.perf_counter() - started
     await orch.stop()
     return messages / elapsed
@@ -103,20 +118,34 @@ def drop_postgres(url: str, conninfo: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def bench_engine(engine: str, url: str, args: argparse.Namespace) -> dict[str, float]:
+async def bench_engine(engine: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     db.upgrade(url)
-    batched = await run_once(url, 500, args.agents, args.messages)
+    off: list[float] = []
+    on: list[float] = []
+    for _ in range(args.repeats):
+        off.append(await run_once(url, 500, args.agents, args.messages, history=False))
+        on.append(await run_once(url, 500, args.agents, args.messages, history=True))
+    batched = statistics.median(on)
     # One message per transaction: fewer messages, or it takes minutes on SQLite.
     single = await run_once(url, 1, args.agents, max(args.agents, args.messages // 10))
-    return {"batched_per_s": batched, "unbatched_per_s": single, "speedup": batched / single}
+    return {
+        "batched_per_s": batched,
+        "batched_no_history_per_s": statistics.median(off),
+        "history_cost_percent": 100 * (1 - batched / statistics.median(off)),
+        "unbatched_per_s": single,
+        "speedup": batched / single,
+        "runs_no_history_per_s": off,
+        "runs_history_per_s": on,
+    }
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=2000)
     parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["sqlite"] = await bench_engine("sqlite", db.default_database_url(Path(tmp)), args)
     url, conninfo = fresh_postgres()
@@ -124,10 +153,14 @@ async def main() -> None:
         results["postgresql"] = await bench_engine("postgresql", url, args)
     finally:
         drop_postgres(url, conninfo)
-    print(f"{'engine':<12}{'batched msg/s':>15}{'unbatched msg/s':>17}{'speedup':>9}")
+    print(
+        f"{'engine':<12}{'no history msg/s':>18}{'history msg/s':>15}{'cost':>7}"
+        f"{'unbatched msg/s':>17}{'speedup':>9}"
+    )
     for engine, r in results.items():
         print(
-            f"{engine:<12}{r['batched_per_s']:>15,.0f}{r['unbatched_per_s']:>17,.0f}"
+            f"{engine:<12}{r['batched_no_history_per_s']:>18,.0f}{r['batched_per_s']:>15,.0f}"
+            f"{r['history_cost_percent']:>6.1f}%{r['unbatched_per_s']:>17,.0f}"
             f"{r['speedup']:>8.1f}x"
         )
     RESULTS.mkdir(exist_ok=True)

@@ -84,6 +84,7 @@ async def orchestrator(
     async with orch.engine.begin() as conn:
         await conn.execute(text("DELETE FROM agent_registry"))
         await conn.execute(text("DELETE FROM agent_events"))
+        await conn.execute(text("DELETE FROM agent_metrics"))
     await orch.start(sweep=False)
     yield orch
     await orch.stop()

@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chiffon import __version__
-from chiffon.api import routes_agents, routes_ingest
+from chiffon.api import routes_agents, routes_fleet, routes_ingest
+from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.service import Orchestrator
 
 
@@ -68,6 +70,7 @@ def create_app(
     app.add_exception_handler(OSError, _database_down)
     app.include_router(routes_agents.router)
     app.include_router(routes_ingest.router)
+    app.include_router(routes_fleet.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -94,4 +97,6 @@ def create_app(
             generate_latest(orchestrator.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
 
+    # Last: the dashboard's files answer every path the API does not.
+    app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="dashboard")
     return app

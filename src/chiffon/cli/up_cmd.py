@@ -108,7 +108,7 @@ def up(
     collector = new_collector(agent_settings)
     snapshot = collector.collect()
     api = f"http://{settings.host}:{settings.port}"
-    console.print(f"[bold]Chiffon is up[/] on {api}  (API docs {api}/docs)", highlight=False)
+    console.print(f"[bold]Chiffon is up[/]: dashboard {api}/  API docs {api}/docs", highlight=False)
     console.print(f"registry: {settings.data_dir / 'chiffon.db'}", highlight=False)
     console.print(f"\nThis machine, [bold]{identity.name}[/] ({identity.agent_id}):")
     console.print(resources_table(snapshot))

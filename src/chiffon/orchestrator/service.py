@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chiffon.orchestrator.batcher import IngestBatcher
 from chiffon.orchestrator.clock import Clock, SystemClock
+from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
@@ -21,11 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class Orchestrator:
-    """Owns the database engine, the ingest batcher and the offline sweep.
+    """Owns the database engine, the ingest batcher, the offline sweep and history pruning.
 
     Transports hand raw bytes (or parsed messages) to `receive`; the API reads through
-    `sessions`. `start(sweep=False)` leaves sweeping to the caller (tests drive
-    `sweeper.sweep_once()` with a manual clock).
+    `sessions`. `start(sweep=False)` leaves sweeping and history pruning to the caller
+    (tests drive `sweeper.sweep_once()` and `pruner.prune_once()` with a manual clock).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class Orchestrator:
             self.metrics,
             max_batch=settings.ingest_batch_size,
             max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
+            history=HistoryRecorder(settings.history_tiers),
         )
         self.sweeper = Sweeper(
             self.sessions,
@@ -52,7 +54,8 @@ class Orchestrator:
             self.metrics,
             timeout_seconds=settings.heartbeat_timeout_seconds,
         )
-        self._sweep_task: asyncio.Task[None] | None = None
+        self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, *, sweep: bool = True) -> None:
         """Refuse a stale schema, then start ingest and (optionally) the sweep."""
@@ -60,16 +63,22 @@ class Orchestrator:
         self.batcher.start()
         self.sweeper.grant_grace()
         if sweep:
-            self._sweep_task = asyncio.create_task(
-                self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
-            )
+            self._tasks = [
+                asyncio.create_task(
+                    self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
+                ),
+                asyncio.create_task(
+                    self.pruner.run(self.settings.history_prune_interval_seconds),
+                    name="chiffon-history-prune",
+                ),
+            ]
 
     async def stop(self) -> None:
-        if self._sweep_task is not None:
-            self._sweep_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with suppress(asyncio.CancelledError):
-                await self._sweep_task
-            self._sweep_task = None
+                await task
+        self._tasks = []
         await self.batcher.stop()
         await self.engine.dispose()
 

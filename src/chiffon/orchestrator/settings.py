@@ -8,6 +8,7 @@ from typing import Self
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chiffon.orchestrator.history import Tier
 from chiffon.persistence.db import default_database_url
 from chiffon.schemas.heartbeat import MAX_MESSAGE_BYTES
 
@@ -57,6 +58,12 @@ class OrchestratorSettings(BaseSettings):
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024, le=16 * 1024 * 1024)
     ingest_batch_size: int = Field(500, ge=1, le=10_000)
     ingest_batch_delay_ms: float = Field(20, ge=0, le=10_000)
+    # Metrics history (CHIFFON_HISTORY_*): how long each tier is kept; 0 turns a tier off.
+    history_enabled: bool = True
+    history_raw_retention_seconds: float = Field(3600, ge=0, le=366 * 86400)
+    history_1m_retention_seconds: float = Field(86400, ge=0, le=366 * 86400)
+    history_15m_retention_seconds: float = Field(30 * 86400, ge=0, le=5 * 366 * 86400)
+    history_prune_interval_seconds: float = Field(300, gt=0, le=86400)
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Self:
@@ -71,6 +78,18 @@ class OrchestratorSettings(BaseSettings):
     def amqp_message_ttl_ms(self) -> int:
         """A heartbeat older than the liveness timeout is worthless: the broker drops it."""
         return int(self.heartbeat_timeout_seconds * 1000)
+
+    @property
+    def history_tiers(self) -> list[Tier]:
+        """The history tiers to record, finest first (none when history is off)."""
+        if not self.history_enabled:
+            return []
+        tiers = [
+            Tier(0, self.history_raw_retention_seconds),
+            Tier(60, self.history_1m_retention_seconds),
+            Tier(900, self.history_15m_retention_seconds),
+        ]
+        return [tier for tier in tiers if tier.retention_seconds > 0]
 
     @property
     def effective_database_url(self) -> str:

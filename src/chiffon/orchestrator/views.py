@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from chiffon.persistence.models import AgentEventRow, AgentRow
-from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord
+from chiffon.persistence.registry import PoolTotals
+from chiffon.schemas.api import (
+    AgentCapacity,
+    AgentEvent,
+    AgentRecord,
+    FleetSummary,
+    PoolSummary,
+)
 from chiffon.schemas.heartbeat import GpuInfo
 
 
@@ -63,4 +71,31 @@ def event(row: AgentEventRow) -> AgentEvent:
         from_status=row.from_status,
         to_status=row.to_status,
         reason=row.reason,
+    )
+
+
+def _pool_summary(pool_name: str | None, totals: Sequence[PoolTotals]) -> PoolSummary:
+    online = [t for t in totals if t.status == "online"]
+    return PoolSummary(
+        pool_name=pool_name,
+        agents_online=sum(t.agents for t in online),
+        agents_offline=sum(t.agents for t in totals if t.status != "online"),
+        cpu_cores_physical=sum(t.cpu_cores_physical for t in online),
+        cpu_cores_available=sum(t.cpu_cores_available for t in online),
+        gpu_count=sum(t.gpu_count for t in online),
+        gpu_vram_total_gb=round(sum(t.gpu_vram_total_gb for t in online), 3),
+        gpu_vram_available_gb=round(sum(t.gpu_vram_available_gb for t in online), 3),
+    )
+
+
+def fleet_summary(
+    totals: Sequence[PoolTotals], *, now: datetime, heartbeat_timeout_seconds: float
+) -> FleetSummary:
+    """Per-pool and fleet-wide counts from the database's (pool, status) sums."""
+    pools = sorted({t.pool_name for t in totals})
+    return FleetSummary(
+        generated_at=now,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        fleet=_pool_summary(None, totals),
+        pools=[_pool_summary(p, [t for t in totals if t.pool_name == p]) for p in pools],
     )

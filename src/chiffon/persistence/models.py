@@ -124,3 +124,32 @@ class AgentEventRow(Base):
     from_status: Mapped[str | None] = mapped_column(String(16))
     to_status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(64))
+
+
+class AgentMetricsRow(Base):
+    """One point of an agent's history: the first heartbeat heard in a time bucket.
+
+    `resolution_seconds` names the tier: 0 keeps every heartbeat (`bucket_start` is its
+    receipt time), 60 and 900 keep one point per minute and per quarter hour. The key lets
+    ingest write every tier's bucket in one INSERT ... ON CONFLICT DO NOTHING.
+    """
+
+    __tablename__ = "agent_metrics"
+    __table_args__ = (
+        # Pruning deletes one tier's old buckets across all agents.
+        Index("ix_agent_metrics_resolution_bucket", "resolution_seconds", "bucket_start"),
+    )
+
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    resolution_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
+    sampled_at: Mapped[datetime]
+    cpu_load_1min: Mapped[float | None] = mapped_column(Float)
+    cpu_cores_available: Mapped[int | None] = mapped_column(Integer)
+    cpu_cores_physical: Mapped[int | None] = mapped_column(Integer)
+    memory_available_gb: Mapped[float | None] = mapped_column(Float)
+    memory_total_gb: Mapped[float | None] = mapped_column(Float)
+    gpu_vram_available_gb: Mapped[float | None] = mapped_column(Float)
+    gpu_vram_total_gb: Mapped[float | None] = mapped_column(Float)
+    # [{"index", "vram_free_gb", "vram_total_gb", "utilization_percent"}, ...]
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonDocument, default=list)

@@ -198,3 +198,50 @@ async def list_events(
     if agent_id is not None:
         stmt = stmt.where(AgentEventRow.agent_id == agent_id)
     return (await session.scalars(stmt.limit(limit))).all()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTotals:
+    """One pool's agents of one status, summed by the database."""
+
+    pool_name: str
+    status: str
+    agents: int
+    cpu_cores_physical: int
+    cpu_cores_available: int
+    gpu_count: int
+    gpu_vram_total_gb: float
+    gpu_vram_available_gb: float
+
+
+async def pool_totals(session: AsyncSession) -> list[PoolTotals]:
+    """Counts and capacity sums per (pool, status): one GROUP BY, no agent loaded."""
+    stmt = (
+        select(
+            AgentRow.pool_name,
+            AgentRow.status,
+            func.count(),
+            func.coalesce(func.sum(AgentRow.cpu_cores_physical), 0),
+            func.coalesce(func.sum(AgentRow.cpu_cores_available), 0),
+            func.coalesce(func.sum(AgentRow.gpu_count), 0),
+            func.coalesce(func.sum(AgentRow.gpu_vram_total_gb), 0.0),
+            func.coalesce(func.sum(AgentRow.gpu_vram_available_gb), 0.0),
+        )
+        .group_by(AgentRow.pool_name, AgentRow.status)
+        .order_by(AgentRow.pool_name, AgentRow.status)
+    )
+    return [_pool_totals(tuple(row)) for row in await session.execute(stmt)]
+
+
+def _pool_totals(row: Sequence[Any]) -> PoolTotals:
+    pool, status, agents, cores, cores_free, gpus, vram, vram_free = row
+    return PoolTotals(
+        pool_name=str(pool),
+        status=str(status),
+        agents=int(agents),
+        cpu_cores_physical=int(cores),
+        cpu_cores_available=int(cores_free),
+        gpu_count=int(gpus),
+        gpu_vram_total_gb=float(vram),
+        gpu_vram_available_gb=float(vram_free),
+    )

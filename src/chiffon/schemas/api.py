@@ -109,3 +109,57 @@ class IngestResult(BaseModel):
 
 class ErrorDetail(BaseModel):
     detail: str
+
+
+class GpuPoint(BaseModel):
+    """One GPU in one history point."""
+
+    index: int
+    vram_free_gb: float | None
+    vram_total_gb: float | None
+    utilization_percent: float | None
+
+
+class MetricPoint(BaseModel):
+    """The first heartbeat heard in one history bucket."""
+
+    at: datetime = Field(description="start of the bucket (receipt time at full resolution)")
+    cpu_load_1min: float | None
+    cpu_cores_available: int | None
+    cpu_cores_physical: int | None
+    memory_available_gb: float | None
+    memory_total_gb: float | None
+    gpu_vram_available_gb: float | None
+    gpu_vram_total_gb: float | None
+    gpus: list[GpuPoint]
+
+
+class AgentMetrics(BaseModel):
+    """An agent's history over a window, oldest point first."""
+
+    agent_id: UUID
+    since: datetime
+    until: datetime
+    step_seconds: float = Field(description="at most one point per this many seconds")
+    resolution_seconds: int = Field(description="the stored tier read (0: every heartbeat)")
+    points: list[MetricPoint]
+
+
+class PoolSummary(BaseModel):
+    """Agents of one pool (or the whole fleet); capacity counts online agents only."""
+
+    pool_name: str | None = Field(description="null for the whole fleet")
+    agents_online: int
+    agents_offline: int
+    cpu_cores_physical: int
+    cpu_cores_available: int
+    gpu_count: int
+    gpu_vram_total_gb: float
+    gpu_vram_available_gb: float
+
+
+class FleetSummary(BaseModel):
+    generated_at: datetime
+    heartbeat_timeout_seconds: float
+    fleet: PoolSummary
+    pools: list[PoolSummary]

@@ -1,0 +1,71 @@
+"""The fleet summary and each agent's metrics history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep
+from chiffon.orchestrator import views
+from chiffon.orchestrator.history import read_metrics
+from chiffon.persistence import registry
+from chiffon.schemas.api import AgentMetrics, ErrorDetail, FleetSummary
+
+router = APIRouter(prefix="/api/v1", tags=["fleet"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorDetail}}
+DEFAULT_WINDOW = timedelta(hours=1)
+MAX_WINDOW = timedelta(days=400)
+
+
+def _utc(at: datetime | None) -> datetime | None:
+    """Query times without a zone are taken as UTC."""
+    if at is None or at.tzinfo is not None:
+        return at
+    return at.replace(tzinfo=UTC)
+
+
+@router.get("/fleet/summary", response_model=FleetSummary)
+async def fleet_summary(session: SessionDep, orchestrator: OrchestratorDep) -> FleetSummary:
+    """Agents online and offline, and the online agents' cores and VRAM, by pool."""
+    totals = await registry.pool_totals(session)
+    return views.fleet_summary(
+        totals,
+        now=orchestrator.clock.now(),
+        heartbeat_timeout_seconds=orchestrator.settings.heartbeat_timeout_seconds,
+    )
+
+
+@router.get("/agents/{agent_id}/metrics", response_model=AgentMetrics, responses=_ERRORS)
+async def agent_metrics(
+    agent_id: AgentIdDep,
+    session: SessionDep,
+    orchestrator: OrchestratorDep,
+    since: Annotated[datetime | None, Query(description="default: one hour before `until`")] = None,
+    until: Annotated[datetime | None, Query(description="default: now")] = None,
+    step: Annotated[
+        float | None,
+        Query(gt=0, le=86400 * 31, description="seconds between points; default: window/300"),
+    ] = None,
+) -> AgentMetrics:
+    """One agent's history (load, free cores, memory, VRAM per GPU, utilization).
+
+    Read from the finest stored tier that still covers `since`; at most one point (the
+    last heartbeat) per `step` seconds.
+    """
+    now = orchestrator.clock.now()
+    end = _utc(until) or now
+    start = _utc(since) or end - DEFAULT_WINDOW
+    if not timedelta(0) < end - start <= MAX_WINDOW:
+        raise HTTPException(400, f"since must be before until, at most {MAX_WINDOW.days} days")
+    return await read_metrics(
+        session,
+        orchestrator.settings.history_tiers,
+        agent_id=agent_id,
+        since=start,
+        until=end,
+        now=now,
+        step_seconds=step,
+    )

@@ -1,0 +1,331 @@
+// Chiffon fleet dashboard: vanilla JS, no build step. Polls the REST API under /api/v1.
+"use strict";
+
+const API = "/api/v1";
+// ?refresh_ms= shortens polling (the browser tests use it); default every 5 s.
+const REFRESH_MS = Number(new URLSearchParams(location.search).get("refresh_ms")) || 5000;
+// After this many missed refreshes the data on screen is called stale.
+const STALE_AFTER_REFRESHES = 3;
+const WINDOWS = [["15m", 900], ["1h", 3600], ["6h", 21600], ["24h", 86400], ["7d", 604800]];
+
+const state = {
+  agents: [], summary: null, fetchedAt: 0, lastOkAt: 0, error: null,
+  sort: { key: "name", dir: 1 }, windowSeconds: 3600, charts: {},
+};
+
+// Every request goes through here, so adding API auth later is one change: the token
+// (when one is set) travels as a bearer Authorization header.
+async function api(path) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem("chiffon.token");
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(API + path, { headers, cache: "no-store" });
+  if (!response.ok) throw new Error(`HTTP ${response.status} on ${path}`);
+  return response.json();
+}
+
+const $ = (selector) => document.querySelector(selector);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-") || k.startsWith("aria-") || k === "href" || k === "title") node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+
+const fmt = (x, digits = 1) => (x === null || x === undefined ? "?" : Number(x).toFixed(digits));
+
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "never";
+  if (seconds < 90) return `${Math.round(seconds)} s ago`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min ago`;
+  if (seconds < 172800) return `${Math.round(seconds / 3600)} h ago`;
+  return `${Math.round(seconds / 86400)} d ago`;
+}
+
+// Seconds since the agent was last heard, counting the time since our last fetch.
+function ageNow(agent) {
+  if (agent.age_seconds === null) return null;
+  return agent.age_seconds + (Date.now() - state.fetchedAt) / 1000;
+}
+
+// ---- connection status -------------------------------------------------------------
+
+function showConnection() {
+  const conn = $("#conn");
+  const since = state.lastOkAt ? (Date.now() - state.lastOkAt) / 1000 : null;
+  const lastOk = state.lastOkAt ? new Date(state.lastOkAt).toLocaleTimeString() : "never";
+  if (state.error) {
+    conn.dataset.state = "down";
+    conn.textContent = `Orchestrator unreachable (${state.error}); showing data from ${lastOk}`;
+  } else if (since === null) {
+    conn.dataset.state = "loading";
+    conn.textContent = "connecting…";
+  } else if (since * 1000 > STALE_AFTER_REFRESHES * REFRESH_MS) {
+    conn.dataset.state = "stale";
+    conn.textContent = `Stale: no update for ${Math.round(since)} s (last ${lastOk})`;
+  } else {
+    conn.dataset.state = "live";
+    conn.textContent = `Live · updated ${Math.round(since)} s ago`;
+  }
+}
+
+async function poll(load) {
+  try {
+    await load();
+    state.error = null;
+    state.lastOkAt = Date.now();
+  } catch (err) {
+    state.error = err instanceof TypeError ? "network error" : err.message;
+  }
+  showConnection();
+}
+
+// ---- fleet view ----------------------------------------------------------------------
+
+async function loadFleet() {
+  const [summary, agents] = await Promise.all([api("/fleet/summary"), api("/agents")]);
+  state.summary = summary;
+  state.agents = agents;
+  state.fetchedAt = Date.now();
+  renderFleet();
+}
+
+function card(key, label, value, detail = "") {
+  return el("div", { class: "card", "data-k": key },
+    el("div", { class: "k" }, label), el("div", { class: "v" }, value, detail ? el("small", {}, detail) : ""));
+}
+
+function renderSummary(summary) {
+  const f = summary.fleet;
+  $("#summary").replaceChildren(
+    card("online", "Online", f.agents_online),
+    card("offline", "Offline", f.agents_offline),
+    card("vram", "Free VRAM", `${fmt(f.gpu_vram_available_gb)} GB`, ` / ${fmt(f.gpu_vram_total_gb)}`),
+    card("cores", "Free cores", f.cpu_cores_available, ` / ${f.cpu_cores_physical}`),
+    card("gpus", "GPUs online", f.gpu_count),
+  );
+  const head = el("tr", {}, ...["Pool", "Online", "Offline", "Free / total VRAM (GB)", "Free / total cores"].map((h) => el("th", {}, h)));
+  const rows = summary.pools.map((p) => el("tr", { "data-pool": p.pool_name },
+    el("td", {}, p.pool_name), el("td", { class: "num" }, p.agents_online), el("td", { class: "num" }, p.agents_offline),
+    el("td", { class: "num" }, `${fmt(p.gpu_vram_available_gb)} / ${fmt(p.gpu_vram_total_gb)}`),
+    el("td", { class: "num" }, `${p.cpu_cores_available} / ${p.cpu_cores_physical}`)));
+  $("#pools").replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
+  const select = $("#f-pool");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "all"), ...summary.pools.map((p) => el("option", { value: p.pool_name }, p.pool_name)));
+  select.value = chosen;
+}
+
+const metrics = (agent) => agent.resource_metrics || {};
+
+const SORT_KEYS = {
+  name: (a) => a.name.toLowerCase(),
+  pool: (a) => a.pool_name,
+  status: (a) => a.status,
+  age: (a) => ageNow(a) ?? Infinity,
+  cores: (a) => metrics(a).cpu_cores_available ?? -1,
+  memory: (a) => metrics(a).memory_available_gb ?? -1,
+  vram: (a) => metrics(a).gpu_vram_available_gb ?? -1,
+};
+
+// The capacity query's rule, client side: free VRAM summed over GPUs, unknown never matches.
+function matches(agent) {
+  const pool = $("#f-pool").value;
+  const status = $("#f-status").value;
+  const minVram = parseFloat($("#f-vram").value);
+  if (pool && agent.pool_name !== pool) return false;
+  if (status && agent.status !== status) return false;
+  if (!Number.isNaN(minVram) && minVram > 0) {
+    const free = metrics(agent).gpu_vram_available_gb;
+    if (free === null || free === undefined || free < minVram) return false;
+  }
+  return true;
+}
+
+function gpuBars(agent) {
+  const gpus = metrics(agent).gpus || [];
+  if (!gpus.length) return el("span", { class: "muted" }, "no GPU");
+  return el("div", { class: "gpus" }, ...gpus.map((g) => {
+    const share = g.vram_total_gb ? Math.max(0, Math.min(1, (g.vram_free_gb ?? 0) / g.vram_total_gb)) : 0;
+    const fill = el("span");
+    fill.style.width = `${(share * 100).toFixed(1)}%`;
+    return el("div", { class: "gpu", title: g.name || `GPU ${g.index}`, "data-gpu": g.index },
+      el("span", {}, `#${g.index}`), el("div", { class: "bar" }, fill),
+      el("span", { class: "label" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`));
+  }));
+}
+
+function agentRow(agent) {
+  const m = metrics(agent);
+  return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
+    el("td", {}, el("a", { href: `#/agents/${agent.agent_id}` }, agent.name)),
+    el("td", {}, agent.pool_name),
+    el("td", {}, el("span", { class: `badge ${agent.status}` }, agent.status)),
+    el("td", { class: "num age" }, ago(ageNow(agent))),
+    el("td", { class: "num" }, `${m.cpu_cores_available ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
+    el("td", { class: "num" }, `${fmt(m.memory_available_gb)} / ${fmt(m.memory_total_gb)} GB`),
+    el("td", {}, gpuBars(agent)));
+}
+
+function renderTable() {
+  const { key, dir } = state.sort;
+  const value = SORT_KEYS[key];
+  const shown = state.agents.filter(matches).sort((a, b) => {
+    const x = value(a), y = value(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * dir || a.name.localeCompare(b.name);
+  });
+  $("#agents tbody").replaceChildren(...shown.map(agentRow));
+  $("#shown").textContent = `${shown.length} of ${state.agents.length} agents`;
+  for (const th of document.querySelectorAll("#agents th[data-sort]")) {
+    th.setAttribute("aria-sort", th.dataset.sort === key ? (dir > 0 ? "ascending" : "descending") : "none");
+  }
+}
+
+function renderFleet() {
+  if (state.summary) renderSummary(state.summary);
+  renderTable();
+}
+
+// ---- agent view ----------------------------------------------------------------------
+
+function renderWindows(agentId) {
+  $("#windows").replaceChildren(...WINDOWS.map(([label, seconds]) => {
+    const button = el("button", { type: "button", "aria-pressed": String(seconds === state.windowSeconds) }, label);
+    button.addEventListener("click", () => { state.windowSeconds = seconds; renderWindows(agentId); refresh(); });
+    return button;
+  }));
+}
+
+function fact(key, label, value) { return card(key, label, value); }
+
+function renderAgent(agent) {
+  const m = metrics(agent);
+  $("#agent-title").replaceChildren(agent.name, " ", el("span", { class: `badge ${agent.status}`, "data-status": agent.status }, agent.status));
+  state.fetchedAt = Date.now();
+  $("#agent-facts").replaceChildren(
+    fact("pool", "Pool", agent.pool_name),
+    fact("seen", "Last seen", ago(agent.age_seconds)),
+    fact("cores", "Free cores", `${m.cpu_cores_available ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
+    fact("memory", "Free memory", `${fmt(m.memory_available_gb)} / ${fmt(m.memory_total_gb)} GB`),
+    fact("vram", "Free VRAM", `${fmt(m.gpu_vram_available_gb)} / ${fmt(m.gpu_vram_total_gb)} GB`),
+  );
+}
+
+const PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
+
+function gpuIndexes(points) {
+  const seen = new Set();
+  for (const p of points) for (const g of p.gpus) seen.add(g.index);
+  return [...seen].sort((a, b) => a - b);
+}
+
+function perGpu(points, indexes, field) {
+  return indexes.map((i) => points.map((p) => {
+    const gpu = p.gpus.find((g) => g.index === i);
+    return gpu ? gpu[field] : null;
+  }));
+}
+
+// [label, x values, [series label, values]...] for each chart.
+function chartData(points) {
+  const xs = points.map((p) => Date.parse(p.at) / 1000);
+  const gpus = gpuIndexes(points);
+  const gpuSeries = (field) => perGpu(points, gpus, field).map((values, n) => [`GPU ${gpus[n]}`, values]);
+  return {
+    load: [xs, [["load 1 min", points.map((p) => p.cpu_load_1min)], ["physical cores", points.map((p) => p.cpu_cores_physical)]]],
+    memory: [xs, [["free memory GB", points.map((p) => p.memory_available_gb)]]],
+    vram: [xs, gpuSeries("vram_free_gb")],
+    util: [xs, gpuSeries("utilization_percent")],
+  };
+}
+
+function drawChart(name, xs, series) {
+  const box = $(`#chart-${name}`);
+  box.dataset.points = String(xs.length);
+  box.dataset.series = String(series.length);
+  const known = series.some(([, values]) => values.some((v) => v !== null && v !== undefined));
+  const old = state.charts[name];
+  if (!xs.length || !known) {
+    if (old) { old.destroy(); delete state.charts[name]; }
+    box.replaceChildren(el("div", { class: "empty" }, xs.length ? "not reported by this agent" : "no history in this window yet"));
+    return;
+  }
+  const data = [xs, ...series.map(([, values]) => values)];
+  if (old && old.series.length === data.length) { old.setData(data); return; }
+  if (old) old.destroy();
+  box.replaceChildren();
+  const opts = {
+    width: Math.max(300, box.clientWidth), height: 200,
+    series: [{}, ...series.map(([label], n) => ({ label, stroke: PALETTE[n % PALETTE.length], width: 2, spanGaps: false }))],
+    axes: [{}, { size: 50 }],
+    scales: { y: { range: (u, min, max) => [Math.min(0, min ?? 0), Math.max(1, (max ?? 1) * 1.1)] } },
+  };
+  state.charts[name] = new uPlot(opts, data, box);
+}
+
+function destroyCharts() {
+  for (const chart of Object.values(state.charts)) chart.destroy();
+  state.charts = {};
+}
+
+async function loadAgent(agentId) {
+  const since = new Date(Date.now() - state.windowSeconds * 1000).toISOString();
+  const [agent, history, events] = await Promise.all([
+    api(`/agents/${agentId}`),
+    api(`/agents/${agentId}/metrics?since=${encodeURIComponent(since)}`),
+    api(`/agents/${agentId}/events?limit=50`),
+  ]);
+  renderAgent(agent);
+  for (const [name, [xs, series]] of Object.entries(chartData(history.points))) drawChart(name, xs, series);
+  $("#events tbody").replaceChildren(...events.map((e) => el("tr", { "data-to": e.to_status },
+    el("td", {}, new Date(e.at).toLocaleString()), el("td", {}, e.from_status ?? "–"),
+    el("td", {}, e.to_status), el("td", {}, e.reason))));
+}
+
+// ---- routing and the refresh loop ----------------------------------------------------
+
+function currentRoute() {
+  const match = location.hash.match(/^#\/agents\/([0-9a-fA-F-]{36})$/);
+  return match ? { view: "agent", agentId: match[1] } : { view: "fleet" };
+}
+
+function refresh() {
+  const route = currentRoute();
+  return poll(() => (route.view === "agent" ? loadAgent(route.agentId) : loadFleet()));
+}
+
+function route() {
+  const { view, agentId } = currentRoute();
+  $("#fleet-view").hidden = view !== "fleet";
+  $("#agent-view").hidden = view !== "agent";
+  destroyCharts();
+  if (view === "agent") {
+    $("#agent-title").replaceChildren("loading…");
+    renderWindows(agentId);
+  }
+  refresh();
+}
+
+function setUp() {
+  for (const th of document.querySelectorAll("#agents th[data-sort]")) {
+    th.addEventListener("click", () => {
+      const key = th.dataset.sort;
+      state.sort = { key, dir: state.sort.key === key ? -state.sort.dir : 1 };
+      renderTable();
+    });
+  }
+  for (const id of ["#f-pool", "#f-status", "#f-vram"]) $(id).addEventListener("input", renderTable);
+  window.addEventListener("hashchange", route);
+  // A timer drives the next refresh only after the previous one finished: no pile-up.
+  const loop = async () => { await refresh(); setTimeout(loop, REFRESH_MS); };
+  setInterval(showConnection, 1000);
+  route();
+  setTimeout(loop, REFRESH_MS);
+}
+
+setUp();

@@ -1,0 +1,278 @@
+"""The dashboard in a real headless Chromium against a real orchestrator and beating agents.
+
+Needs Debian's chromium at /usr/bin/chromium (Playwright drives it; no browser download).
+Screenshots land in tests/artifacts/ for people to look at.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chiffon.schemas.heartbeat import GpuInfo, Resources
+from tests import factories as f
+from tests.procs import orchestrator_process
+from tests.services import require_services
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# An agent is offline 3 s after its last beat, found by a sweep every 0.5 s.
+ORCHESTRATOR_ENV = {
+    "CHIFFON_HEARTBEAT_INTERVAL": "1",
+    "CHIFFON_HEARTBEAT_TIMEOUT": "3",
+    "CHIFFON_SWEEP_INTERVAL": "0.5",
+}
+BEAT_SECONDS = 0.5
+PAGE = "/?refresh_ms=500"
+
+
+@dataclass(frozen=True)
+class SimAgent:
+    agent_id: uuid.UUID
+    name: str
+    pool_name: str
+    gpus_free_total: list[tuple[float, float]]
+    cores: int
+
+
+FLEET = [
+    SimAgent(uuid.UUID(int=0x101), "render-01", "studio", [(20.0, 24.0), (4.0, 24.0)], 16),
+    SimAgent(uuid.UUID(int=0x102), "render-02", "studio", [(6.0, 8.0)], 8),
+    SimAgent(uuid.UUID(int=0x103), "train-01", "lab", [(40.0, 48.0), (30.0, 48.0)], 32),
+    SimAgent(uuid.UUID(int=0x104), "office-07", "office", [], 4),
+]
+BY_NAME = {a.name: a for a in FLEET}
+
+
+def resources_at(agent: SimAgent, tick: int) -> Resources:
+    """Numbers that move a little (so charts have shape) but never cross a test threshold."""
+    wobble = math.sin(tick / 3)
+    gpus = [(min(total, max(0.0, free + wobble)), total) for free, total in agent.gpus_free_total]
+    base = f.resources(
+        gpus_free_total=gpus,
+        cores_physical=agent.cores,
+        load_1min=round(agent.cores / 4 + wobble, 2),
+        memory_available_gb=round(20 + 4 * wobble, 2),
+    )
+    with_util = [
+        GpuInfo.model_validate({**g.model_dump(), "utilization_percent": 50 + 40 * wobble})
+        for g in base.gpus
+    ]
+    return base.model_copy(update={"gpus": with_util})
+
+
+class Beater(threading.Thread):
+    """Simulated agents beating over the HTTP path until each is killed."""
+
+    def __init__(self, url: str, agents: list[SimAgent]) -> None:
+        super().__init__(daemon=True, name="sim-agents")
+        self._url = url
+        self._alive = {a.agent_id: a for a in agents}
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.errors: list[str] = []
+
+    def kill(self, agent: SimAgent) -> None:
+        """The agent stops beating (no goodbye), as if its desktop lost power."""
+        with self._lock:
+            self._alive.pop(agent.agent_id, None)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(10)
+
+    def run(self) -> None:
+        tick = 0
+        with httpx.Client(base_url=self._url, timeout=5) as client:
+            while not self._done.is_set():
+                with self._lock:
+                    alive = list(self._alive.values())
+                for agent in alive:
+                    self._beat(client, agent, tick)
+                tick += 1
+                self._done.wait(BEAT_SECONDS)
+
+    def _beat(self, client: httpx.Client, agent: SimAgent, tick: int) -> None:
+        msg = f.message(
+            agent.agent_id,
+            name=agent.name,
+            pool_name=agent.pool_name,
+            res=resources_at(agent, tick),
+        )
+        try:
+            response = client.post(f"/api/v1/agents/{agent.agent_id}/heartbeat", content=f.raw(msg))
+            if response.status_code != 200:
+                self.errors.append(f"{agent.name}: {response.status_code} {response.text}")
+        except httpx.HTTPError as exc:
+            self.errors.append(f"{agent.name}: {exc}")
+
+
+def _need_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    message = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if require_services():
+        pytest.fail(f"{message} and CHIFFON_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Beater]]:
+    """A real `chiffon orchestrator` with four simulated agents beating into it."""
+    _need_chromium()
+    with orchestrator_process(tmp_path_factory.mktemp("dash"), env=ORCHESTRATOR_ENV) as url:
+        beater = Beater(url, FLEET)
+        beater.start()
+        try:
+            yield url, beater
+        finally:
+            beater.stop()
+        assert beater.errors == []
+
+
+@pytest.fixture(scope="module")
+def browser(fleet: tuple[str, Beater]) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: object, fleet: tuple[str, Beater]) -> Iterator[object]:
+    from playwright.sync_api import Browser
+
+    assert isinstance(browser, Browser)
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=fleet[0])
+    new_page = context.new_page()
+    yield new_page
+    context.close()
+
+
+def shot(page: object, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)  # type: ignore[attr-defined]
+
+
+def row(agent: SimAgent) -> str:
+    return f"#agents tbody tr[data-agent-id='{agent.agent_id}']"
+
+
+def visible_names(page: object) -> list[str]:
+    return sorted(page.locator("#agents tbody tr td:first-child").all_inner_texts())  # type: ignore[attr-defined]
+
+
+def test_table_lists_every_agent_with_its_gpus_and_the_fleet_summary(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    expect(page.locator("#agents tbody tr")).to_have_count(4)
+    assert visible_names(page) == sorted(BY_NAME)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    render = page.locator(row(BY_NAME["render-01"]))
+    expect(render.locator(".gpu")).to_have_count(2)
+    expect(render.locator(".gpu").first).to_contain_text("/ 24.0 GB")
+    expect(page.locator(row(BY_NAME["office-07"]))).to_contain_text("no GPU")
+    expect(page.locator("#pools tbody tr")).to_have_count(3)
+    expect(page.locator("#pools tr[data-pool='lab']")).to_contain_text("/ 96.0")
+    shot(page, "dashboard.png")
+
+
+def test_filtering_by_min_free_vram_hides_agents_with_less(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    expect(page.locator("#agents tbody tr")).to_have_count(4)
+    page.fill("#f-vram", "10")
+    expect(page.locator("#agents tbody tr")).to_have_count(2)
+    assert visible_names(page) == ["render-01", "train-01"]
+    page.fill("#f-vram", "50")
+    expect(page.locator("#agents tbody tr")).to_have_count(1)
+    assert visible_names(page) == ["train-01"]
+    shot(page, "filtered.png")
+    page.fill("#f-vram", "")
+    page.select_option("#f-pool", "studio")
+    expect(page.locator("#agents tbody tr")).to_have_count(2)
+    assert visible_names(page) == ["render-01", "render-02"]
+
+
+def test_killed_agent_turns_offline_on_the_page_without_a_reload(
+    page: object, fleet: tuple[str, Beater]
+) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    victim = BY_NAME["render-02"]
+    page.goto(PAGE)
+    expect(page.locator(row(victim))).to_have_attribute("data-status", "online")
+    page.evaluate("window.__sameDocument = true")
+    fleet[1].kill(victim)
+    # timeout 3 s + sweep 0.5 s + one 0.5 s refresh, with room for a busy machine.
+    expect(page.locator(row(victim))).to_have_attribute("data-status", "offline", timeout=15_000)
+    assert page.evaluate("window.__sameDocument") is True
+    expect(page.locator("#summary [data-k='offline'] .v")).to_have_text("1")
+    expect(page.locator(row(BY_NAME["render-01"]))).to_have_attribute("data-status", "online")
+    shot(page, "offline.png")
+
+
+def test_agent_page_draws_its_history_and_status_events(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    agent = BY_NAME["train-01"]
+    page.goto(PAGE)
+    page.click(f"{row(agent)} a")
+    expect(page.locator("#agent-title")).to_contain_text("train-01")
+    for chart, series in (("load", 2), ("memory", 1), ("vram", 2), ("util", 2)):
+        box = page.locator(f"#chart-{chart}")
+        expect(box).to_have_attribute("data-series", str(series))
+        expect(box.locator("canvas")).to_have_count(1)
+    # 15 min: one point per 3 s; the agents have been beating every 0.5 s since start.
+    page.click("#windows button:has-text('15m')")
+    expect(page.locator("#windows button[aria-pressed='true']")).to_have_text("15m")
+    page.wait_for_function(
+        "Number(document.querySelector('#chart-vram').dataset.points) >= 3", timeout=15_000
+    )
+    legend = page.locator("#chart-vram .u-legend")
+    expect(legend).to_contain_text("GPU 0")
+    expect(legend).to_contain_text("GPU 1")
+    expect(page.locator("#events tbody tr[data-to='online']")).to_contain_text("registered")
+    shot(page, "agent.png")
+
+
+def test_unreachable_orchestrator_is_shown_then_recovers(page: object) -> None:
+    from playwright.sync_api import Page, Route, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+
+    def refuse(route: Route) -> None:
+        route.abort("connectionrefused")
+
+    page.route("**/api/v1/**", refuse)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "down")
+    expect(page.locator("#conn")).to_contain_text("unreachable")
+    expect(page.locator("#agents tbody tr")).to_have_count(4)  # the last data stays on screen
+    shot(page, "unreachable.png")
+    page.unroute("**/api/v1/**", refuse)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")

@@ -1,0 +1,34 @@
+"""The orchestrator serves the dashboard at / without shadowing the API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from chiffon.api.app import create_app
+from chiffon.orchestrator.service import Orchestrator
+
+
+@pytest.fixture
+async def web(orchestrator: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(orchestrator, manage_lifecycle=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://chiffon") as client:
+        yield client
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_dashboard_and_its_vendored_chart_library_are_served(
+    web: httpx.AsyncClient,
+) -> None:
+    index = await web.get("/")
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    assert '<script src="app.js">' in index.text
+    for path in ("/app.js", "/style.css", "/vendor/uPlot.iife.min.js", "/vendor/uPlot.min.css"):
+        assert (await web.get(path)).status_code == 200, path
+    api = await web.get("/api/v1/agents")
+    assert api.status_code == 200 and api.json() == []
+    assert (await web.get("/healthz")).json() == {"status": "ok"}
+    assert (await web.get("/no-such-page")).status_code == 404
