@@ -6,6 +6,7 @@ shape survives as the default human-readable name, built from the stable UUID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -56,3 +57,42 @@ def default_name(agent_id: uuid.UUID, hostname: str | None = None) -> str:
     """The seeds' `{hostname}-{uuid[:8]}`, now stable because the UUID is."""
     host = (hostname or socket.gethostname() or "desktop").split(".")[0]
     return f"{host}-{str(agent_id)[:8]}"[:255]
+
+
+SECRET_FILE = "agent_secret"
+
+
+def load_secret(state_dir: Path) -> str | None:
+    """The secret this agent got at enrollment, or None before it enrolled."""
+    path = state_dir / SECRET_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
+    return text or None
+
+
+def store_secret(state_dir: Path, secret: str) -> Path:
+    """Keep the secret readable only by this user (mode 0600), written then renamed."""
+    path = state_dir / SECRET_FILE
+    try:
+        write_private(path, secret)
+    except OSError as exc:
+        raise IdentityError(f"cannot keep the agent secret in {path}: {exc.strerror}") from None
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600 from the first byte, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{text}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -15,7 +15,7 @@ from typing import Any, Literal, Self
 from uuid import UUID
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path.home() / ".chiffon"
@@ -37,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "labels": "CHIFFON_LABELS",
     "capabilities": "CHIFFON_CAPABILITIES",
     "specializations": "CHIFFON_SPECIALIZATIONS",
+    "enroll_token": "CHIFFON_ENROLL_TOKEN",
 }
 
 
@@ -59,6 +60,8 @@ class AgentSettings(BaseSettings):
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
     capabilities: list[str] = Field(default_factory=list, max_length=64)
     specializations: list[str] = Field(default_factory=list, max_length=64)
+    # Presented once to get this agent's own secret (kept in state_dir/agent_secret, 0600).
+    enroll_token: SecretStr | None = None
 
     @classmethod
     def settings_customise_sources(

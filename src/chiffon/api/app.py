@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chiffon import __version__
 from chiffon.api import routes_agents, routes_fleet, routes_ingest
+from chiffon.api.auth import ApiTokenDep
 from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.service import Orchestrator
 
@@ -90,7 +91,11 @@ def create_app(
             body["amqp"] = "consuming" if amqp_state() else "not consuming"
         return JSONResponse(body)
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    metrics_auth = [ApiTokenDep] if orchestrator.settings.metrics_require_token else []
+
+    @app.get(
+        "/metrics", tags=["health"], response_class=PlainTextResponse, dependencies=metrics_auth
+    )
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics."""
         return PlainTextResponse(

@@ -7,13 +7,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
+from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
 from chiffon.orchestrator import views
 from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
 from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord, AgentStatus, ErrorDetail
 
-router = APIRouter(prefix="/api/v1", tags=["agents"])
+router = APIRouter(
+    prefix="/api/v1", tags=["agents"], dependencies=[ApiTokenDep], responses=UNAUTHORIZED
+)
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorDetail},
@@ -117,6 +120,14 @@ async def deregister(
             "reason": "deregistered",
         }
         await registry.add_events(session, events=[event])
+    return Response(status_code=204)
+
+
+@router.delete("/agents/{agent_id}/credential", status_code=204, responses=_NOT_FOUND)
+async def revoke_credential(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Response:
+    """Revoke an agent's secret: its messages are refused until it enrolls again."""
+    if not await orchestrator.credentials.revoke(agent_id):
+        raise HTTPException(404, f"agent {agent_id} holds no credential")
     return Response(status_code=204)
 
 

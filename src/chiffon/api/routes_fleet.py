@@ -7,13 +7,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
+from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep
 from chiffon.orchestrator import views
 from chiffon.orchestrator.history import read_metrics
 from chiffon.persistence import registry
 from chiffon.schemas.api import AgentMetrics, ErrorDetail, FleetSummary
 
-router = APIRouter(prefix="/api/v1", tags=["fleet"])
+router = APIRouter(
+    prefix="/api/v1", tags=["fleet"], dependencies=[ApiTokenDep], responses=UNAUTHORIZED
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorDetail}}
 DEFAULT_WINDOW = timedelta(hours=1)

@@ -6,9 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
+from chiffon.api.auth import EnrollTokenDep, bearer_token, unauthorized
 from chiffon.api.deps import AgentIdDep, OrchestratorDep
 from chiffon.orchestrator.batcher import IngestUnavailableError
-from chiffon.schemas.api import ErrorDetail, IngestResult
+from chiffon.orchestrator.credentials import AlreadyEnrolledError
+from chiffon.schemas.api import EnrollRequest, EnrollResponse, ErrorDetail, IngestResult
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage
 
 router = APIRouter(prefix="/api/v1", tags=["ingest"])
@@ -20,7 +22,7 @@ _BODY: dict[str, Any] = {
     }
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorDetail} for code in (400, 413, 422, 503)
+    code: {"model": ErrorDetail} for code in (400, 401, 413, 422, 503)
 }
 
 
@@ -55,6 +57,10 @@ async def _ingest(
             f"the path a {kind} of {agent_id}",
         )
     try:
+        await orchestrator.authenticate(message, raw, bearer=bearer_token(request) or "")
+    except RejectedMessage as exc:
+        raise unauthorized(f"{exc.reason}: {exc.detail}") from None
+    try:
         outcome = await orchestrator.receive(message)
     except IngestUnavailableError:
         raise HTTPException(503, "registry database unavailable; retry later") from None
@@ -85,3 +91,26 @@ async def goodbye(
 ) -> IngestResult:
     """An agent's goodbye (`kind: offline`): marks it offline at once."""
     return await _ingest("offline", agent_id, request, orchestrator)
+
+
+@router.post(
+    "/enroll",
+    response_model=EnrollResponse,
+    responses={code: {"model": ErrorDetail} for code in (401, 409, 422, 503)},
+    dependencies=[EnrollTokenDep],
+)
+async def enroll(body: EnrollRequest, orchestrator: OrchestratorDep) -> EnrollResponse:
+    """A new agent's secret, in exchange for the enrollment token (`CHIFFON_ENROLL_TOKEN`).
+
+    Once per agent: an agent that holds a credential must be revoked first
+    (`chiffon agents revoke AGENT_ID`), so no one can take over another agent's identity.
+    """
+    try:
+        credential = await orchestrator.credentials.issue(body.agent_id)
+    except AlreadyEnrolledError:
+        raise HTTPException(
+            409,
+            f"agent {body.agent_id} is already enrolled; to give it a new secret run "
+            f"`chiffon agents revoke {body.agent_id}` first",
+        ) from None
+    return EnrollResponse(agent_id=credential.agent_id, secret=credential.secret)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from chiffon.agent.probes.collect import Collector
     from chiffon.agent.settings import AgentSettings, LoadedSettings
     from chiffon.schemas.heartbeat import Resources
+    from chiffon.transport.auth import AgentCredential
     from chiffon.transport.base import Publisher
 
 CONFIG_OPTION = typer.Option(
@@ -165,15 +166,72 @@ def new_agent_loop(
     )
 
 
+ENROLL_ATTEMPTS = 8
+
+
+async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) -> AgentCredential:
+    """The secret kept in the state directory, else one got by enrolling (and kept, 0600)."""
+    from chiffon.agent.identity import IdentityError, load_secret, store_secret
+    from chiffon.transport.auth import AgentCredential
+
+    try:
+        secret = load_secret(settings.state_dir)
+    except IdentityError as exc:
+        raise CliError(str(exc), code=2) from None
+    if secret is not None:
+        return AgentCredential(identity.agent_id, secret)
+    if settings.enroll_token is None:
+        raise CliError(
+            f"this agent has no credential yet: give it the orchestrator's enrollment token "
+            f"once (--enroll-token or CHIFFON_ENROLL_TOKEN); it keeps its own secret in "
+            f"{settings.state_dir}",
+            code=2,
+        )
+    credential = await _enroll(settings, identity)
+    try:
+        path = store_secret(settings.state_dir, credential.secret)
+    except IdentityError as exc:
+        raise CliError(str(exc), code=2) from None
+    console.print(f"enrolled; the agent's secret is kept in {path} (mode 0600)", highlight=False)
+    return credential
+
+
+async def _enroll(settings: AgentSettings, identity: AgentIdentity) -> AgentCredential:
+    """Enroll over HTTP, retrying (backoff) while the orchestrator cannot be reached."""
+    from chiffon.transport.base import TransportError
+    from chiffon.transport.http import EnrollmentRefusedError, enroll
+
+    assert settings.enroll_token is not None
+    for attempt in range(1, ENROLL_ATTEMPTS + 1):
+        try:
+            return await enroll(
+                settings.orchestrator_url,
+                token=settings.enroll_token.get_secret_value(),
+                agent_id=identity.agent_id,
+                timeout_seconds=settings.publish_timeout_seconds,
+            )
+        except EnrollmentRefusedError as exc:
+            raise CliError(str(exc)) from None
+        except TransportError as exc:
+            if attempt == ENROLL_ATTEMPTS:
+                raise CliError(f"cannot enroll: {exc}") from None
+            pause = min(30.0, 0.5 * 2**attempt)
+            console.print(f"cannot enroll yet ({exc}); retrying in {pause:g} s", highlight=False)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
 async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
     from chiffon.transport.factory import make_publisher
 
+    credential = await obtain_credential(settings, identity)
     collector = new_collector(settings)
     publisher = make_publisher(
         settings.transport,
         amqp_url=settings.amqp_url,
         orchestrator_url=settings.orchestrator_url,
         timeout_seconds=settings.publish_timeout_seconds,
+        credential=credential,
     )
     agent = new_agent_loop(settings, identity, publisher, collector)
     _install_signal_handlers(agent.stop)
@@ -196,7 +254,14 @@ def agent(
     gpu_timeout: float = GPU_TIMEOUT_OPTION,
     pool: str = typer.Option(None, "--pool", help="Pool name; env CHIFFON_POOL_NAME."),
     name: str = typer.Option(None, "--name", help="Shown name [hostname-<id prefix>]."),
-    state_dir: Path = typer.Option(None, help="Where the agent id is kept [~/.chiffon]."),
+    state_dir: Path = typer.Option(
+        None, help="Where the agent id and secret are kept [~/.chiffon]."
+    ),
+    enroll_token: str = typer.Option(
+        None,
+        "--enroll-token",
+        help="The orchestrator's enrollment token, needed once; env CHIFFON_ENROLL_TOKEN.",
+    ),
     label: list[str] = typer.Option(None, "--label", help="key=value; repeatable."),
     show_config: bool = typer.Option(
         False, "--print-config", help="Show the effective settings and where each came from."
@@ -220,6 +285,7 @@ def agent(
         "name": name,
         "state_dir": state_dir,
         "labels": labels,
+        "enroll_token": enroll_token,
     }
     loaded = load(config, flags)
     if show_config:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,26 +21,51 @@ def orchestrator_url(flag: str | None) -> str:
     )
 
 
+def api_token() -> str | None:
+    """CHIFFON_API_TOKEN, else the token file `chiffon up` writes (data dir, mode 0600)."""
+    token = os.environ.get("CHIFFON_API_TOKEN")
+    if token:
+        return token
+    data_dir = Path(os.environ.get("CHIFFON_DATA_DIR") or Path.home() / ".chiffon")
+    try:
+        return (data_dir.expanduser() / "api_token").read_text().strip() or None
+    except OSError:
+        return None
+
+
 class ApiClient:
     def __init__(self, base_url: str, *, timeout_seconds: float = 5.0) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=timeout_seconds)
+        token = api_token()
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url, timeout=timeout_seconds, headers=headers)
 
     def close(self) -> None:
         self._http.close()
 
     def get(self, path: str, **params: Any) -> Any:
         query = {k: v for k, v in params.items() if v is not None}
+        return self._check(lambda: self._http.get(f"/api/v1{path}", params=query))
+
+    def delete(self, path: str) -> None:
+        self._check(lambda: self._http.delete(f"/api/v1{path}"))
+
+    def _check(self, send: Callable[[], httpx.Response]) -> Any:
         try:
-            resp = self._http.get(f"/api/v1{path}", params=query)
+            resp = send()
         except httpx.HTTPError as exc:
             raise CliError(
                 f"cannot reach the orchestrator at {self.base_url} ({type(exc).__name__}); "
                 "is it running? (set CHIFFON_ORCHESTRATOR_URL or --orchestrator-url)"
             ) from None
+        if resp.status_code == 401:
+            raise CliError(
+                f"{_detail(resp)} (HTTP 401): set CHIFFON_API_TOKEN to the orchestrator's API "
+                "token (`chiffon up` keeps it in ~/.chiffon/api_token)"
+            )
         if resp.status_code >= 400:
             raise CliError(f"{_detail(resp)} (HTTP {resp.status_code})")
-        return resp.json()
+        return resp.json() if resp.content else None
 
     def resolve(self, ref: str) -> str:
         """An agent id from a UUID, a unique id prefix (as `chiffon agents` shows) or a name."""

@@ -143,6 +143,23 @@ def agents(
                 pass
 
 
+@agents_app.command("revoke")
+def revoke(
+    agent: str = typer.Argument(..., help="The agent (id, id prefix or name)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Revoke an agent's secret: its messages are refused until it enrolls again (rotation:
+    restart it with the enrollment token)."""
+    client = ApiClient(orchestrator_url(url))
+    agent_id = client.resolve(agent)
+    client.delete(f"/agents/{agent_id}/credential")
+    console.print(
+        f"revoked the credential of {agent_id}: its messages are refused from now on; to "
+        "rotate, delete its agent_secret file and start it again with the enrollment token",
+        highlight=False,
+    )
+
+
 def capacity(
     agent: str = typer.Argument(None, help="One agent (id, id prefix or name)."),
     min_gpu_vram: float = typer.Option(None, help="Free VRAM summed over GPUs, GB."),

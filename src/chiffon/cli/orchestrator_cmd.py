@@ -25,6 +25,7 @@ from chiffon.cli.common import (
 if TYPE_CHECKING:
     import uvicorn
 
+    from chiffon.cli.secrets import Resolved
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.orchestrator.settings import OrchestratorSettings
     from chiffon.transport.rabbitmq import RabbitConsumer
@@ -152,6 +153,20 @@ async def start_consumer(orchestrator: Orchestrator) -> RabbitConsumer | None:
     return consumer
 
 
+def print_secrets(resolved: Resolved) -> None:
+    """Where each secret came from; the enrollment token itself only when just generated."""
+    settings = resolved.settings
+    for created in resolved.generated:
+        console.print(f"generated {created} (mode 0600)", highlight=False)
+    token_file = str(settings.data_dir / "enroll_token")
+    if token_file in resolved.generated and settings.enroll_token is not None:
+        console.print(
+            f"enrollment token (give it to new agents once): "
+            f"{settings.enroll_token.get_secret_value()}",
+            highlight=False,
+        )
+
+
 def _server_class() -> type[uvicorn.Server]:
     import uvicorn
 
@@ -190,6 +205,7 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v"),
     ) -> None:
         """Run the registry: REST API, heartbeat ingest and the offline sweep."""
+        from chiffon.cli.secrets import resolve_secrets
         from chiffon.orchestrator.service import Orchestrator
         from chiffon.persistence import db
 
@@ -197,6 +213,8 @@ def register(app: typer.Typer) -> None:
         settings = build_settings(
             host=host, port=port, database_url=database_url, amqp_url=amqp_url, data_dir=data_dir
         )
+        resolved = resolve_secrets(settings)
+        settings = resolved.settings
         sock = bind(settings.host, settings.port)
         where = db.async_url(settings.effective_database_url).render_as_string()
         console.print(
@@ -206,6 +224,7 @@ def register(app: typer.Typer) -> None:
         if settings.amqp_url:
             broker = urlsplit(settings.amqp_url)
             console.print(f"consuming {settings.amqp_queue} from {broker.hostname}:{broker.port}")
+        print_secrets(resolved)
         asyncio.run(
             serve(Orchestrator(settings), sock, log_level="debug" if verbose else "warning")
         )

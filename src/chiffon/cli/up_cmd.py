@@ -40,7 +40,11 @@ class LocalAgent:
         from chiffon.cli.agent_cmd import new_agent_loop
         from chiffon.transport.memory import InMemoryPublisher
 
-        publisher = InMemoryPublisher(orchestrator.ingest)
+        # This machine's agent is the orchestrator's own: it gets a fresh credential in
+        # process (no enrollment token, nothing on disk) and signs every message with it.
+        await orchestrator.credentials.revoke(self._identity.agent_id)
+        credential = await orchestrator.credentials.issue(self._identity.agent_id)
+        publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
         self._loop = new_agent_loop(self._settings, self._identity, publisher, self._collector)
         self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
 
@@ -57,17 +61,18 @@ class LocalAgent:
             self._collector.close()
 
 
-def _join_hint(host: str, port: int) -> str:
+def _join_hint(host: str, port: int, enroll_token: str) -> str:
     if host in ("127.0.0.1", "localhost", "::1"):
         return (
-            "Other desktops cannot reach 127.0.0.1: restart with --host 0.0.0.0, then on "
-            f"each of them run:\n  chiffon agent --orchestrator-url "
-            f"http://{socket.gethostname()}:{port} --transport http"
+            "Other desktops cannot reach 127.0.0.1: restart with --host 0.0.0.0 and an API "
+            "token (CHIFFON_API_TOKEN), then on each of them run:\n  chiffon agent "
+            f"--orchestrator-url http://{socket.gethostname()}:{port} --transport http "
+            f"--enroll-token {enroll_token}"
         )
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     return (
         "To add another desktop, run there:\n  chiffon agent --orchestrator-url "
-        f"http://{shown}:{port} --transport http"
+        f"http://{shown}:{port} --transport http --enroll-token {enroll_token}"
     )
 
 
@@ -93,6 +98,7 @@ def up(
     """Start everything on this machine: orchestrator, API, dashboard and its own agent."""
     from chiffon.cli.agent_cmd import identity_of, load, new_collector, resources_table
     from chiffon.cli.orchestrator_cmd import bind, build_settings, serve
+    from chiffon.cli.secrets import resolve_secrets
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.persistence import db
 
@@ -101,6 +107,8 @@ def up(
     # Embedded on purpose: `up` needs no database server, whatever the environment says.
     url = db.default_database_url(settings.data_dir)
     settings = settings.model_copy(update={"database_url": url, "amqp_url": None})
+    settings = resolve_secrets(settings).settings
+    assert settings.api_token is not None and settings.enroll_token is not None
     agent_settings = load(None, {"state_dir": settings.data_dir}).settings
     sock = bind(settings.host, settings.port)
     _migrate(url)
@@ -108,11 +116,22 @@ def up(
     collector = new_collector(agent_settings)
     snapshot = collector.collect()
     api = f"http://{settings.host}:{settings.port}"
-    console.print(f"[bold]Chiffon is up[/]: dashboard {api}/  API docs {api}/docs", highlight=False)
-    console.print(f"registry: {settings.data_dir / 'chiffon.db'}", highlight=False)
+    token = settings.api_token.get_secret_value()
+    # The token rides in the fragment, which the browser never sends; the page keeps it in
+    # sessionStorage and removes it from the address bar.
+    console.print(
+        f"[bold]Chiffon is up[/]: dashboard {api}/#token={token}  API docs {api}/docs",
+        highlight=False,
+    )
+    console.print(
+        f"registry: {settings.data_dir / 'chiffon.db'}  API token: "
+        f"{settings.data_dir / 'api_token'} (the CLI reads it)",
+        highlight=False,
+    )
     console.print(f"\nThis machine, [bold]{identity.name}[/] ({identity.agent_id}):")
     console.print(resources_table(snapshot))
-    console.print(f"\n{_join_hint(settings.host, settings.port)}", highlight=False)
+    hint = _join_hint(settings.host, settings.port, settings.enroll_token.get_secret_value())
+    console.print(f"\n{hint}", highlight=False)
     console.print("See the fleet: chiffon agents   Stop: Ctrl-C\n")
     asyncio.run(
         serve(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from contextlib import suppress
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chiffon.orchestrator.batcher import IngestBatcher
 from chiffon.orchestrator.clock import Clock, SystemClock
+from chiffon.orchestrator.credentials import CredentialStore
 from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
@@ -54,6 +57,12 @@ class Orchestrator:
             self.metrics,
             timeout_seconds=settings.heartbeat_timeout_seconds,
         )
+        self.credentials = CredentialStore(
+            self.sessions,
+            self.clock,
+            _server_key(settings),
+            cache_seconds=settings.credential_cache_seconds,
+        )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -97,6 +106,52 @@ class Orchestrator:
         """Stamp receipt time now and queue; resolves once the write has committed."""
         return self.batcher.submit_nowait(Received(message, self.clock.now()))
 
-    async def ingest(self, raw: bytes) -> Outcome:
-        """Parse and apply one message, waiting for its commit (tests, HTTP)."""
-        return await self.receive(self.parse(raw))
+    async def authenticate(
+        self,
+        message: AgentMessage,
+        raw: bytes,
+        *,
+        bearer: str | None = None,
+        signature: str | None = None,
+    ) -> None:
+        """Refuse (`RejectedMessage`, counted) a message its agent did not send, or one whose
+        `sent_at` is outside the replay window. Exactly one of `bearer` (HTTP) and
+        `signature` (AMQP, in-process) is checked: the bearer when given."""
+        try:
+            self._check_window(message)
+            if bearer is not None or signature is None:
+                await self.credentials.check_bearer(message.agent_id, bearer)
+            else:
+                await self.credentials.check_signature(message.agent_id, raw, signature)
+        except RejectedMessage as exc:
+            self.reject(exc.reason)
+            raise
+
+    def _check_window(self, message: AgentMessage) -> None:
+        skew = message.sent_at - self.clock.now()
+        limit = timedelta(seconds=self.settings.max_clock_skew_seconds)
+        if abs(skew) > limit:
+            raise RejectedMessage(
+                "clock_skew",
+                f"sent_at is {skew.total_seconds():+.0f} s from the orchestrator's clock "
+                f"(limit +-{limit.total_seconds():.0f} s)",
+            )
+
+    async def ingest(self, raw: bytes, *, signature: str | None = None) -> Outcome:
+        """Parse and apply one message, waiting for its commit (tests, in-process agents).
+
+        Without `signature` the caller is trusted (code in this process); with one, the
+        message must be signed by its agent like one from RabbitMQ.
+        """
+        message = self.parse(raw)
+        if signature is not None:
+            await self.authenticate(message, raw, signature=signature)
+        return await self.receive(message)
+
+
+def _server_key(settings: OrchestratorSettings) -> bytes:
+    """CHIFFON_SECRET_KEY, else a key for this process only (credentials die with it)."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    log.debug("no CHIFFON_SECRET_KEY: agent credentials last only as long as this process")
+    return secrets.token_bytes(32)

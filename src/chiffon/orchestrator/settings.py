@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Self
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chiffon.orchestrator.history import Tier
@@ -32,6 +33,20 @@ class OrchestratorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=1, le=65535)
     amqp_url: str | None = None
+    # Trust (docs/security.md). The CLI fills what is unset from files in data_dir.
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token every /api/v1 read and admin route requires"
+    )
+    enroll_token: SecretStr | None = Field(
+        None, description="What a new agent presents once to get its own secret"
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="Server key agent secrets are derived from; unset: ephemeral"
+    )
+    metrics_require_token: bool = Field(False, description="Put /metrics behind the API token")
+    # A signed message whose sent_at is further than this from our clock is refused.
+    max_clock_skew_seconds: float = Field(300, gt=0, le=86400)
+    credential_cache_seconds: float = Field(10, ge=0, le=3600)
     amqp_exchange: str = Field("chiffon", min_length=1, max_length=255)
     amqp_queue: str = Field("chiffon.orchestrator.agent-events", min_length=1, max_length=255)
     amqp_rejected_queue: str = Field("chiffon.rejected", min_length=1, max_length=255)
@@ -90,6 +105,16 @@ class OrchestratorSettings(BaseSettings):
             Tier(900, self.history_15m_retention_seconds),
         ]
         return [tier for tier in tiers if tier.retention_seconds > 0]
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the API listens only on this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def effective_database_url(self) -> str:

@@ -153,3 +153,21 @@ class AgentMetricsRow(Base):
     gpu_vram_total_gb: Mapped[float | None] = mapped_column(Float)
     # [{"index", "vram_free_gb", "vram_total_gb", "utilization_percent"}, ...]
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonDocument, default=list)
+
+
+class AgentCredentialRow(Base):
+    """An enrolled agent's credential: what proves a message comes from that agent.
+
+    Neither the secret nor the AMQP signing key is stored: `secret_sha256` recognises the
+    bearer secret, and the secret (hence the signing key) is re-derived from the server key
+    and `nonce` when a signature is checked. docs/security.md: what a database thief can do.
+    """
+
+    __tablename__ = "agent_credentials"
+
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    # Which server key issued it (a short digest of the key, never the key).
+    key_id: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]

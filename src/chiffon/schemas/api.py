@@ -163,3 +163,18 @@ class FleetSummary(BaseModel):
     heartbeat_timeout_seconds: float
     fleet: PoolSummary
     pools: list[PoolSummary]
+
+
+class EnrollRequest(BaseModel):
+    """What a new agent sends once, with the enrollment token as its bearer credential."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: UUID
+
+
+class EnrollResponse(BaseModel):
+    """The agent's own secret: shown once, kept by the agent (mode 0600), never again here."""
+
+    agent_id: UUID
+    secret: str

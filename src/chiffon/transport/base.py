@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Protocol
 
 from chiffon.schemas.heartbeat import AgentMessage
 
-# The orchestrator side of every transport: raw message bytes in, an outcome out once the
-# write has committed (`Orchestrator.ingest`). It raises when the message is refused.
-IngestSink = Callable[[bytes], Awaitable[str]]
+
+class IngestSink(Protocol):
+    """The orchestrator side of every transport: raw message bytes (and, when the agent
+    signed it, the signature) in, an outcome out once the write has committed
+    (`Orchestrator.ingest`). It raises when the message is refused."""
+
+    def __call__(self, raw: bytes, /, *, signature: str | None = None) -> Awaitable[str]: ...
 
 
 class TransportError(RuntimeError):

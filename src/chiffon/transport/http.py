@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
 from chiffon.schemas.heartbeat import AgentMessage
+from chiffon.transport.auth import AgentCredential
 from chiffon.transport.base import TransportError
+
+
+class EnrollmentRefusedError(TransportError):
+    """The orchestrator answered and said no (bad token, already enrolled): retrying is futile."""
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -18,11 +25,19 @@ def _detail(resp: httpx.Response) -> str:
 
 
 class HttpPublisher:
-    """`POST {url}/api/v1/agents/{agent_id}/heartbeat` (or `/offline`) with the message JSON."""
+    """`POST {url}/api/v1/agents/{agent_id}/heartbeat` (or `/offline`) with the message JSON,
+    and `Authorization: Bearer <agent secret>` when it has a credential."""
 
-    def __init__(self, orchestrator_url: str, *, timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        orchestrator_url: str,
+        *,
+        timeout_seconds: float = 5.0,
+        credential: AgentCredential | None = None,
+    ) -> None:
         self.orchestrator_url = orchestrator_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
+        self._credential = credential
         self._client: httpx.AsyncClient | None = None
 
     async def connect(self) -> None:
@@ -36,11 +51,12 @@ class HttpPublisher:
             raise TransportError("HTTP transport is not connected")
         route = "heartbeat" if message.kind == "heartbeat" else "offline"
         path = f"/api/v1/agents/{message.agent_id}/{route}"
+        headers = {"content-type": "application/json"}
+        if self._credential is not None:
+            headers["authorization"] = self._credential.bearer
         try:
             resp = await self._client.post(
-                path,
-                content=message.model_dump_json().encode(),
-                headers={"content-type": "application/json"},
+                path, content=message.model_dump_json().encode(), headers=headers
             )
         except httpx.TimeoutException:
             raise TransportError(
@@ -59,3 +75,34 @@ class HttpPublisher:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+async def enroll(
+    orchestrator_url: str, *, token: str, agent_id: uuid.UUID, timeout_seconds: float = 5.0
+) -> AgentCredential:
+    """Trade the enrollment token for this agent's own secret (`POST /api/v1/enroll`).
+
+    `EnrollmentRefusedError` when the orchestrator says no; `TransportError` when it cannot
+    be reached (worth a retry).
+    """
+    url = orchestrator_url.rstrip("/")
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_seconds) as client:
+            resp = await client.post(
+                "/api/v1/enroll",
+                json={"agent_id": str(agent_id)},
+                headers={"authorization": f"Bearer {token}"},
+            )
+    except httpx.HTTPError as exc:
+        raise TransportError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    if resp.status_code >= 500:
+        raise TransportError(f"orchestrator could not enroll us: HTTP {resp.status_code}")
+    if not resp.is_success:
+        raise EnrollmentRefusedError(
+            f"enrollment refused: HTTP {resp.status_code}: {_detail(resp)}"
+        )
+    try:
+        body = resp.json()
+        return AgentCredential(uuid.UUID(body["agent_id"]), str(body["secret"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransportError(f"enrollment answer is not understood: {exc}") from None

@@ -7,12 +7,16 @@ ingest, wait for commit), so it is a faithful twin for tests and for single-proc
 from __future__ import annotations
 
 from chiffon.schemas.heartbeat import AgentMessage
+from chiffon.transport.auth import AgentCredential
 from chiffon.transport.base import IngestSink, TransportError
 
 
 class InMemoryPublisher:
-    def __init__(self, sink: IngestSink) -> None:
+    """With a credential, each message is signed as over RabbitMQ and the sink checks it."""
+
+    def __init__(self, sink: IngestSink, *, credential: AgentCredential | None = None) -> None:
         self._sink = sink
+        self._credential = credential
         self._open = False
         self.sent = 0
 
@@ -23,7 +27,11 @@ class InMemoryPublisher:
         if not self._open:
             raise TransportError("in-memory transport is closed")
         try:
-            await self._sink(message.model_dump_json().encode())
+            raw = message.model_dump_json().encode()
+            if self._credential is None:
+                await self._sink(raw)
+            else:
+                await self._sink(raw, signature=self._credential.sign(raw))
         except Exception as exc:  # any refusal by the sink means "not delivered"
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         self.sent += 1

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage
+from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
 from chiffon.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,15 @@ class RabbitPublisher:
     """
 
     def __init__(
-        self, amqp_url: str, *, timeout_seconds: float = 5.0, exchange: str = EXCHANGE
+        self,
+        amqp_url: str,
+        *,
+        timeout_seconds: float = 5.0,
+        exchange: str = EXCHANGE,
+        credential: AgentCredential | None = None,
     ) -> None:
         self._url = amqp_url
+        self._credential = credential
         self._timeout = timeout_seconds
         self._exchange_name = exchange
         self._connection: AbstractConnection | None = None
@@ -164,11 +171,16 @@ class RabbitPublisher:
 
     async def publish(self, message: AgentMessage) -> None:
         """Publish and wait for the broker's confirm; `TransportError` on anything else."""
+        body = message.model_dump_json().encode()
+        headers: dict[str, Any] = {}
+        if self._credential is not None:
+            headers[SIGNATURE_HEADER] = self._credential.sign(body)
         outgoing = aio_pika.Message(
-            message.model_dump_json().encode(),
+            body,
             content_type=CONTENT_TYPE,
             type=message.kind,
             app_id="chiffon-agent",
+            headers=headers,
         )
         try:
             async with asyncio.timeout(self._timeout):
@@ -237,6 +249,10 @@ class IngestTarget(Protocol):
     def parse(self, raw: bytes) -> AgentMessage: ...
 
     def reject(self, reason: str) -> None: ...
+
+    async def authenticate(
+        self, message: AgentMessage, raw: bytes, *, signature: str | None
+    ) -> None: ...
 
     def receive(self, message: AgentMessage) -> asyncio.Future[Any]: ...
 
@@ -478,6 +494,8 @@ class RabbitConsumer:
             self._target.reject("consumer_error")
             await self._reject(message, "consumer_error", _describe(exc))
             return
+        if await self._refused(message, parsed):
+            return
         try:
             # shield: a channel closing under us must not cancel the batcher's future
             await asyncio.shield(self._target.receive(parsed))
@@ -487,6 +505,24 @@ class RabbitConsumer:
         self._failures = 0
         self.consumed += 1
         await self._settle(message.ack(), "ack")
+
+    async def _refused(self, message: AbstractIncomingMessage, parsed: AgentMessage) -> bool:
+        """Check the agent's signature: refused (rejected, or requeued when the credential
+        could not be read) or admitted."""
+        signature = (message.headers or {}).get(SIGNATURE_HEADER)
+        if isinstance(signature, bytes):
+            signature = signature.decode(errors="replace")
+        try:
+            await self._target.authenticate(
+                parsed, message.body, signature=signature if isinstance(signature, str) else None
+            )
+        except RejectedMessage as exc:
+            await self._reject(message, exc.reason, exc.detail)
+            return True
+        except Exception as exc:  # the registry is down: not the message's fault
+            await self._requeue(message, exc)
+            return True
+        return False
 
     async def _requeue(self, message: AbstractIncomingMessage, exc: BaseException) -> None:
         log.debug("requeueing an AMQP message: %s", _describe(exc))

@@ -13,15 +13,53 @@ const state = {
   sort: { key: "name", dir: 1 }, windowSeconds: 3600, charts: {},
 };
 
-// Every request goes through here, so adding API auth later is one change: the token
-// (when one is set) travels as a bearer Authorization header.
+const TOKEN_KEY = "chiffon.token";
+
+// `chiffon up` prints the dashboard's address with the API token in the fragment (#token=),
+// which the browser never sends to a server. Keep it for this tab and take it out of the
+// address bar and the history at once.
+(function takeTokenFromFragment() {
+  const match = location.hash.match(/^#token=([^&]+)/);
+  if (!match) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+  history.replaceState(null, "", location.pathname + location.search + "#/");
+})();
+
+// Every request goes through here: the token travels as a bearer Authorization header, and
+// a 401 asks the user for it.
 async function api(path) {
   const headers = { Accept: "application/json" };
-  const token = sessionStorage.getItem("chiffon.token");
+  const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
   const response = await fetch(API + path, { headers, cache: "no-store" });
+  if (response.status === 401) {
+    showLogin(token ? "That API token was refused." : "This orchestrator needs its API token.");
+    throw new Error("HTTP 401: API token needed");
+  }
   if (!response.ok) throw new Error(`HTTP ${response.status} on ${path}`);
   return response.json();
+}
+
+function showLogin(message) {
+  const form = document.getElementById("login");
+  if (!form.hidden) return;
+  document.getElementById("login-msg").textContent = message;
+  form.hidden = false;
+  document.getElementById("login-token").focus();
+}
+
+function setupLogin() {
+  const form = document.getElementById("login");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const input = document.getElementById("login-token");
+    const token = input.value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    input.value = "";
+    form.hidden = true;
+    window.dispatchEvent(new HashChangeEvent("hashchange"));
+  });
 }
 
 const $ = (selector) => document.querySelector(selector);
@@ -320,6 +358,7 @@ function setUp() {
     });
   }
   for (const id of ["#f-pool", "#f-status", "#f-vram"]) $(id).addEventListener("input", renderTable);
+  setupLogin();
   window.addEventListener("hashchange", route);
   // A timer drives the next refresh only after the previous one finished: no pile-up.
   const loop = async () => { await refresh(); setTimeout(loop, REFRESH_MS); };

@@ -1,0 +1,62 @@
+"""Bearer credentials: the API token for reads and admin, the enrollment token, and the
+agents' own secrets for ingest (checked by the orchestrator). All compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from chiffon.api.deps import OrchestratorDep
+from chiffon.schemas.api import ErrorDetail
+
+_bearer = HTTPBearer(auto_error=False, description="CHIFFON_API_TOKEN")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}}
+
+
+def token_matches(presented: str, expected: SecretStr | None) -> bool:
+    """Constant time; an unset expected token matches nothing."""
+    if expected is None:
+        return False
+    return hmac.compare_digest(presented.encode(), expected.get_secret_value().encode())
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(request: Request) -> str | None:
+    """The credential of `Authorization: Bearer <credential>`, if any."""
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credential.strip() or None
+
+
+async def require_api_token(orchestrator: OrchestratorDep, credentials: BearerDep) -> None:
+    """401 unless the request carries the API token (CHIFFON_API_TOKEN)."""
+    if credentials is None:
+        raise unauthorized("missing Authorization: Bearer <CHIFFON_API_TOKEN>")
+    if not token_matches(credentials.credentials, orchestrator.settings.api_token):
+        raise unauthorized("invalid API token")
+
+
+async def require_enroll_token(orchestrator: OrchestratorDep, credentials: BearerDep) -> None:
+    """401 unless the request carries the enrollment token (or the API token)."""
+    if credentials is None:
+        raise unauthorized("missing Authorization: Bearer <CHIFFON_ENROLL_TOKEN>")
+    settings = orchestrator.settings
+    presented = credentials.credentials
+    if not (
+        token_matches(presented, settings.enroll_token)
+        or token_matches(presented, settings.api_token)
+    ):
+        raise unauthorized("invalid enrollment token")
+
+
+ApiTokenDep = Depends(require_api_token)
+EnrollTokenDep = Depends(require_enroll_token)

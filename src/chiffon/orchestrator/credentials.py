@@ -1,0 +1,141 @@
+"""Agent credentials on the orchestrator: issue at enrollment, check, revoke.
+
+An agent's secret is `HMAC-SHA256(server key, agent_id || nonce)`. The database keeps the
+nonce and the secret's SHA-256, never the secret or the AMQP signing key derived from it:
+a stolen database without the server key lets no one impersonate an agent. A verified
+credential is cached in memory for `cache_seconds`, so ingest does not read the database
+for every message; a revocation takes effect at once on the orchestrator that made it and
+within `cache_seconds` on the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chiffon.orchestrator.clock import Clock
+from chiffon.persistence import credentials as repo
+from chiffon.schemas.heartbeat import RejectedMessage
+from chiffon.transport.auth import (
+    AgentCredential,
+    secret_digest,
+    signature_matches,
+    signing_key,
+)
+
+_SECRET_LABEL = b"chiffon agent secret v1|"
+_CACHE_LIMIT = 100_000
+
+
+class AlreadyEnrolledError(RuntimeError):
+    """The agent holds a credential already; revoke it before enrolling again."""
+
+
+def key_id(server_key: bytes) -> str:
+    """A short public name of the server key (so a changed key is noticed, not guessed)."""
+    return hashlib.sha256(b"chiffon key id|" + server_key).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    secret_sha256: str
+    signing_key: bytes | None  # None: issued under another server key
+    fetched_at: float
+
+
+class CredentialStore:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Clock,
+        server_key: bytes,
+        *,
+        cache_seconds: float = 10.0,
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._server_key = server_key
+        self.key_id = key_id(server_key)
+        self._cache_seconds = cache_seconds
+        self._cache: dict[uuid.UUID, _Known] = {}
+
+    def _derive(self, agent_id: uuid.UUID, nonce: str) -> str:
+        mac = hmac.new(
+            self._server_key, _SECRET_LABEL + agent_id.bytes + bytes.fromhex(nonce), "sha256"
+        )
+        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+    async def issue(self, agent_id: uuid.UUID) -> AgentCredential:
+        """A new secret for an agent without one; `AlreadyEnrolledError` otherwise."""
+        nonce = secrets.token_hex(16)
+        secret = self._derive(agent_id, nonce)
+        row = {
+            "agent_id": agent_id,
+            "nonce": nonce,
+            "secret_sha256": secret_digest(secret),
+            "key_id": self.key_id,
+            "created_at": self._clock.now(),
+        }
+        try:
+            async with self._sessions.begin() as session:
+                await repo.add_credential(session, row=row)
+        except IntegrityError:
+            raise AlreadyEnrolledError(f"agent {agent_id} is already enrolled") from None
+        self._cache.pop(agent_id, None)
+        return AgentCredential(agent_id, secret)
+
+    async def revoke(self, agent_id: uuid.UUID) -> bool:
+        """Delete the agent's credential; whether it had one."""
+        async with self._sessions.begin() as session:
+            had = await repo.delete_credential(session, agent_id=agent_id)
+        self._cache.pop(agent_id, None)
+        return had
+
+    async def check_bearer(self, agent_id: uuid.UUID, token: str | None) -> None:
+        """`RejectedMessage` unless `token` is this agent's secret."""
+        if not token:
+            raise RejectedMessage("unauthenticated", "no agent credential (Authorization: Bearer)")
+        known = await self._known(agent_id)
+        if not hmac.compare_digest(known.secret_sha256, secret_digest(token)):
+            raise RejectedMessage("bad_credential", f"wrong credential for agent {agent_id}")
+
+    async def check_signature(
+        self, agent_id: uuid.UUID, body: bytes, signature: str | None
+    ) -> None:
+        """`RejectedMessage` unless `signature` is this agent's HMAC of `body`."""
+        if not signature:
+            raise RejectedMessage("unauthenticated", "no x-chiffon-signature header")
+        known = await self._known(agent_id)
+        if known.signing_key is None:
+            raise RejectedMessage(
+                "bad_signature", f"agent {agent_id}'s credential was issued under another key"
+            )
+        if not signature_matches(known.signing_key, body, signature):
+            raise RejectedMessage("bad_signature", f"signature is not agent {agent_id}'s")
+
+    async def _known(self, agent_id: uuid.UUID) -> _Known:
+        now = time.monotonic()
+        cached = self._cache.get(agent_id)
+        if cached is not None and now - cached.fetched_at < self._cache_seconds:
+            return cached
+        async with self._sessions() as session:
+            row = await repo.get_credential(session, agent_id=agent_id)
+        if row is None:
+            self._cache.pop(agent_id, None)
+            raise RejectedMessage("not_enrolled", f"agent {agent_id} is not enrolled")
+        key = None
+        if row.key_id == self.key_id:
+            key = signing_key(self._derive(agent_id, row.nonce))
+        known = _Known(row.secret_sha256, key, now)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[agent_id] = known
+        return known

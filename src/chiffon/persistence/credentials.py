@@ -1,0 +1,31 @@
+"""Repository functions over agent credentials. Keyword-only, the session passed in."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import delete, insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chiffon.persistence.models import AgentCredentialRow, Base
+
+_credentials = Base.metadata.tables["agent_credentials"]
+
+
+async def get_credential(
+    session: AsyncSession, *, agent_id: uuid.UUID
+) -> AgentCredentialRow | None:
+    return await session.get(AgentCredentialRow, agent_id)
+
+
+async def add_credential(session: AsyncSession, *, row: dict[str, Any]) -> None:
+    """Insert one; an agent that already has a credential raises `IntegrityError`."""
+    await session.execute(insert(_credentials), [row])
+
+
+async def delete_credential(session: AsyncSession, *, agent_id: uuid.UUID) -> bool:
+    """Remove an agent's credential; whether it had one."""
+    stmt = delete(_credentials).where(_credentials.c.agent_id == agent_id)
+    result = await session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0))

@@ -1,0 +1,53 @@
+"""An agent's credential on the wire: a bearer secret (HTTP) and a body signature (AMQP).
+
+The agent holds one secret. Over HTTP it sends it as `Authorization: Bearer <secret>`; over
+RabbitMQ it never sends it, but signs each message body with HMAC-SHA256 under a key derived
+from it, in the header `x-chiffon-signature: v1=<hex>`. docs/security.md says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from dataclasses import dataclass, field
+
+SIGNATURE_HEADER = "x-chiffon-signature"
+SIGNATURE_VERSION = "v1="
+# Domain separation: the AMQP signing key is not the bearer secret itself.
+_SIGNING_LABEL = b"chiffon amqp signing key v1"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key for message bodies, derived from the agent's secret."""
+    return hmac.new(secret.encode(), _SIGNING_LABEL, hashlib.sha256).digest()
+
+
+def sign(key: bytes, body: bytes) -> str:
+    """`v1=<hex HMAC-SHA256(key, body)>`."""
+    return SIGNATURE_VERSION + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def signature_matches(key: bytes, body: bytes, signature: str) -> bool:
+    """Whether `signature` is `sign(key, body)`, compared in constant time."""
+    return hmac.compare_digest(sign(key, body).encode(), signature.encode(errors="replace"))
+
+
+def secret_digest(secret: str) -> str:
+    """What the orchestrator keeps to recognise a bearer secret (SHA-256, hex)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AgentCredential:
+    """One agent's id and secret, as enrollment returned them."""
+
+    agent_id: uuid.UUID
+    secret: str = field(repr=False)
+
+    @property
+    def bearer(self) -> str:
+        return f"Bearer {self.secret}"
+
+    def sign(self, body: bytes) -> str:
+        return sign(signing_key(self.secret), body)
