@@ -16,6 +16,7 @@ from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import db
+from tests.auth import API_TOKEN, ENROLL_TOKEN, SECRET_KEY
 from tests.services import POSTGRES_ADMIN_URL, need
 
 
@@ -73,6 +74,9 @@ def settings(database_url: str, tmp_path: Path) -> OrchestratorSettings:
         heartbeat_timeout_seconds=45,
         sweep_interval_seconds=5,
         ingest_batch_delay_ms=5,
+        api_token=API_TOKEN,
+        enroll_token=ENROLL_TOKEN,
+        secret_key=SECRET_KEY,
     )
 
 
@@ -85,6 +89,7 @@ async def orchestrator(
         await conn.execute(text("DELETE FROM agent_registry"))
         await conn.execute(text("DELETE FROM agent_events"))
         await conn.execute(text("DELETE FROM agent_metrics"))
+        await conn.execute(text("DELETE FROM agent_credentials"))
     await orch.start(sweep=False)
     yield orch
     await orch.stop()

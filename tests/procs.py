@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.auth import TOKENS_ENV
+
 CHIFFON = [sys.executable, "-m", "chiffon.cli"]
 
 
@@ -32,7 +34,7 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "CHIFFON_API_TOKEN": TOKENS_ENV["CHIFFON_API_TOKEN"], **(env or {})},
         check=False,
     )
 
@@ -72,7 +74,7 @@ def orchestrator_process(
 ) -> Iterator[str]:
     """`chiffon orchestrator` on a free port with a migrated registry; yields its URL."""
     port = free_port()
-    full_env = {**os.environ, "CHIFFON_DATA_DIR": str(data_dir), **(env or {})}
+    full_env = {**os.environ, "CHIFFON_DATA_DIR": str(data_dir), **TOKENS_ENV, **(env or {})}
     upgraded = run_cli("db", "upgrade", env=full_env)
     assert upgraded.returncode == 0, upgraded.stderr
     log = (data_dir / "orchestrator.log").open("w")

@@ -14,6 +14,7 @@ from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas.heartbeat import Resources
 from tests import factories as f
+from tests.auth import API_HEADERS, bearer, issue
 
 GPU_RICH = uuid.UUID("00000000-0000-0000-0000-000000000001")
 MODERATE = uuid.UUID("00000000-0000-0000-0000-000000000002")
@@ -24,7 +25,9 @@ CPU_ONLY = uuid.UUID("00000000-0000-0000-0000-000000000003")
 async def api(orchestrator: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(orchestrator, manage_lifecycle=False)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://chiffon") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://chiffon", headers=API_HEADERS
+    ) as client:
         yield client
 
 
@@ -196,14 +199,15 @@ async def test_deregister_removes_agent_and_keeps_history(api: httpx.AsyncClient
 
 
 async def test_http_heartbeat_and_goodbye_use_the_same_ingest(
-    api: httpx.AsyncClient,
+    api: httpx.AsyncClient, orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
     agent = uuid.uuid4()
-    beat = f.message(agent, seq=1)
-    resp = await api.post(f"/api/v1/agents/{agent}/heartbeat", content=f.raw(beat))
+    auth = bearer(await issue(orchestrator, agent))
+    beat = f.message(agent, seq=1, sent_at=clock.now())
+    resp = await api.post(f"/api/v1/agents/{agent}/heartbeat", content=f.raw(beat), headers=auth)
     assert resp.status_code == 200 and resp.json()["outcome"] == "applied"
-    bye = f.message(agent, kind="offline", seq=2)
-    resp = await api.post(f"/api/v1/agents/{agent}/offline", content=f.raw(bye))
+    bye = f.message(agent, kind="offline", seq=2, sent_at=clock.now())
+    resp = await api.post(f"/api/v1/agents/{agent}/offline", content=f.raw(bye), headers=auth)
     assert resp.json()["outcome"] == "applied"
     assert (await api.get(f"/api/v1/agents/{agent}")).json()["status"] == "offline"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -18,6 +19,7 @@ import pytest
 from chiffon.schemas.heartbeat import AgentMessage, Resources
 from chiffon.transport.base import TransportError
 from chiffon.transport.http import HttpPublisher
+from tests.auth import API_HEADERS, ENROLL_TOKEN, enroll
 from tests.fakes.nvidia_smi import gpu_row, install, path_with
 from tests.procs import CHIFFON, free_port, orchestrator_process, run_cli
 
@@ -80,7 +82,8 @@ def test_print_config_shows_each_origin(tmp_path: Path) -> None:
 
 
 def agents(url: str) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = httpx.get(f"{url}/api/v1/agents", timeout=5).json()
+    resp = httpx.get(f"{url}/api/v1/agents", timeout=5, headers=API_HEADERS)
+    result: list[dict[str, Any]] = resp.json()
     return result
 
 
@@ -90,7 +93,8 @@ def test_agent_registers_over_http_and_sigterm_makes_it_offline(
     log = (tmp_path / "agent.log").open("w")
     proc = subprocess.Popen(
         [*CHIFFON, "agent", "--transport", "http", "--orchestrator-url", orchestrator_url,
-         "--interval", "0.5", "--state-dir", str(tmp_path / "state"), "--name", "desk-e2e"],
+         "--interval", "0.5", "--state-dir", str(tmp_path / "state"), "--name", "desk-e2e",
+         "--enroll-token", ENROLL_TOKEN],
         env={**os.environ, **smi_env},
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -106,6 +110,8 @@ def test_agent_registers_over_http_and_sigterm_makes_it_offline(
         agent_id = (tmp_path / "state" / "agent_id").read_text().strip()
         assert mine[0]["agent_id"] == agent_id and mine[0]["status"] == "online"
         assert mine[0]["resource_metrics"]["gpu_count"] == 2
+        secret = tmp_path / "state" / "agent_secret"
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0
@@ -133,16 +139,30 @@ def message(**changes: Any) -> AgentMessage:
 
 
 async def test_http_publisher_delivers_and_reports_refusals(orchestrator_url: str) -> None:
-    publisher = HttpPublisher(orchestrator_url, timeout_seconds=2)
+    good = message()
+    credential = enroll(orchestrator_url, good.agent_id)
+    publisher = HttpPublisher(orchestrator_url, timeout_seconds=2, credential=credential)
     await publisher.connect()
     try:
-        good = message()
         await publisher.publish(good)
         assert any(a["agent_id"] == str(good.agent_id) for a in agents(orchestrator_url))
         with pytest.raises(TransportError, match=r"HTTP 422: invalid: seq"):
             await publisher.publish(message(seq=-1))  # model_copy skips validation
+        with pytest.raises(TransportError, match=r"HTTP 401: not_enrolled"):
+            await publisher.publish(message(agent_id=uuid.uuid4()))  # not its own agent
     finally:
         await publisher.close()
+
+
+def test_agent_without_a_credential_or_token_says_how_to_enroll(tmp_path: Path) -> None:
+    out = run_cli(
+        "agent",
+        "--state-dir",
+        str(tmp_path),
+        env={"HOME": str(tmp_path), "CHIFFON_ENROLL_TOKEN": ""},
+    )
+    assert out.returncode == 2
+    assert "no credential yet" in out.stderr and "--enroll-token" in out.stderr
 
 
 async def test_http_publisher_unreachable_is_a_transport_error() -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests import factories as f
+from tests.auth import bearer, enroll
 from tests.procs import free_port, orchestrator_process, run_cli
 
 RICH = uuid.UUID("11111111-0000-0000-0000-000000000001")
@@ -26,7 +27,11 @@ def fleet_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ]
         for agent, name, res in beats:
             body = f.raw(f.message(agent, name=name, res=res))
-            resp = httpx.post(f"{url}/api/v1/agents/{agent}/heartbeat", content=body)
+            resp = httpx.post(
+                f"{url}/api/v1/agents/{agent}/heartbeat",
+                content=body,
+                headers=bearer(enroll(url, agent)),
+            )
             assert resp.status_code == 200, resp.text
         yield url
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ def chiffon_up(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
         "CHIFFON_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
         "CHIFFON_AMQP_URL": "amqp://nobody@127.0.0.1:1/",
     }
-    env.pop("CHIFFON_DATA_DIR", None)
+    for var in ("CHIFFON_DATA_DIR", "CHIFFON_API_TOKEN", "CHIFFON_ENROLL_TOKEN"):
+        env.pop(var, None)
     out = (home / f"up-{time.monotonic_ns()}.log").open("w")
     proc = subprocess.Popen(
         [*CHIFFON, "up", "--port", str(port)],
@@ -42,8 +44,13 @@ def chiffon_up(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
         out.close()
 
 
+TOKEN_HOME: list[Path] = []  # the HOME whose ~/.chiffon/api_token `get` presents
+
+
 def get(port: int, path: str) -> Any:
-    return httpx.get(f"http://127.0.0.1:{port}/api/v1{path}", timeout=5).json()
+    token = (TOKEN_HOME[-1] / ".chiffon" / "api_token").read_text().strip()
+    headers = {"authorization": f"Bearer {token}"}
+    return httpx.get(f"http://127.0.0.1:{port}/api/v1{path}", timeout=5, headers=headers).json()
 
 
 def wait_agent_online(port: int) -> list[dict[str, Any]]:
@@ -58,9 +65,21 @@ def wait_agent_online(port: int) -> list[dict[str, Any]]:
 
 def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
     port = free_port()
+    TOKEN_HOME.append(tmp_path)
     with chiffon_up(tmp_path, port) as proc:
         (me,) = wait_agent_online(port)
         agent_id = (tmp_path / ".chiffon" / "agent_id").read_text().strip()
+        # Zero set-up, but not open: the API wants the token `up` wrote (0600), which the
+        # CLI finds by itself.
+        token_file = tmp_path / ".chiffon" / "api_token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        unauthenticated = httpx.get(f"http://127.0.0.1:{port}/api/v1/agents", timeout=5)
+        assert unauthenticated.status_code == 401
+        listed = run_cli(
+            "agents", "--orchestrator-url", f"http://127.0.0.1:{port}",
+            env={"HOME": str(tmp_path), "CHIFFON_API_TOKEN": ""},
+        )  # fmt: skip
+        assert listed.returncode == 0 and me["name"] in listed.stdout, listed.stderr
         assert me["agent_id"] == agent_id
         assert me["resource_metrics"]["cpu_cores_physical"] >= 1
         assert (tmp_path / ".chiffon" / "chiffon.db").is_file()
@@ -76,7 +95,8 @@ def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
         assert proc.wait(10) == 0
         assert time.monotonic() - started < 5
     log = next(tmp_path.glob("up-*.log")).read_text()
-    assert f"http://127.0.0.1:{port}" in log and "chiffon agent --orchestrator-url" in log
+    assert f"http://127.0.0.1:{port}/#token={token_file.read_text().strip()}" in log
+    assert "chiffon agent --orchestrator-url" in log and "--enroll-token" in log
     assert "Traceback" not in log
 
     with chiffon_up(tmp_path, port):  # run twice: the registry and the identity stay
@@ -84,3 +104,12 @@ def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
         assert again["agent_id"] == agent_id
         reasons = [e["reason"] for e in get(port, f"/events?agent_id={agent_id}")]
         assert reasons[:3] == ["heartbeat", "goodbye", "registered"]
+
+
+def test_an_api_on_the_network_without_a_token_refuses_to_start(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "CHIFFON_API_TOKEN": "", "CHIFFON_DATA_DIR": str(tmp_path)}
+    for command in (["up"], ["orchestrator"]):
+        out = run_cli(*command, "--host", "0.0.0.0", "--port", str(free_port()), env=env)
+        assert out.returncode == 2, out.stderr
+        assert "refusing to serve the API on 0.0.0.0 without an API token" in out.stderr
+        assert "CHIFFON_API_TOKEN" in out.stderr

@@ -18,6 +18,7 @@ import pytest
 
 from chiffon.schemas.heartbeat import GpuInfo, Resources
 from tests import factories as f
+from tests.auth import API_TOKEN, bearer, enroll
 from tests.procs import orchestrator_process
 from tests.services import require_services
 
@@ -38,7 +39,9 @@ ORCHESTRATOR_ENV = {
     "CHIFFON_SWEEP_INTERVAL": "0.5",
 }
 BEAT_SECONDS = 0.5
-PAGE = "/?refresh_ms=500"
+# `chiffon up` prints the dashboard's address with the API token in the fragment.
+PAGE_NO_TOKEN = "/?refresh_ms=500"
+PAGE = f"{PAGE_NO_TOKEN}#token={API_TOKEN}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Beater(threading.Thread):
         super().__init__(daemon=True, name="sim-agents")
         self._url = url
         self._alive = {a.agent_id: a for a in agents}
+        # Each simulated agent enrolls once and proves every heartbeat with its own secret.
+        self._auth = {a.agent_id: bearer(enroll(url, a.agent_id)) for a in agents}
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.errors: list[str] = []
@@ -115,7 +120,11 @@ class Beater(threading.Thread):
             res=resources_at(agent, tick),
         )
         try:
-            response = client.post(f"/api/v1/agents/{agent.agent_id}/heartbeat", content=f.raw(msg))
+            response = client.post(
+                f"/api/v1/agents/{agent.agent_id}/heartbeat",
+                content=f.raw(msg),
+                headers=self._auth[agent.agent_id],
+            )
             if response.status_code != 200:
                 self.errors.append(f"{agent.name}: {response.status_code} {response.text}")
         except httpx.HTTPError as exc:
@@ -276,3 +285,39 @@ def test_unreachable_orchestrator_is_shown_then_recovers(page: object) -> None:
     shot(page, "unreachable.png")
     page.unroute("**/api/v1/**", refuse)
     expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+
+
+def test_without_a_token_the_page_asks_for_one_and_keeps_it_in_the_tab(
+    browser: object, fleet: tuple[str, Beater]
+) -> None:
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    context = browser.new_context(base_url=fleet[0])
+    try:
+        page = context.new_page()
+        page.goto(PAGE_NO_TOKEN)
+        expect(page.locator("#login")).to_be_visible()
+        expect(page.locator("#login-msg")).to_contain_text("needs its API token")
+        expect(page.locator("#agents tbody tr")).to_have_count(0)
+        page.fill("#login-token", "wrong")
+        page.click("#login button")
+        expect(page.locator("#login-msg")).to_contain_text("was refused")
+        page.fill("#login-token", API_TOKEN)
+        page.click("#login button")
+        expect(page.locator("#agents tbody tr")).to_have_count(len(FLEET))
+        expect(page.locator("#login")).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('chiffon.token')") == API_TOKEN
+        assert "token" not in page.url
+    finally:
+        context.close()
+
+
+def test_the_token_in_the_fragment_is_kept_and_leaves_the_address_bar(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    expect(page.locator("#agents tbody tr")).to_have_count(len(FLEET))
+    assert API_TOKEN not in page.url
+    assert page.evaluate("sessionStorage.getItem('chiffon.token')") == API_TOKEN

@@ -9,6 +9,7 @@ import pytest
 
 from chiffon.api.app import create_app
 from chiffon.orchestrator.service import Orchestrator
+from tests.auth import API_HEADERS
 
 
 @pytest.fixture
@@ -28,7 +29,9 @@ async def test_dashboard_and_its_vendored_chart_library_are_served(
     assert '<script src="app.js">' in index.text
     for path in ("/app.js", "/style.css", "/vendor/uPlot.iife.min.js", "/vendor/uPlot.min.css"):
         assert (await web.get(path)).status_code == 200, path
-    api = await web.get("/api/v1/agents")
+    # The page needs no token; the data does.
+    assert (await web.get("/api/v1/agents")).status_code == 401
+    api = await web.get("/api/v1/agents", headers=API_HEADERS)
     assert api.status_code == 200 and api.json() == []
     assert (await web.get("/healthz")).json() == {"status": "ok"}
     assert (await web.get("/no-such-page")).status_code == 404

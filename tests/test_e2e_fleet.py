@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.auth import API_HEADERS, ENROLL_TOKEN, TOKENS_ENV
 from tests.conftest import fresh_postgres_database
 from tests.fakes.nvidia_smi import gpu_row, install, path_with
 from tests.procs import CHIFFON, free_port, stop, wait_http
@@ -96,16 +97,20 @@ class Fleet:
         return (self.tmp / name / "state" / "agent_id").read_text().strip()
 
     def agents(self) -> dict[str, dict[str, Any]]:
-        rows = httpx.get(f"{self.api}/api/v1/agents", timeout=5).json()
+        rows = httpx.get(f"{self.api}/api/v1/agents", timeout=5, headers=API_HEADERS).json()
         return {row["name"]: row for row in rows}
 
     def capacity(self, **query: float) -> list[str]:
-        rows = httpx.get(f"{self.api}/api/v1/agents/available-capacity", params=query).json()
+        rows = httpx.get(
+            f"{self.api}/api/v1/agents/available-capacity", params=query, headers=API_HEADERS
+        ).json()
         return [row["name"] for row in rows]
 
     def events(self, name: str) -> list[tuple[str, str]]:
         rows = httpx.get(
-            f"{self.api}/api/v1/events", params={"agent_id": self.agent_id(name)}
+            f"{self.api}/api/v1/events",
+            params={"agent_id": self.agent_id(name)},
+            headers=API_HEADERS,
         ).json()
         return [(row["to_status"], row["reason"]) for row in rows]
 
@@ -129,7 +134,12 @@ def fleet_on(transport: str, tmp: Path, amqp_url: str | None) -> Iterator[Fleet]
         database_url = stack.enter_context(fresh_postgres_database())
         port = free_port()
         api = f"http://127.0.0.1:{port}"
-        orch_env = {**os.environ, **LIVENESS_ENV, "CHIFFON_DATABASE_URL": database_url}
+        orch_env = {
+            **os.environ,
+            **LIVENESS_ENV,
+            **TOKENS_ENV,
+            "CHIFFON_DATABASE_URL": database_url,
+        }
         args = ["--port", str(port)] + (["--amqp-url", amqp_url] if amqp_url else [])
         log = stack.enter_context((tmp / "orchestrator.log").open("w"))
         orch = subprocess.Popen(
@@ -147,6 +157,7 @@ def fleet_on(transport: str, tmp: Path, amqp_url: str | None) -> Iterator[Fleet]
             "CHIFFON_ORCHESTRATOR_URL": api,
             "CHIFFON_AMQP_URL": amqp_url or "",
             "CHIFFON_PUBLISH_TIMEOUT": "2",
+            "CHIFFON_ENROLL_TOKEN": ENROLL_TOKEN,
         }
         yield Fleet(api, tmp, agent_env, stack, {})
 

@@ -17,6 +17,7 @@ from chiffon.orchestrator.ingest import Received, apply_batch
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import AgentMetricsRow
 from tests import factories as f
+from tests.auth import API_HEADERS
 
 AGENT = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 
@@ -25,7 +26,9 @@ AGENT = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 async def api(orchestrator: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(orchestrator, manage_lifecycle=False)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://chiffon") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://chiffon", headers=API_HEADERS
+    ) as client:
         yield client
 
 
@@ -155,11 +158,7 @@ async def test_fleet_summary_counts_by_pool_and_sums_online_capacity(
         msg = f.message(pool_name=pool, res=f.resources(gpus_free_total=gpus, cores_physical=cores))
         await orchestrator.receive(msg)
         ids.append(msg.agent_id)
-    await api.request(
-        "POST",
-        f"/api/v1/agents/{ids[1]}/offline",
-        content=f.raw(f.message(ids[1], kind="offline", pool_name="a")),
-    )
+    await orchestrator.ingest(f.raw(f.message(ids[1], kind="offline", pool_name="a")))
     body = (await api.get("/api/v1/fleet/summary")).json()
     pools = {p["pool_name"]: p for p in body["pools"]}
     assert (pools["a"]["agents_online"], pools["a"]["agents_offline"]) == (1, 1)

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from yarl import URL
 
+from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import registry
+from chiffon.transport.auth import Credentials
 from chiffon.transport.base import TransportError
 from chiffon.transport.rabbitmq import (
     REJECT_REASON_HEADER,
@@ -35,10 +38,17 @@ from chiffon.transport.rabbitmq import (
     Topology,
 )
 from tests import factories as f
+from tests.auth import API_HEADERS, TOKENS_ENV, enroll, keyring
 from tests.procs import CHIFFON, free_port, run_cli, stop, wait_http
 from tests.services import AMQP_URL, need
 
 FAST = Backoff(initial_seconds=0.1, max_seconds=0.5)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Real time to start with: signed messages must be inside the replay window."""
+    return ManualClock(datetime.now(UTC))
 
 
 @pytest.fixture
@@ -83,8 +93,12 @@ async def consuming(
 
 
 @asynccontextmanager
-async def publisher(url: str, topology: Topology) -> AsyncIterator[RabbitPublisher]:
-    pub = RabbitPublisher(url, timeout_seconds=5, exchange=topology.exchange)
+async def publisher(
+    url: str, topology: Topology, credentials: Credentials | None = None
+) -> AsyncIterator[RabbitPublisher]:
+    pub = RabbitPublisher(
+        url, timeout_seconds=5, exchange=topology.exchange, credential=credentials
+    )
     await pub.connect()
     try:
         yield pub
@@ -119,8 +133,9 @@ async def test_heartbeat_round_trip_is_applied_then_acked(
     orchestrator: Orchestrator, amqp_url: str, topology: Topology
 ) -> None:
     msg = f.message(name="render-07", res=f.resources(gpus_free_total=[(20.0, 24.0)]))
+    keys = await keyring(orchestrator, [msg.agent_id])
     async with consuming(orchestrator, amqp_url, topology) as consumer:
-        async with publisher(amqp_url, topology) as pub:
+        async with publisher(amqp_url, topology, keys) as pub:
             await pub.publish(msg)  # returns after the broker's confirm
         await eventually(lambda: _applied(orchestrator, msg.agent_id))
     row = await agent_row(orchestrator, msg.agent_id)
@@ -138,9 +153,10 @@ async def test_backlog_is_applied_in_batches_not_one_transaction_per_message(
     orchestrator: Orchestrator, amqp_url: str, topology: Topology
 ) -> None:
     messages = [f.message(name=f"desk-{i}") for i in range(200)]
+    keys = await keyring(orchestrator, [m.agent_id for m in messages])
     async with consuming(orchestrator, amqp_url, topology) as consumer:
         await consumer.stop()  # declared the queue; now let a backlog build up
-        async with publisher(amqp_url, topology) as pub:
+        async with publisher(amqp_url, topology, keys) as pub:
             await asyncio.gather(*(pub.publish(m) for m in messages))
         await consumer.start()
         await eventually(lambda: _consumed(consumer, 200))
@@ -228,6 +244,7 @@ async def test_bad_messages_are_copied_to_rejected_and_counted_and_consuming_goe
     orchestrator: Orchestrator, amqp_url: str, topology: Topology
 ) -> None:
     good = f.message()
+    keys = await keyring(orchestrator, [good.agent_id])
     invalid = json.loads(f.raw(f.message()))
     invalid["resources"]["gpu_count"] = 3  # but no GPUs listed
     async with consuming(orchestrator, amqp_url, topology):
@@ -237,7 +254,7 @@ async def test_bad_messages_are_copied_to_rejected_and_counted_and_consuming_goe
             exchange = await channel.get_exchange(topology.exchange)
             for body in (b"{not json", json.dumps(invalid).encode()):
                 await exchange.publish(aio_pika.Message(body), "agent.heartbeat.x")
-        async with publisher(amqp_url, topology) as pub:
+        async with publisher(amqp_url, topology, keys) as pub:
             await pub.publish(good)
         await eventually(lambda: _applied(orchestrator, good.agent_id))
     assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="malformed_json") == 1
@@ -274,11 +291,12 @@ class FlakySessions:
 async def test_database_error_requeues_and_the_message_is_applied_once_it_is_back(
     orchestrator: Orchestrator, amqp_url: str, topology: Topology
 ) -> None:
+    msg = f.message()
+    keys = await keyring(orchestrator, [msg.agent_id])
     flaky = FlakySessions(orchestrator.batcher._sessions)
     orchestrator.batcher._sessions = flaky  # type: ignore[assignment]
-    msg = f.message()
     async with consuming(orchestrator, amqp_url, topology) as consumer:
-        async with publisher(amqp_url, topology) as pub:
+        async with publisher(amqp_url, topology, keys) as pub:
             await pub.publish(msg)
         await eventually(lambda: _requeued(orchestrator, 2))  # handed out again, failed again
         assert await agent_row(orchestrator, msg.agent_id) is None
@@ -347,11 +365,12 @@ async def test_competing_consumers_apply_every_message_once(
     second = Orchestrator(orchestrator.settings, clock=orchestrator.clock)
     await second.start(sweep=False)
     messages = [f.message(name=f"desk-{i}") for i in range(300)]
+    keys = await keyring(orchestrator, [m.agent_id for m in messages])
     try:
         async with (
             consuming(orchestrator, amqp_url, topology, prefetch=20) as one,
             consuming(second, amqp_url, topology, prefetch=20) as two,
-            publisher(amqp_url, topology) as pub,
+            publisher(amqp_url, topology, keys) as pub,
         ):
             await asyncio.gather(*(pub.publish(m) for m in messages))
             await eventually(lambda: _total(one, two, 300))
@@ -378,9 +397,10 @@ async def test_consumer_and_publisher_recover_after_a_broker_restart(
     orchestrator: Orchestrator, amqp_url: str, topology: Topology
 ) -> None:
     before, after = f.message(), f.message()
+    keys = await keyring(orchestrator, [before.agent_id, after.agent_id])
     async with (
         consuming(orchestrator, amqp_url, topology, watchdog_interval_seconds=0.5) as consumer,
-        publisher(amqp_url, topology) as pub,
+        publisher(amqp_url, topology, keys) as pub,
     ):
         await pub.publish(before)
         await eventually(lambda: _applied(orchestrator, before.agent_id))
@@ -426,6 +446,7 @@ async def test_a_consumer_cancelled_by_the_broker_is_subscribed_again(
 ) -> None:
     """The zero-consumers pitfall: the watchdog notices and re-declares and re-consumes."""
     msg = f.message()
+    keys = await keyring(orchestrator, [msg.agent_id])
     async with consuming(orchestrator, amqp_url, topology, watchdog_interval_seconds=0.2) as c:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
@@ -433,7 +454,7 @@ async def test_a_consumer_cancelled_by_the_broker_is_subscribed_again(
             await channel.queue_delete(topology.queue)  # the broker cancels our consumer
         await eventually(lambda: _consumer_count(amqp_url, topology.queue, 1))
         assert c.consuming
-        async with publisher(amqp_url, topology) as pub:
+        async with publisher(amqp_url, topology, keys) as pub:
             await pub.publish(msg)
         await eventually(lambda: _applied(orchestrator, msg.agent_id))
 
@@ -454,6 +475,7 @@ def test_chiffon_orchestrator_consumes_and_drains_on_sigterm(
 ) -> None:
     env = {
         **os.environ,
+        **TOKENS_ENV,
         "CHIFFON_DATA_DIR": str(tmp_path),
         "CHIFFON_AMQP_EXCHANGE": topology.exchange,
         "CHIFFON_AMQP_QUEUE": topology.queue,
@@ -477,7 +499,8 @@ def test_chiffon_orchestrator_consumes_and_drains_on_sigterm(
             wait_http(f"{api}/healthz", proc, log=log)
             _wait_ready_consuming(api)
             msgs = [f.message(name=f"desk-{i}") for i in range(20)]
-            asyncio.run(_publish_all(amqp_url, topology, msgs))
+            keys = {m.agent_id: enroll(api, m.agent_id) for m in msgs}
+            asyncio.run(_publish_all(amqp_url, topology, msgs, keys))
             _wait_agents(api, {str(m.agent_id) for m in msgs})
         finally:
             returncode = stop(proc)
@@ -495,13 +518,18 @@ def _wait_ready_consuming(api: str) -> None:
 
 def _wait_agents(api: str, wanted: set[str]) -> None:
     deadline = time.monotonic() + 15
-    while not wanted <= {a["agent_id"] for a in httpx.get(f"{api}/api/v1/agents").json()}:
+
+    def listed() -> set[str]:
+        agents = httpx.get(f"{api}/api/v1/agents", headers=API_HEADERS).json()
+        return {a["agent_id"] for a in agents}
+
+    while not wanted <= listed():
         assert time.monotonic() < deadline, "published heartbeats never reached the registry"
         time.sleep(0.1)
 
 
-async def _publish_all(url: str, topology: Topology, msgs: list[Any]) -> None:
-    async with publisher(url, topology) as pub:
+async def _publish_all(url: str, topology: Topology, msgs: list[Any], keys: Credentials) -> None:
+    async with publisher(url, topology, keys) as pub:
         for msg in msgs:
             await pub.publish(msg)
 

@@ -20,7 +20,7 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}}
 
 def token_matches(presented: str, expected: SecretStr | None) -> bool:
     """Constant time; an unset expected token matches nothing."""
-    if expected is None:
+    if expected is None or not expected.get_secret_value():
         return False
     return hmac.compare_digest(presented.encode(), expected.get_secret_value().encode())
 

@@ -180,7 +180,7 @@ async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) ->
         raise CliError(str(exc), code=2) from None
     if secret is not None:
         return AgentCredential(identity.agent_id, secret)
-    if settings.enroll_token is None:
+    if settings.enroll_token is None or not settings.enroll_token.get_secret_value():
         raise CliError(
             f"this agent has no credential yet: give it the orchestrator's enrollment token "
             f"once (--enroll-token or CHIFFON_ENROLL_TOKEN); it keeps its own secret in "

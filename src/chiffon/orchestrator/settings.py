@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Self
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chiffon.orchestrator.history import Tier
@@ -79,6 +79,12 @@ class OrchestratorSettings(BaseSettings):
     history_1m_retention_seconds: float = Field(86400, ge=0, le=366 * 86400)
     history_15m_retention_seconds: float = Field(30 * 86400, ge=0, le=5 * 366 * 86400)
     history_prune_interval_seconds: float = Field(300, gt=0, le=86400)
+
+    @field_validator("api_token", "enroll_token", "secret_key", mode="after")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """`CHIFFON_API_TOKEN=` means no token, never the empty token."""
+        return value if value is not None and value.get_secret_value().strip() else None
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Self:

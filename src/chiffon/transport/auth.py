@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 SIGNATURE_HEADER = "x-chiffon-signature"
@@ -51,3 +52,15 @@ class AgentCredential:
 
     def sign(self, body: bytes) -> str:
         return sign(signing_key(self.secret), body)
+
+
+# What a publisher is handed: one agent's credential, or (one publisher carrying many
+# agents' messages, like a simulator) each agent's by id.
+Credentials = AgentCredential | Mapping[uuid.UUID, AgentCredential]
+
+
+def credential_for(credentials: Credentials | None, agent_id: uuid.UUID) -> AgentCredential | None:
+    """The credential to prove a message of `agent_id` with (a single one is used as is)."""
+    if credentials is None or isinstance(credentials, AgentCredential):
+        return credentials
+    return credentials.get(agent_id)

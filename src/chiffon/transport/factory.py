@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chiffon.transport.auth import AgentCredential
+from chiffon.transport.auth import Credentials
 from chiffon.transport.base import Publisher
 from chiffon.transport.http import HttpPublisher
 
@@ -13,7 +13,7 @@ def make_publisher(
     amqp_url: str,
     orchestrator_url: str,
     timeout_seconds: float,
-    credential: AgentCredential | None = None,
+    credential: Credentials | None = None,
 ) -> Publisher:
     """`http` posts to the orchestrator's REST API; `amqp` publishes to RabbitMQ.
 

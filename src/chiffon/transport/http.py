@@ -7,7 +7,7 @@ import uuid
 import httpx
 
 from chiffon.schemas.heartbeat import AgentMessage
-from chiffon.transport.auth import AgentCredential
+from chiffon.transport.auth import AgentCredential, Credentials, credential_for
 from chiffon.transport.base import TransportError
 
 
@@ -33,7 +33,7 @@ class HttpPublisher:
         orchestrator_url: str,
         *,
         timeout_seconds: float = 5.0,
-        credential: AgentCredential | None = None,
+        credential: Credentials | None = None,
     ) -> None:
         self.orchestrator_url = orchestrator_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
@@ -52,8 +52,9 @@ class HttpPublisher:
         route = "heartbeat" if message.kind == "heartbeat" else "offline"
         path = f"/api/v1/agents/{message.agent_id}/{route}"
         headers = {"content-type": "application/json"}
-        if self._credential is not None:
-            headers["authorization"] = self._credential.bearer
+        credential = credential_for(self._credential, message.agent_id)
+        if credential is not None:
+            headers["authorization"] = credential.bearer
         try:
             resp = await self._client.post(
                 path, content=message.model_dump_json().encode(), headers=headers

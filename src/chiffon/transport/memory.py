@@ -7,14 +7,14 @@ ingest, wait for commit), so it is a faithful twin for tests and for single-proc
 from __future__ import annotations
 
 from chiffon.schemas.heartbeat import AgentMessage
-from chiffon.transport.auth import AgentCredential
+from chiffon.transport.auth import Credentials, credential_for
 from chiffon.transport.base import IngestSink, TransportError
 
 
 class InMemoryPublisher:
     """With a credential, each message is signed as over RabbitMQ and the sink checks it."""
 
-    def __init__(self, sink: IngestSink, *, credential: AgentCredential | None = None) -> None:
+    def __init__(self, sink: IngestSink, *, credential: Credentials | None = None) -> None:
         self._sink = sink
         self._credential = credential
         self._open = False
@@ -28,10 +28,11 @@ class InMemoryPublisher:
             raise TransportError("in-memory transport is closed")
         try:
             raw = message.model_dump_json().encode()
-            if self._credential is None:
+            credential = credential_for(self._credential, message.agent_id)
+            if credential is None:
                 await self._sink(raw)
             else:
-                await self._sink(raw, signature=self._credential.sign(raw))
+                await self._sink(raw, signature=credential.sign(raw))
         except Exception as exc:  # any refusal by the sink means "not delivered"
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         self.sent += 1

@@ -28,7 +28,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage
-from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
+from chiffon.transport.auth import SIGNATURE_HEADER, Credentials, credential_for
 from chiffon.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class RabbitPublisher:
         *,
         timeout_seconds: float = 5.0,
         exchange: str = EXCHANGE,
-        credential: AgentCredential | None = None,
+        credential: Credentials | None = None,
     ) -> None:
         self._url = amqp_url
         self._credential = credential
@@ -173,8 +173,9 @@ class RabbitPublisher:
         """Publish and wait for the broker's confirm; `TransportError` on anything else."""
         body = message.model_dump_json().encode()
         headers: dict[str, Any] = {}
-        if self._credential is not None:
-            headers[SIGNATURE_HEADER] = self._credential.sign(body)
+        credential = credential_for(self._credential, message.agent_id)
+        if credential is not None:
+            headers[SIGNATURE_HEADER] = credential.sign(body)
         outgoing = aio_pika.Message(
             body,
             content_type=CONTENT_TYPE,
