@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -33,3 +35,36 @@ def need(service: str, host: str, port: int) -> None:
     if require_services():
         pytest.fail(f"{message} and CHIFFON_REQUIRE_SERVICES=1", pytrace=False)
     pytest.skip(message)
+
+
+def _run(*command: str) -> None:
+    import subprocess
+
+    subprocess.run(command, check=True, timeout=120, capture_output=True)
+
+
+@contextlib.contextmanager
+def broker_stopped() -> Iterator[None]:
+    """RabbitMQ's app stopped (`rabbitmqctl stop_app`) and always started again."""
+    _run("rabbitmqctl", "-q", "stop_app")
+    try:
+        yield
+    finally:
+        _run("rabbitmqctl", "-q", "start_app")
+        _run("rabbitmqctl", "-q", "await_startup")
+
+
+def postgres_version() -> str:
+    versions = sorted(os.listdir("/etc/postgresql"))
+    return versions[-1]
+
+
+@contextlib.contextmanager
+def postgres_stopped() -> Iterator[None]:
+    """The local PostgreSQL cluster stopped (pg_ctlcluster) and always started again."""
+    ctl = ("pg_ctlcluster", "--skip-systemctl-redirect", postgres_version(), "main")
+    _run(*ctl, "stop", "-m", "fast")
+    try:
+        yield
+    finally:
+        _run(*ctl, "start")

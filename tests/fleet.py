@@ -1,0 +1,166 @@
+"""Real `chiffon orchestrator` and `chiffon agent` processes on real PostgreSQL (and
+RabbitMQ): the fleet the end-to-end and fault tests drive. Every process is ended by its
+own pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.auth import API_HEADERS, ENROLL_TOKEN, TOKENS_ENV
+from tests.conftest import fresh_postgres_database
+from tests.fakes.nvidia_smi import gpu_row, install, path_with
+from tests.procs import CHIFFON, free_port, stop, wait_http
+from tests.services import AMQP_URL, need
+
+INTERVAL = 1.0
+TIMEOUT = 6.0  # longer than a RabbitMQ stop_app/start_app cycle on a busy 2-core box
+SWEEP = 0.5
+LIVENESS_ENV = {
+    "CHIFFON_HEARTBEAT_INTERVAL": str(INTERVAL),
+    "CHIFFON_HEARTBEAT_TIMEOUT": str(TIMEOUT),
+    "CHIFFON_SWEEP_INTERVAL": str(SWEEP),
+}
+# name -> fake nvidia-smi rows (None: no nvidia-smi at all)
+DESKTOPS: dict[str, list[list[str]] | None] = {
+    "desk-none": None,
+    "desk-8g": [gpu_row(0, total_mib="8192", free_mib="7629", name="NVIDIA RTX 4060")],
+    "desk-2x24g": [gpu_row(0, free_mib="20000"), gpu_row(1, free_mib="23975")],
+}
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+@contextmanager
+def private_vhost() -> Iterator[str]:
+    """An AMQP URL on a virtual host of its own, so the default names are safe to use."""
+    need("RabbitMQ", "127.0.0.1", 5672)
+    vhost = f"chiffon-e2e-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"{AMQP_URL.rstrip('/')}/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass
+class Fleet:
+    api: str
+    tmp: Path
+    agent_env: dict[str, str]
+    stack: ExitStack
+    procs: dict[str, subprocess.Popen[str]]
+    orchestrator_cmd: tuple[list[str], dict[str, str]] = ([], {})
+    orchestrator: subprocess.Popen[str] | None = None
+
+    def start_orchestrator(self) -> None:
+        """Start (or start again, on the same port and database) the orchestrator."""
+        command, env = self.orchestrator_cmd
+        log = self.stack.enter_context((self.tmp / "orchestrator.log").open("a"))
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.stack.callback(stop, proc)
+        self.orchestrator = proc
+        wait_http(f"{self.api}/healthz", proc, log=self.tmp / "orchestrator.log")
+
+    def start_agent(self, name: str) -> subprocess.Popen[str]:
+        home = self.tmp / name
+        bin_dir = home / "bin"
+        rows = DESKTOPS[name]
+        path = os.environ["PATH"] if rows is None else path_with(bin_dir)
+        if rows is not None:
+            install(bin_dir, rows=rows)
+        log = self.stack.enter_context((self.tmp / f"{name}.log").open("a"))
+        proc = subprocess.Popen(
+            [*CHIFFON, "agent", "--name", name, "--state-dir", str(home / "state")],
+            env={**os.environ, **self.agent_env, "HOME": str(home), "PATH": path},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.stack.callback(stop, proc, signal.SIGKILL)
+        self.procs[name] = proc
+        return proc
+
+    def agent_id(self, name: str) -> str:
+        return (self.tmp / name / "state" / "agent_id").read_text().strip()
+
+    def agents(self) -> dict[str, dict[str, Any]]:
+        rows = httpx.get(f"{self.api}/api/v1/agents", timeout=5, headers=API_HEADERS).json()
+        return {row["name"]: row for row in rows}
+
+    def capacity(self, **query: float) -> list[str]:
+        rows = httpx.get(
+            f"{self.api}/api/v1/agents/available-capacity", params=query, headers=API_HEADERS
+        ).json()
+        return [row["name"] for row in rows]
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        rows = httpx.get(
+            f"{self.api}/api/v1/events",
+            params={"agent_id": self.agent_id(name)},
+            headers=API_HEADERS,
+        ).json()
+        return [(row["to_status"], row["reason"]) for row in rows]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.tmp.glob("*.log"))
+
+
+def wait_for(what: str, check: Callable[[], bool], fleet: Fleet, within: float) -> float:
+    """Seconds until `check()` held; fails with every process's log after `within`."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not happen within {within} s\n{fleet.logs()}")
+
+
+@contextmanager
+def fleet_on(
+    transport: str,
+    tmp: Path,
+    amqp_url: str | None,
+    liveness: dict[str, str] | None = None,
+) -> Iterator[Fleet]:
+    liveness = liveness or LIVENESS_ENV
+    with ExitStack() as stack:
+        database_url = stack.enter_context(fresh_postgres_database())
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        orch_env = {
+            **os.environ,
+            **liveness,
+            **TOKENS_ENV,
+            "CHIFFON_DATABASE_URL": database_url,
+        }
+        args = ["--port", str(port)] + (["--amqp-url", amqp_url] if amqp_url else [])
+        fleet = Fleet(api, tmp, {}, stack, {})
+        fleet.orchestrator_cmd = ([*CHIFFON, "orchestrator", *args], orch_env)
+        fleet.start_orchestrator()
+        fleet.agent_env = {
+            **liveness,
+            "CHIFFON_TRANSPORT": transport,
+            "CHIFFON_ORCHESTRATOR_URL": api,
+            "CHIFFON_AMQP_URL": amqp_url or "",
+            "CHIFFON_PUBLISH_TIMEOUT": "2",
+            "CHIFFON_ENROLL_TOKEN": ENROLL_TOKEN,
+        }
+        yield fleet
