@@ -9,9 +9,10 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tests.auth import API_HEADERS, ENROLL_TOKEN, TOKENS_ENV
 from tests.conftest import fresh_postgres_database
 from tests.fakes.nvidia_smi import gpu_row, install, path_with
 from tests.procs import CHIFFON, free_port, stop, wait_http
-from tests.services import AMQP_URL, need
+from tests.services import AMQP_URL, broker_stopped, need
 
 INTERVAL = 1.0
 TIMEOUT = 6.0  # longer than a RabbitMQ stop_app/start_app cycle on a busy 2-core box
@@ -164,3 +165,44 @@ def fleet_on(
             "CHIFFON_ENROLL_TOKEN": ENROLL_TOKEN,
         }
         yield fleet
+
+
+def last_beats(fleet: Fleet) -> dict[str, datetime]:
+    return {
+        name: datetime.fromisoformat(row["last_heartbeat_at"])
+        for name, row in fleet.agents().items()
+        if row["status"] == "online"
+    }
+
+
+def check_broker_restart(fleet: Fleet, vhost_url: str) -> None:
+    vhost = vhost_url.rsplit("/", 1)[1]
+    before = last_beats(fleet)
+    with broker_stopped():
+        time.sleep(1.5)
+
+    def beat_again() -> bool:
+        now = last_beats(fleet)
+        return set(now) == set(before) and all(now[n] > before[n] for n in before)
+
+    wait_for("heartbeats after the broker restart", beat_again, fleet, within=20)
+    queues = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers")
+    assert "chiffon.orchestrator.agent-events\t1" in queues
+    for name in before:
+        assert ("offline", "timeout") not in fleet.events(name), name
+
+
+def all_online(fleet: Fleet, names: Iterable[str] = tuple(DESKTOPS)) -> bool:
+    agents = fleet.agents()
+    return all(agents.get(n, {}).get("status") == "online" for n in names)
+
+
+def offline_at(fleet: Fleet, name: str) -> datetime:
+    """When the orchestrator marked the agent offline for silence (its latest such event)."""
+    rows = httpx.get(
+        f"{fleet.api}/api/v1/events",
+        params={"agent_id": fleet.agent_id(name)},
+        headers=API_HEADERS,
+        timeout=5,
+    ).json()
+    return next(datetime.fromisoformat(r["at"]) for r in rows if r["reason"] == "timeout")

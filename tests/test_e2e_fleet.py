@@ -10,8 +10,6 @@ own pid.
 from __future__ import annotations
 
 import signal
-import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -22,16 +20,12 @@ from tests.fleet import (
     SWEEP,
     TIMEOUT,
     Fleet,
+    all_online,
+    check_broker_restart,
     fleet_on,
     private_vhost,
-    rabbitmqctl,
     wait_for,
 )
-
-
-def all_online(fleet: Fleet) -> bool:
-    agents = fleet.agents()
-    return all(agents.get(n, {}).get("status") == "online" for n in DESKTOPS)
 
 
 def check_three_distinct_agents(fleet: Fleet) -> None:
@@ -76,35 +70,6 @@ def check_kill_and_goodbye(fleet: Fleet) -> None:
     )
     assert fleet.agent_id("desk-8g") == first_id
     assert fleet.agents()["desk-8g"]["agent_id"] == first_id
-
-
-def last_beats(fleet: Fleet) -> dict[str, datetime]:
-    return {
-        name: datetime.fromisoformat(row["last_heartbeat_at"])
-        for name, row in fleet.agents().items()
-        if row["status"] == "online"
-    }
-
-
-def check_broker_restart(fleet: Fleet, vhost_url: str) -> None:
-    vhost = vhost_url.rsplit("/", 1)[1]
-    before = last_beats(fleet)
-    rabbitmqctl("stop_app")
-    try:
-        time.sleep(1.5)
-    finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-
-    def beat_again() -> bool:
-        now = last_beats(fleet)
-        return set(now) == set(before) and all(now[n] > before[n] for n in before)
-
-    wait_for("heartbeats after the broker restart", beat_again, fleet, within=20)
-    queues = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers")
-    assert "chiffon.orchestrator.agent-events\t1" in queues
-    for name in before:
-        assert ("offline", "timeout") not in fleet.events(name), name
 
 
 @pytest.mark.broker_restart

@@ -1,0 +1,116 @@
+"""Faults under a real fleet: `chiffon orchestrator` and `chiffon agent` processes on real
+PostgreSQL and RabbitMQ (1, 2, 3). Each test restores what it stopped, even when it fails."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.fleet import (
+    Fleet,
+    all_online,
+    check_broker_restart,
+    fleet_on,
+    last_beats,
+    offline_at,
+    private_vhost,
+    wait_for,
+)
+from tests.services import broker_stopped
+
+# Short liveness for 2 and 3 so "several timeouts" is seconds, not minutes.
+TIMEOUT = 3.0
+FAST = {
+    "CHIFFON_HEARTBEAT_INTERVAL": "0.5",
+    "CHIFFON_HEARTBEAT_TIMEOUT": str(TIMEOUT),
+    "CHIFFON_SWEEP_INTERVAL": "0.25",
+}
+ALIVE, DEAD = "desk-none", "desk-8g"
+
+
+def start_two(fleet: Fleet) -> None:
+    for name in (ALIVE, DEAD):
+        fleet.start_agent(name)
+    wait_for("both agents online", lambda: all_online(fleet, (ALIVE, DEAD)), fleet, within=30)
+
+
+def kill(fleet: Fleet, name: str) -> None:
+    fleet.procs[name].send_signal(signal.SIGKILL)
+    fleet.procs[name].wait(5)
+
+
+def check_dead_goes_offline_only_after_grace(
+    fleet: Fleet, heard_again: datetime, slack_seconds: float
+) -> None:
+    """The live agent is never judged; the dead one is, one timeout after hearing resumed.
+
+    `heard_again` is at most `slack_seconds` after the orchestrator's grace began."""
+    before = last_beats(fleet)[ALIVE]
+    wait_for("the live agent beating again", lambda: _beats_after(fleet, before), fleet, 30)
+    wait_for(
+        "the dead agent offline",
+        lambda: fleet.agents()[DEAD]["status"] == "offline",
+        fleet,
+        within=TIMEOUT + 20,
+    )
+    grace = (offline_at(fleet, DEAD) - heard_again).total_seconds()
+    assert grace >= TIMEOUT - slack_seconds, f"offline {grace:.1f} s after: inside the grace"
+    assert fleet.events(DEAD)[0] == ("offline", "timeout")
+    assert ("offline", "timeout") not in fleet.events(ALIVE)
+    assert fleet.agents()[ALIVE]["status"] == "online"
+
+
+def _beats_after(fleet: Fleet, before: object) -> bool:
+    now = last_beats(fleet).get(ALIVE)
+    return now is not None and now > before  # type: ignore[operator]
+
+
+@pytest.mark.broker_restart
+def test_1_broker_stopped_shorter_than_the_timeout(tmp_path: Path) -> None:
+    with private_vhost() as amqp_url, fleet_on("amqp", tmp_path, amqp_url) as fleet:
+        start_two(fleet)
+        check_broker_restart(fleet, amqp_url)  # no one offline, beats resume, consumer back
+
+
+@pytest.mark.broker_restart
+def test_2_broker_down_for_several_timeouts(tmp_path: Path) -> None:
+    with private_vhost() as amqp_url, fleet_on("amqp", tmp_path, amqp_url, FAST) as fleet:
+        start_two(fleet)
+        with broker_stopped():
+            kill(fleet, DEAD)  # dies while no one can hear it
+            time.sleep(3 * TIMEOUT)
+            agents = fleet.agents()
+            assert agents[ALIVE]["status"] == agents[DEAD]["status"] == "online"
+        heard_again = _when_consuming(fleet)
+        check_dead_goes_offline_only_after_grace(fleet, heard_again, slack_seconds=0.5)
+
+
+def _when_consuming(fleet: Fleet) -> datetime:
+    import httpx
+
+    wait_for(
+        "the orchestrator consuming again",
+        lambda: httpx.get(f"{fleet.api}/readyz", timeout=5).json().get("amqp") == "consuming",
+        fleet,
+        within=30,
+    )
+    return datetime.now(UTC)
+
+
+def test_3_orchestrator_sigkilled_and_restarted_after_several_timeouts(tmp_path: Path) -> None:
+    with fleet_on("http", tmp_path, None, FAST) as fleet:
+        start_two(fleet)
+        assert fleet.orchestrator is not None
+        fleet.orchestrator.send_signal(signal.SIGKILL)
+        fleet.orchestrator.wait(5)
+        kill(fleet, DEAD)
+        time.sleep(3 * TIMEOUT)
+        fleet.start_orchestrator()
+        restarted = datetime.now(UTC)
+        assert ("offline", "timeout") not in fleet.events(DEAD)  # not judged at start
+        # The grace began at start-up, up to a second before the API answered.
+        check_dead_goes_offline_only_after_grace(fleet, restarted, slack_seconds=1.5)
