@@ -212,6 +212,9 @@ async def test_api_reads_the_finest_tier_covering_the_window_one_point_per_step(
     assert per_minute["resolution_seconds"] == 60
     assert [p["gpu_vram_available_gb"] for p in per_minute["points"]] == [1.0, 5.0]
 
+    hour_late = await api.get(url, params={"since": iso(clock.now() - timedelta(seconds=3601))})
+    assert hour_late.json()["resolution_seconds"] == 0  # "the last hour", asked a second late
+
     clock.advance(2 * 3600)  # the raw tier no longer reaches back to `start`
     later = (await api.get(url, params={"since": iso(start), "step": 1})).json()
     assert later["resolution_seconds"] == 60 and len(later["points"]) == 2

@@ -146,9 +146,19 @@ class HistoryRecorder:
 def choose_tier(
     tiers: Sequence[Tier], *, since: datetime, now: datetime, step_seconds: float
 ) -> Tier:
-    """The finest tier no finer than needed that still reaches back to `since`."""
+    """The finest tier no finer than needed that still reaches back to `since`.
+
+    A tier covers a window that starts up to one of its periods before its retention: a
+    dashboard asking for "the last hour" a few milliseconds late still reads the
+    full-resolution tier that keeps an hour (pruning runs every few minutes anyway).
+    """
     by_resolution = sorted(tiers, key=lambda t: t.every_seconds)
-    covering = [t for t in by_resolution if now - timedelta(seconds=t.retention_seconds) <= since]
+
+    def reaches(tier: Tier) -> bool:
+        oldest = now - timedelta(seconds=tier.retention_seconds + tier.every_seconds)
+        return oldest <= since
+
+    covering = [t for t in by_resolution if reaches(t)]
     fitting = [t for t in covering if t.every_seconds <= step_seconds]
     if fitting:
         return fitting[-1]
