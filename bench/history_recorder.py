@@ -1,6 +1,6 @@
 """What one tick of the metrics history recorder costs for a large fleet.
 
-Registers `--agents` online agents (two GPUs each) through the real ingest path, then
+Registers `--agents` online agents (one GPU each) through the real ingest path, then
 times `HistoryRecorder.record_once` on SQLite and on the local PostgreSQL: ticks that
 write the full-resolution tier only (most ticks), and ticks at a quarter-hour boundary
 that write all three tiers. Each kind is repeated `--repeats` times on a manual clock and

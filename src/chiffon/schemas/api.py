@@ -141,7 +141,9 @@ class AgentMetrics(BaseModel):
     since: datetime
     until: datetime
     step_seconds: float = Field(description="at most one point per this many seconds")
-    resolution_seconds: int = Field(description="the stored tier read (0: one point per heartbeat interval)")
+    resolution_seconds: int = Field(
+        description="the stored tier read (0: one point per heartbeat interval)"
+    )
     points: list[MetricPoint]
 
 
