@@ -1,18 +1,21 @@
-"""Metrics history on both engines: tiers written by ingest, read by the API, pruned."""
+"""Metrics history on both engines: tiers recorded from the registry, read by the API, pruned."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.history import HistoryRecorder
+from chiffon.orchestrator.history import TICK_MARGIN_SECONDS, HistoryRecorder
 from chiffon.orchestrator.ingest import Received, apply_batch
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import AgentMetricsRow
@@ -38,9 +41,10 @@ async def beat(orchestrator: Orchestrator, free_gb: float, *, agent: uuid.UUID =
 
 
 async def beat_every_15s(orchestrator: Orchestrator, clock: ManualClock, count: int) -> None:
-    """`count` heartbeats 15 s apart; the i-th reports i GB free on GPU 0."""
+    """`count` heartbeat intervals: a beat (the i-th reports i GB free), a recorder tick, 15 s."""
     for i in range(count):
         await beat(orchestrator, float(i))
+        await orchestrator.recorder.record_once()
         clock.advance(15)
 
 
@@ -52,53 +56,142 @@ async def tier_counts(orchestrator: Orchestrator) -> dict[int, int]:
         return {int(r[0]): int(r[1]) for r in await s.execute(stmt)}
 
 
+async def points(orchestrator: Orchestrator, resolution_seconds: int) -> list[AgentMetricsRow]:
+    async with orchestrator.sessions() as s:
+        stmt = (
+            select(AgentMetricsRow)
+            .where(AgentMetricsRow.resolution_seconds == resolution_seconds)
+            .order_by(AgentMetricsRow.bucket_start, AgentMetricsRow.agent_id)
+        )
+        return list((await s.scalars(stmt)).all())
+
+
 def iso(at: datetime) -> str:
     return at.isoformat()
 
 
-async def test_every_heartbeat_for_an_hour_then_one_point_per_minute_and_quarter(
+async def test_ingest_writes_no_history(orchestrator: Orchestrator, clock: ManualClock) -> None:
+    async with orchestrator.sessions.begin() as s:
+        items = [Received(f.message(AGENT), clock.now()) for _ in range(3)]
+        assert await apply_batch(s, items) == ["applied"] * 3
+    for _ in range(3):
+        await beat(orchestrator, 1.0)
+    assert await tier_counts(orchestrator) == {}
+
+
+async def test_every_heartbeat_interval_for_an_hour_then_one_point_per_minute_and_quarter(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
-    # ManualClock starts on a quarter hour: 8 beats 15 s apart span minutes 0 and 1.
+    # ManualClock starts on a quarter hour: 8 intervals of 15 s span minutes 0 and 1.
     await beat_every_15s(orchestrator, clock, 8)
     assert await tier_counts(orchestrator) == {0: 8, 60: 2, 900: 1}
-    async with orchestrator.sessions() as s:
-        rows = (
-            await s.scalars(
-                select(AgentMetricsRow)
-                .where(AgentMetricsRow.resolution_seconds == 60)
-                .order_by(AgentMetricsRow.bucket_start)
-            )
-        ).all()
-    # First value wins: minute 0 starts with the 1st beat (0 GB), minute 1 with the 5th (4 GB).
-    assert [r.gpus[0]["vram_free_gb"] for r in rows] == [0.0, 4.0]
-    assert rows[1].gpu_vram_available_gb == 5.0 and rows[1].cpu_load_1min == 0.4
+    minutes = await points(orchestrator, 60)
+    # Sampled at the boundary: minute 0 holds the 1st beat (0 GB), minute 1 the 5th (4 GB).
+    assert [r.gpus[0]["vram_free_gb"] for r in minutes] == [0.0, 4.0]
+    assert minutes[1].gpu_vram_available_gb == 5.0 and minutes[1].cpu_load_1min == 0.4
+    assert minutes[1].memory_total_gb == 32.0
+    assert minutes[1].gpus[1] == {
+        "index": 1,
+        "vram_free_gb": 1.0,
+        "vram_total_gb": 8.0,
+        "utilization_percent": None,
+    }
+    raw = await points(orchestrator, 0)
+    assert [r.bucket_start for r in raw] == [
+        minutes[0].bucket_start + timedelta(seconds=15 * i) for i in range(8)
+    ]
+    assert all(r.sampled_at == r.bucket_start for r in raw)  # each beat came at a boundary
 
 
-async def test_a_bucket_keeps_its_first_heartbeat_across_batches_and_orchestrators(
+async def test_one_point_per_interval_whatever_the_heartbeat_rate(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
+    for second in range(15):  # an agent beating every second: still one point per 15 s
+        await beat(orchestrator, float(second))
+        await orchestrator.recorder.record_once()
+        clock.advance(1)
+    await beat(orchestrator, 20.0)
+    assert await orchestrator.recorder.record_once() == {0: 1}  # a new 15 s bucket only
+    assert [r.gpus[0]["vram_free_gb"] for r in await points(orchestrator, 0)] == [0.0, 20.0]
+    assert await tier_counts(orchestrator) == {0: 2, 60: 1, 900: 1}
+
+
+async def test_only_agents_online_and_recently_heard_are_recorded(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    gone, silent, alive = (uuid.UUID(int=n) for n in (1, 2, 3))
+    for agent in (gone, silent, alive):
+        await beat(orchestrator, 3.0, agent=agent)
+    assert await orchestrator.receive(f.message(gone, kind="offline")) == "applied"
+    clock.advance(60)  # longer than the 45 s timeout, not yet swept: `silent` is still online
+    await beat(orchestrator, 4.0, agent=alive)
+    assert await orchestrator.recorder.record_once() == {0: 1, 60: 1, 900: 1}
+    assert {r.agent_id for r in await points(orchestrator, 0)} == {alive}
+
+
+async def test_replicas_record_each_bucket_once_and_a_failed_tick_is_retried(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await beat(orchestrator, 7.0)
     tiers = orchestrator.settings.history_tiers
-    mine, other = HistoryRecorder(tiers), HistoryRecorder(tiers)
-    first = f.message(AGENT, seq=1, res=f.resources(memory_available_gb=10.0))
-    second = f.message(AGENT, seq=2, res=f.resources(memory_available_gb=12.0))
-    async with orchestrator.sessions.begin() as s:  # two beats at once in one batch
-        items = [Received(first, clock.now()), Received(second, clock.now())]
-        assert await apply_batch(s, items, history=mine) == ["applied", "applied"]
-    mine.committed()
-    clock.advance(15)
-    third = f.message(AGENT, seq=3, res=f.resources(memory_available_gb=14.0))
-    assert [r["resolution_seconds"] for r in mine.rows([(third, clock.now())])] == [0]
-    async with orchestrator.sessions.begin() as s:  # another orchestrator, same buckets
-        await apply_batch(s, [Received(third, clock.now())], history=other)
-    async with orchestrator.sessions() as s:
-        rows = (await s.scalars(select(AgentMetricsRow))).all()
-    assert sorted((r.resolution_seconds, r.memory_available_gb) for r in rows) == [
-        (0, 10.0),
-        (0, 14.0),
-        (60, 10.0),
-        (900, 10.0),
-    ]
+    other = HistoryRecorder(
+        orchestrator.sessions, clock, orchestrator.metrics, tiers, heard_within_seconds=45
+    )
+    assert await orchestrator.recorder.record_once() == {0: 1, 60: 1, 900: 1}
+    assert await orchestrator.recorder.record_once() == {}  # same buckets: no round trip
+    assert await other.record_once() == {0: 0, 60: 0, 900: 0}  # the database said no
+    assert await tier_counts(orchestrator) == {0: 1, 60: 1, 900: 1}
+
+    empty = create_async_engine("sqlite+aiosqlite:///:memory:")
+    broken = HistoryRecorder(
+        async_sessionmaker(empty), clock, orchestrator.metrics, tiers, heard_within_seconds=45
+    )
+    try:
+        with pytest.raises(DBAPIError):  # no tables: the tick fails
+            await broken.record_once()
+    finally:
+        await empty.dispose()
+    assert len(broken.due(clock.now())) == 3  # nothing marked as done: the next tick retries
+
+
+async def test_a_tick_is_one_statement_per_tier_due_whatever_the_fleet_size(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    for n in range(50):
+        await beat(orchestrator, 2.0, agent=uuid.UUID(int=1000 + n))
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(orchestrator.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        assert await orchestrator.recorder.record_once() == {0: 50, 60: 50, 900: 50}
+        clock.advance(15)
+        assert await orchestrator.recorder.record_once() == {0: 50}
+    finally:
+        event.remove(orchestrator.engine.sync_engine, "before_cursor_execute", count)
+    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == 4
+
+
+def test_the_recorder_wakes_at_the_next_boundary_of_the_heartbeat_interval() -> None:
+    from chiffon.orchestrator.metrics import OrchestratorMetrics
+    from chiffon.orchestrator.settings import OrchestratorSettings
+
+    clock = ManualClock()
+    fast = OrchestratorSettings(heartbeat_interval_seconds=1, heartbeat_timeout_seconds=3)
+    recorder = HistoryRecorder(
+        async_sessionmaker(),
+        clock,
+        OrchestratorMetrics(),
+        fast.history_tiers,
+        heard_within_seconds=3,
+    )
+    clock.advance(0.25)
+    assert recorder.seconds_to_next_tick() == pytest.approx(0.75 + TICK_MARGIN_SECONDS)
+    default = OrchestratorSettings()
+    assert [t.every_seconds for t in default.history_tiers] == [15, 60, 900]
 
 
 async def test_api_reads_the_finest_tier_covering_the_window_one_point_per_step(
@@ -121,6 +214,9 @@ async def test_api_reads_the_finest_tier_covering_the_window_one_point_per_step(
     per_minute = (await api.get(url, params={"since": iso(start), "step": 60})).json()
     assert per_minute["resolution_seconds"] == 60
     assert [p["gpu_vram_available_gb"] for p in per_minute["points"]] == [1.0, 5.0]
+
+    hour_late = await api.get(url, params={"since": iso(clock.now() - timedelta(seconds=3601))})
+    assert hour_late.json()["resolution_seconds"] == 0  # "the last hour", asked a second late
 
     clock.advance(2 * 3600)  # the raw tier no longer reaches back to `start`
     later = (await api.get(url, params={"since": iso(start), "step": 1})).json()
@@ -168,13 +264,6 @@ async def test_fleet_summary_counts_by_pool_and_sums_online_capacity(
     assert body["fleet"]["cpu_cores_physical"] == 16
 
 
-async def test_history_off_writes_nothing(orchestrator: Orchestrator, clock: ManualClock) -> None:
-    async with orchestrator.sessions.begin() as s:
-        recorder = HistoryRecorder([])
-        await apply_batch(s, [Received(f.message(AGENT), clock.now())], history=recorder)
-    assert await tier_counts(orchestrator) == {}
-
-
 def test_retention_of_zero_turns_a_tier_off_and_history_can_be_disabled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -189,3 +278,18 @@ def test_retention_of_zero_turns_a_tier_off_and_history_can_be_disabled(
     ]
     monkeypatch.setenv("CHIFFON_HISTORY_ENABLED", "false")
     assert OrchestratorSettings().history_tiers == []
+
+
+async def test_history_off_records_nothing(database_url: str, tmp_path: Path) -> None:
+    from chiffon.orchestrator.settings import OrchestratorSettings
+
+    settings = OrchestratorSettings(
+        database_url=database_url, data_dir=tmp_path, history_enabled=False
+    )
+    orch = Orchestrator(settings, clock=ManualClock())
+    try:
+        await orch.start()  # with its periodic tasks: no recorder, no pruner
+        assert [t.get_name() for t in orch._tasks] == ["chiffon-sweep"]
+        assert await orch.recorder.record_once() == {}
+    finally:
+        await orch.stop()

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from chiffon.orchestrator.history import HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received, apply_batch
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 
@@ -40,14 +39,12 @@ class IngestBatcher:
         max_batch: int = 500,
         max_delay_seconds: float = 0.02,
         retry_backoff_seconds: float = 0.5,
-        history: HistoryRecorder | None = None,
     ) -> None:
         self._sessions = sessions
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay = max_delay_seconds
         self._backoff = retry_backoff_seconds
-        self._history = history
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
@@ -105,9 +102,7 @@ class IngestBatcher:
         started = time.perf_counter()
         try:
             async with self._sessions.begin() as session:
-                outcomes = await apply_batch(
-                    session, [p.item for p in batch], history=self._history
-                )
+                outcomes = await apply_batch(session, [p.item for p in batch])
         except Exception as exc:  # the database is down or refused: nothing is durable
             self.healthy = False
             self._metrics.ingest_errors.inc()
@@ -117,8 +112,6 @@ class IngestBatcher:
                     pending.future.set_exception(IngestUnavailableError(str(exc)))
             return False
         self.healthy = True
-        if self._history is not None:
-            self._history.committed()
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(batch))
         for pending, outcome in zip(batch, outcomes, strict=True):

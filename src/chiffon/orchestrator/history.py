@@ -1,11 +1,12 @@
-"""Metrics history: tiers, the rows ingest writes, the points the API reads, pruning.
+"""Metrics history: tiers, the periodic recorder, the points the API reads, pruning.
 
-Each tier keeps one point per `resolution_seconds` bucket per agent: the values of the
-first heartbeat heard in that bucket (0 means every heartbeat). A sample, not an average:
-a coarse bucket is written once and never updated, so the ingest path writes about
-1 + 1/4 + 1/60 rows per heartbeat at a 15 s interval instead of three, the same rule holds
-for every number including the per-GPU list, and a point is always a snapshot an agent
-really reported.
+History is kept out of the ingest path. A recorder task copies every online agent's
+current numbers from the registry into `agent_metrics` on a schedule: one point per
+heartbeat interval for the full-resolution tier, one at each minute and quarter-hour
+boundary for the coarse tiers. Each point is a sample of what the agent last reported,
+not an average, so every number (the per-GPU list included) is a snapshot an agent really
+sent, and a tick costs one `INSERT ... SELECT` per tier whose bucket has just begun,
+whatever the fleet's size or the heartbeat rate.
 """
 
 from __future__ import annotations
@@ -18,29 +19,46 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
+from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.persistence import history
 from chiffon.persistence.models import AgentMetricsRow
 from chiffon.schemas.api import AgentMetrics, GpuPoint, MetricPoint
-from chiffon.schemas.heartbeat import AgentMessage
 
 log = logging.getLogger(__name__)
 
 # Charts read about this many points when the caller gives no step.
 DEFAULT_POINTS = 300
+# Wake this long after a bucket boundary, so that the tick lands inside the new bucket.
+TICK_MARGIN_SECONDS = 0.01
 
 
 @dataclass(frozen=True, slots=True)
 class Tier:
+    """One history tier.
+
+    `resolution_seconds` names the tier in the database (0: full resolution); the tier
+    keeps one point per `period_seconds` (the heartbeat interval at full resolution,
+    `resolution_seconds` otherwise) for `retention_seconds`.
+    """
+
     resolution_seconds: int
     retention_seconds: float
+    period_seconds: float = 0
+
+    def __post_init__(self) -> None:
+        if self.every_seconds <= 0:
+            raise ValueError(f"tier {self.resolution_seconds} needs a period above 0 seconds")
+
+    @property
+    def every_seconds(self) -> float:
+        return self.period_seconds or float(self.resolution_seconds)
 
 
-def bucket_start(at: datetime, resolution_seconds: int) -> datetime:
+def bucket_start(at: datetime, resolution_seconds: float) -> datetime:
     """The start of the bucket holding `at` (UTC, aligned to the epoch)."""
     if resolution_seconds <= 0:
         return at
@@ -48,77 +66,100 @@ def bucket_start(at: datetime, resolution_seconds: int) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-def point_values(message: AgentMessage) -> dict[str, Any]:
-    """The numbers a heartbeat contributes to the history."""
-    res = message.resources
-    assert res is not None  # only heartbeats are sampled
-    return {
-        "cpu_load_1min": res.cpu_load_1min,
-        "cpu_cores_available": res.cpu_cores_available,
-        "cpu_cores_physical": res.cpu_cores_physical,
-        "memory_available_gb": res.memory_available_gb,
-        "memory_total_gb": res.memory_total_gb,
-        "gpu_vram_available_gb": res.gpu_vram_available_gb,
-        "gpu_vram_total_gb": res.gpu_vram_total_gb,
-        "gpus": [
-            {
-                "index": gpu.index,
-                "vram_free_gb": gpu.vram_free_gb,
-                "vram_total_gb": gpu.vram_total_gb,
-                "utilization_percent": gpu.utilization_percent,
-            }
-            for gpu in res.gpus
-        ],
-    }
-
-
 class HistoryRecorder:
-    """Picks the history rows a batch writes: each tier's bucket once, its first heartbeat.
+    """Records each tier's bucket once, when the orchestrator's clock enters it.
 
-    Coarse buckets this process already wrote are skipped in memory, without a round trip;
-    a bucket another orchestrator wrote first is skipped by the database (ON CONFLICT DO
-    NOTHING). `committed` must follow a successful commit, so that a failed batch's
-    buckets are written again when its messages come back.
+    A tick writes only the tiers whose bucket began since this recorder last wrote one;
+    a bucket another orchestrator recorded first is left alone by the database (ON
+    CONFLICT DO NOTHING), so replicas may all run a recorder. Agents are recorded while
+    online and heard within `heard_within_seconds` (the liveness timeout), so that an
+    orchestrator starting over an old registry does not stamp stale numbers as new.
     """
 
-    def __init__(self, tiers: Sequence[Tier]) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Clock,
+        metrics: OrchestratorMetrics,
+        tiers: Sequence[Tier],
+        *,
+        heard_within_seconds: float,
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._metrics = metrics
         self.tiers = tuple(tiers)
-        self._written: dict[tuple[uuid.UUID, int], datetime] = {}
-        self._pending: list[tuple[uuid.UUID, int, datetime]] = []
+        self._heard_within = timedelta(seconds=heard_within_seconds)
+        self._recorded: dict[int, datetime] = {}
 
-    def rows(self, samples: Sequence[tuple[AgentMessage, datetime]]) -> list[dict[str, Any]]:
-        """Rows for a batch's applied heartbeats (with receipt times, in order)."""
-        rows: dict[tuple[uuid.UUID, int, datetime], dict[str, Any]] = {}
-        for message, received_at in samples:
-            for tier in self.tiers:
-                start = bucket_start(received_at, tier.resolution_seconds)
-                key = (message.agent_id, tier.resolution_seconds, start)
-                if key in rows or self._written.get(key[:2]) == start:
-                    continue
-                rows[key] = {
-                    "agent_id": message.agent_id,
-                    "resolution_seconds": tier.resolution_seconds,
-                    "bucket_start": start,
-                    "sampled_at": received_at,
-                    **point_values(message),
-                }
-        self._pending = [key for key in rows if key[1] > 0]
-        return list(rows.values())
+    def due(self, now: datetime) -> list[tuple[Tier, datetime]]:
+        """The tiers whose current bucket this recorder has not written yet."""
+        buckets = [(tier, bucket_start(now, tier.every_seconds)) for tier in self.tiers]
+        return [(t, b) for t, b in buckets if self._recorded.get(t.resolution_seconds) != b]
 
-    def committed(self) -> None:
-        """The last `rows` are durable: remember their coarse buckets."""
-        for agent_id, resolution, start in self._pending:
-            self._written[(agent_id, resolution)] = start
-        self._pending = []
+    async def record_once(self) -> dict[int, int]:
+        """One tick; returns the rows written per tier (only the tiers that were due)."""
+        now = self._clock.now()
+        due = self.due(now)
+        if not due:
+            return {}
+        started = time.perf_counter()
+        written: dict[int, int] = {}
+        async with self._sessions.begin() as session:
+            for tier, bucket in due:
+                written[tier.resolution_seconds] = await history.record_online(
+                    session,
+                    resolution_seconds=tier.resolution_seconds,
+                    bucket_start=bucket,
+                    heard_since=now - self._heard_within,
+                )
+        # Only after the commit: a failed tick is tried again while its bucket lasts.
+        for tier, bucket in due:
+            self._recorded[tier.resolution_seconds] = bucket
+        self._metrics.history_record_seconds.observe(time.perf_counter() - started)
+        return written
+
+    def seconds_to_next_tick(self) -> float:
+        """Until just after the next bucket boundary of any tier, by the clock."""
+        now = self._clock.now()
+        waits = [
+            (bucket_start(now, t.every_seconds) - now).total_seconds() + t.every_seconds
+            for t in self.tiers
+        ]
+        return max(TICK_MARGIN_SECONDS, min(waits, default=60.0) + TICK_MARGIN_SECONDS)
+
+    async def run(self) -> None:
+        """Tick at every bucket boundary forever; a failed tick is logged and retried.
+
+        Buckets are aligned to the wall clock (the epoch), so the schedule follows the
+        clock rather than a monotonic deadline: a tick that wakes a little early finds
+        nothing due and sleeps the rest of the way.
+        """
+        while True:
+            try:
+                await self.record_once()
+            except Exception as exc:  # database down: the next tick will try again
+                log.warning("metrics history recording failed: %s", exc)
+            await asyncio.sleep(self.seconds_to_next_tick())
 
 
 def choose_tier(
     tiers: Sequence[Tier], *, since: datetime, now: datetime, step_seconds: float
 ) -> Tier:
-    """The finest tier no finer than needed that still reaches back to `since`."""
-    by_resolution = sorted(tiers, key=lambda t: t.resolution_seconds)
-    covering = [t for t in by_resolution if now - timedelta(seconds=t.retention_seconds) <= since]
-    fitting = [t for t in covering if t.resolution_seconds <= step_seconds]
+    """The finest tier no finer than needed that still reaches back to `since`.
+
+    A tier covers a window that starts up to one of its periods before its retention: a
+    dashboard asking for "the last hour" a few milliseconds late still reads the
+    full-resolution tier that keeps an hour (pruning runs every few minutes anyway).
+    """
+    by_resolution = sorted(tiers, key=lambda t: t.every_seconds)
+
+    def reaches(tier: Tier) -> bool:
+        oldest = now - timedelta(seconds=tier.retention_seconds + tier.every_seconds)
+        return oldest <= since
+
+    covering = [t for t in by_resolution if reaches(t)]
+    fitting = [t for t in covering if t.every_seconds <= step_seconds]
     if fitting:
         return fitting[-1]
     if covering:
@@ -167,7 +208,7 @@ async def read_metrics(
         session,
         agent_id=agent_id,
         resolution_seconds=tier.resolution_seconds,
-        since=bucket_start(since, tier.resolution_seconds),
+        since=bucket_start(since, tier.every_seconds),
         until=until,
     )
     return AgentMetrics(

@@ -2,8 +2,9 @@
 
 `apply_batch` takes validated messages with the orchestrator's receipt time and applies
 them in the caller's transaction: two statements for the registry (a locked read of the
-agents' message ordering, then one upsert), one for status events and one for the metrics
-history.
+agents' message ordering, then one upsert) and one for status events. The metrics history
+is not written here: `orchestrator.history.HistoryRecorder` samples the registry on its own
+schedule, so history costs ingest nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chiffon.orchestrator.history import HistoryRecorder
-from chiffon.persistence import history as metrics_history
 from chiffon.persistence import registry
 from chiffon.persistence.registry import Ordering
 from chiffon.schemas.heartbeat import AgentMessage, Resources
@@ -99,7 +98,6 @@ class _BatchPlan:
     upserts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     goodbyes: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
-    samples: list[tuple[AgentMessage, datetime]] = field(default_factory=list)
 
     def take(self, item: Received) -> Outcome:
         msg = item.message
@@ -114,7 +112,6 @@ class _BatchPlan:
         self.state[msg.agent_id] = Ordering(new_status, msg.boot_id, msg.seq, msg.sent_at)
         if msg.kind == "heartbeat":
             self.upserts[msg.agent_id] = _heartbeat_row(item)
-            self.samples.append((msg, item.received_at))
             self.goodbyes.pop(msg.agent_id, None)
         elif msg.agent_id in self.upserts:
             row = self.upserts[msg.agent_id]
@@ -145,20 +142,12 @@ class _BatchPlan:
         )
 
 
-async def apply_batch(
-    session: AsyncSession, items: Sequence[Received], *, history: HistoryRecorder | None = None
-) -> list[Outcome]:
-    """Apply messages in order inside the caller's transaction; one outcome per message.
-
-    With `history`, applied heartbeats also land in the metrics history: one more
-    statement per batch, whatever its size.
-    """
+async def apply_batch(session: AsyncSession, items: Sequence[Received]) -> list[Outcome]:
+    """Apply messages in order inside the caller's transaction; one outcome per message."""
     ids = {item.message.agent_id for item in items}
     plan = _BatchPlan(state=await registry.lock_orderings(session, agent_ids=list(ids)))
     outcomes = [plan.take(item) for item in items]
     await registry.upsert_agents(session, rows=list(plan.upserts.values()))
     await registry.mark_offline(session, rows=list(plan.goodbyes.values()))
     await registry.add_events(session, events=plan.events)
-    if history is not None and history.tiers:
-        await metrics_history.add_points(session, rows=history.rows(plan.samples))
     return outcomes

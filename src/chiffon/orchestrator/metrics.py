@@ -66,6 +66,12 @@ class OrchestratorMetrics:
         self.sweep_seconds = Histogram(
             "chiffon_sweep_seconds", "Time of one offline sweep", buckets=_FAST, registry=r
         )
+        self.history_record_seconds = Histogram(
+            "chiffon_history_record_seconds",
+            "Time of one metrics history tick that wrote at least one tier",
+            buckets=_FAST,
+            registry=r,
+        )
         self.query_seconds = Histogram(
             "chiffon_query_seconds",
             "Time of registry queries",

@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class Orchestrator:
-    """Owns the database engine, the ingest batcher, the offline sweep and history pruning.
+    """Owns the database engine, the ingest batcher, the offline sweep and the history.
 
     Transports hand raw bytes (or parsed messages) to `receive`; the API reads through
-    `sessions`. `start(sweep=False)` leaves sweeping and history pruning to the caller
-    (tests drive `sweeper.sweep_once()` and `pruner.prune_once()` with a manual clock).
+    `sessions`. `start(sweep=False)` leaves sweeping, history recording and pruning to the
+    caller (tests drive `sweeper.sweep_once()`, `recorder.record_once()` and
+    `pruner.prune_once()` with a manual clock).
     """
 
     def __init__(
@@ -49,7 +50,6 @@ class Orchestrator:
             self.metrics,
             max_batch=settings.ingest_batch_size,
             max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
-            history=HistoryRecorder(settings.history_tiers),
         )
         self.sweeper = Sweeper(
             self.sessions,
@@ -63,11 +63,18 @@ class Orchestrator:
             _server_key(settings),
             cache_seconds=settings.credential_cache_seconds,
         )
+        self.recorder = HistoryRecorder(
+            self.sessions,
+            self.clock,
+            self.metrics,
+            settings.history_tiers,
+            heard_within_seconds=settings.heartbeat_timeout_seconds,
+        )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, *, sweep: bool = True) -> None:
-        """Refuse a stale schema, then start ingest and (optionally) the sweep."""
+        """Refuse a stale schema, then start ingest and (optionally) the periodic tasks."""
         await check_schema(self.engine)
         self.batcher.start()
         self.sweeper.grant_grace()
@@ -76,11 +83,15 @@ class Orchestrator:
                 asyncio.create_task(
                     self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
                 ),
-                asyncio.create_task(
-                    self.pruner.run(self.settings.history_prune_interval_seconds),
-                    name="chiffon-history-prune",
-                ),
             ]
+            if self.recorder.tiers:
+                self._tasks += [
+                    asyncio.create_task(self.recorder.run(), name="chiffon-history-record"),
+                    asyncio.create_task(
+                        self.pruner.run(self.settings.history_prune_interval_seconds),
+                        name="chiffon-history-prune",
+                    ),
+                ]
 
     async def stop(self) -> None:
         for task in self._tasks:

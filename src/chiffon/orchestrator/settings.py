@@ -106,7 +106,8 @@ class OrchestratorSettings(BaseSettings):
         if not self.history_enabled:
             return []
         tiers = [
-            Tier(0, self.history_raw_retention_seconds),
+            # Full resolution: one point per heartbeat interval, whatever the ingest rate.
+            Tier(0, self.history_raw_retention_seconds, self.heartbeat_interval_seconds),
             Tier(60, self.history_1m_retention_seconds),
             Tier(900, self.history_15m_retention_seconds),
         ]

@@ -7,26 +7,116 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Integer, delete, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
-from chiffon.persistence.models import AgentMetricsRow, Base
+from chiffon.persistence.models import AgentMetricsRow, Base, JsonDocument, UTCDateTime
 
 _metrics = Base.metadata.tables["agent_metrics"]
+_registry = Base.metadata.tables["agent_registry"]
 _KEY = ("agent_id", "resolution_seconds", "bucket_start")
+# The per-GPU numbers a history point keeps (the registry's JSON holds more: name, uuid...).
+GPU_FIELDS = ("index", "vram_free_gb", "vram_total_gb", "utilization_percent")
 
 
-def _insert_statement(dialect: str) -> Any:
-    """The first point written to a bucket stays; later ones are dropped by the database."""
-    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return make(_metrics).on_conflict_do_nothing(index_elements=list(_KEY))
+class gpu_points(FunctionElement[Any]):
+    """`agent_registry.resource_metrics['gpus']` cut down to `GPU_FIELDS`, as a JSON list.
+
+    Compiled per engine: PostgreSQL walks the JSONB array, SQLite the JSON text.
+    """
+
+    type = JsonDocument
+    inherit_cache = True
 
 
-async def add_points(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
-    """Write a batch's history points, every tier, in one statement."""
-    if rows:
-        await session.execute(_insert_statement(session.get_bind().dialect.name), list(rows))
+def _pairs(value: str, extract: str) -> str:
+    return ", ".join(f"'{name}', {extract.format(value=value, name=name)}" for name in GPU_FIELDS)
+
+
+@compiles(gpu_points, "postgresql")
+def _gpu_points_postgresql(element: gpu_points, compiler: SQLCompiler, **kw: Any) -> str:
+    source = compiler.process(element.clauses, **kw)
+    fields = _pairs("g", "{value} -> '{name}'")
+    return (
+        f"COALESCE((SELECT jsonb_agg(jsonb_build_object({fields}) ORDER BY n) "
+        f"FROM jsonb_array_elements({source} -> 'gpus') WITH ORDINALITY AS e(g, n)), "
+        "'[]'::jsonb)"
+    )
+
+
+@compiles(gpu_points, "sqlite")
+def _gpu_points_sqlite(element: gpu_points, compiler: SQLCompiler, **kw: Any) -> str:
+    source = compiler.process(element.clauses, **kw)
+    fields = _pairs("g.value", "json_extract({value}, '$.{name}')")
+    return (
+        f"(SELECT json_group_array(json_object({fields})) FROM json_each({source}, '$.gpus') AS g)"
+    )
+
+
+def _online_points(
+    *, resolution_seconds: int, bucket_start: datetime, heard_since: datetime
+) -> Any:
+    """One history row per online agent heard since `heard_since`, from its registry row."""
+    agent = _registry.c
+    columns: list[ColumnElement[Any]] = [
+        agent.agent_id,
+        literal(resolution_seconds, Integer),
+        literal(bucket_start, UTCDateTime),
+        agent.last_heartbeat_at,
+        agent.cpu_load_1min,
+        agent.cpu_cores_available,
+        agent.cpu_cores_physical,
+        agent.memory_available_gb,
+        agent.resource_metrics["memory_total_gb"].as_float(),
+        agent.gpu_vram_available_gb,
+        agent.gpu_vram_total_gb,
+        gpu_points(agent.resource_metrics),
+    ]
+    # WHERE is also what lets SQLite parse INSERT ... SELECT ... ON CONFLICT unambiguously.
+    return select(*columns).where(agent.status == "online", agent.last_heartbeat_at >= heard_since)
+
+
+async def record_online(
+    session: AsyncSession, *, resolution_seconds: int, bucket_start: datetime, heard_since: datetime
+) -> int:
+    """Copy every online agent's current numbers into one tier's bucket: one statement.
+
+    `INSERT ... SELECT` runs in the database, whatever the fleet's size; a bucket another
+    orchestrator already recorded is left as it is (ON CONFLICT DO NOTHING). Returns the
+    rows written.
+    """
+    make = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    target = [
+        "agent_id",
+        "resolution_seconds",
+        "bucket_start",
+        "sampled_at",
+        "cpu_load_1min",
+        "cpu_cores_available",
+        "cpu_cores_physical",
+        "memory_available_gb",
+        "memory_total_gb",
+        "gpu_vram_available_gb",
+        "gpu_vram_total_gb",
+        "gpus",
+    ]
+    source = _online_points(
+        resolution_seconds=resolution_seconds, bucket_start=bucket_start, heard_since=heard_since
+    )
+    stmt = (
+        make(_metrics)
+        .from_select(target, source)
+        .on_conflict_do_nothing(index_elements=_KEY)
+        # An INSERT's rowcount is otherwise lost when the async cursor closes early.
+        .execution_options(preserve_rowcount=True)
+    )
+    # On the connection, not the ORM session: a Core result, whose rowcount is the database's.
+    result = await (await session.connection()).execute(stmt)
+    return result.rowcount
 
 
 async def prune_tier(session: AsyncSession, *, resolution_seconds: int, before: datetime) -> int:

@@ -127,11 +127,12 @@ class AgentEventRow(Base):
 
 
 class AgentMetricsRow(Base):
-    """One point of an agent's history: the first heartbeat heard in a time bucket.
+    """One point of an agent's history: its registry numbers when a time bucket began.
 
-    `resolution_seconds` names the tier: 0 keeps every heartbeat (`bucket_start` is its
-    receipt time), 60 and 900 keep one point per minute and per quarter hour. The key lets
-    ingest write every tier's bucket in one INSERT ... ON CONFLICT DO NOTHING.
+    `resolution_seconds` names the tier: 0 keeps one point per heartbeat interval, 60 and
+    900 one per minute and per quarter hour. The key lets the history recorder copy the
+    whole online fleet into a bucket with one INSERT ... SELECT ... ON CONFLICT DO NOTHING,
+    from as many orchestrators as share the database.
     """
 
     __tablename__ = "agent_metrics"

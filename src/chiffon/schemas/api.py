@@ -121,9 +121,9 @@ class GpuPoint(BaseModel):
 
 
 class MetricPoint(BaseModel):
-    """The first heartbeat heard in one history bucket."""
+    """An agent's numbers (its latest heartbeat) when one history bucket began."""
 
-    at: datetime = Field(description="start of the bucket (receipt time at full resolution)")
+    at: datetime = Field(description="start of the bucket")
     cpu_load_1min: float | None
     cpu_cores_available: int | None
     cpu_cores_physical: int | None
@@ -141,7 +141,9 @@ class AgentMetrics(BaseModel):
     since: datetime
     until: datetime
     step_seconds: float = Field(description="at most one point per this many seconds")
-    resolution_seconds: int = Field(description="the stored tier read (0: every heartbeat)")
+    resolution_seconds: int = Field(
+        description="the stored tier read (0: one point per heartbeat interval)"
+    )
     points: list[MetricPoint]
 
 
