@@ -163,23 +163,27 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
         )
         beating = min(size, STEADY_AGENTS)
         interval = STEADY_INTERVAL * beating / STEADY_AGENTS
-        sim = subprocess.Popen(
-            [
-                *CHIFFON,
-                "simulate",
-                "--agents",
-                str(beating),
-                "--interval",
-                f"{interval:g}",
-                "--transport",
-                "amqp",
-                "--seed",
-                str(SEED),
-            ],
-            env={**os.environ, "CHIFFON_AMQP_URL": amqp},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        sim = (
+            None
+            if args.no_ingest
+            else subprocess.Popen(
+                [
+                    *CHIFFON,
+                    "simulate",
+                    "--agents",
+                    str(beating),
+                    "--interval",
+                    f"{interval:g}",
+                    "--transport",
+                    "amqp",
+                    "--seed",
+                    str(SEED),
+                ],
+                env={**os.environ, "CHIFFON_AMQP_URL": amqp},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         )
         try:
             time.sleep(args.warmup)
@@ -199,12 +203,10 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
                 check=True,
             )
         finally:
-            stop(sim, timeout=30)
-        sim_out = [
-            line
-            for line in (sim.stdout.read() if sim.stdout else "").splitlines()
-            if line.startswith("sent ")
-        ]
+            if sim is not None:
+                stop(sim, timeout=30)
+        output = sim.stdout.read() if sim is not None and sim.stdout else ""
+        sim_out = [line for line in output.splitlines() if line.startswith("sent ")]
         result: dict[str, Any] = json.loads(load.stdout)
         result.update(seed_seconds=seed_seconds, raw_sql=raw, simulate=sim_out[-1:])
         return result
@@ -217,6 +219,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--no-ingest", action="store_true", help="no simulate meanwhile")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:

@@ -134,7 +134,19 @@ def private_vhost() -> Iterator[str]:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield f"{AMQP_URL.rstrip('/')}/{vhost}"
     finally:
-        rabbitmqctl("delete_vhost", vhost)
+        delete_vhost(vhost)
+
+
+def delete_vhost(vhost: str, attempts: int = 10) -> None:
+    """Delete our vhost, waiting out a broker that someone is restarting."""
+    for attempt in range(attempts):
+        try:
+            rabbitmqctl("delete_vhost", vhost)
+            return
+        except subprocess.CalledProcessError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(3)
 
 
 def wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:

@@ -59,7 +59,7 @@ def test_simulated_agents_register_with_varied_hardware(tmp_path: Path, transpor
         env = {"CHIFFON_ORCHESTRATOR_URL": api, "CHIFFON_AMQP_URL": amqp_url}
         done = simulate("--transport", transport, "--duration", "3", "--seed", "11", env=env)
         sent = sent_count(done.stdout)
-        assert sent >= 2 * AGENTS  # at least two beats each in 3 s at 1 s
+        assert sent >= 2 * AGENTS, done.stdout  # at least two beats each in 3 s at 1 s
         assert accepted_heartbeats(api) == sent  # every confirmed message was applied
         rows = simulated(api, 11)
         assert len(rows) == AGENTS
