@@ -12,7 +12,11 @@ shared box:
    `RabbitConsumer` (defaults: prefetch 500, batches of 500, history on) drains the
    backlog into a fresh PostgreSQL database, acking each message after its batch
    commits. Rate = messages / (first delivery .. last ack).
-4. Latency at a steady rate: `chiffon simulate --transport amqp` (a separate process)
+4. Scale-out (`--processes`, default 2): the same backlog drained by that many
+   `chiffon orchestrator --amqp-url` processes as competing consumers; rate = messages
+   acked (the queue depth falls only on ack, after commit) / time from the first drop in
+   queue depth to an empty queue.
+5. Latency at a steady rate: `chiffon simulate --transport amqp` (a separate process)
    offers `--latency-rate` heartbeats/s; for each applied heartbeat, publish-to-visible =
    the commit's wall-clock time minus the message's `sent_at` (set just before publish).
    The first interval (registrations) is left out.
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     CHIFFON,
+    free_port,
     fresh_postgres,
     machine,
     percentile,
@@ -243,6 +248,51 @@ async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[tuple[str, byte
     return len(bodies) / elapsed
 
 
+async def queue_depth(channel: aio_pika.abc.AbstractChannel) -> int:
+    queue = await channel.declare_queue(AGENT_EVENTS_QUEUE, passive=True)
+    count: int = queue.declaration_result.message_count
+    return count
+
+
+async def processes_drain(
+    db_url: str, amqp_url: str, bodies: list[tuple[str, bytes]], processes: int
+) -> float:
+    """Scale-out: `processes` `chiffon orchestrator` processes as competing consumers.
+
+    A message leaves the queue only when acked, after its batch committed, so the rate is
+    messages / (first drop in queue depth .. empty queue).
+    """
+    await publish_all(amqp_url, bodies)
+    env = {**os.environ, "CHIFFON_DATABASE_URL": db_url, "CHIFFON_AMQP_URL": amqp_url}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *CHIFFON,
+            "orchestrator",
+            "--port",
+            str(free_port()),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(processes)
+    ]
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        first = None
+        while (depth := await queue_depth(channel)) > 0:
+            if first is None and depth < len(bodies):
+                first = (time.perf_counter(), depth)
+            await asyncio.sleep(0.05)
+        assert first is not None
+        return first[1] / (time.perf_counter() - first[0])
+    finally:
+        await connection.close()
+        for proc in procs:
+            proc.terminate()
+            await proc.wait()
+
+
 async def steady_latency(
     db_url: str, amqp_url: str, rate: float, seconds: float, agents: int
 ) -> dict[str, Any]:
@@ -294,6 +344,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["postgres_upsert_per_s"] = postgres_ceiling(db_url, registry_rows(bodies))
     with private_vhost() as amqp_url, fresh_postgres() as db_url:
         out["chiffon_per_s"] = await chiffon_drain(db_url, amqp_url, bodies)
+    if args.processes > 1:
+        with private_vhost() as amqp_url, fresh_postgres() as db_url:
+            out["chiffon_processes"] = args.processes
+            out["chiffon_processes_per_s"] = await processes_drain(
+                db_url, amqp_url, bodies, args.processes
+            )
     broker = min(out["broker_publish_per_s"], out["broker_consume_per_s"])
     out["ceiling_per_s"] = min(broker, out["postgres_upsert_per_s"])
     out["fraction_of_ceiling"] = out["chiffon_per_s"] / out["ceiling_per_s"]
@@ -315,7 +371,10 @@ def report(r: dict[str, Any]) -> None:
     ]
     for name, rate in rows:
         print(f"{name:<52}{rate:>10,.0f}")
-    print(f"Chiffon / lower ceiling: {r['fraction_of_ceiling']:.2f}")
+    if "chiffon_processes_per_s" in r:
+        name = f"Chiffon, {r['chiffon_processes']} orchestrator processes"
+        print(f"{name:<52}{r['chiffon_processes_per_s']:>10,.0f}")
+    print(f"Chiffon (one process) / lower ceiling: {r['fraction_of_ceiling']:.2f}")
     lat = r["latency"]
     print(
         f"publish-to-visible at {lat['offered_per_s']:,.0f}/s: p50 {lat['p50_ms']:.1f} ms, "
@@ -331,6 +390,7 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=1000)
     parser.add_argument("--latency-seconds", type=float, default=60)
     parser.add_argument("--latency-agents", type=int, default=10_000)
+    parser.add_argument("--processes", type=int, default=2, help="scale-out run; 1: none")
     args = parser.parse_args()
     info = machine()
     results = asyncio.run(run(args))
