@@ -27,6 +27,7 @@ def check_args(
         (transport not in TRANSPORTS, f"--transport must be http or amqp, not {transport!r}"),
         (duration is not None and not duration > 0, f"--duration must be > 0, not {duration}"),
         (not 0 <= fraction <= 1, f"--offline-fraction must be in 0..1, not {fraction:g}"),
+        (fraction > 0 and duration is None, "--offline-fraction needs --duration (halfway)"),
         (mode not in OFFLINE_MODES, f"--offline-mode must be silent or goodbye, not {mode!r}"),
     ]
     for bad, message in problems:
