@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,15 @@ from chiffon.persistence.models import Base
 
 def _diff(connection: Connection) -> list[object]:
     def include(obj: object, name: str | None, kind: str, *_: object) -> bool:
-        # The GIN index is PostgreSQL-only (ddl_if), which autogenerate does not know.
-        gin_only = name == "idx_agent_registry_resource_metrics"
-        return not (gin_only and connection.dialect.name == "sqlite")
+        # The capacity index is PostgreSQL-only (ddl_if), which autogenerate does not know.
+        pg_only = name == "ix_agent_registry_online_capacity"
+        return not (pg_only and connection.dialect.name == "sqlite")
 
     context = MigrationContext.configure(connection, opts={"include_object": include})
-    return list(compare_metadata(context, Base.metadata))
+    with warnings.catch_warnings():
+        # SQLite cannot reflect an index on expressions; it has no such index anyway.
+        warnings.filterwarnings("ignore", "autogenerate skipping .* 'ix_agent_registry_online")
+        return list(compare_metadata(context, Base.metadata))
 
 
 def test_migrated_database_matches_the_models(database_url: str) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -70,11 +71,16 @@ class AgentRow(Base):
     __table_args__ = (
         Index("ix_agent_registry_status_type", "status", "agent_type"),
         Index("ix_agent_registry_pool", "pool_name"),
-        # The seeds' GIN index; PostgreSQL can only build it on JSONB, SQLite has no GIN.
+        # The capacity query's order over online agents, so "the best 10" reads 10 index
+        # entries instead of sorting the table (PostgreSQL; migration 0003, which also
+        # dropped the seeds' GIN index on resource_metrics: no query used it).
         Index(
-            "idx_agent_registry_resource_metrics",
-            "resource_metrics",
-            postgresql_using="gin",
+            "ix_agent_registry_online_capacity",
+            text("gpu_vram_available_gb DESC NULLS LAST"),
+            text("cpu_cores_available DESC NULLS LAST"),
+            text("memory_available_gb DESC NULLS LAST"),
+            text("agent_id"),
+            postgresql_where=text("status = 'online'"),
         ).ddl_if(dialect="postgresql"),
         # Room on each page so the every-15-s update stays a HOT update on PostgreSQL.
         {"postgresql_with": {"fillfactor": 70}},

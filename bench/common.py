@@ -1,0 +1,190 @@
+"""What the benchmarks share: the machine, processes ended by pid, throwaway databases and
+virtual hosts, results written as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+RESULTS = Path(__file__).parent / "results"
+CHIFFON = [sys.executable, "-m", "chiffon.cli"]
+ADMIN_URL = os.environ.get(
+    "CHIFFON_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+AMQP_URL = os.environ.get("CHIFFON_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> dict[str, Any]:
+    """The machine and what else was running on it when the numbers were taken."""
+    load = os.getloadavg()
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "busiest_other_processes": busiest_processes(),
+    }
+
+
+def busiest_processes(top: int = 5) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [" ".join(line.split()) for line in out.splitlines()[:top]]
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"results: {path}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """End a process we started, by its own pid."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (10 ms resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+@contextmanager
+def fresh_postgres(migrate: bool = True) -> Iterator[str]:
+    """A throwaway PostgreSQL database (migrated to head), dropped afterwards."""
+    from chiffon.persistence import db
+
+    admin = make_url(ADMIN_URL)
+    name = f"chiffon_bench_{uuid.uuid4().hex[:10]}"
+    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    try:
+        if migrate:
+            db.upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+
+
+@contextmanager
+def private_vhost() -> Iterator[str]:
+    """An AMQP URL on a virtual host of its own, deleted afterwards."""
+    vhost = f"chiffon-bench-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"{AMQP_URL.rstrip('/')}/{vhost}"
+    finally:
+        delete_vhost(vhost)
+
+
+def delete_vhost(vhost: str, attempts: int = 10) -> None:
+    """Delete our vhost, waiting out a broker that someone is restarting."""
+    for attempt in range(attempts):
+        try:
+            rabbitmqctl("delete_vhost", vhost)
+            return
+        except subprocess.CalledProcessError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(3)
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def orchestrator(
+    database_url: str, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`chiffon orchestrator` on a free port against `database_url`; yields (url, process)."""
+    port = free_port()
+    full_env = {**os.environ, "CHIFFON_DATABASE_URL": database_url, **(env or {})}
+    sink = log.open("w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [*CHIFFON, "orchestrator", "--port", str(port), *args],
+        env=full_env,
+        stdout=sink,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc)
+        yield url, proc
+    finally:
+        stop(proc)
+        if log:
+            sink.close()  # type: ignore[union-attr]

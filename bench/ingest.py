@@ -1,0 +1,402 @@
+"""Heartbeat ingest through RabbitMQ into PostgreSQL, against the machine's own ceiling.
+
+Everything runs in one invocation on the same machine, so the ratios mean something on a
+shared box:
+
+1. Broker ceiling: raw aio-pika publishes the same message bodies (confirms, 500 in
+   flight) to the same exchange and queue arguments, then raw-consumes them (prefetch
+   500, one ack per message). Both rates are reported; the ceiling is the lower.
+2. PostgreSQL ceiling: raw psycopg upserts the same registry rows into the same
+   `agent_registry` table in batches of 500 (executemany, one transaction per batch).
+3. Chiffon's sustained rate: the same bodies are queued, then an `Orchestrator` with its
+   `RabbitConsumer` (defaults: prefetch 500, batches of 500, history on) drains the
+   backlog into a fresh PostgreSQL database, acking each message after its batch
+   commits. Rate = messages / (first delivery .. last ack).
+4. Scale-out (`--processes`, default 2): the same backlog drained by that many
+   `chiffon orchestrator --amqp-url` processes as competing consumers; rate = messages
+   acked (the queue depth falls only on ack, after commit) / time from the first drop in
+   queue depth to an empty queue.
+5. Latency at a steady rate: `chiffon simulate --transport amqp` (a separate process)
+   offers `--latency-rate` heartbeats/s; for each applied heartbeat, publish-to-visible =
+   the commit's wall-clock time minus the message's `sent_at` (set just before publish).
+   The first interval (registrations) is left out.
+
+    .venv/bin/python bench/ingest.py [--agents 10000] [--messages 50000]
+                                     [--latency-rate 1000] [--latency-seconds 60]
+
+Takes about 2.5 minutes. Needs PostgreSQL (CHIFFON_BENCH_POSTGRES_URL) and RabbitMQ
+(CHIFFON_BENCH_AMQP_URL, with rabbitmqctl on this machine for a private vhost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    CHIFFON,
+    free_port,
+    fresh_postgres,
+    machine,
+    percentile,
+    private_vhost,
+    write_results,
+)
+
+from chiffon.agent.simulate import make_fleet
+from chiffon.orchestrator.ingest import Outcome, metric_columns
+from chiffon.orchestrator.service import Orchestrator
+from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.schemas.heartbeat import AgentMessage, parse_message
+from chiffon.transport.rabbitmq import (
+    AGENT_EVENTS_QUEUE,
+    BINDING_KEY,
+    EXCHANGE,
+    RabbitConsumer,
+    agent_events_arguments,
+    declare_exchange,
+)
+
+IN_FLIGHT = 500
+
+
+def make_bodies(agents: int, messages: int) -> list[tuple[str, bytes]]:
+    """(routing key, body) of `messages` heartbeats, round after round of the same fleet."""
+    fleet = make_fleet(agents, seed=42)
+    out = []
+    for i in range(messages):
+        msg = fleet[i % agents].message()
+        out.append((f"agent.heartbeat.{msg.agent_id}", msg.model_dump_json().encode()))
+    return out
+
+
+async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+    """The orchestrators' queue exactly as `RabbitConsumer` declares it."""
+    exchange = await declare_exchange(channel, EXCHANGE)
+    queue = await channel.declare_queue(
+        AGENT_EVENTS_QUEUE,
+        durable=True,
+        arguments=agent_events_arguments(message_ttl_ms=45_000, max_length=100_000),
+    )
+    await queue.bind(exchange, BINDING_KEY)
+    return queue
+
+
+async def publish_all(url: str, bodies: list[tuple[str, bytes]]) -> float:
+    """Raw publish with confirms, IN_FLIGHT outstanding; returns messages per second."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel)
+        exchange = await channel.get_exchange(EXCHANGE)
+        slots = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(key: str, body: bytes) -> None:
+            async with slots:
+                await exchange.publish(aio_pika.Message(body, content_type="application/json"), key)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(k, b) for k, b in bodies))
+        return len(bodies) / (time.perf_counter() - started)
+
+
+async def consume_all(url: str, count: int) -> float:
+    """Raw consume with prefetch IN_FLIGHT and one ack per message; messages per second."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=IN_FLIGHT)
+        queue = await declare(channel)
+        done = asyncio.Event()
+        seen = 0
+        started = 0.0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal seen, started
+            if seen == 0:
+                started = time.perf_counter()
+            await message.ack()
+            seen += 1
+            if seen == count:
+                done.set()
+
+        await queue.consume(on_message)
+        await asyncio.wait_for(done.wait(), 300)
+        return (count - 1) / (time.perf_counter() - started)
+
+
+def registry_rows(bodies: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    from datetime import UTC, datetime
+
+    from psycopg.types.json import Jsonb
+
+    now = datetime.now(UTC)
+    rows = []
+    for _, body in bodies:
+        msg = parse_message(body)
+        assert msg.resources is not None
+        cols = metric_columns(msg.resources)
+        cols["resource_metrics"] = Jsonb(cols["resource_metrics"])
+        rows.append(
+            {
+                "agent_id": msg.agent_id,
+                "name": msg.name,
+                "agent_type": msg.agent_type,
+                "pool_name": msg.pool_name,
+                "agent_version": msg.agent_version,
+                "labels": Jsonb(msg.labels),
+                "capabilities": Jsonb(msg.capabilities),
+                "specializations": Jsonb(msg.specializations),
+                "status": "online",
+                "last_heartbeat_at": now,
+                "created_at": now,
+                "updated_at": now,
+                **cols,
+                "last_boot_id": msg.boot_id,
+                "last_seq": msg.seq,
+                "last_sent_at": msg.sent_at,
+            }
+        )
+    return rows
+
+
+def postgres_ceiling(url: str, rows: list[dict[str, Any]], batch: int = 500) -> float:
+    """Raw batched upsert of the registry rows; rows per second."""
+    columns = list(rows[0])
+    kept = ("agent_id", "created_at")
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in kept)
+    sql = (
+        f"INSERT INTO agent_registry ({', '.join(columns)}) "
+        f"VALUES ({', '.join(f'%({c})s' for c in columns)}) "
+        f"ON CONFLICT (agent_id) DO UPDATE SET {updates}"
+    )
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo) as conn:
+        started = time.perf_counter()
+        for i in range(0, len(rows), batch):
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(sql, rows[i : i + batch])
+        return len(rows) / (time.perf_counter() - started)
+
+
+class TimedTarget:
+    """The orchestrator, as the consumer sees it, noting each message's commit time."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self._orch = orchestrator
+        self.metrics = orchestrator.metrics
+        self.latencies: list[tuple[float, float]] = []  # (committed at, seconds since sent)
+        self.first: float | None = None
+        self.applied = 0
+
+    def parse(self, raw: bytes) -> AgentMessage:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return self._orch.parse(raw)
+
+    def reject(self, reason: str) -> None:
+        self._orch.reject(reason)
+
+    def receive(self, message: AgentMessage) -> asyncio.Future[Outcome]:
+        future = self._orch.receive(message)
+        sent = message.sent_at.timestamp()
+
+        def committed(done: asyncio.Future[Outcome]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result() == "applied":
+                now = time.time()
+                self.applied += 1
+                self.latencies.append((now, now - sent))
+
+        future.add_done_callback(committed)
+        return future
+
+
+async def chiffon_consumer(
+    db_url: str, amqp_url: str
+) -> tuple[Orchestrator, RabbitConsumer, TimedTarget]:
+    orch = Orchestrator(OrchestratorSettings(database_url=db_url, amqp_url=amqp_url))
+    await orch.start()
+    target = TimedTarget(orch)
+    consumer = RabbitConsumer(amqp_url, target)  # type: ignore[arg-type]
+    await consumer.start()
+    await consumer.wait_consuming(30)
+    return orch, consumer, target
+
+
+async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[tuple[str, bytes]]) -> float:
+    await publish_all(amqp_url, bodies)
+    orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
+    try:
+        while consumer.consumed < len(bodies):  # noqa: ASYNC110  # polled counter
+            await asyncio.sleep(0.01)
+        assert target.first is not None
+        elapsed = time.perf_counter() - target.first
+    finally:
+        await consumer.stop()
+        await orch.stop()
+    return len(bodies) / elapsed
+
+
+async def queue_depth(channel: aio_pika.abc.AbstractChannel) -> int:
+    queue = await channel.declare_queue(AGENT_EVENTS_QUEUE, passive=True)
+    count: int = queue.declaration_result.message_count
+    return count
+
+
+async def processes_drain(
+    db_url: str, amqp_url: str, bodies: list[tuple[str, bytes]], processes: int
+) -> float:
+    """Scale-out: `processes` `chiffon orchestrator` processes as competing consumers.
+
+    A message leaves the queue only when acked, after its batch committed, so the rate is
+    messages / (first drop in queue depth .. empty queue).
+    """
+    await publish_all(amqp_url, bodies)
+    env = {**os.environ, "CHIFFON_DATABASE_URL": db_url, "CHIFFON_AMQP_URL": amqp_url}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *CHIFFON,
+            "orchestrator",
+            "--port",
+            str(free_port()),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(processes)
+    ]
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        first = None
+        while (depth := await queue_depth(channel)) > 0:
+            if first is None and depth < len(bodies):
+                first = (time.perf_counter(), depth)
+            await asyncio.sleep(0.05)
+        assert first is not None
+        return first[1] / (time.perf_counter() - first[0])
+    finally:
+        await connection.close()
+        for proc in procs:
+            proc.terminate()
+            await proc.wait()
+
+
+async def steady_latency(
+    db_url: str, amqp_url: str, rate: float, seconds: float, agents: int
+) -> dict[str, Any]:
+    """`chiffon simulate` at `rate`/s over AMQP; publish-to-visible latencies."""
+    interval = agents / rate
+    orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
+    try:
+        sim = await asyncio.create_subprocess_exec(
+            *CHIFFON,
+            "simulate",
+            "--agents",
+            str(agents),
+            "--interval",
+            f"{interval:g}",
+            "--transport",
+            "amqp",
+            "--duration",
+            str(seconds),
+            env={**os.environ, "CHIFFON_AMQP_URL": amqp_url},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        started = time.time()
+        out, _ = await sim.communicate()
+        await asyncio.sleep(1)  # the last batch commits
+    finally:
+        await consumer.stop()
+        await orch.stop()
+    steady = [lat for at, lat in target.latencies if at - started > interval]
+    return {
+        "offered_per_s": rate,
+        "interval_seconds": interval,
+        "simulate_output": out.decode().strip().splitlines()[-1],
+        "applied": target.applied,
+        "measured": len(steady),
+        "p50_ms": 1000 * statistics.median(steady),
+        "p99_ms": 1000 * percentile(steady, 99),
+        "max_ms": 1000 * max(steady),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    bodies = make_bodies(args.agents, args.messages)
+    out: dict[str, Any] = {"messages": len(bodies), "agents": args.agents}
+    with private_vhost() as amqp_url:
+        out["broker_publish_per_s"] = await publish_all(amqp_url, bodies)
+        out["broker_consume_per_s"] = await consume_all(amqp_url, len(bodies))
+    with fresh_postgres() as db_url:
+        out["postgres_upsert_per_s"] = postgres_ceiling(db_url, registry_rows(bodies))
+    with private_vhost() as amqp_url, fresh_postgres() as db_url:
+        out["chiffon_per_s"] = await chiffon_drain(db_url, amqp_url, bodies)
+    if args.processes > 1:
+        with private_vhost() as amqp_url, fresh_postgres() as db_url:
+            out["chiffon_processes"] = args.processes
+            out["chiffon_processes_per_s"] = await processes_drain(
+                db_url, amqp_url, bodies, args.processes
+            )
+    broker = min(out["broker_publish_per_s"], out["broker_consume_per_s"])
+    out["ceiling_per_s"] = min(broker, out["postgres_upsert_per_s"])
+    out["fraction_of_ceiling"] = out["chiffon_per_s"] / out["ceiling_per_s"]
+    with private_vhost() as amqp_url, fresh_postgres() as db_url:
+        out["latency"] = await steady_latency(
+            db_url, amqp_url, args.latency_rate, args.latency_seconds, args.latency_agents
+        )
+    return out
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"{r['messages']:,} heartbeats from {r['agents']:,} agents")
+    print(f"{'path':<52}{'msg/s':>10}")
+    rows = [
+        ("RabbitMQ raw publish (confirms)", r["broker_publish_per_s"]),
+        ("RabbitMQ raw consume (ack each)", r["broker_consume_per_s"]),
+        ("PostgreSQL raw batched upsert (500/txn)", r["postgres_upsert_per_s"]),
+        ("Chiffon: RabbitMQ -> orchestrator -> PostgreSQL", r["chiffon_per_s"]),
+    ]
+    for name, rate in rows:
+        print(f"{name:<52}{rate:>10,.0f}")
+    if "chiffon_processes_per_s" in r:
+        name = f"Chiffon, {r['chiffon_processes']} orchestrator processes"
+        print(f"{name:<52}{r['chiffon_processes_per_s']:>10,.0f}")
+    print(f"Chiffon (one process) / lower ceiling: {r['fraction_of_ceiling']:.2f}")
+    lat = r["latency"]
+    print(
+        f"publish-to-visible at {lat['offered_per_s']:,.0f}/s: p50 {lat['p50_ms']:.1f} ms, "
+        f"p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms ({lat['measured']:,} beats)"
+    )
+    print(f"  simulate: {lat['simulate_output']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--latency-rate", type=float, default=1000)
+    parser.add_argument("--latency-seconds", type=float, default=60)
+    parser.add_argument("--latency-agents", type=int, default=10_000)
+    parser.add_argument("--processes", type=int, default=2, help="scale-out run; 1: none")
+    args = parser.parse_args()
+    info = machine()
+    results = asyncio.run(run(args))
+    report(results)
+    write_results("ingest", {"machine": info, "args": vars(args), **results})
+
+
+if __name__ == "__main__":
+    main()

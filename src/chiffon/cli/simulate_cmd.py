@@ -1,0 +1,142 @@
+"""`chiffon simulate`: load-test a deployment with a fleet of virtual agents."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import TYPE_CHECKING
+
+import typer
+
+from chiffon.cli.common import CliError, console, setup_logging
+
+if TYPE_CHECKING:
+    from chiffon.agent.simulate import OfflineMode, SimulationReport
+
+TRANSPORTS = ("http", "amqp")
+OFFLINE_MODES = ("silent", "goodbye")
+
+
+def check_args(
+    agents: int, interval: float, transport: str, duration: float | None, fraction: float, mode: str
+) -> None:
+    """One line and exit status 2 for anything that cannot be simulated."""
+    problems = [
+        (agents < 1, f"--agents must be at least 1, not {agents}"),
+        (not interval > 0, f"--interval must be greater than 0, not {interval:g}"),
+        (transport not in TRANSPORTS, f"--transport must be http or amqp, not {transport!r}"),
+        (duration is not None and not duration > 0, f"--duration must be > 0, not {duration}"),
+        (not 0 <= fraction <= 1, f"--offline-fraction must be in 0..1, not {fraction:g}"),
+        (fraction > 0 and duration is None, "--offline-fraction needs --duration (halfway)"),
+        (mode not in OFFLINE_MODES, f"--offline-mode must be silent or goodbye, not {mode!r}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise CliError(message, code=2)
+
+
+async def run_simulation(
+    *,
+    agents: int,
+    interval: float,
+    transport: str,
+    duration: float | None,
+    offline_fraction: float,
+    offline_mode: OfflineMode,
+    seed: int,
+    orchestrator_url: str,
+    amqp_url: str,
+    publish_timeout_seconds: float,
+) -> SimulationReport:
+    from chiffon.agent.simulate import Simulation, make_fleet
+    from chiffon.transport.factory import make_publisher
+
+    # One shared publisher (one AMQP connection, or one pooled HTTP client) for the fleet.
+    publisher = make_publisher(
+        transport,
+        amqp_url=amqp_url,
+        orchestrator_url=orchestrator_url,
+        timeout_seconds=publish_timeout_seconds,
+    )
+    sim = Simulation(
+        make_fleet(agents, seed=seed),
+        publisher,
+        interval_seconds=interval,
+        duration_seconds=duration,
+        offline_fraction=offline_fraction,
+        offline_mode=offline_mode,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sim.stop)
+    return await sim.run()
+
+
+def print_report(report: SimulationReport) -> None:
+    console.print(
+        f"sent {report.sent} heartbeats from {report.agents} agents in "
+        f"{report.elapsed_seconds:.1f} s: {report.achieved_rate:,.1f}/s "
+        f"(target {report.target_rate:,.1f}/s), {report.failed} failed",
+        highlight=False,
+    )
+    if report.stopped_agents:
+        console.print(
+            f"{report.stopped_agents} agents stopped midway"
+            + (f", {report.goodbyes} with a goodbye" if report.goodbyes else ", silently"),
+            highlight=False,
+        )
+    for reason, count in sorted(report.errors.items(), key=lambda kv: -kv[1]):
+        console.print(f"  {count} x {reason}", highlight=False)
+
+
+def simulate(
+    agents: int = typer.Option(..., "--agents", help="Number of virtual agents."),
+    interval: float = typer.Option(15.0, "--interval", help="Seconds between an agent's beats."),
+    transport: str = typer.Option("http", "--transport", help="http or amqp."),
+    duration: float = typer.Option(None, "--duration", help="Seconds to run [until Ctrl-C]."),
+    offline_fraction: float = typer.Option(
+        0.0, "--offline-fraction", help="Share of agents that stop halfway through the run."
+    ),
+    offline_mode: str = typer.Option(
+        "silent", "--offline-mode", help="How they stop: silent (like a kill) or goodbye."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same agent ids and hardware."),
+    orchestrator_url: str = typer.Option(
+        "http://127.0.0.1:8700", envvar="CHIFFON_ORCHESTRATOR_URL", help="For --transport http."
+    ),
+    amqp_url: str = typer.Option(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        envvar="CHIFFON_AMQP_URL",
+        help="For --transport amqp.",
+    ),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds one publish may take."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> int:
+    """Run N virtual agents in this process against a real orchestrator (a load test)."""
+    check_args(agents, interval, transport, duration, offline_fraction, offline_mode)
+    setup_logging(verbose)
+    console.print(
+        f"simulating {agents} agents every {interval:g} s over {transport} "
+        f"({agents / interval:,.1f} heartbeats/s)",
+        highlight=False,
+    )
+    report = asyncio.run(
+        run_simulation(
+            agents=agents,
+            interval=interval,
+            transport=transport,
+            duration=duration,
+            offline_fraction=offline_fraction,
+            offline_mode=offline_mode,  # type: ignore[arg-type]  # checked above
+            seed=seed,
+            orchestrator_url=orchestrator_url,
+            amqp_url=amqp_url,
+            publish_timeout_seconds=timeout,
+        )
+    )
+    print_report(report)
+    return 1 if report.sent == 0 else 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(simulate)
