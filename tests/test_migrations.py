@@ -20,8 +20,11 @@ from chiffon.persistence.models import Base
 
 def _diff(connection: Connection) -> list[object]:
     def include(obj: object, name: str | None, kind: str, *_: object) -> bool:
-        # The capacity index is PostgreSQL-only (ddl_if), which autogenerate does not know.
-        pg_only = name == "ix_agent_registry_online_capacity"
+        # These indexes are PostgreSQL-only (ddl_if), which autogenerate does not know.
+        pg_only = name in (
+            "ix_agent_registry_online_capacity",
+            "idx_agent_registry_resource_metrics",
+        )
         return not (pg_only and connection.dialect.name == "sqlite")
 
     context = MigrationContext.configure(connection, opts={"include_object": include})

@@ -71,9 +71,16 @@ class AgentRow(Base):
     __table_args__ = (
         Index("ix_agent_registry_status_type", "status", "agent_type"),
         Index("ix_agent_registry_pool", "pool_name"),
+        # The seeds' GIN index; PostgreSQL can only build it on JSONB, SQLite has no GIN.
+        # No capacity query needs it (they filter typed columns); it serves ad-hoc JSON
+        # queries by operators, and costs ingest ~5% (docs/performance.md).
+        Index(
+            "idx_agent_registry_resource_metrics",
+            "resource_metrics",
+            postgresql_using="gin",
+        ).ddl_if(dialect="postgresql"),
         # The capacity query's order over online agents, so "the best 10" reads 10 index
-        # entries instead of sorting the table (PostgreSQL; migration 0003, which also
-        # dropped the seeds' GIN index on resource_metrics: no query used it).
+        # entries instead of sorting the table (PostgreSQL; migration 0004).
         Index(
             "ix_agent_registry_online_capacity",
             text("gpu_vram_available_gb DESC NULLS LAST"),
