@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import random
 import time
@@ -24,11 +25,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 from chiffon import __version__
+from chiffon.agent.identity import write_private
 from chiffon.schemas.heartbeat import AgentMessage, GpuInfo, Resources
+from chiffon.transport.auth import AgentCredential
 from chiffon.transport.base import Publisher, TransportError
+from chiffon.transport.http import enroll
 
 # A fixed namespace: the same seed and index give the same agent id on every machine.
 SIMULATION_NAMESPACE = uuid.UUID("6f1e3c4a-2b7d-5e8f-9a0b-1c2d3e4f5a6b")
@@ -285,3 +290,68 @@ class Simulation:
                 self.report.sent += 1
         finally:
             self._slots.release()
+
+
+class EnrollmentError(RuntimeError):
+    """Some virtual agents could not get a credential; the message says which and why."""
+
+
+ENROLL_CONCURRENCY = 32
+
+
+def read_credentials(path: Path) -> dict[uuid.UUID, AgentCredential]:
+    """The secrets a previous run of this seed got (a JSON object id -> secret)."""
+    try:
+        stored = json.loads(path.read_text())
+        return {uuid.UUID(k): AgentCredential(uuid.UUID(k), str(v)) for k, v in stored.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise EnrollmentError(
+            f"cannot read the simulated agents' secrets in {path}: {exc}"
+        ) from None
+
+
+async def enroll_fleet(
+    fleet: list[VirtualAgent],
+    *,
+    path: Path,
+    orchestrator_url: str,
+    token: str | None,
+    timeout_seconds: float = 5.0,
+) -> dict[uuid.UUID, AgentCredential]:
+    """Each virtual agent's credential: kept in `path` (0600) from an earlier run of the
+    same seed, else got by enrolling it now, as a real agent does on its first start."""
+    known = read_credentials(path)
+    missing = [a.agent_id for a in fleet if a.agent_id not in known]
+    if missing and not token:
+        raise EnrollmentError(
+            f"{len(missing)} simulated agents need the orchestrator's enrollment token "
+            "(--enroll-token or CHIFFON_ENROLL_TOKEN)"
+        )
+    gate = asyncio.Semaphore(ENROLL_CONCURRENCY)
+    refused: list[str] = []
+
+    async def one(agent_id: uuid.UUID) -> None:
+        assert token is not None
+        async with gate:
+            try:
+                known[agent_id] = await enroll(
+                    orchestrator_url,
+                    token=token,
+                    agent_id=agent_id,
+                    timeout_seconds=timeout_seconds,
+                )
+            except TransportError as exc:
+                refused.append(str(exc))
+
+    await asyncio.gather(*(one(agent_id) for agent_id in missing))
+    if missing:
+        write_private(path, json.dumps({str(k): v.secret for k, v in known.items()}))
+    if refused:
+        raise EnrollmentError(
+            f"{len(refused)} of {len(missing)} simulated agents could not enroll "
+            f"(first: {refused[0]}); an agent enrolled by another run whose secrets are not "
+            f"in {path} needs `chiffon agents revoke` or another --seed"
+        )
+    return {a.agent_id: known[a.agent_id] for a in fleet}

@@ -21,16 +21,25 @@ def orchestrator_url(flag: str | None) -> str:
     )
 
 
-def api_token() -> str | None:
-    """CHIFFON_API_TOKEN, else the token file `chiffon up` writes (data dir, mode 0600)."""
-    token = os.environ.get("CHIFFON_API_TOKEN")
-    if token:
-        return token
-    data_dir = Path(os.environ.get("CHIFFON_DATA_DIR") or Path.home() / ".chiffon")
+def data_dir() -> Path:
+    """Where `chiffon up` and the orchestrator keep their files (CHIFFON_DATA_DIR)."""
+    return Path(os.environ.get("CHIFFON_DATA_DIR") or Path.home() / ".chiffon").expanduser()
+
+
+def local_secret(env_var: str, file_name: str) -> str | None:
+    """The environment variable, else the file the orchestrator wrote (data dir, 0600)."""
+    value = os.environ.get(env_var)
+    if value:
+        return value
     try:
-        return (data_dir.expanduser() / "api_token").read_text().strip() or None
+        return (data_dir() / file_name).read_text().strip() or None
     except OSError:
         return None
+
+
+def api_token() -> str | None:
+    """CHIFFON_API_TOKEN, else the token file `chiffon up` writes."""
+    return local_secret("CHIFFON_API_TOKEN", "api_token")
 
 
 class ApiClient:

@@ -47,19 +47,33 @@ async def run_simulation(
     orchestrator_url: str,
     amqp_url: str,
     publish_timeout_seconds: float,
+    enroll_token: str | None,
 ) -> SimulationReport:
-    from chiffon.agent.simulate import Simulation, make_fleet
+    from chiffon.agent.simulate import EnrollmentError, Simulation, enroll_fleet, make_fleet
+    from chiffon.cli.client import data_dir
     from chiffon.transport.factory import make_publisher
 
+    fleet = make_fleet(agents, seed=seed)
+    try:
+        credentials = await enroll_fleet(
+            fleet,
+            path=data_dir() / "simulate" / f"seed-{seed}.json",
+            orchestrator_url=orchestrator_url,
+            token=enroll_token,
+            timeout_seconds=publish_timeout_seconds,
+        )
+    except EnrollmentError as exc:
+        raise CliError(str(exc)) from None
     # One shared publisher (one AMQP connection, or one pooled HTTP client) for the fleet.
     publisher = make_publisher(
         transport,
         amqp_url=amqp_url,
         orchestrator_url=orchestrator_url,
         timeout_seconds=publish_timeout_seconds,
+        credential=credentials,
     )
     sim = Simulation(
-        make_fleet(agents, seed=seed),
+        fleet,
         publisher,
         interval_seconds=interval,
         duration_seconds=duration,
@@ -110,9 +124,17 @@ def simulate(
         help="For --transport amqp.",
     ),
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds one publish may take."),
+    enroll_token: str = typer.Option(
+        None,
+        "--enroll-token",
+        help="Enrolls agents this seed has not enrolled yet [env CHIFFON_ENROLL_TOKEN, "
+        "else the orchestrator's data dir]; their secrets are kept for the next run.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> int:
     """Run N virtual agents in this process against a real orchestrator (a load test)."""
+    from chiffon.cli.client import local_secret
+
     check_args(agents, interval, transport, duration, offline_fraction, offline_mode)
     setup_logging(verbose)
     console.print(
@@ -132,6 +154,7 @@ def simulate(
             orchestrator_url=orchestrator_url,
             amqp_url=amqp_url,
             publish_timeout_seconds=timeout,
+            enroll_token=enroll_token or local_secret("CHIFFON_ENROLL_TOKEN", "enroll_token"),
         )
     )
     print_report(report)
