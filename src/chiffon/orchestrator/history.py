@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.orchestrator.periodic import run_every
 from chiffon.persistence import history
 from chiffon.persistence.models import AgentMetricsRow
 from chiffon.schemas.api import AgentMetrics, GpuPoint, MetricPoint
@@ -248,11 +249,4 @@ class HistoryPruner:
 
     async def run(self, interval_seconds: float) -> None:
         """Prune forever on a monotonic schedule; a failed pass is logged and retried."""
-        next_at = time.monotonic()
-        while True:
-            try:
-                await self.prune_once()
-            except Exception as exc:  # database down: the next pass will try again
-                log.warning("metrics history pruning failed: %s", exc)
-            next_at = max(next_at + interval_seconds, time.monotonic())
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await run_every(interval_seconds, self.prune_once, "metrics history pruning")

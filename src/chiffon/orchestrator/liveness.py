@@ -7,7 +7,6 @@ that moment before the sweep may judge it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import datetime, timedelta
@@ -16,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.orchestrator.periodic import run_every
 from chiffon.persistence import registry
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,4 @@ class Sweeper:
 
     async def run(self, interval_seconds: float) -> None:
         """Sweep forever on a monotonic schedule; a failed sweep is logged and retried."""
-        next_at = time.monotonic()
-        while True:
-            try:
-                await self.sweep_once()
-            except Exception as exc:  # database down: the next sweep will try again
-                log.warning("offline sweep failed: %s", exc)
-            # Keep the cadence, but never try to catch up on sweeps missed while down.
-            next_at = max(next_at + interval_seconds, time.monotonic())
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await run_every(interval_seconds, self.sweep_once, "offline sweep")
