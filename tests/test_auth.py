@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import uuid
 from collections.abc import AsyncIterator
@@ -169,3 +170,38 @@ def test_the_agent_keeps_its_secret_readable_only_by_its_user(tmp_path: Path) ->
     path = store_secret(tmp_path / "state", "s3cret")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_secret(tmp_path / "state") == "s3cret"
+
+
+async def test_lookups_that_miss_the_cache_together_share_one_query(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """A broker delivering hundreds of messages at once must not cost a query each."""
+    from sqlalchemy import event
+
+    agents = [uuid.uuid4() for _ in range(300)]
+    creds = [await issue(orchestrator, agent) for agent in agents]
+    stranger = uuid.uuid4()
+    queries: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "agent_credentials" in statement:
+            queries.append(statement)
+
+    sync_engine = orchestrator.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", count)
+    try:
+        bodies = [f.raw(f.message(a, sent_at=clock.now())) for a in agents]
+        checks = [
+            orchestrator.credentials.check_signature(a, body, cred.sign(body))
+            for a, body, cred in zip(agents, bodies, creds, strict=True)
+        ]
+        await asyncio.gather(*checks)
+        assert len(queries) == 1, queries
+        with pytest.raises(RejectedMessage, match="not enrolled"):
+            await orchestrator.credentials.check_signature(stranger, b"{}", "v1=00")
+        forged = orchestrator.credentials.check_signature(agents[0], bodies[1], creds[0].sign(b"x"))
+        with pytest.raises(RejectedMessage, match="signature is not"):
+            await forged  # cached now: no query, still checked
+        assert len(queries) == 2
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", count)

@@ -5,11 +5,13 @@ nonce and the secret's SHA-256, never the secret or the AMQP signing key derived
 a stolen database without the server key lets no one impersonate an agent. A verified
 credential is cached in memory for `cache_seconds`, so ingest does not read the database
 for every message; a revocation takes effect at once on the orchestrator that made it and
-within `cache_seconds` on the others.
+within `cache_seconds` on the others. Lookups that miss the cache at the same moment (a
+broker delivering hundreds of messages at once) are answered by one query together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -23,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
 from chiffon.persistence import credentials as repo
+from chiffon.persistence.models import AgentCredentialRow
 from chiffon.schemas.heartbeat import RejectedMessage
 from chiffon.transport.auth import (
     AgentCredential,
@@ -33,6 +36,7 @@ from chiffon.transport.auth import (
 
 _SECRET_LABEL = b"chiffon agent secret v1|"
 _CACHE_LIMIT = 100_000
+_LOAD_CHUNK = 1_000  # agent ids per query when many lookups miss the cache together
 
 
 class AlreadyEnrolledError(RuntimeError):
@@ -66,6 +70,8 @@ class CredentialStore:
         self.key_id = key_id(server_key)
         self._cache_seconds = cache_seconds
         self._cache: dict[uuid.UUID, _Known] = {}
+        self._waiting: dict[uuid.UUID, asyncio.Future[_Known | None]] = {}
+        self._loader: asyncio.Task[None] | None = None
 
     def _derive(self, agent_id: uuid.UUID, nonce: str) -> str:
         mac = hmac.new(
@@ -122,19 +128,51 @@ class CredentialStore:
             raise RejectedMessage("bad_signature", f"signature is not agent {agent_id}'s")
 
     async def _known(self, agent_id: uuid.UUID) -> _Known:
-        now = time.monotonic()
         cached = self._cache.get(agent_id)
-        if cached is not None and now - cached.fetched_at < self._cache_seconds:
+        if cached is not None and time.monotonic() - cached.fetched_at < self._cache_seconds:
             return cached
-        async with self._sessions() as session:
-            row = await repo.get_credential(session, agent_id=agent_id)
+        known = await self._load(agent_id)
+        if known is None:
+            raise RejectedMessage("not_enrolled", f"agent {agent_id} is not enrolled")
+        return known
+
+    def _load(self, agent_id: uuid.UUID) -> asyncio.Future[_Known | None]:
+        """This agent's credential from the database, in one query with every lookup that
+        missed the cache in the same turn of the event loop."""
+        waiting = self._waiting.get(agent_id)
+        if waiting is None:
+            waiting = asyncio.get_running_loop().create_future()
+            self._waiting[agent_id] = waiting
+        if self._loader is None or self._loader.done():
+            self._loader = asyncio.create_task(self._load_waiting())
+        return waiting
+
+    async def _load_waiting(self) -> None:
+        await asyncio.sleep(0)  # let the other deliveries of this turn ask too
+        while self._waiting:
+            batch = dict(list(self._waiting.items())[:_LOAD_CHUNK])
+            for agent_id in batch:
+                del self._waiting[agent_id]
+            try:
+                async with self._sessions() as session:
+                    rows = await repo.get_credentials(session, agent_ids=batch.keys())
+            except Exception as exc:  # database down: every waiter hears it (and requeues)
+                for future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for agent_id, future in batch.items():
+                if not future.done():
+                    future.set_result(self._remember(agent_id, rows.get(agent_id)))
+
+    def _remember(self, agent_id: uuid.UUID, row: AgentCredentialRow | None) -> _Known | None:
         if row is None:
             self._cache.pop(agent_id, None)
-            raise RejectedMessage("not_enrolled", f"agent {agent_id} is not enrolled")
+            return None
         key = None
         if row.key_id == self.key_id:
             key = signing_key(self._derive(agent_id, row.nonce))
-        known = _Known(row.secret_sha256, key, now)
+        known = _Known(row.secret_sha256, key, time.monotonic())
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[agent_id] = known

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence.models import AgentCredentialRow, Base
@@ -17,6 +18,16 @@ async def get_credential(
     session: AsyncSession, *, agent_id: uuid.UUID
 ) -> AgentCredentialRow | None:
     return await session.get(AgentCredentialRow, agent_id)
+
+
+async def get_credentials(
+    session: AsyncSession, *, agent_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, AgentCredentialRow]:
+    """The credentials of these agents, in one query (agents without one are left out)."""
+    rows = await session.scalars(
+        select(AgentCredentialRow).where(AgentCredentialRow.agent_id.in_(list(agent_ids)))
+    )
+    return {row.agent_id: row for row in rows}
 
 
 async def add_credential(session: AsyncSession, *, row: dict[str, Any]) -> None:
