@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     CHIFFON,
+    api_headers,
+    auth_env,
     cpu_seconds,
     free_port,
     machine,
@@ -94,7 +96,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         agent_log = (tmp / "agent.log").open("w")
         agent = subprocess.Popen(
             [*CHIFFON, "agent", "--orchestrator-url", api, "--state-dir", str(tmp / "state")],
-            env={**os.environ, "HOME": str(tmp)},
+            env={**os.environ, **auth_env(), "HOME": str(tmp)},
             stdout=agent_log,
             stderr=subprocess.STDOUT,
         )
@@ -140,7 +142,7 @@ def watch(
             peak_rss[name] = max(peak_rss[name], rss_mb(pid))
         time.sleep(0.5)
     window = time.monotonic() - marks["_at"]
-    heard = httpx.get(f"{api}/api/v1/agents", timeout=5).json()
+    heard = httpx.get(f"{api}/api/v1/agents", headers=api_headers(), timeout=5).json()
     result: dict[str, Any] = {"window_seconds": window, "scrapes": scrapes}
     for name, pid in pids.items():
         used = cpu_seconds(pid) - marks[name]

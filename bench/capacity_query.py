@@ -43,11 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     CHIFFON,
+    api_headers,
     fresh_postgres,
+    insert_credentials,
+    issue_credentials,
     machine,
+    messages_counted,
     orchestrator,
     percentile,
     private_vhost,
+    simulate_data_dir,
     stop,
     write_results,
 )
@@ -139,7 +144,7 @@ async def load(api: str, seconds: float, concurrency: int) -> dict[str, Any]:
     samples: list[float] = []
     errors = 0
     url = f"{api}/api/v1/agents/available-capacity"
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=api_headers()) as http:
         for _ in range(20):  # warm the connection pool and the server's caches
             await http.get(url, params=QUERY)
         end = time.monotonic() + seconds
@@ -173,13 +178,17 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
             url = db.default_database_url(tmp / f"sqlite-{size}")
             db.upgrade(url)
         seed_seconds = seed(url, seed_rows(size))
+        beating = min(size, STEADY_AGENTS)
+        # The beating agents hold credentials, as if they had enrolled.
+        rows, creds = issue_credentials([a.agent_id for a in make_fleet(beating, seed=SEED)])
+        insert_credentials(url, rows)
+        sim_env = simulate_data_dir(tmp / f"sim-{engine}-{size}", SEED, creds)
         raw = raw_query_ms(url)
         amqp = stack.enter_context(private_vhost())
         env = {"CHIFFON_HEARTBEAT_TIMEOUT": "3600"}
         api, _ = stack.enter_context(
             orchestrator(url, "--amqp-url", amqp, env=env, log=tmp / f"orch-{engine}-{size}.log")
         )
-        beating = min(size, STEADY_AGENTS)
         interval = STEADY_INTERVAL * beating / STEADY_AGENTS
         sim = (
             None
@@ -197,7 +206,7 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
                     "--seed",
                     str(SEED),
                 ],
-                env={**os.environ, "CHIFFON_AMQP_URL": amqp},
+                env={**os.environ, **sim_env, "CHIFFON_AMQP_URL": amqp},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -223,10 +232,18 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
         finally:
             if sim is not None:
                 stop(sim, timeout=30)
+        counted = messages_counted(api)
         output = sim.stdout.read() if sim is not None and sim.stdout else ""
         sim_out = [line for line in output.splitlines() if line.startswith("sent ")]
         result: dict[str, Any] = json.loads(load.stdout)
-        result.update(seed_seconds=seed_seconds, raw_sql=raw, simulate=sim_out[-1:])
+        if result["errors"] or counted["rejected"]:
+            raise SystemExit(
+                f"{engine}/{size}: {result['errors']} queries failed, "
+                f"{counted['rejected']:.0f} heartbeats rejected"
+            )
+        result.update(
+            seed_seconds=seed_seconds, raw_sql=raw, simulate=sim_out[-1:], heartbeats=counted
+        )
         return result
 
 

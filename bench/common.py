@@ -169,9 +169,10 @@ def wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> Non
 def orchestrator(
     database_url: str, *args: str, env: dict[str, str] | None = None, log: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """`chiffon orchestrator` on a free port against `database_url`; yields (url, process)."""
+    """`chiffon orchestrator` on a free port against `database_url`, with the benchmark's
+    server key and tokens (`auth_env`); yields (url, process)."""
     port = free_port()
-    full_env = {**os.environ, "CHIFFON_DATABASE_URL": database_url, **(env or {})}
+    full_env = {**os.environ, **auth_env(), "CHIFFON_DATABASE_URL": database_url, **(env or {})}
     sink = log.open("w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
         [*CHIFFON, "orchestrator", "--port", str(port), *args],
@@ -188,3 +189,98 @@ def orchestrator(
         stop(proc)
         if log:
             sink.close()  # type: ignore[union-attr]
+
+
+# Trust: the benchmarks run the orchestrator with a known server key and tokens, and give
+# their agents credentials issued under that key (written straight into the registry, as
+# enrollment would, so a 100,000-agent fleet does not take 100,000 HTTP round trips).
+def _per_run(name: str) -> str:
+    """A random value for this run, inherited by the processes a benchmark starts."""
+    return os.environ.setdefault(f"CHIFFON_BENCH_{name}", f"bench-{uuid.uuid4().hex}")
+
+
+SECRET_KEY = _per_run("SECRET_KEY")
+API_TOKEN = _per_run("API_TOKEN")
+ENROLL_TOKEN = _per_run("ENROLL_TOKEN")
+
+
+def auth_env() -> dict[str, str]:
+    """What `chiffon orchestrator` (and its agents) need to share the benchmark's trust."""
+    return {
+        "CHIFFON_SECRET_KEY": SECRET_KEY,
+        "CHIFFON_API_TOKEN": API_TOKEN,
+        "CHIFFON_ENROLL_TOKEN": ENROLL_TOKEN,
+    }
+
+
+def api_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def issue_credentials(
+    agent_ids: list[uuid.UUID],
+) -> tuple[list[dict[str, Any]], dict[uuid.UUID, Any]]:
+    """(agent_credentials rows, {agent id: AgentCredential}) as enrollment issues them."""
+    import secrets
+
+    from chiffon.orchestrator.credentials import derive_secret, key_id
+    from chiffon.transport.auth import AgentCredential, secret_digest
+
+    key = SECRET_KEY.encode()
+    kid = key_id(key)
+    now = datetime.now(UTC)
+    rows, creds = [], {}
+    for agent_id in agent_ids:
+        nonce = secrets.token_hex(16)
+        secret = derive_secret(key, agent_id, nonce)
+        rows.append(
+            {
+                "agent_id": agent_id,
+                "nonce": nonce,
+                "secret_sha256": secret_digest(secret),
+                "key_id": kid,
+                "created_at": now,
+            }
+        )
+        creds[agent_id] = AgentCredential(agent_id, secret)
+    return rows, creds
+
+
+def insert_credentials(database_url: str, rows: list[dict[str, Any]]) -> None:
+    """Put issued credentials into a (migrated) registry, PostgreSQL or SQLite."""
+    from sqlalchemy import create_engine, insert
+
+    from chiffon.persistence import db
+    from chiffon.persistence.models import AgentCredentialRow
+
+    engine = create_engine(db.sync_url(database_url))
+    try:
+        with engine.begin() as conn:
+            for start in range(0, len(rows), 5_000):
+                conn.execute(insert(AgentCredentialRow), rows[start : start + 5_000])
+    finally:
+        engine.dispose()
+
+
+def simulate_data_dir(directory: Path, seed: int, creds: dict[uuid.UUID, Any]) -> dict[str, str]:
+    """Env for `chiffon simulate --seed SEED` that finds these credentials (no enrollment)."""
+    path = directory / "simulate" / f"seed-{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(k): v.secret for k, v in creds.items()}))
+    path.chmod(0o600)
+    return {"CHIFFON_DATA_DIR": str(directory)}
+
+
+def messages_counted(api: str) -> dict[str, float]:
+    """The orchestrator's accepted and rejected message counts, from its /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{api}/metrics", headers=api_headers(), timeout=10).text
+    counts = {"accepted": 0.0, "rejected": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for kind in counts:
+                if sample.name == f"chiffon_messages_{kind}_total":
+                    counts[kind] += sample.value
+    return counts

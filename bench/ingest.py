@@ -21,6 +21,11 @@ shared box:
    the commit's wall-clock time minus the message's `sent_at` (set just before publish).
    The first interval (registrations) is left out.
 
+Every message is signed as its agent's (`x-chiffon-signature`), the raw ceilings' too, and
+the agents' credentials are in the registry before a run, as enrollment leaves them: the
+orchestrator checks each signature (docs/security.md). Bodies are made fresh for each
+phase, so none falls outside the orchestrator's replay window.
+
     .venv/bin/python bench/ingest.py [--agents 10000] [--messages 50000]
                                      [--latency-rate 1000] [--latency-seconds 60]
 
@@ -35,6 +40,7 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,11 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     CHIFFON,
+    SECRET_KEY,
+    auth_env,
     free_port,
     fresh_postgres,
+    insert_credentials,
+    issue_credentials,
     machine,
     percentile,
     private_vhost,
+    simulate_data_dir,
     write_results,
 )
 
@@ -58,7 +69,8 @@ from chiffon.agent.simulate import make_fleet
 from chiffon.orchestrator.ingest import Outcome, metric_columns
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
-from chiffon.schemas.heartbeat import AgentMessage, parse_message
+from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
+from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
 from chiffon.transport.rabbitmq import (
     AGENT_EVENTS_QUEUE,
     BINDING_KEY,
@@ -71,13 +83,18 @@ from chiffon.transport.rabbitmq import (
 IN_FLIGHT = 500
 
 
-def make_bodies(agents: int, messages: int) -> list[tuple[str, bytes]]:
-    """(routing key, body) of `messages` heartbeats, round after round of the same fleet."""
-    fleet = make_fleet(agents, seed=42)
+SEED = 42
+Body = tuple[str, bytes, str]  # routing key, body, signature
+
+
+def make_bodies(agents: int, messages: int, creds: dict[Any, AgentCredential]) -> list[Body]:
+    """`messages` signed heartbeats, round after round of the same fleet."""
+    fleet = make_fleet(agents, seed=SEED)
     out = []
     for i in range(messages):
         msg = fleet[i % agents].message()
-        out.append((f"agent.heartbeat.{msg.agent_id}", msg.model_dump_json().encode()))
+        body = msg.model_dump_json().encode()
+        out.append((f"agent.heartbeat.{msg.agent_id}", body, creds[msg.agent_id].sign(body)))
     return out
 
 
@@ -93,7 +110,7 @@ async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.Abstrac
     return queue
 
 
-async def publish_all(url: str, bodies: list[tuple[str, bytes]]) -> float:
+async def publish_all(url: str, bodies: list[Body]) -> float:
     """Raw publish with confirms, IN_FLIGHT outstanding; returns messages per second."""
     connection = await aio_pika.connect(url)
     async with connection:
@@ -102,12 +119,15 @@ async def publish_all(url: str, bodies: list[tuple[str, bytes]]) -> float:
         exchange = await channel.get_exchange(EXCHANGE)
         slots = asyncio.Semaphore(IN_FLIGHT)
 
-        async def one(key: str, body: bytes) -> None:
+        async def one(key: str, body: bytes, signature: str) -> None:
+            message = aio_pika.Message(
+                body, content_type="application/json", headers={SIGNATURE_HEADER: signature}
+            )
             async with slots:
-                await exchange.publish(aio_pika.Message(body, content_type="application/json"), key)
+                await exchange.publish(message, key)
 
         started = time.perf_counter()
-        await asyncio.gather(*(one(k, b) for k, b in bodies))
+        await asyncio.gather(*(one(*b) for b in bodies))
         return len(bodies) / (time.perf_counter() - started)
 
 
@@ -136,14 +156,14 @@ async def consume_all(url: str, count: int) -> float:
         return (count - 1) / (time.perf_counter() - started)
 
 
-def registry_rows(bodies: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+def registry_rows(bodies: list[Body]) -> list[dict[str, Any]]:
     from datetime import UTC, datetime
 
     from psycopg.types.json import Jsonb
 
     now = datetime.now(UTC)
     rows = []
-    for _, body in bodies:
+    for _, body, _ in bodies:
         msg = parse_message(body)
         assert msg.resources is not None
         cols = metric_columns(msg.resources)
@@ -199,6 +219,7 @@ class TimedTarget:
         self.latencies: list[tuple[float, float]] = []  # (committed at, seconds since sent)
         self.first: float | None = None
         self.applied = 0
+        self.rejected = 0
 
     def parse(self, raw: bytes) -> AgentMessage:
         if self.first is None:
@@ -206,7 +227,17 @@ class TimedTarget:
         return self._orch.parse(raw)
 
     def reject(self, reason: str) -> None:
+        self.rejected += 1
         self._orch.reject(reason)
+
+    async def authenticate(
+        self, message: AgentMessage, raw: bytes, *, signature: str | None
+    ) -> None:
+        try:
+            await self._orch.authenticate(message, raw, signature=signature)
+        except RejectedMessage:
+            self.rejected += 1
+            raise
 
     def receive(self, message: AgentMessage) -> asyncio.Future[Outcome]:
         future = self._orch.receive(message)
@@ -225,7 +256,12 @@ class TimedTarget:
 async def chiffon_consumer(
     db_url: str, amqp_url: str
 ) -> tuple[Orchestrator, RabbitConsumer, TimedTarget]:
-    orch = Orchestrator(OrchestratorSettings(database_url=db_url, amqp_url=amqp_url))
+    settings = OrchestratorSettings(
+        database_url=db_url,
+        amqp_url=amqp_url,
+        secret_key=SECRET_KEY,  # type: ignore[arg-type]  # pydantic makes it a SecretStr
+    )
+    orch = Orchestrator(settings)
     await orch.start()
     target = TimedTarget(orch)
     consumer = RabbitConsumer(amqp_url, target)  # type: ignore[arg-type]
@@ -234,7 +270,7 @@ async def chiffon_consumer(
     return orch, consumer, target
 
 
-async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[tuple[str, bytes]]) -> float:
+async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[Body]) -> float:
     await publish_all(amqp_url, bodies)
     orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
     try:
@@ -242,9 +278,12 @@ async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[tuple[str, byte
             await asyncio.sleep(0.01)
         assert target.first is not None
         elapsed = time.perf_counter() - target.first
+        rejected = target.rejected
     finally:
         await consumer.stop()
         await orch.stop()
+    if target.applied != len(bodies) or rejected:
+        raise SystemExit(f"applied {target.applied} of {len(bodies)}, {rejected} rejected")
     return len(bodies) / elapsed
 
 
@@ -254,16 +293,19 @@ async def queue_depth(channel: aio_pika.abc.AbstractChannel) -> int:
     return count
 
 
-async def processes_drain(
-    db_url: str, amqp_url: str, bodies: list[tuple[str, bytes]], processes: int
-) -> float:
+async def processes_drain(db_url: str, amqp_url: str, bodies: list[Body], processes: int) -> float:
     """Scale-out: `processes` `chiffon orchestrator` processes as competing consumers.
 
     A message leaves the queue only when acked, after its batch committed, so the rate is
     messages / (first drop in queue depth .. empty queue).
     """
     await publish_all(amqp_url, bodies)
-    env = {**os.environ, "CHIFFON_DATABASE_URL": db_url, "CHIFFON_AMQP_URL": amqp_url}
+    env = {
+        **os.environ,
+        **auth_env(),
+        "CHIFFON_DATABASE_URL": db_url,
+        "CHIFFON_AMQP_URL": amqp_url,
+    }
     procs = [
         await asyncio.create_subprocess_exec(
             *CHIFFON,
@@ -294,7 +336,7 @@ async def processes_drain(
 
 
 async def steady_latency(
-    db_url: str, amqp_url: str, rate: float, seconds: float, agents: int
+    db_url: str, amqp_url: str, rate: float, seconds: float, agents: int, sim_env: dict[str, str]
 ) -> dict[str, Any]:
     """`chiffon simulate` at `rate`/s over AMQP; publish-to-visible latencies."""
     interval = agents / rate
@@ -311,7 +353,9 @@ async def steady_latency(
             "amqp",
             "--duration",
             str(seconds),
-            env={**os.environ, "CHIFFON_AMQP_URL": amqp_url},
+            "--seed",
+            str(SEED),
+            env={**os.environ, **sim_env, "CHIFFON_AMQP_URL": amqp_url},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
@@ -334,8 +378,10 @@ async def steady_latency(
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    bodies = make_bodies(args.agents, args.messages)
+async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    fleet = make_fleet(max(args.agents, args.latency_agents), seed=SEED)
+    cred_rows, creds = issue_credentials([a.agent_id for a in fleet])
+    bodies = make_bodies(args.agents, args.messages, creds)
     out: dict[str, Any] = {"messages": len(bodies), "agents": args.agents}
     with private_vhost() as amqp_url:
         out["broker_publish_per_s"] = await publish_all(amqp_url, bodies)
@@ -343,9 +389,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with fresh_postgres() as db_url:
         out["postgres_upsert_per_s"] = postgres_ceiling(db_url, registry_rows(bodies))
     with private_vhost() as amqp_url, fresh_postgres() as db_url:
+        insert_credentials(db_url, cred_rows)
+        bodies = make_bodies(args.agents, args.messages, creds)
         out["chiffon_per_s"] = await chiffon_drain(db_url, amqp_url, bodies)
     if args.processes > 1:
         with private_vhost() as amqp_url, fresh_postgres() as db_url:
+            insert_credentials(db_url, cred_rows)
+            bodies = make_bodies(args.agents, args.messages, creds)
             out["chiffon_processes"] = args.processes
             out["chiffon_processes_per_s"] = await processes_drain(
                 db_url, amqp_url, bodies, args.processes
@@ -353,9 +403,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     broker = min(out["broker_publish_per_s"], out["broker_consume_per_s"])
     out["ceiling_per_s"] = min(broker, out["postgres_upsert_per_s"])
     out["fraction_of_ceiling"] = out["chiffon_per_s"] / out["ceiling_per_s"]
+    sim_env = simulate_data_dir(tmp, SEED, creds)
     with private_vhost() as amqp_url, fresh_postgres() as db_url:
+        insert_credentials(db_url, cred_rows)
         out["latency"] = await steady_latency(
-            db_url, amqp_url, args.latency_rate, args.latency_seconds, args.latency_agents
+            db_url, amqp_url, args.latency_rate, args.latency_seconds, args.latency_agents, sim_env
         )
     return out
 
@@ -393,7 +445,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="scale-out run; 1: none")
     args = parser.parse_args()
     info = machine()
-    results = asyncio.run(run(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = asyncio.run(run(args, Path(tmp)))
     report(results)
     write_results("ingest", {"machine": info, "args": vars(args), **results})
 

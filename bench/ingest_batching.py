@@ -5,8 +5,9 @@ with many concurrent messages, on SQLite and on the local PostgreSQL, once with 
 default batch size and once with batches of one message. The unbatched run is the
 machine's own baseline in the same run, so the ratio means something on a noisy box.
 
-Batched runs are repeated `--repeats` times with the metrics history off and on,
-alternating so that a noisy neighbour hits both alike; the median of each is reported.
+Batched runs are repeated `--repeats` times with the metrics history off, on, and on with
+every message signed by its (enrolled) agent and checked as one from RabbitMQ, alternating
+so that a noisy neighbour hits all alike; the median of each is reported.
 History is written by the orchestrator's recorder, not by ingest: with history on, the
 recorder ticks concurrently with ingest each time the (manual) clock enters a new
 heartbeat interval, so it writes as many rows per heartbeat as in a real fleet, squeezed
@@ -99,8 +100,12 @@ async def run_once(
     *,
     history: bool = True,
     realtime: bool = False,
+    signed: bool = False,
 ) -> tuple[float, int]:
-    """Messages per second through parse -> batch -> commit, and history rows recorded."""
+    """Messages per second through parse -> batch -> commit, and history rows recorded.
+
+    `signed`: each agent is enrolled first and each message carries its agent's signature,
+    checked as one from RabbitMQ is (credential lookup, HMAC, replay window)."""
     if realtime:
         return await run_realtime(url, batch_size, agents, messages, history=history)
     settings = OrchestratorSettings(
@@ -120,12 +125,17 @@ async def run_once(
     ids = [uuid.uuid4() for _ in range(agents)]
     boot = uuid.uuid4()
     bodies = [heartbeat(ids[i % agents], boot, i // agents) for i in range(messages)]
+    signatures: list[str | None] = [None] * messages
+    if signed:
+        creds = {c.agent_id: c for c in await asyncio.gather(*map(orch.credentials.issue, ids))}
+        signatures = [creds[ids[i % agents]].sign(body) for i, body in enumerate(bodies)]
     ticks: asyncio.Queue[bool] = asyncio.Queue()
     recorder = asyncio.create_task(record_while(orch, ticks))
     started = time.perf_counter()
     for chunk in range(0, messages, agents):
-        window = bodies[chunk : chunk + agents]
-        outcomes = await asyncio.gather(*(orch.ingest(body) for body in window))
+        window = slice(chunk, chunk + agents)
+        pairs = zip(bodies[window], signatures[window], strict=True)
+        outcomes = await asyncio.gather(*(orch.ingest(b, signature=sig) for b, sig in pairs))
         assert all(o == "applied" for o in outcomes), set(outcomes)
         clock.advance(HEARTBEAT_INTERVAL_SECONDS)
         ticks.put_nowait(True)  # does not wait: the tick runs while the next round ingests
@@ -200,6 +210,7 @@ async def bench_engine(engine: str, url: str, args: argparse.Namespace) -> dict[
     db.upgrade(url)
     off: list[float] = []
     on: list[float] = []
+    signed: list[float] = []
     rows: list[int] = []
     for _ in range(args.repeats):
         mode = {"realtime": args.realtime}
@@ -207,6 +218,9 @@ async def bench_engine(engine: str, url: str, args: argparse.Namespace) -> dict[
         rate, written = await run_once(url, 500, args.agents, args.messages, history=True, **mode)
         on.append(rate)
         rows.append(written)
+        if not args.realtime:
+            rate, _ = await run_once(url, 500, args.agents, args.messages, signed=True)
+            signed.append(rate)
     batched = statistics.median(on)
     # One message per transaction: fewer messages, or it takes minutes on SQLite.
     single, _ = await run_once(
@@ -223,6 +237,15 @@ async def bench_engine(engine: str, url: str, args: argparse.Namespace) -> dict[
         "speedup": batched / single,
         "runs_no_history_per_s": off,
         "runs_history_per_s": on,
+        **(
+            {
+                "signed_per_s": statistics.median(signed),
+                "signature_cost_percent": 100 * (1 - statistics.median(signed) / batched),
+                "runs_signed_per_s": signed,
+            }
+            if signed
+            else {}
+        ),
     }
 
 
@@ -261,6 +284,12 @@ async def main() -> None:
         print(f"  runs off: {[round(x) for x in r['runs_no_history_per_s']]}")
         print(f"  runs on:  {[round(x) for x in r['runs_history_per_s']]}")
         print(f"  history rows recorded per run: {r['history_rows_per_run']}")
+        if "signed_per_s" in r:
+            print(
+                f"  signed (history on): {r['signed_per_s']:,.0f} msg/s, "
+                f"{r['signature_cost_percent']:.1f}% below unsigned; "
+                f"runs {[round(x) for x in r['runs_signed_per_s']]}"
+            )
     RESULTS.mkdir(exist_ok=True)
     record = {
         "when": datetime.now(UTC).isoformat(),

@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     CHIFFON,
+    api_headers,
+    auth_env,
     fresh_postgres,
     machine,
     orchestrator,
@@ -54,7 +56,7 @@ def start_agents(api: str, tmp: Path, count: int) -> list[subprocess.Popen[bytes
         procs.append(
             subprocess.Popen(
                 [*CHIFFON, "agent", "--orchestrator-url", api, "--name", f"off-{i}"],
-                env={**os.environ, "HOME": str(home)},
+                env={**os.environ, **auth_env(), "HOME": str(home)},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -63,13 +65,16 @@ def start_agents(api: str, tmp: Path, count: int) -> list[subprocess.Popen[bytes
 
 
 def agent_ids(api: str) -> dict[str, str]:
-    return {r["name"]: r["agent_id"] for r in httpx.get(f"{api}/api/v1/agents").json()}
+    rows = httpx.get(f"{api}/api/v1/agents", headers=api_headers()).json()
+    return {r["name"]: r["agent_id"] for r in rows}
 
 
 def wait_online(api: str, count: int, within: float = 60) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        rows = httpx.get(f"{api}/api/v1/agents", params={"status": "online"}).json()
+        rows = httpx.get(
+            f"{api}/api/v1/agents", params={"status": "online"}, headers=api_headers()
+        ).json()
         if len(rows) == count:
             return
         time.sleep(0.5)
@@ -77,7 +82,9 @@ def wait_online(api: str, count: int, within: float = 60) -> None:
 
 
 def offline_at(api: str, agent_id: str) -> tuple[float, str] | None:
-    rows = httpx.get(f"{api}/api/v1/events", params={"agent_id": agent_id}).json()
+    rows = httpx.get(
+        f"{api}/api/v1/events", params={"agent_id": agent_id}, headers=api_headers()
+    ).json()
     for row in rows:  # newest first
         if row["to_status"] == "offline":
             return datetime.fromisoformat(row["at"]).timestamp(), row["reason"]

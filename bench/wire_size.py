@@ -3,9 +3,10 @@
 Bodies are `AgentMessage.model_dump_json()`, exactly what the publishers send: this
 machine's own snapshot (`Collector.collect()`), and simulated desktops with 0, 1, 2 and 8
 GPUs. The HTTP size is the request as `HttpPublisher` sends it (request line and httpx's
-headers, not counting TCP/IP); the AMQP size is the three frames `RabbitPublisher` writes
-(basic.publish, content header with its properties, body), marshalled with pamqp, plus
-the broker's basic.ack in reply not counted. Takes a second.
+headers with the agent's `Authorization: Bearer` secret, not counting TCP/IP); the AMQP
+size is the three frames `RabbitPublisher` writes (basic.publish, content header with its
+properties and the `x-chiffon-signature` header, body), marshalled with pamqp, the
+broker's basic.ack in reply not counted. Takes a second.
 
     .venv/bin/python bench/wire_size.py
 """
@@ -30,16 +31,21 @@ from chiffon.agent.loop import AgentIdentity, AgentLoop
 from chiffon.agent.probes.collect import Collector
 from chiffon.agent.simulate import VirtualAgent, make_fleet
 from chiffon.schemas.heartbeat import AgentMessage
+from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
 from chiffon.transport.memory import InMemoryPublisher
 from chiffon.transport.rabbitmq import CONTENT_TYPE, EXCHANGE, routing_key
 
 
+def credential(message: AgentMessage) -> AgentCredential:
+    """A secret of the length enrollment issues (43 characters of base64url)."""
+    return AgentCredential(message.agent_id, "s" * 43)
+
+
 def http_bytes(message: AgentMessage, body: bytes) -> int:
     route = f"/api/v1/agents/{message.agent_id}/heartbeat"
+    headers = {"content-type": "application/json", "authorization": credential(message).bearer}
     with httpx.Client(base_url="http://orchestrator.example:8700") as client:
-        request = client.build_request(
-            "POST", route, content=body, headers={"content-type": "application/json"}
-        )
+        request = client.build_request("POST", route, content=body, headers=headers)
     head = f"POST {route} HTTP/1.1\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in request.headers.multi_items()
     )
@@ -51,7 +57,10 @@ def amqp_bytes(message: AgentMessage, body: bytes) -> int:
         exchange=EXCHANGE, routing_key=routing_key(message), mandatory=True
     )
     props = commands.Basic.Properties(
-        content_type=CONTENT_TYPE, message_type=message.kind, app_id="chiffon-agent"
+        content_type=CONTENT_TYPE,
+        message_type=message.kind,
+        app_id="chiffon-agent",
+        headers={SIGNATURE_HEADER: credential(message).sign(body)},
     )
     frames = [publish, ContentHeader(0, len(body), props), ContentBody(body)]
     return sum(len(frame.marshal(f, 1)) for f in frames)

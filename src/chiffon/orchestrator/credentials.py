@@ -48,6 +48,12 @@ def key_id(server_key: bytes) -> str:
     return hashlib.sha256(b"chiffon key id|" + server_key).hexdigest()[:16]
 
 
+def derive_secret(server_key: bytes, agent_id: uuid.UUID, nonce: str) -> str:
+    """The agent's secret: `HMAC-SHA256(server key, label || agent_id || nonce)`, base64url."""
+    mac = hmac.new(server_key, _SECRET_LABEL + agent_id.bytes + bytes.fromhex(nonce), "sha256")
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+
 @dataclass(frozen=True, slots=True)
 class _Known:
     secret_sha256: str
@@ -74,10 +80,7 @@ class CredentialStore:
         self._loader: asyncio.Task[None] | None = None
 
     def _derive(self, agent_id: uuid.UUID, nonce: str) -> str:
-        mac = hmac.new(
-            self._server_key, _SECRET_LABEL + agent_id.bytes + bytes.fromhex(nonce), "sha256"
-        )
-        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+        return derive_secret(self._server_key, agent_id, nonce)
 
     async def issue(self, agent_id: uuid.UUID) -> AgentCredential:
         """A new secret for an agent without one; `AlreadyEnrolledError` otherwise."""
