@@ -16,6 +16,11 @@ For the machine's own ceiling in the same run, the same query's SQL is also time
 directly on the database (`--raw`, one connection, no HTTP), so the API's share shows.
 
     .venv/bin/python bench/capacity_query.py [--sizes 1000,10000,100000] [--seconds 20]
+                                             [--split] [--no-ingest] [--results NAME]
+
+`--split` sends the queries to a second `chiffon orchestrator` on the same database that
+does not consume from RabbitMQ, so ingest and queries run in separate processes (the
+deployment docs/performance.md recommends for a busy fleet).
 
 Takes about 6 minutes.
 """
@@ -186,9 +191,12 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
         raw = raw_query_ms(url)
         amqp = stack.enter_context(private_vhost())
         env = {"CHIFFON_HEARTBEAT_TIMEOUT": "3600"}
-        api, _ = stack.enter_context(
-            orchestrator(url, "--amqp-url", amqp, env=env, log=tmp / f"orch-{engine}-{size}.log")
-        )
+        log = tmp / f"orch-{engine}-{size}.log"
+        ingest_api, _ = stack.enter_context(orchestrator(url, "--amqp-url", amqp, env=env, log=log))
+        api = ingest_api
+        if args.split:  # queries go to a second orchestrator that does not consume
+            log = tmp / f"orch-api-{engine}-{size}.log"
+            api, _ = stack.enter_context(orchestrator(url, env=env, log=log))
         interval = STEADY_INTERVAL * beating / STEADY_AGENTS
         sim = (
             None
@@ -232,7 +240,7 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
         finally:
             if sim is not None:
                 stop(sim, timeout=30)
-        counted = messages_counted(api)
+        counted = messages_counted(ingest_api)
         output = sim.stdout.read() if sim is not None and sim.stdout else ""
         sim_out = [line for line in output.splitlines() if line.startswith("sent ")]
         result: dict[str, Any] = json.loads(load.stdout)
@@ -255,6 +263,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--no-ingest", action="store_true", help="no simulate meanwhile")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="query a second orchestrator process (no --amqp-url) while the first ingests",
+    )
+    parser.add_argument("--results", default="capacity_query", help="name of the JSON file")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -279,7 +293,7 @@ def main() -> None:
                     flush=True,
                 )
     write_results(
-        "capacity_query",
+        args.results,
         {"machine": info, "args": vars(args), "query": QUERY, "results": results},
     )
 

@@ -274,7 +274,12 @@ async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[Body]) -> float
     await publish_all(amqp_url, bodies)
     orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
     try:
-        while consumer.consumed < len(bodies):  # noqa: ASYNC110  # polled counter
+        progress, stalled_since = -1, time.monotonic()
+        while consumer.consumed < len(bodies):
+            if consumer.consumed != progress:
+                progress, stalled_since = consumer.consumed, time.monotonic()
+            elif time.monotonic() - stalled_since > 30:  # e.g. the rest outlived the queue TTL
+                raise SystemExit(f"drain stalled at {progress} of {len(bodies)} messages")
             await asyncio.sleep(0.01)
         assert target.first is not None
         elapsed = time.perf_counter() - target.first
