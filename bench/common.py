@@ -221,29 +221,11 @@ def issue_credentials(
     agent_ids: list[uuid.UUID],
 ) -> tuple[list[dict[str, Any]], dict[uuid.UUID, Any]]:
     """(agent_credentials rows, {agent id: AgentCredential}) as enrollment issues them."""
-    import secrets
+    from chiffon.orchestrator.credentials import new_credential
 
-    from chiffon.orchestrator.credentials import derive_secret, key_id
-    from chiffon.transport.auth import AgentCredential, secret_digest
-
-    key = SECRET_KEY.encode()
-    kid = key_id(key)
     now = datetime.now(UTC)
-    rows, creds = [], {}
-    for agent_id in agent_ids:
-        nonce = secrets.token_hex(16)
-        secret = derive_secret(key, agent_id, nonce)
-        rows.append(
-            {
-                "agent_id": agent_id,
-                "nonce": nonce,
-                "secret_sha256": secret_digest(secret),
-                "key_id": kid,
-                "created_at": now,
-            }
-        )
-        creds[agent_id] = AgentCredential(agent_id, secret)
-    return rows, creds
+    issued = [new_credential(SECRET_KEY.encode(), agent_id, now) for agent_id in agent_ids]
+    return [row for row, _ in issued], {cred.agent_id: cred for _, cred in issued}
 
 
 def insert_credentials(database_url: str, rows: list[dict[str, Any]]) -> None:

@@ -19,6 +19,8 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -54,6 +56,23 @@ def derive_secret(server_key: bytes, agent_id: uuid.UUID, nonce: str) -> str:
     return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
+def new_credential(
+    server_key: bytes, agent_id: uuid.UUID, created_at: datetime
+) -> tuple[dict[str, Any], AgentCredential]:
+    """A fresh secret for the agent, and the `agent_credentials` row that recognises it
+    (its nonce and the secret's SHA-256, never the secret)."""
+    nonce = secrets.token_hex(16)
+    secret = derive_secret(server_key, agent_id, nonce)
+    row = {
+        "agent_id": agent_id,
+        "nonce": nonce,
+        "secret_sha256": secret_digest(secret),
+        "key_id": key_id(server_key),
+        "created_at": created_at,
+    }
+    return row, AgentCredential(agent_id, secret)
+
+
 @dataclass(frozen=True, slots=True)
 class _Known:
     secret_sha256: str
@@ -84,22 +103,14 @@ class CredentialStore:
 
     async def issue(self, agent_id: uuid.UUID) -> AgentCredential:
         """A new secret for an agent without one; `AlreadyEnrolledError` otherwise."""
-        nonce = secrets.token_hex(16)
-        secret = self._derive(agent_id, nonce)
-        row = {
-            "agent_id": agent_id,
-            "nonce": nonce,
-            "secret_sha256": secret_digest(secret),
-            "key_id": self.key_id,
-            "created_at": self._clock.now(),
-        }
+        row, credential = new_credential(self._server_key, agent_id, self._clock.now())
         try:
             async with self._sessions.begin() as session:
                 await repo.add_credential(session, row=row)
         except IntegrityError:
             raise AlreadyEnrolledError(f"agent {agent_id} is already enrolled") from None
         self._cache.pop(agent_id, None)
-        return AgentCredential(agent_id, secret)
+        return credential
 
     async def revoke(self, agent_id: uuid.UUID) -> bool:
         """Delete the agent's credential; whether it had one."""
