@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ async def lock_orderings(
 _UPSERT_KEEP = frozenset({"agent_id", "created_at"})
 
 
+@functools.cache  # built once per dialect, not for every ingest batch
 def _upsert_statement(dialect: str) -> Any:
     make = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = make(_agents)
