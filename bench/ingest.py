@@ -4,12 +4,13 @@ Everything runs in one invocation on the same machine, so the ratios mean someth
 shared box:
 
 1. Broker ceiling: raw aio-pika publishes the same message bodies (confirms, 500 in
-   flight) to the same exchange and queue arguments, then raw-consumes them (prefetch
-   500, one ack per message). Both rates are reported; the ceiling is the lower.
+   flight) to the same exchange and queue arguments, then raw-consumes them (the
+   orchestrator's default prefetch, 2000, one ack per message). Both rates are
+   reported; the ceiling is the lower.
 2. PostgreSQL ceiling: raw psycopg upserts the same registry rows into the same
    `agent_registry` table in batches of 500 (executemany, one transaction per batch).
 3. Chiffon's sustained rate: the same bodies are queued, then an `Orchestrator` with its
-   `RabbitConsumer` (defaults: prefetch 500, batches of 500, history on) drains the
+   `RabbitConsumer` (defaults: prefetch 2000, batches of 500, history on) drains the
    backlog into a fresh PostgreSQL database, acking each message after its batch
    commits. Rate = messages / (first delivery .. last ack).
 4. Scale-out (`--processes`, default 2): the same backlog drained by that many
@@ -80,7 +81,8 @@ from chiffon.transport.rabbitmq import (
     declare_exchange,
 )
 
-IN_FLIGHT = 500
+IN_FLIGHT = 500  # publishes awaiting their confirm
+PREFETCH = OrchestratorSettings.model_fields["amqp_prefetch"].default  # the consumer's, both
 
 
 SEED = 42
@@ -132,11 +134,12 @@ async def publish_all(url: str, bodies: list[Body]) -> float:
 
 
 async def consume_all(url: str, count: int) -> float:
-    """Raw consume with prefetch IN_FLIGHT and one ack per message; messages per second."""
+    """Raw consume with the orchestrator's default prefetch and one ack per message;
+    messages per second."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=IN_FLIGHT)
+        await channel.set_qos(prefetch_count=PREFETCH)
         queue = await declare(channel)
         done = asyncio.Event()
         seen = 0
@@ -254,25 +257,26 @@ class TimedTarget:
 
 
 async def chiffon_consumer(
-    db_url: str, amqp_url: str
+    db_url: str, amqp_url: str, **overrides: Any
 ) -> tuple[Orchestrator, RabbitConsumer, TimedTarget]:
     settings = OrchestratorSettings(
         database_url=db_url,
         amqp_url=amqp_url,
         secret_key=SECRET_KEY,  # type: ignore[arg-type]  # pydantic makes it a SecretStr
+        **overrides,
     )
     orch = Orchestrator(settings)
     await orch.start()
     target = TimedTarget(orch)
-    consumer = RabbitConsumer(amqp_url, target)  # type: ignore[arg-type]
+    consumer = RabbitConsumer(amqp_url, target, prefetch=settings.amqp_prefetch)  # type: ignore[arg-type]
     await consumer.start()
     await consumer.wait_consuming(30)
     return orch, consumer, target
 
 
-async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[Body]) -> float:
+async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[Body], **overrides: Any) -> float:
     await publish_all(amqp_url, bodies)
-    orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
+    orch, consumer, target = await chiffon_consumer(db_url, amqp_url, **overrides)
     try:
         progress, stalled_since = -1, time.monotonic()
         while consumer.consumed < len(bodies):

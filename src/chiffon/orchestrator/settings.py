@@ -50,8 +50,9 @@ class OrchestratorSettings(BaseSettings):
     amqp_exchange: str = Field("chiffon", min_length=1, max_length=255)
     amqp_queue: str = Field("chiffon.orchestrator.agent-events", min_length=1, max_length=255)
     amqp_rejected_queue: str = Field("chiffon.rejected", min_length=1, max_length=255)
-    # Unacked deliveries in hand: enough to fill one ingest batch (ingest_batch_size).
-    amqp_prefetch: int = Field(500, ge=1, le=65_535)
+    # Unacked deliveries in hand: several ingest batches (ingest_batch_size), so the next
+    # ones are validated while one commits (docs/performance.md).
+    amqp_prefetch: int = Field(2000, ge=1, le=65_535)
     amqp_queue_max_length: int = Field(100_000, ge=1)
     amqp_rejected_max_length: int = Field(10_000, ge=1)
     # Seeds' names; defaults give a killed agent offline <= timeout + sweep = 50 s (< 60 s).

@@ -288,7 +288,7 @@ class RabbitConsumer:
         target: IngestTarget,
         *,
         topology: Topology | None = None,
-        prefetch: int = 500,
+        prefetch: int = 2000,
         backoff: Backoff | None = None,
         reconnect_interval_seconds: float = 1.0,
         watchdog_interval_seconds: float = 2.0,
