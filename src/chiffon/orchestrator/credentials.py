@@ -98,9 +98,6 @@ class CredentialStore:
         self._waiting: dict[uuid.UUID, asyncio.Future[_Known | None]] = {}
         self._loader: asyncio.Task[None] | None = None
 
-    def _derive(self, agent_id: uuid.UUID, nonce: str) -> str:
-        return derive_secret(self._server_key, agent_id, nonce)
-
     async def issue(self, agent_id: uuid.UUID) -> AgentCredential:
         """A new secret for an agent without one; `AlreadyEnrolledError` otherwise."""
         row, credential = new_credential(self._server_key, agent_id, self._clock.now())
@@ -185,7 +182,7 @@ class CredentialStore:
             return None
         key = None
         if row.key_id == self.key_id:
-            key = signing_key(self._derive(agent_id, row.nonce))
+            key = signing_key(derive_secret(self._server_key, agent_id, row.nonce))
         known = _Known(row.secret_sha256, key, time.monotonic())
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
