@@ -122,7 +122,7 @@ def raw_query_ms(url: str, repeats: int = 200) -> dict[str, float]:
     with engine.connect() as conn:
         for _ in range(repeats):
             started = time.perf_counter()
-            conn.execute(capacity_statement(want)).all()
+            conn.execute(*capacity_statement(want)).all()
             samples.append((time.perf_counter() - started) * 1000)
     engine.dispose()
     return {"p50_ms": statistics.median(samples), "p99_ms": percentile(samples, 99)}

@@ -95,6 +95,19 @@ async def test_available_capacity_filters(
 
 
 @pytest.mark.usefixtures("three_agents")
+async def test_one_shape_of_query_with_other_values_gets_its_own_answer(
+    api: httpx.AsyncClient,
+) -> None:
+    """The statement is built once per combination of requirements; values are bound."""
+    answers = []
+    for query in ("min_gpu_vram_gb=5&limit=1", "min_gpu_vram_gb=0.5&limit=2"):
+        resp = await api.get(f"/api/v1/agents/available-capacity?{query}")
+        assert resp.status_code == 200, resp.text
+        answers.append(_ids(resp.json()))
+    assert answers == [[str(GPU_RICH)], [str(GPU_RICH), str(MODERATE)]]
+
+
+@pytest.mark.usefixtures("three_agents")
 async def test_offline_agents_are_excluded(
     api: httpx.AsyncClient, orchestrator: Orchestrator
 ) -> None:

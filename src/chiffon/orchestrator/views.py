@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
 
 from chiffon.persistence.models import AgentEventRow, AgentRow
 from chiffon.persistence.registry import PoolTotals
@@ -21,7 +24,8 @@ def _age(at: datetime | None, now: datetime) -> float | None:
     return None if at is None else round(max(0.0, (now - at).total_seconds()), 3)
 
 
-def capacity(row: AgentRow, now: datetime) -> AgentCapacity:
+def capacity(row: AgentRow | Row[Any], now: datetime) -> AgentCapacity:
+    """From an `AgentRow` or a row of `registry.CAPACITY_COLUMNS`."""
     metrics = row.resource_metrics or {}
     return AgentCapacity(
         agent_id=row.agent_id,

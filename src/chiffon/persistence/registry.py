@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import uuid
 from collections.abc import Sequence
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Integer, Row, Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -150,41 +151,77 @@ async def list_agents(
     return (await session.scalars(stmt)).all()
 
 
-def capacity_statement(want: CapacityFilter) -> Select[AgentRow]:
-    """Online agents meeting every requirement, most free VRAM first.
+# What a capacity answer shows, read as plain rows: no ORM identity map or change tracking
+# for a read-only list (measured in docs/performance.md, "What each optimisation changed").
+CAPACITY_COLUMNS = (
+    AgentRow.agent_id,
+    AgentRow.name,
+    AgentRow.pool_name,
+    AgentRow.agent_type,
+    AgentRow.status,
+    AgentRow.cpu_cores_available,
+    AgentRow.cpu_cores_physical,
+    AgentRow.cpu_load_1min,
+    AgentRow.memory_available_gb,
+    AgentRow.gpu_vram_available_gb,
+    AgentRow.gpu_vram_total_gb,
+    AgentRow.gpu_vram_available_max_gb,
+    AgentRow.gpu_count,
+    AgentRow.gpu_type,
+    AgentRow.resource_metrics,
+    AgentRow.last_heartbeat_at,
+)
+
+
+_MINIMUMS = (
+    ("min_gpu_vram_gb", AgentRow.gpu_vram_available_gb),
+    ("min_single_gpu_vram_gb", AgentRow.gpu_vram_available_max_gb),
+    ("min_cpu_cores", AgentRow.cpu_cores_available),
+    ("min_memory_gb", AgentRow.memory_available_gb),
+)
+_FILTER_FIELDS = tuple(f.name for f in dataclasses.fields(CapacityFilter))
+
+
+def capacity_statement(want: CapacityFilter) -> tuple[Select[Any], dict[str, Any]]:
+    """Online agents meeting every requirement, most free VRAM first: (statement, values).
 
     A requirement on a number excludes agents for which that number is unknown (NULL);
     an agent that never reported metrics (`last_heartbeat_at` unset) never matches.
+    The statement depends only on which requirements are given, so it is built once per
+    combination and the values are bound at execution.
     """
-    stmt = select(AgentRow).where(
+    given = {name: value for name in _FILTER_FIELDS if (value := getattr(want, name)) is not None}
+    return _capacity_shape(frozenset(given)), given
+
+
+@functools.cache
+def _capacity_shape(given: frozenset[str]) -> Select[Any]:
+    stmt = select(*CAPACITY_COLUMNS).where(
         AgentRow.status == "online", AgentRow.cpu_cores_physical.is_not(None)
     )
-    bounds = (
-        (AgentRow.gpu_vram_available_gb, want.min_gpu_vram_gb),
-        (AgentRow.gpu_vram_available_max_gb, want.min_single_gpu_vram_gb),
-        (AgentRow.cpu_cores_available, want.min_cpu_cores),
-        (AgentRow.memory_available_gb, want.min_memory_gb),
-    )
-    for column, minimum in bounds:
-        if minimum is not None:
-            stmt = stmt.where(column >= minimum)
-    if want.pool_name is not None:
-        stmt = stmt.where(AgentRow.pool_name == want.pool_name)
-    if want.agent_type is not None:
-        stmt = stmt.where(AgentRow.agent_type == want.agent_type)
+    for name, column in _MINIMUMS:
+        if name in given:
+            stmt = stmt.where(column >= bindparam(name))
+    if "pool_name" in given:
+        stmt = stmt.where(AgentRow.pool_name == bindparam("pool_name"))
+    if "agent_type" in given:
+        stmt = stmt.where(AgentRow.agent_type == bindparam("agent_type"))
     stmt = stmt.order_by(
         AgentRow.gpu_vram_available_gb.desc().nulls_last(),
         AgentRow.cpu_cores_available.desc().nulls_last(),
         AgentRow.memory_available_gb.desc().nulls_last(),
         AgentRow.agent_id,
     )
-    if want.limit is not None:
-        stmt = stmt.limit(want.limit)
+    if "limit" in given:
+        stmt = stmt.limit(bindparam("limit", type_=Integer))
     return stmt
 
 
-async def find_capacity(session: AsyncSession, *, want: CapacityFilter) -> Sequence[AgentRow]:
-    return (await session.scalars(capacity_statement(want))).all()
+async def find_capacity(session: AsyncSession, *, want: CapacityFilter) -> Sequence[Row[Any]]:
+    """Rows of `CAPACITY_COLUMNS`, named as `AgentRow`'s attributes."""
+    stmt, values = capacity_statement(want)
+    rows: Sequence[Row[Any]] = (await session.execute(stmt, values)).all()
+    return rows
 
 
 async def delete_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> str | None:
