@@ -77,11 +77,15 @@ from chiffon.transport.rabbitmq import (
     BINDING_KEY,
     EXCHANGE,
     RabbitConsumer,
+    Topology,
     agent_events_arguments,
     declare_exchange,
 )
 
 IN_FLIGHT = 500  # publishes awaiting their confirm
+# The drains start from a full queue; on a slow day its tail outlived the default 45 s TTL
+# (= heartbeat timeout) before it was consumed. The TTL changes nothing in the consumer.
+BACKLOG_TTL_SECONDS = 600
 PREFETCH = OrchestratorSettings.model_fields["amqp_prefetch"].default  # the consumer's, both
 
 
@@ -106,7 +110,9 @@ async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.Abstrac
     queue = await channel.declare_queue(
         AGENT_EVENTS_QUEUE,
         durable=True,
-        arguments=agent_events_arguments(message_ttl_ms=45_000, max_length=100_000),
+        arguments=agent_events_arguments(
+            message_ttl_ms=BACKLOG_TTL_SECONDS * 1000, max_length=100_000
+        ),
     )
     await queue.bind(exchange, BINDING_KEY)
     return queue
@@ -263,12 +269,13 @@ async def chiffon_consumer(
         database_url=db_url,
         amqp_url=amqp_url,
         secret_key=SECRET_KEY,  # type: ignore[arg-type]  # pydantic makes it a SecretStr
-        **overrides,
+        **{"heartbeat_timeout_seconds": BACKLOG_TTL_SECONDS, **overrides},
     )
     orch = Orchestrator(settings)
     await orch.start()
     target = TimedTarget(orch)
-    consumer = RabbitConsumer(amqp_url, target, prefetch=settings.amqp_prefetch)  # type: ignore[arg-type]
+    topology = Topology(message_ttl_ms=settings.amqp_message_ttl_ms)
+    consumer = RabbitConsumer(amqp_url, target, topology=topology, prefetch=settings.amqp_prefetch)  # type: ignore[arg-type]
     await consumer.start()
     await consumer.wait_consuming(30)
     return orch, consumer, target
@@ -282,7 +289,7 @@ async def chiffon_drain(db_url: str, amqp_url: str, bodies: list[Body], **overri
         while consumer.consumed < len(bodies):
             if consumer.consumed != progress:
                 progress, stalled_since = consumer.consumed, time.monotonic()
-            elif time.monotonic() - stalled_since > 30:  # e.g. the rest outlived the queue TTL
+            elif time.monotonic() - stalled_since > 30:
                 raise SystemExit(f"drain stalled at {progress} of {len(bodies)} messages")
             await asyncio.sleep(0.01)
         assert target.first is not None
@@ -314,6 +321,7 @@ async def processes_drain(db_url: str, amqp_url: str, bodies: list[Body], proces
         **auth_env(),
         "CHIFFON_DATABASE_URL": db_url,
         "CHIFFON_AMQP_URL": amqp_url,
+        "CHIFFON_HEARTBEAT_TIMEOUT": str(BACKLOG_TTL_SECONDS),
     }
     procs = [
         await asyncio.create_subprocess_exec(
