@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
 from chiffon.persistence import credentials as repo
-from chiffon.persistence.models import AgentCredentialRow
 from chiffon.schemas.heartbeat import RejectedMessage
 from chiffon.transport.auth import (
     AgentCredential,
@@ -176,7 +176,7 @@ class CredentialStore:
                 if not future.done():
                     future.set_result(self._remember(agent_id, rows.get(agent_id)))
 
-    def _remember(self, agent_id: uuid.UUID, row: AgentCredentialRow | None) -> _Known | None:
+    def _remember(self, agent_id: uuid.UUID, row: Row[Any] | None) -> _Known | None:
         if row is None:
             self._cache.pop(agent_id, None)
             return None

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Row, bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence.models import AgentCredentialRow, Base
@@ -20,14 +20,22 @@ async def get_credential(
     return await session.get(AgentCredentialRow, agent_id)
 
 
+# Ingest's lookup, built once: plain rows, the ids bound as an expanding IN at execution.
+_LOOKUP = select(
+    _credentials.c.agent_id,
+    _credentials.c.nonce,
+    _credentials.c.secret_sha256,
+    _credentials.c.key_id,
+).where(_credentials.c.agent_id.in_(bindparam("agent_ids", expanding=True)))
+
+
 async def get_credentials(
     session: AsyncSession, *, agent_ids: Collection[uuid.UUID]
-) -> dict[uuid.UUID, AgentCredentialRow]:
-    """The credentials of these agents, in one query (agents without one are left out)."""
-    rows = await session.scalars(
-        select(AgentCredentialRow).where(AgentCredentialRow.agent_id.in_(list(agent_ids)))
-    )
-    return {row.agent_id: row for row in rows}
+) -> dict[uuid.UUID, Row[Any]]:
+    """The credentials of these agents (`agent_id`, `nonce`, `secret_sha256`, `key_id`), in
+    one query; agents without one are left out."""
+    result = await session.execute(_LOOKUP, {"agent_ids": list(agent_ids)})
+    return {row.agent_id: row for row in result}
 
 
 async def add_credential(session: AsyncSession, *, row: dict[str, Any]) -> None:
