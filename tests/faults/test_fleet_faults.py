@@ -4,6 +4,7 @@ PostgreSQL and RabbitMQ (1, 2, 3). Each test restores what it stopped, even when
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,20 +86,39 @@ def test_2_broker_down_for_several_timeouts(tmp_path: Path) -> None:
             time.sleep(3 * TIMEOUT)
             agents = fleet.agents()
             assert agents[ALIVE]["status"] == agents[DEAD]["status"] == "online"
-        heard_again = _when_consuming(fleet)
+            # Watch from before the broker starts: the orchestrator may be consuming again
+            # before `rabbitmqctl await_startup` returns (on a slow machine, most of a second).
+            heard = ConsumingAgain(fleet.api)
+        heard_again = heard.wait(within=30)
         check_dead_goes_offline_only_after_grace(fleet, heard_again, slack_seconds=0.5)
 
 
-def _when_consuming(fleet: Fleet) -> datetime:
-    import httpx
+class ConsumingAgain(threading.Thread):
+    """Polls `/readyz` every 50 ms; `wait()` is when it first said "consuming"."""
 
-    wait_for(
-        "the orchestrator consuming again",
-        lambda: httpx.get(f"{fleet.api}/readyz", timeout=5).json().get("amqp") == "consuming",
-        fleet,
-        within=30,
-    )
-    return datetime.now(UTC)
+    def __init__(self, api: str) -> None:
+        super().__init__(daemon=True)
+        self._api = api
+        self._seen: datetime | None = None
+        self._stop_at = time.monotonic() + 60
+        self.start()
+
+    def run(self) -> None:
+        import httpx
+
+        while self._seen is None and time.monotonic() < self._stop_at:
+            try:
+                state = httpx.get(f"{self._api}/readyz", timeout=5).json().get("amqp")
+            except httpx.HTTPError:
+                state = None
+            if state == "consuming":
+                self._seen = datetime.now(UTC)
+            time.sleep(0.05)
+
+    def wait(self, within: float) -> datetime:
+        self.join(within)
+        assert self._seen is not None, f"the orchestrator not consuming again within {within} s"
+        return self._seen
 
 
 def test_3_orchestrator_sigkilled_and_restarted_after_several_timeouts(tmp_path: Path) -> None:
