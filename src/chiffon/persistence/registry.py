@@ -151,8 +151,8 @@ async def list_agents(
     return (await session.scalars(stmt)).all()
 
 
-# What a capacity answer shows, read as plain rows: no ORM identity map or change tracking
-# for a read-only list (measured in docs/performance.md, "What each optimisation changed").
+# What a capacity answer shows, read as plain rows: a read-only list needs no ORM objects,
+# nor the labels and capabilities it does not show (docs/performance.md, optimisation 8).
 CAPACITY_COLUMNS = (
     AgentRow.agent_id,
     AgentRow.name,
