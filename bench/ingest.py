@@ -352,6 +352,29 @@ async def processes_drain(db_url: str, amqp_url: str, bodies: list[Body], proces
             await proc.wait()
 
 
+async def simulate(
+    agents: int, interval: float, seconds: float, amqp_url: str, sim_env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    """`chiffon simulate --transport amqp` (the benchmark's fleet, seed SEED), started."""
+    return await asyncio.create_subprocess_exec(
+        *CHIFFON,
+        "simulate",
+        "--agents",
+        str(agents),
+        "--interval",
+        f"{interval:g}",
+        "--transport",
+        "amqp",
+        "--duration",
+        f"{seconds:g}",
+        "--seed",
+        str(SEED),
+        env={**os.environ, **sim_env, "CHIFFON_AMQP_URL": amqp_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
 async def steady_latency(
     db_url: str, amqp_url: str, rate: float, seconds: float, agents: int, sim_env: dict[str, str]
 ) -> dict[str, Any]:
@@ -359,23 +382,7 @@ async def steady_latency(
     interval = agents / rate
     orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
     try:
-        sim = await asyncio.create_subprocess_exec(
-            *CHIFFON,
-            "simulate",
-            "--agents",
-            str(agents),
-            "--interval",
-            f"{interval:g}",
-            "--transport",
-            "amqp",
-            "--duration",
-            str(seconds),
-            "--seed",
-            str(SEED),
-            env={**os.environ, **sim_env, "CHIFFON_AMQP_URL": amqp_url},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        sim = await simulate(agents, interval, seconds, amqp_url, sim_env)
         started = time.time()
         out, _ = await sim.communicate()
         await asyncio.sleep(1)  # the last batch commits

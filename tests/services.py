@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
@@ -68,3 +70,11 @@ def postgres_stopped() -> Iterator[None]:
         yield
     finally:
         _run(*ctl, "start")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_seconds: float = 10) -> None:
+    """Wait until `await check()` is true; fail after `within_seconds`."""
+    deadline = time.monotonic() + within_seconds
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)

@@ -9,13 +9,14 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, create_engine, text
 
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import db
 from chiffon.persistence.db import SchemaBehindError
 from chiffon.persistence.models import Base
+from tests.conftest import fresh_postgres_database
 
 
 def _diff(connection: Connection) -> list[object]:
@@ -58,3 +59,24 @@ def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
     db.upgrade(url)
     command.downgrade(db.alembic_config(url), "base")
     db.upgrade(url)
+
+
+def test_downgrade_and_upgrade_again_on_postgresql() -> None:
+    def triggers(url: str) -> set[str]:
+        engine = create_engine(db.sync_url(url))
+        with engine.connect() as connection:
+            names = connection.execute(
+                text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'agent_credentials'::regclass")
+            )
+            found = {name for (name,) in names}
+        engine.dispose()
+        return found
+
+    notify = {"agent_credentials_notify", "agent_credentials_notify_truncate"}
+    with fresh_postgres_database() as url:
+        assert triggers(url) == notify
+        command.downgrade(db.alembic_config(url), "0004")
+        assert triggers(url) == set()
+        command.downgrade(db.alembic_config(url), "base")
+        db.upgrade(url)
+        assert triggers(url) == notify

@@ -40,7 +40,7 @@ from chiffon.transport.rabbitmq import (
 from tests import factories as f
 from tests.auth import API_HEADERS, TOKENS_ENV, enroll, keyring
 from tests.procs import CHIFFON, free_port, run_cli, stop, wait_http
-from tests.services import AMQP_URL, need
+from tests.services import AMQP_URL, eventually, need
 
 FAST = Backoff(initial_seconds=0.1, max_seconds=0.5)
 
@@ -115,13 +115,6 @@ async def ready_count(url: str, queue: str) -> int:
         count = declared.declaration_result.message_count
         assert count is not None
         return count
-
-
-async def eventually(check: Any, within_seconds: float = 10) -> None:
-    deadline = time.monotonic() + within_seconds
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def agent_row(orch: Orchestrator, agent_id: uuid.UUID) -> Any:

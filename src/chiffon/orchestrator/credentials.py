@@ -2,11 +2,16 @@
 
 An agent's secret is `HMAC-SHA256(server key, agent_id || nonce)`. The database keeps the
 nonce and the secret's SHA-256, never the secret or the AMQP signing key derived from it:
-a stolen database without the server key lets no one impersonate an agent. A verified
-credential is cached in memory for `cache_seconds`, so ingest does not read the database
-for every message; a revocation takes effect at once on the orchestrator that made it and
-within `cache_seconds` on the others. Lookups that miss the cache at the same moment (a
-broker delivering hundreds of messages at once) are answered by one query together.
+a stolen database without the server key lets no one impersonate an agent.
+
+A verified credential is cached in memory, so ingest does not read the database for every
+message. On PostgreSQL the store follows the database's change notices (migration 0005):
+a changed or revoked credential leaves every orchestrator's cache as soon as the notice
+arrives, and a cached one is kept for `LISTENING_CACHE_SECONDS`, longer than any heartbeat
+interval. Without notices (SQLite, or while the listening connection is down) an entry
+lives `cache_seconds`, and a revocation reaches the other orchestrators within that time.
+Lookups that miss the cache at the same moment (a broker delivering hundreds of messages
+at once) are answered by one query together.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,9 +44,16 @@ from chiffon.transport.auth import (
     signing_key,
 )
 
+log = logging.getLogger(__name__)
+
 _SECRET_LABEL = b"chiffon agent secret v1|"
 _CACHE_LIMIT = 100_000
 _LOAD_CHUNK = 1_000  # agent ids per query when many lookups miss the cache together
+# How long a cached credential lives while change notices arrive: they drop it the moment
+# it changes; this bounds only a notice lost in ways the connection did not report.
+LISTENING_CACHE_SECONDS = 300.0
+
+Listen = Callable[[], AbstractAsyncContextManager[AsyncIterator[str]]]
 
 
 class AlreadyEnrolledError(RuntimeError):
@@ -94,7 +109,12 @@ class CredentialStore:
         self._server_key = server_key
         self.key_id = key_id(server_key)
         self._cache_seconds = cache_seconds
+        self._ttl = cache_seconds
         self._cache: dict[uuid.UUID, _Known] = {}
+        # Bumped whenever entries are dropped: a lookup that was in flight meanwhile may
+        # have read the old row, so its answer is used once but not cached.
+        self._generation = 0
+        self.listening = False
         self._waiting: dict[uuid.UUID, asyncio.Future[_Known | None]] = {}
         self._loader: asyncio.Task[None] | None = None
 
@@ -106,14 +126,14 @@ class CredentialStore:
                 await repo.add_credential(session, row=row)
         except IntegrityError:
             raise AlreadyEnrolledError(f"agent {agent_id} is already enrolled") from None
-        self._cache.pop(agent_id, None)
+        self._forget(agent_id)
         return credential
 
     async def revoke(self, agent_id: uuid.UUID) -> bool:
         """Delete the agent's credential; whether it had one."""
         async with self._sessions.begin() as session:
             had = await repo.delete_credential(session, agent_id=agent_id)
-        self._cache.pop(agent_id, None)
+        self._forget(agent_id)
         return had
 
     async def check_bearer(self, agent_id: uuid.UUID, token: str | None) -> None:
@@ -140,7 +160,7 @@ class CredentialStore:
 
     async def _known(self, agent_id: uuid.UUID) -> _Known:
         cached = self._cache.get(agent_id)
-        if cached is not None and time.monotonic() - cached.fetched_at < self._cache_seconds:
+        if cached is not None and time.monotonic() - cached.fetched_at < self._ttl:
             return cached
         known = await self._load(agent_id)
         if known is None:
@@ -164,6 +184,7 @@ class CredentialStore:
             batch = dict(list(self._waiting.items())[:_LOAD_CHUNK])
             for agent_id in batch:
                 del self._waiting[agent_id]
+            generation, fetched_at = self._generation, time.monotonic()
             try:
                 async with self._sessions() as session:
                     rows = await repo.get_credentials(session, agent_ids=batch.keys())
@@ -172,19 +193,76 @@ class CredentialStore:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            keep = generation == self._generation
             for agent_id, future in batch.items():
                 if not future.done():
-                    future.set_result(self._remember(agent_id, rows.get(agent_id)))
+                    known = self._known_from(agent_id, rows.get(agent_id), fetched_at)
+                    if keep:
+                        self._remember(agent_id, known)
+                    future.set_result(known)
 
-    def _remember(self, agent_id: uuid.UUID, row: Row[Any] | None) -> _Known | None:
+    def _known_from(self, agent_id: uuid.UUID, row: Row[Any] | None, at: float) -> _Known | None:
         if row is None:
-            self._cache.pop(agent_id, None)
             return None
         key = None
         if row.key_id == self.key_id:
             key = signing_key(derive_secret(self._server_key, agent_id, row.nonce))
-        known = _Known(row.secret_sha256, key, time.monotonic())
+        return _Known(row.secret_sha256, key, at)
+
+    def _remember(self, agent_id: uuid.UUID, known: _Known | None) -> None:
+        if known is None:
+            self._cache.pop(agent_id, None)
+            return
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[agent_id] = known
-        return known
+
+    async def follow_changes(self, listen: Listen, *, retry_seconds: float = 1.0) -> None:
+        """Run until cancelled: while `listen()` delivers the database's change notices
+        (agent ids, '*' for all), drop what changed and cache for `LISTENING_CACHE_SECONDS`;
+        while it cannot, cache for `cache_seconds` and try again every `retry_seconds`."""
+        while True:
+            try:
+                async with listen() as changes:
+                    self._set_listening(True)
+                    log.info("credential cache follows the database's change notices")
+                    async for notice in changes:
+                        self._forget_notice(notice)
+                    raise ConnectionError("the notices ended")
+            except Exception as exc:  # connection lost or refused: never the end of ingest
+                if self.listening:
+                    log.warning(
+                        "credential change notices lost (%s); caching credentials for %g s "
+                        "until they are back",
+                        exc,
+                        self._cache_seconds,
+                    )
+                else:
+                    log.debug("cannot listen for credential changes: %s", exc)
+            finally:
+                self._set_listening(False)
+            await asyncio.sleep(retry_seconds)
+
+    def _set_listening(self, listening: bool) -> None:
+        """Entries cached while deaf may have changed unheard: forget them all either way."""
+        self.listening = listening
+        self._ttl = LISTENING_CACHE_SECONDS if listening else self._cache_seconds
+        self._forget(None)
+
+    def _forget(self, agent_id: uuid.UUID | None) -> None:
+        """Drop one agent's entry (None: every entry)."""
+        self._generation += 1
+        if agent_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(agent_id, None)
+
+    def _forget_notice(self, notice: str) -> None:
+        if notice == "*":
+            self._forget(None)
+            return
+        try:
+            self._forget(uuid.UUID(notice))
+        except ValueError:  # not ours: forget everything rather than keep something stale
+            log.warning("credential change notice names no agent: %r", notice)
+            self._forget(None)

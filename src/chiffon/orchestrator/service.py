@@ -18,6 +18,7 @@ from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.persistence.credentials import credential_changes
 from chiffon.persistence.db import check_schema, create_engine, session_factory
 from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
 
@@ -78,12 +79,19 @@ class Orchestrator:
         await check_schema(self.engine)
         self.batcher.start()
         self.sweeper.grant_grace()
+        if self.engine.dialect.name == "postgresql":
+            self._tasks.append(
+                asyncio.create_task(
+                    self.credentials.follow_changes(lambda: credential_changes(self.engine)),
+                    name="chiffon-credential-changes",
+                )
+            )
         if sweep:
-            self._tasks = [
+            self._tasks.append(
                 asyncio.create_task(
                     self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
-                ),
-            ]
+                )
+            )
             if self.recorder.tiers:
                 self._tasks += [
                     asyncio.create_task(self.recorder.run(), name="chiffon-history-record"),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 from sqlalchemy import Row, bindparam, delete, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from chiffon.persistence.models import AgentCredentialRow, Base
 
@@ -48,3 +50,23 @@ async def delete_credential(session: AsyncSession, *, agent_id: uuid.UUID) -> bo
     stmt = delete(_credentials).where(_credentials.c.agent_id == agent_id)
     result = await session.execute(stmt)
     return bool(getattr(result, "rowcount", 0))
+
+
+# Migration 0005's trigger notifies this channel with the agent id of every credential
+# inserted, updated or deleted, and '*' when the table is truncated (PostgreSQL only).
+CHANGES_CHANNEL = "chiffon_credentials"
+# TCP keepalives on the listening connection: a peer that vanished without closing the
+# connection is noticed within about a minute instead of never.
+_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10}
+
+
+@asynccontextmanager
+async def credential_changes(engine: AsyncEngine) -> AsyncIterator[AsyncIterator[str]]:
+    """LISTEN on a connection of its own (outside the pool) for changed credentials:
+    yields an iterator of agent ids (or '*': all of them), which raises when the
+    connection is lost."""
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conninfo = psycopg.conninfo.make_conninfo(url, **_KEEPALIVES)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+        yield (notice.payload async for notice in conn.notifies())

@@ -1,0 +1,166 @@
+"""The orchestrator's CPU per heartbeat in a steady fleet: what sizing a deployment needs.
+
+`chiffon simulate --transport amqp` (a separate process) beats at `--agents` /
+`--interval` (default 10,000 agents every 15 s: 667 heartbeats/s) into an `Orchestrator`
+with its `RabbitConsumer` in this process, writing to a fresh PostgreSQL database. Every
+message is signed and checked; the agents' credentials are in the registry, as enrollment
+leaves them. This process's CPU (`time.process_time`) is measured from the end of the first
+interval (every agent has beaten once, so every credential has been looked up once) to
+10 s before the end, and divided by the heartbeats applied meanwhile.
+
+Beside it, in the same run and at the same rate, the reference: the same fleet beating into
+a bare aio-pika consumer that only acks each message (same queue arguments and prefetch),
+the least any Python consumer of these messages pays. The ratio of the two is what to
+compare between runs and machines.
+
+    .venv/bin/python bench/steady_cpu.py [--agents 10000] [--interval 15] [--seconds 75]
+
+Takes about 2 x (seconds + 15) s. Needs PostgreSQL and RabbitMQ (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    fresh_postgres,
+    insert_credentials,
+    issue_credentials,
+    machine,
+    percentile,
+    private_vhost,
+    simulate_data_dir,
+    write_results,
+)
+from bench.ingest import PREFETCH, SEED, chiffon_consumer, declare, simulate
+
+from chiffon.agent.simulate import make_fleet
+
+
+async def cpu_window(
+    args: argparse.Namespace, amqp_url: str, sim_env: dict[str, str], count: Callable[[], int]
+) -> dict[str, Any]:
+    """Run the fleet; CPU of this process and messages counted between the end of the
+    first interval and 10 s before the end."""
+    sim = await simulate(args.agents, args.interval, args.seconds, amqp_url, sim_env)
+    await asyncio.sleep(args.interval + 2)
+    cpu0, n0, t0 = time.process_time(), count(), time.perf_counter()
+    await asyncio.sleep(args.seconds - args.interval - 12)
+    cpu1, n1, t1 = time.process_time(), count(), time.perf_counter()
+    out, _ = await sim.communicate()
+    n = n1 - n0
+    return {
+        "messages_in_window": n,
+        "window_seconds": t1 - t0,
+        "rate_per_s": n / (t1 - t0),
+        "cpu_us_per_message": 1e6 * (cpu1 - cpu0) / n,
+        "cpu_share_of_one_core": (cpu1 - cpu0) / (t1 - t0),
+        "simulate_output": out.decode().strip().splitlines()[-1],
+    }
+
+
+async def chiffon_run(
+    args: argparse.Namespace, cred_rows: list[dict[str, Any]], sim_env: dict[str, str]
+) -> dict[str, Any]:
+    with private_vhost() as amqp_url, fresh_postgres() as db_url:
+        insert_credentials(db_url, cred_rows)
+        orch, consumer, target = await chiffon_consumer(db_url, amqp_url)
+        try:
+            result = await cpu_window(args, amqp_url, sim_env, lambda: target.applied)
+            await asyncio.sleep(1)  # the last batch commits
+        finally:
+            await consumer.stop()
+            await orch.stop()
+    if target.rejected:
+        raise SystemExit(f"the orchestrator rejected {target.rejected} heartbeats")
+    latencies = [lat for _, lat in target.latencies]
+    result["publish_to_visible_p50_ms"] = 1000 * statistics.median(latencies)
+    result["publish_to_visible_p99_ms"] = 1000 * percentile(latencies, 99)
+    return result
+
+
+async def bare_run(args: argparse.Namespace, sim_env: dict[str, str]) -> dict[str, Any]:
+    with private_vhost() as amqp_url:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=PREFETCH)
+            queue = await declare(channel)
+            seen = 0
+
+            async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                nonlocal seen
+                await message.ack()
+                seen += 1
+
+            await queue.consume(on_message)
+            return await cpu_window(args, amqp_url, sim_env, lambda: seen)
+
+
+async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    fleet = make_fleet(args.agents, seed=SEED)
+    cred_rows, creds = issue_credentials([a.agent_id for a in fleet])
+    sim_env = simulate_data_dir(tmp, SEED, creds)
+    out: dict[str, Any] = {
+        "agents": args.agents,
+        "interval_seconds": args.interval,
+        "offered_per_s": args.agents / args.interval,
+        "seconds": args.seconds,
+    }
+    out["bare_consumer"] = await bare_run(args, sim_env)
+    out["chiffon"] = await chiffon_run(args, cred_rows, sim_env)
+    out["cpu_ratio_to_bare_consumer"] = (
+        out["chiffon"]["cpu_us_per_message"] / out["bare_consumer"]["cpu_us_per_message"]
+    )
+    return out
+
+
+def report(r: dict[str, Any]) -> None:
+    print(
+        f"{r['agents']:,} agents every {r['interval_seconds']:g} s "
+        f"({r['offered_per_s']:.0f} heartbeats/s offered), RabbitMQ -> PostgreSQL:"
+    )
+    print(f"{'consumer':<22}{'msg/s':>8}{'CPU us/msg':>12}{'of a core':>11}")
+    for name, key in (("chiffon orchestrator", "chiffon"), ("bare aio-pika ack", "bare_consumer")):
+        row = r[key]
+        print(
+            f"{name:<22}{row['rate_per_s']:>8.0f}{row['cpu_us_per_message']:>12.0f}"
+            f"{row['cpu_share_of_one_core']:>10.1%}"
+        )
+    c = r["chiffon"]
+    print(
+        f"chiffon / bare consumer CPU: {r['cpu_ratio_to_bare_consumer']:.2f}x; publish -> "
+        f"visible p50 {c['publish_to_visible_p50_ms']:.1f} ms, "
+        f"p99 {c['publish_to_visible_p99_ms']:.1f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--interval", type=float, default=15.0)
+    parser.add_argument("--seconds", type=float, default=75.0)
+    args = parser.parse_args()
+    if args.seconds < args.interval + 20:
+        parser.error("--seconds must be at least --interval + 20 (warm-up and tail)")
+    results: dict[str, Any] = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        results.update(asyncio.run(run(args, Path(tmp))))
+    report(results)
+    write_results("steady_cpu", results)
+
+
+if __name__ == "__main__":
+    main()
