@@ -12,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chiffon.orchestrator.service import Orchestrator
 
 
-def get_orchestrator(request: Request) -> Orchestrator:
+# Dependencies that do no I/O are still `async def`: FastAPI runs a plain `def` one in a
+# worker thread, a round trip through the thread pool for every request.
+async def get_orchestrator(request: Request) -> Orchestrator:
     orchestrator: Orchestrator = request.app.state.orchestrator
     return orchestrator
 
@@ -28,7 +30,7 @@ async def get_session(orchestrator: OrchestratorDep) -> AsyncIterator[AsyncSessi
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def parse_agent_id(agent_id: str) -> uuid.UUID:
+async def parse_agent_id(agent_id: str) -> uuid.UUID:
     """A path id, or 400 (not FastAPI's 422) when it is not a UUID."""
     try:
         return uuid.UUID(agent_id)

@@ -138,7 +138,7 @@ async def list_events(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[AgentEvent]:
     """Status changes, newest first: when each agent went online or offline, and why."""
-    wanted = None if agent_id is None else parse_agent_id(agent_id)
+    wanted = None if agent_id is None else await parse_agent_id(agent_id)
     rows = await registry.list_events(session, agent_id=wanted, limit=limit)
     return [views.event(row) for row in rows]
 

@@ -17,7 +17,6 @@ from chiffon.schemas.api import (
     FleetSummary,
     PoolSummary,
 )
-from chiffon.schemas.heartbeat import GpuInfo
 
 
 def _age(at: datetime | None, now: datetime) -> float | None:
@@ -42,7 +41,7 @@ def capacity(row: AgentRow | Row[Any], now: datetime) -> AgentCapacity:
         gpu_vram_available_max_gb=row.gpu_vram_available_max_gb,
         gpu_count=row.gpu_count,
         gpu_type=row.gpu_type,
-        gpus=[GpuInfo.model_validate(gpu) for gpu in metrics.get("gpus", [])],
+        gpus=metrics.get("gpus", []),  # validated as GpuInfo by the model, in one call
         timestamp=row.last_heartbeat_at if metrics else None,
         age_seconds=_age(row.last_heartbeat_at, now) if metrics else None,
         probe_errors=metrics.get("probe_errors", {}),
