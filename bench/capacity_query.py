@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     CHIFFON,
+    CpuWatch,
     api_headers,
     fresh_postgres,
     insert_credentials,
@@ -192,11 +193,14 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
         amqp = stack.enter_context(private_vhost())
         env = {"CHIFFON_HEARTBEAT_TIMEOUT": "3600"}
         log = tmp / f"orch-{engine}-{size}.log"
-        ingest_api, _ = stack.enter_context(orchestrator(url, "--amqp-url", amqp, env=env, log=log))
-        api = ingest_api
+        ingest_api, ingest_proc = stack.enter_context(
+            orchestrator(url, "--amqp-url", amqp, env=env, log=log)
+        )
+        api, pids = ingest_api, {"orchestrator": ingest_proc.pid}
         if args.split:  # queries go to a second orchestrator that does not consume
             log = tmp / f"orch-api-{engine}-{size}.log"
-            api, _ = stack.enter_context(orchestrator(url, env=env, log=log))
+            api, api_proc = stack.enter_context(orchestrator(url, env=env, log=log))
+            pids["api_orchestrator"] = api_proc.pid
         interval = STEADY_INTERVAL * beating / STEADY_AGENTS
         sim = (
             None
@@ -220,8 +224,11 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
                 text=True,
             )
         )
+        if sim is not None:
+            pids["simulate"] = sim.pid
         try:
             time.sleep(args.warmup)
+            cpu = CpuWatch(pids)
             load = subprocess.run(
                 [
                     sys.executable,
@@ -237,6 +244,7 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
                 text=True,
                 check=True,
             )
+            cpu_shares = cpu.shares()
         finally:
             if sim is not None:
                 stop(sim, timeout=30)
@@ -250,7 +258,11 @@ def one_case(engine: str, size: int, args: argparse.Namespace, tmp: Path) -> dic
                 f"{counted['rejected']:.0f} heartbeats rejected"
             )
         result.update(
-            seed_seconds=seed_seconds, raw_sql=raw, simulate=sim_out[-1:], heartbeats=counted
+            seed_seconds=seed_seconds,
+            raw_sql=raw,
+            simulate=sim_out[-1:],
+            heartbeats=counted,
+            cpu_during_queries=cpu_shares,
         )
         return result
 
@@ -292,6 +304,11 @@ def main() -> None:
                     f"  {' '.join(r['simulate'])}",
                     flush=True,
                 )
+                shares = ", ".join(
+                    f"{k.removesuffix('_of_one_core')} {v:.0%}"
+                    for k, v in r["cpu_during_queries"].items()
+                )
+                print(f"{'':<20}CPU while querying: {shares}", flush=True)
     write_results(
         args.results,
         {"machine": info, "args": vars(args), "query": QUERY, "results": results},

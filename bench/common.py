@@ -85,6 +85,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all cores since boot, from /proc/stat."""
+    # user nice system idle iowait irq softirq steal
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
+
+
+class CpuWatch:
+    """Who used the machine's CPU between `__init__` and `shares()`: each named process as
+    a share of one core, and the whole machine as a share of all its cores."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._started = time.monotonic()
+        self._cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self._machine = machine_cpu_seconds()
+
+    def shares(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self._started
+        out = {
+            f"{name}_of_one_core": (cpu_seconds(pid) - self._cpu[name]) / elapsed
+            for name, pid in self._pids.items()
+        }
+        busy, total = machine_cpu_seconds()
+        out["machine_busy_of_all_cores"] = (busy - self._machine[0]) / (total - self._machine[1])
+        return out
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

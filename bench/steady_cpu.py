@@ -35,6 +35,7 @@ import aio_pika
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    CpuWatch,
     fresh_postgres,
     insert_credentials,
     issue_credentials,
@@ -56,9 +57,11 @@ async def cpu_window(
     first interval and 10 s before the end."""
     sim = await simulate(args.agents, args.interval, args.seconds, amqp_url, sim_env)
     await asyncio.sleep(args.interval + 2)
+    others = CpuWatch({"simulate": sim.pid})
     cpu0, n0, t0 = time.process_time(), count(), time.perf_counter()
     await asyncio.sleep(args.seconds - args.interval - 12)
     cpu1, n1, t1 = time.process_time(), count(), time.perf_counter()
+    shares = others.shares()
     out, _ = await sim.communicate()
     n = n1 - n0
     return {
@@ -68,6 +71,7 @@ async def cpu_window(
         "cpu_us_per_message": 1e6 * (cpu1 - cpu0) / n,
         "cpu_share_of_one_core": (cpu1 - cpu0) / (t1 - t0),
         "simulate_output": out.decode().strip().splitlines()[-1],
+        **shares,
     }
 
 
@@ -140,6 +144,10 @@ def report(r: dict[str, Any]) -> None:
             f"{row['cpu_share_of_one_core']:>10.1%}"
         )
     c = r["chiffon"]
+    print(
+        f"meanwhile (chiffon run): simulate {c['simulate_of_one_core']:.0%} of a core, the "
+        f"machine {c['machine_busy_of_all_cores']:.0%} busy on all cores"
+    )
     print(
         f"chiffon / bare consumer CPU: {r['cpu_ratio_to_bare_consumer']:.2f}x; publish -> "
         f"visible p50 {c['publish_to_visible_p50_ms']:.1f} ms, "

@@ -43,6 +43,21 @@ class CapacityFilter:
     limit: int | None = None
 
 
+# Ingest's read of the rows a batch changes, built once: the ids bound as an expanding IN.
+_LOCK_ORDERINGS = (
+    select(
+        _agents.c.agent_id,
+        _agents.c.status,
+        _agents.c.last_boot_id,
+        _agents.c.last_seq,
+        _agents.c.last_sent_at,
+    )
+    .where(_agents.c.agent_id.in_(bindparam("agent_ids", expanding=True)))
+    .order_by(_agents.c.agent_id)
+    .with_for_update()
+)
+
+
 async def lock_orderings(
     session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Ordering]:
@@ -51,19 +66,7 @@ async def lock_orderings(
     Rows are locked in id order so two orchestrators applying overlapping batches
     cannot deadlock.
     """
-    stmt = (
-        select(
-            AgentRow.agent_id,
-            AgentRow.status,
-            AgentRow.last_boot_id,
-            AgentRow.last_seq,
-            AgentRow.last_sent_at,
-        )
-        .where(AgentRow.agent_id.in_(sorted(agent_ids)))
-        .order_by(AgentRow.agent_id)
-        .with_for_update()
-    )
-    rows = await session.execute(stmt)
+    rows = await session.execute(_LOCK_ORDERINGS, {"agent_ids": sorted(agent_ids)})
     return {row[0]: Ordering(*row[1:]) for row in rows}
 
 
