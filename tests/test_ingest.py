@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from chiffon.orchestrator.batcher import IngestBatcher
 from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.ingest import Received
+from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import registry
 from tests import factories as f
@@ -105,6 +108,43 @@ async def test_many_concurrent_heartbeats_are_applied_in_few_transactions(
     assert count <= 3, f"300 heartbeats took {count} transactions"
     async with orchestrator.sessions() as s:
         assert (await registry.count_by_status(s)) == {"online": 300}
+
+
+def batch_sizes(metrics: OrchestratorMetrics) -> tuple[float, float]:
+    """(transactions, messages) the batcher has committed so far."""
+    samples = metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in samples if s.name.endswith("_count"))
+    total = next(s.value for s in samples if s.name.endswith("_sum"))
+    return count, total
+
+
+async def test_a_batch_waits_for_stragglers_but_not_once_it_is_full(
+    orchestrator: Orchestrator,
+) -> None:
+    metrics = OrchestratorMetrics()
+    batcher = IngestBatcher(orchestrator.sessions, metrics, max_batch=4, max_delay_seconds=1.0)
+    batcher.start()
+    try:
+        first = batcher.submit_nowait(Received(f.message(), orchestrator.clock.now()))
+        await asyncio.sleep(0.05)  # arrives within the delay: same transaction
+        second = batcher.submit_nowait(Received(f.message(), orchestrator.clock.now()))
+        assert await asyncio.gather(first, second) == ["applied", "applied"]
+        assert batch_sizes(metrics) == (1, 2)
+
+        slow = IngestBatcher(orchestrator.sessions, metrics, max_batch=4, max_delay_seconds=60)
+        slow.start()
+        try:
+            futures = []
+            for _ in range(4):  # the fourth fills the batch: no minute's wait
+                futures.append(slow.submit_nowait(Received(f.message(), orchestrator.clock.now())))
+                await asyncio.sleep(0.01)
+            async with asyncio.timeout(20):
+                assert await asyncio.gather(*futures) == ["applied"] * 4
+            assert batch_sizes(metrics) == (2, 6)
+        finally:
+            await slow.stop()
+    finally:
+        await batcher.stop()
 
 
 async def test_same_agent_twice_in_one_batch_keeps_the_newest(
