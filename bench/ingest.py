@@ -353,9 +353,16 @@ async def processes_drain(db_url: str, amqp_url: str, bodies: list[Body], proces
 
 
 async def simulate(
-    agents: int, interval: float, seconds: float, amqp_url: str, sim_env: dict[str, str]
+    agents: int,
+    interval: float,
+    seconds: float,
+    url: str,
+    sim_env: dict[str, str],
+    transport: str = "amqp",
 ) -> asyncio.subprocess.Process:
-    """`chiffon simulate --transport amqp` (the benchmark's fleet, seed SEED), started."""
+    """`chiffon simulate` (the benchmark's fleet, seed SEED) to `url`, a broker's for
+    amqp, an orchestrator's for http; started."""
+    target = {"CHIFFON_AMQP_URL" if transport == "amqp" else "CHIFFON_ORCHESTRATOR_URL": url}
     return await asyncio.create_subprocess_exec(
         *CHIFFON,
         "simulate",
@@ -364,12 +371,12 @@ async def simulate(
         "--interval",
         f"{interval:g}",
         "--transport",
-        "amqp",
+        transport,
         "--duration",
         f"{seconds:g}",
         "--seed",
         str(SEED),
-        env={**os.environ, **sim_env, "CHIFFON_AMQP_URL": amqp_url},
+        env={**os.environ, **sim_env, **target},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
