@@ -33,17 +33,22 @@ def clock() -> ManualClock:
     return ManualClock(datetime.now(UTC))
 
 
+def hour_cache(database_url: str, tmp_path: Path) -> OrchestratorSettings:
+    """Settings whose fallback cache keeps a credential for an hour."""
+    return OrchestratorSettings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        secret_key=SECRET_KEY,  # type: ignore[arg-type]
+        credential_cache_seconds=3600,
+    )
+
+
 @pytest.fixture
 async def pair(
     postgres_url: str, tmp_path: Path, clock: ManualClock
 ) -> AsyncIterator[tuple[Orchestrator, Orchestrator]]:
     """Two orchestrators on one PostgreSQL registry, both listening."""
-    settings = OrchestratorSettings(
-        database_url=postgres_url,
-        data_dir=tmp_path,
-        secret_key=SECRET_KEY,  # type: ignore[arg-type]
-        credential_cache_seconds=3600,
-    )
+    settings = hour_cache(postgres_url, tmp_path)
     a, b = Orchestrator(settings, clock=clock), Orchestrator(settings, clock=clock)
     async with a.engine.begin() as conn:
         await conn.execute(text("DELETE FROM agent_credentials"))
@@ -156,13 +161,7 @@ async def test_a_lookup_that_crossed_a_change_answers_once_and_is_not_cached(
     (On SQLite: no listener whose own notices could land in the middle of the count.)"""
     from sqlalchemy import event
 
-    settings = OrchestratorSettings(
-        database_url=sqlite_url,
-        data_dir=tmp_path,
-        secret_key=SECRET_KEY,  # type: ignore[arg-type]
-        credential_cache_seconds=3600,
-    )
-    orchestrator = Orchestrator(settings, clock=clock)
+    orchestrator = Orchestrator(hour_cache(sqlite_url, tmp_path), clock=clock)
     await orchestrator.start(sweep=False)
     agent = uuid.uuid4()
     cred = await issue(orchestrator, agent)

@@ -57,7 +57,12 @@ async def delete_credential(session: AsyncSession, *, agent_id: uuid.UUID) -> bo
 CHANGES_CHANNEL = "chiffon_credentials"
 # TCP keepalives on the listening connection: a peer that vanished without closing the
 # connection is noticed within about a minute instead of never.
-_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10}
+_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 @asynccontextmanager
