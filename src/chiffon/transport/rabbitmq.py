@@ -413,11 +413,17 @@ class RabbitConsumer:
         if healthy or self._paused or connection is None or connection.is_closed:
             return
         log.warning("the AMQP consumer is gone after a reconnect; subscribing again")
+        await self._resubscribe(connection)
+
+    async def _resubscribe(self, connection: AbstractConnection) -> None:
+        """Consume on a fresh channel, then close the old one: the broker takes back what
+        the old channel still held unacknowledged (a delivery that raced a cancel is
+        dropped by the client without an ack and would stay there until then)."""
         old = self._channel
         try:
             await self._declare_and_consume(connection)
-        except Exception as exc:
-            log.warning("re-subscribing failed, will try again: %s", _describe(exc))
+        except Exception as exc:  # the watchdog subscribes again once the broker is back
+            log.warning("subscribing failed, will try again: %s", _describe(exc))
             return
         if old is not None and not old.is_closed:
             await old.close()
@@ -457,12 +463,10 @@ class RabbitConsumer:
 
     async def _resume_consuming(self) -> None:
         self._resume = None
-        if self._stopping or self._queue is None or self._consumer_tag is not None:
+        connection = self._connection
+        if self._stopping or connection is None or self._consumer_tag is not None:
             return
-        try:
-            self._consumer_tag = await self._queue.consume(self._on_message)
-        except Exception as exc:  # the watchdog subscribes again once the broker is back
-            log.warning("resuming the AMQP consumer failed: %s", _describe(exc))
+        await self._resubscribe(connection)
 
     async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
