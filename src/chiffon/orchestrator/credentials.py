@@ -240,11 +240,12 @@ class CredentialStore:
                 else:
                     log.debug("cannot listen for credential changes: %s", exc)
             finally:
-                self._set_listening(False)
+                if self.listening:  # deaf already: what it cached meanwhile keeps cache_seconds
+                    self._set_listening(False)
             await asyncio.sleep(retry_seconds)
 
     def _set_listening(self, listening: bool) -> None:
-        """Entries cached while deaf may have changed unheard: forget them all either way."""
+        """Entries cached under the other regime may have changed unheard: forget them."""
         self.listening = listening
         self._ttl = LISTENING_CACHE_SECONDS if listening else self._cache_seconds
         self._forget(None)
