@@ -99,7 +99,7 @@ def make_bodies(agents: int, messages: int, creds: dict[Any, AgentCredential]) -
     out = []
     for i in range(messages):
         msg = fleet[i % agents].message()
-        body = msg.model_dump_json().encode()
+        body = msg.encode()
         out.append((f"agent.heartbeat.{msg.agent_id}", body, creds[msg.agent_id].sign(body)))
     return out
 

@@ -1,8 +1,8 @@
 """Bytes on the wire per heartbeat: the JSON body, and what HTTP and AMQP add around it.
 
-Bodies are `AgentMessage.model_dump_json()`, exactly what the publishers send: this
+Bodies are `Outgoing.encode()`, exactly what the publishers send: this
 machine's own snapshot (`Collector.collect()`), and simulated desktops with 0, 1, 2 and 8
-GPUs. The HTTP size is the request as `HttpPublisher` sends it (request line and httpx's
+GPUs. The HTTP size is the request as `HttpPublisher` writes it (request line and
 headers with the agent's `Authorization: Bearer` secret, not counting TCP/IP); the AMQP
 size is the three frames `RabbitPublisher` writes (basic.publish, content header with its
 properties and the `x-chiffon-signature` header, body), marshalled with pamqp, the
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
+import h11
 from pamqp import commands, frame
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
@@ -29,30 +29,28 @@ from bench.common import machine, write_results
 
 from chiffon.agent.loop import AgentIdentity, AgentLoop
 from chiffon.agent.probes.collect import Collector
+from chiffon.agent.report import Outgoing
 from chiffon.agent.simulate import VirtualAgent, make_fleet
-from chiffon.schemas.heartbeat import AgentMessage
 from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
+from chiffon.transport.http import HttpClient, encode_request
 from chiffon.transport.memory import InMemoryPublisher
 from chiffon.transport.rabbitmq import CONTENT_TYPE, EXCHANGE, routing_key
 
 
-def credential(message: AgentMessage) -> AgentCredential:
+def credential(message: Outgoing) -> AgentCredential:
     """A secret of the length enrollment issues (43 characters of base64url)."""
     return AgentCredential(message.agent_id, "s" * 43)
 
 
-def http_bytes(message: AgentMessage, body: bytes) -> int:
+def http_bytes(message: Outgoing, body: bytes) -> int:
     route = f"/api/v1/agents/{message.agent_id}/heartbeat"
     headers = {"content-type": "application/json", "authorization": credential(message).bearer}
-    with httpx.Client(base_url="http://orchestrator.example:8700") as client:
-        request = client.build_request("POST", route, content=body, headers=headers)
-    head = f"POST {route} HTTP/1.1\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in request.headers.multi_items()
-    )
-    return len((head + "\r\n").encode()) + len(body)
+    client = HttpClient("http://orchestrator.example:8700")
+    fields = client.header_fields(body, headers)
+    return len(encode_request(h11.Connection(h11.CLIENT), "POST", route, fields, body))
 
 
-def amqp_bytes(message: AgentMessage, body: bytes) -> int:
+def amqp_bytes(message: Outgoing, body: bytes) -> int:
     publish = commands.Basic.Publish(
         exchange=EXCHANGE, routing_key=routing_key(message), mandatory=True
     )
@@ -66,7 +64,7 @@ def amqp_bytes(message: AgentMessage, body: bytes) -> int:
     return sum(len(frame.marshal(f, 1)) for f in frames)
 
 
-def this_machine() -> AgentMessage:
+def this_machine() -> Outgoing:
     collector = Collector([], timeout_seconds=5)
     try:
         resources = collector.collect()
@@ -77,20 +75,20 @@ def this_machine() -> AgentMessage:
     return loop.message("heartbeat", resources)
 
 
-def with_gpus(fleet: list[VirtualAgent], count: int) -> AgentMessage:
+def with_gpus(fleet: list[VirtualAgent], count: int) -> Outgoing:
     agent = next(a for a in fleet if len(a.hardware.gpus) == count)
     return agent.message()
 
 
 def main() -> None:
     fleet = make_fleet(500, seed=3)
-    cases: dict[str, AgentMessage] = {"this machine (no GPU)": this_machine()}
+    cases: dict[str, Outgoing] = {"this machine (no GPU)": this_machine()}
     for count in (0, 1, 2, 8):
         cases[f"simulated, {count} GPU(s)"] = with_gpus(fleet, count)
     results: dict[str, Any] = {}
     print(f"{'heartbeat':<26}{'JSON':>7}{'HTTP':>7}{'AMQP':>7}  bytes")
     for name, message in cases.items():
-        body = message.model_dump_json().encode()
+        body = message.encode()
         row = {
             "json": len(body),
             "http": http_bytes(message, body),

@@ -210,7 +210,7 @@ def test_mixed_desktop_aggregates(tmp_path: Path, fake_smi_dir: Path) -> None:
     sysfs.add_card(tmp_path, 1, vendor=sysfs.INTEL)
     probes = default_gpu_probes(timeout_seconds=5, sysfs_root=tmp_path)
     res = Collector(probes, timeout_seconds=5).collect()
-    Resources.model_validate(res.model_dump())
+    Resources.model_validate(res.as_json())  # what the agent sends passes the contract
     assert res.probe_errors == {}
     assert [g.vendor for g in res.gpus] == ["nvidia", "amd", "intel"]
     assert (res.gpu_count, res.gpu_type) == (3, "mixed")

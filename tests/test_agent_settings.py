@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from chiffon.agent.identity import IdentityError, default_name, load_or_create_agent_id
-from chiffon.agent.settings import AgentSettings, SettingsError, load_settings
+from chiffon.agent.settings import FIELDS, AgentSettings, Secret, SettingsError, load_settings
 
 
 def write(path: Path, text: str) -> Path:
@@ -64,26 +66,41 @@ def test_env_lists_and_labels(tmp_path: Path) -> None:
             {"CHIFFON_HEARTBEAT_INTERVAL": "-5"},
             "",
             "bad setting heartbeat_interval_seconds = '-5' (from env CHIFFON_HEARTBEAT_INTERVAL)"
-            ": Input should be greater than 0",
+            ": must be greater than 0 and at most 3600",
         ),
         (
             {"CHIFFON_GPU_TIMEOUT": "soon"},
             "",
-            "bad setting gpu_detection_timeout_seconds = 'soon' (from env CHIFFON_GPU_TIMEOUT)",
+            "bad setting gpu_detection_timeout_seconds = 'soon' (from env CHIFFON_GPU_TIMEOUT)"
+            ": must be a number",
         ),
         (
             {"CHIFFON_AGENT_ID": "desk-1234abcd"},
             "",
-            "bad setting agent_id = 'desk-1234abcd' (from env CHIFFON_AGENT_ID): Input should be "
-            "a valid UUID",
+            "bad setting agent_id = 'desk-1234abcd' (from env CHIFFON_AGENT_ID): must be a UUID",
+        ),
+        (
+            {"CHIFFON_ORCHESTRATOR_URL": "orchestrator.lan:8700"},
+            "",
+            "bad setting orchestrator_url = 'orchestrator.lan:8700' (from env "
+            "CHIFFON_ORCHESTRATOR_URL): must be a URL starting http:// or https://",
+        ),
+        ({"CHIFFON_ORCHESTRATOR_URL": "http://"}, "", "orchestrator_url = 'http://' (from env"),
+        ({"CHIFFON_ORCHESTRATOR_URL": "http://h:port"}, "", "must be a URL starting http://"),
+        (
+            {"CHIFFON_TRANSPORT": "amqp"},
+            "amqp_url: http://broker.lan/\n",
+            "bad setting amqp_url = 'http://broker.lan/' (from file ",
         ),
         ({}, "heartbeat_intervl: 3\n", "bad setting heartbeat_intervl = 3 (from file "),
+        ({}, "heartbeat_intervl: 3\n", "): unknown setting"),
         ({}, "heartbeat_interval_seconds: [1\n", "is not valid YAML"),
         ({}, "- just\n- a list\n", "must hold a mapping"),
         (
             {"CHIFFON_HEARTBEAT_TIMEOUT": "10"},
             "",
-            "heartbeat_timeout_seconds (10) must be greater than heartbeat_interval_seconds (15)",
+            "bad settings: heartbeat_timeout_seconds (10) must be greater than "
+            "heartbeat_interval_seconds (15)",
         ),
     ],
 )
@@ -95,6 +112,26 @@ def test_bad_values_name_key_value_and_origin(
         load_settings(config=config, environ=env)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_urls_keep_their_scheme_port_and_path(tmp_path: Path) -> None:
+    env = {
+        "CHIFFON_ORCHESTRATOR_URL": "https://chiffon.lab.example:8443/base",
+        "CHIFFON_AMQP_URL": "amqps://agent:pw@broker.lab.example/chiffon",
+    }
+    s = load_settings(config=None, environ=env, home=tmp_path).settings
+    assert (s.orchestrator_url, s.amqp_url) == tuple(env.values())
+
+
+def test_the_broker_url_is_checked_only_for_the_amqp_transport(tmp_path: Path) -> None:
+    over_http = load_settings(config=None, environ={"CHIFFON_AMQP_URL": ""}, home=tmp_path)
+    assert over_http.settings.amqp_url == ""
+    with pytest.raises(SettingsError, match=r"amqp_url = '' \(from env CHIFFON_AMQP_URL\)"):
+        load_settings(
+            config=None,
+            environ={"CHIFFON_AMQP_URL": "", "CHIFFON_TRANSPORT": "amqp"},
+            home=tmp_path,
+        )
 
 
 def test_missing_explicit_config_file_is_refused(tmp_path: Path) -> None:
@@ -131,5 +168,106 @@ def test_example_config_documents_every_setting_with_its_default(tmp_path: Path)
     ]
     uncommented = write(tmp_path / "agent.yml", "\n".join(lines))
     documented = load_settings(config=uncommented, environ={}).settings
-    assert {line.split(":")[0] for line in lines} == set(AgentSettings.model_fields)
+    assert {line.split(":")[0] for line in lines} == set(FIELDS)
     assert documented == AgentSettings()
+
+
+def test_importing_settings_does_not_import_pydantic() -> None:
+    code = "import chiffon.agent.settings, sys; print('pydantic' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("heartbeat_interval_seconds: yes", "heartbeat_interval_seconds = True"),
+        ("heartbeat_interval_seconds: [1, 2]", "heartbeat_interval_seconds = [1, 2]"),
+        ("heartbeat_interval_seconds: null", "heartbeat_interval_seconds = None"),
+        ("agent_pool_name: 42", "agent_pool_name = 42"),
+        ("agent_id: 1234", "agent_id = 1234"),
+        ("transport: smoke", "transport = 'smoke'"),
+        ("state_dir: 3", "state_dir = 3"),
+        ("labels: {rack: 12}", "labels = {'rack': 12}"),
+        ("labels: [a, b]", "labels = ['a', 'b']"),
+        ("capabilities: cuda", "capabilities = 'cuda'"),
+        ("specializations: [1]", "specializations = [1]"),
+        ("enroll_token: 12345", "enroll_token = '**********'"),
+    ],
+)
+def test_wrong_yaml_types_are_refused_with_key_value_and_origin(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    config = write(tmp_path / "agent.yml", line + "\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(config=config, environ={})
+    assert str(err.value).startswith(f"bad setting {message} (from file {config}): ")
+    assert "\n" not in str(err.value) and "12345" not in str(err.value)
+
+
+def test_yaml_values_are_converted_to_the_declared_types(tmp_path: Path) -> None:
+    agent_id = uuid.uuid4()
+    config = write(
+        tmp_path / "agent.yml",
+        f"heartbeat_interval_seconds: 2\nagent_id: {agent_id}\nstate_dir: ~/agent\n"
+        "enroll_token: tok\n",
+    )
+    s = load_settings(config=config, environ={}).settings
+    assert isinstance(s.heartbeat_interval_seconds, float) and s.agent_id == agent_id
+    assert s.state_dir == Path.home() / "agent" and s.enroll_token == Secret("tok")
+
+
+@pytest.mark.parametrize(
+    ("values", "refused"),
+    [
+        ({"heartbeat_interval_seconds": "3600", "heartbeat_timeout_seconds": "3601"}, None),
+        ({"heartbeat_interval_seconds": "3600.001"}, "heartbeat_interval_seconds"),
+        ({"heartbeat_interval_seconds": "0.001"}, None),
+        ({"heartbeat_interval_seconds": "0"}, "heartbeat_interval_seconds"),
+        ({"heartbeat_interval_seconds": "nan"}, "heartbeat_interval_seconds"),
+        ({"heartbeat_timeout_seconds": "86400"}, None),
+        ({"heartbeat_timeout_seconds": "86401"}, "heartbeat_timeout_seconds"),
+        ({"gpu_detection_timeout_seconds": "120"}, None),
+        ({"gpu_detection_timeout_seconds": "121"}, "gpu_detection_timeout_seconds"),
+        ({"labels": {f"k{i}": "v" for i in range(64)}}, None),
+        ({"labels": {f"k{i}": "v" for i in range(65)}}, "labels"),
+        ({"capabilities": ["c"] * 64}, None),
+        ({"capabilities": ["c"] * 65}, "capabilities"),
+        ({"agent_pool_name": "p" * 128}, None),
+        ({"agent_pool_name": "p" * 129}, "agent_pool_name"),
+        ({"agent_pool_name": ""}, "agent_pool_name"),
+        ({"name": "n" * 255}, None),
+        ({"name": "n" * 256}, "name"),
+    ],
+)
+def test_bounds_are_inclusive_and_the_next_value_refused(
+    tmp_path: Path, values: dict[str, object], refused: str | None
+) -> None:
+    if refused is None:
+        settings = load_settings(flags=values, environ={}, home=tmp_path)
+        assert all(settings.origins[key] == "flag" for key in values)
+        return
+    with pytest.raises(SettingsError) as err:
+        load_settings(flags=values, environ={}, home=tmp_path)
+    assert str(err.value).startswith(f"bad setting {refused} = ")
+    assert "(from flag): " in str(err.value)
+
+
+def test_secret_is_hidden_but_compared_by_value() -> None:
+    token = Secret("hunter2")
+    settings = AgentSettings(enroll_token=Secret("hunter2"))
+    assert "hunter2" not in repr(token) + str(token) + repr(settings) + str(settings.as_json())
+    assert str(token) == "**********" and settings.as_json()["enroll_token"] == "**********"
+    assert settings.enroll_token == token and token != Secret("other")
+    assert token.get_secret_value() == "hunter2"
+
+
+def test_as_json_holds_only_json_types() -> None:
+    agent_id = uuid.uuid4()
+    shown = AgentSettings(agent_id=agent_id, state_dir=Path("/srv/chiffon")).as_json()
+    assert list(shown) == list(FIELDS)
+    assert (shown["agent_id"], shown["state_dir"], shown["enroll_token"]) == (
+        str(agent_id),
+        "/srv/chiffon",
+        None,
+    )

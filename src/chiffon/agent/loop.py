@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from chiffon import __version__
-from chiffon.schemas.heartbeat import AgentMessage, MessageKind, Resources
+from chiffon.agent.report import Outgoing, Snapshot
+from chiffon.schemas.limits import MessageKind
 from chiffon.transport.base import Publisher, TransportError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class AgentLoop:
         self,
         identity: AgentIdentity,
         publisher: Publisher,
-        collect: Callable[[], Awaitable[Resources]],
+        collect: Callable[[], Awaitable[Snapshot]],
         *,
         interval_seconds: float,
         publish_timeout_seconds: float = 5.0,
@@ -82,7 +83,7 @@ class AgentLoop:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._seq = 0
-        self._latest: Resources | None = None
+        self._latest: Snapshot | None = None
         self._collected = 0  # snapshots put in the mailbox
         self._delivered_snapshot = 0  # the number of the last snapshot delivered
         self._fresh = asyncio.Event()
@@ -96,10 +97,9 @@ class AgentLoop:
         """Ask the loop to say goodbye and return (safe from a signal handler)."""
         self._stop.set()
 
-    def message(self, kind: MessageKind, resources: Resources | None = None) -> AgentMessage:
+    def message(self, kind: MessageKind, resources: Snapshot | None = None) -> Outgoing:
         ident = self.identity
-        msg = AgentMessage(
-            schema_version=1,
+        msg = Outgoing(
             kind=kind,
             agent_id=ident.agent_id,
             boot_id=self.boot_id,
@@ -116,7 +116,7 @@ class AgentLoop:
         self._seq += 1
         return msg
 
-    async def _deliver(self, message: AgentMessage) -> None:
+    async def _deliver(self, message: Outgoing) -> None:
         """Connect if needed and publish, within the publish timeout; `TransportError`."""
         try:
             async with asyncio.timeout(self._publish_timeout_seconds + 1):

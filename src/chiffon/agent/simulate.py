@@ -30,7 +30,8 @@ from typing import Literal
 
 from chiffon import __version__
 from chiffon.agent.identity import write_private
-from chiffon.schemas.heartbeat import AgentMessage, GpuInfo, Resources
+from chiffon.agent.report import GpuReading, Outgoing, Snapshot
+from chiffon.schemas.limits import MessageKind
 from chiffon.transport.auth import AgentCredential
 from chiffon.transport.base import Publisher, TransportError
 from chiffon.transport.http import enroll
@@ -92,13 +93,13 @@ class VirtualAgent:
     seq: int = 0
     stopped: bool = False
 
-    def resources(self) -> Resources:
+    def resources(self) -> Snapshot:
         """A plausible snapshot that changes at every beat."""
         hw, rng = self.hardware, self.rng
         load = round(rng.uniform(0, hw.cores_physical * 1.2), 2)
         mem_free = round(hw.memory_total_gb * rng.uniform(0.1, 0.9), 2)
         gpus = [
-            GpuInfo(
+            GpuReading(
                 index=i,
                 uuid=f"GPU-{self.agent_id.hex[:8]}-{i}",
                 name=name,
@@ -111,7 +112,7 @@ class VirtualAgent:
             for i, (name, total) in enumerate(hw.gpus)
         ]
         free = [g.vram_free_gb or 0.0 for g in gpus]
-        return Resources(
+        return Snapshot(
             cpu_load_1min=load,
             cpu_load_5min=load,
             cpu_load_15min=load,
@@ -124,15 +125,14 @@ class VirtualAgent:
             gpus=gpus,
             gpu_count=len(gpus),
             gpu_type="nvidia" if gpus else "none",
-            gpu_vram_total_gb=sum(total for _, total in hw.gpus),
-            gpu_vram_available_gb=round(sum(free), 2),
+            gpu_vram_total_gb=float(sum(total for _, total in hw.gpus)),
+            gpu_vram_available_gb=round(float(sum(free)), 2),
             gpu_vram_available_max_gb=max(free, default=0.0),
             collection_ms=round(rng.uniform(0.1, 0.5), 3),
         )
 
-    def message(self, kind: Literal["heartbeat", "offline"] = "heartbeat") -> AgentMessage:
-        msg = AgentMessage(
-            schema_version=1,
+    def message(self, kind: MessageKind = "heartbeat") -> Outgoing:
+        msg = Outgoing(
             kind=kind,
             agent_id=self.agent_id,
             boot_id=self.boot_id,
@@ -142,6 +142,8 @@ class VirtualAgent:
             pool_name=POOL_NAME,
             agent_version=__version__,
             labels={"simulated": "true"},
+            capabilities=[],
+            specializations=[],
             resources=self.resources() if kind == "heartbeat" else None,
         )
         self.seq += 1
@@ -272,13 +274,13 @@ class Simulation:
         self.report.stopped_agents = len(self._leaving)
         self._leaving = set()
 
-    async def _send(self, message: AgentMessage) -> None:
+    async def _send(self, message: Outgoing) -> None:
         await self._slots.acquire()
         task = asyncio.create_task(self._publish(message))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _publish(self, message: AgentMessage) -> None:
+    async def _publish(self, message: Outgoing) -> None:
         try:
             await self._publisher.publish(message)
         except TransportError as exc:

@@ -20,8 +20,8 @@ from chiffon.cli.common import CliError, console, setup_logging
 if TYPE_CHECKING:
     from chiffon.agent.loop import AgentIdentity, AgentLoop
     from chiffon.agent.probes.collect import Collector
+    from chiffon.agent.report import Snapshot
     from chiffon.agent.settings import AgentSettings, LoadedSettings
-    from chiffon.schemas.heartbeat import Resources
     from chiffon.transport.auth import AgentCredential
     from chiffon.transport.base import Publisher
 
@@ -47,7 +47,7 @@ def _num(value: float | int | None, fmt: str = "{:.1f}") -> str:
     return "?" if value is None else fmt.format(value)
 
 
-def resources_table(res: Resources) -> Table:
+def resources_table(res: Snapshot) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -95,7 +95,7 @@ def probe(
     finally:
         collector.close()
     if as_json:
-        typer.echo(json.dumps(res.model_dump(mode="json"), indent=2))
+        typer.echo(json.dumps(res.as_json(), indent=2))
     else:
         console.print(resources_table(res))
 
@@ -125,7 +125,7 @@ def print_config(loaded: LoadedSettings) -> None:
     for column in ("SETTING", "VALUE", "FROM"):
         table.add_column(column)
     settings = loaded.settings
-    for key, value in settings.model_dump(mode="json").items():
+    for key, value in settings.as_json().items():
         origin = loaded.origins[key]
         if key == "agent_id" and value is None:
             value, origin = "(kept in the state directory)", str(settings.state_dir / ID_FILE)

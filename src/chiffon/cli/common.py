@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
+
+if TYPE_CHECKING:  # the agent shares this module and must not load pydantic
+    from pydantic import ValidationError
 
 # Piped output (scripts, tests) is not cut to 80 columns.
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)

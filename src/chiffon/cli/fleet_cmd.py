@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.live import Live
 from rich.table import Table
 
-from chiffon.cli.client import ApiClient, orchestrator_url
 from chiffon.cli.common import CliError, console
+
+if TYPE_CHECKING:
+    from chiffon.cli.client import ApiClient
 
 URL_OPTION = typer.Option(
     None,
@@ -22,6 +24,13 @@ URL_OPTION = typer.Option(
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 agents_app = typer.Typer(help="List agents (default) or manage one.", no_args_is_help=False)
+
+
+def api_client(url: str | None) -> ApiClient:
+    """Imported on use: httpx stays out of the agent's process, which shares this CLI."""
+    from chiffon.cli.client import ApiClient, orchestrator_url
+
+    return ApiClient(orchestrator_url(url))
 
 
 def ago(seconds: float | None) -> str:
@@ -122,7 +131,7 @@ def agents(
         return
     if status not in (None, "online", "offline"):
         raise CliError(f"--status must be online or offline, not {status!r}", code=2)
-    client = ApiClient(orchestrator_url(url))
+    client = api_client(url)
 
     def fetch() -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = client.get("/agents", status=status, pool_name=pool)
@@ -150,7 +159,7 @@ def revoke(
 ) -> None:
     """Revoke an agent's secret: its messages are refused until it enrolls again (rotation:
     restart it with the enrollment token)."""
-    client = ApiClient(orchestrator_url(url))
+    client = api_client(url)
     agent_id = client.resolve(agent)
     client.delete(f"/agents/{agent_id}/credential")
     console.print(
@@ -174,7 +183,7 @@ def capacity(
 
     Exit status 1 when no agent can take the work, so a script can wait on it.
     """
-    client = ApiClient(orchestrator_url(url))
+    client = api_client(url)
     if agent is not None:
         one = client.get(f"/agents/{client.resolve(agent)}/capacity")
         if as_json:
@@ -207,7 +216,7 @@ def events(
     url: str = URL_OPTION,
 ) -> None:
     """Status history, newest first: when agents went online or offline, and why."""
-    client = ApiClient(orchestrator_url(url))
+    client = api_client(url)
     agent_id = None if agent is None else client.resolve(agent)
     rows = client.get("/events", agent_id=agent_id, limit=limit)
     if as_json:

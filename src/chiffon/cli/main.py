@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts say defaults as "[15]": text, not markup
 )
 up_cmd.register(app)
 fleet_cmd.register(app)

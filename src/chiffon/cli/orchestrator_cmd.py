@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import typer
-from pydantic import ValidationError
 
 from chiffon.cli.common import (
     CliError,
@@ -38,6 +37,8 @@ db_app = typer.Typer(help="Manage the registry database.", no_args_is_help=True)
 
 def build_settings(**flags: object) -> OrchestratorSettings:
     """Environment (`CHIFFON_*`) overridden by the flags that were given."""
+    from pydantic import ValidationError
+
     from chiffon.orchestrator.settings import OrchestratorSettings
 
     given = {k: v for k, v in flags.items() if v is not None}

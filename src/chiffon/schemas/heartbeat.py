@@ -19,23 +19,26 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 1
+from chiffon.schemas import limits
+from chiffon.schemas.limits import GpuType as GpuType  # the API's models use them from here
+from chiffon.schemas.limits import GpuVendor as GpuVendor
+from chiffon.schemas.limits import MessageKind as MessageKind
+from chiffon.schemas.limits import RejectedMessage as RejectedMessage
+from chiffon.schemas.limits import check_not_above
+
 # A heartbeat of a desktop with eight GPUs is about 2 KiB; anything past this is not ours.
 MAX_MESSAGE_BYTES = 64 * 1024
 
-GpuVendor = Literal["nvidia", "amd", "intel", "other"]
-GpuType = Literal["nvidia", "amd", "intel", "other", "mixed", "none"]
-MessageKind = Literal["heartbeat", "offline"]
 
-# Bounds: generous for real hardware, tight enough to refuse nonsense (10^9 GPUs, 1e300 GB).
-Gigabytes = Annotated[float, Field(ge=0, le=1_000_000)]
-GpuGigabytes = Annotated[float, Field(ge=0, le=4096)]
-Percent = Annotated[float, Field(ge=0, le=100)]
-Load = Annotated[float, Field(ge=0, le=100_000)]
-Cores = Annotated[int, Field(ge=0, le=16_384)]
-ShortText = Annotated[str, Field(min_length=1, max_length=255)]
+# Bounds (chiffon.schemas.limits, shared with the agent's pydantic-free builders).
+Gigabytes = Annotated[float, Field(ge=0, le=limits.GB_MAX)]
+GpuGigabytes = Annotated[float, Field(ge=0, le=limits.GPU_GB_MAX)]
+Percent = Annotated[float, Field(ge=0, le=limits.PERCENT_MAX)]
+Load = Annotated[float, Field(ge=0, le=limits.LOAD_MAX)]
+Cores = Annotated[int, Field(ge=0, le=limits.CORES_MAX)]
+ShortText = Annotated[str, Field(min_length=1, max_length=limits.TEXT_MAX_CHARS)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")]
-LabelValue = Annotated[str, Field(max_length=255)]
+LabelValue = Annotated[str, Field(max_length=limits.TEXT_MAX_CHARS)]
 
 
 class _Strict(BaseModel):
@@ -44,26 +47,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", frozen=True)
 
 
-def _check_not_above(free: float | None, total: float | None, what: str) -> None:
-    if free is not None and total is not None and free > total + 1e-6:
-        raise ValueError(f"{what}: free ({free}) is greater than total ({total})")
-
-
 class GpuInfo(_Strict):
     """One GPU as the agent read it. `None` means the driver did not say."""
 
-    index: Annotated[int, Field(ge=0, le=255)]
-    uuid: Annotated[str, Field(max_length=128)] | None = None
+    index: Annotated[int, Field(ge=0, le=limits.GPU_INDEX_MAX)]
+    uuid: Annotated[str, Field(max_length=limits.GPU_UUID_MAX_CHARS)] | None = None
     name: ShortText | None = None
     vendor: GpuVendor
     vram_total_gb: GpuGigabytes | None = None
     vram_free_gb: GpuGigabytes | None = None
     utilization_percent: Percent | None = None
-    temperature_c: Annotated[float, Field(ge=-50, le=200)] | None = None
+    temperature_c: (
+        Annotated[float, Field(ge=limits.TEMPERATURE_C_MIN, le=limits.TEMPERATURE_C_MAX)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _free_not_above_total(self) -> Self:
-        _check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
+        check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
         return self
 
 
@@ -83,20 +83,22 @@ class Resources(_Strict):
     memory_percent: Percent | None = None
     memory_available_gb: Gigabytes | None = None
     memory_total_gb: Gigabytes | None = None
-    gpus: Annotated[list[GpuInfo], Field(max_length=64)] = []
-    gpu_count: Annotated[int, Field(ge=0, le=64)] = 0
+    gpus: Annotated[list[GpuInfo], Field(max_length=limits.GPUS_MAX)] = []
+    gpu_count: Annotated[int, Field(ge=0, le=limits.GPUS_MAX)] = 0
     gpu_type: GpuType = "none"
     gpu_vram_total_gb: Gigabytes | None = None
     gpu_vram_available_gb: Gigabytes | None = None
     gpu_vram_available_max_gb: GpuGigabytes | None = None
-    probe_errors: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = {}
-    collection_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+    probe_errors: Annotated[
+        dict[LabelKey, LabelValue], Field(max_length=limits.PROBE_ERRORS_MAX)
+    ] = {}
+    collection_ms: Annotated[float, Field(ge=0, le=limits.COLLECTION_MS_MAX)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        _check_not_above(self.memory_available_gb, self.memory_total_gb, "memory")
-        _check_not_above(self.gpu_vram_available_gb, self.gpu_vram_total_gb, "gpu_vram")
-        _check_not_above(
+        check_not_above(self.memory_available_gb, self.memory_total_gb, "memory")
+        check_not_above(self.gpu_vram_available_gb, self.gpu_vram_total_gb, "gpu_vram")
+        check_not_above(
             self.gpu_vram_available_max_gb, self.gpu_vram_available_gb, "gpu_vram_available_max"
         )
         if self.gpu_count != len(self.gpus):
@@ -135,14 +137,9 @@ class AgentMessage(_Strict):
             raise ValueError("a heartbeat must carry resources")
         return self
 
-
-class RejectedMessage(ValueError):
-    """A message the orchestrator refused, with a short machine-readable reason."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+    def encode(self) -> bytes:
+        """The JSON bytes that travel (the agent's own messages: `chiffon.agent.report`)."""
+        return self.model_dump_json().encode()
 
 
 def parse_message(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> AgentMessage:

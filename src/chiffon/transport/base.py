@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable
 from typing import Protocol
-
-from chiffon.schemas.heartbeat import AgentMessage
 
 
 class IngestSink(Protocol):
@@ -20,6 +19,19 @@ class TransportError(RuntimeError):
     """The message could not be delivered now; the agent sends a newer one next beat."""
 
 
+class Message(Protocol):
+    """What a publisher needs of a message: the agent's own `chiffon.agent.report.Outgoing`
+    (no pydantic on the desktop), or the contract's `AgentMessage` (simulator, tests)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def agent_id(self) -> uuid.UUID: ...
+
+    def encode(self) -> bytes: ...
+
+
 class Publisher(Protocol):
     """Delivers agent messages to the orchestrator.
 
@@ -30,6 +42,6 @@ class Publisher(Protocol):
 
     async def connect(self) -> None: ...
 
-    async def publish(self, message: AgentMessage) -> None: ...
+    async def publish(self, message: Message) -> None: ...
 
     async def close(self) -> None: ...

@@ -1,27 +1,190 @@
-"""The HTTP transport: POST each message to the orchestrator's ingest route."""
+"""The HTTP transport: POST each message to the orchestrator's ingest route.
+
+HTTP/1.1 is spoken with h11 (the protocol state machine under httpx and uvicorn) over
+asyncio streams rather than with httpx: this module runs in the agent on every desktop,
+and httpx with httpcore, anyio and certifi is about 10 MB of the agent's memory for two
+POST routes (docs/performance.md, "Agent footprint"). Connections are kept alive and shared
+by concurrent publishes (the simulator's thousands of agents), at most `MAX_CONNECTIONS`
+at once; a kept connection that the server closed meanwhile is retried once on a new one.
+HTTPS uses the system's trust store (`ssl.create_default_context()`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import ssl
 import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import h11
 
-from chiffon.schemas.heartbeat import AgentMessage
+from chiffon import __version__
 from chiffon.transport.auth import AgentCredential, Credentials, credential_for
-from chiffon.transport.base import TransportError
+from chiffon.transport.base import Message, TransportError
+
+MAX_CONNECTIONS = 100
+MAX_RESPONSE_BYTES = 64 * 1024  # our answers are a few hundred bytes
+READ_CHUNK_BYTES = 16 * 1024
+USER_AGENT = f"chiffon-agent/{__version__}"
 
 
 class EnrollmentRefusedError(TransportError):
     """The orchestrator answered and said no (bad token, already enrolled): retrying is futile."""
 
 
-def _detail(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-    except ValueError:
-        return resp.reason_phrase
-    detail = body.get("detail") if isinstance(body, dict) else None
-    return str(detail) if detail else resp.reason_phrase
+@dataclass(frozen=True)
+class Response:
+    status: int
+    reason: str
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def detail(self) -> str:
+        """The API's JSON `detail`, else the reason phrase."""
+        try:
+            body = self.json()
+        except ValueError:
+            return self.reason
+        detail = body.get("detail") if isinstance(body, dict) else None
+        return str(detail) if detail else self.reason
+
+
+def encode_request(
+    conn: h11.Connection, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+) -> bytes:
+    """The request's bytes as they go on the wire (bench/wire_size.py counts them)."""
+    request = h11.Request(method=method, target=target, headers=headers)
+    return b"".join(
+        conn.send(part) or b"" for part in (request, h11.Data(data=body), h11.EndOfMessage())
+    )
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self._h11.our_state is h11.IDLE
+            and not self._reader.at_eof()
+            and not self._writer.is_closing()
+        )
+
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Response:
+        self._writer.write(encode_request(self._h11, method, target, headers, body))
+        await self._writer.drain()
+        resp = await self._read_response()
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+        return resp
+
+    async def _read_response(self) -> Response:
+        conn = self._h11
+        status, reason, chunks, size = 0, b"", [], 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await self._reader.read(READ_CHUNK_BYTES)
+                if not data and not status:
+                    raise ConnectionResetError("the server closed the connection unanswered")
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status, reason = event.status_code, event.reason
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_RESPONSE_BYTES:
+                    raise h11.RemoteProtocolError(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return Response(status, reason.decode("latin-1"), b"".join(chunks))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the server closed the connection")
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class HttpClient:
+    """POSTs to one orchestrator over kept-alive HTTP/1.1 connections."""
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http:// or https:// URL: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._host_header = parts.netloc.rpartition("@")[2]
+        self._prefix = parts.path.rstrip("/")
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """One POST; raises `OSError` or `h11.ProtocolError` when no answer came."""
+        fields = self.header_fields(body, headers)
+        async with self._slots:
+            fresh_only = False
+            while True:
+                conn, reused = (None, False) if fresh_only else self._kept()
+                if conn is None:
+                    reader, writer = await asyncio.open_connection(
+                        self._host, self._port, ssl=self._tls
+                    )
+                    conn = _Connection(reader, writer)
+                try:
+                    resp = await conn.request("POST", self._prefix + path, fields, body)
+                except (OSError, h11.ProtocolError):
+                    conn.close()
+                    # The server dropped a kept connection as it was reused: once more on a
+                    # new one (a repeated message is harmless: its seq makes it "stale").
+                    if reused:
+                        fresh_only = True
+                        continue
+                    raise
+                except BaseException:  # cancelled (timeout) mid-request: unusable
+                    conn.close()
+                    raise
+                if conn.reusable:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+                return resp
+
+    def header_fields(self, body: bytes, headers: dict[str, str]) -> list[tuple[str, str]]:
+        return [
+            ("host", self._host_header),
+            ("user-agent", USER_AGENT),
+            ("content-length", str(len(body))),
+            *headers.items(),
+        ]
+
+    def _kept(self) -> tuple[_Connection | None, bool]:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable:
+                return conn, True
+            conn.close()
+        return None, False
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 class HttpPublisher:
@@ -35,47 +198,50 @@ class HttpPublisher:
         timeout_seconds: float = 5.0,
         credential: Credentials | None = None,
     ) -> None:
-        self.orchestrator_url = orchestrator_url.rstrip("/")
+        self._client = HttpClient(orchestrator_url)  # ValueError: not an http(s) URL
+        self.orchestrator_url = self._client.base_url
         self.timeout_seconds = timeout_seconds
         self._credential = credential
-        self._client: httpx.AsyncClient | None = None
+        self._open = False
 
     async def connect(self) -> None:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.orchestrator_url, timeout=self.timeout_seconds
-            )
+        self._open = True
 
-    async def publish(self, message: AgentMessage) -> None:
-        if self._client is None:
+    async def publish(self, message: Message) -> None:
+        if not self._open:
             raise TransportError("HTTP transport is not connected")
         route = "heartbeat" if message.kind == "heartbeat" else "offline"
-        path = f"/api/v1/agents/{message.agent_id}/{route}"
         headers = {"content-type": "application/json"}
         credential = credential_for(self._credential, message.agent_id)
         if credential is not None:
             headers["authorization"] = credential.bearer
-        try:
-            resp = await self._client.post(
-                path, content=message.model_dump_json().encode(), headers=headers
-            )
-        except httpx.TimeoutException:
-            raise TransportError(
-                f"{self.orchestrator_url} did not answer within {self.timeout_seconds:g} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise TransportError(
-                f"cannot reach {self.orchestrator_url}: {type(exc).__name__}: {exc}"
-            ) from None
-        if not resp.is_success:
-            raise TransportError(
-                f"orchestrator refused it: HTTP {resp.status_code}: {_detail(resp)}"
-            )
+        path = f"/api/v1/agents/{message.agent_id}/{route}"
+        resp = await _post(self._client, path, message.encode(), headers, self.timeout_seconds)
+        if not resp.ok:
+            raise TransportError(f"orchestrator refused it: HTTP {resp.status}: {resp.detail()}")
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        self._open = False
+        await self._client.aclose()
+
+
+async def _post(
+    client: HttpClient, path: str, body: bytes, headers: dict[str, str], timeout_seconds: float
+) -> Response:
+    """The answer, or `TransportError` when none came within `timeout_seconds`."""
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            return await client.post(path, body, headers)
+    except TimeoutError:
+        raise TransportError(
+            f"{client.base_url} did not answer within {timeout_seconds:g} s"
+        ) from None
+    except OSError as exc:
+        raise TransportError(
+            f"cannot reach {client.base_url}: {type(exc).__name__}: {exc}"
+        ) from None
+    except h11.ProtocolError as exc:
+        raise TransportError(f"bad answer from {client.base_url}: {exc}") from None
 
 
 async def enroll(
@@ -84,26 +250,21 @@ async def enroll(
     """Trade the enrollment token for this agent's own secret (`POST /api/v1/enroll`).
 
     `EnrollmentRefusedError` when the orchestrator says no; `TransportError` when it cannot
-    be reached (worth a retry).
+    be reached (worth a retry). `ValueError` when the URL is not http(s).
     """
-    url = orchestrator_url.rstrip("/")
+    client = HttpClient(orchestrator_url)
+    body = json.dumps({"agent_id": str(agent_id)}).encode()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_seconds) as client:
-            resp = await client.post(
-                "/api/v1/enroll",
-                json={"agent_id": str(agent_id)},
-                headers={"authorization": f"Bearer {token}"},
-            )
-    except httpx.HTTPError as exc:
-        raise TransportError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
-    if resp.status_code >= 500:
-        raise TransportError(f"orchestrator could not enroll us: HTTP {resp.status_code}")
-    if not resp.is_success:
-        raise EnrollmentRefusedError(
-            f"enrollment refused: HTTP {resp.status_code}: {_detail(resp)}"
-        )
+        resp = await _post(client, "/api/v1/enroll", body, headers, timeout_seconds)
+    finally:
+        await client.aclose()
+    if resp.status >= 500:
+        raise TransportError(f"orchestrator could not enroll us: HTTP {resp.status}")
+    if not resp.ok:
+        raise EnrollmentRefusedError(f"enrollment refused: HTTP {resp.status}: {resp.detail()}")
     try:
-        body = resp.json()
-        return AgentCredential(uuid.UUID(body["agent_id"]), str(body["secret"]))
+        answer = resp.json()
+        return AgentCredential(uuid.UUID(answer["agent_id"]), str(answer["secret"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise TransportError(f"enrollment answer is not understood: {exc}") from None

@@ -6,9 +6,8 @@ ingest, wait for commit), so it is a faithful twin for tests and for single-proc
 
 from __future__ import annotations
 
-from chiffon.schemas.heartbeat import AgentMessage
 from chiffon.transport.auth import Credentials, credential_for
-from chiffon.transport.base import IngestSink, TransportError
+from chiffon.transport.base import IngestSink, Message, TransportError
 
 
 class InMemoryPublisher:
@@ -23,11 +22,11 @@ class InMemoryPublisher:
     async def connect(self) -> None:
         self._open = True
 
-    async def publish(self, message: AgentMessage) -> None:
+    async def publish(self, message: Message) -> None:
         if not self._open:
             raise TransportError("in-memory transport is closed")
         try:
-            raw = message.model_dump_json().encode()
+            raw = message.encode()
             credential = credential_for(self._credential, message.agent_id)
             if credential is None:
                 await self._sink(raw)

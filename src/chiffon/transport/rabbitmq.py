@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -27,9 +27,12 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import DeliveryError, PublishError
 
-from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage
+from chiffon.schemas.limits import RejectedMessage
 from chiffon.transport.auth import SIGNATURE_HEADER, Credentials, credential_for
-from chiffon.transport.base import TransportError
+from chiffon.transport.base import Message, TransportError
+
+if TYPE_CHECKING:  # the agent imports this module and must not load pydantic
+    from chiffon.schemas.heartbeat import AgentMessage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ CONTENT_TYPE = "application/json"
 T = TypeVar("T")
 
 
-def routing_key(message: AgentMessage) -> str:
+def routing_key(message: Message) -> str:
     """`agent.heartbeat.<agent_id>` or `agent.offline.<agent_id>`."""
     return f"agent.{message.kind}.{message.agent_id}"
 
@@ -169,9 +172,9 @@ class RabbitPublisher:
             await self._drop()
             raise TransportError(f"cannot reach the AMQP broker: {_describe(exc)}") from exc
 
-    async def publish(self, message: AgentMessage) -> None:
+    async def publish(self, message: Message) -> None:
         """Publish and wait for the broker's confirm; `TransportError` on anything else."""
-        body = message.model_dump_json().encode()
+        body = message.encode()
         headers: dict[str, Any] = {}
         credential = credential_for(self._credential, message.agent_id)
         if credential is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from chiffon.agent.probes.common import BYTES_PER_MIB, ProbeError, make_gpu, read_number, read_text
 from chiffon.agent.probes.pci import drm_cards, vendor_of, vram_bytes
-from chiffon.schemas.heartbeat import GpuInfo
+from chiffon.agent.report import GpuReading
 
 
 def hwmon_temperature_c(device: Path) -> float | None:
@@ -34,8 +34,8 @@ class AmdSysfsProbe:
     def __init__(self, *, sysfs_root: Path = Path("/sys")) -> None:
         self.sysfs_root = sysfs_root
 
-    def read(self) -> list[GpuInfo]:
-        gpus: list[GpuInfo] = []
+    def read(self) -> list[GpuReading]:
+        gpus: list[GpuReading] = []
         for _card, device in drm_cards(self.sysfs_root):
             if vendor_of(device) != "amd":
                 continue
@@ -80,7 +80,7 @@ class AmdSmiProbe:
         except self._smi.AmdSmiException:
             return None
 
-    def _read_one(self, index: int, handle: Any) -> GpuInfo:
+    def _read_one(self, index: int, handle: Any) -> GpuReading:
         smi = self._smi
         asic = self._query(smi.amdsmi_get_gpu_asic_info, handle) or {}
         vram = self._query(smi.amdsmi_get_gpu_vram_usage, handle) or {}
@@ -100,7 +100,7 @@ class AmdSmiProbe:
             utilization_percent=_percent(activity.get("gfx_activity")),
         )
 
-    def read(self) -> list[GpuInfo]:
+    def read(self) -> list[GpuReading]:
         smi = self._smi
         if not self._ready:
             try:

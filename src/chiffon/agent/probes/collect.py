@@ -22,7 +22,8 @@ from chiffon.agent.probes.host import read_host
 from chiffon.agent.probes.nvidia_smi import NvidiaSmiProbe
 from chiffon.agent.probes.nvml import NvmlProbe, NvmlUnavailable
 from chiffon.agent.probes.pci import PciProbe
-from chiffon.schemas.heartbeat import GpuInfo, GpuType, Resources
+from chiffon.agent.report import GpuReading, Snapshot
+from chiffon.schemas.limits import GpuType
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MAX_ERROR_CHARS = 255
 class GpuProbe(Protocol):
     name: str
 
-    def read(self) -> list[GpuInfo]: ...
+    def read(self) -> list[GpuReading]: ...
 
     def close(self) -> None: ...
 
@@ -47,7 +48,7 @@ class FirstAvailable:
         self._primary: NvmlProbe | None = primary
         self._fallback = fallback
 
-    def read(self) -> list[GpuInfo]:
+    def read(self) -> list[GpuReading]:
         if self._primary is not None:
             try:
                 return self._primary.read()
@@ -68,9 +69,9 @@ class BoundedProbe:
     def __init__(self, probe: GpuProbe) -> None:
         self.probe = probe
         self.name = probe.name
-        self._pending: BackgroundCall[list[GpuInfo]] | None = None
+        self._pending: BackgroundCall[list[GpuReading]] | None = None
 
-    def start(self) -> BackgroundCall[list[GpuInfo]]:
+    def start(self) -> BackgroundCall[list[GpuReading]]:
         pending = self._pending
         if pending is not None and not pending.done:
             stuck_seconds = time.monotonic() - pending.started_at
@@ -78,7 +79,7 @@ class BoundedProbe:
         self._pending = BackgroundCall(self.probe.read, name=f"chiffon-probe-{self.name}")
         return self._pending
 
-    def finish(self, call: BackgroundCall[list[GpuInfo]], deadline: float) -> list[GpuInfo]:
+    def finish(self, call: BackgroundCall[list[GpuReading]], deadline: float) -> list[GpuReading]:
         if not call.wait(deadline - time.monotonic()):
             raise ProbeError("timed out; skipped until the driver answers")
         self._pending = None
@@ -115,21 +116,21 @@ class _Renamed:
         self.name = name
         self._probe = probe
 
-    def read(self) -> list[GpuInfo]:
+    def read(self) -> list[GpuReading]:
         return self._probe.read()
 
     def close(self) -> None:
         self._probe.close()
 
 
-def gpu_type(gpus: Sequence[GpuInfo]) -> GpuType:
+def gpu_type(gpus: Sequence[GpuReading]) -> GpuType:
     vendors = {g.vendor for g in gpus}
     if not vendors:
         return "none"
     return vendors.pop() if len(vendors) == 1 else "mixed"
 
 
-def gpu_aggregates(gpus: Sequence[GpuInfo], *, failed: bool) -> dict[str, Any]:
+def gpu_aggregates(gpus: Sequence[GpuReading], *, failed: bool) -> dict[str, Any]:
     """The seeds' sums over GPUs whose VRAM was read, plus the largest free single GPU.
 
     GPUs of unknown VRAM add nothing (a lower bound, never an invented number). With no
@@ -151,13 +152,13 @@ def gpu_aggregates(gpus: Sequence[GpuInfo], *, failed: bool) -> dict[str, Any]:
 
 
 class Collector:
-    """Builds `Resources` snapshots; `collect()` blocks for at most about the GPU timeout."""
+    """Builds `Snapshot` snapshots; `collect()` blocks for at most about the GPU timeout."""
 
     def __init__(self, gpu_probes: Sequence[GpuProbe], *, timeout_seconds: float) -> None:
         self._probes = [BoundedProbe(p) for p in gpu_probes]
         self.timeout_seconds = timeout_seconds
 
-    def _gpus(self, errors: dict[str, str]) -> list[GpuInfo]:
+    def _gpus(self, errors: dict[str, str]) -> list[GpuReading]:
         calls = {}
         for probe in self._probes:
             try:
@@ -165,7 +166,7 @@ class Collector:
             except ProbeError as exc:
                 errors[probe.name] = str(exc)[:MAX_ERROR_CHARS]
         deadline = time.monotonic() + self.timeout_seconds + SUBPROCESS_GRACE_SECONDS
-        gpus: list[GpuInfo] = []
+        gpus: list[GpuReading] = []
         for name, (probe, call) in calls.items():
             try:
                 gpus.extend(probe.finish(call, deadline))
@@ -181,14 +182,14 @@ class Collector:
             return {}
         return asdict(reading)
 
-    def collect(self) -> Resources:
+    def collect(self) -> Snapshot:
         started = time.perf_counter()
         errors: dict[str, str] = {}
         host = self._host(errors)
         gpus = self._gpus(errors)
         for name, error in errors.items():
             log.warning("probe %s: %s", name, error)
-        return Resources(
+        return Snapshot(
             **host,
             **gpu_aggregates(gpus, failed=any(k != "host" for k in errors)),
             probe_errors=errors,

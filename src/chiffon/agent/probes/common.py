@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from chiffon.schemas.heartbeat import GpuInfo, GpuVendor
+from chiffon.agent.report import GpuReading
+from chiffon.schemas import limits
+from chiffon.schemas.limits import GpuVendor
 
 BYTES_PER_GB = 1e9  # GB on the wire are 10^9 bytes (docs/protocol.md)
 BYTES_PER_MIB = 1024 * 1024
@@ -31,22 +31,21 @@ def make_gpu(
     vram_free_bytes: float | None = None,
     utilization_percent: float | None = None,
     temperature_c: float | None = None,
-) -> GpuInfo:
-    """A validated `GpuInfo`; a driver answer the schema refuses becomes a `ProbeError`."""
+) -> GpuReading:
+    """A checked `GpuReading`; a driver answer outside the wire's bounds is a `ProbeError`."""
     try:
-        return GpuInfo(
+        return GpuReading(
             index=index,
             vendor=vendor,
-            name=name.strip()[:255] or None if name else None,
-            uuid=uuid.strip()[:128] or None if uuid else None,
+            name=name.strip()[: limits.TEXT_MAX_CHARS] or None if name else None,
+            uuid=uuid.strip()[: limits.GPU_UUID_MAX_CHARS] or None if uuid else None,
             vram_total_gb=gb(vram_total_bytes),
             vram_free_gb=gb(vram_free_bytes),
             utilization_percent=utilization_percent,
             temperature_c=temperature_c,
         )
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise ProbeError(f"gpu {index}: implausible driver answer: {first['msg']}") from None
+    except ValueError as exc:
+        raise ProbeError(f"gpu {index}: implausible driver answer: {exc}") from None
 
 
 def read_text(path: Path) -> str | None:

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 from chiffon.agent.probes.common import BYTES_PER_MIB, ProbeError, make_gpu
-from chiffon.schemas.heartbeat import GpuInfo
+from chiffon.agent.report import GpuReading
 
 QUERY_FIELDS = (
     "index",
@@ -54,9 +54,9 @@ def _mib(value: str) -> float | None:
     return None if mib is None else mib * BYTES_PER_MIB
 
 
-def parse(output: str) -> list[GpuInfo]:
+def parse(output: str) -> list[GpuReading]:
     """`--format=csv,noheader,nounits` lines, in `QUERY_FIELDS` order, to GPUs."""
-    gpus: list[GpuInfo] = []
+    gpus: list[GpuReading] = []
     for row in csv.reader(line for line in output.splitlines() if line.strip()):
         if len(row) != len(QUERY_FIELDS):
             raise ProbeError(f"nvidia-smi: expected {len(QUERY_FIELDS)} fields, got {row!r}")
@@ -86,7 +86,7 @@ class NvidiaSmiProbe:
     def available(self) -> bool:
         return shutil.which(self.executable) is not None
 
-    def read(self) -> list[GpuInfo]:
+    def read(self) -> list[GpuReading]:
         path = shutil.which(self.executable)
         if path is None:
             return []

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from chiffon.agent.probes.common import ProbeError, make_gpu
-from chiffon.schemas.heartbeat import GpuInfo
+from chiffon.agent.report import GpuReading
 
 
 class NvmlUnavailable(ProbeError):
@@ -74,7 +74,7 @@ class NvmlProbe:
             )
         return self._static[index]
 
-    def _read_one(self, index: int) -> GpuInfo:
+    def _read_one(self, index: int) -> GpuReading:
         nvml = self._load()
         handle, name, uuid = self._device(index)
         memory = self._query(nvml.nvmlDeviceGetMemoryInfo, handle)
@@ -91,7 +91,7 @@ class NvmlProbe:
             temperature_c=None if temperature is None else float(temperature),
         )
 
-    def read(self) -> list[GpuInfo]:
+    def read(self) -> list[GpuReading]:
         nvml = self._init()
         count = self._query(nvml.nvmlDeviceGetCount) or 0
         return [self._read_one(i) for i in range(count)]

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from chiffon.agent.probes.common import make_gpu, read_number, read_text
-from chiffon.schemas.heartbeat import GpuInfo, GpuVendor
+from chiffon.agent.report import GpuReading
+from chiffon.schemas.limits import GpuVendor
 
 PCI_VENDORS: dict[int, GpuVendor] = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel"}
 _CARD = re.compile(r"card(\d+)$")
@@ -62,8 +63,8 @@ class PciProbe:
         self.sysfs_root = sysfs_root
         self.vendors = vendors
 
-    def read(self) -> list[GpuInfo]:
-        gpus: list[GpuInfo] = []
+    def read(self) -> list[GpuReading]:
+        gpus: list[GpuReading] = []
         for _card, device in drm_cards(self.sysfs_root):
             vendor = vendor_of(device)
             if vendor not in self.vendors:

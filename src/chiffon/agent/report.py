@@ -1,0 +1,174 @@
+"""What the agent reads and sends, as plain dataclasses: the agent never imports pydantic.
+
+pydantic and its compiled core are about 14 MB of the agent's memory, on every desktop,
+for checking numbers the agent itself just read. The one definition of the wire format
+stays `chiffon.schemas.heartbeat`, which the orchestrator validates every message with;
+these classes hold the same fields under the same bounds (`chiffon.schemas.limits`) and
+write the same JSON, and `tests/test_agent_report.py` holds them to that contract field by
+field. A reading outside the bounds raises `ValueError` here, before it could be sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from chiffon.schemas import limits
+from chiffon.schemas.limits import GpuType, GpuVendor, MessageKind, check_not_above
+
+
+def _check_ranges(obj: object, ranges: Mapping[str, tuple[float, float]]) -> None:
+    """Each named number, when known, is a finite int/float within its bounds."""
+    for name, (low, high) in ranges.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}: {value!r} is not a number")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"{name}: {value!r} is outside {low:g}..{high:g}")
+
+
+def _check_text(name: str, value: str | None, max_chars: int) -> None:
+    if value is not None and not 0 < len(value) <= max_chars:
+        raise ValueError(f"{name}: must be 1 to {max_chars} characters")
+
+
+_GPU_RANGES = {
+    "index": (0, limits.GPU_INDEX_MAX),
+    "vram_total_gb": (0, limits.GPU_GB_MAX),
+    "vram_free_gb": (0, limits.GPU_GB_MAX),
+    "utilization_percent": (0, limits.PERCENT_MAX),
+    "temperature_c": (limits.TEMPERATURE_C_MIN, limits.TEMPERATURE_C_MAX),
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuReading:
+    """One GPU as the agent read it (wire: `GpuInfo`). `None`: the driver did not say."""
+
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    vendor: GpuVendor
+    vram_total_gb: float | None = None
+    vram_free_gb: float | None = None
+    utilization_percent: float | None = None
+    temperature_c: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, _GPU_RANGES)
+        if isinstance(self.index, float):
+            raise ValueError(f"index: {self.index!r} is not a whole number")
+        _check_text("uuid", self.uuid, limits.GPU_UUID_MAX_CHARS)
+        _check_text("name", self.name, limits.TEXT_MAX_CHARS)
+        check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
+
+
+_SNAPSHOT_RANGES = {
+    "cpu_load_1min": (0, limits.LOAD_MAX),
+    "cpu_load_5min": (0, limits.LOAD_MAX),
+    "cpu_load_15min": (0, limits.LOAD_MAX),
+    "cpu_cores_physical": (0, limits.CORES_MAX),
+    "cpu_cores_logical": (0, limits.CORES_MAX),
+    "cpu_cores_available": (0, limits.CORES_MAX),
+    "memory_percent": (0, limits.PERCENT_MAX),
+    "memory_available_gb": (0, limits.GB_MAX),
+    "memory_total_gb": (0, limits.GB_MAX),
+    "gpu_count": (0, limits.GPUS_MAX),
+    "gpu_vram_total_gb": (0, limits.GB_MAX),
+    "gpu_vram_available_gb": (0, limits.GB_MAX),
+    "gpu_vram_available_max_gb": (0, limits.GPU_GB_MAX),
+    "collection_ms": (0, limits.COLLECTION_MS_MAX),
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Snapshot:
+    """One desktop's capacity (wire: `resources`); a failed probe is named in
+    `probe_errors` and its numbers stay `None` rather than invented."""
+
+    cpu_load_1min: float | None = None
+    cpu_load_5min: float | None = None
+    cpu_load_15min: float | None = None
+    cpu_cores_physical: int | None = None
+    cpu_cores_logical: int | None = None
+    cpu_cores_available: int | None = None
+    memory_percent: float | None = None
+    memory_available_gb: float | None = None
+    memory_total_gb: float | None = None
+    gpus: list[GpuReading] = field(default_factory=list)
+    gpu_count: int = 0
+    gpu_type: GpuType = "none"
+    gpu_vram_total_gb: float | None = None
+    gpu_vram_available_gb: float | None = None
+    gpu_vram_available_max_gb: float | None = None
+    probe_errors: dict[str, str] = field(default_factory=dict)
+    collection_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, _SNAPSHOT_RANGES)
+        check_not_above(self.memory_available_gb, self.memory_total_gb, "memory")
+        check_not_above(self.gpu_vram_available_gb, self.gpu_vram_total_gb, "gpu_vram")
+        check_not_above(
+            self.gpu_vram_available_max_gb, self.gpu_vram_available_gb, "gpu_vram_available_max"
+        )
+        if self.gpu_count != len(self.gpus):
+            raise ValueError(f"gpu_count ({self.gpu_count}) != number of gpus ({len(self.gpus)})")
+        if len(self.probe_errors) > limits.PROBE_ERRORS_MAX:
+            raise ValueError(f"probe_errors: more than {limits.PROBE_ERRORS_MAX}")
+
+    def as_json(self) -> dict[str, Any]:
+        """The `resources` object as it travels."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Outgoing:
+    """A message as the agent sends it (wire: `AgentMessage`, schema_version 1)."""
+
+    kind: MessageKind
+    agent_id: UUID
+    boot_id: UUID
+    seq: int
+    sent_at: datetime
+    name: str
+    pool_name: str
+    agent_version: str | None
+    labels: dict[str, str]
+    capabilities: list[str]
+    specializations: list[str]
+    resources: Snapshot | None
+    agent_type: str = "desktop"
+
+    def __post_init__(self) -> None:
+        if self.sent_at.tzinfo is None:
+            raise ValueError("sent_at must carry its time zone")
+        if self.kind == "heartbeat" and self.resources is None:
+            raise ValueError("a heartbeat must carry resources")
+
+    def encode(self) -> bytes:
+        """Compact JSON, byte for byte the shape pydantic writes for `AgentMessage`."""
+        body = {
+            "schema_version": limits.SCHEMA_VERSION,
+            "kind": self.kind,
+            "agent_id": str(self.agent_id),
+            "boot_id": str(self.boot_id),
+            "seq": self.seq,
+            "sent_at": self.sent_at.isoformat().replace("+00:00", "Z"),
+            "name": self.name,
+            "agent_type": self.agent_type,
+            "pool_name": self.pool_name,
+            "agent_version": self.agent_version,
+            "labels": self.labels,
+            "capabilities": self.capabilities,
+            "specializations": self.specializations,
+            "resources": None if self.resources is None else self.resources.as_json(),
+        }
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
