@@ -264,7 +264,10 @@ def test_agent_page_draws_its_history_and_status_events(page: object) -> None:
     legend = page.locator("#chart-vram .u-legend")
     expect(legend).to_contain_text("GPU 0")
     expect(legend).to_contain_text("GPU 1")
-    expect(page.locator("#events tbody tr[data-to='online']")).to_contain_text("registered")
+    # Newest first: the registration is the oldest "online" row (a busy machine may have
+    # let a 0.5 s beat miss the 3 s timeout once, adding an offline -> online pair above).
+    online = page.locator("#events tbody tr[data-to='online']")
+    expect(online.last).to_contain_text("registered")
     shot(page, "agent.png")
 
 
