@@ -11,6 +11,7 @@ from chiffon.orchestrator.ingest import Received
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import registry
+from chiffon.schemas.heartbeat import Resources
 from tests import factories as f
 
 
@@ -160,3 +161,43 @@ async def test_same_agent_twice_in_one_batch_keeps_the_newest(
     async with orchestrator.sessions() as s:
         row = await registry.get_agent(s, agent_id=agent)
     assert row is not None and (row.status, row.cpu_load_1min) == ("offline", 7.0)
+
+
+async def test_every_column_of_an_upsert_reads_back_as_written(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    # On PostgreSQL the batch travels as one JSON document (jsonb_to_recordset): UUIDs,
+    # aware datetimes, NULLs, nested JSON and odd text must survive that trip unchanged.
+    labels = {"room": "b12", "ünï": 'ç\'ode \\ "x"'}
+    first = f.message(name='desk "β" \\ 1').model_copy(update={"labels": labels})
+    later = f.message(
+        first.agent_id,
+        seq=first.seq + 1,
+        name="desk-renamed",
+        res=f.resources(gpus_free_total=[(7.5, 8.0), (0.25, 24.0)]),
+    ).model_copy(update={"labels": labels})
+    blank = f.message(res=Resources(probe_errors={"cpu": "psutil failed"}))
+    assert await orchestrator.receive(first) == "applied"
+    clock.advance(5)
+    for msg in (later, blank):
+        assert await orchestrator.receive(msg) == "applied"
+    async with orchestrator.sessions() as s:
+        row = await registry.get_agent(s, agent_id=later.agent_id)
+        none = await registry.get_agent(s, agent_id=blank.agent_id)
+    assert row is not None and later.resources is not None
+    assert (row.name, row.labels, row.last_boot_id, row.last_seq) == (
+        "desk-renamed",
+        labels,
+        later.boot_id,
+        later.seq,
+    )
+    assert (row.last_sent_at, row.last_heartbeat_at) == (later.sent_at, clock.now())
+    assert row.created_at == f.later(clock.now(), -5)  # kept from the first write
+    assert row.resource_metrics == later.resources.model_dump(mode="json")
+    assert (row.gpu_count, row.gpu_vram_total_gb, row.gpu_vram_available_max_gb) == (2, 32.0, 7.5)
+    assert none is not None and none.resource_metrics["probe_errors"] == {"cpu": "psutil failed"}
+    assert (none.cpu_load_1min, none.memory_available_gb, none.gpu_vram_available_gb) == (
+        None,
+        None,
+        None,
+    )

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, Row, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Integer,
+    Row,
+    Select,
+    TextClause,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence.models import AgentEventRow, AgentRow, Base
@@ -81,10 +95,48 @@ def _upsert_statement(dialect: str) -> Any:
     return stmt.on_conflict_do_update(index_elements=[_agents.c.agent_id], set_=changed)
 
 
+@functools.cache
+def _upsert_from_json(dialect: Dialect) -> TextClause:
+    """PostgreSQL: the whole batch as one JSON parameter, unpacked by the server.
+
+    An executemany of 500 rows costs the orchestrator SQLAlchemy's and psycopg's work per
+    row and parameter (binding, type processing, one Bind/Execute each); one document
+    through `jsonb_to_recordset` costs one `json.dumps` (docs/performance.md, item 17).
+    """
+    columns = list(_agents.columns)
+    names = ", ".join(c.name for c in columns)
+    shapes = ", ".join(f"{c.name} {c.type.compile(dialect=dialect)}" for c in columns)
+    changed = ", ".join(
+        f"{c.name} = excluded.{c.name}" for c in columns if c.name not in _UPSERT_KEEP
+    )
+    return text(
+        f"INSERT INTO {_agents.name} ({names}) SELECT {names} "
+        f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r({shapes}) "
+        f"ON CONFLICT (agent_id) DO UPDATE SET {changed}"
+    )
+
+
+def _json_value(value: object) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 async def upsert_agents(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
     """Insert new agents and overwrite known ones, in one statement."""
-    if rows:
-        await session.execute(_upsert_statement(session.get_bind().dialect.name), list(rows))
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql":
+        ordered = sorted(rows, key=lambda row: row["agent_id"])  # lock order, as above
+        document = json.dumps(ordered, default=_json_value, allow_nan=False)
+        await session.execute(_upsert_from_json(dialect), {"rows": document})
+    else:
+        await session.execute(_upsert_statement(dialect.name), list(rows))
 
 
 async def mark_offline(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
