@@ -68,6 +68,7 @@ from chiffon.orchestrator.ingest import metric_columns
 from chiffon.persistence import db
 from chiffon.persistence.models import Base
 from chiffon.persistence.registry import CapacityFilter, capacity_statement
+from chiffon.schemas.heartbeat import parse_message
 
 QUERY = {"min_gpu_vram_gb": 8, "min_cpu_cores": 2, "limit": 10}
 SEED = 5
@@ -78,7 +79,7 @@ def seed_rows(count: int) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     rows = []
     for agent in make_fleet(count, seed=SEED):
-        msg = agent.message()
+        msg = parse_message(agent.message().encode())  # as the orchestrator reads it
         assert msg.resources is not None
         rows.append(
             {
