@@ -21,7 +21,8 @@ class TransportError(RuntimeError):
 
 class Message(Protocol):
     """What a publisher needs of a message: the agent's own `chiffon.agent.report.Outgoing`
-    (no pydantic on the desktop), or the contract's `AgentMessage` (simulator, tests)."""
+    (no pydantic on the desktop, nor in the simulator), or the contract's `AgentMessage`
+    (tests, scripts)."""
 
     @property
     def kind(self) -> str: ...

@@ -152,7 +152,7 @@ def gpu_aggregates(gpus: Sequence[GpuReading], *, failed: bool) -> dict[str, Any
 
 
 class Collector:
-    """Builds `Snapshot` snapshots; `collect()` blocks for at most about the GPU timeout."""
+    """Builds `Snapshot`s of this machine; `collect()` blocks for at most about the GPU timeout."""
 
     def __init__(self, gpu_probes: Sequence[GpuProbe], *, timeout_seconds: float) -> None:
         self._probes = [BoundedProbe(p) for p in gpu_probes]
