@@ -1,10 +1,11 @@
 """The agent's footprint on the desktop: memory, CPU and the cost of one probe pass.
 
-Runs `chiffon agent` at its default interval (15 s) against a local orchestrator over HTTP
-for `--duration` seconds (default 300), and beside it, in the same run, a peer doing a
-similar job: Prometheus' node_exporter (Debian's prometheus-node-exporter), scraped over
-HTTP at the same interval by this script. For each: RSS at the end and its peak (VmHWM),
-and average CPU over the measured window from /proc/<pid>/stat (user + system; the first
+Runs `chiffon agent` at its default interval (15 s) against a local orchestrator (over
+HTTP unless `--transport amqp`) for `--duration` seconds (default 300), and beside it, in
+the same run, a peer doing a similar job: Prometheus' node_exporter (Debian's
+prometheus-node-exporter), scraped over HTTP at the same interval by this script. For
+each: RSS at the end and its peak (VmHWM), and average CPU over the measured window from
+/proc/<pid>/stat (user + system; the first
 `--warmup` seconds, the start-up, are left out and reported separately).
 
 The probe pass is timed in-process: `Collector.collect()` as the agent runs it, with no
@@ -12,6 +13,10 @@ GPU backend answering (this machine) and with the test suite's fake NVML module 
 for 1 and 8 GPUs (our own overhead on the NVML path, not a real driver's latency).
 
     .venv/bin/python bench/agent_footprint.py [--duration 300] [--warmup 20]
+                                              [--transport http|amqp] [--results NAME]
+
+With `--transport amqp` the agent publishes to RabbitMQ (a private virtual host, deleted
+afterwards) and the orchestrator consumes from it; the agent still enrolls over HTTP.
 
 Needs /usr/bin/prometheus-node-exporter (apt-get install prometheus-node-exporter); it is
 started on a free port by this script and ended by its pid, never as a system service.
@@ -42,6 +47,7 @@ from bench.common import (
     free_port,
     machine,
     orchestrator,
+    private_vhost,
     rss_mb,
     stop,
     write_results,
@@ -90,12 +96,31 @@ def children_of(pid: int) -> int:
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    if args.transport == "amqp":
+        with private_vhost() as amqp_url:
+            return measure_with(args, tmp, ["--amqp-url", amqp_url])
+    return measure_with(args, tmp, [])
+
+
+def measure_with(args: argparse.Namespace, tmp: Path, amqp: list[str]) -> dict[str, Any]:
+    """The agent beats over HTTP, or over RabbitMQ (`amqp`: ["--amqp-url", URL]) into an
+    orchestrator consuming the same broker; it enrolls over HTTP either way."""
     db_url = f"sqlite:///{tmp / 'registry.db'}"
     subprocess.run([*CHIFFON, "db", "upgrade", "--database-url", db_url], check=True)
-    with orchestrator(db_url, log=tmp / "orchestrator.log") as (api, _orch):
+    with orchestrator(db_url, *amqp, log=tmp / "orchestrator.log") as (api, _orch):
         agent_log = (tmp / "agent.log").open("w")
         agent = subprocess.Popen(
-            [*CHIFFON, "agent", "--orchestrator-url", api, "--state-dir", str(tmp / "state")],
+            [
+                *CHIFFON,
+                "agent",
+                "--orchestrator-url",
+                api,
+                "--state-dir",
+                str(tmp / "state"),
+                "--transport",
+                args.transport,
+                *amqp,
+            ],
             env={**os.environ, **auth_env(), "HOME": str(tmp)},
             stdout=agent_log,
             stderr=subprocess.STDOUT,
@@ -164,12 +189,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=300)
     parser.add_argument("--warmup", type=float, default=20)
+    parser.add_argument("--transport", choices=("http", "amqp"), default="http")
+    parser.add_argument("--results", default="agent_footprint", help="name of the JSON file")
     args = parser.parse_args()
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args, Path(tmp))
     probes = probe_pass_ms()
-    print(f"over {result['window_seconds']:.0f} s at a {INTERVAL_SECONDS:g} s interval:")
+    print(
+        f"over {result['window_seconds']:.0f} s at a {INTERVAL_SECONDS:g} s interval, "
+        f"heartbeats over {args.transport}:"
+    )
     print(f"{'process':<16}{'RSS MB':>8}{'peak MB':>9}{'CPU s':>8}{'% of a core':>13}")
     for name in ("chiffon agent", "node_exporter"):
         r = result[name]
@@ -181,7 +211,7 @@ def main() -> None:
     for key, value in probes.items():
         print(f"  {key:<16}{value:>8.3f}")
     write_results(
-        "agent_footprint",
+        args.results,
         {"machine": info, "args": vars(args), "processes": result, "probe_pass_ms": probes},
     )
 
