@@ -1,6 +1,6 @@
 """What the agent reads and sends, as plain dataclasses: the agent never imports pydantic.
 
-pydantic and its compiled core are about 14 MB of the agent's memory, on every desktop,
+pydantic and its compiled core are about 13 MB of the agent's memory, on every desktop,
 for checking numbers the agent itself just read. The one definition of the wire format
 stays `chiffon.schemas.heartbeat`, which the orchestrator validates every message with;
 these classes hold the same fields under the same bounds (`chiffon.schemas.limits`) and

@@ -4,7 +4,7 @@ The layers are gathered explicitly so that every effective value knows where it 
 `chiffon agent --print-config` shows it, and a bad value is reported with its origin.
 
 Plain dataclasses and hand-written checks rather than pydantic: importing pydantic costs the
-agent 13-15 MB of its 40 MB budget, for fifteen settings.
+agent about 13 MB of its 40 MB budget, for fifteen settings.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -87,10 +87,9 @@ async def lock_orderings(
 _UPSERT_KEEP = frozenset({"agent_id", "created_at"})
 
 
-@functools.cache  # built once per dialect, not for every ingest batch
-def _upsert_statement(dialect: str) -> Any:
-    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = make(_agents)
+@functools.cache  # built once, not for every ingest batch
+def _sqlite_upsert() -> Any:
+    stmt = sqlite.insert(_agents)
     changed = {c.name: stmt.excluded[c.name] for c in _agents.columns if c.name not in _UPSERT_KEEP}
     return stmt.on_conflict_do_update(index_elements=[_agents.c.agent_id], set_=changed)
 
@@ -136,7 +135,7 @@ async def upsert_agents(session: AsyncSession, *, rows: Sequence[dict[str, Any]]
         document = json.dumps(ordered, default=_json_value, allow_nan=False)
         await session.execute(_upsert_from_json(dialect), {"rows": document})
     else:
-        await session.execute(_upsert_statement(dialect.name), list(rows))
+        await session.execute(_sqlite_upsert(), list(rows))
 
 
 async def mark_offline(session: AsyncSession, *, rows: Sequence[dict[str, Any]]) -> None:
