@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import httpx
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -160,6 +161,133 @@ async def test_backlog_is_applied_in_batches_not_one_transaction_per_message(
 
 async def _consumed(consumer: RabbitConsumer, n: int) -> bool:
     return consumer.consumed >= n
+
+
+async def test_the_acks_of_a_batch_travel_as_one_frame(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology, monkeypatch: Any
+) -> None:
+    acks: list[tuple[int, bool]] = []
+    real_ack = aiormq.Channel.basic_ack
+
+    async def counted(channel: Any, delivery_tag: int, multiple: bool = False, **kw: Any) -> None:
+        acks.append((delivery_tag, multiple))
+        await real_ack(channel, delivery_tag, multiple, **kw)
+
+    monkeypatch.setattr(aiormq.Channel, "basic_ack", counted)
+    messages = [f.message(name=f"desk-{i}") for i in range(300)]
+    keys = await keyring(orchestrator, [m.agent_id for m in messages])
+    async with consuming(orchestrator, amqp_url, topology) as consumer:
+        await consumer.stop()  # declared the queue; now let a backlog build up
+        async with publisher(amqp_url, topology, keys) as pub:
+            await asyncio.gather(*(pub.publish(m) for m in messages))
+        await consumer.start()
+        await eventually(lambda: _consumed(consumer, 300))
+    assert await ready_count(amqp_url, topology.queue) == 0  # every one acked
+    batches = _sample(orchestrator, "chiffon_ingest_batch_size_count")
+    assert all(multiple for _, multiple in acks)
+    assert len(acks) <= batches + 1, f"{len(acks)} ack frames for {batches} commits"
+    assert max(tag for tag, _ in acks) == 300
+
+
+class HoldingTarget:
+    """The orchestrator as the consumer sees it, except that one agent's messages wait
+    for the test to let them commit."""
+
+    def __init__(self, orch: Orchestrator, held: uuid.UUID) -> None:
+        self._orch = orch
+        self.metrics = orch.metrics
+        self.held = held
+        self.gates: list[tuple[asyncio.Future[Any], Any]] = []
+
+    def parse(self, raw: bytes) -> Any:
+        return self._orch.parse(raw)
+
+    def reject(self, reason: str) -> None:
+        self._orch.reject(reason)
+
+    async def authenticate(self, message: Any, raw: bytes, *, signature: str | None) -> None:
+        await self._orch.authenticate(message, raw, signature=signature)
+
+    def receive(self, message: Any) -> asyncio.Future[Any]:
+        if message.agent_id != self.held:
+            return self._orch.receive(message)
+        gate: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.gates.append((gate, message))
+        return gate
+
+
+def _unacked(queue: str) -> int:
+    listed = _rabbitmqctl("list_queues", "name", "messages_unacknowledged")
+    return int(next(q["messages_unacknowledged"] for q in listed if q["name"] == queue))
+
+
+async def test_a_message_not_yet_committed_is_never_covered_by_a_later_ack(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+) -> None:
+    first, held = f.message(name="first"), f.message(name="held")
+    later = [f.message(name=f"later-{i}") for i in range(50)]
+    keys = await keyring(orchestrator, [m.agent_id for m in [first, held, *later]])
+    target = HoldingTarget(orchestrator, held.agent_id)
+    consumer = RabbitConsumer(amqp_url, target, topology=topology, backoff=FAST)  # type: ignore[arg-type]
+    await consumer.start()
+    try:
+        await consumer.wait_consuming(10)
+        async with publisher(amqp_url, topology, keys) as pub:
+            for message in [first, held, *later]:  # delivery tags in this order
+                await pub.publish(message)
+        await eventually(lambda: _consumed(consumer, 51))
+        await asyncio.sleep(0.2)  # time for any ack to go out
+        # `first` is acked; the held message is not, nor (held back) the 50 after it.
+        assert await asyncio.to_thread(_unacked, topology.queue) == 51
+        assert await agent_row(orchestrator, held.agent_id) is None
+
+        ((gate, message),) = target.gates
+        gate.set_result(await orchestrator.receive(message))  # now it commits
+        await eventually(lambda: _consumed(consumer, 52))
+        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(_unacked, topology.queue) == 0
+    finally:
+        await consumer.stop()
+    assert await ready_count(amqp_url, topology.queue) == 0
+    assert (await agent_row(orchestrator, held.agent_id)).status == "online"
+
+
+async def test_a_failed_write_in_the_middle_is_redelivered_and_the_rest_acked_once(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+) -> None:
+    held = f.message(name="held")
+    around = [f.message(name=f"desk-{i}") for i in range(20)]
+    keys = await keyring(orchestrator, [m.agent_id for m in [held, *around]])
+    target = HoldingTarget(orchestrator, held.agent_id)
+    consumer = RabbitConsumer(amqp_url, target, topology=topology, backoff=FAST)  # type: ignore[arg-type]
+    await consumer.start()
+    try:
+        await consumer.wait_consuming(10)
+        async with publisher(amqp_url, topology, keys) as pub:
+            for message in [*around[:10], held, *around[10:]]:
+                await pub.publish(message)
+        await eventually(lambda: _consumed(consumer, 20))
+        ((gate, _message),) = target.gates
+        gate.set_exception(RuntimeError("the database went away"))  # nacked, requeued
+        await eventually(lambda: _gated(target, 2))  # the broker handed it out again
+        gate, message = target.gates[1]
+        gate.set_result(await orchestrator.receive(message))
+        await eventually(lambda: _consumed(consumer, 21))
+    finally:
+        await consumer.stop()
+    assert await ready_count(amqp_url, topology.queue) == 0
+    assert _sample(orchestrator, "chiffon_amqp_requeued_total") == 1
+    handled = {
+        outcome: _sample(
+            orchestrator, "chiffon_messages_accepted_total", kind="heartbeat", outcome=outcome
+        )
+        for outcome in ("applied", "stale")
+    }
+    assert handled == {"applied": 21, "stale": 0}  # each once: no ack lost, none redelivered
+
+
+async def _gated(target: HoldingTarget, n: int) -> bool:
+    return len(target.gates) >= n
 
 
 def _sample(orch: Orchestrator, name: str, **labels: str) -> float:

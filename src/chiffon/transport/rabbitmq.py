@@ -11,6 +11,8 @@ acked and copied to the bounded queue `chiffon.rejected` with the reason in a he
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,7 +27,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aio_pika.exceptions import DeliveryError, PublishError
+from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
 
 from chiffon.schemas.limits import RejectedMessage
 from chiffon.transport.auth import SIGNATURE_HEADER, Credentials, credential_for
@@ -273,14 +275,91 @@ class Topology:
     rejected_max_length: int = 10_000
 
 
+class AckWindow:
+    """The acks of one channel, sent as one `basic.ack multiple` per run of settled
+    deliveries instead of one frame per message (bench: a third less client CPU per
+    message, and fewer frames for the broker).
+
+    A multiple ack settles every outstanding delivery up to its tag, so the window sends
+    one only up to the highest tag below which every delivery is settled: acked after its
+    commit (or its copy to the rejected queue), or already nacked one by one. A message
+    still in hand holds back the acks of those after it; none is ever acked before its
+    write committed. Acks settled in one turn of the event loop go out together.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel  # aiormq's channel, whose delivery tags these are
+        self._in_hand: list[int] = []  # heap: tags not yet covered by an ack
+        self._open: set[int] = set()  # tags held and not settled yet
+        self._settled: dict[int, bool] = {}  # tag -> True: to ack; False: nacked already
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def hold(self, tag: int) -> None:
+        """A delivery arrived: nothing after it is acked until it is settled."""
+        heapq.heappush(self._in_hand, tag)
+        self._open.add(tag)
+
+    def is_open(self, tag: int) -> bool:
+        """Held and neither acked nor nacked yet."""
+        return tag in self._open
+
+    def ack(self, tag: int) -> None:
+        """Its write committed: ack it with the others settled in this turn."""
+        self._settle(tag, True)
+
+    def nacked(self, tag: int) -> None:
+        """Its nack was written: later acks may pass it."""
+        self._settle(tag, False)
+
+    def _settle(self, tag: int, ack: bool) -> None:
+        if tag not in self._open:
+            return
+        self._open.discard(tag)
+        self._settled[tag] = ack
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_settled)
+
+    def _take(self) -> int | None:
+        """Pop the settled run at the head; the highest tag in it to ack, if any."""
+        last = None
+        while self._in_hand and self._in_hand[0] in self._settled:
+            tag = heapq.heappop(self._in_hand)
+            if self._settled.pop(tag):
+                last = tag
+        return last
+
+    def _send_settled(self) -> None:
+        self._scheduled = False
+        tag = self._take()
+        if tag is not None:
+            task = asyncio.create_task(self._send(tag))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def flush(self) -> None:
+        """Send what is settled now and wait until every ack is written."""
+        self._send_settled()
+        if self._sending:
+            await asyncio.wait(set(self._sending))
+
+    async def _send(self, tag: int) -> None:
+        try:
+            await self.channel.basic_ack(tag, multiple=True)
+        except Exception as exc:  # the channel died: the broker redelivers (no ack was lost)
+            log.info("AMQP ack not delivered, the broker will redeliver: %s", _describe(exc))
+
+
 class RabbitConsumer:
     """Feeds agent messages from the shared queue into the orchestrator, acking after commit.
 
     `start()` returns at once and connects in the background, retrying with backoff until
-    the broker answers, so the API serves while RabbitMQ is down. Every delivery runs in its
-    own task (aiormq's), so hundreds are in flight and the batcher groups them into one
-    transaction; each is acked only when its write committed, or nacked with requeue when
-    the write failed, which also pauses consuming for a backoff. A watchdog re-consumes
+    the broker answers, so the API serves while RabbitMQ is down. Each delivery is checked
+    in its own task (aiormq's) and handed to the batcher, so hundreds are in flight and go
+    into one transaction; each is acked only when its write committed (acks of one commit
+    travel as one frame, `AckWindow`), or nacked with requeue when the write failed, which
+    also pauses consuming for a backoff. A watchdog re-consumes
     when a reconnect left the queue without this consumer. `stop()` cancels the consumer,
     lets the messages in hand commit and ack, then closes.
     """
@@ -313,7 +392,8 @@ class RabbitConsumer:
         self._consumer_tag: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._resume: asyncio.TimerHandle | None = None
-        self._in_flight: set[asyncio.Task[Any]] = set()  # deliveries being handled
+        self._in_flight: set[asyncio.Future[Any]] = set()  # deliveries not settled yet
+        self._acks: dict[Any, AckWindow] = {}  # by aiormq channel: delivery tags are per channel
         self._tasks: set[asyncio.Task[None]] = set()  # our own background chores
         self._failures = 0
         self._stopping = False
@@ -352,6 +432,7 @@ class RabbitConsumer:
         await self._cancel_consumer()
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=drain_timeout_seconds)
+        await self._send_acks()
         connection, self._connection = self._connection, None
         self._channel = self._queue = self._rejected = None
         self._target.metrics.amqp_connected.set(0)
@@ -429,6 +510,7 @@ class RabbitConsumer:
             log.warning("subscribing failed, will try again: %s", _describe(exc))
             return
         if old is not None and not old.is_closed:
+            await self._send_acks()
             await old.close()
 
     async def _has_consumer(self) -> bool:
@@ -486,33 +568,83 @@ class RabbitConsumer:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        window = self._hold(message)
+        committed = None
         try:
-            await self._handle(message)
+            committed = await self._handle(message)
+        except Exception:  # a bug must not stop the consumer, nor hold back later acks
+            log.exception("unexpected error handling an AMQP message")
         finally:
             self._in_flight.discard(task)
+            if committed is not None:  # settled when its batch commits, by `_committed`
+                self._in_flight.add(committed)
+                committed.add_done_callback(functools.partial(self._committed, message))
+            elif window is not None and window.is_open(message.delivery_tag or 0):
+                self._spawn(self._nack(message))
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    def _committed(self, message: AbstractIncomingMessage, done: asyncio.Future[Any]) -> None:
+        """Ack after the commit; requeue when the write failed (not durable)."""
+        self._in_flight.discard(done)
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled() or error is not None:
+            self._spawn(self._requeue(message, error or asyncio.CancelledError()))
+            return
+        self._failures = 0
+        self.consumed += 1
+        self._ack(message)
+
+    def _hold(self, message: AbstractIncomingMessage) -> AckWindow | None:
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:  # closed already: the broker hands it out again
+            return None
+        window = self._acks.get(channel)
+        if window is None:
+            for gone in [c for c in self._acks if c.is_closed]:
+                del self._acks[gone]
+            window = self._acks[channel] = AckWindow(channel)
+        window.hold(message.delivery_tag or 0)
+        return window
+
+    def _window(self, message: AbstractIncomingMessage) -> AckWindow | None:
+        try:
+            return self._acks.get(message.channel)
+        except ChannelInvalidStateError:  # closed: nothing to settle on it any more
+            return None
+
+    def _ack(self, message: AbstractIncomingMessage) -> None:
+        """Settled: acked with the others of this turn (`AckWindow`)."""
+        if (window := self._window(message)) is not None:
+            window.ack(message.delivery_tag or 0)
+
+    async def _nack(self, message: AbstractIncomingMessage) -> None:
+        """Hand it back to the broker, one frame at once; later acks may then pass it."""
+        await self._settle(message.nack(requeue=True), "nack")
+        if (window := self._window(message)) is not None:
+            window.nacked(message.delivery_tag or 0)
+
+    async def _send_acks(self) -> None:
+        """Write every settled ack now (before a channel or the connection closes)."""
+        windows = [w for w in self._acks.values() if not w.channel.is_closed]
+        await asyncio.gather(*(w.flush() for w in windows))
+
+    async def _handle(self, message: AbstractIncomingMessage) -> asyncio.Future[Any] | None:
+        """Settle a bad or refused message; hand a good one to the orchestrator and return
+        the future of its commit (no task waits on it: `_committed` runs when it is done).
+        """
         try:
             parsed = self._target.parse(message.body)
         except RejectedMessage as exc:
             await self._reject(message, exc.reason, exc.detail)
-            return
+            return None
         except Exception as exc:  # a bug must not stop the consumer on one message
             log.exception("unexpected error parsing an AMQP message")
             self._target.reject("consumer_error")
             await self._reject(message, "consumer_error", _describe(exc))
-            return
+            return None
         if await self._refused(message, parsed):
-            return
-        try:
-            # shield: a channel closing under us must not cancel the batcher's future
-            await asyncio.shield(self._target.receive(parsed))
-        except Exception as exc:  # not durable: let the broker hand it out again
-            await self._requeue(message, exc)
-            return
-        self._failures = 0
-        self.consumed += 1
-        await self._settle(message.ack(), "ack")
+            return None
+        return self._target.receive(parsed)
 
     async def _refused(self, message: AbstractIncomingMessage, parsed: AgentMessage) -> bool:
         """Check the agent's signature: refused (rejected, or requeued when the credential
@@ -536,7 +668,7 @@ class RabbitConsumer:
         log.debug("requeueing an AMQP message: %s", _describe(exc))
         self._target.metrics.amqp_requeued.inc()
         self._pause()
-        await self._settle(message.nack(requeue=True), "nack")
+        await self._nack(message)
 
     async def _reject(self, message: AbstractIncomingMessage, reason: str, detail: str) -> None:
         """Copy to the rejected queue with the reason in a header, then ack."""
@@ -554,7 +686,7 @@ class RabbitConsumer:
                 await self._rejected.publish(copy, self.topology.rejected_queue, timeout=5)
             except Exception as exc:  # the message is counted either way; keep consuming
                 log.warning("copying a rejected message failed: %s", _describe(exc))
-        await self._settle(message.ack(), "ack")
+        self._ack(message)
 
     @staticmethod
     async def _settle(action: Awaitable[None], what: str) -> None:
