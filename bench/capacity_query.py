@@ -96,6 +96,7 @@ def seed_rows(count: int) -> list[dict[str, Any]]:
                 "created_at": now,
                 "updated_at": now,
                 **metric_columns(msg.resources),
+                "resource_metrics": msg.resources.model_dump(mode="json"),  # plain engine
                 "last_boot_id": None,
                 "last_seq": None,
                 "last_sent_at": None,

@@ -180,7 +180,7 @@ def registry_rows(bodies: list[Body]) -> list[dict[str, Any]]:
         msg = parse_message(body)
         assert msg.resources is not None
         cols = metric_columns(msg.resources)
-        cols["resource_metrics"] = Jsonb(cols["resource_metrics"])
+        cols["resource_metrics"] = Jsonb(msg.resources.model_dump(mode="json"))
         rows.append(
             {
                 "agent_id": msg.agent_id,

@@ -46,9 +46,11 @@ def is_newer(message: AgentMessage, last: Ordering) -> bool:
 
 
 def metric_columns(resources: Resources) -> dict[str, Any]:
-    """The typed columns the capacity query filters on, copied from the JSON."""
+    """The typed columns the capacity query filters on, copied from the JSON, and the JSON
+    itself as the validated model: Chiffon's engines write it with pydantic's encoder
+    (`persistence.db.create_engine`), without an intermediate dict."""
     return {
-        "resource_metrics": resources.model_dump(mode="json"),
+        "resource_metrics": resources,  # encoded as validated, by the engine's JSON encoder
         "cpu_cores_available": resources.cpu_cores_available,
         "cpu_cores_physical": resources.cpu_cores_physical,
         "cpu_load_1min": resources.cpu_load_1min,
