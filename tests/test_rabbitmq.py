@@ -146,17 +146,22 @@ async def _applied(orch: Orchestrator, agent_id: uuid.UUID) -> bool:
 async def test_backlog_is_applied_in_batches_not_one_transaction_per_message(
     orchestrator: Orchestrator, amqp_url: str, topology: Topology
 ) -> None:
-    messages = [f.message(name=f"desk-{i}") for i in range(200)]
-    keys = await keyring(orchestrator, [m.agent_id for m in messages])
-    async with consuming(orchestrator, amqp_url, topology) as consumer:
-        await consumer.stop()  # declared the queue; now let a backlog build up
-        async with publisher(amqp_url, topology, keys) as pub:
-            await asyncio.gather(*(pub.publish(m) for m in messages))
-        await consumer.start()
-        await eventually(lambda: _consumed(consumer, 200))
+    await _drain_a_backlog(orchestrator, amqp_url, topology, 200)
     batches = _sample(orchestrator, "chiffon_ingest_batch_size_count")
     assert batches < 50, f"{batches} transactions for 200 messages: not batched"
     assert await ready_count(amqp_url, topology.queue) == 0
+
+
+async def _drain_a_backlog(orch: Orchestrator, url: str, topology: Topology, n: int) -> None:
+    """Queue `n` heartbeats of `n` agents with no consumer, then consume them all."""
+    messages = [f.message(name=f"desk-{i}") for i in range(n)]
+    keys = await keyring(orch, [m.agent_id for m in messages])
+    async with consuming(orch, url, topology) as consumer:
+        await consumer.stop()  # declared the queue; now let a backlog build up
+        async with publisher(url, topology, keys) as pub:
+            await asyncio.gather(*(pub.publish(m) for m in messages))
+        await consumer.start()
+        await eventually(lambda: _consumed(consumer, n))
 
 
 async def _consumed(consumer: RabbitConsumer, n: int) -> bool:
@@ -174,14 +179,7 @@ async def test_the_acks_of_a_batch_travel_as_one_frame(
         await real_ack(channel, delivery_tag, multiple, **kw)
 
     monkeypatch.setattr(aiormq.Channel, "basic_ack", counted)
-    messages = [f.message(name=f"desk-{i}") for i in range(300)]
-    keys = await keyring(orchestrator, [m.agent_id for m in messages])
-    async with consuming(orchestrator, amqp_url, topology) as consumer:
-        await consumer.stop()  # declared the queue; now let a backlog build up
-        async with publisher(amqp_url, topology, keys) as pub:
-            await asyncio.gather(*(pub.publish(m) for m in messages))
-        await consumer.start()
-        await eventually(lambda: _consumed(consumer, 300))
+    await _drain_a_backlog(orchestrator, amqp_url, topology, 300)
     assert await ready_count(amqp_url, topology.queue) == 0  # every one acked
     batches = _sample(orchestrator, "chiffon_ingest_batch_size_count")
     assert all(multiple for _, multiple in acks)

@@ -20,7 +20,13 @@ from typing import Any
 from uuid import UUID
 
 from chiffon.schemas import limits
-from chiffon.schemas.limits import GpuType, GpuVendor, MessageKind, check_not_above
+from chiffon.schemas.limits import (
+    GpuType,
+    GpuVendor,
+    MessageKind,
+    check_not_above,
+    check_resources,
+)
 
 
 def _check_ranges(obj: object, ranges: Mapping[str, tuple[float, float]]) -> None:
@@ -114,13 +120,7 @@ class Snapshot:
 
     def __post_init__(self) -> None:
         _check_ranges(self, _SNAPSHOT_RANGES)
-        check_not_above(self.memory_available_gb, self.memory_total_gb, "memory")
-        check_not_above(self.gpu_vram_available_gb, self.gpu_vram_total_gb, "gpu_vram")
-        check_not_above(
-            self.gpu_vram_available_max_gb, self.gpu_vram_available_gb, "gpu_vram_available_max"
-        )
-        if self.gpu_count != len(self.gpus):
-            raise ValueError(f"gpu_count ({self.gpu_count}) != number of gpus ({len(self.gpus)})")
+        check_resources(self)
         if len(self.probe_errors) > limits.PROBE_ERRORS_MAX:
             raise ValueError(f"probe_errors: more than {limits.PROBE_ERRORS_MAX}")
 

@@ -24,7 +24,7 @@ from chiffon.schemas.limits import GpuType as GpuType  # the API's models use th
 from chiffon.schemas.limits import GpuVendor as GpuVendor
 from chiffon.schemas.limits import MessageKind as MessageKind
 from chiffon.schemas.limits import RejectedMessage as RejectedMessage
-from chiffon.schemas.limits import check_not_above
+from chiffon.schemas.limits import check_not_above, check_resources
 
 # A heartbeat of a desktop with eight GPUs is about 2 KiB; anything past this is not ours.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -96,13 +96,7 @@ class Resources(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        check_not_above(self.memory_available_gb, self.memory_total_gb, "memory")
-        check_not_above(self.gpu_vram_available_gb, self.gpu_vram_total_gb, "gpu_vram")
-        check_not_above(
-            self.gpu_vram_available_max_gb, self.gpu_vram_available_gb, "gpu_vram_available_max"
-        )
-        if self.gpu_count != len(self.gpus):
-            raise ValueError(f"gpu_count ({self.gpu_count}) != number of gpus ({len(self.gpus)})")
+        check_resources(self)
         return self
 
 

@@ -8,7 +8,8 @@ hardware, tight enough to refuse nonsense (10^9 GPUs, 1e300 GB).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sized
+from typing import Literal, Protocol
 
 SCHEMA_VERSION = 1
 
@@ -36,6 +37,35 @@ def check_not_above(free: float | None, total: float | None, what: str) -> None:
     """`ValueError` when a free amount exceeds its total (both known)."""
     if free is not None and total is not None and free > total + SLACK:
         raise ValueError(f"{what}: free ({free}) is greater than total ({total})")
+
+
+class ResourceTotals(Protocol):
+    """What `check_resources` reads: the agent's `Snapshot` and the wire `Resources` both
+    have it."""
+
+    @property
+    def memory_available_gb(self) -> float | None: ...
+    @property
+    def memory_total_gb(self) -> float | None: ...
+    @property
+    def gpu_vram_available_gb(self) -> float | None: ...
+    @property
+    def gpu_vram_total_gb(self) -> float | None: ...
+    @property
+    def gpu_vram_available_max_gb(self) -> float | None: ...
+    @property
+    def gpu_count(self) -> int: ...
+    @property
+    def gpus(self) -> Sized: ...
+
+
+def check_resources(r: ResourceTotals) -> None:
+    """`ValueError` when a snapshot's amounts contradict each other (one rule, both sides)."""
+    check_not_above(r.memory_available_gb, r.memory_total_gb, "memory")
+    check_not_above(r.gpu_vram_available_gb, r.gpu_vram_total_gb, "gpu_vram")
+    check_not_above(r.gpu_vram_available_max_gb, r.gpu_vram_available_gb, "gpu_vram_available_max")
+    if r.gpu_count != len(r.gpus):
+        raise ValueError(f"gpu_count ({r.gpu_count}) != number of gpus ({len(r.gpus)})")
 
 
 class RejectedMessage(ValueError):
