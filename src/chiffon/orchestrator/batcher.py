@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -114,8 +115,12 @@ class IngestBatcher:
         self.healthy = True
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(batch))
+        counted = Counter(
+            (p.item.message.kind, outcome) for p, outcome in zip(batch, outcomes, strict=True)
+        )
+        for labels, n in counted.items():  # per batch: a `labels()` per message cost ~2% of ingest
+            self._metrics.accepted.labels(*labels).inc(n)
         for pending, outcome in zip(batch, outcomes, strict=True):
-            self._metrics.accepted.labels(pending.item.message.kind, outcome).inc()
             if not pending.future.done():
                 pending.future.set_result(outcome)
         return True

@@ -1,4 +1,4 @@
-"""RabbitMQ transport (the only module that imports aio-pika).
+"""RabbitMQ transport (the only module that imports aio-pika and its aiormq).
 
 Topology (docs/protocol.md, "RabbitMQ"): agents publish to the durable topic exchange
 `chiffon` with routing key `agent.<kind>.<agent_id>`; orchestrators share the durable queue
@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aio_pika
+import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
 )
-from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
+from aio_pika.exceptions import DeliveryError, PublishError
 
 from chiffon.schemas.limits import RejectedMessage
 from chiffon.transport.auth import SIGNATURE_HEADER, Credentials, credential_for
@@ -351,6 +351,36 @@ class AckWindow:
             log.info("AMQP ack not delivered, the broker will redeliver: %s", _describe(exc))
 
 
+class Delivery:
+    """One delivery as aiormq hands it over, with what the consumer reads of it.
+
+    The consumer subscribes on aiormq's channel under aio-pika's robust one: aio-pika's
+    `IncomingMessage` and the second task it starts for each message cost ~15% of the
+    orchestrator's CPU per heartbeat (docs/performance.md, item 20).
+    """
+
+    __slots__ = ("_message", "body", "channel", "delivery_tag")
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self._message = message
+        self.body = message.body
+        self.channel = message.channel
+        tag = getattr(message.delivery, "delivery_tag", None)
+        self.delivery_tag: int = tag if isinstance(tag, int) else 0
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self._message.header.properties.headers or {}
+
+    @property
+    def content_type(self) -> str | None:
+        return self._message.header.properties.content_type
+
+    @property
+    def routing_key(self) -> str:
+        return self._message.routing_key or ""
+
+
 class RabbitConsumer:
     """Feeds agent messages from the shared queue into the orchestrator, acking after commit.
 
@@ -390,11 +420,13 @@ class RabbitConsumer:
         self._queue: AbstractQueue | None = None
         self._rejected: AbstractExchange | None = None
         self._consumer_tag: str | None = None
+        self._consumer_channel: aiormq.abc.AbstractChannel | None = None  # where it is
         self._task: asyncio.Task[None] | None = None
         self._resume: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Future[Any]] = set()  # deliveries not settled yet
         self._acks: dict[Any, AckWindow] = {}  # by aiormq channel: delivery tags are per channel
         self._tasks: set[asyncio.Task[None]] = set()  # our own background chores
+        self._checking = asyncio.Lock()
         self._failures = 0
         self._stopping = False
         self.consumed = 0
@@ -482,22 +514,29 @@ class RabbitConsumer:
             arguments=rejected_arguments(max_length=top.rejected_max_length),
         )
         self._channel, self._queue, self._rejected = channel, queue, channel.default_exchange
-        self._consumer_tag = await queue.consume(self._on_message)
+        # On aiormq's channel, not `queue.consume`: see `Delivery`. The robust connection
+        # does not restore such a consumer; `_on_reconnect` and the watchdog subscribe again.
+        underlay = await channel.get_underlay_channel()
+        consumed = await underlay.basic_consume(top.queue, self._on_delivery)
+        self._consumer_channel, self._consumer_tag = underlay, consumed.consumer_tag
         self._target.metrics.amqp_connected.set(1)
 
     def _on_reconnect(self, *_args: Any) -> None:
         log.warning("reconnected to the AMQP broker")
         self._target.metrics.amqp_reconnects.inc()
+        if not self._stopping:
+            self._spawn(self._watchdog())  # channels are restored by now; the consumer is not
 
     async def _watchdog(self) -> None:
         """Re-subscribe when a reconnect left our channel without its consumer."""
-        connection = self._connection
-        healthy = await self._has_consumer()
-        self._target.metrics.amqp_connected.set(1 if healthy else 0)
-        if healthy or self._paused or connection is None or connection.is_closed:
-            return
-        log.warning("the AMQP consumer is gone after a reconnect; subscribing again")
-        await self._resubscribe(connection)
+        async with self._checking:  # the timer's and a reconnect's check, one at a time
+            connection = self._connection
+            healthy = await self._has_consumer()
+            self._target.metrics.amqp_connected.set(1 if healthy else 0)
+            if healthy or self._paused or connection is None or connection.is_closed:
+                return
+            log.warning("the AMQP consumer is gone after a reconnect; subscribing again")
+            await self._resubscribe(connection)
 
     async def _resubscribe(self, connection: AbstractConnection) -> None:
         """Consume on a fresh channel, then close the old one: the broker takes back what
@@ -521,7 +560,7 @@ class RabbitConsumer:
         except Exception:  # closed or being restored
             return False
         consumers: dict[str, Any] = getattr(underlay, "consumers", {})
-        return self._consumer_tag in consumers
+        return underlay is self._consumer_channel and self._consumer_tag in consumers
 
     # -- pausing after a failed write
 
@@ -555,16 +594,20 @@ class RabbitConsumer:
 
     async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
-        if tag is None or self._queue is None:
+        channel, self._consumer_channel = self._consumer_channel, None
+        if tag is None or channel is None or channel.is_closed:
             return
         try:
-            await asyncio.wait_for(self._queue.cancel(tag), 5)
+            await asyncio.wait_for(channel.basic_cancel(tag), 5)
         except Exception as exc:  # a dead channel has no consumer to cancel
             log.debug("cancelling the AMQP consumer failed: %s", _describe(exc))
 
     # -- one delivery
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        await self._on_message(Delivery(delivered))
+
+    async def _on_message(self, message: Delivery) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
@@ -579,10 +622,10 @@ class RabbitConsumer:
             if committed is not None:  # settled when its batch commits, by `_committed`
                 self._in_flight.add(committed)
                 committed.add_done_callback(functools.partial(self._committed, message))
-            elif window is not None and window.is_open(message.delivery_tag or 0):
+            elif window is not None and window.is_open(message.delivery_tag):
                 self._spawn(self._nack(message))
 
-    def _committed(self, message: AbstractIncomingMessage, done: asyncio.Future[Any]) -> None:
+    def _committed(self, message: Delivery, done: asyncio.Future[Any]) -> None:
         """Ack after the commit; requeue when the write failed (not durable)."""
         self._in_flight.discard(done)
         error = None if done.cancelled() else done.exception()
@@ -593,42 +636,42 @@ class RabbitConsumer:
         self.consumed += 1
         self._ack(message)
 
-    def _hold(self, message: AbstractIncomingMessage) -> AckWindow | None:
-        try:
-            channel = message.channel
-        except ChannelInvalidStateError:  # closed already: the broker hands it out again
+    def _hold(self, message: Delivery) -> AckWindow | None:
+        channel = message.channel
+        if channel.is_closed:  # closed already: the broker hands it out again
             return None
         window = self._acks.get(channel)
         if window is None:
             for gone in [c for c in self._acks if c.is_closed]:
                 del self._acks[gone]
             window = self._acks[channel] = AckWindow(channel)
-        window.hold(message.delivery_tag or 0)
+        window.hold(message.delivery_tag)
         return window
 
-    def _window(self, message: AbstractIncomingMessage) -> AckWindow | None:
-        try:
-            return self._acks.get(message.channel)
-        except ChannelInvalidStateError:  # closed: nothing to settle on it any more
+    def _window(self, message: Delivery) -> AckWindow | None:
+        if message.channel.is_closed:  # nothing to settle on it any more
             return None
+        return self._acks.get(message.channel)
 
-    def _ack(self, message: AbstractIncomingMessage) -> None:
+    def _ack(self, message: Delivery) -> None:
         """Settled: acked with the others of this turn (`AckWindow`)."""
         if (window := self._window(message)) is not None:
-            window.ack(message.delivery_tag or 0)
+            window.ack(message.delivery_tag)
 
-    async def _nack(self, message: AbstractIncomingMessage) -> None:
+    async def _nack(self, message: Delivery) -> None:
         """Hand it back to the broker, one frame at once; later acks may then pass it."""
-        await self._settle(message.nack(requeue=True), "nack")
+        if message.channel.is_closed:  # the broker hands it out again
+            return
+        await self._settle(message.channel.basic_nack(message.delivery_tag, requeue=True), "nack")
         if (window := self._window(message)) is not None:
-            window.nacked(message.delivery_tag or 0)
+            window.nacked(message.delivery_tag)
 
     async def _send_acks(self) -> None:
         """Write every settled ack now (before a channel or the connection closes)."""
         windows = [w for w in self._acks.values() if not w.channel.is_closed]
         await asyncio.gather(*(w.flush() for w in windows))
 
-    async def _handle(self, message: AbstractIncomingMessage) -> asyncio.Future[Any] | None:
+    async def _handle(self, message: Delivery) -> asyncio.Future[Any] | None:
         """Settle a bad or refused message; hand a good one to the orchestrator and return
         the future of its commit (no task waits on it: `_committed` runs when it is done).
         """
@@ -646,10 +689,10 @@ class RabbitConsumer:
             return None
         return self._target.receive(parsed)
 
-    async def _refused(self, message: AbstractIncomingMessage, parsed: AgentMessage) -> bool:
+    async def _refused(self, message: Delivery, parsed: AgentMessage) -> bool:
         """Check the agent's signature: refused (rejected, or requeued when the credential
         could not be read) or admitted."""
-        signature = (message.headers or {}).get(SIGNATURE_HEADER)
+        signature = message.headers.get(SIGNATURE_HEADER)
         if isinstance(signature, bytes):
             signature = signature.decode(errors="replace")
         try:
@@ -664,13 +707,13 @@ class RabbitConsumer:
             return True
         return False
 
-    async def _requeue(self, message: AbstractIncomingMessage, exc: BaseException) -> None:
+    async def _requeue(self, message: Delivery, exc: BaseException) -> None:
         log.debug("requeueing an AMQP message: %s", _describe(exc))
         self._target.metrics.amqp_requeued.inc()
         self._pause()
         await self._nack(message)
 
-    async def _reject(self, message: AbstractIncomingMessage, reason: str, detail: str) -> None:
+    async def _reject(self, message: Delivery, reason: str, detail: str) -> None:
         """Copy to the rejected queue with the reason in a header, then ack."""
         copy = aio_pika.Message(
             message.body,
@@ -678,7 +721,7 @@ class RabbitConsumer:
             headers={
                 REJECT_REASON_HEADER: reason,
                 REJECT_DETAIL_HEADER: detail[:500],
-                "x-chiffon-routing-key": message.routing_key or "",
+                "x-chiffon-routing-key": message.routing_key,
             },
         )
         if self._rejected is not None:
