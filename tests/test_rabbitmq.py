@@ -191,10 +191,10 @@ class HoldingTarget:
     """The orchestrator as the consumer sees it, except that one agent's messages wait
     for the test to let them commit."""
 
-    def __init__(self, orch: Orchestrator, held: uuid.UUID) -> None:
+    def __init__(self, orch: Orchestrator, *held: uuid.UUID) -> None:
         self._orch = orch
         self.metrics = orch.metrics
-        self.held = held
+        self.held = set(held)
         self.gates: list[tuple[asyncio.Future[Any], Any]] = []
 
     def parse(self, raw: bytes) -> Any:
@@ -207,7 +207,7 @@ class HoldingTarget:
         await self._orch.authenticate(message, raw, signature=signature)
 
     def receive(self, message: Any) -> asyncio.Future[Any]:
-        if message.agent_id != self.held:
+        if message.agent_id not in self.held:
             return self._orch.receive(message)
         gate: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.gates.append((gate, message))
@@ -282,6 +282,37 @@ async def test_a_failed_write_in_the_middle_is_redelivered_and_the_rest_acked_on
         for outcome in ("applied", "stale")
     }
     assert handled == {"applied": 21, "stale": 0}  # each once: no ack lost, none redelivered
+
+
+async def test_a_write_in_hand_when_the_consumer_resumes_is_acked_not_redelivered(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+) -> None:
+    """Resuming after a failed write moves to a fresh channel; a delivery still being
+    written on the old one commits and is acked there before the old channel closes."""
+    slow, failing = f.message(name="slow"), f.message(name="failing")
+    keys = await keyring(orchestrator, [slow.agent_id, failing.agent_id])
+    target = HoldingTarget(orchestrator, slow.agent_id, failing.agent_id)
+    consumer = RabbitConsumer(amqp_url, target, topology=topology, backoff=FAST)  # type: ignore[arg-type]
+    await consumer.start()
+    try:
+        await consumer.wait_consuming(10)
+        async with publisher(amqp_url, topology, keys) as pub:
+            await pub.publish(slow)
+            await pub.publish(failing)
+        await eventually(lambda: _gated(target, 2))
+        (slow_gate, _), (failing_gate, _) = target.gates
+        failing_gate.set_exception(RuntimeError("the database went away"))  # pause, resume
+        await eventually(lambda: _gated(target, 3))  # redelivered on the fresh channel
+        await asyncio.sleep(0.3)  # a resume that did not wait would have closed the old one
+        slow_gate.set_result(await orchestrator.receive(slow))  # commits while resuming
+        gate, message = target.gates[2]
+        assert message.agent_id == failing.agent_id
+        gate.set_result(await orchestrator.receive(message))
+        await eventually(lambda: _consumed(consumer, 2))
+    finally:
+        await consumer.stop(drain_timeout_seconds=2)
+    assert await ready_count(amqp_url, topology.queue) == 0
+    assert [m.agent_id for _, m in target.gates].count(slow.agent_id) == 1  # never again
 
 
 async def _gated(target: HoldingTarget, n: int) -> bool:

@@ -538,17 +538,23 @@ class RabbitConsumer:
             log.warning("the AMQP consumer is gone after a reconnect; subscribing again")
             await self._resubscribe(connection)
 
-    async def _resubscribe(self, connection: AbstractConnection) -> None:
+    async def _resubscribe(
+        self, connection: AbstractConnection, *, settle_seconds: float = 5.0
+    ) -> None:
         """Consume on a fresh channel, then close the old one: the broker takes back what
         the old channel still held unacknowledged (a delivery that raced a cancel is
-        dropped by the client without an ack and would stay there until then)."""
-        old = self._channel
+        dropped by the client without an ack and would stay there until then). What the old
+        channel still has in hand may settle first (up to `settle_seconds`), so a write
+        that commits meanwhile is acked, not handed out again."""
+        old, in_hand = self._channel, set(self._in_flight)
         try:
             await self._declare_and_consume(connection)
         except Exception as exc:  # the watchdog subscribes again once the broker is back
             log.warning("subscribing failed, will try again: %s", _describe(exc))
             return
         if old is not None and not old.is_closed:
+            if in_hand:
+                await asyncio.wait(in_hand, timeout=settle_seconds)
             await self._send_acks()
             await old.close()
 
@@ -605,9 +611,7 @@ class RabbitConsumer:
     # -- one delivery
 
     async def _on_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
-        await self._on_message(Delivery(delivered))
-
-    async def _on_message(self, message: Delivery) -> None:
+        message = Delivery(delivered)
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
