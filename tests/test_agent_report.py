@@ -99,11 +99,12 @@ def test_a_collected_heartbeat_is_byte_for_byte_what_the_contract_writes() -> No
     assert heartbeat.resources.gpus[1].vram_free_gb == round(3 * 1024**3 / 1e9, 3)
 
 
-def test_sent_at_keeps_its_offset_and_a_naive_time_is_refused() -> None:
+def test_sent_at_is_the_same_instant_in_utc_and_a_naive_time_is_refused() -> None:
     resources = Snapshot(**snapshot_fields())
     local = datetime(2026, 12, 1, 4, 0, tzinfo=timezone(timedelta(hours=2)))
     parsed = parse_message(outgoing(resources, sent_at=local).encode())
     assert parsed.sent_at == local
+    assert parsed.sent_at.utcoffset() == timedelta(0)
     with pytest.raises(ValueError, match="time zone"):
         outgoing(resources, sent_at=datetime(2026, 12, 1, 4, 0))
     with pytest.raises(ValueError, match="must carry resources"):
@@ -141,8 +142,11 @@ def test_gpu_bounds_agree_with_the_contract(name: str, value: float, ok: bool) -
     assert _both_sides(lambda: GpuReading(**gpu), lambda: GpuInfo(**gpu)) == (ok, ok)
 
 
-# gpu_count must also equal len(gpus): the consistency test below covers it
-SNAPSHOT_NUMBERS = {k: v for k, v in _SNAPSHOT_RANGES.items() if k != "gpu_count"}
+# gpu_count and the VRAM aggregates must also agree with the GPUs listed: the consistency
+# test below covers them
+SNAPSHOT_NUMBERS = {
+    k: v for k, v in _SNAPSHOT_RANGES.items() if k != "gpu_count" and not k.startswith("gpu_vram")
+}
 
 
 @pytest.mark.parametrize(("name", "value", "ok"), _edges(SNAPSHOT_NUMBERS))
@@ -164,6 +168,14 @@ def test_snapshot_bounds_agree_with_the_contract(name: str, value: float, ok: bo
         {"gpu_vram_available_gb": 25.0},
         {"gpu_vram_available_max_gb": 21.0},
         {"gpu_count": 2},  # not the number of GPUs listed
+        {"gpu_vram_total_gb": 48.0},  # not the sum of the GPUs listed
+        {"gpu_vram_available_gb": 10.0},
+        {"gpu_vram_available_max_gb": 10.0},
+        {"gpu_vram_available_gb": None},  # the GPU's free VRAM is known
+        {"gpu_type": "amd"},  # not the GPUs' vendor
+        {"gpu_type": "none"},
+        # no GPU at all, yet a million GB free: ranked first for every capacity query
+        {"gpus": [], "gpu_count": 0, "gpu_type": "none", "gpu_vram_available_gb": 1e6},
         {"cpu_load_1min": math.nan},
         {"cpu_load_1min": math.inf},
         {"cpu_cores_physical": True},  # a bool is not a number on the wire
@@ -172,7 +184,7 @@ def test_snapshot_bounds_agree_with_the_contract(name: str, value: float, ok: bo
 )
 def test_inconsistent_snapshots_are_refused_by_both(changes: dict[str, Any]) -> None:
     fields = {**snapshot_fields(), **changes}
-    contract = {**fields, "gpus": [GpuInfo(**GPU)]}
+    contract = {**fields, "gpus": [GpuInfo(**dataclasses.asdict(g)) for g in fields["gpus"]]}
     assert _both_sides(lambda: Snapshot(**fields), lambda: Resources(**contract)) == (
         False,
         False,

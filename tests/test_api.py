@@ -192,6 +192,14 @@ async def test_single_agent_capacity_has_the_seeds_fields(
         ("/api/v1/agents/available-capacity?min_cpu_cores=two", 400),
         ("/api/v1/agents/available-capacity?min_memory_gb=abc", 400),
         ("/api/v1/agents?status=sleeping", 400),
+        # a NUL PostgreSQL cannot compare: the client's mistake, never a 503 "unavailable"
+        ("/api/v1/agents?pool_name=a%00b", 400),
+        ("/api/v1/agents/available-capacity?pool_name=%00", 400),
+        (
+            "/api/v1/agents/00000000-0000-0000-0000-000000000001/metrics"
+            "?since=9999-12-31T22:00:00-14:00&until=9999-12-31T23:00:00-14:00",
+            400,
+        ),
     ],
 )
 async def test_bad_requests_get_a_json_detail(

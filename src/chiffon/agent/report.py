@@ -26,6 +26,7 @@ from chiffon.schemas.limits import (
     MessageKind,
     check_not_above,
     check_resources,
+    check_text,
 )
 
 
@@ -39,11 +40,6 @@ def _check_ranges(obj: object, ranges: Mapping[str, tuple[float, float]]) -> Non
             raise ValueError(f"{name}: {value!r} is not a number")
         if not math.isfinite(value) or not low <= value <= high:
             raise ValueError(f"{name}: {value!r} is outside {low:g}..{high:g}")
-
-
-def _check_text(name: str, value: str | None, max_chars: int) -> None:
-    if value is not None and not 0 < len(value) <= max_chars:
-        raise ValueError(f"{name}: must be 1 to {max_chars} characters")
 
 
 _GPU_RANGES = {
@@ -72,8 +68,8 @@ class GpuReading:
         _check_ranges(self, _GPU_RANGES)
         if isinstance(self.index, float):
             raise ValueError(f"index: {self.index!r} is not a whole number")
-        _check_text("uuid", self.uuid, limits.GPU_UUID_MAX_CHARS)
-        _check_text("name", self.name, limits.TEXT_MAX_CHARS)
+        check_text("uuid", self.uuid, limits.GPU_UUID_MAX_CHARS)
+        check_text("name", self.name, limits.TEXT_MAX_CHARS)
         check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
 
 
@@ -123,6 +119,8 @@ class Snapshot:
         check_resources(self)
         if len(self.probe_errors) > limits.PROBE_ERRORS_MAX:
             raise ValueError(f"probe_errors: more than {limits.PROBE_ERRORS_MAX}")
+        for key, error in self.probe_errors.items():
+            check_text(f"probe_errors[{key}]", error or " ", limits.TEXT_MAX_CHARS)
 
     def as_json(self) -> dict[str, Any]:
         """The `resources` object as it travels."""
@@ -152,6 +150,11 @@ class Outgoing:
             raise ValueError("sent_at must carry its time zone")
         if self.kind == "heartbeat" and self.resources is None:
             raise ValueError("a heartbeat must carry resources")
+        check_text("name", self.name, limits.TEXT_MAX_CHARS)
+        check_text("pool_name", self.pool_name, 128)
+        check_text("agent_type", self.agent_type, 64)
+        for key, value in self.labels.items():
+            check_text(f"labels[{key}]", value or " ", limits.TEXT_MAX_CHARS)
 
     def encode(self) -> bytes:
         """Compact JSON, byte for byte the shape pydantic writes for `AgentMessage`."""

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from chiffon import __version__
 from chiffon.api import routes_agents, routes_fleet, routes_ingest
@@ -34,6 +34,13 @@ def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"detail": f"registry database unavailable: {type(exc).__name__}"}, status_code=503
     )
+
+
+def _database_refused_value(_request: Request, exc: Exception) -> JSONResponse:
+    """A value in the request the database cannot compare or store (a NUL in a filter):
+    the client's mistake, not an outage."""
+    first = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+    return JSONResponse({"detail": f"a value in the request was refused: {first}"}, 400)
 
 
 def create_app(
@@ -66,6 +73,7 @@ def create_app(
     )
     app.state.orchestrator = orchestrator
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DataError, _database_refused_value)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(DBAPIError, _database_down)
     app.add_exception_handler(OSError, _database_down)

@@ -12,6 +12,7 @@ from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep, parse_agen
 from chiffon.orchestrator import views
 from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
+from chiffon.schemas import limits
 from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord, AgentStatus, ErrorDetail
 
 router = APIRouter(
@@ -30,8 +31,8 @@ async def list_agents(
     session: SessionDep,
     orchestrator: OrchestratorDep,
     status: AgentStatus | None = None,
-    agent_type: Annotated[str | None, Query(max_length=64)] = None,
-    pool_name: Annotated[str | None, Query(max_length=128)] = None,
+    agent_type: Annotated[str | None, Query(max_length=64, pattern=limits.TEXT_PATTERN)] = None,
+    pool_name: Annotated[str | None, Query(max_length=128, pattern=limits.TEXT_PATTERN)] = None,
 ) -> list[AgentRecord]:
     """Every registered agent, optionally filtered."""
     rows = await registry.list_agents(
@@ -53,9 +54,9 @@ async def available_capacity(
     ] = None,
     min_cpu_cores: Annotated[int | None, Query(ge=0, le=16_384)] = None,
     min_memory_gb: Minimum = None,
-    pool_name: Annotated[str | None, Query(max_length=128)] = None,
+    pool_name: Annotated[str | None, Query(max_length=128, pattern=limits.TEXT_PATTERN)] = None,
     agent_type: Annotated[
-        str, Query(max_length=64, description="'any' for every type")
+        str, Query(max_length=64, pattern=limits.TEXT_PATTERN, description="'any' for every type")
     ] = "desktop",
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
 ) -> list[AgentCapacity]:
@@ -134,7 +135,7 @@ async def revoke_credential(agent_id: AgentIdDep, orchestrator: OrchestratorDep)
 @router.get("/events", response_model=list[AgentEvent])
 async def list_events(
     session: SessionDep,
-    agent_id: Annotated[str | None, Query(max_length=64)] = None,
+    agent_id: Annotated[str | None, Query(max_length=64, pattern=limits.TEXT_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[AgentEvent]:
     """Status changes, newest first: when each agent went online or offline, and why."""

@@ -6,12 +6,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
+from pydantic import AfterValidator
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep
 from chiffon.orchestrator import views
 from chiffon.orchestrator.history import read_metrics
 from chiffon.persistence import registry
+from chiffon.schemas import limits
 from chiffon.schemas.api import AgentMetrics, ErrorDetail, FleetSummary
 
 router = APIRouter(
@@ -23,11 +25,13 @@ DEFAULT_WINDOW = timedelta(hours=1)
 MAX_WINDOW = timedelta(days=400)
 
 
-def _utc(at: datetime | None) -> datetime | None:
-    """Query times without a zone are taken as UTC."""
-    if at is None or at.tzinfo is not None:
-        return at
-    return at.replace(tzinfo=UTC)
+def _as_utc(at: datetime) -> datetime:
+    """Query times without a zone are taken as UTC; others converted (or a 400 when that
+    leaves the calendar: year 9999 at -14:00)."""
+    return limits.utc(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
+
+
+QueryTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 @router.get("/fleet/summary", response_model=FleetSummary)
@@ -46,8 +50,10 @@ async def agent_metrics(
     agent_id: AgentIdDep,
     session: SessionDep,
     orchestrator: OrchestratorDep,
-    since: Annotated[datetime | None, Query(description="default: one hour before `until`")] = None,
-    until: Annotated[datetime | None, Query(description="default: now")] = None,
+    since: Annotated[
+        QueryTime | None, Query(description="default: one hour before `until`")
+    ] = None,
+    until: Annotated[QueryTime | None, Query(description="default: now")] = None,
     step: Annotated[
         float | None,
         Query(gt=0, le=86400 * 31, description="seconds between points; default: window/300"),
@@ -59,8 +65,8 @@ async def agent_metrics(
     last heartbeat) per `step` seconds.
     """
     now = orchestrator.clock.now()
-    end = _utc(until) or now
-    start = _utc(since) or end - DEFAULT_WINDOW
+    end = until or now
+    start = since or end - DEFAULT_WINDOW
     if not timedelta(0) < end - start <= MAX_WINDOW:
         raise HTTPException(400, f"since must be before until, at most {MAX_WINDOW.days} days")
     return await read_metrics(

@@ -64,6 +64,8 @@ async def _ingest(
         outcome = await orchestrator.receive(message)
     except IngestUnavailableError:
         raise HTTPException(503, "registry database unavailable; retry later") from None
+    except RejectedMessage as exc:  # the database refused this message's values
+        raise HTTPException(422, f"{exc.reason}: {exc.detail}") from None
     return IngestResult(agent_id=agent_id, outcome=outcome)
 
 

@@ -2,8 +2,11 @@
 
 Every transport submits here. The future a caller gets resolves only after the batch that
 holds its message has committed, so a transport acks (AMQP) or answers (HTTP) after the
-write, never before. A failed commit fails every future of the batch: the broker redelivers,
-the HTTP client retries.
+write, never before. A commit that failed because the database is unavailable fails every
+future of the batch: the broker redelivers, the HTTP client retries. A commit the database
+refused for its data (a value it cannot store, a constraint) is written again in halves,
+so that only the message at fault is set aside (`RejectedMessage` "unstorable": a 422 over
+HTTP, the rejected queue over AMQP) and its neighbours commit.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.ingest import Outcome, Received, apply_batch
 from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.schemas.limits import RejectedMessage
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +105,15 @@ class IngestBatcher:
                 await asyncio.sleep(self._backoff)
 
     async def _flush(self, batch: list[_Pending]) -> bool:
+        """Write `batch`; False when the database was unavailable (nothing durable)."""
         started = time.perf_counter()
         try:
             async with self._sessions.begin() as session:
                 outcomes = await apply_batch(session, [p.item for p in batch])
-        except Exception as exc:  # the database is down or refused: nothing is durable
-            self.healthy = False
-            self._metrics.ingest_errors.inc()
-            log.warning("ingest batch of %d failed, will be retried: %s", len(batch), exc)
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(IngestUnavailableError(str(exc)))
+        except Exception as exc:
+            if refused_for_its_data(exc):
+                return await self._split(batch, exc)
+            self._unavailable(batch, exc)
             return False
         self.healthy = True
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -124,6 +127,52 @@ class IngestBatcher:
             if not pending.future.done():
                 pending.future.set_result(outcome)
         return True
+
+    async def _split(self, batch: list[_Pending], exc: Exception) -> bool:
+        """The database refused this batch's data: write its halves apart (in order, so a
+        later message still follows an earlier one), down to the one message at fault."""
+        if len(batch) == 1:
+            self._set_aside(batch[0], exc)
+            return True
+        log.info("ingest batch of %d refused for its data; writing its halves apart", len(batch))
+        middle = len(batch) // 2
+        first = await self._flush(batch[:middle])
+        second = await self._flush(batch[middle:])
+        return first and second
+
+    def _set_aside(self, pending: _Pending, exc: Exception) -> None:
+        message = pending.item.message
+        detail = f"the registry database refused this message: {_first_line(exc)}"
+        log.warning("agent %s: message set aside, %s", message.agent_id, detail)
+        self._metrics.rejected.labels("unstorable").inc()
+        if not pending.future.done():
+            pending.future.set_exception(RejectedMessage("unstorable", detail))
+
+    def _unavailable(self, batch: list[_Pending], exc: Exception) -> None:
+        self.healthy = False
+        self._metrics.ingest_errors.inc()
+        log.warning("ingest batch of %d failed, will be retried: %s", len(batch), exc)
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(IngestUnavailableError(str(exc)))
+
+
+def refused_for_its_data(exc: BaseException) -> bool:
+    """Whether the database (or its driver) refused the values written, rather than being
+    unavailable: SQLSTATE classes 22 (data exception) and 23 (integrity constraint), or a
+    value the driver could not convert. Only then can one message be at fault."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    if isinstance(exc, DBAPIError):  # operational, internal, ...: the database's state
+        return False
+    if isinstance(exc, StatementError):  # raised while binding parameters
+        return isinstance(exc.orig, ValueError | TypeError | OverflowError)
+    return isinstance(exc, ValueError | TypeError | OverflowError)  # encoding the document
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class IngestUnavailableError(RuntimeError):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Self
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -36,9 +37,14 @@ GpuGigabytes = Annotated[float, Field(ge=0, le=limits.GPU_GB_MAX)]
 Percent = Annotated[float, Field(ge=0, le=limits.PERCENT_MAX)]
 Load = Annotated[float, Field(ge=0, le=limits.LOAD_MAX)]
 Cores = Annotated[int, Field(ge=0, le=limits.CORES_MAX)]
-ShortText = Annotated[str, Field(min_length=1, max_length=limits.TEXT_MAX_CHARS)]
+# Every string on the wire: no NUL, control or bidi-override character (limits.TEXT_PATTERN).
+SafeText = Annotated[str, Field(pattern=limits.TEXT_PATTERN)]
+ShortText = Annotated[SafeText, Field(min_length=1, max_length=limits.TEXT_MAX_CHARS)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")]
-LabelValue = Annotated[str, Field(max_length=limits.TEXT_MAX_CHARS)]
+LabelValue = Annotated[SafeText, Field(max_length=limits.TEXT_MAX_CHARS)]
+Tag = Annotated[SafeText, Field(max_length=128)]
+# Stored in UTC: PostgreSQL refuses the offsets past +-15:59 that ISO 8601 allows.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(limits.utc)]
 
 
 class _Strict(BaseModel):
@@ -51,7 +57,7 @@ class GpuInfo(_Strict):
     """One GPU as the agent read it. `None` means the driver did not say."""
 
     index: Annotated[int, Field(ge=0, le=limits.GPU_INDEX_MAX)]
-    uuid: Annotated[str, Field(max_length=limits.GPU_UUID_MAX_CHARS)] | None = None
+    uuid: Annotated[SafeText, Field(max_length=limits.GPU_UUID_MAX_CHARS)] | None = None
     name: ShortText | None = None
     vendor: GpuVendor
     vram_total_gb: GpuGigabytes | None = None
@@ -113,16 +119,14 @@ class AgentMessage(_Strict):
     agent_id: UUID
     boot_id: UUID
     seq: Annotated[int, Field(ge=0, le=2**62)]
-    sent_at: AwareDatetime
+    sent_at: UtcDatetime
     name: ShortText
-    agent_type: Annotated[str, Field(min_length=1, max_length=64)] = "desktop"
-    pool_name: Annotated[str, Field(min_length=1, max_length=128)] = "desktop_pool_1"
-    agent_version: Annotated[str, Field(max_length=64)] | None = None
+    agent_type: Annotated[SafeText, Field(min_length=1, max_length=64)] = "desktop"
+    pool_name: Annotated[SafeText, Field(min_length=1, max_length=128)] = "desktop_pool_1"
+    agent_version: Annotated[SafeText, Field(max_length=64)] | None = None
     labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] = {}
-    capabilities: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] = []
-    specializations: Annotated[
-        list[Annotated[str, Field(max_length=128)]], Field(max_length=64)
-    ] = []
+    capabilities: Annotated[list[Tag], Field(max_length=64)] = []
+    specializations: Annotated[list[Tag], Field(max_length=64)] = []
     resources: Resources | None = None
 
     @model_validator(mode="after")

@@ -8,7 +8,9 @@ hardware, tight enough to refuse nonsense (10^9 GPUs, 1e300 GB).
 
 from __future__ import annotations
 
-from collections.abc import Sized
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 SCHEMA_VERSION = 1
@@ -31,6 +33,45 @@ GPUS_MAX = 64
 PROBE_ERRORS_MAX = 32
 COLLECTION_MS_MAX = 600_000.0
 SLACK = 1e-6  # float sums may overshoot a total by rounding
+# An aggregate is a sum of per-GPU numbers each rounded to the MB by the agent.
+AGGREGATE_SLACK_GB = 0.001
+
+# Characters no text on the wire may hold. NUL: PostgreSQL's text and jsonb refuse it, so
+# one such string failed the write of a whole ingest batch. The other C0 and C1 controls:
+# an escape sequence reaches an operator's terminal, a newline forges a table row. The
+# bidirectional embeddings, overrides and isolates: a name that reorders the text around
+# it. (Lone surrogates, the other thing a database cannot store, are refused by the JSON
+# parser and by UTF-8 encoding.)
+FORBIDDEN_CHARS = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+TEXT_PATTERN = f"^[^{FORBIDDEN_CHARS}]*$"
+_FORBIDDEN = re.compile(f"[{FORBIDDEN_CHARS}]")
+
+
+def check_text(name: str, value: str | None, max_chars: int) -> None:
+    """`ValueError` unless `value` (when given) is 1 to `max_chars` storable characters."""
+    if value is None:
+        return
+    if not 0 < len(value) <= max_chars:
+        raise ValueError(f"{name}: must be 1 to {max_chars} characters")
+    if _FORBIDDEN.search(value):
+        raise ValueError(f"{name}: control or bidirectional-override characters are refused")
+
+
+def clean_text(value: str) -> str:
+    """`value` with every forbidden character replaced by a space (driver and OS text the
+    agent passes on: a GPU's name, a probe's error)."""
+    return _FORBIDDEN.sub(" ", value)
+
+
+def utc(at: datetime) -> datetime:
+    """An aware time in UTC, or `ValueError`. PostgreSQL refuses UTC offsets past +-15:59
+    (Python allows +-23:59), and a time near year 1 or 9999 may leave Python's range."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("a time zone is required")
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
 
 
 def check_not_above(free: float | None, total: float | None, what: str) -> None:
@@ -56,7 +97,20 @@ class ResourceTotals(Protocol):
     @property
     def gpu_count(self) -> int: ...
     @property
-    def gpus(self) -> Sized: ...
+    def gpu_type(self) -> str: ...
+    @property
+    def gpus(self) -> Sequence[GpuTotals]: ...
+
+
+class GpuTotals(Protocol):
+    """What the aggregates are checked against: one GPU of either side."""
+
+    @property
+    def vendor(self) -> GpuVendor: ...
+    @property
+    def vram_total_gb(self) -> float | None: ...
+    @property
+    def vram_free_gb(self) -> float | None: ...
 
 
 def check_resources(r: ResourceTotals) -> None:
@@ -66,6 +120,44 @@ def check_resources(r: ResourceTotals) -> None:
     check_not_above(r.gpu_vram_available_max_gb, r.gpu_vram_available_gb, "gpu_vram_available_max")
     if r.gpu_count != len(r.gpus):
         raise ValueError(f"gpu_count ({r.gpu_count}) != number of gpus ({len(r.gpus)})")
+    _check_aggregates(r)
+
+
+def gpu_type_of(vendors: set[GpuVendor]) -> GpuType:
+    """A desktop's `gpu_type`: its GPUs' one vendor, "mixed", or "none"."""
+    if not vendors:
+        return "none"
+    return next(iter(vendors)) if len(vendors) == 1 else "mixed"
+
+
+def _check_aggregates(r: ResourceTotals) -> None:
+    """The sums must be the sums of the per-GPU list, as the agent builds them
+    (`chiffon.agent.probes.collect.gpu_aggregates`): a hostile agent sending `gpus: []`
+    with 10^6 GB free ranked first for every capacity query."""
+    if r.gpu_type != gpu_type_of({g.vendor for g in r.gpus}):
+        raise ValueError(f"gpu_type {r.gpu_type!r} does not match the GPUs' vendors")
+    if not r.gpus:  # none found: 0, or unknown when a GPU backend failed
+        for what in ("gpu_vram_total_gb", "gpu_vram_available_gb", "gpu_vram_available_max_gb"):
+            if getattr(r, what) not in (None, 0):
+                raise ValueError(f"{what} is {getattr(r, what)} with no GPU listed")
+        return
+    known = [g for g in r.gpus if g.vram_total_gb is not None]
+    free = [g.vram_free_gb for g in known if g.vram_free_gb is not None]
+    _check_sum("gpu_vram_total_gb", r.gpu_vram_total_gb, [g.vram_total_gb or 0.0 for g in known])
+    _check_sum("gpu_vram_available_gb", r.gpu_vram_available_gb, free)
+    _check_sum("gpu_vram_available_max_gb", r.gpu_vram_available_max_gb, free, largest=True)
+
+
+def _check_sum(
+    what: str, stated: float | None, parts: Sequence[float], *, largest: bool = False
+) -> None:
+    if not parts:
+        if stated is not None:
+            raise ValueError(f"{what} is {stated} but no GPU's VRAM is known")
+        return
+    expected = max(parts) if largest else sum(parts)
+    if stated is None or abs(stated - expected) > AGGREGATE_SLACK_GB * len(parts) + SLACK:
+        raise ValueError(f"{what} is {stated}, the GPUs say {round(expected, 3)}")
 
 
 class RejectedMessage(ValueError):

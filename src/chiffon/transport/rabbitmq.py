@@ -630,9 +630,13 @@ class RabbitConsumer:
                 self._spawn(self._nack(message))
 
     def _committed(self, message: Delivery, done: asyncio.Future[Any]) -> None:
-        """Ack after the commit; requeue when the write failed (not durable)."""
+        """Ack after the commit; requeue when the write failed (not durable); set aside a
+        message the database refused (counted by the batcher as "unstorable")."""
         self._in_flight.discard(done)
         error = None if done.cancelled() else done.exception()
+        if isinstance(error, RejectedMessage):  # refused by the database for its values
+            self._spawn(self._reject(message, error.reason, error.detail))
+            return
         if done.cancelled() or error is not None:
             self._spawn(self._requeue(message, error or asyncio.CancelledError()))
             return

@@ -23,13 +23,18 @@ from chiffon.agent.probes.nvidia_smi import NvidiaSmiProbe
 from chiffon.agent.probes.nvml import NvmlProbe, NvmlUnavailable
 from chiffon.agent.probes.pci import PciProbe
 from chiffon.agent.report import GpuReading, Snapshot
-from chiffon.schemas.limits import GpuType
+from chiffon.schemas.limits import clean_text, gpu_type_of
 
 log = logging.getLogger(__name__)
 
 # Extra wait for a killed nvidia-smi to report its own timeout before we give up on it.
 SUBPROCESS_GRACE_SECONDS = 0.25
 MAX_ERROR_CHARS = 255
+
+
+def _error(exc: object) -> str:
+    """A probe's error as `probe_errors` carries it: the driver's text, controls blanked."""
+    return clean_text(str(exc))[:MAX_ERROR_CHARS]
 
 
 class GpuProbe(Protocol):
@@ -123,13 +128,6 @@ class _Renamed:
         self._probe.close()
 
 
-def gpu_type(gpus: Sequence[GpuReading]) -> GpuType:
-    vendors = {g.vendor for g in gpus}
-    if not vendors:
-        return "none"
-    return vendors.pop() if len(vendors) == 1 else "mixed"
-
-
 def gpu_aggregates(gpus: Sequence[GpuReading], *, failed: bool) -> dict[str, Any]:
     """The seeds' sums over GPUs whose VRAM was read, plus the largest free single GPU.
 
@@ -142,7 +140,7 @@ def gpu_aggregates(gpus: Sequence[GpuReading], *, failed: bool) -> dict[str, Any
     return {
         "gpus": list(gpus),
         "gpu_count": len(gpus),
-        "gpu_type": gpu_type(gpus),
+        "gpu_type": gpu_type_of({g.vendor for g in gpus}),
         "gpu_vram_total_gb": (
             round(sum(g.vram_total_gb or 0.0 for g in known), 3) if known else absent
         ),
@@ -164,21 +162,21 @@ class Collector:
             try:
                 calls[probe.name] = (probe, probe.start())
             except ProbeError as exc:
-                errors[probe.name] = str(exc)[:MAX_ERROR_CHARS]
+                errors[probe.name] = _error(exc)
         deadline = time.monotonic() + self.timeout_seconds + SUBPROCESS_GRACE_SECONDS
         gpus: list[GpuReading] = []
         for name, (probe, call) in calls.items():
             try:
                 gpus.extend(probe.finish(call, deadline))
             except ProbeError as exc:
-                errors[name] = str(exc)[:MAX_ERROR_CHARS]
+                errors[name] = _error(exc)
         return gpus
 
     def _host(self, errors: dict[str, str]) -> dict[str, Any]:
         try:
             reading = read_host()
         except Exception as exc:  # psutil raising on an odd platform: unknown, not fatal
-            errors["host"] = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            errors["host"] = _error(f"{type(exc).__name__}: {exc}")
             return {}
         return asdict(reading)
 

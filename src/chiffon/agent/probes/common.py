@@ -37,8 +37,8 @@ def make_gpu(
         return GpuReading(
             index=index,
             vendor=vendor,
-            name=name.strip()[: limits.TEXT_MAX_CHARS] or None if name else None,
-            uuid=uuid.strip()[: limits.GPU_UUID_MAX_CHARS] or None if uuid else None,
+            name=_text(name, limits.TEXT_MAX_CHARS),
+            uuid=_text(uuid, limits.GPU_UUID_MAX_CHARS),
             vram_total_gb=gb(vram_total_bytes),
             vram_free_gb=gb(vram_free_bytes),
             utilization_percent=utilization_percent,
@@ -46,6 +46,11 @@ def make_gpu(
         )
     except ValueError as exc:
         raise ProbeError(f"gpu {index}: implausible driver answer: {exc}") from None
+
+
+def _text(value: str | None, max_chars: int) -> str | None:
+    """A driver's string as the wire takes it: controls blanked, trimmed, bounded."""
+    return limits.clean_text(value).strip()[:max_chars] or None if value else None
 
 
 def read_text(path: Path) -> str | None:
