@@ -14,7 +14,7 @@ from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas.heartbeat import Resources
 from tests import factories as f
-from tests.auth import API_HEADERS, bearer, issue
+from tests.auth import API_HEADERS, ENROLL_TOKEN, bearer, issue
 
 GPU_RICH = uuid.UUID("00000000-0000-0000-0000-000000000001")
 MODERATE = uuid.UUID("00000000-0000-0000-0000-000000000002")
@@ -237,19 +237,63 @@ async def test_http_ingest_refuses_bad_bodies_and_counts_them(
     api: httpx.AsyncClient, orchestrator: Orchestrator
 ) -> None:
     agent = uuid.uuid4()
+    auth = bearer(await issue(orchestrator, agent))
     url = f"/api/v1/agents/{agent}/heartbeat"
-    too_big = await api.post(url, content=b"{" + b" " * 70_000 + b"}")
+    too_big = await api.post(url, content=b"{" + b" " * 70_000 + b"}", headers=auth)
     assert too_big.status_code == 413
-    broken = await api.post(url, content=b"{not json")
+    broken = await api.post(url, content=b"{not json", headers=auth)
     assert broken.status_code == 422 and broken.json()["detail"].startswith("malformed_json")
     other = f.message(uuid.uuid4())
-    assert (await api.post(url, content=f.raw(other))).status_code == 422
+    assert (await api.post(url, content=f.raw(other), headers=auth)).status_code == 422
     nan = f.raw(f.message(agent)).replace(b'"cpu_load_1min":1.0', b'"cpu_load_1min":NaN')
-    assert (await api.post(url, content=nan)).status_code == 422
+    assert (await api.post(url, content=nan, headers=auth)).status_code == 422
     assert (await api.get(f"/api/v1/agents/{agent}")).status_code == 404
     metrics = (await api.get("/metrics")).text
+    assert 'chiffon_messages_rejected_total{reason="too_large"} 1.0' in metrics
     assert 'chiffon_messages_rejected_total{reason="malformed_json"} 1.0' in metrics
     assert 'chiffon_messages_rejected_total{reason="path_mismatch"} 1.0' in metrics
+
+
+async def test_a_strangers_body_is_never_read_and_no_body_is_read_past_the_limit(
+    api: httpx.AsyncClient, orchestrator: Orchestrator
+) -> None:
+    """The credential is checked before the body, and every route refuses a body over the
+    limit, declared or chunked, before reading it whole."""
+    read: list[int] = []
+
+    async def endless() -> AsyncIterator[bytes]:  # chunked: no Content-Length
+        for _ in range(1000):
+            read.append(1)
+            yield b" " * 65_536
+
+    anonymous = {"authorization": "Bearer nobody"}
+    agent = uuid.uuid4()
+    stranger = await api.post(
+        f"/api/v1/agents/{agent}/heartbeat", content=endless(), headers=anonymous
+    )
+    assert stranger.status_code == 401
+    assert len(read) <= 1  # refused before its body was read
+    enroll = await api.post("/api/v1/enroll", content=endless(), headers=anonymous)
+    assert enroll.status_code == 401
+    assert len(read) <= 2
+    read.clear()
+    # with the right token, the body is read only up to the limit (64 KiB: two chunks)
+    big = await api.post(
+        "/api/v1/enroll", content=endless(), headers={"authorization": f"Bearer {ENROLL_TOKEN}"}
+    )
+    assert big.status_code == 413 and "limit" in big.json()["detail"]
+    assert len(read) <= 3
+    declared = await api.post(
+        "/api/v1/enroll",
+        content=b"x" * 300_000,
+        headers={"authorization": f"Bearer {ENROLL_TOKEN}"},
+    )
+    assert declared.status_code == 413
+    for route in ("/api/v1/agents", "/metrics", "/"):  # routes that take no body at all
+        resp = await api.post(route, content=b"x" * 300_000)
+        assert resp.status_code == 413, route
+    metrics = (await api.get("/metrics")).text
+    assert 'chiffon_messages_rejected_total{reason="too_large"} 5.0' in metrics
 
 
 @pytest.mark.usefixtures("three_agents")

@@ -147,7 +147,7 @@ async def test_http_publisher_delivers_and_reports_refusals(orchestrator_url: st
         await publisher.publish(good)
         assert any(a["agent_id"] == str(good.agent_id) for a in agents(orchestrator_url))
         with pytest.raises(TransportError, match=r"HTTP 422: invalid: seq"):
-            await publisher.publish(message(seq=-1))  # model_copy skips validation
+            await publisher.publish(message(agent_id=good.agent_id, seq=-1))  # unvalidated copy
         with pytest.raises(TransportError, match=r"HTTP 401: not_enrolled"):
             await publisher.publish(message(agent_id=uuid.uuid4()))  # not its own agent
     finally:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from chiffon import __version__
 from chiffon.api import routes_agents, routes_fleet, routes_ingest
 from chiffon.api.auth import ApiTokenDep
+from chiffon.api.body_limit import BodyLimit
 from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.service import Orchestrator
 
@@ -72,6 +73,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.orchestrator = orchestrator
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=orchestrator.settings.max_message_bytes,
+        on_refused=lambda: orchestrator.reject("too_large"),
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _database_refused_value)
     app.add_exception_handler(OperationalError, _database_down)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from pydantic import ValidationError
 
 from chiffon.api.auth import EnrollTokenDep, bearer_token, unauthorized
 from chiffon.api.deps import AgentIdDep, OrchestratorDep
@@ -26,27 +27,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 before parsing when it is over `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body is {declared} bytes, limit {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _ingest(
     kind: MessageKind, agent_id: AgentIdDep, request: Request, orchestrator: OrchestratorDep
 ) -> IngestResult:
-    raw = await read_capped(request, orchestrator.settings.max_message_bytes)
+    # The credential first (the path names the agent): a stranger's body is never read.
+    # The app's `BodyLimit` bounds what is read after.
     try:
-        message = orchestrator.parse(raw)
+        await orchestrator.authenticate_bearer(agent_id, bearer_token(request))
+    except RejectedMessage as exc:
+        raise unauthorized(f"{exc.reason}: {exc.detail}") from None
+    try:
+        message = orchestrator.parse(await request.body())
     except RejectedMessage as exc:
         raise HTTPException(422, f"{exc.reason}: {exc.detail}") from None
     if message.agent_id != agent_id or message.kind != kind:
@@ -57,7 +48,7 @@ async def _ingest(
             f"the path a {kind} of {agent_id}",
         )
     try:
-        await orchestrator.authenticate(message, raw, bearer=bearer_token(request) or "")
+        orchestrator.check_window(message)
     except RejectedMessage as exc:
         raise unauthorized(f"{exc.reason}: {exc.detail}") from None
     try:
@@ -98,15 +89,27 @@ async def goodbye(
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
-    responses={code: {"model": ErrorDetail} for code in (401, 409, 422, 503)},
+    responses={code: {"model": ErrorDetail} for code in (401, 409, 413, 422, 503)},
     dependencies=[EnrollTokenDep],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": EnrollRequest.model_json_schema()}},
+        }
+    },
 )
-async def enroll(body: EnrollRequest, orchestrator: OrchestratorDep) -> EnrollResponse:
+async def enroll(request: Request, orchestrator: OrchestratorDep) -> EnrollResponse:
     """A new agent's secret, in exchange for the enrollment token (`CHIFFON_ENROLL_TOKEN`).
 
     Once per agent: an agent that holds a credential must be revoked first
     (`chiffon agents revoke AGENT_ID`), so no one can take over another agent's identity.
+    The body is read only after the token is checked (a body parameter would be read
+    first).
     """
+    try:
+        body = EnrollRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise HTTPException(422, "; ".join(_problems(exc))) from None
     try:
         credential = await orchestrator.credentials.issue(body.agent_id)
     except AlreadyEnrolledError:
@@ -116,3 +119,10 @@ async def enroll(body: EnrollRequest, orchestrator: OrchestratorDep) -> EnrollRe
             f"`chiffon agents revoke {body.agent_id}` first",
         ) from None
     return EnrollResponse(agent_id=credential.agent_id, secret=credential.secret)
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    return [
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+        for e in exc.errors(include_url=False)
+    ]

@@ -7,6 +7,7 @@ import logging
 import secrets
 from contextlib import suppress
 from datetime import timedelta
+from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -142,6 +143,23 @@ class Orchestrator:
                 await self.credentials.check_bearer(message.agent_id, bearer)
             else:
                 await self.credentials.check_signature(message.agent_id, raw, signature)
+        except RejectedMessage as exc:
+            self.reject(exc.reason)
+            raise
+
+    async def authenticate_bearer(self, agent_id: UUID, bearer: str | None) -> None:
+        """Refuse (`RejectedMessage`, counted) a bearer that is not `agent_id`'s secret:
+        checked before the HTTP body is read."""
+        try:
+            await self.credentials.check_bearer(agent_id, bearer)
+        except RejectedMessage as exc:
+            self.reject(exc.reason)
+            raise
+
+    def check_window(self, message: AgentMessage) -> None:
+        """Refuse (`RejectedMessage`, counted) a `sent_at` outside the replay window."""
+        try:
+            self._check_window(message)
         except RejectedMessage as exc:
             self.reject(exc.reason)
             raise
