@@ -152,6 +152,73 @@ def test_nvidia_smi_hang_is_killed_at_the_timeout(fake_smi_dir: Path) -> None:
         os.kill(pid, 0)  # killed and reaped, not left behind
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_nvidia_smi_streaming_forever_is_cut_at_the_bound_and_killed(fake_smi_dir: Path) -> None:
+    pid_file = install(fake_smi_dir, rows=[gpu_row(0)], stream_forever=True)
+    collector = Collector([NvidiaSmiProbe(timeout_seconds=5)], timeout_seconds=5)
+    started = time.monotonic()
+    res = collector.collect()
+    assert time.monotonic() - started < 4.0  # the bound, not the timeout, stopped it
+    assert res.probe_errors["nvidia-smi"] == "nvidia-smi wrote more than 65536 bytes (killed)"
+    assert res.gpus == []
+    assert _gone(int(pid_file.read_text()))
+
+
+def test_a_wrapper_killed_at_the_timeout_takes_its_children_with_it(
+    fake_smi_dir: Path, tmp_path: Path
+) -> None:
+    child_pid_file = tmp_path / "child.pid"
+    install(fake_smi_dir, rows=[gpu_row(0)], hang_seconds=30, child_pid_file=child_pid_file)
+    res = Collector([NvidiaSmiProbe(timeout_seconds=1)], timeout_seconds=1).collect()
+    assert "timed out after 1 s (killed)" in res.probe_errors["nvidia-smi"]
+    child = int(child_pid_file.read_text())
+    deadline = time.monotonic() + 2
+    while not _gone(child):  # SIGKILLed with its group; reaped by init
+        assert time.monotonic() < deadline, f"child {child} of the wrapper survived"
+        time.sleep(0.05)
+
+
+def test_one_implausible_nvidia_smi_row_keeps_the_valid_gpu(fake_smi_dir: Path) -> None:
+    install(
+        fake_smi_dir,
+        rows=[gpu_row(0, total_mib="8192", free_mib="99999"), gpu_row(1, free_mib="10000")],
+    )
+    res = Collector([NvidiaSmiProbe(timeout_seconds=5)], timeout_seconds=5).collect()
+    assert (res.gpu_count, res.gpu_type) == (2, "nvidia")
+    assert [g.vram_free_gb for g in res.gpus] == [None, 10.486]
+    assert res.gpu_vram_available_gb == 10.486
+    assert "gpu 0: implausible driver answer" in res.probe_errors["nvidia-smi"]
+    Resources.model_validate(res.as_json())  # and the wire takes it
+
+
+def test_one_failing_nvml_call_loses_only_its_own_number() -> None:
+    fake_pynvml.reset(
+        [
+            FakeGpu(failing={"nvmlDeviceGetTemperature": "Function Not Found"}),
+            FakeGpu(failing={"nvmlDeviceGetHandleByIndex": "GPU is lost"}),
+            FakeGpu(failing={"nvmlDeviceGetUtilizationRates": "Unknown Error"}, free_bytes=GIB),
+        ]
+    )
+    res = nvidia_only(NvmlProbe(fake_pynvml)).collect()
+    gpu0, gpu1, gpu2 = res.gpus
+    assert (gpu0.vram_free_gb, gpu0.utilization_percent, gpu0.temperature_c) == (21.475, 7.0, None)
+    assert (gpu1.vram_total_gb, gpu1.vram_free_gb) == (None, None)  # lost: counted, unknown
+    assert (gpu2.vram_free_gb, gpu2.utilization_percent, gpu2.temperature_c) == (1.074, None, 41.0)
+    assert (res.gpu_count, res.gpu_vram_available_gb) == (3, 22.549)
+    error = res.probe_errors["nvidia"]
+    assert "gpu 0 nvmlDeviceGetTemperature: Function Not Found" in error
+    assert "gpu 1 nvmlDeviceGetHandleByIndex: GPU is lost" in error
+    assert "gpu 2 nvmlDeviceGetUtilizationRates: Unknown Error" in error
+    Resources.model_validate(res.as_json())
+
+
 def test_nvidia_smi_failure_is_named(fake_smi_dir: Path) -> None:
     install(
         fake_smi_dir,

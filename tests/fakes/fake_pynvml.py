@@ -31,6 +31,12 @@ class FakeGpu:
     free_bytes: int = 20 * 1024**3
     utilization: int | None = 7  # None: not supported on this card
     temperature: int | None = 41
+    failing: dict[str, str] = field(default_factory=dict)  # NVML function -> its NVMLError
+
+
+def _fail(handle: FakeGpu, function: str) -> None:
+    if function in handle.failing:
+        raise NVMLError(handle.failing[function])
 
 
 @dataclass
@@ -66,6 +72,7 @@ def nvmlDeviceGetCount() -> int:
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> FakeGpu:
+    _fail(state.gpus[index], "nvmlDeviceGetHandleByIndex")
     return state.gpus[index]
 
 
@@ -79,6 +86,7 @@ def nvmlDeviceGetUUID(handle: FakeGpu) -> bytes:
 
 def nvmlDeviceGetMemoryInfo(handle: FakeGpu) -> Any:
     state.memory_calls += 1
+    _fail(handle, "nvmlDeviceGetMemoryInfo")
     if state.hang is not None:
         state.hang.wait()
     used = handle.total_bytes - handle.free_bytes
@@ -86,12 +94,14 @@ def nvmlDeviceGetMemoryInfo(handle: FakeGpu) -> Any:
 
 
 def nvmlDeviceGetUtilizationRates(handle: FakeGpu) -> Any:
+    _fail(handle, "nvmlDeviceGetUtilizationRates")
     if handle.utilization is None:
         raise NVMLError_NotSupported("Not Supported")
     return SimpleNamespace(gpu=handle.utilization, memory=0)
 
 
 def nvmlDeviceGetTemperature(handle: FakeGpu, sensor: int) -> int:
+    _fail(handle, "nvmlDeviceGetTemperature")
     if handle.temperature is None:
         raise NVMLError_NotSupported("Not Supported")
     return handle.temperature

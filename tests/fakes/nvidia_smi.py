@@ -16,6 +16,14 @@ query = [a for a in sys.argv[1:] if a.startswith("--query-gpu=")]
 if not query or "--format=csv,noheader,nounits" not in sys.argv:
     print("fake nvidia-smi: unexpected arguments", sys.argv[1:], file=sys.stderr)
     sys.exit(2)
+if spec["child_pid_file"]:  # a wrapper: its child keeps running unless its group is killed
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open(spec["child_pid_file"], "w").write(str(child.pid))
+if spec["stream_forever"]:
+    line = (", ".join(spec["rows"][0]) if spec["rows"] else "x" * 100) + chr(10)
+    while True:
+        sys.stdout.write(line * 100)
 if spec["hang_seconds"]:
     time.sleep(spec["hang_seconds"])
 if spec["exit_code"]:
@@ -46,6 +54,8 @@ def install(
     hang_seconds: float = 0,
     exit_code: int = 0,
     stderr: str = "",
+    stream_forever: bool = False,
+    child_pid_file: Path | None = None,
 ) -> Path:
     """Write `bin_dir/nvidia-smi`; returns the file where each run writes its pid."""
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +68,8 @@ def install(
                 "hang_seconds": hang_seconds,
                 "exit_code": exit_code,
                 "stderr": stderr,
+                "stream_forever": stream_forever,
+                "child_pid_file": str(child_pid_file) if child_pid_file else "",
             }
         )
     )

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from chiffon.agent.bounded import BackgroundCall
 from chiffon.agent.probes.amd import AmdSmiProbe, AmdSysfsProbe
-from chiffon.agent.probes.common import ProbeError
+from chiffon.agent.probes.common import PartialRead, ProbeError
 from chiffon.agent.probes.host import read_host
 from chiffon.agent.probes.nvidia_smi import NvidiaSmiProbe
 from chiffon.agent.probes.nvml import NvmlProbe, NvmlUnavailable
@@ -168,6 +168,9 @@ class Collector:
         for name, (probe, call) in calls.items():
             try:
                 gpus.extend(probe.finish(call, deadline))
+            except PartialRead as exc:  # what was read counts; what failed is named
+                gpus.extend(exc.gpus)
+                errors[name] = _error(exc)
             except ProbeError as exc:
                 errors[name] = _error(exc)
         return gpus

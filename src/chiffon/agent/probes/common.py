@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from chiffon.agent.report import GpuReading
 from chiffon.schemas import limits
@@ -14,6 +15,31 @@ BYTES_PER_MIB = 1024 * 1024
 
 class ProbeError(RuntimeError):
     """A probe that could not read what it should have; named in `probe_errors`."""
+
+
+class PartialRead(ProbeError):
+    """Part of a read failed (one GPU, or one number of one GPU): `gpus` holds what was
+    read, with `None` where a number failed, and the message names each failure. One
+    failing call never costs the readings of healthy GPUs."""
+
+    def __init__(self, gpus: list[GpuReading], problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.gpus = gpus
+
+
+def gpu_or_bare(problems: list[str], **reading: Any) -> GpuReading:
+    """`make_gpu(**reading)`, or, when the driver's numbers are implausible, the GPU with
+    its numbers unknown (it exists: it still counts) and the reason added to `problems`."""
+    try:
+        return make_gpu(**reading)
+    except ProbeError as exc:
+        problems.append(str(exc))
+        return make_gpu(
+            index=reading["index"],
+            vendor=reading["vendor"],
+            name=reading.get("name"),
+            uuid=reading.get("uuid"),
+        )
 
 
 def gb(num_bytes: float | None) -> float | None:

@@ -1,7 +1,9 @@
 """NVIDIA GPUs through `nvidia-smi` when NVML is not usable: one bounded subprocess a pass.
 
 Fields such as `[N/A]` or `[Not Supported]` are unknown, never zero. A run past its
-timeout is killed (subprocess.run kills the child before raising).
+timeout, or one writing more than `MAX_OUTPUT_BYTES`, is killed with its whole process group
+(`chiffon.agent.bounded.run_bounded`). One row nvidia-smi answers implausibly is named in
+`probe_errors` and the other GPUs are kept.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ import csv
 import shutil
 import subprocess
 
-from chiffon.agent.probes.common import BYTES_PER_MIB, ProbeError, make_gpu
+from chiffon.agent.bounded import OutputTooLarge, run_bounded
+from chiffon.agent.probes.common import BYTES_PER_MIB, PartialRead, ProbeError, gpu_or_bare
 from chiffon.agent.report import GpuReading
+
+# 64 GPUs (the wire's limit) at about 150 bytes a row is 10 KB; a little room for warnings.
+MAX_OUTPUT_BYTES = 64 * 1024
 
 QUERY_FIELDS = (
     "index",
@@ -55,14 +61,21 @@ def _mib(value: str) -> float | None:
 
 
 def parse(output: str) -> list[GpuReading]:
-    """`--format=csv,noheader,nounits` lines, in `QUERY_FIELDS` order, to GPUs."""
+    """`--format=csv,noheader,nounits` lines, in `QUERY_FIELDS` order, to GPUs.
+
+    A row that cannot be read, or reads implausibly, is named in a `PartialRead` beside the
+    GPUs that could: one bad row never hides a good one.
+    """
     gpus: list[GpuReading] = []
+    problems: list[str] = []
     for row in csv.reader(line for line in output.splitlines() if line.strip()):
         if len(row) != len(QUERY_FIELDS):
-            raise ProbeError(f"nvidia-smi: expected {len(QUERY_FIELDS)} fields, got {row!r}")
+            problems.append(f"expected {len(QUERY_FIELDS)} fields, got {len(row)}")
+            continue
         index = _number(row[0])
         gpus.append(
-            make_gpu(
+            gpu_or_bare(
+                problems,
                 index=len(gpus) if index is None else int(index),
                 vendor="nvidia",
                 uuid=_field(row[1]),
@@ -73,6 +86,8 @@ def parse(output: str) -> list[GpuReading]:
                 temperature_c=_number(row[6]),
             )
         )
+    if problems:
+        raise PartialRead(gpus, [f"nvidia-smi: {p}" for p in problems])
     return gpus
 
 
@@ -91,25 +106,26 @@ class NvidiaSmiProbe:
         if path is None:
             return []
         try:
-            done = subprocess.run(
+            done = run_bounded(
                 command(path),
-                capture_output=True,
-                text=True,
-                timeout=self.timeout_seconds,
-                check=False,
+                timeout_seconds=self.timeout_seconds,
+                max_output_bytes=MAX_OUTPUT_BYTES,
             )
         except subprocess.TimeoutExpired:
             raise ProbeError(
                 f"nvidia-smi timed out after {self.timeout_seconds:g} s (killed)"
             ) from None
+        except OutputTooLarge as exc:
+            raise ProbeError(f"nvidia-smi {exc} (killed)") from None
         except OSError as exc:
             raise ProbeError(f"nvidia-smi could not run: {exc}") from None
+        stdout = done.stdout.decode(errors="replace")
         if done.returncode != 0:
-            said = (done.stderr or done.stdout).strip().splitlines()
+            said = (done.stderr.decode(errors="replace") or stdout).strip().splitlines()
             raise ProbeError(
                 f"nvidia-smi exited {done.returncode}: {said[0] if said else 'no output'}"
             )
-        return parse(done.stdout)
+        return parse(stdout)
 
     def close(self) -> None:
         pass

@@ -2,7 +2,8 @@
 
 NVML is initialised once and kept for the life of the agent: an init per heartbeat costs
 milliseconds and churns driver state. Static facts (name, UUID) are read once per device.
-Every query goes through `_query`, which turns "not supported" into `None`.
+Every query goes through `_query`, which turns "not supported" into `None`; a failing call
+of one GPU makes only that number unknown (`PartialRead`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from chiffon.agent.probes.common import ProbeError, make_gpu
+from chiffon.agent.probes.common import PartialRead, ProbeError, gpu_or_bare
 from chiffon.agent.report import GpuReading
 
 
@@ -61,12 +62,23 @@ class NvmlProbe:
         except nvml.NVMLError as exc:
             raise ProbeError(f"{fn.__name__}: {exc}") from None
 
-    def _device(self, index: int) -> tuple[Any, str | None, str | None]:
+    def _field(self, problems: list[str], index: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """One NVML call of one GPU whose failure (`GPU is lost`, `FunctionNotFound` on a
+        driver/library mismatch) makes that number unknown and nothing else."""
+        try:
+            return self._query(fn, *args)
+        except ProbeError as exc:
+            problems.append(f"gpu {index} {exc}")
+            return None
+
+    def _device(self, index: int, problems: list[str]) -> tuple[Any, str | None, str | None]:
         if index not in self._static:
             nvml = self._load()
-            handle = self._query(nvml.nvmlDeviceGetHandleByIndex, index)
-            name = self._query(nvml.nvmlDeviceGetName, handle)
-            uuid = self._query(nvml.nvmlDeviceGetUUID, handle)
+            handle = self._field(problems, index, nvml.nvmlDeviceGetHandleByIndex, index)
+            if handle is None:  # not cached: asked again next pass
+                return None, None, None
+            name = self._field(problems, index, nvml.nvmlDeviceGetName, handle)
+            uuid = self._field(problems, index, nvml.nvmlDeviceGetUUID, handle)
             self._static[index] = (
                 handle,
                 None if name is None else _text(name),
@@ -74,13 +86,18 @@ class NvmlProbe:
             )
         return self._static[index]
 
-    def _read_one(self, index: int) -> GpuReading:
+    def _read_one(self, index: int, problems: list[str]) -> GpuReading:
         nvml = self._load()
-        handle, name, uuid = self._device(index)
-        memory = self._query(nvml.nvmlDeviceGetMemoryInfo, handle)
-        rates = self._query(nvml.nvmlDeviceGetUtilizationRates, handle)
-        temperature = self._query(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
-        return make_gpu(
+        handle, name, uuid = self._device(index, problems)
+        if handle is None:
+            return gpu_or_bare(problems, index=index, vendor="nvidia")
+        memory = self._field(problems, index, nvml.nvmlDeviceGetMemoryInfo, handle)
+        rates = self._field(problems, index, nvml.nvmlDeviceGetUtilizationRates, handle)
+        temperature = self._field(
+            problems, index, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU
+        )
+        return gpu_or_bare(
+            problems,
             index=index,
             vendor="nvidia",
             name=name,
@@ -94,7 +111,11 @@ class NvmlProbe:
     def read(self) -> list[GpuReading]:
         nvml = self._init()
         count = self._query(nvml.nvmlDeviceGetCount) or 0
-        return [self._read_one(i) for i in range(count)]
+        problems: list[str] = []
+        gpus = [self._read_one(i, problems) for i in range(count)]
+        if problems:
+            raise PartialRead(gpus, problems)
+        return gpus
 
     def close(self) -> None:
         if self._ready and self._nvml is not None:
