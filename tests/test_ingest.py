@@ -63,12 +63,33 @@ async def test_restarted_agent_new_boot_is_accepted_by_its_send_time(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
     agent = uuid.uuid4()
-    first = f.message(agent, boot_id=uuid.uuid4(), seq=500, sent_at=clock.now())
-    after_restart = f.message(agent, boot_id=uuid.uuid4(), seq=1, sent_at=f.later(clock.now(), 30))
+    started = clock.now()
+    first = f.message(agent, boot_id=uuid.uuid4(), seq=500, sent_at=started)
     assert await orchestrator.receive(first) == "applied"
+    clock.advance(30)
+    after_restart = f.message(agent, boot_id=uuid.uuid4(), seq=1, sent_at=clock.now())
     assert await orchestrator.receive(after_restart) == "applied"
-    late_from_old_run = f.message(agent, boot_id=first.boot_id, seq=501, sent_at=clock.now())
+    late_from_old_run = f.message(agent, boot_id=first.boot_id, seq=501, sent_at=started)
     assert await orchestrator.receive(late_from_old_run) == "stale"
+
+
+async def test_a_restart_with_a_corrected_clock_is_not_stale(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """A boot whose clock ran 240 s ahead, then a restart with the clock corrected: every
+    beat of the new boot is applied (it was `stale` until real time caught up, and the agent
+    went offline while beating every 5 s)."""
+    agent = uuid.uuid4()
+    ahead = f.message(agent, boot_id=uuid.uuid4(), seq=1, sent_at=f.later(clock.now(), 240))
+    assert await orchestrator.receive(ahead) == "applied"
+    corrected = uuid.uuid4()
+    for seq in range(1, 14):  # 65 s of beats every 5 s
+        clock.advance(5)
+        beat = f.message(agent, boot_id=corrected, seq=seq, sent_at=clock.now())
+        assert await orchestrator.receive(beat) == "applied", seq
+    # a late goodbye of the old boot, sent before the restart, stays stale
+    late_bye = f.message(agent, kind="offline", boot_id=ahead.boot_id, seq=2, sent_at=ahead.sent_at)
+    assert await orchestrator.receive(late_bye) == "stale"
 
 
 async def test_goodbye_marks_offline_at_once_and_is_recorded(
@@ -173,6 +194,7 @@ async def test_every_column_of_an_upsert_reads_back_as_written(
     later = f.message(
         first.agent_id,
         seq=first.seq + 1,
+        sent_at=f.later(clock.now(), 3),  # received at +5: kept as sent
         name="desk-renamed",
         res=f.resources(gpus_free_total=[(7.5, 8.0), (0.25, 24.0)]),
     ).model_copy(update={"labels": labels})

@@ -32,17 +32,18 @@ class Received:
     received_at: datetime
 
 
-def is_newer(message: AgentMessage, last: Ordering) -> bool:
-    """Whether `message` comes after the last one applied for its agent.
+def is_newer(item: Received, last: Ordering) -> bool:
+    """Whether `item` comes after the last message applied for its agent.
 
     Within one agent run the sequence number decides, so the agent's clock cannot matter;
-    across runs (a restart), the agent's own send time does.
+    across runs (a restart), the send time does (`sent_at`: the agent's, bounded by receipt).
     """
+    message = item.message
     if last.boot_id is None or last.seq is None:
         return True
     if message.boot_id == last.boot_id:
         return message.seq > last.seq
-    return last.sent_at is None or message.sent_at > last.sent_at
+    return last.sent_at is None or sent_at(item) > last.sent_at
 
 
 def metric_columns(resources: Resources) -> dict[str, Any]:
@@ -63,11 +64,19 @@ def metric_columns(resources: Resources) -> dict[str, Any]:
     }
 
 
-def _ordering_columns(message: AgentMessage) -> dict[str, Any]:
+def sent_at(item: Received) -> datetime:
+    """The send time kept for ordering across restarts: the agent's `sent_at`, but never
+    later than this orchestrator received it. A boot whose clock ran ahead would otherwise
+    leave a `last_sent_at` in the future, and the next boot, its clock corrected, would be
+    `stale` until real time caught up, marked offline while beating."""
+    return min(item.message.sent_at, item.received_at)
+
+
+def _ordering_columns(item: Received) -> dict[str, Any]:
     return {
-        "last_boot_id": message.boot_id,
-        "last_seq": message.seq,
-        "last_sent_at": message.sent_at,
+        "last_boot_id": item.message.boot_id,
+        "last_seq": item.message.seq,
+        "last_sent_at": sent_at(item),
     }
 
 
@@ -88,7 +97,7 @@ def _heartbeat_row(item: Received) -> dict[str, Any]:
         "created_at": item.received_at,
         "updated_at": item.received_at,
         **metric_columns(msg.resources),
-        **_ordering_columns(msg),
+        **_ordering_columns(item),
     }
 
 
@@ -106,25 +115,25 @@ class _BatchPlan:
         last = self.state.get(msg.agent_id)
         if last is None and msg.kind == "offline":
             return "unknown_agent"
-        if last is not None and not is_newer(msg, last):
+        if last is not None and not is_newer(item, last):
             return "stale"
         new_status = "online" if msg.kind == "heartbeat" else "offline"
         if last is None or last.status != new_status:
             self._event(item, last, new_status)
-        self.state[msg.agent_id] = Ordering(new_status, msg.boot_id, msg.seq, msg.sent_at)
+        self.state[msg.agent_id] = Ordering(new_status, msg.boot_id, msg.seq, sent_at(item))
         if msg.kind == "heartbeat":
             self.upserts[msg.agent_id] = _heartbeat_row(item)
             self.goodbyes.pop(msg.agent_id, None)
         elif msg.agent_id in self.upserts:
             row = self.upserts[msg.agent_id]
-            row.update(status="offline", updated_at=item.received_at, **_ordering_columns(msg))
+            row.update(status="offline", updated_at=item.received_at, **_ordering_columns(item))
         else:
             self.goodbyes[msg.agent_id] = {
                 "agent_id": msg.agent_id,
                 "updated_at": item.received_at,
                 "boot_id": msg.boot_id,
                 "seq": msg.seq,
-                "sent_at": msg.sent_at,
+                "sent_at": sent_at(item),
             }
         return "applied"
 
