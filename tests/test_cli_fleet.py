@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +94,41 @@ def test_unreachable_orchestrator_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"cannot reach the orchestrator at {url}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_agent_controlled_names_are_shown_as_text_never_as_markup_or_escapes(
+    tmp_path: Path,
+) -> None:
+    """`[/]` crashed `chiffon agents` with a MarkupError (exit 1, read as "no capacity");
+    an escape sequence reached the terminal and a newline forged a row. The schema now
+    refuses the controls, so the second agent's row is written straight into the registry,
+    as one stored before that check would be."""
+    markup, forged = uuid.uuid4(), uuid.uuid4()
+    with orchestrator_process(tmp_path) as url:
+        body = f.raw(f.message(markup, name="[/]", res=f.resources(gpus_free_total=[(9.0, 9.0)])))
+        resp = httpx.post(
+            f"{url}/api/v1/agents/{markup}/heartbeat",
+            content=body,
+            headers=bearer(enroll(url, markup)),
+        )
+        assert resp.status_code == 200, resp.text
+        hostile = "\x1b[2J\x1b[31mevil\nfake-row  online"
+        body = f.raw(f.message(forged, name="placeholder"))
+        resp = httpx.post(
+            f"{url}/api/v1/agents/{forged}/heartbeat",
+            content=body,
+            headers=bearer(enroll(url, forged)),
+        )
+        assert resp.status_code == 200, resp.text
+        with sqlite3.connect(tmp_path / "chiffon.db") as db:
+            db.execute("UPDATE agent_registry SET name = ? WHERE name = 'placeholder'", (hostile,))
+        listed = run_cli("agents", "--orchestrator-url", url)
+        capacity = run_cli("capacity", "--min-gpu-vram", "1", "--orchestrator-url", url)
+    assert listed.returncode == 0, listed.stderr
+    assert "[/]" in listed.stdout and "Traceback" not in listed.stderr
+    assert "\x1b" not in listed.stdout
+    rows = [line for line in listed.stdout.splitlines() if "online" in line]
+    assert len(rows) == 2  # the newline forged no third row
+    assert any(" [2J [31mevil fake-row  online" in row for row in rows)
+    assert capacity.returncode == 0, capacity.stderr
+    assert "[/]" in capacity.stdout

@@ -7,6 +7,7 @@ Screenshots land in tests/artifacts/ for people to look at.
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -324,3 +325,51 @@ def test_the_token_in_the_fragment_is_kept_and_leaves_the_address_bar(page: obje
     expect(page.locator("#agents tbody tr")).to_have_count(len(FLEET))
     assert API_TOKEN not in page.url
     assert page.evaluate("sessionStorage.getItem('chiffon.token')") == API_TOKEN
+
+
+def test_hostile_names_neither_push_the_table_off_screen_nor_reorder_the_heading(
+    browser: object, tmp_path: Path
+) -> None:
+    """A 255-character unbroken name wraps inside its column; a right-to-left override in a
+    name (stored before the schema refused it: written straight into the registry here)
+    is isolated, so the status badge stays after the name. The page also comes with a
+    Content-Security-Policy and X-Frame-Options, and runs under them."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    long_id, rtl_id = uuid.uuid4(), uuid.uuid4()
+    with orchestrator_process(tmp_path) as url:
+        for agent, name in ((long_id, "W" * 255), (rtl_id, "placeholder")):
+            resp = httpx.post(
+                f"{url}/api/v1/agents/{agent}/heartbeat",
+                content=f.raw(f.message(agent, name=name)),
+                headers=bearer(enroll(url, agent)),
+            )
+            assert resp.status_code == 200, resp.text
+        with sqlite3.connect(tmp_path / "chiffon.db") as db:
+            db.execute(
+                "UPDATE agent_registry SET name = ? WHERE agent_id = ?", ("\u202eevil", rtl_id.hex)
+            )
+        headers = httpx.get(f"{url}/").headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY"
+        context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=url)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(PAGE)
+        status = page.locator(f"#agents tbody tr[data-agent-id='{long_id}'] .badge")
+        expect(status).to_be_visible()
+        box = status.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 1280
+        shot(page, "long-name.png")
+        page.goto(f"{url}/#/agents/{rtl_id}")
+        title = page.locator("#agent-title")
+        expect(title).to_contain_text("evil")
+        name_box = title.locator("bdi").bounding_box()
+        badge_box = title.locator(".badge").bounding_box()
+        assert name_box is not None and badge_box is not None
+        assert badge_box["x"] > name_box["x"]  # the badge follows the name, as in LTR text
+        shot(page, "rtl-name.png")
+        context.close()
+    assert [e for e in errors if "Content Security Policy" in e] == []

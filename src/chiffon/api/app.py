@@ -17,6 +17,7 @@ from chiffon import __version__
 from chiffon.api import routes_agents, routes_fleet, routes_ingest
 from chiffon.api.auth import ApiTokenDep
 from chiffon.api.body_limit import BodyLimit
+from chiffon.api.headers import DashboardHeaders
 from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.service import Orchestrator
 
@@ -73,6 +74,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.orchestrator = orchestrator
+    app.add_middleware(DashboardHeaders)
     app.add_middleware(
         BodyLimit,
         max_bytes=orchestrator.settings.max_message_bytes,

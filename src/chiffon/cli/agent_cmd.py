@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from chiffon.cli.common import CliError, console, setup_logging
+from chiffon.cli.common import CliError, console, plain, setup_logging
+from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
     from chiffon.agent.loop import AgentIdentity, AgentLoop
@@ -72,12 +74,14 @@ def resources_table(res: Snapshot) -> Table:
     for g in res.gpus:
         table.add_row(
             f"  {g.vendor} #{g.index}",
-            f"{g.name or '?'}: {_num(g.vram_free_gb)}/{_num(g.vram_total_gb)} GB free, "
-            f"{_num(g.utilization_percent, '{:.0f}')}% busy, "
-            f"{_num(g.temperature_c, '{:.0f}')} °C  {g.uuid or ''}",
+            plain(
+                f"{g.name or '?'}: {_num(g.vram_free_gb)}/{_num(g.vram_total_gb)} GB free, "
+                f"{_num(g.utilization_percent, '{:.0f}')}% busy, "
+                f"{_num(g.temperature_c, '{:.0f}')} °C  {g.uuid or ''}"
+            ),
         )
     for name, error in res.probe_errors.items():
-        table.add_row(f"[red]probe {name}[/]", error)
+        table.add_row(Text(f"probe {clean_text(name)}", style="red"), plain(error))
     table.add_row("Collected in", f"{_num(res.collection_ms, '{:.2f}')} ms")
     return table
 

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:  # the agent shares this module and must not load pydantic
     from pydantic import ValidationError
@@ -26,8 +29,16 @@ class CliError(Exception):
         self.code = code
 
 
+def plain(value: object) -> Text:
+    """Text from outside (an agent's name, a driver's string, a server's error) as it is:
+    never read as rich markup (`[/]` crashed the table), with control and bidirectional
+    characters blanked (an escape sequence reached the terminal, a newline forged a row)."""
+    return Text(clean_text(str(value)))
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    line = Text.assemble(("error:", "bold red"), " ", plain(message))
+    err_console.print(line, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

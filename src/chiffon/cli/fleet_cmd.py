@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from chiffon.cli.common import CliError, console
+from chiffon.cli.common import CliError, console, plain
+from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
     from chiffon.cli.client import ApiClient
@@ -57,8 +59,8 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
     )
 
 
-def _status(status: str) -> str:
-    return f"[green]{status}[/]" if status == "online" else f"[red]{status}[/]"
+def _status(status: str) -> Text:
+    return Text(clean_text(status), style="green" if status == "online" else "red")
 
 
 def agents_table(agents: list[dict[str, Any]]) -> Table:
@@ -79,16 +81,16 @@ def agents_table(agents: list[dict[str, Any]]) -> Table:
     for a in agents:
         m = a["resource_metrics"]
         table.add_row(
-            a["name"],
-            a["agent_id"][:8],
-            a["pool_name"],
+            plain(a["name"]),
+            plain(a["agent_id"][:8]),
+            plain(a["pool_name"]),
             _status(a["status"]),
             ago(a["age_seconds"]),
             f"{_num(m.get('cpu_cores_available'), '{}')}/{_num(m.get('cpu_cores_physical'), '{}')}",
             _num(m.get("cpu_load_1min"), "{:.2f}"),
             f"{_num(m.get('memory_available_gb'))} GB",
             _gpus(m.get("gpus", [])),
-            m.get("gpu_type", "?"),
+            plain(m.get("gpu_type", "?")),
         )
     return table
 
@@ -100,9 +102,9 @@ def capacity_table(rows: list[dict[str, Any]]) -> Table:
     for rank, c in enumerate(rows, start=1):
         table.add_row(
             str(rank),
-            c["name"],
-            c["agent_id"][:8],
-            c["pool_name"],
+            plain(c["name"]),
+            plain(c["agent_id"][:8]),
+            plain(c["pool_name"]),
             f"{_num(c['gpu_vram_available_gb'])}/{_num(c['gpu_vram_total_gb'])} GB",
             f"{_num(c['gpu_vram_available_max_gb'])} GB",
             f"{_num(c['cpu_cores_available'], '{}')}/{_num(c['cpu_cores_physical'], '{}')}",
@@ -230,10 +232,10 @@ def events(
         when = datetime.fromisoformat(e["at"])
         table.add_row(
             f"{when:%Y-%m-%d %H:%M:%S} ({ago((now - when).total_seconds())})",
-            e["agent_id"][:8],
-            e["from_status"] or "-",
-            e["to_status"],
-            e["reason"],
+            plain(e["agent_id"][:8]),
+            plain(e["from_status"] or "-"),
+            plain(e["to_status"]),
+            plain(e["reason"]),
         )
     console.print(table if rows else "no events")
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.text import Text
 
 from chiffon.cli.common import CliError, console, one_line, setup_logging
+from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
     from chiffon.agent.loop import AgentIdentity, AgentLoop
@@ -128,7 +130,11 @@ def up(
         f"{settings.data_dir / 'api_token'} (the CLI reads it)",
         highlight=False,
     )
-    console.print(f"\nThis machine, [bold]{identity.name}[/] ({identity.agent_id}):")
+    console.print(
+        Text.assemble(
+            "\nThis machine, ", (clean_text(identity.name), "bold"), f" ({identity.agent_id}):"
+        )
+    )
     console.print(resources_table(snapshot))
     hint = _join_hint(settings.host, settings.port, settings.enroll_token.get_secret_value())
     console.print(f"\n{hint}", highlight=False)

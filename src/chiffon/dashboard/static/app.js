@@ -149,7 +149,7 @@ function renderSummary(summary) {
   );
   const head = el("tr", {}, ...["Pool", "Online", "Offline", "Free / total VRAM (GB)", "Free / total cores"].map((h) => el("th", {}, h)));
   const rows = summary.pools.map((p) => el("tr", { "data-pool": p.pool_name },
-    el("td", {}, p.pool_name), el("td", { class: "num" }, p.agents_online), el("td", { class: "num" }, p.agents_offline),
+    el("td", { class: "name" }, el("bdi", {}, p.pool_name)), el("td", { class: "num" }, p.agents_online), el("td", { class: "num" }, p.agents_offline),
     el("td", { class: "num" }, `${fmt(p.gpu_vram_available_gb)} / ${fmt(p.gpu_vram_total_gb)}`),
     el("td", { class: "num" }, `${p.cpu_cores_available} / ${p.cpu_cores_physical}`)));
   $("#pools").replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
@@ -201,8 +201,8 @@ function gpuBars(agent) {
 function agentRow(agent) {
   const m = metrics(agent);
   return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
-    el("td", {}, el("a", { href: `#/agents/${agent.agent_id}` }, agent.name)),
-    el("td", {}, agent.pool_name),
+    el("td", { class: "name" }, el("a", { href: `#/agents/${agent.agent_id}` }, el("bdi", {}, agent.name))),
+    el("td", { class: "name" }, el("bdi", {}, agent.pool_name)),
     el("td", {}, el("span", { class: `badge ${agent.status}` }, agent.status)),
     el("td", { class: "num age" }, ago(ageNow(agent))),
     el("td", { class: "num" }, `${m.cpu_cores_available ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
@@ -243,7 +243,8 @@ function fact(key, label, value) { return card(key, label, value); }
 
 function renderAgent(agent) {
   const m = metrics(agent);
-  $("#agent-title").replaceChildren(agent.name, " ", el("span", { class: `badge ${agent.status}`, "data-status": agent.status }, agent.status));
+  // <bdi>: an agent's name cannot reorder the text around it (a right-to-left override)
+  $("#agent-title").replaceChildren(el("bdi", { class: "name" }, agent.name), " ", el("span", { class: `badge ${agent.status}`, "data-status": agent.status }, agent.status));
   state.fetchedAt = Date.now();
   $("#agent-facts").replaceChildren(
     fact("pool", "Pool", agent.pool_name),
@@ -358,6 +359,7 @@ function setUp() {
     });
   }
   for (const id of ["#f-pool", "#f-status", "#f-vram"]) $(id).addEventListener("input", renderTable);
+  $("#filters").addEventListener("submit", (event) => event.preventDefault());
   setupLogin();
   window.addEventListener("hashchange", route);
   // A timer drives the next refresh only after the previous one finished: no pile-up.
