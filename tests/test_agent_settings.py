@@ -271,3 +271,23 @@ def test_as_json_holds_only_json_types() -> None:
         "/srv/chiffon",
         None,
     )
+
+
+def test_secrets_can_come_from_files_named_in_the_environment(tmp_path: Path) -> None:
+    token = write(tmp_path / "token", "from-the-file\n")
+    broker = write(tmp_path / "amqp", "amqp://chiffon:pw@broker:5672/\n")
+    loaded = load_settings(
+        environ={
+            "CHIFFON_ENROLL_TOKEN": "from-the-variable",
+            "CHIFFON_ENROLL_TOKEN_FILE": str(token),
+            "CHIFFON_AMQP_URL_FILE": str(broker),
+        },
+        home=tmp_path,
+    )
+    s = loaded.settings
+    assert s.enroll_token is not None and s.enroll_token.get_secret_value() == "from-the-file"
+    assert s.amqp_url == "amqp://chiffon:pw@broker:5672/"
+    assert loaded.origins["enroll_token"] == "env CHIFFON_ENROLL_TOKEN_FILE"
+    missing = str(tmp_path / "nope")
+    with pytest.raises(SettingsError, match="CHIFFON_ENROLL_TOKEN_FILE\\): cannot read"):
+        load_settings(environ={"CHIFFON_ENROLL_TOKEN_FILE": missing}, home=tmp_path)

@@ -15,6 +15,7 @@ import pytest
 from chiffon.agent.identity import load_secret, store_secret
 from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.credentials import BannedError
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import credentials as repo
 from chiffon.schemas.heartbeat import RejectedMessage
@@ -112,9 +113,11 @@ async def test_ancient_or_future_messages_are_refused(
     assert (await api.get(f"/api/v1/agents/{agent}", headers=API_HEADERS)).status_code == 404
 
 
-async def test_revoke_refuses_the_old_secret_and_lets_the_agent_enroll_again(
+async def test_revoke_bans_the_id_until_an_operator_lifts_it(
     api: httpx.AsyncClient, orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
+    """A revoked agent used to enroll again at once with the enrollment token and write
+    under its old id. Now the id stays refused until `chiffon agents unban`."""
     agent = uuid.uuid4()
     old = await issue(orchestrator, agent)
     url = f"/api/v1/agents/{agent}/heartbeat"
@@ -126,10 +129,50 @@ async def test_revoke_refuses_the_old_secret_and_lets_the_agent_enroll_again(
     assert (await api.delete(revoke, headers=API_HEADERS)).status_code == 404
     beat = f.raw(f.message(agent, seq=2, sent_at=clock.now()))
     refused = await api.post(url, content=beat, headers=bearer(old))
-    assert refused.status_code == 401 and refused.json()["detail"].startswith("not_enrolled")
-    new = await issue(orchestrator, agent)
-    assert new.secret != old.secret
-    assert (await api.post(url, content=beat, headers=bearer(new))).status_code == 200
+    assert refused.status_code == 401 and refused.json()["detail"].startswith("revoked")
+    token = {"authorization": f"Bearer {ENROLL_TOKEN}"}
+    enroll_body = {"agent_id": str(agent)}
+    banned = await api.post("/api/v1/enroll", json=enroll_body, headers=token)
+    assert banned.status_code == 403 and "chiffon agents unban" in banned.json()["detail"]
+    with pytest.raises(BannedError):
+        await issue(orchestrator, agent)
+    lift = f"/api/v1/agents/{agent}/ban"
+    assert (await api.delete(lift)).status_code == 401  # admin only
+    assert (await api.delete(lift, headers=API_HEADERS)).status_code == 204
+    assert (await api.delete(lift, headers=API_HEADERS)).status_code == 404
+    again = await api.post("/api/v1/enroll", json=enroll_body, headers=token)
+    assert again.status_code == 200
+    new = again.json()["secret"]
+    assert new != old.secret
+    authed = {"authorization": f"Bearer {new}"}
+    assert (await api.post(url, content=beat, headers=authed)).status_code == 200
+    metrics = (await api.get("/metrics")).text
+    assert 'chiffon_enrollments_total{outcome="banned"} 1.0' in metrics
+    assert 'chiffon_enrollments_total{outcome="issued"} 1.0' in metrics
+
+
+async def test_enrollments_are_logged_and_counted(
+    api: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = {"authorization": f"Bearer {ENROLL_TOKEN}"}
+    agents = [uuid.uuid4() for _ in range(3)]
+    with caplog.at_level("INFO", logger="chiffon"):
+        for agent in agents:
+            body = {"agent_id": str(agent)}
+            assert (await api.post("/api/v1/enroll", json=body, headers=token)).status_code == 200
+        body = {"agent_id": str(agents[0])}
+        assert (await api.post("/api/v1/enroll", json=body, headers=token)).status_code == 409
+        bad = {"authorization": "Bearer guess"}
+        assert (await api.post("/api/v1/enroll", json=body, headers=bad)).status_code == 401
+    logged = [r.getMessage() for r in caplog.records]
+    for agent in agents:
+        assert any(f"enrolled agent {agent} from" in line for line in logged)
+    assert any("already enrolled" in line for line in logged)
+    assert any("enrollment refused: a wrong enrollment token" in line for line in logged)
+    metrics = (await api.get("/metrics")).text
+    assert 'chiffon_enrollments_total{outcome="issued"} 3.0' in metrics
+    assert 'chiffon_enrollments_total{outcome="already_enrolled"} 1.0' in metrics
+    assert 'chiffon_enrollments_total{outcome="bad_token"} 1.0' in metrics
 
 
 async def test_signed_in_process_messages_are_checked_like_amqp_ones(

@@ -91,16 +91,19 @@ def test_agent_registers_over_http_and_sigterm_makes_it_offline(
     orchestrator_url: str, smi_env: dict[str, str], tmp_path: Path
 ) -> None:
     log = (tmp_path / "agent.log").open("w")
+    token_file = tmp_path / "enroll_token"
+    token_file.write_text(ENROLL_TOKEN + "\n")
     proc = subprocess.Popen(
         [*CHIFFON, "agent", "--transport", "http", "--orchestrator-url", orchestrator_url,
-         "--interval", "0.5", "--state-dir", str(tmp_path / "state"), "--name", "desk-e2e",
-         "--enroll-token", ENROLL_TOKEN],
-        env={**os.environ, **smi_env},
+         "--interval", "0.5", "--state-dir", str(tmp_path / "state"), "--name", "desk-e2e"],
+        env={**os.environ, **smi_env, "CHIFFON_ENROLL_TOKEN_FILE": str(token_file)},
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
     try:
+        # the token reached the agent from its file: nothing secret in what `ps` shows
+        assert ENROLL_TOKEN not in Path(f"/proc/{proc.pid}/cmdline").read_text()
         deadline = time.monotonic() + 20
         mine: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not mine:
@@ -162,7 +165,7 @@ def test_agent_without_a_credential_or_token_says_how_to_enroll(tmp_path: Path) 
         env={"HOME": str(tmp_path), "CHIFFON_ENROLL_TOKEN": ""},
     )
     assert out.returncode == 2
-    assert "no credential yet" in out.stderr and "--enroll-token" in out.stderr
+    assert "no credential yet" in out.stderr and "CHIFFON_ENROLL_TOKEN_FILE" in out.stderr
 
 
 async def test_http_publisher_unreachable_is_a_transport_error() -> None:
@@ -171,3 +174,44 @@ async def test_http_publisher_unreachable_is_a_transport_error() -> None:
     with pytest.raises(TransportError, match="cannot reach"):
         await publisher.publish(message())
     await publisher.close()
+
+
+def test_secrets_on_the_command_line_are_warned_about_and_a_kept_secret_needs_no_token(
+    orchestrator_url: str, smi_env: dict[str, str], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = subprocess.Popen(
+        [*CHIFFON, "agent", "--orchestrator-url", orchestrator_url, "--state-dir", str(state),
+         "--interval", "0.5", "--enroll-token", ENROLL_TOKEN,
+         "--amqp-url", "amqp://chiffon:hunter2@broker:5672/"],
+        env={**os.environ, **smi_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    _until_secret_kept(first, state)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=10)
+    assert "--enroll-token and --amqp-url with a password on the command line" in err
+    assert "CHIFFON_ENROLL_TOKEN_FILE" in err
+    again = subprocess.Popen(
+        [*CHIFFON, "agent", "--orchestrator-url", orchestrator_url, "--state-dir", str(state),
+         "--interval", "0.5"],
+        env={**os.environ, **smi_env, "CHIFFON_ENROLL_TOKEN": ENROLL_TOKEN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    time.sleep(2)
+    again.send_signal(signal.SIGTERM)
+    out, err = again.communicate(timeout=10)
+    assert again.returncode == 0, err
+    assert "already enrolled: the enrollment token is not needed any more" in out
+    assert "warning" not in err  # a variable is not in argv
+
+
+def _until_secret_kept(proc: subprocess.Popen[str], state: Path) -> None:
+    deadline = time.monotonic() + 20
+    while not (state / "agent_secret").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)

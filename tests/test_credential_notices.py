@@ -87,6 +87,7 @@ async def test_a_revocation_on_one_orchestrator_is_refused_by_the_other_at_once(
         return not await accepted(b, old, clock)
 
     await eventually(refused_by_b, within_seconds=2)
+    assert await a.credentials.lift_ban(agent)
     new = await issue(a, agent)  # enrolled again: b takes the new secret, not the old
     await eventually(refused_by_b, within_seconds=2)
     assert await accepted(b, new, clock)

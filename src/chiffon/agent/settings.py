@@ -44,6 +44,15 @@ ENV_VARS: dict[str, str] = {
 }
 
 
+# Secrets may come from a file named in the environment instead (systemd's LoadCredential,
+# a Docker or Kubernetes secret): a value in argv is visible to every local user in `ps`
+# for the agent's whole life. The file wins over the plain variable.
+FILE_ENV_VARS: dict[str, str] = {
+    "enroll_token": "CHIFFON_ENROLL_TOKEN_FILE",
+    "amqp_url": "CHIFFON_AMQP_URL_FILE",
+}
+
+
 class Secret:
     """A string that stays out of reprs, logs and `--print-config`; read it on purpose."""
 
@@ -323,8 +332,26 @@ def parse_labels(items: list[str], origin: str) -> dict[str, str]:
     return labels
 
 
-def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
-    return {key: _env_value(key, environ[var]) for key, var in ENV_VARS.items() if var in environ}
+def env_layer(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """Each setting the environment gives: (origin, value)."""
+    layer = {
+        key: (f"env {var}", _env_value(key, environ[var]))
+        for key, var in ENV_VARS.items()
+        if var in environ
+    }
+    for key, var in FILE_ENV_VARS.items():
+        if var in environ:
+            layer[key] = (f"env {var}", _read_secret_file(key, var, environ[var]))
+    return layer
+
+
+def _read_secret_file(key: str, var: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(
+            f"bad setting {key} (from env {var}): cannot read {path}: {exc.__class__.__name__}"
+        ) from None
 
 
 def load_settings(
@@ -339,7 +366,7 @@ def load_settings(
     path = find_config_file(config, home)
     layers: list[tuple[str, dict[str, Any]]] = [
         (f"file {path}", read_config_file(path) if path else {}),
-        *((f"env {ENV_VARS[k]}", {k: v}) for k, v in env_layer(environ).items()),
+        *((origin, {k: v}) for k, (origin, v) in env_layer(environ).items()),
         ("flag", {k: v for k, v in (flags or {}).items() if v is not None}),
     ]
     merged: dict[str, Any] = {}

@@ -4,6 +4,7 @@ agents' own secrets for ingest (checked by the orchestrator). All compared in co
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -13,6 +14,7 @@ from pydantic import SecretStr
 from chiffon.api.deps import OrchestratorDep
 from chiffon.schemas.api import ErrorDetail
 
+log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="CHIFFON_API_TOKEN")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}}
@@ -47,14 +49,18 @@ async def require_api_token(orchestrator: OrchestratorDep, credentials: BearerDe
 
 async def require_enroll_token(orchestrator: OrchestratorDep, credentials: BearerDep) -> None:
     """401 unless the request carries the enrollment token (or the API token)."""
-    if credentials is None:
-        raise unauthorized("missing Authorization: Bearer <CHIFFON_ENROLL_TOKEN>")
     settings = orchestrator.settings
-    presented = credentials.credentials
+    presented = "" if credentials is None else credentials.credentials
     if not (
         token_matches(presented, settings.enroll_token)
         or token_matches(presented, settings.api_token)
     ):
+        orchestrator.metrics.enrollments.labels("bad_token").inc()
+        log.warning(
+            "enrollment refused: %s enrollment token", "no" if credentials is None else "a wrong"
+        )
+        if credentials is None:
+            raise unauthorized("missing Authorization: Bearer <CHIFFON_ENROLL_TOKEN>")
         raise unauthorized("invalid enrollment token")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from chiffon.persistence.registry import CapacityFilter
 from chiffon.schemas import limits
 from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord, AgentStatus, ErrorDetail
 
+log = logging.getLogger(__name__)
 router = APIRouter(
     prefix="/api/v1", tags=["agents"], dependencies=[ApiTokenDep], responses=UNAUTHORIZED
 )
@@ -126,9 +128,20 @@ async def deregister(
 
 @router.delete("/agents/{agent_id}/credential", status_code=204, responses=_NOT_FOUND)
 async def revoke_credential(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Response:
-    """Revoke an agent's secret: its messages are refused until it enrolls again."""
+    """Revoke an agent's secret and ban its id: its messages are refused, and it cannot
+    enroll again until the ban is lifted (`DELETE /agents/{agent_id}/ban`)."""
     if not await orchestrator.credentials.revoke(agent_id):
-        raise HTTPException(404, f"agent {agent_id} holds no credential")
+        raise HTTPException(404, f"agent {agent_id} holds no active credential")
+    log.warning("credential of agent %s revoked; the id is banned until lifted", agent_id)
+    return Response(status_code=204)
+
+
+@router.delete("/agents/{agent_id}/ban", status_code=204, responses=_NOT_FOUND)
+async def lift_ban(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Response:
+    """Lift a revoked agent's ban: it may enroll again (with the enrollment token)."""
+    if not await orchestrator.credentials.lift_ban(agent_id):
+        raise HTTPException(404, f"agent {agent_id} is not banned")
+    log.warning("ban of agent %s lifted; it may enroll again", agent_id)
     return Response(status_code=204)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -10,10 +11,11 @@ from pydantic import ValidationError
 from chiffon.api.auth import EnrollTokenDep, bearer_token, unauthorized
 from chiffon.api.deps import AgentIdDep, OrchestratorDep
 from chiffon.orchestrator.batcher import IngestUnavailableError
-from chiffon.orchestrator.credentials import AlreadyEnrolledError
+from chiffon.orchestrator.credentials import AlreadyEnrolledError, BannedError
 from chiffon.schemas.api import EnrollRequest, EnrollResponse, ErrorDetail, IngestResult
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["ingest"])
 
 _BODY: dict[str, Any] = {
@@ -89,7 +91,7 @@ async def goodbye(
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
-    responses={code: {"model": ErrorDetail} for code in (401, 409, 413, 422, 503)},
+    responses={code: {"model": ErrorDetail} for code in (401, 403, 409, 413, 422, 503)},
     dependencies=[EnrollTokenDep],
     openapi_extra={
         "requestBody": {
@@ -110,14 +112,31 @@ async def enroll(request: Request, orchestrator: OrchestratorDep) -> EnrollRespo
         body = EnrollRequest.model_validate_json(await request.body())
     except ValidationError as exc:
         raise HTTPException(422, "; ".join(_problems(exc))) from None
+    outcomes = orchestrator.metrics.enrollments
+    client = request.client.host if request.client else "?"
     try:
         credential = await orchestrator.credentials.issue(body.agent_id)
+    except BannedError:
+        outcomes.labels("banned").inc()
+        log.warning("enrollment of revoked agent %s from %s refused", body.agent_id, client)
+        raise HTTPException(
+            403,
+            f"agent {body.agent_id} was revoked; an operator lifts the ban with "
+            f"`chiffon agents unban {body.agent_id}`",
+        ) from None
     except AlreadyEnrolledError:
+        outcomes.labels("already_enrolled").inc()
+        log.warning(
+            "enrollment of agent %s from %s refused: already enrolled", body.agent_id, client
+        )
         raise HTTPException(
             409,
             f"agent {body.agent_id} is already enrolled; to give it a new secret run "
-            f"`chiffon agents revoke {body.agent_id}` first",
+            f"`chiffon agents revoke {body.agent_id}`, then `chiffon agents unban "
+            f"{body.agent_id}`",
         ) from None
+    outcomes.labels("issued").inc()
+    log.info("enrolled agent %s from %s", body.agent_id, client)
     return EnrollResponse(agent_id=credential.agent_id, secret=credential.secret)
 
 

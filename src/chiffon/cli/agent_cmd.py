@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from chiffon.cli.common import CliError, console, plain, setup_logging
+from chiffon.cli.common import CliError, console, err_console, plain, setup_logging
 from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
@@ -183,11 +183,18 @@ async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) ->
     except IdentityError as exc:
         raise CliError(str(exc), code=2) from None
     if secret is not None:
+        if settings.enroll_token is not None:
+            console.print(
+                "already enrolled: the enrollment token is not needed any more (remove it from "
+                "this agent's command line, environment or config)",
+                highlight=False,
+            )
         return AgentCredential(identity.agent_id, secret)
     if settings.enroll_token is None or not settings.enroll_token.get_secret_value():
         raise CliError(
             f"this agent has no credential yet: give it the orchestrator's enrollment token "
-            f"once (--enroll-token or CHIFFON_ENROLL_TOKEN); it keeps its own secret in "
+            f"once (CHIFFON_ENROLL_TOKEN_FILE, CHIFFON_ENROLL_TOKEN or --enroll-token); it "
+            f"keeps its own secret in "
             f"{settings.state_dir}",
             code=2,
         )
@@ -251,7 +258,9 @@ def agent(
     orchestrator_url: str = typer.Option(
         None, help="For --transport http [http://127.0.0.1:8700]; env CHIFFON_ORCHESTRATOR_URL."
     ),
-    amqp_url: str = typer.Option(None, help="For --transport amqp; env CHIFFON_AMQP_URL."),
+    amqp_url: str = typer.Option(
+        None, help="For --transport amqp; env CHIFFON_AMQP_URL, or CHIFFON_AMQP_URL_FILE."
+    ),
     interval: float = typer.Option(
         None, "--interval", help="Seconds between heartbeats [15]; env CHIFFON_HEARTBEAT_INTERVAL."
     ),
@@ -264,7 +273,8 @@ def agent(
     enroll_token: str = typer.Option(
         None,
         "--enroll-token",
-        help="The orchestrator's enrollment token, needed once; env CHIFFON_ENROLL_TOKEN.",
+        help="The orchestrator's enrollment token, needed once; env CHIFFON_ENROLL_TOKEN, or "
+        "CHIFFON_ENROLL_TOKEN_FILE (a flag is visible to other local users in ps).",
     ),
     label: list[str] = typer.Option(None, "--label", help="key=value; repeatable."),
     show_config: bool = typer.Option(
@@ -296,6 +306,7 @@ def agent(
         print_config(loaded)
         return
     setup_logging(verbose)
+    _warn_secrets_in_argv(enroll_token, amqp_url)
     settings = loaded.settings
     identity = identity_of(settings)
     where = settings.orchestrator_url if settings.transport == "http" else "RabbitMQ"
@@ -305,6 +316,26 @@ def agent(
         highlight=False,
     )
     asyncio.run(run_agent(settings, identity))
+
+
+def _warn_secrets_in_argv(enroll_token: str | None, amqp_url: str | None) -> None:
+    from urllib.parse import urlsplit
+
+    given = [
+        name
+        for name, secret in (
+            ("--enroll-token", enroll_token),
+            ("--amqp-url with a password", amqp_url and urlsplit(amqp_url).password),
+        )
+        if secret
+    ]
+    if given:
+        err_console.print(
+            f"warning: {' and '.join(given)} on the command line can be read by every local "
+            "user (ps) for as long as the agent runs; use CHIFFON_ENROLL_TOKEN_FILE and "
+            "CHIFFON_AMQP_URL_FILE (or their plain variables) instead",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -159,14 +159,31 @@ def revoke(
     agent: str = typer.Argument(..., help="The agent (id, id prefix or name)."),
     url: str = URL_OPTION,
 ) -> None:
-    """Revoke an agent's secret: its messages are refused until it enrolls again (rotation:
-    restart it with the enrollment token)."""
+    """Revoke an agent's secret and ban its id: its messages are refused and it cannot
+    enroll again until `chiffon agents unban` (rotation: revoke, unban, restart it with the
+    enrollment token)."""
     client = api_client(url)
     agent_id = client.resolve(agent)
     client.delete(f"/agents/{agent_id}/credential")
     console.print(
-        f"revoked the credential of {agent_id}: its messages are refused from now on; to "
-        "rotate, delete its agent_secret file and start it again with the enrollment token",
+        f"revoked the credential of {agent_id}: its messages are refused and it cannot "
+        f"enroll again until `chiffon agents unban {agent_id}`",
+        highlight=False,
+    )
+
+
+@agents_app.command("unban")
+def unban(
+    agent: str = typer.Argument(..., help="The revoked agent's id."),
+    url: str = URL_OPTION,
+) -> None:
+    """Lift a revoked agent's ban, so that it may enroll again with the enrollment token."""
+    client = api_client(url)
+    agent_id = client.resolve(agent)
+    client.delete(f"/agents/{agent_id}/ban")
+    console.print(
+        f"lifted the ban of {agent_id}: it may enroll again (delete its agent_secret file "
+        "and start it with the enrollment token)",
         highlight=False,
     )
 

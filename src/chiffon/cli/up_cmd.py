@@ -44,8 +44,7 @@ class LocalAgent:
 
         # This machine's agent is the orchestrator's own: it gets a fresh credential in
         # process (no enrollment token, nothing on disk) and signs every message with it.
-        await orchestrator.credentials.revoke(self._identity.agent_id)
-        credential = await orchestrator.credentials.issue(self._identity.agent_id)
+        credential = await orchestrator.credentials.replace(self._identity.agent_id)
         publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
         self._loop = new_agent_loop(self._settings, self._identity, publisher, self._collector)
         self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")

@@ -60,6 +60,10 @@ class AlreadyEnrolledError(RuntimeError):
     """The agent holds a credential already; revoke it before enrolling again."""
 
 
+class BannedError(AlreadyEnrolledError):
+    """The agent's credential was revoked: it may not enroll until the ban is lifted."""
+
+
 def key_id(server_key: bytes) -> str:
     """A short public name of the server key (so a changed key is noticed, not guessed)."""
     return hashlib.sha256(b"chiffon key id|" + server_key).hexdigest()[:16]
@@ -93,6 +97,7 @@ class _Known:
     secret_sha256: str
     signing_key: bytes | None  # None: issued under another server key
     fetched_at: float
+    revoked: bool = False
 
 
 class CredentialStore:
@@ -119,22 +124,43 @@ class CredentialStore:
         self._loader: asyncio.Task[None] | None = None
 
     async def issue(self, agent_id: uuid.UUID) -> AgentCredential:
-        """A new secret for an agent without one; `AlreadyEnrolledError` otherwise."""
+        """A new secret for an agent without one; `AlreadyEnrolledError` when it holds one,
+        `BannedError` when its credential was revoked and the ban not lifted."""
         row, credential = new_credential(self._server_key, agent_id, self._clock.now())
         try:
             async with self._sessions.begin() as session:
                 await repo.add_credential(session, row=row)
         except IntegrityError:
+            async with self._sessions() as session:
+                held = await repo.get_credential(session, agent_id=agent_id)
+            if held is not None and held.revoked_at is not None:
+                raise BannedError(f"agent {agent_id} was revoked") from None
             raise AlreadyEnrolledError(f"agent {agent_id} is already enrolled") from None
         self._forget(agent_id)
         return credential
 
-    async def revoke(self, agent_id: uuid.UUID) -> bool:
-        """Delete the agent's credential; whether it had one."""
+    async def replace(self, agent_id: uuid.UUID) -> AgentCredential:
+        """A new secret in place of any the agent had, ban included: only for the agent an
+        orchestrator runs in its own process (`chiffon up`), never over the API."""
         async with self._sessions.begin() as session:
-            had = await repo.delete_credential(session, agent_id=agent_id)
+            await repo.delete_credential(session, agent_id=agent_id)
+        self._forget(agent_id)
+        return await self.issue(agent_id)
+
+    async def revoke(self, agent_id: uuid.UUID) -> bool:
+        """Ban the agent's credential: its messages are refused, and it cannot enroll again
+        until `lift_ban`. Whether it held an active one."""
+        async with self._sessions.begin() as session:
+            had = await repo.revoke_credential(session, agent_id=agent_id, at=self._clock.now())
         self._forget(agent_id)
         return had
+
+    async def lift_ban(self, agent_id: uuid.UUID) -> bool:
+        """Let a revoked agent enroll again; whether it was banned."""
+        async with self._sessions.begin() as session:
+            was = await repo.delete_credential(session, agent_id=agent_id, banned_only=True)
+        self._forget(agent_id)
+        return was
 
     async def check_bearer(self, agent_id: uuid.UUID, token: str | None) -> None:
         """`RejectedMessage` unless `token` is this agent's secret."""
@@ -165,6 +191,8 @@ class CredentialStore:
         known = await self._load(agent_id)
         if known is None:
             raise RejectedMessage("not_enrolled", f"agent {agent_id} is not enrolled")
+        if known.revoked:
+            raise RejectedMessage("revoked", f"agent {agent_id}'s credential was revoked")
         return known
 
     def _load(self, agent_id: uuid.UUID) -> asyncio.Future[_Known | None]:
@@ -205,6 +233,8 @@ class CredentialStore:
         if row is None:
             return None
         key = None
+        if row.revoked_at is not None:
+            return _Known("", None, at, revoked=True)
         if row.key_id == self.key_id:
             key = signing_key(derive_secret(self._server_key, agent_id, row.nonce))
         return _Known(row.secret_sha256, key, at)

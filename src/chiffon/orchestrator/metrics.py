@@ -23,6 +23,12 @@ class OrchestratorMetrics:
             ["reason"],
             registry=r,
         )
+        self.enrollments = Counter(
+            "chiffon_enrollments",
+            "Enrollment requests, by outcome (issued, already_enrolled, banned, bad_token)",
+            ["outcome"],
+            registry=r,
+        )
         self.agents = Gauge("chiffon_agents", "Registered agents by status", ["status"], registry=r)
         self.marked_offline = Counter(
             "chiffon_agents_marked_offline",

@@ -185,3 +185,5 @@ class AgentCredentialRow(Base):
     # Which server key issued it (a short digest of the key, never the key).
     key_id: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
+    # Set by a revocation: the id is banned (refused, cannot enroll) until it is lifted.
+    revoked_at: Mapped[datetime | None]
