@@ -112,9 +112,7 @@ async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.Abstrac
     queue = await channel.declare_queue(
         AGENT_EVENTS_QUEUE,
         durable=True,
-        arguments=agent_events_arguments(
-            message_ttl_ms=BACKLOG_TTL_SECONDS * 1000, max_length=100_000
-        ),
+        arguments=agent_events_arguments(max_length=100_000),
     )
     await queue.bind(exchange, BINDING_KEY)
     return queue
@@ -278,7 +276,7 @@ async def chiffon_consumer(
     orch = Orchestrator(settings)
     await orch.start()
     target = TimedTarget(orch)
-    topology = Topology(message_ttl_ms=settings.amqp_message_ttl_ms)
+    topology = Topology()
     consumer = RabbitConsumer(amqp_url, target, topology=topology, prefetch=settings.amqp_prefetch)  # type: ignore[arg-type]
     await consumer.start()
     await consumer.wait_consuming(30)

@@ -67,7 +67,6 @@ async def topology(amqp_url: str) -> AsyncIterator[Topology]:
         exchange=prefix,
         queue=f"{prefix}.agent-events",
         rejected_queue=f"{prefix}.rejected",
-        message_ttl_ms=45_000,
         max_length=1000,
         rejected_max_length=10,
     )
@@ -363,14 +362,63 @@ async def test_queues_carry_the_documented_arguments(
     queues = {q["name"]: q for q in listed}
     events, rejected = queues[topology.queue], queues[topology.rejected_queue]
     assert events["durable"] and rejected["durable"]
-    assert _args(events) == {
-        "x-message-ttl": 45_000,
-        "x-max-length": 1000,
+    # no x-message-ttl: a changed heartbeat timeout must never meet a queue declared with
+    # another (each agent sets its messages' expiration instead)
+    assert _args(events) == {"x-max-length": 1000, "x-overflow": "drop-head"}
+    assert "x-dead-letter-exchange" not in _args(events)
+    assert _args(rejected) == {
+        "x-max-length": 10,
+        "x-max-length-bytes": 64 * 1024 * 1024,
         "x-overflow": "drop-head",
     }
-    assert "x-dead-letter-exchange" not in _args(events)
-    assert _args(rejected) == {"x-max-length": 10, "x-overflow": "drop-head"}
     assert events["consumers"] == 1
+
+
+async def test_a_queue_declared_with_other_arguments_is_consumed_as_it_is(
+    orchestrator: Orchestrator,
+    amqp_url: str,
+    topology: Topology,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An earlier start (or version) declared the queues with another TTL and length: the
+    redeclaration is refused (PRECONDITION_FAILED), which used to leave the orchestrator
+    retrying forever, consuming nothing, while `/readyz` said ready."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        old = {"x-message-ttl": 90_000, "x-max-length": 5, "x-overflow": "drop-head"}
+        await channel.declare_queue(topology.queue, durable=True, arguments=old)
+        await channel.declare_queue(topology.rejected_queue, durable=True, arguments=old)
+    msg = f.message()
+    keys = await keyring(orchestrator, [msg.agent_id])
+    with caplog.at_level("WARNING", logger="chiffon"):
+        async with consuming(orchestrator, amqp_url, topology) as consumer:
+            async with publisher(amqp_url, topology, keys) as pub:
+                await pub.publish(msg)
+            await eventually(lambda: _applied(orchestrator, msg.agent_id))
+            assert consumer.consuming
+    advice = [r.getMessage() for r in caplog.records if "exists with other arguments" in r.message]
+    assert len(advice) == 2 and all("rabbitmqctl set_policy" in line for line in advice)
+    listed = {q["name"]: q for q in _rabbitmqctl("list_queues", "name", "arguments")}
+    assert _args(listed[topology.queue]) == old  # used as it is, not redeclared
+
+
+async def test_the_agents_messages_expire_after_its_heartbeat_timeout(
+    amqp_url: str, topology: Topology, orchestrator: Orchestrator
+) -> None:
+    msg = f.message()
+    async with consuming(orchestrator, amqp_url, topology):
+        pass  # declares the queues; nothing consumes from here on
+    pub = RabbitPublisher(
+        amqp_url, timeout_seconds=5, exchange=topology.exchange, message_ttl_seconds=0.5
+    )
+    try:
+        await pub.publish(msg)
+    finally:
+        await pub.close()
+    assert await ready_count(amqp_url, topology.queue) == 1
+    await asyncio.sleep(1.0)
+    assert await ready_count(amqp_url, topology.queue) == 0  # dropped by the broker
 
 
 def _rabbitmqctl(*args: str) -> list[dict[str, Any]]:
@@ -412,6 +460,39 @@ async def test_bad_messages_are_copied_to_rejected_and_counted_and_consuming_goe
     reasons = await _drain_reasons(amqp_url, topology.rejected_queue)
     assert reasons == [(b"{not json", "malformed_json"), (json.dumps(invalid).encode(), "invalid")]
     assert await ready_count(amqp_url, topology.queue) == 0
+
+
+async def test_a_huge_rejected_message_is_copied_cut_to_its_first_bytes(
+    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+) -> None:
+    """Ten 10 MB bodies held 105 MB in the rejected queue, bounded by count only."""
+    huge = b"{" + b" " * 2_000_000 + b"}"
+    async with consuming(orchestrator, amqp_url, topology):
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(topology.exchange)
+            await exchange.publish(aio_pika.Message(huge), "agent.heartbeat.x")
+        await eventually(
+            lambda: _counted(orchestrator, "chiffon_messages_rejected_total", reason="too_large")
+        )
+        await eventually(lambda: _has_ready(amqp_url, topology.rejected_queue))
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(topology.rejected_queue)
+        copy = await queue.get(no_ack=True)
+    assert copy.body == huge[: topology.rejected_copy_bytes]
+    assert copy.headers["x-chiffon-original-bytes"] == len(huge)
+    assert copy.headers[REJECT_REASON_HEADER] == "too_large"
+
+
+async def _counted(orch: Orchestrator, name: str, **labels: str) -> bool:
+    return _sample(orch, name, **labels) >= 1
+
+
+async def _has_ready(url: str, queue: str) -> bool:
+    return await ready_count(url, queue) >= 1
 
 
 async def _drain_reasons(url: str, queue_name: str) -> list[tuple[bytes, Any]]:
@@ -583,13 +664,6 @@ async def _publish_until_accepted(pub: RabbitPublisher, msg: Any, *, within_seco
         except TransportError:
             assert time.monotonic() < deadline, "the publisher never got through again"
             await asyncio.sleep(0.5)
-
-
-def test_settings_derive_the_queue_ttl_from_the_liveness_timeout() -> None:
-    from chiffon.orchestrator.settings import OrchestratorSettings
-
-    settings = OrchestratorSettings(heartbeat_interval_seconds=10, heartbeat_timeout_seconds=30)
-    assert settings.amqp_message_ttl_ms == 30_000
 
 
 async def test_a_consumer_cancelled_by_the_broker_is_subscribed_again(

@@ -243,6 +243,7 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
         orchestrator_url=settings.orchestrator_url,
         timeout_seconds=settings.publish_timeout_seconds,
         credential=credential,
+        message_ttl_seconds=settings.heartbeat_timeout_seconds,
     )
     agent = new_agent_loop(settings, identity, publisher, collector)
     _install_signal_handlers(agent.stop)

@@ -145,9 +145,9 @@ async def start_consumer(orchestrator: Orchestrator) -> RabbitConsumer | None:
         exchange=settings.amqp_exchange,
         queue=settings.amqp_queue,
         rejected_queue=settings.amqp_rejected_queue,
-        message_ttl_ms=settings.amqp_message_ttl_ms,
         max_length=settings.amqp_queue_max_length,
         rejected_max_length=settings.amqp_rejected_max_length,
+        rejected_max_bytes=settings.amqp_rejected_max_bytes,
     )
     consumer = RabbitConsumer(
         settings.amqp_url, orchestrator, topology=topology, prefetch=settings.amqp_prefetch

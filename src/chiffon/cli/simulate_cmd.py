@@ -71,6 +71,7 @@ async def run_simulation(
         orchestrator_url=orchestrator_url,
         timeout_seconds=publish_timeout_seconds,
         credential=credentials,
+        message_ttl_seconds=3 * interval,  # an agent's default timeout: three missed beats
     )
     sim = Simulation(
         fleet,

@@ -55,6 +55,7 @@ class OrchestratorSettings(BaseSettings):
     amqp_prefetch: int = Field(2000, ge=1, le=65_535)
     amqp_queue_max_length: int = Field(100_000, ge=1)
     amqp_rejected_max_length: int = Field(10_000, ge=1)
+    amqp_rejected_max_bytes: int = Field(64 * 1024 * 1024, ge=1)
     # Seeds' names; defaults give a killed agent offline <= timeout + sweep = 50 s (< 60 s).
     heartbeat_interval_seconds: float = Field(
         15,
@@ -95,11 +96,6 @@ class OrchestratorSettings(BaseSettings):
                 f"than heartbeat_interval_seconds ({self.heartbeat_interval_seconds})"
             )
         return self
-
-    @property
-    def amqp_message_ttl_ms(self) -> int:
-        """A heartbeat older than the liveness timeout is worthless: the broker drops it."""
-        return int(self.heartbeat_timeout_seconds * 1000)
 
     @property
     def history_tiers(self) -> list[Tier]:

@@ -14,11 +14,13 @@ def make_publisher(
     orchestrator_url: str,
     timeout_seconds: float,
     credential: Credentials | None = None,
+    message_ttl_seconds: float | None = None,
 ) -> Publisher:
     """`http` posts to the orchestrator's REST API; `amqp` publishes to RabbitMQ.
 
     `credential` proves every message comes from its agent: a bearer secret over HTTP, an
     HMAC signature over RabbitMQ. The orchestrator refuses messages without one.
+    `message_ttl_seconds`: over RabbitMQ, the broker drops a message not consumed by then.
     """
     if transport == "http":
         return HttpPublisher(
@@ -28,5 +30,10 @@ def make_publisher(
         # Imported here: aio-pika loads only for agents that use it.
         from chiffon.transport.rabbitmq import RabbitPublisher
 
-        return RabbitPublisher(amqp_url, timeout_seconds=timeout_seconds, credential=credential)
+        return RabbitPublisher(
+            amqp_url,
+            timeout_seconds=timeout_seconds,
+            credential=credential,
+            message_ttl_seconds=message_ttl_seconds,
+        )
     raise ValueError(f"unknown transport {transport!r}; use http or amqp")

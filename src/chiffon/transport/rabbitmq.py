@@ -44,6 +44,7 @@ REJECTED_QUEUE = "chiffon.rejected"
 BINDING_KEY = "agent.#"
 REJECT_REASON_HEADER = "x-chiffon-reject-reason"
 REJECT_DETAIL_HEADER = "x-chiffon-reject-detail"
+REJECT_BYTES_HEADER = "x-chiffon-original-bytes"  # on a copy cut to `rejected_copy_bytes`
 CONTENT_TYPE = "application/json"
 
 T = TypeVar("T")
@@ -54,13 +55,44 @@ def routing_key(message: Message) -> str:
     return f"agent.{message.kind}.{message.agent_id}"
 
 
-def agent_events_arguments(*, message_ttl_ms: int, max_length: int) -> dict[str, Any]:
-    """Queue arguments of the orchestrators' queue; no dead-lettering on purpose."""
-    return {"x-message-ttl": message_ttl_ms, "x-max-length": max_length, "x-overflow": "drop-head"}
-
-
-def rejected_arguments(*, max_length: int) -> dict[str, Any]:
+def agent_events_arguments(*, max_length: int) -> dict[str, Any]:
+    """Queue arguments of the orchestrators' queue, applied when it is created; no
+    dead-lettering on purpose. No message TTL here: each agent sets its message's expiration
+    (its heartbeat timeout), so a changed timeout never meets a queue declared with another
+    (RabbitMQ refuses a redeclaration with different arguments: `PRECONDITION_FAILED`)."""
     return {"x-max-length": max_length, "x-overflow": "drop-head"}
+
+
+def rejected_arguments(*, max_length: int, max_bytes: int) -> dict[str, Any]:
+    return {"x-max-length": max_length, "x-max-length-bytes": max_bytes, "x-overflow": "drop-head"}
+
+
+async def declare_queue(
+    connection: AbstractConnection, channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> tuple[AbstractChannel, AbstractQueue]:
+    """Declare `name` with `arguments`, or use it as it is when it exists with others.
+
+    Arguments are fixed when a queue is created. A setting changed since (a length limit)
+    used to make every later start fail its declaration and retry forever, consuming
+    nothing: now the existing queue is used and one line says how to apply the new value
+    (a policy, which RabbitMQ recommends for exactly this). The refused declaration closes
+    its channel, so the queue is opened on a fresh one, which is returned.
+    """
+    try:
+        return channel, await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        log.warning(
+            "queue %s exists with other arguments than %s (%s); using it as it is. To apply "
+            "these limits, set a policy (rabbitmqctl set_policy NAME '^%s$' "
+            '\'{"max-length": N, "overflow": "drop-head"}\' --apply-to queues), or '
+            "delete the queue while no orchestrator runs",
+            name,
+            arguments,
+            _describe(exc),
+            name.replace(".", "\\."),
+        )
+    fresh = await connection.channel(publisher_confirms=True)
+    return fresh, await fresh.declare_queue(name, passive=True)
 
 
 async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
@@ -147,8 +179,10 @@ class RabbitPublisher:
         timeout_seconds: float = 5.0,
         exchange: str = EXCHANGE,
         credential: Credentials | None = None,
+        message_ttl_seconds: float | None = None,
     ) -> None:
         self._url = amqp_url
+        self._ttl = message_ttl_seconds
         self._credential = credential
         self._timeout = timeout_seconds
         self._exchange_name = exchange
@@ -187,6 +221,7 @@ class RabbitPublisher:
             type=message.kind,
             app_id="chiffon-agent",
             headers=headers,
+            expiration=self._ttl,  # a heartbeat older than the timeout is worthless
         )
         try:
             async with asyncio.timeout(self._timeout):
@@ -270,9 +305,12 @@ class Topology:
     exchange: str = EXCHANGE
     queue: str = AGENT_EVENTS_QUEUE
     rejected_queue: str = REJECTED_QUEUE
-    message_ttl_ms: int = 45_000
     max_length: int = 100_000
     rejected_max_length: int = 10_000
+    rejected_max_bytes: int = 64 * 1024 * 1024
+    # A rejected message is copied with at most this much of its body (a 10 MB one is
+    # refused as too_large; its first bytes are enough to see what it was).
+    rejected_copy_bytes: int = 64 * 1024
 
 
 class AckWindow:
@@ -498,21 +536,15 @@ class RabbitConsumer:
     async def _declare_and_consume(self, connection: AbstractConnection) -> None:
         top = self.topology
         channel = await connection.channel(publisher_confirms=True)
+        rejected_args = rejected_arguments(
+            max_length=top.rejected_max_length, max_bytes=top.rejected_max_bytes
+        )
+        channel, _ = await declare_queue(connection, channel, top.rejected_queue, rejected_args)
+        events_args = agent_events_arguments(max_length=top.max_length)
+        channel, queue = await declare_queue(connection, channel, top.queue, events_args)
         await channel.set_qos(prefetch_count=self._prefetch)
         exchange = await declare_exchange(channel, top.exchange)
-        queue = await channel.declare_queue(
-            top.queue,
-            durable=True,
-            arguments=agent_events_arguments(
-                message_ttl_ms=top.message_ttl_ms, max_length=top.max_length
-            ),
-        )
         await queue.bind(exchange, BINDING_KEY)
-        await channel.declare_queue(
-            top.rejected_queue,
-            durable=True,
-            arguments=rejected_arguments(max_length=top.rejected_max_length),
-        )
         self._channel, self._queue, self._rejected = channel, queue, channel.default_exchange
         # On aiormq's channel, not `queue.consume`: see `Delivery`. The robust connection
         # does not restore such a consumer; `_on_reconnect` and the watchdog subscribe again.
@@ -723,15 +755,16 @@ class RabbitConsumer:
 
     async def _reject(self, message: Delivery, reason: str, detail: str) -> None:
         """Copy to the rejected queue with the reason in a header, then ack."""
-        copy = aio_pika.Message(
-            message.body,
-            content_type=message.content_type,
-            headers={
-                REJECT_REASON_HEADER: reason,
-                REJECT_DETAIL_HEADER: detail[:500],
-                "x-chiffon-routing-key": message.routing_key,
-            },
-        )
+        body, kept = message.body, self.topology.rejected_copy_bytes
+        headers: dict[str, Any] = {
+            REJECT_REASON_HEADER: reason,
+            REJECT_DETAIL_HEADER: detail[:500],
+            "x-chiffon-routing-key": message.routing_key[:255],
+        }
+        if len(body) > kept:
+            headers[REJECT_BYTES_HEADER] = len(body)
+            body = body[:kept]
+        copy = aio_pika.Message(body, content_type=message.content_type, headers=headers)
         if self._rejected is not None:
             try:
                 await self._rejected.publish(copy, self.topology.rejected_queue, timeout=5)
