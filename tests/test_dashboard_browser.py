@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from chiffon.schemas.heartbeat import GpuInfo, Resources
@@ -373,3 +374,39 @@ def test_hostile_names_neither_push_the_table_off_screen_nor_reorder_the_heading
         shot(page, "rtl-name.png")
         context.close()
     assert [e for e in errors if "Content Security Policy" in e] == []
+
+
+def test_a_registry_that_cannot_be_written_is_called_stale_on_the_page(
+    browser: object, tmp_path: Path
+) -> None:
+    """Every write to the registry fails as on a full disk (a PostgreSQL trigger raising
+    SQLSTATE 53100): the sweep cannot keep statuses, and the page says so."""
+    from playwright.sync_api import Browser, expect
+
+    from tests.conftest import fresh_postgres_database
+
+    assert isinstance(browser, Browser)
+    env = {**ORCHESTRATOR_ENV, "CHIFFON_SWEEP_INTERVAL": "0.2"}
+    with (
+        fresh_postgres_database() as db_url,
+        orchestrator_process(tmp_path, env={**env, "CHIFFON_DATABASE_URL": db_url}) as url,
+    ):
+        context = browser.new_context(viewport={"width": 1280, "height": 600}, base_url=url)
+        page = context.new_page()
+        page.goto(PAGE)
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION "
+                "'No space left on device' USING ERRCODE = '53100'; END $$ LANGUAGE plpgsql"
+            )
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON agent_registry "
+                "FOR EACH STATEMENT EXECUTE FUNCTION refuse()"
+            )
+        conn_badge = page.locator("#conn")
+        expect(conn_badge).to_have_attribute("data-state", "stale", timeout=15_000)
+        expect(conn_badge).to_contain_text("Registry stale")
+        shot(page, "registry-stale.png")
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        context.close()

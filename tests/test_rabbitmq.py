@@ -736,7 +736,7 @@ def test_chiffon_orchestrator_consumes_and_drains_on_sigterm(
 
 def _wait_ready_consuming(api: str) -> None:
     deadline = time.monotonic() + 15
-    while httpx.get(f"{api}/readyz").json().get("amqp") != "consuming":
+    while httpx.get(f"{api}/readyz").json()["checks"].get("amqp") != "consuming":
         assert time.monotonic() < deadline, "the orchestrator never subscribed"
         time.sleep(0.1)
 

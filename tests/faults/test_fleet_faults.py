@@ -108,7 +108,7 @@ class ConsumingAgain(threading.Thread):
 
         while self._seen is None and time.monotonic() < self._stop_at:
             try:
-                state = httpx.get(f"{self._api}/readyz", timeout=5).json().get("amqp")
+                state = httpx.get(f"{self._api}/readyz", timeout=5).json()["checks"].get("amqp")
             except httpx.HTTPError:
                 state = None
             if state == "consuming":

@@ -10,7 +10,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from chiffon import __version__
@@ -54,7 +53,7 @@ def create_app(
     """The API. With `manage_lifecycle`, the app starts and stops the orchestrator.
 
     `amqp_state`, when given, says whether the RabbitMQ consumer is subscribed; `/readyz`
-    reports it without failing on it (the API and HTTP ingest work without the broker).
+    is not ready while it is not (the orchestrator cannot hear the agents that use it).
     """
 
     @asynccontextmanager
@@ -96,16 +95,15 @@ def create_app(
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """The registry database answers (and whether the RabbitMQ consumer is subscribed)."""
-        try:
-            async with orchestrator.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (OSError, DBAPIError) as exc:
-            return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, 503)
-        body = {"status": "ready"}
-        if amqp_state is not None:
-            body["amqp"] = "consuming" if amqp_state() else "not consuming"
-        return JSONResponse(body)
+        """Ready when it can consume and can write: the database answers, the last ingest
+        write committed, the offline sweep keeps up, and the RabbitMQ consumer (when
+        configured) is subscribed. 503 otherwise, with each check's state."""
+        checks = await orchestrator.readiness(
+            amqp_consuming=None if amqp_state is None else amqp_state()
+        )
+        ready = all(v in ("ok", "consuming") for v in checks.values())
+        body = {"status": "ready" if ready else "unavailable", "checks": checks}
+        return JSONResponse(body, 200 if ready else 503)
 
     metrics_auth = [ApiTokenDep] if orchestrator.settings.metrics_require_token else []
 

@@ -38,11 +38,13 @@ QueryTime = Annotated[datetime, AfterValidator(_as_utc)]
 async def fleet_summary(session: SessionDep, orchestrator: OrchestratorDep) -> FleetSummary:
     """Agents online and offline, and the online agents' cores and VRAM, by pool."""
     totals = await registry.pool_totals(session)
-    return views.fleet_summary(
+    summary = views.fleet_summary(
         totals,
         now=orchestrator.clock.now(),
         heartbeat_timeout_seconds=orchestrator.settings.heartbeat_timeout_seconds,
     )
+    summary.registry_stale_seconds = orchestrator.registry_stale_seconds()
+    return summary
 
 
 @router.get("/agents/{agent_id}/metrics", response_model=AgentMetrics, responses=_ERRORS)

@@ -39,6 +39,9 @@ class Sweeper:
         self._timeout = timedelta(seconds=timeout_seconds)
         self._not_before: datetime = clock.now() + self._timeout
         self._deaf = False
+        # When a sweep last ran to the end while the orchestrator could hear (monotonic):
+        # past a few intervals the registry's statuses are stale (`stale_seconds`).
+        self.last_completed = time.monotonic()
 
     def grant_grace(self) -> None:
         """Judge no one before one full timeout from now (start, reconnect)."""
@@ -51,11 +54,22 @@ class Sweeper:
             self.grant_grace()
         self._deaf = deaf
 
+    def stale_seconds(self, interval_seconds: float) -> float | None:
+        """Seconds since the last completed sweep when that is more than three intervals
+        (the database refuses writes, or the orchestrator cannot hear): the registry's
+        statuses are not being kept. None while sweeps complete."""
+        behind = time.monotonic() - self.last_completed
+        return behind if behind > 3 * interval_seconds else None
+
     async def sweep_once(self) -> list[str]:
         """One sweep; returns the ids marked offline."""
         now = self._clock.now()
-        if self._deaf or now < self._not_before:
+        if self._deaf:
             return await self._refresh_counts([])
+        if now < self._not_before:  # in grace: nothing to judge, yet the sweep keeps up
+            await self._refresh_counts([])
+            self.last_completed = time.monotonic()
+            return []
         started = time.perf_counter()
         async with self._sessions.begin() as session:
             before = await registry.count_by_status(session)
@@ -74,6 +88,7 @@ class Sweeper:
                 ],
             )
         self._metrics.sweep_seconds.observe(time.perf_counter() - started)
+        self.last_completed = time.monotonic()
         self._report(gone=len(gone), online_before=before.get("online", 0))
         return await self._refresh_counts([str(agent_id) for agent_id in gone])
 

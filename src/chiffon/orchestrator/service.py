@@ -9,6 +9,8 @@ from contextlib import suppress
 from datetime import timedelta
 from uuid import UUID
 
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chiffon.orchestrator.batcher import IngestBatcher
@@ -74,6 +76,7 @@ class Orchestrator:
         )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         self._tasks: list[asyncio.Task[None]] = []
+        self.sweeping = False
 
     async def start(self, *, sweep: bool = True) -> None:
         """Refuse a stale schema, then start ingest and (optionally) the periodic tasks."""
@@ -87,6 +90,7 @@ class Orchestrator:
                     name="chiffon-credential-changes",
                 )
             )
+        self.sweeping = sweep
         if sweep:
             self._tasks.append(
                 asyncio.create_task(
@@ -110,6 +114,34 @@ class Orchestrator:
         self._tasks = []
         await self.batcher.stop()
         await self.engine.dispose()
+
+    def registry_stale_seconds(self) -> float | None:
+        """Seconds since the offline sweep last completed, when it is behind (the database
+        refuses writes, or no transport can hear): statuses are then not being kept, and the
+        API and dashboard say so. None while sweeps complete, or when this process does not
+        sweep."""
+        if not self.sweeping:
+            return None
+        return self.sweeper.stale_seconds(self.settings.sweep_interval_seconds)
+
+    async def readiness(self, *, amqp_consuming: bool | None = None) -> dict[str, str]:
+        """What `/readyz` reports, one entry per check; ready when every one says "ok"
+        (or "consuming"): the database answers, the last ingest write committed, the sweep
+        keeps up, and the RabbitMQ consumer (when there is one) is subscribed."""
+        checks = {"database": "ok", "ingest": "ok", "sweep": "ok"}
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (OSError, DBAPIError) as exc:
+            checks["database"] = f"unavailable: {str(exc).splitlines()[0][:200]}"
+        if not self.batcher.healthy:
+            checks["ingest"] = "the last write failed"
+        stale = self.registry_stale_seconds()
+        if stale is not None:
+            checks["sweep"] = f"no completed sweep for {stale:.0f} s"
+        if amqp_consuming is not None:
+            checks["amqp"] = "consuming" if amqp_consuming else "not consuming"
+        return checks
 
     def parse(self, raw: bytes) -> AgentMessage:
         """Validate raw bytes; a refusal is counted and raised as `RejectedMessage`."""

@@ -163,6 +163,11 @@ class PoolSummary(BaseModel):
 class FleetSummary(BaseModel):
     generated_at: datetime
     heartbeat_timeout_seconds: float
+    registry_stale_seconds: float | None = Field(
+        None,
+        description="seconds since the offline sweep last completed, when it is behind (the "
+        "database refuses writes, or no transport can hear agents): statuses may be stale",
+    )
     fleet: PoolSummary
     pools: list[PoolSummary]
 

@@ -103,6 +103,9 @@ function showConnection() {
   } else if (since === null) {
     conn.dataset.state = "loading";
     conn.textContent = "connecting…";
+  } else if (state.summary && state.summary.registry_stale_seconds !== null && state.summary.registry_stale_seconds !== undefined) {
+    conn.dataset.state = "stale";
+    conn.textContent = `Registry stale: the orchestrator has not updated agent statuses for ${Math.round(state.summary.registry_stale_seconds)} s`;
   } else if (since * 1000 > STALE_AFTER_REFRESHES * REFRESH_MS) {
     conn.dataset.state = "stale";
     conn.textContent = `Stale: no update for ${Math.round(since)} s (last ${lastOk})`;
