@@ -104,7 +104,9 @@ async def serve(
         manage_lifecycle=False,
         amqp_state=None if consumer is None else lambda: consumer.consuming,
     )
-    config = uvicorn.Config(app, log_level=log_level, access_log=False)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, http=_request_deadline_protocol()
+    )
     hearing = None
     if consumer is not None:
         hearing = asyncio.create_task(follow_consumer(orchestrator, consumer))
@@ -168,6 +170,45 @@ def print_secrets(resolved: Resolved) -> None:
             f"{settings.enroll_token.get_secret_value()}",
             highlight=False,
         )
+
+
+def _request_deadline_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
+    within `timeout_keep_alive` (5 s) of opening, or of its last response. uvicorn's own
+    keep-alive timer starts only after a response and stops at the first byte, so 1,000
+    sockets that never sent a request (or trickled one byte at a time) were held for as long
+    as their client wanted."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class RequestDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            waiting_after = self.cycle  # a new request replaces it
+            self._deadline = self.loop.call_later(
+                self.timeout_keep_alive, self._expire, waiting_after
+            )
+
+        def _expire(self, waiting_after: object) -> None:
+            if self.cycle is waiting_after and not self.transport.is_closing():
+                self.transport.close()
+
+    return RequestDeadline
 
 
 def _server_class() -> type[uvicorn.Server]:

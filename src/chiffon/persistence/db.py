@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     kwargs.setdefault("json_serializer", _json_text)
     if target.get_backend_name() == "sqlite":
         if target.database and target.database != ":memory:":
-            Path(target.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(target.database).expanduser())
         engine = create_async_engine(target, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -79,6 +80,17 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     # ran a third slower after 2,000 concurrent enrollments (docs/performance.md).
     kwargs.setdefault("pool_use_lifo", True)
     return create_async_engine(target, **kwargs)
+
+
+def _private_file(path: Path) -> None:
+    """The SQLite registry holds agent credentials' hashes and the fleet's layout: its
+    directory is created 0700 and the file is 0600 (SQLite gives its -wal and -shm files
+    the database file's mode)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
