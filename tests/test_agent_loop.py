@@ -14,6 +14,7 @@ from chiffon.agent.loop import AgentIdentity, AgentLoop, backoff_seconds, beat_d
 from chiffon.agent.probes.collect import Collector, FirstAvailable
 from chiffon.agent.probes.nvidia_smi import NvidiaSmiProbe
 from chiffon.agent.probes.nvml import NvmlProbe
+from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.ingest import Outcome
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import registry
@@ -41,7 +42,7 @@ def make_loop(
 
 
 async def test_agent_registers_with_resources_keeps_its_id_and_says_goodbye(
-    orchestrator: Orchestrator, tmp_path: Path
+    orchestrator: Orchestrator, tmp_path: Path, clock: ManualClock
 ) -> None:
     fake_pynvml.reset([FakeGpu(total_bytes=24 * 10**9, free_bytes=18 * 10**9)])
     first, _ = make_loop(tmp_path, InMemoryPublisher(orchestrator.ingest))
@@ -56,6 +57,7 @@ async def test_agent_registers_with_resources_keeps_its_id_and_says_goodbye(
     assert row.name == f"desk-{str(agent_id)[:8]}" and first.delivered == 3
     assert [e.reason for e in events][::-1] == ["registered", "goodbye"]
 
+    clock.advance(5)  # the restart, a little later (a send time counts up to its receipt)
     second, _ = make_loop(tmp_path, InMemoryPublisher(orchestrator.ingest))
     assert second.identity.agent_id == agent_id and second.boot_id != first.boot_id
     await asyncio.wait_for(second.run(max_beats=1), 10)
