@@ -17,13 +17,14 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import db
 from tests.auth import API_TOKEN, ENROLL_TOKEN, SECRET_KEY
-from tests.services import POSTGRES_ADMIN_URL, need
+from tests.private_services import PrivatePostgres, PrivateRabbit
+from tests.services import POSTGRES_ADMIN_URL, listening_pids, need
 
 
 @contextmanager
-def fresh_postgres_database() -> Iterator[str]:
+def fresh_postgres_database(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
     """A throwaway PostgreSQL database migrated to head; dropped afterwards."""
-    admin = make_url(POSTGRES_ADMIN_URL)
+    admin = make_url(admin_url)
     need("PostgreSQL", admin.host or "127.0.0.1", admin.port or 5432)
     name = f"chiffon_test_{uuid.uuid4().hex[:12]}"
     conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -43,6 +44,36 @@ def postgres_url() -> Iterator[str]:
     """The PostgreSQL database of this test run's registry tests."""
     with fresh_postgres_database() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test run's own, for the tests that stop one."""
+    cluster = PrivatePostgres()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def private_broker() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this test run's own, for the tests that stop one."""
+    node = PrivateRabbit()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_services_untouched() -> Iterator[None]:
+    """The machine's own PostgreSQL and RabbitMQ are used, never stopped: the processes
+    listening on their ports are the same at the end of the run as at its start."""
+    before = listening_pids()
+    yield
+    after = listening_pids()
+    assert after == before, f"a system service was restarted: {before} -> {after}"
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,9 @@ import pytest
 from tests.auth import API_HEADERS, ENROLL_TOKEN, TOKENS_ENV
 from tests.conftest import fresh_postgres_database
 from tests.fakes.nvidia_smi import gpu_row, install, path_with
+from tests.private_services import PrivateRabbit
 from tests.procs import CHIFFON, free_port, stop, wait_http
-from tests.services import AMQP_URL, broker_stopped, need
+from tests.services import AMQP_URL, need
 
 INTERVAL = 1.0
 TIMEOUT = 6.0  # longer than a RabbitMQ stop_app/start_app cycle on a busy 2-core box
@@ -42,6 +43,7 @@ DESKTOPS: dict[str, list[list[str]] | None] = {
 
 
 def rabbitmqctl(*args: str) -> str:
+    """The system broker's rabbitmqctl (used, never stopped)."""
     done = subprocess.run(
         ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=True
     )
@@ -50,7 +52,8 @@ def rabbitmqctl(*args: str) -> str:
 
 @contextmanager
 def private_vhost() -> Iterator[str]:
-    """An AMQP URL on a virtual host of its own, so the default names are safe to use."""
+    """An AMQP URL on a virtual host of its own on the system broker, so the default names
+    are safe to use."""
     need("RabbitMQ", "127.0.0.1", 5672)
     vhost = f"chiffon-e2e-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", vhost)
@@ -59,6 +62,18 @@ def private_vhost() -> Iterator[str]:
         yield f"{AMQP_URL.rstrip('/')}/{vhost}"
     finally:
         rabbitmqctl("delete_vhost", vhost)
+
+
+@contextmanager
+def vhost_on(broker: PrivateRabbit) -> Iterator[str]:
+    """A fresh virtual host on the test run's private broker (one fleet each)."""
+    vhost = f"chiffon-e2e-{uuid.uuid4().hex[:8]}"
+    broker.ctl("add_vhost", vhost)
+    try:
+        broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"{broker.url.rstrip('/')}/{vhost}"
+    finally:
+        broker.ctl("delete_vhost", vhost)
 
 
 @dataclass
@@ -175,10 +190,10 @@ def last_beats(fleet: Fleet) -> dict[str, datetime]:
     }
 
 
-def check_broker_restart(fleet: Fleet, vhost_url: str) -> None:
+def check_broker_restart(fleet: Fleet, broker: PrivateRabbit, vhost_url: str) -> None:
     vhost = vhost_url.rsplit("/", 1)[1]
     before = last_beats(fleet)
-    with broker_stopped():
+    with broker.stopped():
         time.sleep(1.5)
 
     def beat_again() -> bool:
@@ -186,7 +201,7 @@ def check_broker_restart(fleet: Fleet, vhost_url: str) -> None:
         return set(now) == set(before) and all(now[n] > before[n] for n in before)
 
     wait_for("heartbeats after the broker restart", beat_again, fleet, within=20)
-    queues = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers")
+    queues = broker.ctl("list_queues", "-p", vhost, "name", "consumers")
     assert "chiffon.orchestrator.agent-events\t1" in queues
     for name in before:
         assert ("offline", "timeout") not in fleet.events(name), name

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -39,37 +38,19 @@ def need(service: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
-def _run(*command: str) -> None:
-    import subprocess
+def listening_pids(ports: tuple[int, ...] = (5432, 5672)) -> dict[int, set[int]]:
+    """The pids listening on the system services' ports on this machine (those visible)."""
+    import psutil
 
-    subprocess.run(command, check=True, timeout=120, capture_output=True)
-
-
-@contextlib.contextmanager
-def broker_stopped() -> Iterator[None]:
-    """RabbitMQ's app stopped (`rabbitmqctl stop_app`) and always started again."""
-    _run("rabbitmqctl", "-q", "stop_app")
+    found: dict[int, set[int]] = {port: set() for port in ports}
     try:
-        yield
-    finally:
-        _run("rabbitmqctl", "-q", "start_app")
-        _run("rabbitmqctl", "-q", "await_startup")
-
-
-def postgres_version() -> str:
-    versions = sorted(os.listdir("/etc/postgresql"))
-    return versions[-1]
-
-
-@contextlib.contextmanager
-def postgres_stopped() -> Iterator[None]:
-    """The local PostgreSQL cluster stopped (pg_ctlcluster) and always started again."""
-    ctl = ("pg_ctlcluster", "--skip-systemctl-redirect", postgres_version(), "main")
-    _run(*ctl, "stop", "-m", "fast")
-    try:
-        yield
-    finally:
-        _run(*ctl, "start")
+        connections = psutil.net_connections("tcp")
+    except psutil.AccessDenied:  # not root: nothing to compare
+        return found
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port in found and conn.pid:
+            found[conn.laddr.port].add(conn.pid)
+    return found
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within_seconds: float = 10) -> None:

@@ -23,9 +23,10 @@ from tests.fleet import (
     all_online,
     check_broker_restart,
     fleet_on,
-    private_vhost,
+    vhost_on,
     wait_for,
 )
+from tests.private_services import PrivateRabbit
 
 
 def check_three_distinct_agents(fleet: Fleet) -> None:
@@ -73,10 +74,10 @@ def check_kill_and_goodbye(fleet: Fleet) -> None:
 
 
 @pytest.mark.broker_restart
-def test_three_agents_over_rabbitmq(tmp_path: Path) -> None:
-    with private_vhost() as amqp_url, fleet_on("amqp", tmp_path, amqp_url) as fleet:
+def test_three_agents_over_rabbitmq(tmp_path: Path, private_broker: PrivateRabbit) -> None:
+    with vhost_on(private_broker) as amqp_url, fleet_on("amqp", tmp_path, amqp_url) as fleet:
         check_three_distinct_agents(fleet)
-        check_broker_restart(fleet, amqp_url)
+        check_broker_restart(fleet, private_broker, amqp_url)
         check_kill_and_goodbye(fleet)
 
 

@@ -40,6 +40,7 @@ from chiffon.transport.rabbitmq import (
 )
 from tests import factories as f
 from tests.auth import API_HEADERS, TOKENS_ENV, enroll, keyring
+from tests.private_services import PrivateRabbit
 from tests.procs import CHIFFON, free_port, run_cli, stop, wait_http
 from tests.services import AMQP_URL, eventually, need
 
@@ -625,33 +626,33 @@ async def _total(one: RabbitConsumer, two: RabbitConsumer, n: int) -> bool:
 
 @pytest.mark.broker_restart
 async def test_consumer_and_publisher_recover_after_a_broker_restart(
-    orchestrator: Orchestrator, amqp_url: str, topology: Topology
+    orchestrator: Orchestrator, private_broker: PrivateRabbit
 ) -> None:
+    """On the test run's own RabbitMQ node: the system broker is never stopped."""
+    url, topology = private_broker.url, Topology(exchange=f"chiffon-{uuid.uuid4().hex[:8]}")
+    topology = Topology(
+        exchange=topology.exchange,
+        queue=f"{topology.exchange}.agent-events",
+        rejected_queue=f"{topology.exchange}.rejected",
+    )
     before, after = f.message(), f.message()
     keys = await keyring(orchestrator, [before.agent_id, after.agent_id])
     # The watchdog's timer never fires in this test: the reconnect itself subscribes again.
     async with (
-        consuming(orchestrator, amqp_url, topology, watchdog_interval_seconds=600) as consumer,
-        publisher(amqp_url, topology, keys) as pub,
+        consuming(orchestrator, url, topology, watchdog_interval_seconds=600) as consumer,
+        publisher(url, topology, keys) as pub,
     ):
         await pub.publish(before)
         await eventually(lambda: _applied(orchestrator, before.agent_id))
-        try:
-            _ctl("stop_app")
-        finally:
-            _ctl("start_app")
+        with private_broker.stopped():
+            pass
         await consumer.wait_consuming(30)
         await _publish_until_accepted(pub, after, within_seconds=30)
         await eventually(lambda: _applied(orchestrator, after.agent_id), within_seconds=15)
-        consumers = {
-            q["name"]: q["consumers"] for q in _rabbitmqctl("list_queues", "name", "consumers")
-        }
+        listed = private_broker.ctl("--formatter", "json", "list_queues", "name", "consumers")
+        consumers = {q["name"]: q["consumers"] for q in json.loads(listed)}
         assert consumers[topology.queue] == 1
     assert _sample(orchestrator, "chiffon_amqp_reconnects_total") >= 1
-
-
-def _ctl(command: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", command], check=True, timeout=60, capture_output=True)
 
 
 async def _publish_until_accepted(pub: RabbitPublisher, msg: Any, *, within_seconds: float) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from chiffon.agent.simulate import agent_id_for, make_fleet
 from tests.auth import API_HEADERS, TOKENS_ENV
+from tests.fleet import private_vhost
 from tests.procs import orchestrator_process, run_cli
-from tests.test_e2e_fleet import private_vhost
 
 AGENTS = 40
 

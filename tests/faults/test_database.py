@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -15,10 +15,18 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.transport.rabbitmq import Topology
 from tests import factories as f
 from tests.auth import API_HEADERS, bearer, issue, keyring
-from tests.services import postgres_stopped
+from tests.conftest import fresh_postgres_database
+from tests.private_services import PrivatePostgres
 from tests.test_rabbitmq import _applied, consuming, publisher, ready_count
 
 pytestmark = pytest.mark.db_restart
+
+
+@pytest.fixture
+def database_url(private_postgres: PrivatePostgres) -> Iterator[str]:
+    """On the test run's own PostgreSQL cluster: the system's is never stopped."""
+    with fresh_postgres_database(private_postgres.admin_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -46,6 +54,7 @@ async def test_4_database_down_means_503_no_early_ack_and_ingest_resumes_by_itse
     clock: ManualClock,
     amqp_url: str,
     topology: Topology,
+    private_postgres: PrivatePostgres,
 ) -> None:
     agent = f.message().agent_id
     auth = bearer(await issue(orchestrator, agent))
@@ -58,7 +67,7 @@ async def test_4_database_down_means_503_no_early_ack_and_ingest_resumes_by_itse
     url = f"/api/v1/agents/{agent}/heartbeat"
     assert (await api.post(url, content=beat(1), headers=auth)).status_code == 200
     async with consuming(orchestrator, amqp_url, topology):
-        with postgres_stopped():
+        with private_postgres.stopped():
             read = await api.get("/api/v1/agents")
             assert read.status_code == 503, read.text
             assert (await api.get("/readyz")).status_code == 503

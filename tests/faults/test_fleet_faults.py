@@ -18,10 +18,10 @@ from tests.fleet import (
     fleet_on,
     last_beats,
     offline_at,
-    private_vhost,
+    vhost_on,
     wait_for,
 )
-from tests.services import broker_stopped
+from tests.private_services import PrivateRabbit
 
 # Short liveness for 2 and 3 so "several timeouts" is seconds, not minutes.
 TIMEOUT = 3.0
@@ -71,17 +71,23 @@ def _beats_after(fleet: Fleet, before: object) -> bool:
 
 
 @pytest.mark.broker_restart
-def test_1_broker_stopped_shorter_than_the_timeout(tmp_path: Path) -> None:
-    with private_vhost() as amqp_url, fleet_on("amqp", tmp_path, amqp_url) as fleet:
+def test_1_broker_stopped_shorter_than_the_timeout(
+    tmp_path: Path, private_broker: PrivateRabbit
+) -> None:
+    with vhost_on(private_broker) as amqp_url, fleet_on("amqp", tmp_path, amqp_url) as fleet:
         start_two(fleet)
-        check_broker_restart(fleet, amqp_url)  # no one offline, beats resume, consumer back
+        # no one offline, beats resume, consumer back
+        check_broker_restart(fleet, private_broker, amqp_url)
 
 
 @pytest.mark.broker_restart
-def test_2_broker_down_for_several_timeouts(tmp_path: Path) -> None:
-    with private_vhost() as amqp_url, fleet_on("amqp", tmp_path, amqp_url, FAST) as fleet:
+def test_2_broker_down_for_several_timeouts(tmp_path: Path, private_broker: PrivateRabbit) -> None:
+    with (
+        vhost_on(private_broker) as amqp_url,
+        fleet_on("amqp", tmp_path, amqp_url, FAST) as fleet,
+    ):
         start_two(fleet)
-        with broker_stopped():
+        with private_broker.stopped():
             kill(fleet, DEAD)  # dies while no one can hear it
             time.sleep(3 * TIMEOUT)
             agents = fleet.agents()
