@@ -84,11 +84,21 @@ def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
         assert me["resource_metrics"]["cpu_cores_physical"] >= 1
         assert (tmp_path / ".chiffon" / "chiffon.db").is_file()
 
-        busy = run_cli("up", "--port", str(port), env={"HOME": str(tmp_path)})
+        # A second `up` on the same data directory would cancel this one's local agent:
+        # refused before it touches anything, whatever its port.
+        second = run_cli("up", "--port", str(free_port()), env={"HOME": str(tmp_path)})
+        assert second.returncode == 1
+        assert second.stderr.strip() == (
+            f"error: another `chiffon up` (pid {proc.pid}) is running on "
+            f"{tmp_path / '.chiffon'}; stop it first, or give this one its own --data-dir"
+        )
+        other_home = tmp_path / "other"
+        busy = run_cli("up", "--port", str(port), env={"HOME": str(other_home)})
         assert busy.returncode == 1
         assert busy.stderr.strip() == (
             f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
         )
+        assert get(port, f"/agents/{agent_id}")["status"] == "online"  # still heard
 
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -99,9 +109,13 @@ def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
     assert "chiffon agent --orchestrator-url" in log and "--enroll-token" in log
     assert "Traceback" not in log
 
+    assert "issued this machine's agent a new credential (none kept yet)" in log
+    secret = (tmp_path / ".chiffon" / "agent_secret").read_text()
     with chiffon_up(tmp_path, port):  # run twice: the registry and the identity stay
         (again,) = wait_agent_online(port)
         assert again["agent_id"] == agent_id
+        # and so does the credential: nothing re-issued behind anyone's back
+        assert (tmp_path / ".chiffon" / "agent_secret").read_text() == secret
         reasons = [e["reason"] for e in get(port, f"/events?agent_id={agent_id}")]
         assert reasons[:3] == ["heartbeat", "goodbye", "registered"]
 

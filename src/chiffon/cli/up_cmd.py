@@ -9,9 +9,10 @@ validation, same commit). No broker, no database server.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import typer
 from rich.text import Text
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from chiffon.agent.probes.collect import Collector
     from chiffon.agent.settings import AgentSettings
     from chiffon.orchestrator.service import Orchestrator
+    from chiffon.transport.auth import AgentCredential
 
 STOP_TIMEOUT_SECONDS = 3.0
 
@@ -42,12 +44,37 @@ class LocalAgent:
         from chiffon.cli.agent_cmd import new_agent_loop
         from chiffon.transport.memory import InMemoryPublisher
 
-        # This machine's agent is the orchestrator's own: it gets a fresh credential in
-        # process (no enrollment token, nothing on disk) and signs every message with it.
-        credential = await orchestrator.credentials.replace(self._identity.agent_id)
+        credential = await self._credential(orchestrator)
         publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
         self._loop = new_agent_loop(self._settings, self._identity, publisher, self._collector)
         self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
+
+    async def _credential(self, orchestrator: Orchestrator) -> AgentCredential:
+        """This machine's agent is the orchestrator's own: it keeps its secret in the data
+        directory like any agent and uses it again at the next start. Only when it has none
+        that the registry accepts is a new one issued in process (no enrollment token), and
+        that is said, never done silently."""
+        from chiffon.agent.identity import load_secret, store_secret
+        from chiffon.schemas.limits import RejectedMessage
+        from chiffon.transport.auth import AgentCredential
+
+        agent_id = self._identity.agent_id
+        kept = load_secret(self._settings.state_dir)
+        if kept is not None:
+            try:
+                await orchestrator.credentials.check_bearer(agent_id, kept)
+                return AgentCredential(agent_id, kept)
+            except RejectedMessage as exc:
+                why = exc.reason
+        else:
+            why = "none kept yet"
+        credential = await orchestrator.credentials.replace(agent_id)
+        path = store_secret(self._settings.state_dir, credential.secret)
+        console.print(
+            f"issued this machine's agent a new credential ({why}); kept in {path}",
+            highlight=False,
+        )
+        return credential
 
     async def stop(self) -> None:
         """Say goodbye (the orchestrator marks this machine offline at once), then stop."""
@@ -105,6 +132,7 @@ def up(
 
     setup_logging(verbose)
     settings = build_settings(host=host, port=port, data_dir=data_dir)
+    lock = lock_data_dir(settings.data_dir)  # held until this process exits
     # Embedded on purpose: `up` needs no database server, whatever the environment says.
     url = db.default_database_url(settings.data_dir)
     settings = settings.model_copy(update={"database_url": url, "amqp_url": None})
@@ -146,6 +174,38 @@ def up(
             companions=[LocalAgent(agent_settings, identity, collector)],
         )
     )
+    lock.close()
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """One `chiffon up` per data directory. A second one gave the shared local agent a new
+    credential, which cancelled the first one's (its beats were refused forever), and said
+    goodbye for it on exit. The lock is the kernel's (flock): it ends with the process, even
+    one killed with SIGKILL."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = data_dir / "up.lock"
+    handle = path.open("a+")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (untested there): no lock, and say so
+        console.print(f"warning: cannot lock {data_dir} on this platform", highlight=False)
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CliError(
+            f"another `chiffon up` (pid {holder}) is running on {data_dir}; stop it first, "
+            "or give this one its own --data-dir",
+            code=1,
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def register(app: typer.Typer) -> None:
