@@ -55,8 +55,48 @@ def test_capacity_query_best_first_and_exit_status(fleet_url: str) -> None:
     both = run_cli("capacity", "--min-cpu-cores", "1", "--json", "--orchestrator-url", fleet_url)
     assert [c["name"] for c in json.loads(both.stdout)] == ["rich", "small"]
     none = run_cli("capacity", "--min-single-gpu-vram", "23", "--orchestrator-url", fleet_url)
-    assert none.returncode == 1
-    assert "no online agent can take that work" in none.stdout
+    assert none.returncode == 3  # its own code: "not yet", never a typo or an outage
+    assert none.stdout.strip() == (
+        "no online agent can take that work right now; "
+        "closest: rich (best GPU 22.0 GB of 23 wanted)"
+    )
+    pool = run_cli("capacity", "--min-cpu-cores", "1", "--pool", "nosuch",
+                   "--orchestrator-url", fleet_url)  # fmt: skip
+    assert pool.returncode == 3
+    assert pool.stdout.strip() == "no agent is in pool 'nosuch' (pools: desktop_pool_1)"
+
+
+def test_exit_statuses_tell_no_capacity_from_usage_from_failure(fleet_url: str) -> None:
+    """0 found, 3 no capacity, 2 usage error, 1 the orchestrator could not be asked."""
+    url = ["--orchestrator-url", fleet_url]
+    cases = {
+        ("capacity", "--min-gpu-vram", "8", *url): 0,
+        ("capacity", "--min-gpu-vram", "1000", *url): 3,
+        ("capacity", "--min-cpu-cores", "-1", *url): 2,
+        ("capacity", "--min-gpu-vram", "8", "--orchestrator-url", "127.0.0.1:8700"): 2,
+        ("capacity", "--min-gpu-vram", "8", "--orchestrator-url", "http://127.0.0.1:1"): 1,
+    }
+    for args, code in cases.items():
+        assert run_cli(*args).returncode == code, args
+    refused = run_cli("capacity", "--min-gpu-vram", "8", *url, env={"CHIFFON_API_TOKEN": "x"})
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+    scheme = run_cli("agents", "--orchestrator-url", "127.0.0.1:8700")
+    assert scheme.stderr.strip() == (
+        "error: --orchestrator-url must start with http:// or https://, not '127.0.0.1:8700' "
+        "(did you mean http://127.0.0.1:8700?)"
+    )
+
+
+def test_empty_lists_say_why(fleet_url: str) -> None:
+    url = ["--orchestrator-url", fleet_url]
+    assert run_cli("agents", "--status", "offline", *url).stdout.strip() == (
+        "no offline agents (2 registered in all)"
+    )
+    assert run_cli("agents", "--pool", "nosuch", *url).stdout.strip() == (
+        "no agent is in pool 'nosuch' (pools: desktop_pool_1)"
+    )
+    events = run_cli("events", *url).stdout
+    assert "rich" in events and "small" in events  # names, not id prefixes
 
 
 def test_one_agent_by_name_prefix_or_id(fleet_url: str) -> None:
@@ -71,9 +111,9 @@ def test_one_agent_by_name_prefix_or_id(fleet_url: str) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (("capacity", "nobody"), 1, "no agent has the id, id prefix or name 'nobody'"),
-        (("capacity", str(uuid.uuid4())), 1, "is not registered (HTTP 404)"),
-        (("capacity", "--min-gpu-vram", "-3"), 1, "greater than or equal to 0 (HTTP 400)"),
+        (("capacity", "nobody"), 2, "no agent has the id, id prefix or name 'nobody'"),
+        (("capacity", str(uuid.uuid4())), 2, "is not registered (HTTP 404)"),
+        (("capacity", "--min-gpu-vram", "-3"), 2, "-3.0 is not in the range x>=0"),
         (("agents", "--status", "asleep"), 2, "--status must be online or offline"),
         (("capacity", "--min-gpu-vram", "lots"), 2, "Invalid value for '--min-gpu-vram'"),
         (("agents", "--colour"), 2, "chiffon agents: No such option: --colour"),

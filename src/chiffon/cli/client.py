@@ -10,15 +10,23 @@ from typing import Any
 
 import httpx
 
-from chiffon.cli.common import CliError
+from chiffon.cli.common import EXIT_USAGE, CliError
 
 DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8700"
 
 
 def orchestrator_url(flag: str | None) -> str:
-    return (flag or os.environ.get("CHIFFON_ORCHESTRATOR_URL") or DEFAULT_ORCHESTRATOR_URL).rstrip(
-        "/"
-    )
+    """The orchestrator's base URL; a usage error when it does not say http:// or https://
+    (a bare `127.0.0.1:8700` used to be blamed on the connection)."""
+    url = flag or os.environ.get("CHIFFON_ORCHESTRATOR_URL") or DEFAULT_ORCHESTRATOR_URL
+    if not url.startswith(("http://", "https://")):
+        where = "--orchestrator-url" if flag else "CHIFFON_ORCHESTRATOR_URL"
+        raise CliError(
+            f"{where} must start with http:// or https://, not {url!r} "
+            f"(did you mean http://{url}?)",
+            code=EXIT_USAGE,
+        )
+    return url.rstrip("/")
 
 
 def data_dir() -> Path:
@@ -73,7 +81,10 @@ class ApiClient:
                 "token (`chiffon up` keeps it in ~/.chiffon/api_token)"
             )
         if resp.status_code >= 400:
-            raise CliError(f"{_detail(resp)} (HTTP {resp.status_code})")
+            # A request the orchestrator found wrong is the user's to fix (usage); a 5xx
+            # is the orchestrator's failure.
+            code = EXIT_USAGE if resp.status_code < 500 else 1
+            raise CliError(f"{_detail(resp)} (HTTP {resp.status_code})", code=code)
         return resp.json() if resp.content else None
 
     def resolve(self, ref: str) -> str:
@@ -87,8 +98,8 @@ class ApiClient:
         if len(hits) == 1:
             return str(hits[0]["agent_id"])
         if not hits:
-            raise CliError(f"no agent has the id, id prefix or name {ref!r}")
-        raise CliError(f"{ref!r} matches {len(hits)} agents; give more of the id")
+            raise CliError(f"no agent has the id, id prefix or name {ref!r}", code=EXIT_USAGE)
+        raise CliError(f"{ref!r} matches {len(hits)} agents; give more of the id", code=EXIT_USAGE)
 
 
 def _detail(resp: httpx.Response) -> str:

@@ -21,10 +21,17 @@ console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ e
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
+# Exit statuses, the same for every command (README, "Exit status"): a script waiting on
+# `chiffon capacity` can tell "not yet" from a typo or an outage.
+EXIT_FAILED = 1  # could not do it: orchestrator unreachable, token refused, server error
+EXIT_USAGE = 2  # the command line, or a value in it, is wrong
+EXIT_NO_CAPACITY = 3  # `chiffon capacity`: a fine question, but no agent can take the work now
+
+
 class CliError(Exception):
     """A failure the user can act on: printed as one line, exit status `code`."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
 

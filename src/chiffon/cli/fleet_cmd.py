@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from chiffon.cli.common import CliError, console, plain
+from chiffon.cli.common import EXIT_NO_CAPACITY, EXIT_USAGE, CliError, console, plain
 from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def agents(
     if ctx.invoked_subcommand is not None:
         return
     if status not in (None, "online", "offline"):
-        raise CliError(f"--status must be online or offline, not {status!r}", code=2)
+        raise CliError(f"--status must be online or offline, not {status!r}", code=EXIT_USAGE)
     client = api_client(url)
 
     def fetch() -> list[dict[str, Any]]:
@@ -143,7 +143,7 @@ def agents(
         _print_json(fetch())
     elif not watch:
         rows = fetch()
-        console.print(agents_table(rows) if rows else "no agents registered yet")
+        console.print(agents_table(rows) if rows else _none_listed(client, status, pool))
     else:
         with Live(agents_table(fetch()), console=console, auto_refresh=False) as live:
             try:
@@ -188,19 +188,79 @@ def unban(
     )
 
 
+def _none_listed(client: ApiClient, status: str | None, pool: str | None) -> Text:
+    """Why the list is empty: nothing registered, or nothing matching the filters."""
+    if status is None and pool is None:
+        return plain("no agents registered yet")
+    if pool is not None and (unknown := _unknown_pool(client, pool)):
+        return plain(unknown)
+    what = " ".join(x for x in (status, "agents") if x)
+    where = f" in pool {pool!r}" if pool else ""
+    total = len(client.get("/agents"))
+    return plain(f"no {what}{where} ({total} registered in all)")
+
+
+def _unknown_pool(client: ApiClient, pool: str) -> str | None:
+    """A sentence naming the pools there are, when `pool` is not one of them."""
+    pools = [p["pool_name"] for p in client.get("/fleet/summary")["pools"]]
+    if pool in pools:
+        return None
+    return f"no agent is in pool {pool!r} (pools: {', '.join(pools) or 'none yet'})"
+
+
+# What `chiffon capacity` asks of each number, for naming the closest agent.
+_WANTS = (
+    ("min_gpu_vram_gb", "gpu_vram_available_gb", "free VRAM", "GB"),
+    ("min_single_gpu_vram_gb", "gpu_vram_available_max_gb", "best GPU", "GB"),
+    ("min_cpu_cores", "cpu_cores_available", "free cores", ""),
+    ("min_memory_gb", "memory_available_gb", "free memory", "GB"),
+)
+
+
+def closest(rows: list[dict[str, Any]], wanted: dict[str, float]) -> str | None:
+    """The online agent that misses the requirements by the least (the sum of each
+    shortfall as a fraction of what was asked), said with what it lacks."""
+
+    def shortfall(row: dict[str, Any]) -> float:
+        total = 0.0
+        for key, column, _, _ in _WANTS:
+            need, have = wanted.get(key), row.get(column)
+            if need:
+                total += 1.0 if have is None else max(0.0, need - have) / need
+        return total
+
+    if not rows or not any(wanted.values()):
+        return None
+    best = min(rows, key=shortfall)
+    lacks = [
+        f"{label} {_num(best.get(column))}{(' ' + unit) if unit else ''} of {need:g} wanted"
+        for key, column, label, unit in _WANTS
+        if (need := wanted.get(key)) and (best.get(column) is None or best[column] < need)
+    ]
+    return f"closest: {best['name']} ({', '.join(lacks)})"
+
+
+def _why_none(client: ApiClient, pool: str | None, wanted: dict[str, float]) -> str:
+    if pool is not None and (unknown := _unknown_pool(client, pool)):
+        return unknown
+    near = closest(client.get("/agents/available-capacity", pool_name=pool), wanted)
+    return "no online agent can take that work right now" + (f"; {near}" if near else "")
+
+
 def capacity(
     agent: str = typer.Argument(None, help="One agent (id, id prefix or name)."),
-    min_gpu_vram: float = typer.Option(None, help="Free VRAM summed over GPUs, GB."),
-    min_single_gpu_vram: float = typer.Option(None, help="Free VRAM on one GPU, GB."),
-    min_cpu_cores: int = typer.Option(None, help="Free CPU cores."),
-    min_memory: float = typer.Option(None, help="Free memory, GB."),
+    min_gpu_vram: float = typer.Option(None, min=0, help="Free VRAM summed over GPUs, GB."),
+    min_single_gpu_vram: float = typer.Option(None, min=0, help="Free VRAM on one GPU, GB."),
+    min_cpu_cores: int = typer.Option(None, min=0, help="Free CPU cores."),
+    min_memory: float = typer.Option(None, min=0, help="Free memory, GB."),
     pool: str = typer.Option(None, help="Only this pool."),
     as_json: bool = JSON_OPTION,
     url: str = URL_OPTION,
 ) -> None:
     """One agent's capacity, or the agents that can take the work, best first.
 
-    Exit status 1 when no agent can take the work, so a script can wait on it.
+    Exit status 3 when no agent can take the work (so a script can wait on it), 2 for a
+    usage error, 1 when the orchestrator cannot be asked.
     """
     client = api_client(url)
     if agent is not None:
@@ -210,22 +270,21 @@ def capacity(
         else:
             console.print(capacity_table([one]))
         return
-    rows = client.get(
-        "/agents/available-capacity",
-        min_gpu_vram_gb=min_gpu_vram,
-        min_single_gpu_vram_gb=min_single_gpu_vram,
-        min_cpu_cores=min_cpu_cores,
-        min_memory_gb=min_memory,
-        pool_name=pool,
-    )
+    wanted = {
+        "min_gpu_vram_gb": min_gpu_vram,
+        "min_single_gpu_vram_gb": min_single_gpu_vram,
+        "min_cpu_cores": min_cpu_cores,
+        "min_memory_gb": min_memory,
+    }
+    rows = client.get("/agents/available-capacity", **wanted, pool_name=pool)
     if as_json:
         _print_json(rows)
     elif rows:
         console.print(capacity_table(rows))
     else:
-        console.print("no online agent can take that work right now")
+        console.print(plain(_why_none(client, pool, {k: v for k, v in wanted.items() if v})))
     if not rows:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_NO_CAPACITY)
 
 
 def events(
@@ -241,6 +300,7 @@ def events(
     if as_json:
         _print_json(rows)
         return
+    names = {a["agent_id"]: a["name"] for a in client.get("/agents")}
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("WHEN", "AGENT", "FROM", "TO", "WHY"):
         table.add_column(column, no_wrap=True)
@@ -249,7 +309,7 @@ def events(
         when = datetime.fromisoformat(e["at"])
         table.add_row(
             f"{when:%Y-%m-%d %H:%M:%S} ({ago((now - when).total_seconds())})",
-            plain(e["agent_id"][:8]),
+            plain(names.get(e["agent_id"], e["agent_id"][:8])),
             plain(e["from_status"] or "-"),
             plain(e["to_status"]),
             plain(e["reason"]),
