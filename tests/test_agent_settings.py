@@ -291,3 +291,13 @@ def test_secrets_can_come_from_files_named_in_the_environment(tmp_path: Path) ->
     missing = str(tmp_path / "nope")
     with pytest.raises(SettingsError, match="CHIFFON_ENROLL_TOKEN_FILE\\): cannot read"):
         load_settings(environ={"CHIFFON_ENROLL_TOKEN_FILE": missing}, home=tmp_path)
+
+
+def test_an_unknown_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    config = write(tmp_path / "agent.yml", "heartbeat_intervall_seconds: 5\n")
+    with pytest.raises(SettingsError) as refused:
+        load_settings(config=config, environ={})
+    assert str(refused.value) == (
+        f"bad setting heartbeat_intervall_seconds = 5 (from file {config}): unknown setting; "
+        "did you mean heartbeat_interval_seconds?"
+    )

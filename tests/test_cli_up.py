@@ -127,3 +127,13 @@ def test_an_api_on_the_network_without_a_token_refuses_to_start(tmp_path: Path) 
         assert out.returncode == 2, out.stderr
         assert "refusing to serve the API on 0.0.0.0 without an API token" in out.stderr
         assert "CHIFFON_API_TOKEN" in out.stderr
+
+
+def test_a_bad_setting_is_worded_like_the_agents(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "CHIFFON_HEARTBEAT_INTERVAL": "-1"}
+    out = run_cli("up", "--port", str(free_port()), env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "error: bad setting heartbeat_interval_seconds = '-1' "
+        "(from env CHIFFON_HEARTBEAT_INTERVAL): must be greater than 0"
+    )

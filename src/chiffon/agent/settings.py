@@ -9,6 +9,7 @@ agent about 13 MB of its 40 MB budget, for fifteen settings.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -378,7 +379,11 @@ def load_settings(
     for key, value in merged.items():
         if key not in FIELDS:  # a typo in the file, most likely
             origin = origins[key]
-            raise SettingsError(f"bad setting {key} = {value!r} (from {origin}): unknown setting")
+            near = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise SettingsError(
+                f"bad setting {key} = {value!r} (from {origin}): unknown setting{hint}"
+            )
     try:
         settings = AgentSettings(**merged)
     except _Refused as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import typer
@@ -49,13 +50,41 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def describe_settings_error(exc: ValidationError, source: str = "environment or flags") -> str:
-    """One line naming the setting, the bad value and where it came from."""
+# pydantic's error types in the agent's words ("must be greater than 0").
+_PLAIN = {
+    "greater_than": "must be greater than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than": "must be less than {lt}",
+    "less_than_equal": "must be at most {le}",
+    "float_parsing": "must be a number",
+    "int_parsing": "must be a whole number",
+    "bool_parsing": "must be true or false",
+}
+
+
+def describe_settings_error(
+    exc: ValidationError,
+    flags: Mapping[str, object] | None = None,
+    env_names: Mapping[str, str] | None = None,
+) -> str:
+    """One line naming the setting, the bad value and where it came from (the flag, or the
+    `CHIFFON_*` variable), worded like the agent's."""
     first = exc.errors(include_url=False)[0]
     key = ".".join(str(p) for p in first["loc"]) or "settings"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
-    return f"bad setting {key}{shown} (from {source}): {first['msg']}"
+    if key.startswith("CHIFFON_"):
+        key, source = key.removeprefix("CHIFFON_").lower(), f"env {key}"
+    elif flags and flags.get(key) is not None:
+        source = "flag"
+    else:
+        source = f"env {(env_names or {}).get(key, f'CHIFFON_{key.upper()}')}"
+    template = _PLAIN.get(first["type"])
+    ctx = {
+        k: f"{v:g}" if isinstance(v, int | float) else v for k, v in first.get("ctx", {}).items()
+    }
+    reason = template.format(**ctx) if template else first["msg"]
+    return f"bad setting {key}{shown} (from {source}): {reason}"
 
 
 def setup_logging(verbose: bool) -> None:

@@ -45,7 +45,8 @@ def build_settings(**flags: object) -> OrchestratorSettings:
     try:
         return OrchestratorSettings(**given)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise CliError(describe_settings_error(exc), code=2) from None
+        env_names = OrchestratorSettings.env_names()
+        raise CliError(describe_settings_error(exc, given, env_names), code=2) from None
 
 
 def bind(host: str, port: int) -> socket.socket:

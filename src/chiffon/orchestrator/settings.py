@@ -97,6 +97,17 @@ class OrchestratorSettings(BaseSettings):
             )
         return self
 
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Each setting's `CHIFFON_*` variable (the seeds' short names where they differ)."""
+        names = {}
+        for name, spec in cls.model_fields.items():
+            alias = spec.validation_alias
+            choices = alias.choices if isinstance(alias, AliasChoices) else []
+            env = [c for c in choices if isinstance(c, str) and c.startswith("CHIFFON_")]
+            names[name] = env[0] if env else f"CHIFFON_{name.upper()}"
+        return names
+
     @property
     def history_tiers(self) -> list[Tier]:
         """The history tiers to record, finest first (none when history is off)."""

@@ -58,7 +58,10 @@ class FirstAvailable:
             try:
                 return self._primary.read()
             except NvmlUnavailable as exc:
-                log.info("%s; using %s instead", exc, self._fallback.name)
+                # No NVIDIA driver at all is how most machines without an NVIDIA GPU are:
+                # not worth a line at start-up. A driver that fails to start is.
+                level = logging.DEBUG if exc.absent else logging.WARNING
+                log.log(level, "%s; using %s instead", exc, self._fallback.name)
                 self._primary = None
         return self._fallback.read()
 

@@ -19,7 +19,13 @@ from chiffon.agent.report import GpuReading
 
 
 class NvmlUnavailable(ProbeError):
-    """No usable NVML here (library or driver missing): try the next backend."""
+    """No usable NVML here (library or driver missing): try the next backend. `absent`:
+    there is no NVIDIA driver library at all, the normal state of a machine without an
+    NVIDIA GPU, which is no error."""
+
+    def __init__(self, message: str, *, absent: bool = False) -> None:
+        super().__init__(message)
+        self.absent = absent
 
 
 def _text(value: Any) -> str:
@@ -47,6 +53,8 @@ class NvmlProbe:
         if not self._ready:
             try:
                 nvml.nvmlInit()
+            except nvml.NVMLError_LibraryNotFound:
+                raise NvmlUnavailable("no NVIDIA driver library (NVML)", absent=True) from None
             except nvml.NVMLError as exc:
                 raise NvmlUnavailable(f"NVML init failed: {exc}") from None
             self._ready = True
