@@ -172,3 +172,17 @@ def test_agent_controlled_names_are_shown_as_text_never_as_markup_or_escapes(
     assert any(" [2J [31mevil fake-row  online" in row for row in rows)
     assert capacity.returncode == 0, capacity.stderr
     assert "[/]" in capacity.stdout
+
+
+def test_agents_fit_80_columns_keeping_name_status_and_gpus(fleet_url: str) -> None:
+    narrow = run_cli("agents", "--orchestrator-url", fleet_url, env={"COLUMNS": "80"})
+    lines = narrow.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "…" not in narrow.stdout
+    header = lines[0].split()
+    assert header[:3] == ["NAME", "STATUS", "GPUS"] and "ID" not in header
+    assert "20.0/24.0 GB, 22.0/24.0 GB" in narrow.stdout and "online" in narrow.stdout
+    wide = run_cli("agents", "-o", "wide", "--orchestrator-url", fleet_url, env={"COLUMNS": "80"})
+    for column in ("NAME", "STATUS", "POOL", "LOAD1", "TYPE", "ID"):
+        assert column in wide.stdout.splitlines()[0]
+    assert "11111111" in wide.stdout

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -63,35 +65,54 @@ def _status(status: str) -> Text:
     return Text(clean_text(status), style="green" if status == "online" else "red")
 
 
-def agents_table(agents: list[dict[str, Any]]) -> Table:
+# `chiffon agents` columns, most needed first: at a narrow terminal the last ones go first
+# (an operator needs the name, the status and the GPUs), and `-o wide` shows them all.
+_AGENT_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | Text]], ...] = (
+    ("NAME", lambda a: plain(a["name"])),
+    ("STATUS", lambda a: _status(a["status"])),
+    ("GPUS (free/total)", lambda a: _gpus(a["resource_metrics"].get("gpus", []))),
+    ("LAST SEEN", lambda a: ago(a["age_seconds"])),
+    ("CORES", lambda a: _cores(a["resource_metrics"])),
+    ("MEM FREE", lambda a: f"{_num(a['resource_metrics'].get('memory_available_gb'))} GB"),
+    ("POOL", lambda a: plain(a["pool_name"])),
+    ("LOAD1", lambda a: _num(a["resource_metrics"].get("cpu_load_1min"), "{:.2f}")),
+    ("TYPE", lambda a: plain(a["resource_metrics"].get("gpu_type", "?"))),
+    ("ID", lambda a: plain(a["agent_id"][:8])),
+)
+
+
+def _print_whole(table: Table) -> None:
+    """Print without squeezing: wide output is as wide as it needs (like `kubectl -o wide`)."""
+    wanted = console.measure(table, options=console.options.update_width(100_000)).maximum
+    if wanted <= console.width:
+        console.print(table)
+    else:  # rich's print never goes past its console's width
+        Console(width=wanted, force_terminal=console.is_terminal).print(table)
+
+
+def _cores(m: dict[str, Any]) -> str:
+    return f"{_num(m.get('cpu_cores_available'), '{}')}/{_num(m.get('cpu_cores_physical'), '{}')}"
+
+
+def agents_table(agents: list[dict[str, Any]], *, wide: bool = False) -> Table:
+    """The agents, with as many columns as the terminal holds (all of them when `wide`)."""
+    unbounded = console.options.update_width(100_000)  # the width the table wants
+    for count in range(len(_AGENT_COLUMNS), 2, -1):
+        table = _agents_table(agents, _AGENT_COLUMNS[:count])
+        if wide or console.measure(table, options=unbounded).maximum <= console.width:
+            return table
+    return table
+
+
+def _agents_table(
+    agents: list[dict[str, Any]],
+    columns: Sequence[tuple[str, Callable[[dict[str, Any]], str | Text]]],
+) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in (
-        "NAME",
-        "ID",
-        "POOL",
-        "STATUS",
-        "LAST SEEN",
-        "CORES",
-        "LOAD1",
-        "MEM FREE",
-        "GPUS (free/total)",
-        "TYPE",
-    ):
-        table.add_column(column, no_wrap=column != "GPUS (free/total)")
-    for a in agents:
-        m = a["resource_metrics"]
-        table.add_row(
-            plain(a["name"]),
-            plain(a["agent_id"][:8]),
-            plain(a["pool_name"]),
-            _status(a["status"]),
-            ago(a["age_seconds"]),
-            f"{_num(m.get('cpu_cores_available'), '{}')}/{_num(m.get('cpu_cores_physical'), '{}')}",
-            _num(m.get("cpu_load_1min"), "{:.2f}"),
-            f"{_num(m.get('memory_available_gb'))} GB",
-            _gpus(m.get("gpus", [])),
-            plain(m.get("gpu_type", "?")),
-        )
+    for header, _ in columns:
+        table.add_column(header, no_wrap=header != "GPUS (free/total)")
+    for agent in agents:
+        table.add_row(*(cell(agent) for _, cell in columns))
     return table
 
 
@@ -124,6 +145,9 @@ def agents(
     status: str = typer.Option(None, help="online or offline."),
     pool: str = typer.Option(None, help="Only this pool."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh in place until Ctrl-C."),
+    output: str = typer.Option(
+        None, "--output", "-o", help="wide: every column, however narrow the terminal."
+    ),
     interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
     as_json: bool = JSON_OPTION,
     url: str = URL_OPTION,
@@ -133,6 +157,9 @@ def agents(
         return
     if status not in (None, "online", "offline"):
         raise CliError(f"--status must be online or offline, not {status!r}", code=EXIT_USAGE)
+    if output not in (None, "wide"):
+        raise CliError(f"-o/--output must be wide, not {output!r}", code=EXIT_USAGE)
+    wide = output == "wide"
     client = api_client(url)
 
     def fetch() -> list[dict[str, Any]]:
@@ -143,13 +170,16 @@ def agents(
         _print_json(fetch())
     elif not watch:
         rows = fetch()
-        console.print(agents_table(rows) if rows else _none_listed(client, status, pool))
+        if rows:
+            _print_whole(agents_table(rows, wide=wide))
+        else:
+            console.print(_none_listed(client, status, pool))
     else:
-        with Live(agents_table(fetch()), console=console, auto_refresh=False) as live:
+        with Live(agents_table(fetch(), wide=wide), console=console, auto_refresh=False) as live:
             try:
                 while True:
                     time.sleep(interval)
-                    live.update(agents_table(fetch()), refresh=True)
+                    live.update(agents_table(fetch(), wide=wide), refresh=True)
             except KeyboardInterrupt:
                 pass
 
