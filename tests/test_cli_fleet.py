@@ -27,7 +27,8 @@ def fleet_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             (SMALL, "small", f.resources(gpus_free_total=[(6.0, 8.0)], cores_physical=4)),
         ]
         for agent, name, res in beats:
-            body = f.raw(f.message(agent, name=name, res=res))
+            labels = {"room": "b12", "os": "linux"} if name == "rich" else {"os": "linux"}
+            body = f.raw(f.message(agent, name=name, res=res).model_copy(update={"labels": labels}))
             resp = httpx.post(
                 f"{url}/api/v1/agents/{agent}/heartbeat",
                 content=body,
@@ -186,3 +187,53 @@ def test_agents_fit_80_columns_keeping_name_status_and_gpus(fleet_url: str) -> N
     for column in ("NAME", "STATUS", "POOL", "LOAD1", "TYPE", "ID"):
         assert column in wide.stdout.splitlines()[0]
     assert "11111111" in wide.stdout
+
+
+def test_label_selectors_filter_agents_and_capacity(fleet_url: str) -> None:
+    url = ["--orchestrator-url", fleet_url, "--json"]
+    names = lambda out: sorted(a["name"] for a in json.loads(out.stdout))  # noqa: E731
+    assert names(run_cli("agents", "-l", "os=linux", *url)) == ["rich", "small"]
+    assert names(run_cli("agents", "-l", "os=linux", "-l", "room=b12", *url)) == ["rich"]
+    assert names(run_cli("capacity", "--min-cpu-cores", "1", "-l", "room=b12", *url)) == ["rich"]
+    none = run_cli("capacity", "--min-cpu-cores", "1", "-l", "room=nowhere",
+                   "--orchestrator-url", fleet_url)  # fmt: skip
+    assert none.returncode == 3
+    assert none.stdout.strip() == "no online agent has the labels room=nowhere"
+    bad = run_cli("agents", "-l", "justakey", "--orchestrator-url", fleet_url)
+    assert bad.returncode == 2 and "-l/--selector wants key=value" in bad.stderr
+
+
+def test_status_summarises_the_fleet_like_ray_status(fleet_url: str) -> None:
+    out = run_cli("status", "--orchestrator-url", fleet_url)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first == "2 online, 0 offline; free: 10/12 cores, 48.0/56.0 GB VRAM on 3 GPUs"
+    assert "desktop_pool_1" in out.stdout
+
+
+def test_completion_and_debug_are_offered() -> None:
+    helped = run_cli("--help")
+    assert "--install-completion" in helped.stdout and "--debug" in helped.stdout
+    completed = run_cli(
+        env={"_CHIFFON_COMPLETE": "complete_bash", "COMP_WORDS": "chiffon ag", "COMP_CWORD": "1"}
+    )
+    assert set(completed.stdout.split()) == {"agent", "agents"}
+
+
+def test_rm_removes_an_agent_and_keeps_its_history(fleet_url: str) -> None:
+    gone = uuid.uuid4()
+    resp = httpx.post(
+        f"{fleet_url}/api/v1/agents/{gone}/heartbeat",
+        content=f.raw(f.message(gone, name="old-desk")),
+        headers=bearer(enroll(fleet_url, gone)),
+    )
+    assert resp.status_code == 200, resp.text
+    out = run_cli("agents", "rm", "old-desk", "--orchestrator-url", fleet_url)
+    assert out.returncode == 0, out.stderr
+    assert f"removed {gone} from the registry" in out.stdout
+    listed = json.loads(run_cli("agents", "--json", "--orchestrator-url", fleet_url).stdout)
+    assert "old-desk" not in {a["name"] for a in listed}
+    events = run_cli("events", str(gone), "--json", "--orchestrator-url", fleet_url)
+    assert [e["reason"] for e in json.loads(events.stdout)] == ["deregistered", "registered"]
+    again = run_cli("agents", "rm", "old-desk", "--orchestrator-url", fleet_url)
+    assert again.returncode == 2

@@ -26,6 +26,15 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorDetail},
 }
 Minimum = Annotated[float | None, Query(ge=0, le=1_000_000, allow_inf_nan=False)]
+LabelSelector = Annotated[
+    list[Annotated[str, Query(max_length=320, pattern=r"^[A-Za-z0-9_.\-/]{1,63}=[^\x00-\x1f]*$")]]
+    | None,
+    Query(description="key=value; repeatable, every one must match (like `kubectl -l`)"),
+]
+
+
+def _labels(selector: list[str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(tuple(item.split("=", 1)) for item in selector or ())  # type: ignore[misc]
 
 
 @router.get("/agents", response_model=list[AgentRecord])
@@ -35,10 +44,11 @@ async def list_agents(
     status: AgentStatus | None = None,
     agent_type: Annotated[str | None, Query(max_length=64, pattern=limits.TEXT_PATTERN)] = None,
     pool_name: Annotated[str | None, Query(max_length=128, pattern=limits.TEXT_PATTERN)] = None,
+    label: LabelSelector = None,
 ) -> list[AgentRecord]:
     """Every registered agent, optionally filtered."""
     rows = await registry.list_agents(
-        session, status=status, agent_type=agent_type, pool_name=pool_name
+        session, status=status, agent_type=agent_type, pool_name=pool_name, labels=_labels(label)
     )
     now = orchestrator.clock.now()
     return [views.record(row, now) for row in rows]
@@ -61,6 +71,7 @@ async def available_capacity(
         str, Query(max_length=64, pattern=limits.TEXT_PATTERN, description="'any' for every type")
     ] = "desktop",
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+    label: LabelSelector = None,
 ) -> list[AgentCapacity]:
     """Online agents that meet every requirement, most free VRAM first.
 
@@ -74,6 +85,7 @@ async def available_capacity(
         pool_name=pool_name,
         agent_type=None if agent_type == "any" else agent_type,
         limit=limit,
+        labels=_labels(label),
     )
     started = time.perf_counter()
     rows = await registry.find_capacity(session, want=want)

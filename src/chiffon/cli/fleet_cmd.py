@@ -26,6 +26,18 @@ URL_OPTION = typer.Option(
     help="Default: env CHIFFON_ORCHESTRATOR_URL or http://127.0.0.1:8700.",
 )
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts.")
+LABEL_OPTION = typer.Option(
+    None, "--selector", "-l", help="key=value: only agents with this label; repeatable."
+)
+
+
+def _selector(items: list[str] | None) -> list[str] | None:
+    for item in items or ():
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"-l/--selector wants key=value, not {item!r}", code=EXIT_USAGE)
+    return items or None
+
 
 agents_app = typer.Typer(help="List agents (default) or manage one.", no_args_is_help=False)
 
@@ -149,6 +161,7 @@ def agents(
         None, "--output", "-o", help="wide: every column, however narrow the terminal."
     ),
     interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
+    selector: list[str] = LABEL_OPTION,
     as_json: bool = JSON_OPTION,
     url: str = URL_OPTION,
 ) -> None:
@@ -160,10 +173,13 @@ def agents(
     if output not in (None, "wide"):
         raise CliError(f"-o/--output must be wide, not {output!r}", code=EXIT_USAGE)
     wide = output == "wide"
+    labels = _selector(selector)
     client = api_client(url)
 
     def fetch() -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = client.get("/agents", status=status, pool_name=pool)
+        result: list[dict[str, Any]] = client.get(
+            "/agents", status=status, pool_name=pool, label=labels
+        )
         return result
 
     if as_json:
@@ -198,6 +214,23 @@ def revoke(
     console.print(
         f"revoked the credential of {agent_id}: its messages are refused and it cannot "
         f"enroll again until `chiffon agents unban {agent_id}`",
+        highlight=False,
+    )
+
+
+@agents_app.command("rm")
+def remove(
+    agent: str = typer.Argument(..., help="The agent (id, id prefix or name)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Remove an agent from the registry (its event history stays). An agent still running
+    registers again at its next heartbeat: revoke it to keep it out."""
+    client = api_client(url)
+    agent_id = client.resolve(agent)
+    client.delete(f"/agents/{agent_id}")
+    console.print(
+        f"removed {agent_id} from the registry; if it still runs it comes back at its next "
+        f"heartbeat (`chiffon agents revoke {agent_id}` keeps it out)",
         highlight=False,
     )
 
@@ -270,10 +303,15 @@ def closest(rows: list[dict[str, Any]], wanted: dict[str, float]) -> str | None:
     return f"closest: {best['name']} ({', '.join(lacks)})"
 
 
-def _why_none(client: ApiClient, pool: str | None, wanted: dict[str, float]) -> str:
+def _why_none(
+    client: ApiClient, pool: str | None, labels: list[str] | None, wanted: dict[str, float]
+) -> str:
     if pool is not None and (unknown := _unknown_pool(client, pool)):
         return unknown
-    near = closest(client.get("/agents/available-capacity", pool_name=pool), wanted)
+    candidates = client.get("/agents/available-capacity", pool_name=pool, label=labels)
+    if labels and not candidates:
+        return f"no online agent has the labels {', '.join(labels)}"
+    near = closest(candidates, wanted)
     return "no online agent can take that work right now" + (f"; {near}" if near else "")
 
 
@@ -284,6 +322,7 @@ def capacity(
     min_cpu_cores: int = typer.Option(None, min=0, help="Free CPU cores."),
     min_memory: float = typer.Option(None, min=0, help="Free memory, GB."),
     pool: str = typer.Option(None, help="Only this pool."),
+    selector: list[str] = LABEL_OPTION,
     as_json: bool = JSON_OPTION,
     url: str = URL_OPTION,
 ) -> None:
@@ -306,13 +345,15 @@ def capacity(
         "min_cpu_cores": min_cpu_cores,
         "min_memory_gb": min_memory,
     }
-    rows = client.get("/agents/available-capacity", **wanted, pool_name=pool)
+    labels = _selector(selector)
+    rows = client.get("/agents/available-capacity", **wanted, pool_name=pool, label=labels)
     if as_json:
         _print_json(rows)
     elif rows:
         console.print(capacity_table(rows))
     else:
-        console.print(plain(_why_none(client, pool, {k: v for k, v in wanted.items() if v})))
+        need = {k: v for k, v in wanted.items() if v}
+        console.print(plain(_why_none(client, pool, labels, need)))
     if not rows:
         raise typer.Exit(EXIT_NO_CAPACITY)
 
@@ -347,7 +388,45 @@ def events(
     console.print(table if rows else "no events")
 
 
+def status(as_json: bool = JSON_OPTION, url: str = URL_OPTION) -> None:
+    """The fleet at a glance, like `ray status`: agents, cores, GPUs and VRAM by pool."""
+    summary = api_client(url).get("/fleet/summary")
+    if as_json:
+        _print_json(summary)
+        return
+    fleet = summary["fleet"]
+    console.print(
+        plain(
+            f"{fleet['agents_online']} online, {fleet['agents_offline']} offline; free: "
+            f"{fleet['cpu_cores_available']}/{fleet['cpu_cores_physical']} cores, "
+            f"{fleet['gpu_vram_available_gb']:.1f}/{fleet['gpu_vram_total_gb']:.1f} GB VRAM "
+            f"on {fleet['gpu_count']} GPUs"
+        )
+    )
+    stale = summary.get("registry_stale_seconds")
+    if stale is not None:
+        console.print(
+            plain(f"warning: the registry has not been kept for {stale:.0f} s: statuses are stale"),
+            style="bold red",
+        )
+    if summary["pools"]:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("POOL", "ONLINE", "OFFLINE", "FREE CORES", "GPUS", "FREE VRAM"):
+            table.add_column(column, no_wrap=True)
+        for p in summary["pools"]:
+            table.add_row(
+                plain(p["pool_name"]),
+                str(p["agents_online"]),
+                str(p["agents_offline"]),
+                f"{p['cpu_cores_available']}/{p['cpu_cores_physical']}",
+                str(p["gpu_count"]),
+                f"{p['gpu_vram_available_gb']:.1f}/{p['gpu_vram_total_gb']:.1f} GB",
+            )
+        console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(agents_app, name="agents")
     app.command()(capacity)
     app.command()(events)
+    app.command()(status)

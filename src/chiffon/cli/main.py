@@ -14,7 +14,7 @@ app = typer.Typer(
     name="chiffon",
     help="Chiffon: a fleet of GPU desktops as one capacity-aware pool.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts say defaults as "[15]": text, not markup
 )
@@ -35,6 +35,9 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error (anywhere on the line)."
     ),
 ) -> None:
     """Chiffon: a fleet of GPU desktops as one capacity-aware pool."""

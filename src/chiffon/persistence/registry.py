@@ -57,6 +57,7 @@ class CapacityFilter:
     pool_name: str | None = None
     agent_type: str | None = "desktop"
     limit: int | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # every one must match (key = value)
 
 
 # Ingest's read of the rows a batch changes, built once. PostgreSQL gets the ids as one
@@ -200,8 +201,10 @@ async def list_agents(
     status: str | None = None,
     agent_type: str | None = None,
     pool_name: str | None = None,
+    labels: Sequence[tuple[str, str]] = (),
 ) -> Sequence[AgentRow]:
     stmt = select(AgentRow).order_by(AgentRow.pool_name, AgentRow.name, AgentRow.agent_id)
+    stmt = with_labels(stmt, labels)
     if status is not None:
         stmt = stmt.where(AgentRow.status == status)
     if agent_type is not None:
@@ -250,8 +253,19 @@ def capacity_statement(want: CapacityFilter) -> tuple[Select[Any], dict[str, Any
     The statement depends only on which requirements are given, so it is built once per
     combination and the values are bound at execution.
     """
-    given = {name: value for name in _FILTER_FIELDS if (value := getattr(want, name)) is not None}
-    return _capacity_shape(frozenset(given)), given
+    given = {
+        name: value
+        for name in _FILTER_FIELDS
+        if name != "labels" and (value := getattr(want, name)) is not None
+    }
+    return with_labels(_capacity_shape(frozenset(given)), want.labels), given
+
+
+def with_labels(stmt: Select[Any], labels: Sequence[tuple[str, str]]) -> Select[Any]:
+    """Only agents carrying every `key=value` label (a JSON lookup on either engine)."""
+    for key, value in labels:
+        stmt = stmt.where(AgentRow.labels[key].as_string() == value)
+    return stmt
 
 
 @functools.cache
