@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -137,3 +138,43 @@ def test_a_bad_setting_is_worded_like_the_agents(tmp_path: Path) -> None:
         "error: bad setting heartbeat_interval_seconds = '-1' "
         "(from env CHIFFON_HEARTBEAT_INTERVAL): must be greater than 0"
     )
+
+
+def test_the_enrollment_token_is_never_printed_only_by_a_start_that_failed(
+    tmp_path: Path,
+) -> None:
+    """It was printed once, by the first start, even when that start then failed: the
+    operator never saw it again. Now a failed start generates nothing, and every later
+    start says where the token is."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for var in ("CHIFFON_DATA_DIR", "CHIFFON_API_TOKEN", "CHIFFON_ENROLL_TOKEN"):
+        env.pop(var, None)
+    token_file = tmp_path / ".chiffon" / "enroll_token"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        failed = run_cli("orchestrator", "--port", str(port), env=env)
+    assert failed.returncode == 1 and "cannot listen" in failed.stderr
+    assert not token_file.exists()
+
+    # The first real start generates and prints the token, then stops: the schema is not
+    # there yet (`chiffon db upgrade`), as on a new user's first try.
+    first = run_cli("orchestrator", "--port", str(free_port()), env=env)
+    token = token_file.read_text().strip()
+    assert f"enrollment token (give it to new agents once): {token}" in first.stdout
+    assert "chiffon db upgrade" in first.stderr and first.returncode == 1
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    port = free_port()
+    log = tmp_path / "orchestrator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*CHIFFON, "orchestrator", "--port", str(port)], env=env, stdout=out,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz", proc, log=log)
+        finally:
+            stop(proc)
+    second = log.read_text()
+    assert token not in second  # not printed again (it lives in logs and journals)...
+    assert f"enrollment token: in {token_file}" in second  # ...but where it is, every time

@@ -171,6 +171,12 @@ def print_secrets(resolved: Resolved) -> None:
             f"{settings.enroll_token.get_secret_value()}",
             highlight=False,
         )
+    elif Path(token_file).is_file():  # every start says where it is, not only the first
+        console.print(
+            f"enrollment token: in {token_file} (new agents read it with "
+            "CHIFFON_ENROLL_TOKEN_FILE, or CHIFFON_ENROLL_TOKEN)",
+            highlight=False,
+        )
 
 
 def _request_deadline_protocol() -> type[asyncio.Protocol]:
@@ -258,9 +264,9 @@ def register(app: typer.Typer) -> None:
         settings = build_settings(
             host=host, port=port, database_url=database_url, amqp_url=amqp_url, data_dir=data_dir
         )
+        sock = bind(settings.host, settings.port)  # before any secret is generated
         resolved = resolve_secrets(settings)
         settings = resolved.settings
-        sock = bind(settings.host, settings.port)
         where = db.async_url(settings.effective_database_url).render_as_string()
         console.print(
             f"Chiffon orchestrator on http://{settings.host}:{settings.port} "
