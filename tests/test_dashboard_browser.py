@@ -414,3 +414,26 @@ def test_a_registry_that_cannot_be_written_is_called_stale_on_the_page(
         shot(page, "registry-stale.png")
         assert httpx.get(f"{url}/readyz").status_code == 503
         context.close()
+
+
+def test_api_docs_render_offline_from_the_packages_own_files(page: object) -> None:
+    """`/docs` was blank without internet: Swagger UI came from a CDN. This browser has no
+    network beyond the orchestrator, so a page that renders here needs nothing else."""
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(r.url))
+    page.goto("/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Chiffon")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    base = fleet_base(page)
+    assert fetched and all(url.startswith(base) for url in fetched), fetched
+    shot(page, "api-docs.png")
+
+
+def fleet_base(page: object) -> str:
+    from playwright.sync_api import Page
+
+    assert isinstance(page, Page)
+    return page.url.split("/docs")[0]

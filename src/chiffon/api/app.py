@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
@@ -19,6 +20,8 @@ from chiffon.api.body_limit import BodyLimit
 from chiffon.api.headers import DashboardHeaders
 from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.service import Orchestrator
+
+SWAGGER = "/vendor/swagger-ui"  # swagger-ui-dist, vendored under the dashboard's files
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -71,6 +74,8 @@ def create_app(
         version=__version__,
         summary="A capacity-aware registry of GPU desktops.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package: FastAPI's loads Swagger UI from a CDN
+        redoc_url=None,
     )
     app.state.orchestrator = orchestrator
     app.add_middleware(DashboardHeaders)
@@ -87,6 +92,17 @@ def create_app(
     app.include_router(routes_agents.router)
     app.include_router(routes_ingest.router)
     app.include_router(routes_fleet.router)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI from the package's own files, so the API docs work offline."""
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Chiffon API",
+            swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+        )
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
