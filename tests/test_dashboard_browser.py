@@ -291,6 +291,9 @@ def test_unreachable_orchestrator_is_shown_then_recovers(page: object) -> None:
     expect(page.locator("#conn")).to_have_attribute("data-state", "down")
     expect(page.locator("#conn")).to_contain_text("unreachable")
     expect(page.locator("#agents tbody tr")).to_have_count(4)  # the last data stays on screen
+    # ...but no status on it claims to be current: no green "online" while no one can know
+    expect(page.locator("#agents tbody .badge.online")).to_have_count(0)
+    expect(page.locator("#agents tbody .badge.unknown").first).to_have_text("online?")
     shot(page, "unreachable.png")
     page.unroute("**/api/v1/**", refuse)
     expect(page.locator("#conn")).to_have_attribute("data-state", "live")
@@ -312,6 +315,9 @@ def test_without_a_token_the_page_asks_for_one_and_keeps_it_in_the_tab(
         page.fill("#login-token", "wrong")
         page.click("#login button")
         expect(page.locator("#login-msg")).to_contain_text("was refused")
+        # the orchestrator answered: refused, not "unreachable"
+        expect(page.locator("#conn")).to_contain_text("the API token was refused")
+        expect(page.locator("#conn")).not_to_contain_text("unreachable")
         page.fill("#login-token", API_TOKEN)
         page.click("#login button")
         expect(page.locator("#agents tbody tr")).to_have_count(len(FLEET))
@@ -437,3 +443,110 @@ def fleet_base(page: object) -> str:
 
     assert isinstance(page, Page)
     return page.url.split("/docs")[0]
+
+
+def _x_span(page: object, chart: str) -> float:
+    """The x axis's span in seconds (-1 while the chart is being drawn again)."""
+    c = f"state.charts.{chart}"
+    span = page.evaluate(f"{c} ? {c}.scales.x.max - {c}.scales.x.min : -1")  # type: ignore[attr-defined]
+    return float(span)
+
+
+def test_each_window_button_sets_the_charts_span_and_labels_keep_apart(page: object) -> None:
+    """With one point the x axis ran from 2027 to 2029, the 1h and 24h buttons did not set
+    the window, and a day's time labels ran together."""
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(f"{PAGE_NO_TOKEN}#/agents/{BY_NAME['train-01'].agent_id}")
+    page.evaluate(f"sessionStorage.setItem('chiffon.token', '{API_TOKEN}')")
+    page.reload()
+    expect(page.locator("#chart-load canvas")).to_have_count(1)
+    for label, seconds in (("15m", 900), ("1h", 3600), ("15m", 900)):
+        page.click(f"#windows button:has-text('{label}')")
+        expect(page.locator("#windows button[aria-pressed='true']")).to_have_text(label)
+        deadline = time.monotonic() + 10
+        while abs(_x_span(page, "load") - seconds) > 5:
+            assert time.monotonic() < deadline, f"{label}: span {_x_span(page, 'load')} s"
+            page.wait_for_timeout(100)
+    # The longer windows read the minute tiers, which this young fleet has not filled yet:
+    # the page's own drawing code, given a day of points (and then a single point).
+    held: list[object] = []
+
+    def hold(route: object) -> None:  # never answered: the page cannot redraw meanwhile
+        held.append(route)
+
+    page.route("**/api/v1/agents/*/metrics*", hold)
+    page.click("#windows button:has-text('24h')")
+    page.evaluate(
+        "(() => { const end = Date.now() / 1000, start = end - 86400;"
+        " const xs = Array.from({length: 288}, (_, i) => start + 300 * i);"
+        " drawChart('memory', xs, [['free', xs.map(() => 20)]], [start, end], '-'); })()"
+    )
+    assert abs(_x_span(page, "memory") - 86400) < 1
+    gaps = page.evaluate(
+        "(() => { const u = state.charts.memory;"
+        " const xs = u.axes[0]._splits.map((v) => u.valToPos(v, 'x'));"
+        " return xs.slice(1).map((x, i) => x - xs[i]); })()"
+    )
+    assert gaps and min(gaps) >= 89, gaps  # the time labels stay at least 90 px apart
+    shot(page, "agent-24h.png")
+    page.evaluate(
+        "(() => { const end = Date.now() / 1000;"
+        " drawChart('util', [end - 60], [['GPU 0', [42]]], [end - 3600, end], '-'); })()"
+    )
+    assert abs(_x_span(page, "util") - 3600) < 1  # one point: the hour, not 2027 to 2029
+
+
+def test_an_offline_gap_breaks_the_line(page: object) -> None:
+    """A 6-minute silence was drawn as a straight line across it."""
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    points = [
+        {"at": f"2026-12-02T10:{m:02d}:00Z", "gpus": [], "cpu_load_1min": 1}
+        for m in (0, 1, 2, 8, 9)
+    ]
+    filled = page.evaluate(f"withGaps({points!r}.map((p) => p), 12)".replace("'", '"'))
+    assert [p.get("gap", False) for p in filled] == [False, False, False, True, False, False]
+    assert filled[3]["at"] == "2026-12-02T10:03:00.000Z"
+    series = page.evaluate(f"chartData(withGaps({points!r}, 12)).load[1][0][1]".replace("'", '"'))
+    assert series == [1, 1, 1, None, 1, 1]  # null: uPlot leaves a gap (spanGaps: false)
+
+
+def test_the_agent_page_shows_gpus_id_version_labels_and_probe_errors(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    agent = BY_NAME["render-01"]
+    page.goto(PAGE)
+    page.click(f"{row(agent)} a")
+    expect(page.locator("#agent-facts [data-k='id']")).to_contain_text(str(agent.agent_id))
+    expect(page.locator("#agent-facts [data-k='version']")).to_be_visible()
+    expect(page.locator("#agent-facts [data-k='labels']")).to_contain_text("none")
+    gpus = page.locator("#agent-gpus tbody tr")
+    expect(gpus).to_have_count(2)
+    expect(gpus.first).to_contain_text("GPU 0")  # the model the agent reported
+    expect(page.locator("#agent-errors")).to_be_hidden()  # it reported none
+    shot(page, "agent-details.png")
+    page.click("text=← fleet")
+    page.click(f"{row(BY_NAME['office-07'])} a")
+    expect(page.locator("#agent-gpus tbody")).to_contain_text("no GPU on this machine")
+    expect(page.locator("#chart-vram .empty")).to_have_text("no GPU on this machine")
+
+
+def test_fleet_filters_cover_the_capacity_querys_minimums(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    expect(page.locator("#agents tbody tr")).to_have_count(len(FLEET))
+    page.fill("#f-gpu", "25")  # one GPU with 25 GB free: only train-01's 48 GB cards
+    expect(page.locator("#agents tbody tr")).to_have_count(1)
+    assert visible_names(page) == ["train-01"]
+    page.fill("#f-gpu", "")
+    page.fill("#f-cores", "9")  # free cores: render-01 (16) and train-01 (32)
+    expect(page.locator("#agents tbody tr")).to_have_count(2)
+    assert visible_names(page) == ["render-01", "train-01"]

@@ -34,7 +34,9 @@ async function api(path) {
   const response = await fetch(API + path, { headers, cache: "no-store" });
   if (response.status === 401) {
     showLogin(token ? "That API token was refused." : "This orchestrator needs its API token.");
-    throw new Error("HTTP 401: API token needed");
+    const error = new Error(token ? "the API token was refused" : "an API token is needed");
+    error.auth = true;  // the orchestrator answered: it is not unreachable
+    throw error;
   }
   if (!response.ok) throw new Error(`HTTP ${response.status} on ${path}`);
   return response.json();
@@ -97,7 +99,11 @@ function showConnection() {
   const conn = $("#conn");
   const since = state.lastOkAt ? (Date.now() - state.lastOkAt) / 1000 : null;
   const lastOk = state.lastOkAt ? new Date(state.lastOkAt).toLocaleTimeString() : "never";
-  if (state.error) {
+  document.body.dataset.conn = state.error ? "down" : "up";
+  if (state.error && state.authError) {
+    conn.dataset.state = "down";
+    conn.textContent = `Orchestrator reachable, but ${state.error}; showing data from ${lastOk}`;
+  } else if (state.error) {
     conn.dataset.state = "down";
     conn.textContent = `Orchestrator unreachable (${state.error}); showing data from ${lastOk}`;
   } else if (since === null) {
@@ -122,8 +128,10 @@ async function poll(load) {
     state.lastOkAt = Date.now();
   } catch (err) {
     state.error = err instanceof TypeError ? "network error" : err.message;
+    state.authError = Boolean(err.auth);
   }
   showConnection();
+  if (state.error) renderTable();  // statuses on screen become "last known"
 }
 
 // ---- fleet view ----------------------------------------------------------------------
@@ -174,16 +182,25 @@ const SORT_KEYS = {
   vram: (a) => metrics(a).gpu_vram_available_gb ?? -1,
 };
 
-// The capacity query's rule, client side: free VRAM summed over GPUs, unknown never matches.
+// The capacity query's minimums, client side (`chiffon capacity`'s options): a number an
+// agent did not report never matches a minimum on it.
+const MINIMUMS = [
+  ["#f-vram", "gpu_vram_available_gb"],
+  ["#f-gpu", "gpu_vram_available_max_gb"],
+  ["#f-cores", "cpu_cores_available"],
+  ["#f-mem", "memory_available_gb"],
+];
+
 function matches(agent) {
   const pool = $("#f-pool").value;
   const status = $("#f-status").value;
-  const minVram = parseFloat($("#f-vram").value);
   if (pool && agent.pool_name !== pool) return false;
   if (status && agent.status !== status) return false;
-  if (!Number.isNaN(minVram) && minVram > 0) {
-    const free = metrics(agent).gpu_vram_available_gb;
-    if (free === null || free === undefined || free < minVram) return false;
+  for (const [input, field] of MINIMUMS) {
+    const minimum = parseFloat($(input).value);
+    if (Number.isNaN(minimum) || minimum <= 0) continue;
+    const have = metrics(agent)[field];
+    if (have === null || have === undefined || have < minimum) return false;
   }
   return true;
 }
@@ -201,12 +218,19 @@ function gpuBars(agent) {
   }));
 }
 
+// While the orchestrator cannot be asked, a status on screen is only the last one known:
+// grey, and saying so, never a green "online" that may no longer be true.
+function statusBadge(status) {
+  if (!state.error) return el("span", { class: `badge ${status}` }, status);
+  return el("span", { class: "badge unknown", title: "the orchestrator cannot be reached" }, `${status}?`);
+}
+
 function agentRow(agent) {
   const m = metrics(agent);
   return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
     el("td", { class: "name" }, el("a", { href: `#/agents/${agent.agent_id}` }, el("bdi", {}, agent.name))),
     el("td", { class: "name" }, el("bdi", {}, agent.pool_name)),
-    el("td", {}, el("span", { class: `badge ${agent.status}` }, agent.status)),
+    el("td", {}, statusBadge(agent.status)),
     el("td", { class: "num age" }, ago(ageNow(agent))),
     el("td", { class: "num" }, `${m.cpu_cores_available ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
     el("td", { class: "num" }, `${fmt(m.memory_available_gb)} / ${fmt(m.memory_total_gb)} GB`),
@@ -249,13 +273,38 @@ function renderAgent(agent) {
   // <bdi>: an agent's name cannot reorder the text around it (a right-to-left override)
   $("#agent-title").replaceChildren(el("bdi", { class: "name" }, agent.name), " ", el("span", { class: `badge ${agent.status}`, "data-status": agent.status }, agent.status));
   state.fetchedAt = Date.now();
+  const labels = Object.entries(agent.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
   $("#agent-facts").replaceChildren(
     fact("pool", "Pool", agent.pool_name),
     fact("seen", "Last seen", ago(agent.age_seconds)),
     fact("cores", "Free cores", `${m.cpu_cores_available ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
     fact("memory", "Free memory", `${fmt(m.memory_available_gb)} / ${fmt(m.memory_total_gb)} GB`),
     fact("vram", "Free VRAM", `${fmt(m.gpu_vram_available_gb)} / ${fmt(m.gpu_vram_total_gb)} GB`),
+    fact("id", "Agent id", agent.agent_id),
+    fact("version", "Version", agent.agent_version ?? "?"),
+    fact("labels", "Labels", labels || "none"),
   );
+  renderGpus(m);
+}
+
+// Each GPU the agent reported (model, UUID, memory, load) and what its probes could not read.
+function renderGpus(m) {
+  const gpus = m.gpus || [];
+  const head = el("tr", {}, ...["GPU", "Model", "UUID", "Free / total VRAM", "Utilization", "Temperature"].map((h) => el("th", {}, h)));
+  const rows = gpus.map((g) => el("tr", { "data-gpu": g.index },
+    el("td", { class: "num" }, `#${g.index}`), el("td", { class: "name" }, el("bdi", {}, g.name ?? "?")),
+    el("td", { class: "name muted" }, g.uuid ?? "?"),
+    el("td", { class: "num" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`),
+    el("td", { class: "num" }, g.utilization_percent === null || g.utilization_percent === undefined ? "?" : `${fmt(g.utilization_percent, 0)} %`),
+    el("td", { class: "num" }, g.temperature_c === null || g.temperature_c === undefined ? "?" : `${fmt(g.temperature_c, 0)} °C`)));
+  $("#agent-gpus").replaceChildren(
+    el("thead", {}, head),
+    el("tbody", {}, ...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 6, class: "muted" }, "no GPU on this machine"))])),
+  );
+  const errors = Object.entries(m.probe_errors || {});
+  $("#agent-errors").hidden = !errors.length;
+  $("#agent-errors").replaceChildren(el("h2", {}, "What the agent could not read"),
+    ...errors.map(([probe, error]) => el("p", { "data-probe": probe }, el("b", {}, `${probe}: `), el("bdi", {}, error))));
 }
 
 const PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
@@ -273,20 +322,34 @@ function perGpu(points, indexes, field) {
   }));
 }
 
+// Where the agent was not heard (offline), a null point, so the line breaks instead of
+// joining the two sides: a gap is a step longer than three times the usual one.
+function withGaps(points, stepSeconds) {
+  const times = points.map((p) => Date.parse(p.at) / 1000);
+  const diffs = times.slice(1).map((t, i) => t - times[i]).sort((a, b) => a - b);
+  const usual = Math.max(stepSeconds, diffs.length ? diffs[Math.floor(diffs.length / 2)] : 0);
+  const out = [];
+  points.forEach((p, i) => {
+    if (i && times[i] - times[i - 1] > 3 * usual) out.push({ at: new Date((times[i - 1] + usual) * 1000).toISOString(), gpus: [], gap: true });
+    out.push(p);
+  });
+  return out;
+}
+
 // [label, x values, [series label, values]...] for each chart.
 function chartData(points) {
   const xs = points.map((p) => Date.parse(p.at) / 1000);
   const gpus = gpuIndexes(points);
   const gpuSeries = (field) => perGpu(points, gpus, field).map((values, n) => [`GPU ${gpus[n]}`, values]);
   return {
-    load: [xs, [["load 1 min", points.map((p) => p.cpu_load_1min)], ["physical cores", points.map((p) => p.cpu_cores_physical)]]],
-    memory: [xs, [["free memory GB", points.map((p) => p.memory_available_gb)]]],
+    load: [xs, [["load 1 min", points.map((p) => p.cpu_load_1min ?? null)], ["physical cores", points.map((p) => p.cpu_cores_physical ?? null)]]],
+    memory: [xs, [["free memory GB", points.map((p) => p.memory_available_gb ?? null)]]],
     vram: [xs, gpuSeries("vram_free_gb")],
     util: [xs, gpuSeries("utilization_percent")],
   };
 }
 
-function drawChart(name, xs, series) {
+function drawChart(name, xs, series, span, empty) {
   const box = $(`#chart-${name}`);
   box.dataset.points = String(xs.length);
   box.dataset.series = String(series.length);
@@ -294,20 +357,28 @@ function drawChart(name, xs, series) {
   const old = state.charts[name];
   if (!xs.length || !known) {
     if (old) { old.destroy(); delete state.charts[name]; }
-    box.replaceChildren(el("div", { class: "empty" }, xs.length ? "not reported by this agent" : "no history in this window yet"));
+    box.replaceChildren(el("div", { class: "empty" }, xs.length ? empty : "no history in this window yet"));
     return;
   }
   const data = [xs, ...series.map(([, values]) => values)];
-  if (old && old.series.length === data.length) { old.setData(data); return; }
+  if (old && old.series.length === data.length && old.windowKey === span.join()) { old.setData(data); return; }
   if (old) old.destroy();
   box.replaceChildren();
   const opts = {
     width: Math.max(300, box.clientWidth), height: 200,
     series: [{}, ...series.map(([label], n) => ({ label, stroke: PALETTE[n % PALETTE.length], width: 2, spanGaps: false }))],
-    axes: [{}, { size: 50 }],
-    scales: { y: { range: (u, min, max) => [Math.min(0, min ?? 0), Math.max(1, (max ?? 1) * 1.1)] } },
+    // The x axis is the window asked for, whatever the points: one point no longer
+    // stretches it over years, and each window button shows its own span.
+    // `space`: at least 90 px between time labels, so a day's do not run together.
+    axes: [{ space: 90 }, { size: 50 }],
+    scales: {
+      x: { time: true, range: () => span },
+      y: { range: (u, min, max) => [Math.min(0, min ?? 0), Math.max(1, (max ?? 1) * 1.1)] },
+    },
   };
-  state.charts[name] = new uPlot(opts, data, box);
+  const chart = new uPlot(opts, data, box);
+  chart.windowKey = span.join();
+  state.charts[name] = chart;
 }
 
 function destroyCharts() {
@@ -323,7 +394,13 @@ async function loadAgent(agentId) {
     api(`/agents/${agentId}/events?limit=50`),
   ]);
   renderAgent(agent);
-  for (const [name, [xs, series]] of Object.entries(chartData(history.points))) drawChart(name, xs, series);
+  const span = [Date.parse(history.since) / 1000, Date.parse(history.until) / 1000];
+  const gpuless = !(metrics(agent).gpus || []).length;
+  const points = withGaps(history.points, history.step_seconds);
+  for (const [name, [xs, series]] of Object.entries(chartData(points))) {
+    const empty = gpuless && (name === "vram" || name === "util") ? "no GPU on this machine" : "not reported by this agent";
+    drawChart(name, xs, series, span, empty);
+  }
   $("#events tbody").replaceChildren(...events.map((e) => el("tr", { "data-to": e.to_status },
     el("td", {}, new Date(e.at).toLocaleString()), el("td", {}, e.from_status ?? "–"),
     el("td", {}, e.to_status), el("td", {}, e.reason))));
@@ -361,7 +438,7 @@ function setUp() {
       renderTable();
     });
   }
-  for (const id of ["#f-pool", "#f-status", "#f-vram"]) $(id).addEventListener("input", renderTable);
+  for (const id of ["#f-pool", "#f-status", ...MINIMUMS.map(([input]) => input)]) $(id).addEventListener("input", renderTable);
   $("#filters").addEventListener("submit", (event) => event.preventDefault());
   setupLogin();
   window.addEventListener("hashchange", route);
