@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
@@ -18,6 +22,7 @@ from chiffon.api import routes_agents, routes_fleet, routes_ingest
 from chiffon.api.auth import ApiTokenDep
 from chiffon.api.body_limit import BodyLimit
 from chiffon.api.headers import DashboardHeaders
+from chiffon.api.methods import MethodNotAllowed
 from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.service import Orchestrator
 
@@ -45,6 +50,24 @@ def _database_refused_value(_request: Request, exc: Exception) -> JSONResponse:
     the client's mistake, not an outage."""
     first = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
     return JSONResponse({"detail": f"a value in the request was refused: {first}"}, 400)
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request bodies the ingest routes read themselves, so
+    every `$ref` resolves (the heartbeat's `#/$defs/GpuInfo` did not)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            routes_ingest.REQUEST_SCHEMAS
+        )
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(
@@ -76,8 +99,13 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,  # served below from the package: FastAPI's loads Swagger UI from a CDN
         redoc_url=None,
+        # operationId = the route's name (`list_agents`, `heartbeat`): what generated clients
+        # call their functions, instead of `list_agents_api_v1_agents_get`
+        generate_unique_id_function=_operation_id,
     )
     app.state.orchestrator = orchestrator
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    app.add_middleware(MethodNotAllowed, openapi=app.openapi)
     app.add_middleware(DashboardHeaders)
     app.add_middleware(
         BodyLimit,

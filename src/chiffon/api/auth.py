@@ -17,7 +17,11 @@ from chiffon.schemas.api import ErrorDetail
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="CHIFFON_API_TOKEN")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}}
+# Every API route answers 400 (a parameter it refuses) and 401 (no or a wrong credential).
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail},
+    401: {"model": ErrorDetail},
+}
 
 
 def token_matches(presented: str, expected: SecretStr | None) -> bool:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.orchestrator.service import Orchestrator
@@ -30,7 +30,13 @@ async def get_session(orchestrator: OrchestratorDep) -> AsyncIterator[AsyncSessi
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-async def parse_agent_id(agent_id: str) -> uuid.UUID:
+# Documented as what the server accepts: a UUID (a 400 names anything else).
+UUID_TEXT: dict[str, Any] = {"format": "uuid"}
+
+
+async def parse_agent_id(
+    agent_id: Annotated[str, Path(json_schema_extra=UUID_TEXT, description="the agent's UUID")],
+) -> uuid.UUID:
     """A path id, or 400 (not FastAPI's 422) when it is not a UUID."""
     try:
         return uuid.UUID(agent_id)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
-from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
+from chiffon.api.deps import UUID_TEXT, AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
 from chiffon.orchestrator import views
 from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
@@ -160,7 +160,7 @@ async def lift_ban(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Respo
 @router.get("/events", response_model=list[AgentEvent])
 async def list_events(
     session: SessionDep,
-    agent_id: Annotated[str | None, Query(max_length=64, pattern=limits.TEXT_PATTERN)] = None,
+    agent_id: Annotated[str | None, Query(max_length=64, json_schema_extra=UUID_TEXT)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[AgentEvent]:
     """Status changes, newest first: when each agent went online or offline, and why."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
-from pydantic import AfterValidator
+from fastapi import APIRouter, Query
+from pydantic import AfterValidator, BeforeValidator
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep
@@ -31,7 +32,16 @@ def _as_utc(at: datetime) -> datetime:
     return limits.utc(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
 
 
-QueryTime = Annotated[datetime, AfterValidator(_as_utc)]
+def _iso_only(value: object) -> object:
+    """ISO 8601, as documented (`format: date-time`): pydantic would also take a bare
+    number as a Unix time, which the OpenAPI document does not promise."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        raise ValueError("must be an ISO 8601 time, e.g. 2026-12-02T10:00:00Z")
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+QueryTime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_as_utc)]
 
 
 @router.get("/fleet/summary", response_model=FleetSummary)
@@ -68,9 +78,16 @@ async def agent_metrics(
     """
     now = orchestrator.clock.now()
     end = until or now
-    start = since or end - DEFAULT_WINDOW
-    if not timedelta(0) < end - start <= MAX_WINDOW:
-        raise HTTPException(400, f"since must be before until, at most {MAX_WINDOW.days} days")
+    # At most MAX_WINDOW is read (an older `since` starts there); a window that is empty
+    # (`since` at or after `until`) holds no points. Both are answers, not errors: every
+    # pair of valid times is a valid question (the OpenAPI document cannot say otherwise).
+    start = max(since or end - DEFAULT_WINDOW, end - MAX_WINDOW)
+    if start >= end:
+        empty = step or 0.0
+        return AgentMetrics(
+            agent_id=agent_id, since=end, until=end, step_seconds=empty, resolution_seconds=0,
+            points=[],
+        )  # fmt: skip
     return await read_metrics(
         session,
         orchestrator.settings.history_tiers,

@@ -18,12 +18,31 @@ from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["ingest"])
 
-_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": AgentMessage.model_json_schema()}},
+
+def _request_schemas() -> dict[str, dict[str, Any]]:
+    """The bodies these routes read themselves (after the credential, never before), for
+    the OpenAPI document's components: the agent's message and what it nests, under names of
+    their own (the API's `GpuInfo` is the response form), and the enrollment request."""
+    message = AgentMessage.model_json_schema(
+        ref_template="#/components/schemas/AgentMessage{model}"
+    )
+    nested = message.pop("$defs", {})
+    return {
+        "AgentMessage": message,
+        **{f"AgentMessage{name}": schema for name, schema in nested.items()},
+        "EnrollRequest": EnrollRequest.model_json_schema(),
     }
-}
+
+
+REQUEST_SCHEMAS = _request_schemas()
+
+
+def _body(schema: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+_BODY = _body("AgentMessage")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorDetail} for code in (400, 401, 413, 422, 503)
 }
@@ -91,14 +110,9 @@ async def goodbye(
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
-    responses={code: {"model": ErrorDetail} for code in (401, 403, 409, 413, 422, 503)},
+    responses={code: {"model": ErrorDetail} for code in (400, 401, 403, 409, 413, 422, 503)},
     dependencies=[EnrollTokenDep],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": EnrollRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=_body("EnrollRequest"),
 )
 async def enroll(request: Request, orchestrator: OrchestratorDep) -> EnrollResponse:
     """A new agent's secret, in exchange for the enrollment token (`CHIFFON_ENROLL_TOKEN`).
