@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from chiffon.api.body_limit import BodyLimit
 from chiffon.api.headers import DashboardHeaders
 from chiffon.api.methods import MethodNotAllowed
 from chiffon.dashboard import STATIC_DIR
+from chiffon.orchestrator.fleet_metrics import exposition, read_fleet
 from chiffon.orchestrator.service import Orchestrator
 
 SWAGGER = "/vendor/swagger-ui"  # swagger-ui-dist, vendored under the dashboard's files
@@ -155,10 +157,17 @@ def create_app(
         "/metrics", tags=["health"], response_class=PlainTextResponse, dependencies=metrics_auth
     )
     async def metrics() -> PlainTextResponse:
-        """Prometheus metrics."""
-        return PlainTextResponse(
-            generate_latest(orchestrator.metrics.registry), media_type=CONTENT_TYPE_LATEST
-        )
+        """Prometheus metrics: the orchestrator's own, and the fleet's (each agent and GPU,
+        at most `CHIFFON_METRICS_FLEET_MAX_AGENTS` agents; docs/metrics.md)."""
+        text = generate_latest(orchestrator.metrics.registry)
+        limit = orchestrator.settings.metrics_fleet_max_agents
+        if limit:
+            async with orchestrator.sessions() as session:
+                fleet = await read_fleet(session, now=orchestrator.clock.now(), max_agents=limit)
+            # 10,000 agents take prometheus_client seconds to render (docs/metrics.md):
+            # off the event loop, so ingest and the sweep go on meanwhile.
+            text += await asyncio.to_thread(exposition, fleet)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
     # Last: the dashboard's files answer every path the API does not.
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="dashboard")

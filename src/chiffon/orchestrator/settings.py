@@ -44,6 +44,8 @@ class OrchestratorSettings(BaseSettings):
         None, description="Server key agent secrets are derived from; unset: ephemeral"
     )
     metrics_require_token: bool = Field(False, description="Put /metrics behind the API token")
+    # Agents (by name) with series of their own on /metrics; 0: no per-agent series at all.
+    metrics_fleet_max_agents: int = Field(10_000, ge=0, le=1_000_000)
     # A signed message whose sent_at is further than this from our clock is refused.
     max_clock_skew_seconds: float = Field(300, gt=0, le=86400)
     credential_cache_seconds: float = Field(10, ge=0, le=3600)
