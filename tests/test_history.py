@@ -222,8 +222,15 @@ async def test_api_reads_the_finest_tier_covering_the_window_one_point_per_step(
     later = (await api.get(url, params={"since": iso(start), "step": 1})).json()
     assert later["resolution_seconds"] == 60 and len(later["points"]) == 2
 
-    bad = await api.get(url, params={"since": iso(clock.now()), "until": iso(start)})
-    assert bad.status_code == 400
+    # An empty window (since after until) is an empty answer, not an error: every pair of
+    # valid times is a valid question, as the OpenAPI document says.
+    empty = await api.get(url, params={"since": iso(clock.now()), "until": iso(start)})
+    assert empty.status_code == 200 and empty.json()["points"] == []
+    # At most 400 days are read: an older `since` starts 400 days before `until`.
+    ancient = await api.get(url, params={"since": iso(clock.now() - timedelta(days=1000))})
+    assert ancient.status_code == 200
+    since = datetime.fromisoformat(ancient.json()["since"])
+    assert since == clock.now() - timedelta(days=400)
 
 
 async def test_pruning_deletes_each_tier_after_its_retention(
