@@ -85,7 +85,6 @@ class AgentLoop:
         self._seq = 0
         self._latest: Snapshot | None = None
         self._collected = 0  # snapshots put in the mailbox
-        self._delivered_snapshot = 0  # the number of the last snapshot delivered
         self._fresh = asyncio.Event()
         self._caught_up = asyncio.Event()
         self._stop = asyncio.Event()
@@ -174,7 +173,6 @@ class AgentLoop:
                 log.info("heartbeat delivered again after %d failed attempts", failures)
             failures = 0
             self.delivered += 1
-            self._delivered_snapshot = number
             if number == self._collected:
                 self._caught_up.set()
 

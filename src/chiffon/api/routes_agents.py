@@ -119,22 +119,10 @@ async def get_capacity(
 
 
 @router.delete("/agents/{agent_id}", status_code=204, responses=_NOT_FOUND)
-async def deregister(
-    agent_id: AgentIdDep, session: SessionDep, orchestrator: OrchestratorDep
-) -> Response:
+async def deregister(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Response:
     """Remove an agent from the registry (its event history stays)."""
-    async with session.begin():
-        was = await registry.delete_agent(session, agent_id=agent_id)
-        if was is None:
-            raise HTTPException(404, f"agent {agent_id} is not registered")
-        event = {
-            "agent_id": agent_id,
-            "at": orchestrator.clock.now(),
-            "from_status": was,
-            "to_status": "deregistered",
-            "reason": "deregistered",
-        }
-        await registry.add_events(session, events=[event])
+    if not await orchestrator.deregister(agent_id):
+        raise HTTPException(404, f"agent {agent_id} is not registered")
     return Response(status_code=204)
 
 

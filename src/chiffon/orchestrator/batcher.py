@@ -61,9 +61,6 @@ class IngestBatcher:
         self._queue.put_nowait(_Pending(item, future))
         return future
 
-    async def submit(self, item: Received) -> Outcome:
-        return await self.submit_nowait(item)
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="chiffon-ingest")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence import registry
-from chiffon.persistence.registry import Ordering
+from chiffon.persistence.registry import Ordering, StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, Resources
 
 Outcome = Literal["applied", "stale", "unknown_agent"]
@@ -108,7 +108,7 @@ class _BatchPlan:
     state: dict[uuid.UUID, Ordering]
     upserts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     goodbyes: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[StatusEvent] = field(default_factory=list)
 
     def take(self, item: Received) -> Outcome:
         msg = item.message
@@ -143,13 +143,13 @@ class _BatchPlan:
         else:
             reason = "heartbeat" if to_status == "online" else "goodbye"
         self.events.append(
-            {
-                "agent_id": item.message.agent_id,
-                "at": item.received_at,
-                "from_status": None if last is None else last.status,
-                "to_status": to_status,
-                "reason": reason,
-            }
+            StatusEvent(
+                agent_id=item.message.agent_id,
+                at=item.received_at,
+                from_status=None if last is None else last.status,
+                to_status=to_status,
+                reason=reason,
+            )
         )
 
 

@@ -17,6 +17,7 @@ from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.periodic import run_every
 from chiffon.persistence import registry
+from chiffon.persistence.registry import StatusEvent
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,11 @@ class Sweeper:
             await registry.add_events(
                 session,
                 events=[
-                    {
-                        "agent_id": agent_id,
-                        "at": now,
-                        "from_status": "online",
-                        "to_status": "offline",
-                        "reason": "timeout",
-                    }
+                    StatusEvent(agent_id, now, from_status="online", to_status="offline",
+                                reason="timeout")
                     for agent_id in gone
                 ],
-            )
+            )  # fmt: skip
         self._metrics.sweep_seconds.observe(time.perf_counter() - started)
         self.last_completed = time.monotonic()
         self._report(gone=len(gone), online_before=before.get("online", 0))

@@ -21,8 +21,10 @@ from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.persistence import registry
 from chiffon.persistence.credentials import credential_changes
 from chiffon.persistence.db import check_schema, create_engine, session_factory
+from chiffon.persistence.registry import StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,17 @@ class Orchestrator:
         if amqp_consuming is not None:
             checks["amqp"] = "consuming" if amqp_consuming else "not consuming"
         return checks
+
+    async def deregister(self, agent_id: UUID) -> bool:
+        """Remove an agent from the registry, keeping its events (and adding one); whether
+        it was registered."""
+        async with self.sessions.begin() as session:
+            was = await registry.delete_agent(session, agent_id=agent_id)
+            if was is None:
+                return False
+            event = StatusEvent(agent_id, self.clock.now(), was, "deregistered", "deregistered")
+            await registry.add_events(session, events=[event])
+        return True
 
     def parse(self, raw: bytes) -> AgentMessage:
         """Validate raw bytes; a refusal is counted and raised as `RejectedMessage`."""

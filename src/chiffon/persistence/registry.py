@@ -37,6 +37,18 @@ _events = Base.metadata.tables["agent_events"]
 
 
 @dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """One change of an agent's status, as `agent_events` keeps it: the one shape every
+    writer (ingest, the offline sweep, deregistration) uses."""
+
+    agent_id: uuid.UUID
+    at: datetime
+    from_status: str | None
+    to_status: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Ordering:
     """Where an agent's message stream stood when last applied."""
 
@@ -164,9 +176,9 @@ async def mark_offline(session: AsyncSession, *, rows: Sequence[dict[str, Any]])
     await session.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in rows])
 
 
-async def add_events(session: AsyncSession, *, events: Sequence[dict[str, Any]]) -> None:
+async def add_events(session: AsyncSession, *, events: Sequence[StatusEvent]) -> None:
     if events:
-        await session.execute(insert(_events), list(events))
+        await session.execute(insert(_events), [dataclasses.asdict(e) for e in events])
 
 
 async def mark_silent_offline(
