@@ -72,7 +72,7 @@ from chiffon.orchestrator.ingest import Outcome, metric_columns
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
-from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
+from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential, Proof
 from chiffon.transport.rabbitmq import (
     AGENT_EVENTS_QUEUE,
     BINDING_KEY,
@@ -232,20 +232,15 @@ class TimedTarget:
         self.applied = 0
         self.rejected = 0
 
-    def parse(self, raw: bytes) -> AgentMessage:
-        if self.first is None:
-            self.first = time.perf_counter()
-        return self._orch.parse(raw)
-
     def reject(self, reason: str) -> None:
         self.rejected += 1
         self._orch.reject(reason)
 
-    async def authenticate(
-        self, message: AgentMessage, raw: bytes, *, signature: str | None
-    ) -> None:
+    async def admit(self, raw: bytes, proof: Proof) -> AgentMessage:
+        if self.first is None:
+            self.first = time.perf_counter()
         try:
-            await self._orch.authenticate(message, raw, signature=signature)
+            return await self._orch.admit(raw, proof)
         except RejectedMessage:
             self.rejected += 1
             raise

@@ -371,19 +371,27 @@ def test_hostile_names_neither_push_the_table_off_screen_nor_reorder_the_heading
         page.goto(PAGE)
         status = page.locator(f"#agents tbody tr[data-agent-id='{long_id}'] .badge")
         expect(status).to_be_visible()
-        box = status.bounding_box()
-        assert box is not None and box["x"] + box["width"] <= 1280
+        box = _box(status)
+        assert box["x"] + box["width"] <= 1280
         shot(page, "long-name.png")
         page.goto(f"{url}/#/agents/{rtl_id}")
         title = page.locator("#agent-title")
         expect(title).to_contain_text("evil")
-        name_box = title.locator("bdi").bounding_box()
-        badge_box = title.locator(".badge").bounding_box()
-        assert name_box is not None and badge_box is not None
+        name_box, badge_box = _box(title.locator("bdi")), _box(title.locator(".badge"))
         assert badge_box["x"] > name_box["x"]  # the badge follows the name, as in LTR text
         shot(page, "rtl-name.png")
         context.close()
     assert [e for e in errors if "Content Security Policy" in e] == []
+
+
+def _box(locator: object) -> dict[str, float]:
+    """The element's box; the page redraws every refresh, so a box read while an element
+    is being replaced is asked for again (for up to 5 s)."""
+    deadline = time.monotonic() + 5
+    while (box := locator.bounding_box()) is None:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the element never stayed on the page"
+        time.sleep(0.05)
+    return box  # type: ignore[no-any-return]
 
 
 def test_a_registry_that_cannot_be_written_is_called_stale_on_the_page(

@@ -74,16 +74,21 @@ async def test_a_deaf_orchestrator_judges_no_one(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:
     agent = uuid.uuid4()
+    hears = False  # what the orchestrator's receivers say, asked at every sweep
+    sweeper = Sweeper(
+        orchestrator.sessions, clock, orchestrator.metrics, timeout_seconds=45,
+        hearing=lambda: hears,
+    )  # fmt: skip
     clock.advance(60)
     await orchestrator.receive(f.message(agent))
-    orchestrator.sweeper.set_deaf(True)  # e.g. the broker connection is down
-    clock.advance(300)
-    assert await orchestrator.sweeper.sweep_once() == []
-    orchestrator.sweeper.set_deaf(False)  # reconnected: one more full timeout of grace
+    clock.advance(300)  # e.g. the broker connection is down all this time
+    assert await sweeper.sweep_once() == []
+    hears = True  # reconnected: one more full timeout of grace from this sweep
+    assert await sweeper.sweep_once() == []
     clock.advance(44)
-    assert await orchestrator.sweeper.sweep_once() == []
+    assert await sweeper.sweep_once() == []
     clock.advance(2)
-    assert await orchestrator.sweeper.sweep_once() == [str(agent)]
+    assert await sweeper.sweep_once() == [str(agent)]
 
 
 async def test_concurrent_sweeps_mark_each_agent_once(

@@ -100,7 +100,8 @@ def test_2_broker_down_for_several_timeouts(tmp_path: Path, private_broker: Priv
 
 
 class ConsumingAgain(threading.Thread):
-    """Polls `/readyz` every 50 ms; `wait()` is when it first said "consuming"."""
+    """Polls `/readyz` every 50 ms; `wait()` is when it first said the broker's receiver
+    was "hearing"."""
 
     def __init__(self, api: str) -> None:
         super().__init__(daemon=True)
@@ -117,7 +118,7 @@ class ConsumingAgain(threading.Thread):
                 state = httpx.get(f"{self._api}/readyz", timeout=5).json()["checks"].get("amqp")
             except httpx.HTTPError:
                 state = None
-            if state == "consuming":
+            if state == "hearing":
                 self._seen = datetime.now(UTC)
             time.sleep(0.05)
 

@@ -22,8 +22,10 @@ import pytest
 from chiffon.api.app import create_app
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.transport.rabbitmq import RabbitConsumer
 from tests import factories as f
 from tests.auth import API_HEADERS, API_TOKEN, ENROLL_TOKEN, SECRET_KEY, bearer, issue
+from tests.procs import free_port
 
 
 @pytest.fixture
@@ -122,16 +124,19 @@ async def test_9_a_registry_that_cannot_be_written_is_not_ready_and_says_it_is_s
         await _ready(api, 200)
 
 
-async def test_9_a_consumer_that_is_not_subscribed_makes_the_orchestrator_not_ready(
+async def test_9_a_receiver_that_cannot_hear_makes_the_orchestrator_not_ready(
     sweeping: Orchestrator,
 ) -> None:
-    consuming = False
-    app = create_app(sweeping, manage_lifecycle=False, amqp_state=lambda: consuming)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://chiffon"
-    ) as api:
-        paused = await _ready(api, 503)
-        assert paused.json()["checks"]["amqp"] == "not consuming"
-        consuming = True
-        subscribed = await _ready(api, 200)
-        assert subscribed.json()["checks"]["amqp"] == "consuming"
+    """A RabbitMQ receiver whose broker does not answer: `/readyz` lists it, not hearing."""
+    consumer = RabbitConsumer(f"amqp://guest:guest@127.0.0.1:{free_port()}/", sweeping)
+    sweeping.add_receiver(consumer)
+    await consumer.start()
+    app = create_app(sweeping, manage_lifecycle=False)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://chiffon"
+        ) as api:
+            deaf = await _ready(api, 503)
+            assert deaf.json()["checks"]["amqp"] == "not hearing"
+    finally:
+        await consumer.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -76,13 +76,8 @@ def create_app(
     orchestrator: Orchestrator,
     *,
     manage_lifecycle: bool = True,
-    amqp_state: Callable[[], bool] | None = None,
 ) -> FastAPI:
-    """The API. With `manage_lifecycle`, the app starts and stops the orchestrator.
-
-    `amqp_state`, when given, says whether the RabbitMQ consumer is subscribed; `/readyz`
-    is not ready while it is not (the orchestrator cannot hear the agents that use it).
-    """
+    """The API. With `manage_lifecycle`, the app starts and stops the orchestrator."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -141,13 +136,11 @@ def create_app(
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """Ready when it can consume and can write: the database answers, the last ingest
-        write committed, the offline sweep keeps up, and the RabbitMQ consumer (when
-        configured) is subscribed. 503 otherwise, with each check's state."""
-        checks = await orchestrator.readiness(
-            amqp_consuming=None if amqp_state is None else amqp_state()
-        )
-        ready = all(v in ("ok", "consuming") for v in checks.values())
+        """Ready when it can hear and can write: the database answers, the last ingest
+        write committed, the offline sweep keeps up, and every receiver (RabbitMQ, when
+        configured) hears its agents. 503 otherwise, with each check's state."""
+        checks = await orchestrator.readiness()
+        ready = all(v in ("ok", "hearing") for v in checks.values())
         body = {"status": "ready" if ready else "unavailable", "checks": checks}
         return JSONResponse(body, 200 if ready else 503)
 

@@ -68,7 +68,7 @@ async def agent_metrics(
     until: Annotated[QueryTime | None, Query(description="default: now")] = None,
     step: Annotated[
         float | None,
-        Query(gt=0, le=86400 * 31, description="seconds between points; default: window/300"),
+        Query(ge=1, le=86400 * 31, description="seconds between points; default: window/300"),
     ] = None,
 ) -> AgentMetrics:
     """One agent's history (load, free cores, memory, VRAM per GPU, utilization).

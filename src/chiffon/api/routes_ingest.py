@@ -14,6 +14,7 @@ from chiffon.orchestrator.batcher import IngestUnavailableError
 from chiffon.orchestrator.credentials import AlreadyEnrolledError, BannedError
 from chiffon.schemas.api import EnrollRequest, EnrollResponse, ErrorDetail, IngestResult
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage
+from chiffon.transport.auth import Bearer, ProofUnavailableError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["ingest"])
@@ -48,36 +49,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Refusals a credential would fix: 401 with WWW-Authenticate; every other one is a 422.
+_AUTH_REASONS = frozenset(
+    {"unauthenticated", "not_enrolled", "bad_credential", "bad_signature", "revoked", "clock_skew"}
+)
+
+
 async def _ingest(
     kind: MessageKind, agent_id: AgentIdDep, request: Request, orchestrator: OrchestratorDep
 ) -> IngestResult:
     # The credential first (the path names the agent): a stranger's body is never read.
     # The app's `BodyLimit` bounds what is read after.
     try:
-        await orchestrator.authenticate_bearer(agent_id, bearer_token(request))
-    except RejectedMessage as exc:
-        raise unauthorized(f"{exc.reason}: {exc.detail}") from None
-    try:
-        message = orchestrator.parse(await request.body())
-    except RejectedMessage as exc:
-        raise HTTPException(422, f"{exc.reason}: {exc.detail}") from None
-    if message.agent_id != agent_id or message.kind != kind:
-        orchestrator.reject("path_mismatch")
-        raise HTTPException(
-            422,
-            f"body is a {message.kind} of agent {message.agent_id}, "
-            f"the path a {kind} of {agent_id}",
-        )
-    try:
-        orchestrator.check_window(message)
-    except RejectedMessage as exc:
-        raise unauthorized(f"{exc.reason}: {exc.detail}") from None
-    try:
+        await orchestrator.check_bearer(agent_id, bearer_token(request))
+        message = await orchestrator.admit(await request.body(), Bearer(agent_id), kind=kind)
         outcome = await orchestrator.receive(message)
-    except IngestUnavailableError:
-        raise HTTPException(503, "registry database unavailable; retry later") from None
-    except RejectedMessage as exc:  # the database refused this message's values
+    except RejectedMessage as exc:
+        if exc.reason in _AUTH_REASONS:
+            raise unauthorized(f"{exc.reason}: {exc.detail}") from None
         raise HTTPException(422, f"{exc.reason}: {exc.detail}") from None
+    except (IngestUnavailableError, ProofUnavailableError):
+        raise HTTPException(503, "registry database unavailable; retry later") from None
     return IngestResult(agent_id=agent_id, outcome=outcome)
 
 

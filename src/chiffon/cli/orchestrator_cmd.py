@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from chiffon.cli.secrets import Resolved
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.orchestrator.settings import OrchestratorSettings
-    from chiffon.transport.rabbitmq import RabbitConsumer
 
 # The server side (FastAPI, SQLAlchemy, Alembic) is imported inside the commands that use
 # it, so `chiffon agents` or `chiffon --help` start in a fraction of a second.
@@ -79,11 +78,11 @@ async def serve(
     log_level: str,
     companions: Sequence[Companion] = (),
 ) -> None:
-    """Run the API (and the RabbitMQ consumer when configured) until SIGINT/SIGTERM.
+    """Run the orchestrator (its receivers and loops) and its API until SIGINT/SIGTERM.
 
     Shutdown order: the API stops, companions stop (an in-process agent says goodbye while
-    ingest still runs), the consumer stops taking messages and acks those whose batch
-    commits, then the orchestrator flushes and closes the database.
+    ingest still runs), then the orchestrator: its receivers stop taking messages and ack
+    those whose batch commits, then it flushes and closes the database.
     """
     import uvicorn
     from sqlalchemy.exc import DBAPIError
@@ -99,18 +98,10 @@ async def serve(
     except (OSError, DBAPIError) as exc:
         await orchestrator.engine.dispose()
         raise CliError(f"cannot reach the registry database: {one_line(exc)}") from None
-    consumer = await start_consumer(orchestrator)
-    app = create_app(
-        orchestrator,
-        manage_lifecycle=False,
-        amqp_state=None if consumer is None else lambda: consumer.consuming,
-    )
+    app = create_app(orchestrator, manage_lifecycle=False)
     config = uvicorn.Config(
         app, log_level=log_level, access_log=False, http=_request_deadline_protocol()
     )
-    hearing = None
-    if consumer is not None:
-        hearing = asyncio.create_task(follow_consumer(orchestrator, consumer))
     started: list[Companion] = []
     try:
         for companion in companions:
@@ -120,43 +111,7 @@ async def serve(
     finally:
         for companion in reversed(started):
             await companion.stop()
-        if hearing is not None:
-            hearing.cancel()
-        if consumer is not None:
-            await consumer.stop()
         await orchestrator.stop()
-
-
-async def follow_consumer(
-    orchestrator: Orchestrator, consumer: RabbitConsumer, *, interval_seconds: float = 1.0
-) -> None:
-    """While the consumer cannot hear the broker, silence proves nothing: the sweep waits,
-    and once consuming again every agent gets one full timeout to be heard."""
-    while True:
-        orchestrator.sweeper.set_deaf(not consumer.consuming)
-        await asyncio.sleep(interval_seconds)
-
-
-async def start_consumer(orchestrator: Orchestrator) -> RabbitConsumer | None:
-    """The RabbitMQ consumer, connecting in the background, or None without an AMQP URL."""
-    from chiffon.transport.rabbitmq import RabbitConsumer, Topology
-
-    settings = orchestrator.settings
-    if not settings.amqp_url:
-        return None
-    topology = Topology(
-        exchange=settings.amqp_exchange,
-        queue=settings.amqp_queue,
-        rejected_queue=settings.amqp_rejected_queue,
-        max_length=settings.amqp_queue_max_length,
-        rejected_max_length=settings.amqp_rejected_max_length,
-        rejected_max_bytes=settings.amqp_rejected_max_bytes,
-    )
-    consumer = RabbitConsumer(
-        settings.amqp_url, orchestrator, topology=topology, prefetch=settings.amqp_prefetch
-    )
-    await consumer.start()
-    return consumer
 
 
 def print_secrets(resolved: Resolved) -> None:

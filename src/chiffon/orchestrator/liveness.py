@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,8 +34,10 @@ class Sweeper:
         metrics: OrchestratorMetrics,
         *,
         timeout_seconds: float,
+        hearing: Callable[[], bool] = lambda: True,
     ) -> None:
         self._sessions = sessions
+        self._hearing = hearing  # asked at every sweep: can every receiver hear its agents?
         self._clock = clock
         self._metrics = metrics
         self._timeout = timedelta(seconds=timeout_seconds)
@@ -49,11 +52,14 @@ class Sweeper:
         self._not_before = self._clock.now() + self._timeout
         self._deaf = False
 
-    def set_deaf(self, deaf: bool) -> None:
-        """While a transport cannot receive, silence proves nothing: pause judging."""
+    def _listen(self) -> bool:
+        """Whether the orchestrator can hear now. While a receiver cannot, silence proves
+        nothing: judge no one; once it can again, every agent gets one full timeout."""
+        deaf = not self._hearing()
         if self._deaf and not deaf:
             self.grant_grace()
         self._deaf = deaf
+        return not deaf
 
     def stale_seconds(self, interval_seconds: float) -> float | None:
         """Seconds since the last completed sweep when that is more than three intervals
@@ -64,9 +70,9 @@ class Sweeper:
 
     async def sweep_once(self) -> list[str]:
         """One sweep; returns the ids marked offline."""
-        now = self._clock.now()
-        if self._deaf:
+        if not self._listen():
             return await self._refresh_counts([])
+        now = self._clock.now()
         if now < self._not_before:  # in grace: nothing to judge, yet the sweep keeps up
             await self._refresh_counts([])
             self.last_completed = time.monotonic()

@@ -7,6 +7,7 @@ import logging
 import secrets
 from contextlib import suppress
 from datetime import timedelta
+from typing import Protocol
 from uuid import UUID
 
 from sqlalchemy import text
@@ -25,7 +26,14 @@ from chiffon.persistence import registry
 from chiffon.persistence.credentials import credential_changes
 from chiffon.persistence.db import check_schema, create_engine, session_factory
 from chiffon.persistence.registry import StatusEvent
-from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
+from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage, parse_message
+from chiffon.transport.auth import (
+    IN_PROCESS,
+    Bearer,
+    Proof,
+    ProofUnavailableError,
+    Signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +65,13 @@ class Orchestrator:
             max_batch=settings.ingest_batch_size,
             max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
         )
+        self.receivers: list[Receiver] = list(_receivers_from(settings, self))
         self.sweeper = Sweeper(
             self.sessions,
             self.clock,
             self.metrics,
             timeout_seconds=settings.heartbeat_timeout_seconds,
+            hearing=self.hearing,
         )
         self.credentials = CredentialStore(
             self.sessions,
@@ -80,10 +90,22 @@ class Orchestrator:
         self._tasks: list[asyncio.Task[None]] = []
         self.sweeping = False
 
+    def add_receiver(self, receiver: Receiver) -> None:
+        """A transport that brings agents' messages in (RabbitMQ; HTTP is the API itself):
+        started and stopped with the orchestrator, and asked at every sweep and by
+        `/readyz` whether it is hearing."""
+        self.receivers.append(receiver)
+
+    def hearing(self) -> bool:
+        return all(receiver.hearing for receiver in self.receivers)
+
     async def start(self, *, sweep: bool = True) -> None:
-        """Refuse a stale schema, then start ingest and (optionally) the periodic tasks."""
+        """Refuse a stale schema, then start ingest, the receivers and (optionally) the
+        periodic tasks."""
         await check_schema(self.engine)
         self.batcher.start()
+        for receiver in self.receivers:
+            await receiver.start()
         self.sweeper.grant_grace()
         if self.engine.dialect.name == "postgresql":
             self._tasks.append(
@@ -109,6 +131,10 @@ class Orchestrator:
                 ]
 
     async def stop(self) -> None:
+        """Receivers first (their messages in hand commit and are acked), then the loops,
+        the last batch and the database."""
+        for receiver in self.receivers:
+            await receiver.stop()
         for task in self._tasks:
             task.cancel()
             with suppress(asyncio.CancelledError):
@@ -126,10 +152,10 @@ class Orchestrator:
             return None
         return self.sweeper.stale_seconds(self.settings.sweep_interval_seconds)
 
-    async def readiness(self, *, amqp_consuming: bool | None = None) -> dict[str, str]:
-        """What `/readyz` reports, one entry per check; ready when every one says "ok"
-        (or "consuming"): the database answers, the last ingest write committed, the sweep
-        keeps up, and the RabbitMQ consumer (when there is one) is subscribed."""
+    async def readiness(self) -> dict[str, str]:
+        """What `/readyz` reports, one entry per check; ready when every one says "ok" or
+        "hearing": the database answers, the last ingest write committed, the sweep keeps
+        up, and every receiver hears its agents."""
         checks = {"database": "ok", "ingest": "ok", "sweep": "ok"}
         try:
             async with self.engine.connect() as conn:
@@ -141,8 +167,8 @@ class Orchestrator:
         stale = self.registry_stale_seconds()
         if stale is not None:
             checks["sweep"] = f"no completed sweep for {stale:.0f} s"
-        if amqp_consuming is not None:
-            checks["amqp"] = "consuming" if amqp_consuming else "not consuming"
+        for receiver in self.receivers:
+            checks[receiver.name] = "hearing" if receiver.hearing else "not hearing"
         return checks
 
     async def deregister(self, agent_id: UUID) -> bool:
@@ -156,14 +182,6 @@ class Orchestrator:
             await registry.add_events(session, events=[event])
         return True
 
-    def parse(self, raw: bytes) -> AgentMessage:
-        """Validate raw bytes; a refusal is counted and raised as `RejectedMessage`."""
-        try:
-            return parse_message(raw, max_bytes=self.settings.max_message_bytes)
-        except RejectedMessage as exc:
-            self.reject(exc.reason)
-            raise
-
     def reject(self, reason: str) -> None:
         self.metrics.rejected.labels(reason).inc()
 
@@ -171,43 +189,42 @@ class Orchestrator:
         """Stamp receipt time now and queue; resolves once the write has committed."""
         return self.batcher.submit_nowait(Received(message, self.clock.now()))
 
-    async def authenticate(
-        self,
-        message: AgentMessage,
-        raw: bytes,
-        *,
-        bearer: str | None = None,
-        signature: str | None = None,
-    ) -> None:
-        """Refuse (`RejectedMessage`, counted) a message its agent did not send, or one whose
-        `sent_at` is outside the replay window. Exactly one of `bearer` (HTTP) and
-        `signature` (AMQP, in-process) is checked: the bearer when given."""
-        try:
-            self._check_window(message)
-            if bearer is not None or signature is None:
-                await self.credentials.check_bearer(message.agent_id, bearer)
-            else:
-                await self.credentials.check_signature(message.agent_id, raw, signature)
-        except RejectedMessage as exc:
-            self.reject(exc.reason)
-            raise
-
-    async def authenticate_bearer(self, agent_id: UUID, bearer: str | None) -> None:
+    async def check_bearer(self, agent_id: UUID, bearer: str | None) -> None:
         """Refuse (`RejectedMessage`, counted) a bearer that is not `agent_id`'s secret:
-        checked before the HTTP body is read."""
+        the HTTP path checks it before it reads a byte of the body, then admits the body
+        with `Bearer(agent_id)`."""
         try:
             await self.credentials.check_bearer(agent_id, bearer)
         except RejectedMessage as exc:
             self.reject(exc.reason)
             raise
 
-    def check_window(self, message: AgentMessage) -> None:
-        """Refuse (`RejectedMessage`, counted) a `sent_at` outside the replay window."""
+    async def admit(
+        self, raw: bytes, proof: Proof, *, kind: MessageKind | None = None
+    ) -> AgentMessage:
+        """The one way a message gets in, whatever carried it: parse, check its proof and
+        its send time. A refusal is counted here, once, and raised as `RejectedMessage`
+        (each transport maps it to its own protocol); `ProofUnavailableError` when the
+        credentials could not be read (the registry is down: not the message's fault).
+
+        `proof`: `Bearer(agent_id)`, a bearer secret the transport already checked for that
+        agent (the message must be that agent's, and of `kind` when given); `Signature`,
+        the HMAC header to check against the body; `IN_PROCESS`, code in this process.
+        """
         try:
-            self._check_window(message)
+            message = parse_message(raw, max_bytes=self.settings.max_message_bytes)
+            if isinstance(proof, Bearer):
+                _check_path(message, proof.agent_id, kind)
+            if proof is not IN_PROCESS:  # a replay window against the outside only
+                self._check_window(message)
+            if isinstance(proof, Signature):
+                await self.credentials.check_signature(message.agent_id, raw, proof.value)
         except RejectedMessage as exc:
             self.reject(exc.reason)
             raise
+        except (OSError, DBAPIError) as exc:
+            raise ProofUnavailableError(str(exc)) from exc
+        return message
 
     def _check_window(self, message: AgentMessage) -> None:
         skew = message.sent_at - self.clock.now()
@@ -220,15 +237,57 @@ class Orchestrator:
             )
 
     async def ingest(self, raw: bytes, *, signature: str | None = None) -> Outcome:
-        """Parse and apply one message, waiting for its commit (tests, in-process agents).
+        """Admit and apply one message, waiting for its commit (tests, in-process agents).
 
         Without `signature` the caller is trusted (code in this process); with one, the
         message must be signed by its agent like one from RabbitMQ.
         """
-        message = self.parse(raw)
-        if signature is not None:
-            await self.authenticate(message, raw, signature=signature)
-        return await self.receive(message)
+        proof: Proof = IN_PROCESS if signature is None else Signature(signature)
+        return await self.receive(await self.admit(raw, proof))
+
+
+def _check_path(message: AgentMessage, agent_id: UUID, kind: MessageKind | None) -> None:
+    if message.agent_id != agent_id or (kind is not None and message.kind != kind):
+        raise RejectedMessage(
+            "path_mismatch",
+            f"body is a {message.kind} of agent {message.agent_id}, "
+            f"the path a {kind or message.kind} of {agent_id}",
+        )
+
+
+class Receiver(Protocol):
+    """A transport bringing agents' messages in, owned by the orchestrator."""
+
+    name: str
+
+    @property
+    def hearing(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _receivers_from(settings: OrchestratorSettings, target: Orchestrator) -> list[Receiver]:
+    """The receivers the settings ask for: RabbitMQ with `CHIFFON_AMQP_URL` (HTTP is the
+    API, always there)."""
+    if not settings.amqp_url:
+        return []
+    from chiffon.transport.rabbitmq import RabbitConsumer, Topology  # aio-pika on demand
+
+    topology = Topology(
+        exchange=settings.amqp_exchange,
+        queue=settings.amqp_queue,
+        rejected_queue=settings.amqp_rejected_queue,
+        max_length=settings.amqp_queue_max_length,
+        rejected_max_length=settings.amqp_rejected_max_length,
+        rejected_max_bytes=settings.amqp_rejected_max_bytes,
+    )
+    return [
+        RabbitConsumer(
+            settings.amqp_url, target, topology=topology, prefetch=settings.amqp_prefetch
+        )
+    ]
 
 
 def _server_key(settings: OrchestratorSettings) -> bytes:

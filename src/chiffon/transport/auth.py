@@ -64,3 +64,31 @@ def credential_for(credentials: Credentials | None, agent_id: uuid.UUID) -> Agen
     if credentials is None or isinstance(credentials, AgentCredential):
         return credentials
     return credentials.get(agent_id)
+
+
+# How a message proves it comes from its agent, as the orchestrator's one admission path
+# (`Orchestrator.admit`) takes it from every transport.
+@dataclass(frozen=True, slots=True)
+class Bearer:
+    """The agent's bearer secret, already checked for this agent by the transport."""
+
+    agent_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """The `x-chiffon-signature` that came with the body (None: there was none)."""
+
+    value: str | None
+
+
+class _InProcess:
+    """Code in this process: the embedded agent of `chiffon up`, tests."""
+
+
+IN_PROCESS = _InProcess()
+Proof = Bearer | Signature | _InProcess
+
+
+class ProofUnavailableError(RuntimeError):
+    """The credentials could not be read (the registry is down): retry the message later."""

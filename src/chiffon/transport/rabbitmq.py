@@ -30,7 +30,14 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from chiffon.schemas.limits import RejectedMessage
-from chiffon.transport.auth import SIGNATURE_HEADER, Credentials, credential_for
+from chiffon.transport.auth import (
+    SIGNATURE_HEADER,
+    Credentials,
+    Proof,
+    ProofUnavailableError,
+    Signature,
+    credential_for,
+)
 from chiffon.transport.base import Message, TransportError
 
 if TYPE_CHECKING:  # the agent imports this module and must not load pydantic
@@ -287,13 +294,9 @@ class IngestTarget(Protocol):
     @property
     def metrics(self) -> ConsumerMetrics: ...
 
-    def parse(self, raw: bytes) -> AgentMessage: ...
-
     def reject(self, reason: str) -> None: ...
 
-    async def authenticate(
-        self, message: AgentMessage, raw: bytes, *, signature: str | None
-    ) -> None: ...
+    async def admit(self, raw: bytes, proof: Proof) -> AgentMessage: ...
 
     def receive(self, message: AgentMessage) -> asyncio.Future[Any]: ...
 
@@ -468,6 +471,13 @@ class RabbitConsumer:
         self._failures = 0
         self._stopping = False
         self.consumed = 0
+
+    name = "amqp"  # as a receiver of the orchestrator (`/readyz`)
+
+    @property
+    def hearing(self) -> bool:
+        """As a receiver: subscribed to its queue."""
+        return self.consuming
 
     @property
     def consuming(self) -> bool:
@@ -715,37 +725,24 @@ class RabbitConsumer:
         """Settle a bad or refused message; hand a good one to the orchestrator and return
         the future of its commit (no task waits on it: `_committed` runs when it is done).
         """
-        try:
-            parsed = self._target.parse(message.body)
-        except RejectedMessage as exc:
-            await self._reject(message, exc.reason, exc.detail)
-            return None
-        except Exception as exc:  # a bug must not stop the consumer on one message
-            log.exception("unexpected error parsing an AMQP message")
-            self._target.reject("consumer_error")
-            await self._reject(message, "consumer_error", _describe(exc))
-            return None
-        if await self._refused(message, parsed):
-            return None
-        return self._target.receive(parsed)
-
-    async def _refused(self, message: Delivery, parsed: AgentMessage) -> bool:
-        """Check the agent's signature: refused (rejected, or requeued when the credential
-        could not be read) or admitted."""
         signature = message.headers.get(SIGNATURE_HEADER)
         if isinstance(signature, bytes):
             signature = signature.decode(errors="replace")
+        proof = Signature(signature if isinstance(signature, str) else None)
         try:
-            await self._target.authenticate(
-                parsed, message.body, signature=signature if isinstance(signature, str) else None
-            )
-        except RejectedMessage as exc:
+            admitted = await self._target.admit(message.body, proof)
+        except RejectedMessage as exc:  # counted by the orchestrator
             await self._reject(message, exc.reason, exc.detail)
-            return True
-        except Exception as exc:  # the registry is down: not the message's fault
+            return None
+        except ProofUnavailableError as exc:  # the registry is down: not the message's fault
             await self._requeue(message, exc)
-            return True
-        return False
+            return None
+        except Exception as exc:  # a bug must not stop the consumer on one message
+            log.exception("unexpected error admitting an AMQP message")
+            self._target.reject("consumer_error")
+            await self._reject(message, "consumer_error", _describe(exc))
+            return None
+        return self._target.receive(admitted)
 
     async def _requeue(self, message: Delivery, exc: BaseException) -> None:
         log.debug("requeueing an AMQP message: %s", _describe(exc))
