@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 from chiffon import __version__
 from chiffon.agent.report import Outgoing, Snapshot
+from chiffon.backoff import Backoff
 from chiffon.schemas.limits import MessageKind
 from chiffon.transport.base import Publisher, TransportError
 
@@ -52,8 +53,7 @@ def beat_deadline(start: float, beat: int, interval_seconds: float, rng: random.
 
 def backoff_seconds(failures: int, interval_seconds: float, rng: random.Random) -> float:
     """0.5 s, 1 s, 2 s ... capped at the interval, each scaled by a random 50-100%."""
-    ceiling = min(interval_seconds, BACKOFF_FIRST_SECONDS * 2.0 ** min(failures - 1, 30))
-    return ceiling * rng.uniform(0.5, 1.0)
+    return Backoff(BACKOFF_FIRST_SECONDS, max_seconds=interval_seconds).delay(failures, rng)
 
 
 class AgentLoop:

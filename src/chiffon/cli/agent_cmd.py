@@ -170,9 +170,6 @@ def new_agent_loop(
     )
 
 
-ENROLL_ATTEMPTS = 8
-
-
 async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) -> AgentCredential:
     """The secret kept in the state directory, else one got by enrolling (and kept, 0600)."""
     from chiffon.agent.identity import IdentityError, load_secret, store_secret
@@ -208,28 +205,23 @@ async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) ->
 
 
 async def _enroll(settings: AgentSettings, identity: AgentIdentity) -> AgentCredential:
-    """Enroll over HTTP, retrying (backoff) while the orchestrator cannot be reached."""
+    """Enroll over HTTP (the agent package retries while the orchestrator is unreachable)."""
+    from chiffon.agent.enroll import enroll_with_retries
     from chiffon.transport.base import TransportError
-    from chiffon.transport.http import EnrollmentRefusedError, enroll
+    from chiffon.transport.http import EnrollmentRefusedError
 
     assert settings.enroll_token is not None
-    for attempt in range(1, ENROLL_ATTEMPTS + 1):
-        try:
-            return await enroll(
-                settings.orchestrator_url,
-                token=settings.enroll_token.get_secret_value(),
-                agent_id=identity.agent_id,
-                timeout_seconds=settings.publish_timeout_seconds,
-            )
-        except EnrollmentRefusedError as exc:
-            raise CliError(str(exc)) from None
-        except TransportError as exc:
-            if attempt == ENROLL_ATTEMPTS:
-                raise CliError(f"cannot enroll: {exc}") from None
-            pause = min(30.0, 0.5 * 2**attempt)
-            console.print(f"cannot enroll yet ({exc}); retrying in {pause:g} s", highlight=False)
-            await asyncio.sleep(pause)
-    raise AssertionError("unreachable")
+    try:
+        return await enroll_with_retries(
+            settings.orchestrator_url,
+            token=settings.enroll_token.get_secret_value(),
+            agent_id=identity.agent_id,
+            timeout_seconds=settings.publish_timeout_seconds,
+        )
+    except EnrollmentRefusedError as exc:
+        raise CliError(str(exc)) from None
+    except TransportError as exc:
+        raise CliError(f"cannot enroll: {exc}") from None
 
 
 async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:

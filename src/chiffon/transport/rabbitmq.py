@@ -14,10 +14,9 @@ import asyncio
 import functools
 import heapq
 import logging
-import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 import aiormq.abc
@@ -29,6 +28,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import DeliveryError, PublishError
 
+from chiffon.backoff import Backoff as Backoff  # the tests and the consumer's callers use it
+from chiffon.backoff import describe, retry
 from chiffon.schemas.limits import RejectedMessage
 from chiffon.transport.auth import (
     SIGNATURE_HEADER,
@@ -53,8 +54,6 @@ REJECT_REASON_HEADER = "x-chiffon-reject-reason"
 REJECT_DETAIL_HEADER = "x-chiffon-reject-detail"
 REJECT_BYTES_HEADER = "x-chiffon-original-bytes"  # on a copy cut to `rejected_copy_bytes`
 CONTENT_TYPE = "application/json"
-
-T = TypeVar("T")
 
 
 def routing_key(message: Message) -> str:
@@ -106,56 +105,7 @@ async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExcha
     return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter in [delay * (1 - jitter), delay]."""
-
-    initial_seconds: float = 0.5
-    max_seconds: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.5
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number `attempt` (1-based)."""
-        ceiling = min(self.max_seconds, self.initial_seconds * self.factor ** max(0, attempt - 1))
-        return ceiling * (1 - self.jitter * random.random())
-
-
-async def retry(
-    what: str,
-    attempt_once: Callable[[], Awaitable[T]],
-    *,
-    backoff: Backoff,
-    attempts: int | None = None,
-) -> T:
-    """Connect-and-retry, the one place that does it: log each failure and the retries left.
-
-    `attempts=None` retries until cancelled (an orchestrator waiting for its broker).
-    """
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await attempt_once()
-        except Exception as exc:  # anything that stops a connect is worth a retry
-            left = "unlimited" if attempts is None else str(attempts - attempt)
-            if attempts is not None and attempt >= attempts:
-                log.warning("%s failed (%s); no retries left", what, _describe(exc))
-                raise
-            pause = backoff.delay(attempt)
-            log.warning(
-                "%s failed (%s); retrying in %.1f s, retries left: %s",
-                what,
-                _describe(exc),
-                pause,
-                left,
-            )
-            await asyncio.sleep(pause)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+_describe = describe
 
 
 async def _close_quietly(connection: AbstractConnection | None) -> None:
