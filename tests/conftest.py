@@ -9,13 +9,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import db
+from chiffon.persistence.models import Base
 from tests.auth import API_TOKEN, ENROLL_TOKEN, SECRET_KEY
 from tests.private_services import PrivatePostgres, PrivateRabbit
 from tests.services import POSTGRES_ADMIN_URL, listening_pids, need
@@ -116,11 +116,9 @@ async def orchestrator(
     settings: OrchestratorSettings, clock: ManualClock
 ) -> AsyncIterator[Orchestrator]:
     orch = Orchestrator(settings, clock=clock)
-    async with orch.engine.begin() as conn:
-        await conn.execute(text("DELETE FROM agent_registry"))
-        await conn.execute(text("DELETE FROM agent_events"))
-        await conn.execute(text("DELETE FROM agent_metrics"))
-        await conn.execute(text("DELETE FROM agent_credentials"))
+    async with orch.engine.begin() as conn:  # every table the models declare, children first
+        for table in reversed(Base.metadata.sorted_tables):
+            await conn.execute(table.delete())
     await orch.start(sweep=False)
     yield orch
     await orch.stop()
