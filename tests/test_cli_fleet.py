@@ -237,3 +237,19 @@ def test_rm_removes_an_agent_and_keeps_its_history(fleet_url: str) -> None:
     assert [e["reason"] for e in json.loads(events.stdout)] == ["deregistered", "registered"]
     again = run_cli("agents", "rm", "old-desk", "--orchestrator-url", fleet_url)
     assert again.returncode == 2
+
+
+def test_revoke_bans_and_unban_lets_the_agent_enroll_again(fleet_url: str) -> None:
+    agent = uuid.uuid4()
+    credential = enroll(fleet_url, agent)
+    beat = f.raw(f.message(agent, name="banned-desk"))
+    url = f"{fleet_url}/api/v1/agents/{agent}/heartbeat"
+    assert httpx.post(url, content=beat, headers=bearer(credential)).status_code == 200
+    revoked = run_cli("agents", "revoke", "banned-desk", "--orchestrator-url", fleet_url)
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"chiffon agents unban {agent}" in revoked.stdout
+    refused = httpx.post(url, content=beat, headers=bearer(credential))
+    assert refused.status_code == 401 and refused.json()["detail"].startswith("revoked")
+    lifted = run_cli("agents", "unban", str(agent), "--orchestrator-url", fleet_url)
+    assert lifted.returncode == 0 and f"lifted the ban of {agent}" in lifted.stdout
+    assert enroll(fleet_url, agent).secret != credential.secret

@@ -200,6 +200,14 @@ def agents(
                 pass
 
 
+def _act_on(url: str | None, agent: str, path: str, done: str) -> None:
+    """DELETE `path` for one agent (id, id prefix or name), then say `done`."""
+    client = api_client(url)
+    agent_id = client.resolve(agent)
+    client.delete(path.format(id=agent_id))
+    console.print(done.format(id=agent_id), highlight=False)
+
+
 @agents_app.command("revoke")
 def revoke(
     agent: str = typer.Argument(..., help="The agent (id, id prefix or name)."),
@@ -208,14 +216,11 @@ def revoke(
     """Revoke an agent's secret and ban its id: its messages are refused and it cannot
     enroll again until `chiffon agents unban` (rotation: revoke, unban, restart it with the
     enrollment token)."""
-    client = api_client(url)
-    agent_id = client.resolve(agent)
-    client.delete(f"/agents/{agent_id}/credential")
-    console.print(
-        f"revoked the credential of {agent_id}: its messages are refused and it cannot "
-        f"enroll again until `chiffon agents unban {agent_id}`",
-        highlight=False,
-    )
+    _act_on(
+        url, agent, "/agents/{id}/credential",
+        "revoked the credential of {id}: its messages are refused and it cannot enroll "
+        "again until `chiffon agents unban {id}`",
+    )  # fmt: skip
 
 
 @agents_app.command("rm")
@@ -225,14 +230,11 @@ def remove(
 ) -> None:
     """Remove an agent from the registry (its event history stays). An agent still running
     registers again at its next heartbeat: revoke it to keep it out."""
-    client = api_client(url)
-    agent_id = client.resolve(agent)
-    client.delete(f"/agents/{agent_id}")
-    console.print(
-        f"removed {agent_id} from the registry; if it still runs it comes back at its next "
-        f"heartbeat (`chiffon agents revoke {agent_id}` keeps it out)",
-        highlight=False,
-    )
+    _act_on(
+        url, agent, "/agents/{id}",
+        "removed {id} from the registry; if it still runs it comes back at its next "
+        "heartbeat (`chiffon agents revoke {id}` keeps it out)",
+    )  # fmt: skip
 
 
 @agents_app.command("unban")
@@ -241,14 +243,11 @@ def unban(
     url: str = URL_OPTION,
 ) -> None:
     """Lift a revoked agent's ban, so that it may enroll again with the enrollment token."""
-    client = api_client(url)
-    agent_id = client.resolve(agent)
-    client.delete(f"/agents/{agent_id}/ban")
-    console.print(
-        f"lifted the ban of {agent_id}: it may enroll again (delete its agent_secret file "
-        "and start it with the enrollment token)",
-        highlight=False,
-    )
+    _act_on(
+        url, agent, "/agents/{id}/ban",
+        "lifted the ban of {id}: it may enroll again (delete its agent_secret file and start "
+        "it with the enrollment token)",
+    )  # fmt: skip
 
 
 def _none_listed(client: ApiClient, status: str | None, pool: str | None) -> Text:
