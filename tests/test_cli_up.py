@@ -107,7 +107,8 @@ def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
         assert time.monotonic() - started < 5
     log = next(tmp_path.glob("up-*.log")).read_text()
     assert f"http://127.0.0.1:{port}/#token={token_file.read_text().strip()}" in log
-    assert "chiffon agent --orchestrator-url" in log and "--enroll-token" in log
+    assert "chiffon agent --orchestrator-url" in log and "CHIFFON_ENROLL_TOKEN=" in log
+    assert "--enroll-token" not in log  # never a secret in argv
     assert "Traceback" not in log
 
     assert "issued this machine's agent a new credential (none kept yet)" in log

@@ -69,7 +69,9 @@ def resources_table(res: Snapshot) -> Table:
         "GPUs",
         f"{res.gpu_count} ({res.gpu_type}), {_num(res.gpu_vram_available_gb)} GB free of "
         f"{_num(res.gpu_vram_total_gb)} GB, best single GPU "
-        f"{_num(res.gpu_vram_available_max_gb)} GB",
+        f"{_num(res.gpu_vram_available_max_gb)} GB"
+        if res.gpus
+        else "none found" + (" (a GPU probe failed, below)" if res.probe_errors else ""),
     )
     for g in res.gpus:
         table.add_row(

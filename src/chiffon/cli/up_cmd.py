@@ -93,14 +93,14 @@ def _join_hint(host: str, port: int, enroll_token: str) -> str:
     if host in ("127.0.0.1", "localhost", "::1"):
         return (
             "Other desktops cannot reach 127.0.0.1: restart with --host 0.0.0.0 and an API "
-            "token (CHIFFON_API_TOKEN), then on each of them run:\n  chiffon agent "
-            f"--orchestrator-url http://{socket.gethostname()}:{port} --transport http "
-            f"--enroll-token {enroll_token}"
+            "token (CHIFFON_API_TOKEN), then on each of them run:\n  "
+            f"CHIFFON_ENROLL_TOKEN={enroll_token} chiffon agent "
+            f"--orchestrator-url http://{socket.gethostname()}:{port} --transport http"
         )
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     return (
-        "To add another desktop, run there:\n  chiffon agent --orchestrator-url "
-        f"http://{shown}:{port} --transport http --enroll-token {enroll_token}"
+        f"To add another desktop, run there:\n  CHIFFON_ENROLL_TOKEN={enroll_token} chiffon "
+        f"agent --orchestrator-url http://{shown}:{port} --transport http"
     )
 
 
