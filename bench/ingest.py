@@ -262,9 +262,10 @@ class TimedTarget:
 async def chiffon_consumer(
     db_url: str, amqp_url: str, **overrides: Any
 ) -> tuple[Orchestrator, RabbitConsumer, TimedTarget]:
+    # No amqp_url in the settings: the orchestrator would start its own consumer beside
+    # this one (the timed one), and the two would share the backlog.
     settings = OrchestratorSettings(
         database_url=db_url,
-        amqp_url=amqp_url,
         secret_key=SECRET_KEY,  # type: ignore[arg-type]  # pydantic makes it a SecretStr
         **{"heartbeat_timeout_seconds": BACKLOG_TTL_SECONDS, **overrides},
     )
