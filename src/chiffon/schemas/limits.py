@@ -133,30 +133,41 @@ def gpu_type_of(vendors: set[GpuVendor]) -> GpuType:
 def _check_aggregates(r: ResourceTotals) -> None:
     """The sums must be the sums of the per-GPU list, as the agent builds them
     (`chiffon.agent.probes.collect.gpu_aggregates`): a hostile agent sending `gpus: []`
-    with 10^6 GB free ranked first for every capacity query."""
-    if r.gpu_type != gpu_type_of({g.vendor for g in r.gpus}):
+    with 10^6 GB free ranked first for every capacity query. One pass over the GPUs: this
+    runs for every heartbeat."""
+    vendors: set[GpuVendor] = set()
+    known = 0  # GPUs whose total is known
+    total = free = 0.0
+    largest: float | None = None
+    free_known = 0
+    for g in r.gpus:
+        vendors.add(g.vendor)
+        if g.vram_total_gb is None:
+            continue
+        known += 1
+        total += g.vram_total_gb
+        if g.vram_free_gb is not None:
+            free_known += 1
+            free += g.vram_free_gb
+            largest = g.vram_free_gb if largest is None else max(largest, g.vram_free_gb)
+    if r.gpu_type != gpu_type_of(vendors):
         raise ValueError(f"gpu_type {r.gpu_type!r} does not match the GPUs' vendors")
     if not r.gpus:  # none found: 0, or unknown when a GPU backend failed
         for what in ("gpu_vram_total_gb", "gpu_vram_available_gb", "gpu_vram_available_max_gb"):
             if getattr(r, what) not in (None, 0):
                 raise ValueError(f"{what} is {getattr(r, what)} with no GPU listed")
         return
-    known = [g for g in r.gpus if g.vram_total_gb is not None]
-    free = [g.vram_free_gb for g in known if g.vram_free_gb is not None]
-    _check_sum("gpu_vram_total_gb", r.gpu_vram_total_gb, [g.vram_total_gb or 0.0 for g in known])
-    _check_sum("gpu_vram_available_gb", r.gpu_vram_available_gb, free)
-    _check_sum("gpu_vram_available_max_gb", r.gpu_vram_available_max_gb, free, largest=True)
+    _check_sum("gpu_vram_total_gb", r.gpu_vram_total_gb, total, known)
+    _check_sum("gpu_vram_available_gb", r.gpu_vram_available_gb, free, free_known)
+    _check_sum("gpu_vram_available_max_gb", r.gpu_vram_available_max_gb, largest, free_known)
 
 
-def _check_sum(
-    what: str, stated: float | None, parts: Sequence[float], *, largest: bool = False
-) -> None:
-    if not parts:
+def _check_sum(what: str, stated: float | None, expected: float | None, parts: int) -> None:
+    if not parts or expected is None:
         if stated is not None:
             raise ValueError(f"{what} is {stated} but no GPU's VRAM is known")
         return
-    expected = max(parts) if largest else sum(parts)
-    if stated is None or abs(stated - expected) > AGGREGATE_SLACK_GB * len(parts) + SLACK:
+    if stated is None or abs(stated - expected) > AGGREGATE_SLACK_GB * parts + SLACK:
         raise ValueError(f"{what} is {stated}, the GPUs say {round(expected, 3)}")
 
 
