@@ -66,8 +66,11 @@ def clean_text(value: str) -> str:
 def utc(at: datetime) -> datetime:
     """An aware time in UTC, or `ValueError`. PostgreSQL refuses UTC offsets past +-15:59
     (Python allows +-23:59), and a time near year 1 or 9999 may leave Python's range."""
-    if at.tzinfo is None or at.utcoffset() is None:
+    offset = at.utcoffset()
+    if offset is None:
         raise ValueError("a time zone is required")
+    if not offset:  # UTC already (what agents send): no new object for every heartbeat
+        return at
     try:
         return at.astimezone(UTC)
     except OverflowError:
