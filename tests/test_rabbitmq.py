@@ -60,9 +60,10 @@ def amqp_url() -> str:
     return AMQP_URL
 
 
-@pytest.fixture
-async def topology(amqp_url: str) -> AsyncIterator[Topology]:
-    """Unique exchange and queue names for one test, deleted afterwards."""
+@asynccontextmanager
+async def scratch_topology(url: str) -> AsyncIterator[Topology]:
+    """Unique exchange and queue names on the shared broker, deleted afterwards, so other
+    users of the broker are not disturbed."""
     prefix = f"chiffon-test-{uuid.uuid4().hex[:10]}"
     top = Topology(
         exchange=prefix,
@@ -71,13 +72,22 @@ async def topology(amqp_url: str) -> AsyncIterator[Topology]:
         max_length=1000,
         rejected_max_length=10,
     )
-    yield top
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (top.queue, top.rejected_queue):
-            await channel.queue_delete(queue)
-        await channel.exchange_delete(top.exchange)
+    try:
+        yield top
+    finally:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            for queue in (top.queue, top.rejected_queue):
+                await channel.queue_delete(queue)
+            await channel.exchange_delete(top.exchange)
+
+
+@pytest.fixture
+async def topology(amqp_url: str) -> AsyncIterator[Topology]:
+    """Unique exchange and queue names for one test, deleted afterwards."""
+    async with scratch_topology(amqp_url) as top:
+        yield top
 
 
 @asynccontextmanager

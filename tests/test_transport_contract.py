@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import pytest
 import uvicorn
 
@@ -24,12 +23,12 @@ from chiffon.transport.auth import Credentials
 from chiffon.transport.base import Publisher, TransportError
 from chiffon.transport.http import HttpPublisher
 from chiffon.transport.memory import InMemoryPublisher
-from chiffon.transport.rabbitmq import RabbitPublisher, Topology
+from chiffon.transport.rabbitmq import RabbitPublisher
 from tests import factories as f
 from tests.auth import keyring
 from tests.procs import free_port
 from tests.services import AMQP_URL, need
-from tests.test_rabbitmq import _sample, agent_row, consuming, eventually
+from tests.test_rabbitmq import _sample, agent_row, consuming, eventually, scratch_topology
 
 Connect = Callable[[Credentials], Publisher]
 
@@ -71,28 +70,13 @@ async def connect(
             yield lambda creds: HttpPublisher(url, timeout_seconds=5, credential=creds)
     else:
         need("RabbitMQ", "127.0.0.1", 5672)
-        async with _topology() as topology, consuming(orchestrator, AMQP_URL, topology):
+        async with (
+            scratch_topology(AMQP_URL) as topology,
+            consuming(orchestrator, AMQP_URL, topology),
+        ):
             yield lambda creds: RabbitPublisher(
                 AMQP_URL, timeout_seconds=5, exchange=topology.exchange, credential=creds
             )
-
-
-@contextlib.asynccontextmanager
-async def _topology() -> AsyncIterator[Topology]:
-    """Exchange and queues of this test's own on the shared broker, deleted after."""
-    prefix = f"chiffon-contract-{uuid.uuid4().hex[:10]}"
-    top = Topology(
-        exchange=prefix, queue=f"{prefix}.agent-events", rejected_queue=f"{prefix}.rejected"
-    )
-    try:
-        yield top
-    finally:
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            channel = await connection.channel()
-            for queue in (top.queue, top.rejected_queue):
-                await channel.queue_delete(queue)
-            await channel.exchange_delete(top.exchange)
 
 
 async def _send(connect: Connect, creds: Credentials, *messages: Any) -> None:
