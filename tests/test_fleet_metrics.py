@@ -14,11 +14,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas.heartbeat import GpuInfo
 from tests import factories as f
+from tests.conftest import api_client
 from tests.services import require_services
 
 PROMTOOL = Path(__file__).resolve().parents[1] / ".tools" / "bin" / "promtool"
@@ -27,10 +27,7 @@ RULES = Path(__file__).resolve().parents[1] / "examples" / "prometheus-rules.yml
 
 @pytest.fixture
 async def scrape(orchestrator: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(orchestrator, manage_lifecycle=False)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://chiffon"
-    ) as client:
+    async with api_client(orchestrator) as client:
         yield client
 
 

@@ -23,13 +23,13 @@ import httpx
 import psycopg
 import pytest
 
-from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
 from chiffon.transport.rabbitmq import Topology
 from tests import factories as f
 from tests.auth import bearer, issue, keyring
+from tests.conftest import api_client
 from tests.test_rabbitmq import (
     _drain_reasons,
     _sample,
@@ -67,10 +67,7 @@ def database_refuses_one_name(postgres_url: str) -> Iterator[None]:
 
 @pytest.fixture
 async def api(orchestrator: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(orchestrator, manage_lifecycle=False)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://chiffon"
-    ) as client:
+    async with api_client(orchestrator) as client:
         yield client
 
 

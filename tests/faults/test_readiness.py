@@ -13,18 +13,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from chiffon.api.app import create_app
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.transport.rabbitmq import RabbitConsumer
 from tests import factories as f
-from tests.auth import API_HEADERS, API_TOKEN, ENROLL_TOKEN, SECRET_KEY, bearer, issue
+from tests.auth import API_HEADERS, bearer, issue
+from tests.conftest import api_client
 from tests.procs import free_port
 
 
@@ -56,20 +55,14 @@ def _fill(conn: psycopg.Connection, full: bool) -> None:
 
 
 @pytest.fixture
-async def sweeping(postgres_url: str, tmp_path: Path) -> AsyncIterator[Orchestrator]:
+async def sweeping(settings: OrchestratorSettings) -> AsyncIterator[Orchestrator]:
     """An orchestrator that sweeps every 0.2 s on the real clock (timeout 1 s)."""
-    settings = OrchestratorSettings(
-        database_url=postgres_url,
-        data_dir=tmp_path,
-        heartbeat_interval_seconds=0.5,
-        heartbeat_timeout_seconds=1,
-        sweep_interval_seconds=0.2,
-        ingest_batch_delay_ms=5,
-        api_token=API_TOKEN,
-        enroll_token=ENROLL_TOKEN,
-        secret_key=SECRET_KEY,
-    )
-    orch = Orchestrator(settings)
+    fast = {
+        "heartbeat_interval_seconds": 0.5,
+        "heartbeat_timeout_seconds": 1,
+        "sweep_interval_seconds": 0.2,
+    }
+    orch = Orchestrator(settings.model_copy(update=fast))
     await orch.start()
     yield orch
     await orch.stop()
@@ -86,10 +79,7 @@ async def _ready(api: httpx.AsyncClient, want: int, within: float = 5) -> httpx.
 async def test_9_a_registry_that_cannot_be_written_is_not_ready_and_says_it_is_stale(
     sweeping: Orchestrator, disk_full: psycopg.Connection
 ) -> None:
-    app = create_app(sweeping, manage_lifecycle=False)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://chiffon", headers=API_HEADERS
-    ) as api:
+    async with api_client(sweeping, API_HEADERS) as api:
         agent = uuid.uuid4()
         auth = bearer(await issue(sweeping, agent))
         url = f"/api/v1/agents/{agent}/heartbeat"
@@ -131,11 +121,8 @@ async def test_9_a_receiver_that_cannot_hear_makes_the_orchestrator_not_ready(
     consumer = RabbitConsumer(f"amqp://guest:guest@127.0.0.1:{free_port()}/", sweeping)
     sweeping.add_receiver(consumer)
     await consumer.start()
-    app = create_app(sweeping, manage_lifecycle=False)
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://chiffon"
-        ) as api:
+        async with api_client(sweeping) as api:
             deaf = await _ready(api, 503)
             assert deaf.json()["checks"]["amqp"] == "not hearing"
     finally:
