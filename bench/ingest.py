@@ -73,11 +73,11 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.schemas.heartbeat import AgentMessage, RejectedMessage, parse_message
 from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential, Proof
-from chiffon.transport.rabbitmq import (
+from chiffon.transport.rabbitmq.consumer import RabbitConsumer
+from chiffon.transport.rabbitmq.topology import (
     AGENT_EVENTS_QUEUE,
     BINDING_KEY,
     EXCHANGE,
-    RabbitConsumer,
     Topology,
     agent_events_arguments,
     declare_exchange,

@@ -34,7 +34,7 @@ from chiffon.agent.simulate import VirtualAgent, make_fleet
 from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
 from chiffon.transport.http import HttpClient, encode_request
 from chiffon.transport.memory import InMemoryPublisher
-from chiffon.transport.rabbitmq import CONTENT_TYPE, EXCHANGE, routing_key
+from chiffon.transport.rabbitmq.topology import CONTENT_TYPE, EXCHANGE, routing_key
 
 
 def credential(message: Outgoing) -> AgentCredential:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from chiffon.transport.rabbitmq import AckWindow
+from chiffon.transport.rabbitmq.acks import AckWindow
 
 
 class RecordingChannel:

@@ -207,12 +207,14 @@ def test_implausible_gpus_are_refused_by_both(changes: dict[str, Any]) -> None:
     assert _both_sides(lambda: GpuReading(**gpu), lambda: GpuInfo(**gpu)) == (False, False)
 
 
-def test_the_agent_side_loads_neither_pydantic_nor_httpx() -> None:
+def test_the_agent_side_loads_neither_pydantic_nor_httpx_nor_orchestrator_code() -> None:
     code = (
         "import sys, chiffon.cli.main, chiffon.agent.loop, chiffon.agent.probes.collect, "
-        "chiffon.transport.factory, chiffon.transport.rabbitmq; "
+        "chiffon.transport.factory, chiffon.transport.rabbitmq.publisher; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'pydantic', 'pydantic_core', 'httpx', 'httpcore', 'anyio', 'sqlalchemy', 'fastapi'}))"
+        "{'pydantic', 'pydantic_core', 'httpx', 'httpcore', 'anyio', 'sqlalchemy', 'fastapi'}"
+        " | {m for m in sys.modules if m.startswith(('chiffon.orchestrator', "
+        "'chiffon.transport.rabbitmq.consumer', 'chiffon.transport.rabbitmq.acks'))}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.replace("'", '"')) == []

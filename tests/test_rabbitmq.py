@@ -26,18 +26,15 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from yarl import URL
 
+from chiffon.backoff import Backoff
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import registry
 from chiffon.transport.auth import Credentials
 from chiffon.transport.base import TransportError
-from chiffon.transport.rabbitmq import (
-    REJECT_REASON_HEADER,
-    Backoff,
-    RabbitConsumer,
-    RabbitPublisher,
-    Topology,
-)
+from chiffon.transport.rabbitmq.consumer import RabbitConsumer
+from chiffon.transport.rabbitmq.publisher import RabbitPublisher
+from chiffon.transport.rabbitmq.topology import REJECT_REASON_HEADER, Topology
 from tests import factories as f
 from tests.auth import API_HEADERS, TOKENS_ENV, enroll, keyring
 from tests.private_services import PrivateRabbit

@@ -23,7 +23,7 @@ from chiffon.transport.auth import Credentials
 from chiffon.transport.base import Publisher, TransportError
 from chiffon.transport.http import HttpPublisher
 from chiffon.transport.memory import InMemoryPublisher
-from chiffon.transport.rabbitmq import RabbitPublisher
+from chiffon.transport.rabbitmq.publisher import RabbitPublisher
 from tests import factories as f
 from tests.auth import keyring
 from tests.procs import free_port

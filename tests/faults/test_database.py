@@ -12,7 +12,7 @@ import pytest
 from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
-from chiffon.transport.rabbitmq import Topology
+from chiffon.transport.rabbitmq.topology import Topology
 from tests import factories as f
 from tests.auth import API_HEADERS, bearer, issue, keyring
 from tests.conftest import fresh_postgres_database

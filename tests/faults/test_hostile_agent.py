@@ -26,7 +26,7 @@ import pytest
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
-from chiffon.transport.rabbitmq import Topology
+from chiffon.transport.rabbitmq.topology import Topology
 from tests import factories as f
 from tests.auth import bearer, issue, keyring
 from tests.conftest import api_client

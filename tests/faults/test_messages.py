@@ -10,7 +10,7 @@ import aio_pika
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.transport.auth import SIGNATURE_HEADER
-from chiffon.transport.rabbitmq import REJECT_REASON_HEADER, Topology
+from chiffon.transport.rabbitmq.topology import REJECT_REASON_HEADER, Topology
 from tests import factories as f
 from tests.auth import keyring
 from tests.test_rabbitmq import (

@@ -20,7 +20,7 @@ import pytest
 
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
-from chiffon.transport.rabbitmq import RabbitConsumer
+from chiffon.transport.rabbitmq.consumer import RabbitConsumer
 from tests import factories as f
 from tests.auth import API_HEADERS, bearer, issue
 from tests.conftest import api_client

@@ -273,7 +273,9 @@ def _receivers_from(settings: OrchestratorSettings, target: Orchestrator) -> lis
     API, always there)."""
     if not settings.amqp_url:
         return []
-    from chiffon.transport.rabbitmq import RabbitConsumer, Topology  # aio-pika on demand
+    # aio-pika, on demand
+    from chiffon.transport.rabbitmq.consumer import RabbitConsumer
+    from chiffon.transport.rabbitmq.topology import Topology
 
     topology = Topology(
         exchange=settings.amqp_exchange,

@@ -28,7 +28,7 @@ def make_publisher(
         )
     if transport == "amqp":
         # Imported here: aio-pika loads only for agents that use it.
-        from chiffon.transport.rabbitmq import RabbitPublisher
+        from chiffon.transport.rabbitmq.publisher import RabbitPublisher
 
         return RabbitPublisher(
             amqp_url,

@@ -1,222 +1,39 @@
-"""RabbitMQ transport (the only module that imports aio-pika and its aiormq).
-
-Topology (docs/protocol.md, "RabbitMQ"): agents publish to the durable topic exchange
-`chiffon` with routing key `agent.<kind>.<agent_id>`; orchestrators share the durable queue
-`chiffon.orchestrator.agent-events` bound to `agent.#` as competing consumers. The queue has
-a message TTL (a heartbeat older than the liveness timeout is worthless) and a length limit,
-so a stopped orchestrator never lets the broker fill up. A message that fails validation is
-acked and copied to the bounded queue `chiffon.rejected` with the reason in a header.
-"""
+"""The orchestrator's side: consume the shared queue, admit, ack after commit."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
-import heapq
 import logging
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 import aiormq.abc
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractExchange,
-    AbstractQueue,
-)
-from aio_pika.exceptions import DeliveryError, PublishError
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
-from chiffon.backoff import Backoff as Backoff  # the tests and the consumer's callers use it
-from chiffon.backoff import describe, retry
+from chiffon.backoff import Backoff, describe, retry
 from chiffon.schemas.limits import RejectedMessage
-from chiffon.transport.auth import (
-    SIGNATURE_HEADER,
-    Credentials,
-    Proof,
-    ProofUnavailableError,
-    Signature,
-    credential_for,
+from chiffon.transport.auth import SIGNATURE_HEADER, Proof, ProofUnavailableError, Signature
+from chiffon.transport.rabbitmq.acks import AckWindow
+from chiffon.transport.rabbitmq.topology import (
+    BINDING_KEY,
+    REJECT_BYTES_HEADER,
+    REJECT_DETAIL_HEADER,
+    REJECT_REASON_HEADER,
+    Topology,
+    agent_events_arguments,
+    close_quietly,
+    declare_exchange,
+    declare_queue,
+    rejected_arguments,
 )
-from chiffon.transport.base import Message, TransportError
 
-if TYPE_CHECKING:  # the agent imports this module and must not load pydantic
+if TYPE_CHECKING:
     from chiffon.schemas.heartbeat import AgentMessage
 
 log = logging.getLogger(__name__)
-
-EXCHANGE = "chiffon"
-AGENT_EVENTS_QUEUE = "chiffon.orchestrator.agent-events"
-REJECTED_QUEUE = "chiffon.rejected"
-BINDING_KEY = "agent.#"
-REJECT_REASON_HEADER = "x-chiffon-reject-reason"
-REJECT_DETAIL_HEADER = "x-chiffon-reject-detail"
-REJECT_BYTES_HEADER = "x-chiffon-original-bytes"  # on a copy cut to `rejected_copy_bytes`
-CONTENT_TYPE = "application/json"
-
-
-def routing_key(message: Message) -> str:
-    """`agent.heartbeat.<agent_id>` or `agent.offline.<agent_id>`."""
-    return f"agent.{message.kind}.{message.agent_id}"
-
-
-def agent_events_arguments(*, max_length: int) -> dict[str, Any]:
-    """Queue arguments of the orchestrators' queue, applied when it is created; no
-    dead-lettering on purpose. No message TTL here: each agent sets its message's expiration
-    (its heartbeat timeout), so a changed timeout never meets a queue declared with another
-    (RabbitMQ refuses a redeclaration with different arguments: `PRECONDITION_FAILED`)."""
-    return {"x-max-length": max_length, "x-overflow": "drop-head"}
-
-
-def rejected_arguments(*, max_length: int, max_bytes: int) -> dict[str, Any]:
-    return {"x-max-length": max_length, "x-max-length-bytes": max_bytes, "x-overflow": "drop-head"}
-
-
-async def declare_queue(
-    connection: AbstractConnection, channel: AbstractChannel, name: str, arguments: dict[str, Any]
-) -> tuple[AbstractChannel, AbstractQueue]:
-    """Declare `name` with `arguments`, or use it as it is when it exists with others.
-
-    Arguments are fixed when a queue is created. A setting changed since (a length limit)
-    used to make every later start fail its declaration and retry forever, consuming
-    nothing: now the existing queue is used and one line says how to apply the new value
-    (a policy, which RabbitMQ recommends for exactly this). The refused declaration closes
-    its channel, so the queue is opened on a fresh one, which is returned.
-    """
-    try:
-        return channel, await channel.declare_queue(name, durable=True, arguments=arguments)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        log.warning(
-            "queue %s exists with other arguments than %s (%s); using it as it is. To apply "
-            "these limits, set a policy (rabbitmqctl set_policy NAME '^%s$' "
-            '\'{"max-length": N, "overflow": "drop-head"}\' --apply-to queues), or '
-            "delete the queue while no orchestrator runs",
-            name,
-            arguments,
-            _describe(exc),
-            name.replace(".", "\\."),
-        )
-    fresh = await connection.channel(publisher_confirms=True)
-    return fresh, await fresh.declare_queue(name, passive=True)
-
-
-async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
-    return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-
-
-_describe = describe
-
-
-async def _close_quietly(connection: AbstractConnection | None) -> None:
-    if connection is None or connection.is_closed:
-        return
-    try:
-        await asyncio.wait_for(connection.close(), 2)
-    except Exception as exc:  # a dead socket may refuse even to close; it is gone anyway
-        log.debug("closing an AMQP connection failed: %s", _describe(exc))
-
-
-# --------------------------------------------------------------------------- agent side
-
-
-class RabbitPublisher:
-    """The agent's `Publisher` over RabbitMQ, with publisher confirms.
-
-    It holds no buffer: a publish either gets the broker's confirm within `timeout_seconds`
-    or raises `TransportError`, and the agent's loop keeps only its newest snapshot for the
-    next try. A broken connection is dropped and reopened lazily by the next publish, so the
-    agent's backoff (with jitter) paces reconnection.
-    """
-
-    def __init__(
-        self,
-        amqp_url: str,
-        *,
-        timeout_seconds: float = 5.0,
-        exchange: str = EXCHANGE,
-        credential: Credentials | None = None,
-        message_ttl_seconds: float | None = None,
-    ) -> None:
-        self._url = amqp_url
-        self._ttl = message_ttl_seconds
-        self._credential = credential
-        self._timeout = timeout_seconds
-        self._exchange_name = exchange
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
-        self._opening = asyncio.Lock()
-        self.sent = 0
-        self.connects = 0
-
-    @property
-    def connected(self) -> bool:
-        return self._channel is not None and not self._channel.is_closed
-
-    async def connect(self) -> None:
-        """Open connection, confirm channel and exchange, within `timeout_seconds`."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._ensure_open()
-        except TransportError:
-            raise
-        except Exception as exc:
-            await self._drop()
-            raise TransportError(f"cannot reach the AMQP broker: {_describe(exc)}") from exc
-
-    async def publish(self, message: Message) -> None:
-        """Publish and wait for the broker's confirm; `TransportError` on anything else."""
-        body = message.encode()
-        headers: dict[str, Any] = {}
-        credential = credential_for(self._credential, message.agent_id)
-        if credential is not None:
-            headers[SIGNATURE_HEADER] = credential.sign(body)
-        outgoing = aio_pika.Message(
-            body,
-            content_type=CONTENT_TYPE,
-            type=message.kind,
-            app_id="chiffon-agent",
-            headers=headers,
-            expiration=self._ttl,  # a heartbeat older than the timeout is worthless
-        )
-        try:
-            async with asyncio.timeout(self._timeout):
-                exchange = await self._ensure_open()
-                await exchange.publish(outgoing, routing_key(message), mandatory=True)
-        except (PublishError, DeliveryError) as exc:  # unroutable or nacked: channel is fine
-            raise TransportError(f"broker refused the message: {_describe(exc)}") from exc
-        except Exception as exc:
-            await self._drop()
-            raise TransportError(f"publish failed: {_describe(exc)}") from exc
-        self.sent += 1
-
-    async def close(self) -> None:
-        await self._drop()
-
-    async def _ensure_open(self) -> AbstractExchange:
-        async with self._opening:  # concurrent publishes must share one connection
-            if self._exchange is not None and self.connected:
-                return self._exchange
-            return await self._open()
-
-    async def _open(self) -> AbstractExchange:
-        await self._drop()
-        self._connection = await aio_pika.connect(self._url, timeout=self._timeout)
-        self._channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
-        self._exchange = await declare_exchange(self._channel, self._exchange_name)
-        self.connects += 1
-        return self._exchange
-
-    async def _drop(self) -> None:
-        connection, self._connection = self._connection, None
-        self._channel = self._exchange = None
-        await _close_quietly(connection)
-
-
-# --------------------------------------------------------------------- orchestrator side
 
 
 class _Counter(Protocol):
@@ -251,97 +68,6 @@ class IngestTarget(Protocol):
     def receive(self, message: AgentMessage) -> asyncio.Future[Any]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """Names and limits of what the consumer declares; injectable for isolated tests."""
-
-    exchange: str = EXCHANGE
-    queue: str = AGENT_EVENTS_QUEUE
-    rejected_queue: str = REJECTED_QUEUE
-    max_length: int = 100_000
-    rejected_max_length: int = 10_000
-    rejected_max_bytes: int = 64 * 1024 * 1024
-    # A rejected message is copied with at most this much of its body (a 10 MB one is
-    # refused as too_large; its first bytes are enough to see what it was).
-    rejected_copy_bytes: int = 64 * 1024
-
-
-class AckWindow:
-    """The acks of one channel, sent as one `basic.ack multiple` per run of settled
-    deliveries instead of one frame per message: +31% in drains of a backlog, fewer frames
-    for the broker too (docs/performance.md, item 18).
-
-    A multiple ack settles every outstanding delivery up to its tag, so the window sends
-    one only up to the highest tag below which every delivery is settled: acked after its
-    commit (or its copy to the rejected queue), or already nacked one by one. A message
-    still in hand holds back the acks of those after it; none is ever acked before its
-    write committed. Acks settled in one turn of the event loop go out together.
-    """
-
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel  # aiormq's channel, whose delivery tags these are
-        self._in_hand: list[int] = []  # heap: tags not yet covered by an ack
-        self._open: set[int] = set()  # tags held and not settled yet
-        self._settled: dict[int, bool] = {}  # tag -> True: to ack; False: nacked already
-        self._scheduled = False
-        self._sending: set[asyncio.Task[None]] = set()
-
-    def hold(self, tag: int) -> None:
-        """A delivery arrived: nothing after it is acked until it is settled."""
-        heapq.heappush(self._in_hand, tag)
-        self._open.add(tag)
-
-    def is_open(self, tag: int) -> bool:
-        """Held and neither acked nor nacked yet."""
-        return tag in self._open
-
-    def ack(self, tag: int) -> None:
-        """Its write committed: ack it with the others settled in this turn."""
-        self._settle(tag, True)
-
-    def nacked(self, tag: int) -> None:
-        """Its nack was written: later acks may pass it."""
-        self._settle(tag, False)
-
-    def _settle(self, tag: int, ack: bool) -> None:
-        if tag not in self._open:
-            return
-        self._open.discard(tag)
-        self._settled[tag] = ack
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_settled)
-
-    def _take(self) -> int | None:
-        """Pop the settled run at the head; the highest tag in it to ack, if any."""
-        last = None
-        while self._in_hand and self._in_hand[0] in self._settled:
-            tag = heapq.heappop(self._in_hand)
-            if self._settled.pop(tag):
-                last = tag
-        return last
-
-    def _send_settled(self) -> None:
-        self._scheduled = False
-        tag = self._take()
-        if tag is not None:
-            task = asyncio.create_task(self._send(tag))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def flush(self) -> None:
-        """Send what is settled now and wait until every ack is written."""
-        self._send_settled()
-        if self._sending:
-            await asyncio.wait(set(self._sending))
-
-    async def _send(self, tag: int) -> None:
-        try:
-            await self.channel.basic_ack(tag, multiple=True)
-        except Exception as exc:  # the channel died: the broker redelivers (no ack was lost)
-            log.info("AMQP ack not delivered, the broker will redeliver: %s", _describe(exc))
-
-
 class Delivery:
     """One delivery as aiormq hands it over, with what the consumer reads of it.
 
@@ -372,6 +98,30 @@ class Delivery:
         return self._message.routing_key or ""
 
 
+class State(enum.Enum):
+    """Where a `RabbitConsumer` is. It moves only along `MOVES`, in `RabbitConsumer._to`."""
+
+    STOPPED = "stopped"  # not started, or stopped: holds no connection
+    CONNECTING = "connecting"  # the first connection, retried with backoff
+    CONSUMING = "consuming"  # subscribed to its queue: hearing agents
+    LOST = "lost"  # the connection dropped, or a reconnect left it unsubscribed
+    PAUSED = "paused"  # a write failed: no deliveries taken until the backoff ends
+    STOPPING = "stopping"  # unsubscribed; what is in hand commits and is acked, then close
+
+
+MOVES: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.CONNECTING}),
+    State.CONNECTING: frozenset({State.CONSUMING, State.STOPPING}),
+    # the watchdog finds the subscription gone; a write fails; stop()
+    State.CONSUMING: frozenset({State.LOST, State.PAUSED, State.STOPPING}),
+    # the watchdog (or a reconnect) subscribed again; a write of a message in hand fails
+    State.LOST: frozenset({State.CONSUMING, State.PAUSED, State.STOPPING}),
+    # the backoff ended: subscribed again, or that failed and the watchdog takes over
+    State.PAUSED: frozenset({State.CONSUMING, State.LOST, State.STOPPING}),
+    State.STOPPING: frozenset({State.STOPPED}),
+}
+
+
 class RabbitConsumer:
     """Feeds agent messages from the shared queue into the orchestrator, acking after commit.
 
@@ -382,7 +132,8 @@ class RabbitConsumer:
     travel as one frame, `AckWindow`), or nacked with requeue when the write failed, which
     also pauses consuming for a backoff. A watchdog re-consumes
     when a reconnect left the queue without this consumer. `stop()` cancels the consumer,
-    lets the messages in hand commit and ack, then closes.
+    lets the messages in hand commit and ack, then closes. `state` says which of these it is
+    doing (`State`, `MOVES`).
     """
 
     def __init__(
@@ -419,7 +170,8 @@ class RabbitConsumer:
         self._tasks: set[asyncio.Task[None]] = set()  # our own background chores
         self._checking = asyncio.Lock()
         self._failures = 0
-        self._stopping = False
+        self._state = State.STOPPED
+        self._subscribed = asyncio.Event()  # set while CONSUMING
         self.consumed = 0
 
     name = "amqp"  # as a receiver of the orchestrator (`/readyz`)
@@ -430,29 +182,51 @@ class RabbitConsumer:
         return self.consuming
 
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
     def consuming(self) -> bool:
-        """Connected and subscribed: the state `/readyz` reports."""
+        """Subscribed, on a channel still open (it closes under us before the watchdog
+        notices): what `/readyz` reports."""
         return (
-            self._channel is not None
+            self._state is State.CONSUMING
+            and self._channel is not None
             and not self._channel.is_closed
             and self._consumer_tag is not None
         )
 
+    def _to(self, state: State) -> bool:
+        """Move to `state` when `MOVES` allows it; False (and no move) otherwise, as when a
+        subscription made by a chore completes after `stop()` began."""
+        if state not in MOVES[self._state]:
+            log.debug("AMQP consumer: no move from %s to %s", self._state.value, state.value)
+            return False
+        log.debug("AMQP consumer: %s -> %s", self._state.value, state.value)
+        self._state = state
+        if state is State.CONSUMING:
+            self._subscribed.set()
+        else:
+            self._subscribed.clear()
+        return True
+
     async def start(self) -> None:
-        if self._task is None:
-            self._stopping = False
+        if self._to(State.CONNECTING):
             self._task = asyncio.create_task(self._run(), name="chiffon-amqp-consumer")
 
     async def wait_consuming(self, timeout_seconds: float) -> None:
         """Wait until subscribed (tests, and callers that want to know)."""
         async with asyncio.timeout(timeout_seconds):
-            # polled: the state has several sources (connection, channel, consumer tag)
-            while not self.consuming:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            while not self.consuming:
+                await self._subscribed.wait()
+                if not self.consuming:  # its channel closed; the watchdog will see to it
+                    await asyncio.sleep(0.05)
 
     async def stop(self, *, drain_timeout_seconds: float = 10.0) -> None:
         """Stop consuming, let in-flight messages commit and ack, then close."""
-        self._stopping = True
+        if self._state is State.STOPPED:
+            return
+        self._to(State.STOPPING)
         if self._resume is not None:
             self._resume.cancel()
         if self._task is not None:
@@ -466,7 +240,8 @@ class RabbitConsumer:
         connection, self._connection = self._connection, None
         self._channel = self._queue = self._rejected = None
         self._target.metrics.amqp_connected.set(0)
-        await _close_quietly(connection)
+        await close_quietly(connection)
+        self._to(State.STOPPED)
 
     # -- connection and topology
 
@@ -488,7 +263,7 @@ class RabbitConsumer:
         try:
             await self._declare_and_consume(connection)
         except BaseException:
-            await _close_quietly(connection)
+            await close_quietly(connection)
             raise
         log.info("consuming %s on %s", self.topology.queue, connection)
         return connection
@@ -511,12 +286,15 @@ class RabbitConsumer:
         underlay = await channel.get_underlay_channel()
         consumed = await underlay.basic_consume(top.queue, self._on_delivery)
         self._consumer_channel, self._consumer_tag = underlay, consumed.consumer_tag
+        if not self._to(State.CONSUMING):  # stop() began meanwhile: take nothing more
+            await self._cancel_consumer()
+            return
         self._target.metrics.amqp_connected.set(1)
 
     def _on_reconnect(self, *_args: Any) -> None:
         log.warning("reconnected to the AMQP broker")
         self._target.metrics.amqp_reconnects.inc()
-        if not self._stopping:
+        if self._state not in (State.STOPPING, State.STOPPED):
             self._spawn(self._watchdog())  # channels are restored by now; the consumer is not
 
     async def _watchdog(self) -> None:
@@ -525,14 +303,17 @@ class RabbitConsumer:
             connection = self._connection
             healthy = await self._has_consumer()
             self._target.metrics.amqp_connected.set(1 if healthy else 0)
-            if healthy or self._paused or connection is None or connection.is_closed:
-                return
-            log.warning("the AMQP consumer is gone after a reconnect; subscribing again")
+            if healthy or self._state not in (State.CONSUMING, State.LOST):
+                return  # paused on purpose, or not yet (or no longer) running
+            if self._to(State.LOST):
+                log.warning("the AMQP consumer lost its subscription; subscribing again")
+            if connection is None or connection.is_closed:
+                return  # the robust connection reconnects, then calls `_on_reconnect`
             await self._resubscribe(connection)
 
     async def _resubscribe(
         self, connection: AbstractConnection, *, settle_seconds: float = 5.0
-    ) -> None:
+    ) -> bool:
         """Consume on a fresh channel, then close the old one: the broker takes back what
         the old channel still held unacknowledged (a delivery that raced a cancel is
         dropped by the client without an ack and would stay there until then). What the old
@@ -542,13 +323,14 @@ class RabbitConsumer:
         try:
             await self._declare_and_consume(connection)
         except Exception as exc:  # the watchdog subscribes again once the broker is back
-            log.warning("subscribing failed, will try again: %s", _describe(exc))
-            return
+            log.warning("subscribing failed, will try again: %s", describe(exc))
+            return False
         if old is not None and not old.is_closed:
             if in_hand:
                 await asyncio.wait(in_hand, timeout=settle_seconds)
             await self._send_acks()
             await old.close()
+        return True
 
     async def _has_consumer(self) -> bool:
         if self._channel is None or self._channel.is_closed or self._consumer_tag is None:
@@ -562,13 +344,9 @@ class RabbitConsumer:
 
     # -- pausing after a failed write
 
-    @property
-    def _paused(self) -> bool:
-        return self._resume is not None
-
     def _pause(self) -> None:
         """A write failed: stop taking messages for a backoff, then subscribe again."""
-        if self._paused or self._stopping:
+        if not self._to(State.PAUSED):  # paused already, or stopping
             return
         self._failures += 1
         pause = self._backoff.delay(self._failures)
@@ -586,9 +364,10 @@ class RabbitConsumer:
     async def _resume_consuming(self) -> None:
         self._resume = None
         connection = self._connection
-        if self._stopping or connection is None or self._consumer_tag is not None:
+        if self._state is not State.PAUSED:
             return
-        await self._resubscribe(connection)
+        if connection is None or not await self._resubscribe(connection):
+            self._to(State.LOST)  # the watchdog subscribes again once it can
 
     async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
@@ -598,7 +377,7 @@ class RabbitConsumer:
         try:
             await asyncio.wait_for(channel.basic_cancel(tag), 5)
         except Exception as exc:  # a dead channel has no consumer to cancel
-            log.debug("cancelling the AMQP consumer failed: %s", _describe(exc))
+            log.debug("cancelling the AMQP consumer failed: %s", describe(exc))
 
     # -- one delivery
 
@@ -690,12 +469,12 @@ class RabbitConsumer:
         except Exception as exc:  # a bug must not stop the consumer on one message
             log.exception("unexpected error admitting an AMQP message")
             self._target.reject("consumer_error")
-            await self._reject(message, "consumer_error", _describe(exc))
+            await self._reject(message, "consumer_error", describe(exc))
             return None
         return self._target.receive(admitted)
 
     async def _requeue(self, message: Delivery, exc: BaseException) -> None:
-        log.debug("requeueing an AMQP message: %s", _describe(exc))
+        log.debug("requeueing an AMQP message: %s", describe(exc))
         self._target.metrics.amqp_requeued.inc()
         self._pause()
         await self._nack(message)
@@ -716,7 +495,7 @@ class RabbitConsumer:
             try:
                 await self._rejected.publish(copy, self.topology.rejected_queue, timeout=5)
             except Exception as exc:  # the message is counted either way; keep consuming
-                log.warning("copying a rejected message failed: %s", _describe(exc))
+                log.warning("copying a rejected message failed: %s", describe(exc))
         self._ack(message)
 
     @staticmethod
@@ -724,4 +503,4 @@ class RabbitConsumer:
         try:
             await action
         except Exception as exc:  # the channel died: the broker redelivers (no ack was lost)
-            log.info("AMQP %s not delivered, the broker will redeliver: %s", what, _describe(exc))
+            log.info("AMQP %s not delivered, the broker will redeliver: %s", what, describe(exc))
