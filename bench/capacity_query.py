@@ -120,7 +120,7 @@ def seed(url: str, rows: list[dict[str, Any]]) -> float:
 def raw_query_ms(url: str, repeats: int = 200) -> dict[str, float]:
     """The same SQL straight on the database: the floor under the API's latency."""
     engine = create_engine(db.sync_url(url))
-    want = CapacityFilter(min_gpu_vram_gb=8, min_cpu_cores=2, limit=10)
+    want = CapacityFilter(bounds={"min_gpu_vram_gb": 8, "min_cpu_cores": 2}, limit=10)
     samples = []
     with engine.connect() as conn:
         for _ in range(repeats):

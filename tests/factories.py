@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,10 +21,18 @@ def resources(
     memory_available_gb: float = 16.0,
     memory_total_gb: float = 32.0,
     vendor: str = "nvidia",
+    temperatures: Sequence[float | None] = (),  # per GPU, in order; unknown past the end
     **overrides: Any,
 ) -> Resources:
     gpus = [
-        GpuInfo(index=i, vendor=vendor, name=f"GPU {i}", vram_free_gb=free, vram_total_gb=total)  # type: ignore[arg-type]
+        GpuInfo(
+            index=i,
+            vendor=vendor,  # type: ignore[arg-type]
+            name=f"GPU {i}",
+            vram_free_gb=free,
+            vram_total_gb=total,
+            temperature_c=temperatures[i] if i < len(temperatures) else None,
+        )
         for i, (free, total) in enumerate(gpus_free_total)
     ]
     fields: dict[str, Any] = {

@@ -13,6 +13,7 @@ from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas.heartbeat import Resources
+from chiffon.schemas.metrics import REGISTRY
 from tests import factories as f
 from tests.auth import API_HEADERS, ENROLL_TOKEN, bearer, issue
 
@@ -39,13 +40,18 @@ async def three_agents(orchestrator: Orchestrator) -> None:
             GPU_RICH,
             "rich",
             f.resources(
-                gpus_free_total=[(20.0, 24.0), (4.0, 24.0)], cores_physical=12, load_1min=0.5
+                gpus_free_total=[(20.0, 24.0), (4.0, 24.0)],
+                temperatures=[48.0, 71.0],
+                cores_physical=12,
+                load_1min=0.5,
             ),
         ),
         (
             MODERATE,
             "moderate",
-            f.resources(gpus_free_total=[(6.0, 8.0)], cores_physical=4, load_1min=1.2),
+            f.resources(
+                gpus_free_total=[(6.0, 8.0)], temperatures=[83.0], cores_physical=4, load_1min=1.2
+            ),
         ),
         (CPU_ONLY, "cpu-only", f.resources(cores_physical=4, load_1min=0.8)),
     ]
@@ -84,6 +90,12 @@ async def test_list_all_three_with_distinct_resources(api: httpx.AsyncClient) ->
         ("min_memory_gb=17", []),
         ("min_gpu_vram_gb=100", []),
         ("pool_name=elsewhere", []),
+        # A maximum: the hottest GPU decides; no GPU temperature known (cpu-only) never fits.
+        ("max_gpu_temperature_c=90", [GPU_RICH, MODERATE]),
+        ("max_gpu_temperature_c=80", [GPU_RICH]),
+        ("max_gpu_temperature_c=71", [GPU_RICH]),
+        ("max_gpu_temperature_c=70.9", []),
+        ("max_gpu_temperature_c=90&min_cpu_cores=3", [GPU_RICH]),
     ],
 )
 async def test_available_capacity_filters(
@@ -105,6 +117,19 @@ async def test_one_shape_of_query_with_other_values_gets_its_own_answer(
         assert resp.status_code == 200, resp.text
         answers.append(_ids(resp.json()))
     assert answers == [[str(GPU_RICH)], [str(GPU_RICH), str(MODERATE)]]
+
+
+@pytest.mark.usefixtures("three_agents")
+async def test_capacity_answers_carry_every_declared_metric(api: httpx.AsyncClient) -> None:
+    """Each registry metric is a field of the answer, read from its own column."""
+    resp = await api.get("/api/v1/agents/available-capacity")
+    by_id = {a["agent_id"]: a for a in resp.json()}
+    rich, cpu_only = by_id[str(GPU_RICH)], by_id[str(CPU_ONLY)]
+    assert [m.name for m in REGISTRY if m.name not in rich] == []
+    assert (rich["gpu_temperature_max_c"], cpu_only["gpu_temperature_max_c"]) == (71.0, None)
+    assert (rich["cpu_cores_available"], rich["cpu_cores_physical"]) == (11, 12)
+    assert (rich["gpu_vram_available_gb"], rich["gpu_vram_available_max_gb"]) == (24.0, 20.0)
+    assert (rich["gpu_count"], cpu_only["gpu_type"]) == (2, "none")
 
 
 @pytest.mark.usefixtures("three_agents")
@@ -191,6 +216,8 @@ async def test_single_agent_capacity_has_the_seeds_fields(
         ("/api/v1/agents/available-capacity?min_gpu_vram_gb=inf", 400),
         ("/api/v1/agents/available-capacity?min_cpu_cores=two", 400),
         ("/api/v1/agents/available-capacity?min_memory_gb=abc", 400),
+        ("/api/v1/agents/available-capacity?max_gpu_temperature_c=500", 400),
+        ("/api/v1/agents/available-capacity?max_gpu_temperature_c=nan", 400),
         ("/api/v1/agents?status=sleeping", 400),
         # a NUL PostgreSQL cannot compare: the client's mistake, never a 503 "unavailable"
         ("/api/v1/agents?pool_name=a%00b", 400),

@@ -23,8 +23,16 @@ SMALL = uuid.UUID("22222222-0000-0000-0000-000000000002")
 def fleet_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with orchestrator_process(tmp_path_factory.mktemp("orch")) as url:
         beats = [
-            (RICH, "rich", f.resources(gpus_free_total=[(20.0, 24.0), (22.0, 24.0)])),
-            (SMALL, "small", f.resources(gpus_free_total=[(6.0, 8.0)], cores_physical=4)),
+            (
+                RICH,
+                "rich",
+                f.resources(gpus_free_total=[(20.0, 24.0), (22.0, 24.0)], temperatures=[60, 75]),
+            ),
+            (
+                SMALL,
+                "small",
+                f.resources(gpus_free_total=[(6.0, 8.0)], temperatures=[50], cores_physical=4),
+            ),
         ]
         for agent, name, res in beats:
             labels = {"room": "b12", "os": "linux"} if name == "rich" else {"os": "linux"}
@@ -60,6 +68,15 @@ def test_capacity_query_best_first_and_exit_status(fleet_url: str) -> None:
     assert none.stdout.strip() == (
         "no online agent can take that work right now; "
         "closest: rich (best GPU 22.0 GB of 23 wanted)"
+    )
+    cool = run_cli("capacity", "--max-gpu-temp", "70", "--json", "--orchestrator-url", fleet_url)
+    assert [c["name"] for c in json.loads(cool.stdout)] == ["small"]
+    cooler = run_cli("capacity", "--max-gpu-temp", "40", "--min-gpu-vram", "8",
+                     "--orchestrator-url", fleet_url)  # fmt: skip
+    assert cooler.returncode == 3
+    assert cooler.stdout.strip() == (
+        "no online agent can take that work right now; "
+        "closest: small (free VRAM 6.0 GB of 8 wanted, hottest GPU 50.0 °C of 40 at most)"
     )
     pool = run_cli("capacity", "--min-cpu-cores", "1", "--pool", "nosuch",
                    "--orchestrator-url", fleet_url)  # fmt: skip
@@ -114,7 +131,7 @@ def test_one_agent_by_name_prefix_or_id(fleet_url: str) -> None:
     [
         (("capacity", "nobody"), 2, "no agent has the id, id prefix or name 'nobody'"),
         (("capacity", str(uuid.uuid4())), 2, "is not registered (HTTP 404)"),
-        (("capacity", "--min-gpu-vram", "-3"), 2, "-3.0 is not in the range x>=0"),
+        (("capacity", "--min-gpu-vram", "-3"), 2, "-3.0 is not in the range 0.0<=x<=1000000.0"),
         (("agents", "--status", "asleep"), 2, "--status must be online or offline"),
         (("capacity", "--min-gpu-vram", "lots"), 2, "Invalid value for '--min-gpu-vram'"),
         (("agents", "--colour"), 2, "chiffon agents: No such option: --colour"),

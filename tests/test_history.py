@@ -19,6 +19,7 @@ from chiffon.orchestrator.history import TICK_MARGIN_SECONDS, HistoryRecorder
 from chiffon.orchestrator.ingest import Received, apply_batch
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import AgentMetricsRow
+from chiffon.schemas.metrics import HISTORY
 from tests import factories as f
 from tests.auth import API_HEADERS
 
@@ -231,6 +232,24 @@ async def test_api_reads_the_finest_tier_covering_the_window_one_point_per_step(
     assert ancient.status_code == 200
     since = datetime.fromisoformat(ancient.json()["since"])
     assert since == clock.now() - timedelta(days=400)
+
+
+async def test_each_history_metric_is_written_to_its_own_column(
+    orchestrator: Orchestrator, clock: ManualClock, api: httpx.AsyncClient
+) -> None:
+    """Every number a point keeps is the heartbeat's own: a distinct value per metric, so a
+    select and an insert that paired two columns wrongly would show here."""
+    res = f.resources(
+        gpus_free_total=[(3.0, 8.0)], cores_physical=7, load_1min=2.5,
+        memory_available_gb=11.0, memory_total_gb=31.0,
+    )  # fmt: skip
+    assert await orchestrator.receive(f.message(AGENT, res=res)) == "applied"
+    await orchestrator.recorder.record_once()
+    body = (await api.get(f"/api/v1/agents/{AGENT}/metrics")).json()
+    [point] = body["points"]
+    sent = {m.name: m.value(res) for m in HISTORY}
+    assert len(set(sent.values())) == len(sent)  # the check means something only if distinct
+    assert {name: point[name] for name in sent} == sent
 
 
 async def test_pruning_deletes_each_tier_after_its_retention(

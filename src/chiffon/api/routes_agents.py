@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import UUID_TEXT, AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
@@ -15,6 +16,7 @@ from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
 from chiffon.schemas import limits
 from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord, AgentStatus, ErrorDetail
+from chiffon.schemas.metrics import BOUNDS
 
 log = logging.getLogger(__name__)
 router = APIRouter(
@@ -25,12 +27,38 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorDetail},
     400: {"model": ErrorDetail},
 }
-Minimum = Annotated[float | None, Query(ge=0, le=1_000_000, allow_inf_nan=False)]
 LabelSelector = Annotated[
     list[Annotated[str, Query(max_length=320, pattern=r"^[A-Za-z0-9_.\-/]{1,63}=[^\x00-\x1f]*$")]]
     | None,
     Query(description="key=value; repeatable, every one must match (like `kubectl -l`)"),
 ]
+
+
+def _bounds(**given: float | None) -> dict[str, float | None]:
+    return given
+
+
+# One query parameter per capacity bound a metric declares (schemas.metrics.BOUNDS).
+_bounds.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter(
+            bound.param,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                metric.kind | None,
+                Query(
+                    ge=bound.low,
+                    le=bound.high,
+                    description=bound.help.removesuffix("."),
+                    allow_inf_nan=False if metric.kind is float else None,
+                ),
+            ],
+        )
+        for metric, bound in BOUNDS
+    ]
+)
+BoundsDep = Annotated[dict[str, float | None], Depends(_bounds)]
 
 
 def _labels(selector: list[str] | None) -> tuple[tuple[str, str], ...]:
@@ -58,14 +86,7 @@ async def list_agents(
 async def available_capacity(
     session: SessionDep,
     orchestrator: OrchestratorDep,
-    min_gpu_vram_gb: Annotated[
-        Minimum, Query(description="free VRAM summed over the agent's GPUs, GB")
-    ] = None,
-    min_single_gpu_vram_gb: Annotated[
-        Minimum, Query(description="free VRAM on one single GPU, GB (one job, one device)")
-    ] = None,
-    min_cpu_cores: Annotated[int | None, Query(ge=0, le=16_384)] = None,
-    min_memory_gb: Minimum = None,
+    bounds: BoundsDep,
     pool_name: Annotated[str | None, Query(max_length=128, pattern=limits.TEXT_PATTERN)] = None,
     agent_type: Annotated[
         str, Query(max_length=64, pattern=limits.TEXT_PATTERN, description="'any' for every type")
@@ -78,10 +99,7 @@ async def available_capacity(
     The first entry is the best agent. An empty list means no one can take the work now.
     """
     want = CapacityFilter(
-        min_gpu_vram_gb=min_gpu_vram_gb,
-        min_single_gpu_vram_gb=min_single_gpu_vram_gb,
-        min_cpu_cores=min_cpu_cores,
-        min_memory_gb=min_memory_gb,
+        bounds=bounds,
         pool_name=pool_name,
         agent_type=None if agent_type == "any" else agent_type,
         limit=limit,

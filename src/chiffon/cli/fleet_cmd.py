@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from rich.text import Text
 
 from chiffon.cli.common import EXIT_NO_CAPACITY, EXIT_USAGE, CliError, console, plain
 from chiffon.schemas.limits import clean_text
+from chiffon.schemas.metrics import BOUNDS, Bound
 
 if TYPE_CHECKING:
     from chiffon.cli.client import ApiClient
@@ -270,34 +272,30 @@ def _unknown_pool(client: ApiClient, pool: str) -> str | None:
     return f"no agent is in pool {pool!r} (pools: {', '.join(pools) or 'none yet'})"
 
 
-# What `chiffon capacity` asks of each number, for naming the closest agent.
-_WANTS = (
-    ("min_gpu_vram_gb", "gpu_vram_available_gb", "free VRAM", "GB"),
-    ("min_single_gpu_vram_gb", "gpu_vram_available_max_gb", "best GPU", "GB"),
-    ("min_cpu_cores", "cpu_cores_available", "free cores", ""),
-    ("min_memory_gb", "memory_available_gb", "free memory", "GB"),
-)
+def _shortfall(bound: Bound, need: float, have: float | None) -> float:
+    """How far `have` misses the bound, as a fraction of what was asked (1: unknown)."""
+    if have is None:
+        return 1.0
+    miss = need - have if bound.op == "min" else have - need
+    return max(0.0, miss) / max(abs(need), 1e-9)
 
 
 def closest(rows: list[dict[str, Any]], wanted: dict[str, float]) -> str | None:
     """The online agent that misses the requirements by the least (the sum of each
     shortfall as a fraction of what was asked), said with what it lacks."""
+    asked = [(m.name, b, wanted[b.param]) for m, b in BOUNDS if wanted.get(b.param) is not None]
 
     def shortfall(row: dict[str, Any]) -> float:
-        total = 0.0
-        for key, column, _, _ in _WANTS:
-            need, have = wanted.get(key), row.get(column)
-            if need:
-                total += 1.0 if have is None else max(0.0, need - have) / need
-        return total
+        return sum(_shortfall(bound, need, row.get(name)) for name, bound, need in asked)
 
-    if not rows or not any(wanted.values()):
+    if not rows or not asked:
         return None
     best = min(rows, key=shortfall)
     lacks = [
-        f"{label} {_num(best.get(column))}{(' ' + unit) if unit else ''} of {need:g} wanted"
-        for key, column, label, unit in _WANTS
-        if (need := wanted.get(key)) and (best.get(column) is None or best[column] < need)
+        f"{bound.label} {_num(best.get(name))}{(' ' + bound.unit) if bound.unit else ''} "
+        f"of {need:g} {'wanted' if bound.op == 'min' else 'at most'}"
+        for name, bound, need in asked
+        if _shortfall(bound, need, best.get(name)) > 0
     ]
     return f"closest: {best['name']} ({', '.join(lacks)})"
 
@@ -314,16 +312,42 @@ def _why_none(
     return "no online agent can take that work right now" + (f"; {near}" if near else "")
 
 
+def with_bound_options(command: Callable[..., None]) -> Callable[..., None]:
+    """One option per capacity bound a metric declares (schemas.metrics.BOUNDS), given to
+    `command` in its `**bounds`, keyed by the API's query parameter."""
+    signature = inspect.signature(command, eval_str=True)
+    # All by keyword (as typer calls a command), the bounds after the command's arguments.
+    kept = [
+        p.replace(kind=p.KEYWORD_ONLY)
+        for p in signature.parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    arguments = [p for p in kept if isinstance(p.default, typer.models.ArgumentInfo)]
+    options = [
+        inspect.Parameter(
+            bound.param,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=metric.kind,
+            default=typer.Option(
+                None, bound.option, min=bound.low, max=bound.high, help=bound.help
+            ),
+        )
+        for metric, bound in BOUNDS
+    ]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*arguments, *options, *(p for p in kept if p not in arguments)]
+    )
+    return command
+
+
+@with_bound_options
 def capacity(
     agent: str = typer.Argument(None, help="One agent (id, id prefix or name)."),
-    min_gpu_vram: float = typer.Option(None, min=0, help="Free VRAM summed over GPUs, GB."),
-    min_single_gpu_vram: float = typer.Option(None, min=0, help="Free VRAM on one GPU, GB."),
-    min_cpu_cores: int = typer.Option(None, min=0, help="Free CPU cores."),
-    min_memory: float = typer.Option(None, min=0, help="Free memory, GB."),
     pool: str = typer.Option(None, help="Only this pool."),
     selector: list[str] = LABEL_OPTION,
     as_json: bool = JSON_OPTION,
     url: str = URL_OPTION,
+    **bounds: float | None,
 ) -> None:
     """One agent's capacity, or the agents that can take the work, best first.
 
@@ -338,12 +362,7 @@ def capacity(
         else:
             console.print(capacity_table([one]))
         return
-    wanted = {
-        "min_gpu_vram_gb": min_gpu_vram,
-        "min_single_gpu_vram_gb": min_single_gpu_vram,
-        "min_cpu_cores": min_cpu_cores,
-        "min_memory_gb": min_memory,
-    }
+    wanted = {name: value for name, value in bounds.items() if value is not None}
     labels = _selector(selector)
     rows = client.get("/agents/available-capacity", **wanted, pool_name=pool, label=labels)
     if as_json:
@@ -351,8 +370,7 @@ def capacity(
     elif rows:
         console.print(capacity_table(rows))
     else:
-        need = {k: v for k, v in wanted.items() if v}
-        console.print(plain(_why_none(client, pool, labels, need)))
+        console.print(plain(_why_none(client, pool, labels, wanted)))
     if not rows:
         raise typer.Exit(EXIT_NO_CAPACITY)
 

@@ -28,6 +28,7 @@ from chiffon.orchestrator.periodic import run_every
 from chiffon.persistence import history
 from chiffon.persistence.models import AgentMetricsRow
 from chiffon.schemas.api import AgentMetrics, GpuPoint, MetricPoint
+from chiffon.schemas.metrics import HISTORY
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +182,7 @@ def thin(rows: Sequence[AgentMetricsRow], step_seconds: float) -> list[AgentMetr
 def _point(row: AgentMetricsRow) -> MetricPoint:
     return MetricPoint(
         at=row.bucket_start,
-        cpu_load_1min=row.cpu_load_1min,
-        cpu_cores_available=row.cpu_cores_available,
-        cpu_cores_physical=row.cpu_cores_physical,
-        memory_available_gb=row.memory_available_gb,
-        memory_total_gb=row.memory_total_gb,
-        gpu_vram_available_gb=row.gpu_vram_available_gb,
-        gpu_vram_total_gb=row.gpu_vram_total_gb,
+        **{m.name: getattr(row, m.name) for m in HISTORY},
         gpus=[GpuPoint.model_validate(gpu) for gpu in row.gpus],
     )
 

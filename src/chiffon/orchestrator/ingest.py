@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chiffon.persistence import registry
 from chiffon.persistence.registry import Ordering, StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, Resources
+from chiffon.schemas.metrics import REGISTRY
 
 Outcome = Literal["applied", "stale", "unknown_agent"]
 
@@ -47,21 +48,12 @@ def is_newer(item: Received, last: Ordering) -> bool:
 
 
 def metric_columns(resources: Resources) -> dict[str, Any]:
-    """The typed columns the capacity query filters on, copied from the JSON, and the JSON
-    itself as the validated model: Chiffon's engines write it with pydantic's encoder
-    (`persistence.db.create_engine`), without an intermediate dict."""
-    return {
-        "resource_metrics": resources,  # encoded as validated, by the engine's JSON encoder
-        "cpu_cores_available": resources.cpu_cores_available,
-        "cpu_cores_physical": resources.cpu_cores_physical,
-        "cpu_load_1min": resources.cpu_load_1min,
-        "memory_available_gb": resources.memory_available_gb,
-        "gpu_count": resources.gpu_count,
-        "gpu_type": resources.gpu_type,
-        "gpu_vram_total_gb": resources.gpu_vram_total_gb,
-        "gpu_vram_available_gb": resources.gpu_vram_available_gb,
-        "gpu_vram_available_max_gb": resources.gpu_vram_available_max_gb,
-    }
+    """The typed columns the capacity query filters on (`schemas.metrics.REGISTRY`), read
+    from the message, and the JSON itself as the validated model: Chiffon's engines write it
+    with pydantic's encoder (`persistence.db.create_engine`), without an intermediate dict."""
+    columns: dict[str, Any] = {m.name: m.value(resources) for m in REGISTRY}
+    columns["resource_metrics"] = resources  # encoded as validated, by the engine's encoder
+    return columns
 
 
 def sent_at(item: Received) -> datetime:

@@ -17,6 +17,7 @@ from chiffon.schemas.api import (
     FleetSummary,
     PoolSummary,
 )
+from chiffon.schemas.metrics import REGISTRY
 
 
 def _age(at: datetime | None, now: datetime) -> float | None:
@@ -32,15 +33,7 @@ def capacity(row: AgentRow | Row[Any], now: datetime) -> AgentCapacity:
         pool_name=row.pool_name,
         agent_type=row.agent_type,
         status=row.status,
-        cpu_cores_available=row.cpu_cores_available,
-        cpu_cores_physical=row.cpu_cores_physical,
-        cpu_load_1min=row.cpu_load_1min,
-        memory_available_gb=row.memory_available_gb,
-        gpu_vram_available_gb=row.gpu_vram_available_gb,
-        gpu_vram_total_gb=row.gpu_vram_total_gb,
-        gpu_vram_available_max_gb=row.gpu_vram_available_max_gb,
-        gpu_count=row.gpu_count,
-        gpu_type=row.gpu_type,
+        **{m.name: getattr(row, m.name) for m in REGISTRY},
         gpus=metrics.get("gpus", []),  # validated as GpuInfo by the model, in one call
         timestamp=row.last_heartbeat_at if metrics else None,
         age_seconds=_age(row.last_heartbeat_at, now) if metrics else None,

@@ -15,6 +15,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
 from chiffon.persistence.models import AgentMetricsRow, Base, JsonDocument, UTCDateTime
+from chiffon.schemas.metrics import HISTORY, Metric
 
 _metrics = Base.metadata.tables["agent_metrics"]
 _registry = Base.metadata.tables["agent_registry"]
@@ -57,27 +58,37 @@ def _gpu_points_sqlite(element: gpu_points, compiler: SQLCompiler, **kw: Any) ->
     )
 
 
+def _source(metric: Metric) -> ColumnElement[Any]:
+    """Where a history column's value comes from: the registry's typed column, or (a number
+    only history keeps) the registry's JSON, under the metric's declared name."""
+    agent = _registry.c
+    if metric.registry:
+        column: ColumnElement[Any] = agent[metric.name]
+        return column
+    value = agent.resource_metrics[metric.name]
+    number: ColumnElement[Any] = value.as_integer() if metric.kind is int else value.as_float()
+    return number
+
+
 def _online_points(
     *, resolution_seconds: int, bucket_start: datetime, heard_since: datetime
-) -> Any:
-    """One history row per online agent heard since `heard_since`, from its registry row."""
+) -> tuple[list[str], Any]:
+    """One history row per online agent heard since `heard_since`, from its registry row:
+    (the target columns, the SELECT), made from one list of pairs so they cannot drift."""
     agent = _registry.c
-    columns: list[ColumnElement[Any]] = [
-        agent.agent_id,
-        literal(resolution_seconds, Integer),
-        literal(bucket_start, UTCDateTime),
-        agent.last_heartbeat_at,
-        agent.cpu_load_1min,
-        agent.cpu_cores_available,
-        agent.cpu_cores_physical,
-        agent.memory_available_gb,
-        agent.resource_metrics["memory_total_gb"].as_float(),
-        agent.gpu_vram_available_gb,
-        agent.gpu_vram_total_gb,
-        gpu_points(agent.resource_metrics),
+    pairs: list[tuple[str, ColumnElement[Any]]] = [
+        ("agent_id", agent.agent_id),
+        ("resolution_seconds", literal(resolution_seconds, Integer)),
+        ("bucket_start", literal(bucket_start, UTCDateTime)),
+        ("sampled_at", agent.last_heartbeat_at),
+        *((m.name, _source(m)) for m in HISTORY),
+        ("gpus", gpu_points(agent.resource_metrics)),
     ]
     # WHERE is also what lets SQLite parse INSERT ... SELECT ... ON CONFLICT unambiguously.
-    return select(*columns).where(agent.status == "online", agent.last_heartbeat_at >= heard_since)
+    select_ = select(*(column for _, column in pairs)).where(
+        agent.status == "online", agent.last_heartbeat_at >= heard_since
+    )
+    return [name for name, _ in pairs], select_
 
 
 async def record_online(
@@ -90,21 +101,7 @@ async def record_online(
     rows written.
     """
     make = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    target = [
-        "agent_id",
-        "resolution_seconds",
-        "bucket_start",
-        "sampled_at",
-        "cpu_load_1min",
-        "cpu_cores_available",
-        "cpu_cores_physical",
-        "memory_available_gb",
-        "memory_total_gb",
-        "gpu_vram_available_gb",
-        "gpu_vram_total_gb",
-        "gpus",
-    ]
-    source = _online_points(
+    target, source = _online_points(
         resolution_seconds=resolution_seconds, bucket_start=bucket_start, heard_since=heard_since
     )
     stmt = (

@@ -1,8 +1,9 @@
 """SQLAlchemy tables: the agent registry and its status history.
 
-The capacity query filters on typed columns (`cpu_cores_available`, `memory_available_gb`,
-`gpu_vram_available_gb`, `gpu_vram_available_max_gb`) that ingest keeps in step with the
-`resource_metrics` JSON, so "who has 8 GB free" is plain SQL, not a scan of JSON in Python.
+The capacity query filters on typed columns (one per `schemas.metrics.REGISTRY` metric:
+`cpu_cores_available`, `memory_available_gb`, `gpu_vram_available_gb`...) that ingest keeps
+in step with the `resource_metrics` JSON, so "who has 8 GB free" is plain SQL, not a scan of
+JSON in Python. Those columns, and the history's, are made from the metric declarations.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
+
+from chiffon.schemas.metrics import HISTORY, REGISTRY, Metric
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -66,7 +70,24 @@ class Base(DeclarativeBase):
     }
 
 
-class AgentRow(Base):
+_SQL_TYPES: dict[type, TypeEngine[Any]] = {int: Integer(), float: Float(), str: String(16)}
+
+
+def _metric_columns(metrics: tuple[Metric, ...], name: str) -> Any:
+    """A declarative mixin with one typed column per metric (NULL: unknown)."""
+    columns = {
+        m.name: mapped_column(_SQL_TYPES[m.kind], nullable=m.default is None, default=m.default)
+        for m in metrics
+    }
+    return type(name, (), columns)
+
+
+# Typed as Any: their columns are made from the declarations, so mypy cannot list them.
+_RegistryMetrics: Any = _metric_columns(REGISTRY, "_RegistryMetrics")
+_HistoryMetrics: Any = _metric_columns(HISTORY, "_HistoryMetrics")
+
+
+class AgentRow(_RegistryMetrics, Base):  # type: ignore[misc]
     __tablename__ = "agent_registry"
     __table_args__ = (
         Index("ix_agent_registry_status_type", "status", "agent_type"),
@@ -105,16 +126,7 @@ class AgentRow(Base):
     last_heartbeat_at: Mapped[datetime | None]
     resource_metrics: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
-    # Typed copies of the numbers the capacity query filters on; NULL means unknown.
-    cpu_cores_available: Mapped[int | None] = mapped_column(Integer)
-    cpu_cores_physical: Mapped[int | None] = mapped_column(Integer)
-    cpu_load_1min: Mapped[float | None] = mapped_column(Float)
-    memory_available_gb: Mapped[float | None] = mapped_column(Float)
-    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
-    gpu_type: Mapped[str] = mapped_column(String(16), default="none")
-    gpu_vram_total_gb: Mapped[float | None] = mapped_column(Float)
-    gpu_vram_available_gb: Mapped[float | None] = mapped_column(Float)
-    gpu_vram_available_max_gb: Mapped[float | None] = mapped_column(Float)
+    # The typed copies of the numbers (schemas.metrics.REGISTRY) come from _RegistryMetrics.
 
     # Ordering of the agent's own messages (see schemas.heartbeat.AgentMessage).
     last_boot_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
@@ -139,7 +151,7 @@ class AgentEventRow(Base):
     reason: Mapped[str] = mapped_column(String(64))
 
 
-class AgentMetricsRow(Base):
+class AgentMetricsRow(_HistoryMetrics, Base):  # type: ignore[misc]
     """One point of an agent's history: its registry numbers when a time bucket began.
 
     `resolution_seconds` names the tier: 0 keeps one point per heartbeat interval, 60 and
@@ -158,13 +170,7 @@ class AgentMetricsRow(Base):
     resolution_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
     sampled_at: Mapped[datetime]
-    cpu_load_1min: Mapped[float | None] = mapped_column(Float)
-    cpu_cores_available: Mapped[int | None] = mapped_column(Integer)
-    cpu_cores_physical: Mapped[int | None] = mapped_column(Integer)
-    memory_available_gb: Mapped[float | None] = mapped_column(Float)
-    memory_total_gb: Mapped[float | None] = mapped_column(Float)
-    gpu_vram_available_gb: Mapped[float | None] = mapped_column(Float)
-    gpu_vram_total_gb: Mapped[float | None] = mapped_column(Float)
+    # One column per schemas.metrics.HISTORY metric comes from _HistoryMetrics.
     # [{"index", "vram_free_gb", "vram_total_gb", "utilization_percent"}, ...]
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonDocument, default=list)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,8 +29,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import BindParameter
 
 from chiffon.persistence.models import AgentEventRow, AgentRow, Base
+from chiffon.schemas.metrics import BOUNDS, REGISTRY
 
 _agents = Base.metadata.tables["agent_registry"]
 _events = Base.metadata.tables["agent_events"]
@@ -60,12 +62,11 @@ class Ordering:
 
 @dataclass(frozen=True, slots=True)
 class CapacityFilter:
-    """A capacity requirement; `None` means "no requirement on this number"."""
+    """A capacity requirement. `bounds` maps a metric bound's parameter
+    (`schemas.metrics.Bound.param`, e.g. `min_gpu_vram_gb`) to the value asked; a bound not
+    given, or given as None, is no requirement on that number."""
 
-    min_gpu_vram_gb: float | None = None
-    min_single_gpu_vram_gb: float | None = None
-    min_cpu_cores: int | None = None
-    min_memory_gb: float | None = None
+    bounds: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
     pool_name: str | None = None
     agent_type: str | None = "desktop"
     limit: int | None = None
@@ -234,27 +235,11 @@ CAPACITY_COLUMNS = (
     AgentRow.pool_name,
     AgentRow.agent_type,
     AgentRow.status,
-    AgentRow.cpu_cores_available,
-    AgentRow.cpu_cores_physical,
-    AgentRow.cpu_load_1min,
-    AgentRow.memory_available_gb,
-    AgentRow.gpu_vram_available_gb,
-    AgentRow.gpu_vram_total_gb,
-    AgentRow.gpu_vram_available_max_gb,
-    AgentRow.gpu_count,
-    AgentRow.gpu_type,
+    *(_agents.c[m.name] for m in REGISTRY),
     AgentRow.resource_metrics,
     AgentRow.last_heartbeat_at,
 )
-
-
-_MINIMUMS = (
-    ("min_gpu_vram_gb", AgentRow.gpu_vram_available_gb),
-    ("min_single_gpu_vram_gb", AgentRow.gpu_vram_available_max_gb),
-    ("min_cpu_cores", AgentRow.cpu_cores_available),
-    ("min_memory_gb", AgentRow.memory_available_gb),
-)
-_FILTER_FIELDS = tuple(f.name for f in dataclasses.fields(CapacityFilter))
+_BOUNDS = {bound.param: (_agents.c[m.name], bound.op) for m, bound in BOUNDS}
 
 
 def capacity_statement(want: CapacityFilter) -> tuple[Select[Any], dict[str, Any]]:
@@ -265,10 +250,14 @@ def capacity_statement(want: CapacityFilter) -> tuple[Select[Any], dict[str, Any
     The statement depends only on which requirements are given, so it is built once per
     combination and the values are bound at execution.
     """
-    given = {
+    unknown = set(want.bounds) - set(_BOUNDS)
+    if unknown:
+        raise ValueError(f"no capacity bound named {', '.join(sorted(unknown))}")
+    given = {name: value for name, value in want.bounds.items() if value is not None}
+    given |= {
         name: value
-        for name in _FILTER_FIELDS
-        if name != "labels" and (value := getattr(want, name)) is not None
+        for name in ("pool_name", "agent_type", "limit")
+        if (value := getattr(want, name)) is not None
     }
     return with_labels(_capacity_shape(frozenset(given)), want.labels), given
 
@@ -285,9 +274,10 @@ def _capacity_shape(given: frozenset[str]) -> Select[Any]:
     stmt = select(*CAPACITY_COLUMNS).where(
         AgentRow.status == "online", AgentRow.cpu_cores_physical.is_not(None)
     )
-    for name, column in _MINIMUMS:
+    for name, (column, op) in _BOUNDS.items():
         if name in given:
-            stmt = stmt.where(column >= bindparam(name))
+            value: BindParameter[Any] = bindparam(name)
+            stmt = stmt.where(column >= value if op == "min" else column <= value)
     if "pool_name" in given:
         stmt = stmt.where(AgentRow.pool_name == bindparam("pool_name"))
     if "agent_type" in given:

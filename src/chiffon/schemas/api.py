@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from chiffon.schemas.heartbeat import GpuInfo, GpuType
+from chiffon.schemas.heartbeat import GpuInfo
+from chiffon.schemas.metrics import HISTORY, REGISTRY, Metric
 
 AgentStatus = Literal["online", "offline"]
 
 
-class AgentCapacity(BaseModel):
+def _metric_fields(metrics: tuple[Metric, ...]) -> dict[str, Any]:
+    """The API fields of declared metrics: required, null when unknown."""
+    return {m.name: (m.annotation, Field(description=m.description)) for m in metrics}
+
+
+class _AgentCapacityBase(BaseModel):
     """The seeds' capacity fields for one agent, plus per-GPU detail and freshness."""
 
     model_config = ConfigDict(
@@ -32,6 +38,7 @@ class AgentCapacity(BaseModel):
                     "gpu_vram_available_gb": 22.5,
                     "gpu_vram_total_gb": 24.0,
                     "gpu_vram_available_max_gb": 22.5,
+                    "gpu_temperature_max_c": 54.0,
                     "gpu_count": 1,
                     "gpu_type": "nvidia",
                     "gpus": [
@@ -41,6 +48,7 @@ class AgentCapacity(BaseModel):
                             "name": "NVIDIA GeForce RTX 4090",
                             "vram_total_gb": 24.0,
                             "vram_free_gb": 22.5,
+                            "temperature_c": 54.0,
                         }
                     ],
                     "timestamp": "2026-11-22T15:04:05.123456Z",
@@ -56,21 +64,29 @@ class AgentCapacity(BaseModel):
     pool_name: str
     agent_type: str
     status: AgentStatus
-    cpu_cores_available: int | None = Field(description="floor(physical - load_1min), >= 0")
-    cpu_cores_physical: int | None
-    cpu_load_1min: float | None
-    memory_available_gb: float | None
-    gpu_vram_available_gb: float | None = Field(description="free VRAM summed over GPUs")
-    gpu_vram_total_gb: float | None
-    gpu_vram_available_max_gb: float | None = Field(description="free VRAM of the emptiest GPU")
-    gpu_count: int
-    gpu_type: GpuType
-    gpus: list[GpuInfo]
-    timestamp: datetime | None = Field(
-        description="when the orchestrator received these metrics (its own clock, UTC)"
+
+
+# Its numbers are the registry's metrics (schemas.metrics.REGISTRY), in declared order. The
+# type checker sees the base, whose fields it can list; at run time the model is made.
+if TYPE_CHECKING:
+
+    class AgentCapacity(_AgentCapacityBase):
+        pass
+else:
+    AgentCapacity = create_model(
+        "AgentCapacity",
+        __base__=_AgentCapacityBase,
+        __module__=__name__,
+        __doc__=_AgentCapacityBase.__doc__,
+        **_metric_fields(REGISTRY),
+        gpus=(list[GpuInfo], ...),
+        timestamp=(
+            datetime | None,
+            Field(description="when the orchestrator received these metrics (its own clock, UTC)"),
+        ),
+        age_seconds=(float | None, Field(description="seconds since `timestamp`")),
+        probe_errors=(dict[str, str], ...),
     )
-    age_seconds: float | None = Field(description="seconds since `timestamp`")
-    probe_errors: dict[str, str]
 
 
 class AgentRecord(BaseModel):
@@ -120,18 +136,26 @@ class GpuPoint(BaseModel):
     utilization_percent: float | None
 
 
-class MetricPoint(BaseModel):
+class _MetricPointBase(BaseModel):
     """An agent's numbers (its latest heartbeat) when one history bucket began."""
 
     at: datetime = Field(description="start of the bucket")
-    cpu_load_1min: float | None
-    cpu_cores_available: int | None
-    cpu_cores_physical: int | None
-    memory_available_gb: float | None
-    memory_total_gb: float | None
-    gpu_vram_available_gb: float | None
-    gpu_vram_total_gb: float | None
-    gpus: list[GpuPoint]
+
+
+# Its numbers are the history's metrics (schemas.metrics.HISTORY), in declared order.
+if TYPE_CHECKING:
+
+    class MetricPoint(_MetricPointBase):
+        pass
+else:
+    MetricPoint = create_model(
+        "MetricPoint",
+        __base__=_MetricPointBase,
+        __module__=__name__,
+        __doc__=_MetricPointBase.__doc__,
+        **_metric_fields(HISTORY),
+        gpus=(list[GpuPoint], ...),
+    )
 
 
 class AgentMetrics(BaseModel):

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from chiffon.schemas import limits
+from chiffon.schemas import limits, metrics
 from chiffon.schemas.limits import GpuType as GpuType  # the API's models use them from here
 from chiffon.schemas.limits import GpuVendor as GpuVendor
 from chiffon.schemas.limits import MessageKind as MessageKind
@@ -104,6 +104,9 @@ class Resources(_Strict):
     def _consistent(self) -> Self:
         check_resources(self)
         return self
+
+
+metrics.check_fields(metrics.METRICS, Resources.model_fields)
 
 
 class AgentMessage(_Strict):

@@ -68,22 +68,23 @@ def parse(output: str) -> list[GpuReading]:
     """
     gpus: list[GpuReading] = []
     problems: list[str] = []
-    for row in csv.reader(line for line in output.splitlines() if line.strip()):
-        if len(row) != len(QUERY_FIELDS):
-            problems.append(f"expected {len(QUERY_FIELDS)} fields, got {len(row)}")
+    for cells in csv.reader(line for line in output.splitlines() if line.strip()):
+        if len(cells) != len(QUERY_FIELDS):
+            problems.append(f"expected {len(QUERY_FIELDS)} fields, got {len(cells)}")
             continue
-        index = _number(row[0])
+        row = dict(zip(QUERY_FIELDS, cells, strict=True))  # by name, never by position
+        index = _number(row["index"])
         gpus.append(
             gpu_or_bare(
                 problems,
                 index=len(gpus) if index is None else int(index),
                 vendor="nvidia",
-                uuid=_field(row[1]),
-                name=_field(row[2]),
-                vram_total_bytes=_mib(row[3]),
-                vram_free_bytes=_mib(row[4]),
-                utilization_percent=_number(row[5]),
-                temperature_c=_number(row[6]),
+                uuid=_field(row["uuid"]),
+                name=_field(row["name"]),
+                vram_total_bytes=_mib(row["memory.total"]),
+                vram_free_bytes=_mib(row["memory.free"]),
+                utilization_percent=_number(row["utilization.gpu"]),
+                temperature_c=_number(row["temperature.gpu"]),
             )
         )
     if problems:
