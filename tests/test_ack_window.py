@@ -1,8 +1,8 @@
 """`AckWindow`, the subtlest correctness code of the consumer, without a broker: a channel
 that records every `basic_ack(tag, multiple)` it is asked to write. The rule under test: a
 multiple ack never covers a delivery whose write has not committed, and the acks settled in
-one turn of the event loop leave as one frame. (tests/test_rabbitmq.py proves the same
-against a live RabbitMQ.)"""
+one turn of the event loop leave as one frame. (tests/rabbitmq/test_delivery.py proves the
+same against a live RabbitMQ.)"""
 
 from __future__ import annotations
 

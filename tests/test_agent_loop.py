@@ -91,7 +91,7 @@ async def test_outage_is_retried_with_the_newest_snapshot(
 
 async def test_hung_transport_never_stalls_collection_and_stop_is_prompt(tmp_path: Path) -> None:
     fake_pynvml.reset([FakeGpu()])
-    never = asyncio.Event()
+    never, eight_collected = asyncio.Event(), asyncio.Event()
     collected = 0
 
     async def black_hole(raw: bytes) -> Outcome:
@@ -104,12 +104,14 @@ async def test_hung_transport_never_stalls_collection_and_stop_is_prompt(tmp_pat
     async def counting() -> Resources:
         nonlocal collected
         collected += 1
+        if collected == 8:
+            eight_collected.set()
         return await inner()
 
     loop._collect = counting
     task = asyncio.create_task(loop.run())
-    await asyncio.sleep(0.6)
-    assert collected >= 8 and loop.delivered == 0  # beats go on while publishing hangs
+    await asyncio.wait_for(eight_collected.wait(), 10)  # beats go on while publishing hangs
+    assert loop.delivered == 0
     started = time.monotonic()
     loop.stop()
     await asyncio.wait_for(task, 3)

@@ -27,8 +27,8 @@ from chiffon.transport.rabbitmq.publisher import RabbitPublisher
 from tests import factories as f
 from tests.auth import keyring
 from tests.procs import free_port
-from tests.services import AMQP_URL, need
-from tests.test_rabbitmq import _sample, agent_row, consuming, eventually, scratch_topology
+from tests.rabbitmq.helpers import agent_row, consuming, sample, scratch_topology
+from tests.services import AMQP_URL, eventually, need
 
 Connect = Callable[[Credentials], Publisher]
 
@@ -131,7 +131,7 @@ async def test_an_invalid_message_is_counted_and_the_next_one_applied(
     await _send(connect, keys, invalid, valid)
     await eventually(lambda: _is(orchestrator, agent, "online"))
     assert (await agent_row(orchestrator, agent)).last_seq == 2
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="invalid") == 1
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="invalid") == 1
 
 
 async def _is(orchestrator: Orchestrator, agent_id: uuid.UUID, status: str) -> bool:
@@ -140,6 +140,6 @@ async def _is(orchestrator: Orchestrator, agent_id: uuid.UUID, status: str) -> b
 
 async def _refused(orchestrator: Orchestrator, reasons: set[str]) -> bool:
     counted = sum(
-        _sample(orchestrator, "chiffon_messages_rejected_total", reason=r) for r in reasons
+        sample(orchestrator, "chiffon_messages_rejected_total", reason=r) for r in reasons
     )
     return counted >= 1

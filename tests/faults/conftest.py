@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from chiffon.orchestrator.clock import ManualClock
-from tests.test_rabbitmq import amqp_url, topology
+from tests.rabbitmq.helpers import amqp_url, topology
 
-__all__ = ["amqp_url", "topology"]  # fixtures shared with tests/test_rabbitmq.py
+__all__ = ["amqp_url", "topology"]  # fixtures shared with tests/rabbitmq/
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,7 +17,8 @@ from tests import factories as f
 from tests.auth import API_HEADERS, bearer, issue, keyring
 from tests.conftest import fresh_postgres_database
 from tests.private_services import PrivatePostgres
-from tests.test_rabbitmq import _applied, consuming, publisher, ready_count
+from tests.rabbitmq.helpers import applied, consuming, publisher, ready_count, requeued
+from tests.services import eventually
 
 pytestmark = pytest.mark.db_restart
 
@@ -75,14 +76,13 @@ async def test_4_database_down_means_503_no_early_ack_and_ingest_resumes_by_itse
             assert ingest.status_code == 503, ingest.text  # not acked: its batch never committed
             async with publisher(amqp_url, topology, keys) as pub:
                 await pub.publish(queued)  # the broker holds it until the registry is back
-            await asyncio.sleep(1.0)
+            # the consumer took it, could not write it, and handed it back to the broker
+            await eventually(lambda: requeued(orchestrator, 1))
             assert not await _registered(api, queued.agent_id, during_outage=True)
         resumed = await _until_ok(lambda: api.post(url, content=beat(3), headers=auth))
         assert resumed.status_code == 200 and resumed.json()["outcome"] == "applied"
-        deadline = time.monotonic() + 30
-        while not await _applied(orchestrator, queued.agent_id):
-            assert time.monotonic() < deadline, "the message held by the broker was never applied"
-            await asyncio.sleep(0.3)
+        # the message the broker held is applied once the consumer's backoff ends
+        await eventually(lambda: applied(orchestrator, queued.agent_id), within_seconds=30)
     assert (await api.get(f"/api/v1/agents/{agent}")).json()["status"] == "online"
     assert await ready_count(amqp_url, topology.queue) == 0
 

@@ -30,14 +30,14 @@ from chiffon.transport.rabbitmq.topology import Topology
 from tests import factories as f
 from tests.auth import bearer, issue, keyring
 from tests.conftest import api_client
-from tests.test_rabbitmq import (
-    _drain_reasons,
-    _sample,
+from tests.rabbitmq.helpers import (
     agent_row,
     consuming,
-    eventually,
+    drain_reasons,
     ready_count,
+    sample,
 )
+from tests.services import eventually
 
 POISON = "refused-by-the-database"
 
@@ -125,7 +125,7 @@ async def test_http_hostile_agent_beside_honest_ones_never_makes_them_stale(
             assert (row.status, row.last_seq, row.last_heartbeat_at) == ("online", seq, clock.now())
         clock.advance(1)
     assert await agent_row(orchestrator, hostile.agent_id) is None
-    assert _sample(orchestrator, "chiffon_ingest_errors_total") == 0
+    assert sample(orchestrator, "chiffon_ingest_errors_total") == 0
 
 
 async def test_an_offset_postgresql_refuses_is_stored_in_utc(
@@ -159,8 +159,8 @@ async def test_http_a_message_the_database_refuses_fails_alone(
     assert [r.status_code for r in answers] == [200] * 20
     for credential in honest:
         assert (await agent_row(orchestrator, credential.agent_id)).status == "online"
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="unstorable") == 1
-    assert _sample(orchestrator, "chiffon_ingest_errors_total") == 0
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="unstorable") == 1
+    assert sample(orchestrator, "chiffon_ingest_errors_total") == 0
 
 
 async def _publish_signed(
@@ -196,10 +196,10 @@ async def test_amqp_hostile_messages_are_set_aside_and_the_honest_ones_commit(
         await eventually(lambda: _rejected(orchestrator, 2))
         assert consumer.consuming
     assert await agent_row(orchestrator, hostile_id) is None
-    assert _sample(orchestrator, "chiffon_amqp_requeued_total") == 0
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="invalid") == 1
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="unstorable") == 1
-    assert await _drain_reasons(amqp_url, topology.rejected_queue) == [
+    assert sample(orchestrator, "chiffon_amqp_requeued_total") == 0
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="invalid") == 1
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="unstorable") == 1
+    assert await drain_reasons(amqp_url, topology.rejected_queue) == [
         (nul, "invalid"),
         (poison, "unstorable"),
     ]
@@ -213,8 +213,7 @@ async def _all_online(orch: Orchestrator, agent_ids: list[uuid.UUID]) -> bool:
 
 async def _rejected(orch: Orchestrator, n: int) -> bool:
     total = sum(
-        _sample(orch, "chiffon_messages_rejected_total", reason=r)
-        for r in ("invalid", "unstorable")
+        sample(orch, "chiffon_messages_rejected_total", reason=r) for r in ("invalid", "unstorable")
     )
     return total >= n
 

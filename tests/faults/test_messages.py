@@ -13,16 +13,16 @@ from chiffon.transport.auth import SIGNATURE_HEADER
 from chiffon.transport.rabbitmq.topology import REJECT_REASON_HEADER, Topology
 from tests import factories as f
 from tests.auth import keyring
-from tests.test_rabbitmq import (
-    _applied,
-    _drain_reasons,
-    _sample,
+from tests.rabbitmq.helpers import (
     agent_row,
+    applied,
     consuming,
-    eventually,
+    drain_reasons,
     publisher,
     ready_count,
+    sample,
 )
+from tests.services import eventually
 
 
 async def _publish_raw(url: str, topology: Topology, body: bytes, headers: dict[str, str]) -> None:
@@ -44,11 +44,11 @@ async def test_5_poison_between_two_valid_messages_lands_in_rejected_and_consumi
             await pub.publish(first)
             await _publish_raw(amqp_url, topology, poison, {})
             await pub.publish(last)
-        await eventually(lambda: _applied(orchestrator, last.agent_id))
-        assert await _applied(orchestrator, first.agent_id)
+        await eventually(lambda: applied(orchestrator, last.agent_id))
+        assert await applied(orchestrator, first.agent_id)
         assert consumer.consuming
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="malformed_json") == 1
-    assert await _drain_reasons(amqp_url, topology.rejected_queue) == [(poison, "malformed_json")]
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="malformed_json") == 1
+    assert await drain_reasons(amqp_url, topology.rejected_queue) == [(poison, "malformed_json")]
     assert await ready_count(amqp_url, topology.queue) == 0
 
 
@@ -62,7 +62,7 @@ async def test_6_agent_a_signing_a_heartbeat_as_b_changes_nothing_and_is_counted
     async with consuming(orchestrator, amqp_url, topology):
         async with publisher(amqp_url, topology, keys) as pub:
             await pub.publish(real_b)
-        await eventually(lambda: _applied(orchestrator, b))
+        await eventually(lambda: applied(orchestrator, b))
         before = await agent_row(orchestrator, b)
         clock.advance(5)
         async with publisher(amqp_url, topology, keys[a]) as pub_a:  # A's key, B's id
@@ -73,15 +73,15 @@ async def test_6_agent_a_signing_a_heartbeat_as_b_changes_nothing_and_is_counted
     after = await agent_row(orchestrator, b)
     assert (after.name, after.gpu_vram_available_gb, after.last_seq) == ("desk-b", 8.0, 1)
     assert after.last_heartbeat_at == before.last_heartbeat_at
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="bad_signature") == 1
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="unauthenticated") == 1
-    reasons = [r for _, r in await _drain_reasons(amqp_url, topology.rejected_queue)]
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="bad_signature") == 1
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="unauthenticated") == 1
+    reasons = [r for _, r in await drain_reasons(amqp_url, topology.rejected_queue)]
     assert reasons == ["bad_signature", "unauthenticated"]
 
 
 async def _rejected_total(orch: Orchestrator, n: int) -> bool:
     reasons = ("bad_signature", "unauthenticated", "clock_skew")
-    total = sum(_sample(orch, "chiffon_messages_rejected_total", reason=r) for r in reasons)
+    total = sum(sample(orch, "chiffon_messages_rejected_total", reason=r) for r in reasons)
     return total >= n
 
 
@@ -111,8 +111,8 @@ async def test_7_a_replayed_or_older_signed_message_has_no_effect(
     row = await agent_row(orchestrator, agent)
     assert (row.last_seq, row.memory_available_gb) == (11, 20.0)
     assert row.last_heartbeat_at == seen.last_heartbeat_at
-    assert _sample(orchestrator, "chiffon_messages_rejected_total", reason="clock_skew") == 1
-    got = await _drain_reasons(amqp_url, topology.rejected_queue)
+    assert sample(orchestrator, "chiffon_messages_rejected_total", reason="clock_skew") == 1
+    got = await drain_reasons(amqp_url, topology.rejected_queue)
     assert [json.loads(body)["seq"] for body, _ in got] == [12]
     assert [reason for _, reason in got] == ["clock_skew"]
     assert REJECT_REASON_HEADER  # the reason travels in this header
@@ -120,6 +120,6 @@ async def test_7_a_replayed_or_older_signed_message_has_no_effect(
 
 async def _outcomes(orch: Orchestrator, *, applied: int, stale: int = 0) -> bool:
     def count(outcome: str) -> float:
-        return _sample(orch, "chiffon_messages_accepted_total", kind="heartbeat", outcome=outcome)
+        return sample(orch, "chiffon_messages_accepted_total", kind="heartbeat", outcome=outcome)
 
     return count("applied") >= applied and count("stale") >= stale

@@ -236,7 +236,7 @@ class RabbitConsumer:
         await self._cancel_consumer()
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=drain_timeout_seconds)
-        await self._send_acks()
+        await self.flush_acks()
         connection, self._connection = self._connection, None
         self._channel = self._queue = self._rejected = None
         self._target.metrics.amqp_connected.set(0)
@@ -328,7 +328,7 @@ class RabbitConsumer:
         if old is not None and not old.is_closed:
             if in_hand:
                 await asyncio.wait(in_hand, timeout=settle_seconds)
-            await self._send_acks()
+            await self.flush_acks()
             await old.close()
         return True
 
@@ -445,7 +445,7 @@ class RabbitConsumer:
         if (window := self._window(message)) is not None:
             window.nacked(message.delivery_tag)
 
-    async def _send_acks(self) -> None:
+    async def flush_acks(self) -> None:
         """Write every settled ack now (before a channel or the connection closes)."""
         windows = [w for w in self._acks.values() if not w.channel.is_closed]
         await asyncio.gather(*(w.flush() for w in windows))

@@ -1,0 +1,1 @@
+"""The RabbitMQ transport against a real broker, split by concern."""
