@@ -36,12 +36,23 @@ def test_defaults_file_env_flags_in_that_order(tmp_path: Path) -> None:
     assert (s.gpu_detection_timeout_seconds, s.labels, s.heartbeat_timeout_seconds) == (
         3,
         {"room": "b12"},
-        45,
+        75,  # unset: three of the intervals
     )
     assert loaded.origins["heartbeat_interval_seconds"] == "env CHIFFON_HEARTBEAT_INTERVAL"
     assert loaded.origins["agent_pool_name"] == "flag"
     assert loaded.origins["gpu_detection_timeout_seconds"] == f"file {config}"
     assert loaded.origins["heartbeat_timeout_seconds"] == "default"
+
+
+def test_the_timeout_follows_a_longer_interval_unless_it_is_set() -> None:
+    """An interval of a minute alone is valid: the timeout defaults to three intervals.
+    Only a timeout set at or below the interval is refused."""
+    alone = load_settings(environ={"CHIFFON_HEARTBEAT_INTERVAL": "60"}).settings
+    assert (alone.heartbeat_interval_seconds, alone.heartbeat_timeout_seconds) == (60, 180)
+    both = {"CHIFFON_HEARTBEAT_INTERVAL": "60", "CHIFFON_HEARTBEAT_TIMEOUT": "300"}
+    assert load_settings(environ=both).settings.heartbeat_timeout_seconds == 300
+    with pytest.raises(SettingsError, match="must be greater than"):
+        load_settings(environ={**both, "CHIFFON_HEARTBEAT_TIMEOUT": "60"})
 
 
 def test_user_file_found_in_home(tmp_path: Path) -> None:

@@ -219,7 +219,10 @@ class AgentSettings:
     """
 
     heartbeat_interval_seconds: float = field(default=15.0, metadata=_check(_seconds(3600)))
-    heartbeat_timeout_seconds: float = field(default=45.0, metadata=_check(_seconds(86400)))
+    # Unset: three intervals (45 s at the default), so a longer interval alone is valid.
+    heartbeat_timeout_seconds: float | None = field(
+        default=None, metadata=_check(_optional(_seconds(86400)))
+    )
     gpu_detection_timeout_seconds: float = field(default=5.0, metadata=_check(_seconds(120)))
     agent_id: UUID | None = field(default=None, metadata=_check(_optional(_uuid)))
     agent_pool_name: str = field(default="desktop_pool_1", metadata=_check(_text(128)))
@@ -253,7 +256,10 @@ class AgentSettings:
                 _url("amqp", "amqps")(self.amqp_url)
             except ValueError as exc:
                 raise _Refused("amqp_url", self.amqp_url, str(exc)) from None
-        if self.heartbeat_timeout_seconds <= self.heartbeat_interval_seconds:
+        if self.heartbeat_timeout_seconds is None:
+            timeout = 3 * self.heartbeat_interval_seconds
+            object.__setattr__(self, "heartbeat_timeout_seconds", timeout)
+        elif self.heartbeat_timeout_seconds <= self.heartbeat_interval_seconds:
             raise _Refused(
                 None,
                 None,
