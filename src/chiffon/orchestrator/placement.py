@@ -1,0 +1,248 @@
+"""Where a job fits: the VRAM ledger of each GPU, the placement policies, the nearest miss.
+
+Pure functions over what the registry and the claims say; the scheduler reads those in the
+transaction that writes the claim, and calls `place` in between (docs/jobs.md).
+
+The VRAM rule, per GPU (all in GB):
+
+    foreign   = max(0, (total - free) - jobs_used)      # memory held by anything not ours
+    held      = sum over the GPU's claims of max(claim, claim_used)
+    available = total - foreign - held
+
+`free` is the driver's; `jobs_used` is what the agent saw Chiffon's own job processes hold
+on that GPU (NVML's process lists, or `nvidia-smi --query-compute-apps`), and
+`claim_used` the part of it each claim's job holds. A job that has not yet grown into its
+claim still holds the whole claim; one that outgrew it holds what it uses. Where the agent
+could not see per-process use (`jobs_used` unknown, as for AMD through sysfs), every byte
+in use counts as foreign *and* every claim counts whole: memory is counted twice rather
+than promised twice. An unknown `total` or `free` makes the GPU unusable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Policy = Literal["best_fit", "spread"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """VRAM a placed job holds on one GPU: what was promised, and what its processes were
+    last seen using (None: not seen yet, or not visible)."""
+
+    vram_gb: float
+    used_gb: float | None = None
+
+    @property
+    def held_gb(self) -> float:
+        return self.vram_gb if self.used_gb is None else max(self.vram_gb, self.used_gb)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuLedger:
+    uuid: str
+    index: int
+    vendor: str
+    total_gb: float | None
+    free_gb: float | None
+    jobs_used_gb: float | None = 0.0  # None: the agent cannot see per-process use
+    claims: tuple[Claim, ...] = ()
+
+    @property
+    def foreign_gb(self) -> float | None:
+        if self.total_gb is None or self.free_gb is None:
+            return None
+        used = max(0.0, self.total_gb - self.free_gb)
+        return used if self.jobs_used_gb is None else max(0.0, used - self.jobs_used_gb)
+
+    @property
+    def available_gb(self) -> float:
+        """What a new claim may take: the rule in the module's docstring (0 when unknown)."""
+        foreign = self.foreign_gb
+        if self.total_gb is None or foreign is None:
+            return 0.0
+        held = sum(c.held_gb for c in self.claims)
+        return max(0.0, self.total_gb - foreign - held)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One agent as placement sees it: its numbers net of the claims already on it."""
+
+    agent_id: str
+    name: str
+    online: bool
+    accepts_jobs: bool
+    pool_name: str
+    labels: Mapping[str, str]
+    cpu_cores_available: float | None  # net of claims
+    memory_available_gb: float | None  # net of claims
+    gpus: tuple[GpuLedger, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    gpus: int = 0
+    vram_gb: float = 0.0  # on each assigned GPU
+    cpu_cores: float = 0.0
+    memory_gb: float = 0.0
+    pool_name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    gpu_vendor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    agent_id: str
+    gpu_uuids: tuple[str, ...]
+    score: float  # lower is better, whichever the policy
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Why nothing fits, in one sentence that names the nearest miss."""
+
+    reason: str
+
+
+def place(
+    want: Requirements, candidates: Sequence[Candidate], policy: Policy = "best_fit"
+) -> Placement | Miss:
+    """The best agent and GPUs for `want`, or why there is none.
+
+    Score (lower wins, ties broken by agent id): best fit sums, over the GPUs chosen, the
+    VRAM each would have left, then adds the cores left as a fraction of the agent's; so
+    the tightest fit wins and large GPUs stay free for large jobs. Spread negates the same
+    sum: the emptiest GPUs win (the seeds' "most free VRAM first").
+    """
+    fits = [p for c in candidates if (p := _fit(want, c, policy)) is not None]
+    if fits:
+        return min(fits, key=lambda p: (p.score, p.agent_id))
+    return Miss(why_not(want, candidates))
+
+
+def _eligible(want: Requirements, c: Candidate) -> bool:
+    if not (c.online and c.accepts_jobs):
+        return False
+    if want.pool_name is not None and c.pool_name != want.pool_name:
+        return False
+    return all(c.labels.get(k) == v for k, v in want.labels.items())
+
+
+def _usable(want: Requirements, gpu: GpuLedger) -> bool:
+    vendor_ok = want.gpu_vendor is None or gpu.vendor == want.gpu_vendor
+    return vendor_ok and gpu.available_gb >= want.vram_gb
+
+
+def _fit(want: Requirements, c: Candidate, policy: Policy) -> Placement | None:
+    if not _eligible(want, c) or not _host_fits(want, c):
+        return None
+    usable = sorted(
+        (g for g in c.gpus if _usable(want, g)),
+        key=lambda g: (g.available_gb if policy == "best_fit" else -g.available_gb, g.index),
+    )
+    if len(usable) < want.gpus:
+        return None
+    chosen = usable[: want.gpus]
+    left = sum(g.available_gb - want.vram_gb for g in chosen)
+    cores = c.cpu_cores_available or 0.0
+    core_share = (cores - want.cpu_cores) / cores if cores > 0 else 0.0
+    score = left + core_share if policy == "best_fit" else -(left + core_share)
+    return Placement(c.agent_id, tuple(g.uuid for g in chosen), score)
+
+
+def _host_fits(want: Requirements, c: Candidate) -> bool:
+    cores, memory = c.cpu_cores_available, c.memory_available_gb
+    if want.cpu_cores > 0 and (cores is None or cores < want.cpu_cores):
+        return False
+    return not (want.memory_gb > 0 and (memory is None or memory < want.memory_gb))
+
+
+def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
+    """ "no online agent that accepts jobs has 1 GPU with 8 GB free: closest is render-02
+    GPU 0 with 6.1 GB; 2 agents offline; 1 does not accept jobs"."""
+    offline = sum(1 for c in candidates if not c.online)
+    refusing = sum(1 for c in candidates if c.online and not c.accepts_jobs)
+    eligible = [c for c in candidates if _eligible(want, c)]
+    parts = [f"no online agent that accepts jobs{_where(want)} has {_asked(want)}"]
+    if (near := _nearest(want, eligible)) is not None:
+        parts[0] += f": closest is {near}"
+    if offline:
+        parts.append(f"{offline} agent{'s' if offline != 1 else ''} offline")
+    if refusing:
+        parts.append(f"{refusing} {'does' if refusing == 1 else 'do'} not accept jobs")
+    return "; ".join(parts)
+
+
+def _where(want: Requirements) -> str:
+    where = f" in pool {want.pool_name!r}" if want.pool_name else ""
+    if want.labels:
+        where += " with " + ", ".join(f"{k}={v}" for k, v in sorted(want.labels.items()))
+    return where
+
+
+def _asked(want: Requirements) -> str:
+    asked = []
+    if want.gpus:
+        vendor = f" {want.gpu_vendor}" if want.gpu_vendor else ""
+        each = f" with {want.vram_gb:g} GB free" if want.vram_gb else ""
+        asked.append(f"{want.gpus}{vendor} GPU{'s' if want.gpus != 1 else ''}{each}")
+    if want.cpu_cores:
+        asked.append(f"{want.cpu_cores:g} free cores")
+    if want.memory_gb:
+        asked.append(f"{want.memory_gb:g} GB free memory")
+    return " and ".join(asked) or "room"
+
+
+def _nearest(want: Requirements, eligible: Sequence[Candidate]) -> str | None:
+    """The eligible agent missing the least (summed shortfalls as fractions), said with
+    its best GPU when GPUs were asked for, else with what it lacks."""
+    if not eligible:
+        return None
+    best = min(eligible, key=lambda c: (_shortfall(want, c), c.name))
+    if want.gpus:
+        gpus = sorted(
+            (g for g in best.gpus if want.gpu_vendor in (None, g.vendor)),
+            key=lambda g: -g.available_gb,
+        )
+        if gpus:
+            g = gpus[min(want.gpus, len(gpus)) - 1]
+            return f"{best.name} GPU {g.index} with {g.available_gb:.1f} GB"
+        return f"{best.name} (no {want.gpu_vendor or ''} GPU)".replace("  ", " ")
+    return f"{best.name} ({_lacks(want, best)})"
+
+
+def _shortfall(want: Requirements, c: Candidate) -> float:
+    total = 0.0
+    if want.gpus:
+        free = sorted((g.available_gb for g in c.gpus if _usable_vendor(want, g)), reverse=True)
+        free += [0.0] * max(0, want.gpus - len(free))
+        for have in free[: want.gpus]:
+            total += _miss(want.vram_gb, have) if want.vram_gb else (0.0 if have else 1.0)
+    total += _miss(want.cpu_cores, c.cpu_cores_available)
+    total += _miss(want.memory_gb, c.memory_available_gb)
+    return total
+
+
+def _usable_vendor(want: Requirements, gpu: GpuLedger) -> bool:
+    return want.gpu_vendor is None or gpu.vendor == want.gpu_vendor
+
+
+def _miss(need: float, have: float | None) -> float:
+    if need <= 0:
+        return 0.0
+    if have is None or math.isnan(have):
+        return 1.0
+    return max(0.0, need - have) / need
+
+
+def _lacks(want: Requirements, c: Candidate) -> str:
+    lacks = []
+    if want.cpu_cores and (c.cpu_cores_available or 0) < want.cpu_cores:
+        lacks.append(f"{c.cpu_cores_available or 0:g} free cores")
+    if want.memory_gb and (c.memory_available_gb or 0) < want.memory_gb:
+        lacks.append(f"{c.memory_available_gb or 0:.1f} GB free memory")
+    return ", ".join(lacks) or "busy"

@@ -1,0 +1,126 @@
+"""Jobs on the wire: what a user submits, and the states a job moves through.
+
+The states are a table (`MOVES`), not scattered ifs: every write of a job's state goes
+through `check_move`, and a test walks every pair. docs/jobs.md describes the same for
+people.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chiffon.schemas import limits
+from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
+
+JobState = Literal[
+    "queued", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"
+]
+Policy = Literal["best_fit", "spread"]
+
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "timed_out", "lost"})
+
+MOVES: dict[str, frozenset[str]] = {
+    # placed (claims written), or cancelled before it ever ran
+    "queued": frozenset({"assigned", "cancelled"}),
+    # started; handed back (the agent refused it, or lost it, with retries left); out of
+    # retries; cancelled
+    "assigned": frozenset({"running", "queued", "lost", "cancelled"}),
+    # ended one way or another; or back to the queue (lost, or a non-zero exit with
+    # `retry_on_exit`, while retries remain)
+    "running": frozenset({"succeeded", "failed", "timed_out", "cancelled", "lost", "queued"}),
+    **{state: frozenset() for state in TERMINAL},
+}
+
+
+class IllegalMove(ValueError):
+    """A state change the table does not allow: a bug, or a stale report."""
+
+
+def check_move(from_state: str, to_state: str) -> None:
+    if to_state not in MOVES.get(from_state, frozenset()):
+        raise IllegalMove(f"a job cannot go from {from_state} to {to_state}")
+
+
+ARGV_MAX_ITEMS = 1024
+ARG_MAX_CHARS = 8192
+ARGV_MAX_CHARS = 64 * 1024
+ENV_MAX_ITEMS = 256
+ENV_VALUE_MAX_CHARS = 8192
+TIMEOUT_MAX_SECONDS = 30 * 86400
+RETRIES_MAX = 10
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Set by the agent for every job (docs/jobs.md); a user may not override them.
+RESERVED_ENV_PREFIXES = ("CHIFFON_",)
+RESERVED_ENV = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "NVIDIA_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+    }
+)
+
+Arg = Annotated[str, Field(max_length=ARG_MAX_CHARS, pattern=r"^[^\x00]*$")]
+
+
+class JobRequirements(BaseModel):
+    """What the job needs on one desktop. `vram_gb` is free memory on *each* GPU."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    gpus: Annotated[int, Field(ge=0, le=limits.GPUS_MAX)] = 0
+    vram_gb: Annotated[float, Field(ge=0, le=limits.GPU_GB_MAX)] = 0.0
+    cpu_cores: Annotated[float, Field(ge=0, le=limits.CORES_MAX)] = 0.0
+    memory_gb: Annotated[float, Field(ge=0, le=limits.GB_MAX)] = 0.0
+    pool: ShortText | None = None
+    labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = {}
+    gpu_vendor: limits.GpuVendor | None = None
+
+    @model_validator(mode="after")
+    def _vram_needs_gpus(self) -> JobRequirements:
+        if self.vram_gb > 0 and self.gpus == 0:
+            raise ValueError("vram_gb is per GPU: ask for gpus >= 1 with it")
+        return self
+
+
+class JobSubmit(BaseModel):
+    """`POST /api/v1/jobs`: an argv list (no shell unless it says `sh -c`), run once."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    command: Annotated[list[Arg], Field(min_length=1, max_length=ARGV_MAX_ITEMS)]
+    name: ShortText | None = None
+    requirements: JobRequirements = JobRequirements()
+    env: Annotated[dict[str, str], Field(max_length=ENV_MAX_ITEMS)] = {}
+    workdir: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")] | None = (
+        None
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=TIMEOUT_MAX_SECONDS)] | None = None
+    retries: Annotated[int, Field(ge=0, le=RETRIES_MAX)] = 0
+    retry_on_exit: bool = False
+    policy: Policy = "best_fit"
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, argv: list[str]) -> list[str]:
+        if not argv[0]:
+            raise ValueError("the command's first word (the program) is empty")
+        if sum(len(a) for a in argv) > ARGV_MAX_CHARS:
+            raise ValueError(f"the command is longer than {ARGV_MAX_CHARS} characters")
+        return argv
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"env: {name[:64]!r} is not a variable name")
+            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"env: {name} is set by the agent for every job")
+            if len(value) > ENV_VALUE_MAX_CHARS or "\x00" in value:
+                raise ValueError(f"env: {name}'s value is too long or holds a NUL")
+        return env

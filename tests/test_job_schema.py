@@ -1,0 +1,87 @@
+"""A job on the wire: what a submission may hold, and the state table walked pair by pair."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, get_args
+
+import pytest
+from pydantic import ValidationError
+
+from chiffon.schemas.jobs import (
+    MOVES,
+    TERMINAL,
+    IllegalMove,
+    JobState,
+    JobSubmit,
+    check_move,
+)
+
+STATES = get_args(JobState)
+ALLOWED = {
+    ("queued", "assigned"),
+    ("queued", "cancelled"),
+    ("assigned", "running"),
+    ("assigned", "queued"),
+    ("assigned", "lost"),
+    ("assigned", "cancelled"),
+    ("running", "succeeded"),
+    ("running", "failed"),
+    ("running", "timed_out"),
+    ("running", "cancelled"),
+    ("running", "lost"),
+    ("running", "queued"),
+}
+
+
+def test_the_table_covers_every_state_and_ends_only_in_terminal_ones() -> None:
+    assert set(MOVES) == set(STATES)
+    assert {s for s in STATES if not MOVES[s]} == TERMINAL
+
+
+@pytest.mark.parametrize(("source", "target"), list(itertools.product(STATES, STATES)))
+def test_every_pair_of_states_is_allowed_or_refused_as_the_table_says(
+    source: str, target: str
+) -> None:
+    if (source, target) in ALLOWED:
+        check_move(source, target)
+    else:
+        with pytest.raises(IllegalMove, match=f"from {source} to {target}"):
+            check_move(source, target)
+
+
+def test_a_plain_submission_takes_the_defaults() -> None:
+    job = JobSubmit.model_validate({"command": ["python", "train.py", "--epochs", "3"]})
+    assert job.requirements.gpus == 0 and job.retries == 0 and job.policy == "best_fit"
+    assert job.command[0] == "python" and job.env == {} and job.timeout_seconds is None
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"command": []}, "at least 1 item"),
+        ({"command": [""]}, "first word"),
+        ({"command": ["x"] * 1025}, "at most 1024 items"),
+        ({"command": ["x" * 8193]}, "at most 8192 characters"),
+        ({"command": ["x" * 8000] * 9}, "longer than 65536"),
+        ({"command": ["a\x00b"]}, "should match pattern"),
+        ({"command": ["x"], "env": {"1BAD": "v"}}, "is not a variable name"),
+        ({"command": ["x"], "env": {"A=B": "v"}}, "is not a variable name"),
+        ({"command": ["x"], "env": {"CUDA_VISIBLE_DEVICES": "0"}}, "set by the agent"),
+        ({"command": ["x"], "env": {"CHIFFON_JOB_ID": "1"}}, "set by the agent"),
+        ({"command": ["x"], "env": {f"V{i}": "" for i in range(257)}}, "at most 256 items"),
+        ({"command": ["x"], "requirements": {"vram_gb": math.nan, "gpus": 1}}, "finite"),
+        ({"command": ["x"], "requirements": {"gpus": -1}}, "greater than or equal to 0"),
+        ({"command": ["x"], "requirements": {"gpus": 1, "vram_gb": 1e9}}, "less than or equal"),
+        ({"command": ["x"], "requirements": {"vram_gb": 8}}, "ask for gpus >= 1"),
+        ({"command": ["x"], "requirements": {"gpu": 1}}, "Extra inputs are not permitted"),
+        ({"command": ["x"], "timeout_seconds": 0}, "greater than 0"),
+        ({"command": ["x"], "retries": 11}, "less than or equal to 10"),
+        ({"command": ["x"], "workdir": "relative/dir"}, "should match pattern"),
+        ({"command": ["x"], "shell": True}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_submissions_are_refused_with_what_was_wrong(body: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        JobSubmit.model_validate(body)

@@ -1,0 +1,145 @@
+"""Placement: the VRAM ledger's rule, the policies, and the sentence naming the nearest miss."""
+
+from __future__ import annotations
+
+import pytest
+
+from chiffon.orchestrator.placement import (
+    Candidate,
+    Claim,
+    GpuLedger,
+    Miss,
+    Placement,
+    Requirements,
+    place,
+)
+
+
+def gpu(index: int, total: float, free: float, *, jobs_used: float | None = 0.0,
+        claims: tuple[Claim, ...] = (), vendor: str = "nvidia") -> GpuLedger:  # fmt: skip
+    return GpuLedger(f"GPU-{index}", index, vendor, total, free, jobs_used, claims)
+
+
+def agent(name: str, *gpus: GpuLedger, online: bool = True, accepts: bool = True,
+          cores: float = 8, memory: float = 32, pool: str = "p",
+          labels: dict[str, str] | None = None) -> Candidate:  # fmt: skip
+    return Candidate(name, name, online, accepts, pool, labels or {}, cores, memory, gpus)
+
+
+# -- the VRAM rule
+
+
+def test_a_job_that_has_not_grown_into_its_claim_still_holds_all_of_it() -> None:
+    # 24 GB; the job's process holds 2 of its 10 GB claim so far; nothing else runs.
+    starting = gpu(0, 24, 22, jobs_used=2, claims=(Claim(10, used_gb=2),))
+    assert starting.foreign_gb == 0 and starting.available_gb == 14
+    grown = gpu(0, 24, 14, jobs_used=10, claims=(Claim(10, used_gb=10),))
+    assert grown.available_gb == 14  # the same room before and after it grows
+    outgrown = gpu(0, 24, 12, jobs_used=12, claims=(Claim(10, used_gb=12),))
+    assert outgrown.available_gb == 12  # what it uses past its claim is held too
+
+
+def test_a_foreign_process_between_two_heartbeats_takes_its_memory_off_the_ledger() -> None:
+    before = gpu(0, 24, 14, jobs_used=10, claims=(Claim(10, used_gb=10),))
+    # a game starts and takes 6 GB: free falls, our job's use does not change
+    after = gpu(0, 24, 8, jobs_used=10, claims=(Claim(10, used_gb=10),))
+    assert (before.available_gb, after.available_gb) == (14, 8)
+    assert after.foreign_gb == 6
+
+
+def test_without_per_process_numbers_memory_is_counted_twice_not_promised_twice() -> None:
+    # AMD through sysfs: 10 GB in use, whose is unknown; a 10 GB claim on it
+    unknown = gpu(0, 24, 14, jobs_used=None, claims=(Claim(10),), vendor="amd")
+    assert unknown.foreign_gb == 10 and unknown.available_gb == 4
+    assert gpu(0, None, 10).available_gb == 0 and gpu(0, 24, None).available_gb == 0  # type: ignore[arg-type]
+
+
+def test_never_placed_on_memory_a_claim_or_a_foreign_process_holds() -> None:
+    claimed = agent("a", gpu(0, 24, 24, claims=(Claim(20),)))  # promised, not yet used
+    foreign = agent("b", gpu(0, 24, 4))  # 20 GB held by something not ours
+    assert isinstance(place(Requirements(gpus=1, vram_gb=4.5), [claimed, foreign]), Miss)
+    # 4 GB is left on each; the tie goes to the lower id
+    fits = place(Requirements(gpus=1, vram_gb=4), [claimed, foreign])
+    assert fits == Placement("a", ("GPU-0",), 1.0)
+
+
+# -- policies
+
+
+def test_best_fit_takes_the_tightest_gpu_and_spread_the_emptiest() -> None:
+    big = agent("big", gpu(0, 48, 48))
+    small = agent("small", gpu(0, 12, 12))
+    want = Requirements(gpus=1, vram_gb=8)
+    best = place(want, [big, small])
+    spread = place(want, [big, small], "spread")
+    assert isinstance(best, Placement) and isinstance(spread, Placement)
+    assert (best.agent_id, spread.agent_id) == ("small", "big")
+
+
+def test_best_fit_picks_the_tightest_gpus_on_an_agent_and_enough_of_them() -> None:
+    four = agent("four", gpu(0, 24, 24), gpu(1, 24, 9), gpu(2, 24, 12), gpu(3, 24, 3))
+    two = place(Requirements(gpus=2, vram_gb=8), [four])
+    assert isinstance(two, Placement) and two.gpu_uuids == ("GPU-1", "GPU-2")
+    assert isinstance(place(Requirements(gpus=4, vram_gb=8), [four]), Miss)
+    zero = place(Requirements(cpu_cores=2), [four])
+    assert isinstance(zero, Placement) and zero.gpu_uuids == ()
+
+
+def test_only_online_agents_that_accept_jobs_in_the_pool_with_the_labels() -> None:
+    want = Requirements(gpus=1, vram_gb=1, pool_name="lab", labels={"room": "b12"})
+    fleet = [
+        agent("off", gpu(0, 8, 8), online=False, pool="lab", labels={"room": "b12"}),
+        agent("owner-says-no", gpu(0, 8, 8), accepts=False, pool="lab", labels={"room": "b12"}),
+        agent("elsewhere", gpu(0, 8, 8), pool="studio", labels={"room": "b12"}),
+        agent("other-room", gpu(0, 8, 8), pool="lab", labels={"room": "a1"}),
+        agent("yes", gpu(0, 8, 8), pool="lab", labels={"room": "b12", "os": "linux"}),
+    ]
+    placed = place(want, fleet)
+    assert isinstance(placed, Placement) and placed.agent_id == "yes"
+    amd = place(Requirements(gpus=1, gpu_vendor="amd"), fleet)
+    assert isinstance(amd, Miss)
+
+
+def test_cores_and_memory_are_required_net_of_claims() -> None:
+    busy = agent("busy", cores=1, memory=4)
+    idle = agent("idle", cores=6, memory=64)
+    placed = place(Requirements(cpu_cores=2, memory_gb=16), [busy, idle])
+    assert isinstance(placed, Placement) and placed.agent_id == "idle"
+    unknown = agent("unknown", cores=None, memory=None)  # type: ignore[arg-type]
+    assert isinstance(place(Requirements(cpu_cores=1), [unknown]), Miss)
+
+
+# -- the nearest miss
+
+
+def test_the_reason_names_the_nearest_miss_and_who_cannot_take_jobs() -> None:
+    fleet = [
+        agent("render-01", gpu(0, 8, 3.0)),
+        agent("render-02", gpu(0, 8, 6.1), gpu(1, 8, 2.0)),
+        agent("gone-1", gpu(0, 24, 24), online=False),
+        agent("gone-2", online=False),
+        agent("private", gpu(0, 24, 24), accepts=False),
+    ]
+    missed = place(Requirements(gpus=1, vram_gb=8), fleet)
+    assert missed == Miss(
+        "no online agent that accepts jobs has 1 GPU with 8 GB free: closest is render-02 "
+        "GPU 0 with 6.1 GB; 2 agents offline; 1 does not accept jobs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("want", "reason"),
+    [
+        (
+            Requirements(cpu_cores=4, memory_gb=64),
+            "no online agent that accepts jobs has 4 free cores and 64 GB free memory: "
+            "closest is a (2 free cores, 16.0 GB free memory)",
+        ),
+        (
+            Requirements(gpus=2, vram_gb=4, pool_name="studio"),
+            "no online agent that accepts jobs in pool 'studio' has 2 GPUs with 4 GB free",
+        ),
+    ],
+)
+def test_reasons_say_what_was_asked(want: Requirements, reason: str) -> None:
+    assert place(want, [agent("a", gpu(0, 8, 8), cores=2, memory=16)]) == Miss(reason)
