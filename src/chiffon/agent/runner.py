@@ -1,0 +1,266 @@
+"""One attempt of a job on this desktop: its environment, its process group, its log, its end.
+
+Part of issue 22 (jobs), not yet wired to an orchestrator: docs/jobs.md says what exists.
+
+- The command is an argv list, run without a shell, stdin closed, in a process group of
+  its own (`start_new_session`), as the agent's own user.
+- It sees only its GPUs: `CUDA_VISIBLE_DEVICES` holds their UUIDs (with
+  `CUDA_DEVICE_ORDER=PCI_BUS_ID`), and `NVIDIA_VISIBLE_DEVICES`, `ROCR_VISIBLE_DEVICES`,
+  `HIP_VISIBLE_DEVICES` are set the same way; a job without GPUs sees none.
+- stdout and stderr go through the agent into one log file, cut at `max_log_bytes`
+  (what is cut is counted, never blocks the job).
+- Cancel and timeout send SIGTERM to the group, SIGKILL after `grace_seconds`.
+- While it runs, `<attempt dir>/state.json` names its process (pid and start time, so a
+  reused pid is never taken for it). A restarted agent finds such files and ends those
+  processes (`end_orphans`): no job is left running unsupervised.
+
+Free of pydantic: the agent stays small on the desktop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+Reason = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
+# The environment a job gets beyond what its user gave (docs/jobs.md).
+PASSED_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+READ_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """What the agent was told to run, already verified as the orchestrator's."""
+
+    job_id: str
+    attempt: int
+    command: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    gpu_uuids: Sequence[str] = ()
+    gpu_vendor: str | None = None  # "nvidia", "amd", ... of the GPUs assigned
+    timeout_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How an attempt ended. `exit_code` is None when a signal ended it (`signal`)."""
+
+    reason: Reason
+    exit_code: int | None
+    signal: int | None
+    runtime_seconds: float
+    log_bytes: int
+    log_bytes_dropped: int
+    detail: str = ""
+
+
+def job_environment(
+    a: Assignment, *, inherited: Mapping[str, str], workdir: Path
+) -> dict[str, str]:
+    """The documented set, then what the user gave (which may not override it: the
+    submission's schema refuses those names)."""
+    env = {k: inherited[k] for k in PASSED_THROUGH if k in inherited}
+    visible = ",".join(a.gpu_uuids)
+    env.update(
+        CHIFFON_JOB_ID=a.job_id,
+        CHIFFON_ATTEMPT=str(a.attempt),
+        CHIFFON_JOB_DIR=str(workdir),
+        CHIFFON_GPUS=visible,
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+        CUDA_VISIBLE_DEVICES=visible,
+        NVIDIA_VISIBLE_DEVICES=visible or "void",
+        ROCR_VISIBLE_DEVICES=visible,
+        HIP_VISIBLE_DEVICES=visible,
+    )
+    if not a.gpu_uuids:
+        # an empty CUDA_VISIBLE_DEVICES hides every device; ROCm reads -1 as "none"
+        env.update(ROCR_VISIBLE_DEVICES="-1", HIP_VISIBLE_DEVICES="-1")
+    return {**a.env, **env}
+
+
+class JobRun:
+    """One attempt's process. `start()`, then `wait()` for its `Ended`; `cancel()` at any
+    time (idempotent)."""
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        *,
+        attempt_dir: Path,
+        max_log_bytes: int = 64 * 1024 * 1024,
+        grace_seconds: float = 10.0,
+        inherited_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.assignment = assignment
+        self.attempt_dir = attempt_dir
+        self.log_path = attempt_dir / "output.log"
+        self._max_log_bytes = max_log_bytes
+        self._grace = grace_seconds
+        self._inherited = os.environ if inherited_env is None else inherited_env
+        self._process: asyncio.subprocess.Process | None = None
+        self._ending: Reason | None = None
+        self._started = 0.0
+        self.log_bytes = 0
+        self.log_bytes_dropped = 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    async def start(self) -> None:
+        """Start the process; `OSError` (no such program, a workdir that is not there)
+        is raised to the caller, who reports the attempt refused."""
+        a = self.assignment
+        self.attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        workdir = Path(a.workdir) if a.workdir else self.attempt_dir / "work"
+        if not a.workdir:  # a fresh directory per attempt; a given one must exist
+            workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = job_environment(a, inherited=self._inherited, workdir=workdir)
+        self._started = time.monotonic()
+        self._process = await asyncio.create_subprocess_exec(
+            *a.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,  # its own process group: signals reach all it starts
+        )
+        _write_state(self.attempt_dir, self._process.pid, a)
+
+    async def wait(self) -> Ended:
+        """Copy its output to the log until it ends (or its timeout), then say how."""
+        process = self._process
+        assert process is not None and process.stdout is not None, "start() first"
+        copying = asyncio.create_task(self._copy_output(process.stdout))
+        timeout = self.assignment.timeout_seconds
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            await self._end("timed_out")
+        await process.wait()
+        # What it started and left behind ends with it (and lets go of the output pipe).
+        _signal_group(process.pid, signal.SIGKILL)
+        await copying
+        (self.attempt_dir / "state.json").unlink(missing_ok=True)
+        return self._ended(process.returncode)
+
+    async def cancel(self) -> None:
+        await self._end("cancelled")
+
+    async def _end(self, why: Reason) -> None:
+        """SIGTERM to the group, SIGKILL after the grace period."""
+        process = self._process
+        if process is None or process.returncode is not None or self._ending is not None:
+            return
+        self._ending = why
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), self._grace)
+        except TimeoutError:
+            _signal_group(process.pid, signal.SIGKILL)
+
+    async def _copy_output(self, stream: asyncio.StreamReader) -> None:
+        with self.log_path.open("ab") as out:
+            while chunk := await stream.read(READ_CHUNK_BYTES):
+                room = max(0, self._max_log_bytes - self.log_bytes)
+                out.write(chunk[:room])
+                out.flush()
+                self.log_bytes += min(room, len(chunk))
+                self.log_bytes_dropped += max(0, len(chunk) - room)
+
+    def _ended(self, returncode: int | None) -> Ended:
+        code = 0 if returncode is None else returncode
+        dropped = self.log_bytes_dropped
+        return Ended(
+            reason=self._ending or "exit",
+            exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
+            runtime_seconds=round(time.monotonic() - self._started, 3),
+            log_bytes=self.log_bytes,
+            log_bytes_dropped=dropped,
+            detail=f"log cut at {self._max_log_bytes} bytes, {dropped} dropped" if dropped else "",
+        )
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _write_state(attempt_dir: Path, pid: int, a: Assignment) -> None:
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:  # it ended already: nothing to find after a restart
+        return
+    state = {"job_id": a.job_id, "attempt": a.attempt, "pid": pid, "create_time": started}
+    path = attempt_dir / "state.json"
+    path.write_text(json.dumps(state))
+    path.chmod(0o600)
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A job process a previous run of the agent left behind, and what became of it."""
+
+    job_id: str
+    attempt: int
+    pid: int
+    was_running: bool
+
+
+def end_orphans(jobs_dir: Path, *, grace_seconds: float = 10.0) -> list[Orphan]:
+    """End every job process a previous run of this agent left (after a SIGKILL or a
+    crash), each group SIGTERMed then SIGKILLed after `grace_seconds`, and say which.
+
+    A process is ours only if its pid *and* its start time match the state file: a pid
+    the system reused for something else is never signalled.
+    """
+    found = []
+    for state_file in sorted(jobs_dir.glob("*/state.json")):
+        try:
+            state = json.loads(state_file.read_text())
+            job_id, attempt = str(state["job_id"]), int(state["attempt"])
+            pid, started = int(state["pid"]), float(state["create_time"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable job state %s: %s", state_file, exc)
+            state_file.unlink(missing_ok=True)
+            continue
+        running = _is_same_process(pid, started)
+        if running:
+            _end_group(pid, grace_seconds)
+        state_file.unlink(missing_ok=True)
+        found.append(Orphan(job_id, attempt, pid, running))
+    return found
+
+
+def _is_same_process(pid: int, create_time: float) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False
+
+
+def _end_group(pid: int, grace_seconds: float) -> None:
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and psutil.pid_exists(pid):
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        time.sleep(0.05)
+    _signal_group(pid, signal.SIGKILL)

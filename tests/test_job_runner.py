@@ -1,0 +1,130 @@
+"""The agent's job runner with real processes: environment, exit, timeout, cancel, output
+bound, and the jobs a killed agent left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chiffon.agent.runner import Assignment, JobRun, end_orphans
+
+PY = sys.executable
+
+
+def job(*command: str, **kwargs: object) -> Assignment:
+    return Assignment(job_id="job-1", attempt=1, command=command, **kwargs)  # type: ignore[arg-type]
+
+
+async def run(tmp_path: Path, a: Assignment, **kwargs: object) -> tuple[JobRun, object]:
+    runner = JobRun(a, attempt_dir=tmp_path / "jobs" / f"{a.job_id}-{a.attempt}", **kwargs)  # type: ignore[arg-type]
+    await runner.start()
+    return runner, await asyncio.wait_for(runner.wait(), 30)
+
+
+PRINT_ENV = (
+    "import json, os, sys; print(json.dumps(dict(os.environ))); print(repr(sys.stdin.read()))"
+)
+
+
+async def test_a_job_sees_only_its_gpus_and_the_documented_environment(tmp_path: Path) -> None:
+    inherited = {"PATH": os.environ["PATH"], "HOME": "/home/owner", "CHIFFON_ENROLL_TOKEN": "s3"}
+    a = job(PY, "-c", PRINT_ENV, env={"EPOCHS": "3"}, gpu_uuids=("GPU-aa", "GPU-bb"))
+    runner, ended = await run(tmp_path, a, inherited_env=inherited)
+    env_line, stdin_line = runner.log_path.read_text().splitlines()
+    env = json.loads(env_line)
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aa,GPU-bb"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == env["ROCR_VISIBLE_DEVICES"] == "GPU-aa,GPU-bb"
+    assert (env["CHIFFON_JOB_ID"], env["CHIFFON_ATTEMPT"], env["EPOCHS"]) == ("job-1", "1", "3")
+    assert env["HOME"] == "/home/owner" and "CHIFFON_ENROLL_TOKEN" not in env  # no secrets
+    assert env["CHIFFON_JOB_DIR"] == str(runner.attempt_dir / "work")
+    assert stdin_line == "''"  # stdin closed
+    assert ended.reason == "exit" and ended.exit_code == 0  # type: ignore[attr-defined]
+
+
+async def test_a_job_without_gpus_sees_none(tmp_path: Path) -> None:
+    runner, _ = await run(tmp_path, job(PY, "-c", PRINT_ENV))
+    env = json.loads(runner.log_path.read_text().splitlines()[0])
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert env["ROCR_VISIBLE_DEVICES"] == env["HIP_VISIBLE_DEVICES"] == "-1"
+
+
+async def test_exit_codes_are_reported_as_they_are(tmp_path: Path) -> None:
+    _, ended = await run(tmp_path, job("sh", "-c", "echo failing >&2; exit 3"))
+    assert (ended.reason, ended.exit_code, ended.signal) == ("exit", 3, None)  # type: ignore[attr-defined]
+
+
+async def test_a_timeout_ends_the_whole_group(tmp_path: Path) -> None:
+    started = time.monotonic()
+    runner, ended = await run(
+        tmp_path, job("sh", "-c", "sleep 60 & echo $! > child; wait", timeout_seconds=0.5)
+    )
+    assert (ended.reason, ended.signal) == ("timed_out", signal.SIGTERM)  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 10
+    child = int((runner.attempt_dir / "work" / "child").read_text())
+    assert not _alive(child)  # the job's own child went with it
+
+
+async def test_cancel_sends_sigterm_then_sigkill_after_the_grace_period(tmp_path: Path) -> None:
+    a = job("sh", "-c", "trap '' TERM; echo ready; sleep 60")
+    runner = JobRun(a, attempt_dir=tmp_path / "a", grace_seconds=0.5)
+    await runner.start()
+    waiting = asyncio.create_task(runner.wait())
+    await _until(lambda: runner.log_path.exists() and b"ready" in runner.log_path.read_bytes())
+    await asyncio.gather(runner.cancel(), runner.cancel())  # idempotent
+    ended = await asyncio.wait_for(waiting, 10)
+    assert (ended.reason, ended.signal) == ("cancelled", signal.SIGKILL)
+
+
+async def test_output_past_the_bound_is_dropped_and_counted_never_blocking(tmp_path: Path) -> None:
+    a = job(PY, "-c", "import sys; sys.stdout.write('x' * 3_000_000); print('end')")
+    runner, ended = await run(tmp_path, a, max_log_bytes=1000)
+    assert runner.log_path.stat().st_size == 1000
+    kept, dropped = ended.log_bytes, ended.log_bytes_dropped  # type: ignore[attr-defined]
+    assert (ended.exit_code, kept, kept + dropped) == (0, 1000, 3_000_004)  # type: ignore[attr-defined]
+    assert "dropped" in ended.detail  # type: ignore[attr-defined]
+
+
+async def test_a_program_that_does_not_exist_is_an_error_at_start(tmp_path: Path) -> None:
+    runner = JobRun(job("/no/such/program"), attempt_dir=tmp_path / "a")
+    with pytest.raises(FileNotFoundError):
+        await runner.start()
+
+
+async def test_a_restarted_agent_ends_the_jobs_it_left_and_only_those(tmp_path: Path) -> None:
+    jobs_dir = tmp_path / "jobs"
+    left = JobRun(job("sleep", "60"), attempt_dir=jobs_dir / "job-1-1")
+    await left.start()  # the agent "dies" here: nobody waits on it
+    assert left.pid is not None and _alive(left.pid)
+    # a state file naming a pid that now belongs to someone else (this test process)
+    stale = jobs_dir / "job-2-1"
+    stale.mkdir()
+    (stale / "state.json").write_text(
+        json.dumps({"job_id": "job-2", "attempt": 1, "pid": os.getpid(), "create_time": 1.0})
+    )
+    orphans = await asyncio.to_thread(end_orphans, jobs_dir, grace_seconds=2)
+    assert {(o.job_id, o.was_running) for o in orphans} == {("job-1", True), ("job-2", False)}
+    await _until(lambda: not _alive(left.pid))  # type: ignore[arg-type]
+    assert list(jobs_dir.glob("*/state.json")) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def _until(check: object, within_seconds: float = 10) -> None:
+    deadline = time.monotonic() + within_seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
