@@ -144,6 +144,7 @@ class Outgoing:
     specializations: list[str]
     resources: Snapshot | None
     agent_type: str = "desktop"
+    accepts_jobs: bool = False
 
     def __post_init__(self) -> None:
         if self.sent_at.tzinfo is None:
@@ -173,5 +174,6 @@ class Outgoing:
             "capabilities": self.capabilities,
             "specializations": self.specializations,
             "resources": None if self.resources is None else self.resources.as_json(),
+            "accepts_jobs": self.accepts_jobs,
         }
         return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()

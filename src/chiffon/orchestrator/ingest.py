@@ -85,6 +85,7 @@ def _heartbeat_row(item: Received) -> dict[str, Any]:
         "capabilities": list(msg.capabilities),
         "specializations": list(msg.specializations),
         "status": "online",
+        "accepts_jobs": msg.accepts_jobs,
         "last_heartbeat_at": item.received_at,
         "created_at": item.received_at,
         "updated_at": item.received_at,

@@ -154,6 +154,22 @@ def _fit(want: Requirements, c: Candidate, policy: Policy) -> Placement | None:
     return Placement(c.agent_id, tuple(g.uuid for g in chosen), score)
 
 
+def still_fits(want: Requirements, c: Candidate, gpu_uuids: Sequence[str]) -> bool:
+    """Whether `c`, read again under its lock, can still take `want` on those GPUs."""
+    by_id = {g.uuid: g for g in c.gpus}
+    chosen = [by_id.get(uuid) for uuid in gpu_uuids]
+    if len(chosen) != want.gpus or any(g is None or not _usable(want, g) for g in chosen):
+        return False
+    return _eligible(want, c) and _host_fits(want, c)
+
+
+def closest(want: Requirements, candidates: Sequence[Candidate]) -> Candidate | None:
+    """The eligible agent that misses `want` by the least (summed shortfalls, each as a
+    fraction of what was asked); None when no agent is eligible at all."""
+    eligible = [c for c in candidates if _eligible(want, c)]
+    return min(eligible, key=lambda c: (_shortfall(want, c), c.name), default=None)
+
+
 def _host_fits(want: Requirements, c: Candidate) -> bool:
     cores, memory = c.cpu_cores_available, c.memory_available_gb
     if want.cpu_cores > 0 and (cores is None or cores < want.cpu_cores):
@@ -166,9 +182,8 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
     GPU 0 with 6.1 GB; 2 agents offline; 1 does not accept jobs"."""
     offline = sum(1 for c in candidates if not c.online)
     refusing = sum(1 for c in candidates if c.online and not c.accepts_jobs)
-    eligible = [c for c in candidates if _eligible(want, c)]
     parts = [f"no online agent that accepts jobs{_where(want)} has {_asked(want)}"]
-    if (near := _nearest(want, eligible)) is not None:
+    if (near := _nearest(want, closest(want, candidates))) is not None:
         parts[0] += f": closest is {near}"
     if offline:
         parts.append(f"{offline} agent{'s' if offline != 1 else ''} offline")
@@ -197,12 +212,11 @@ def _asked(want: Requirements) -> str:
     return " and ".join(asked) or "room"
 
 
-def _nearest(want: Requirements, eligible: Sequence[Candidate]) -> str | None:
-    """The eligible agent missing the least (summed shortfalls as fractions), said with
-    its best GPU when GPUs were asked for, else with what it lacks."""
-    if not eligible:
+def _nearest(want: Requirements, best: Candidate | None) -> str | None:
+    """The closest agent, said with its best GPU when GPUs were asked for, else with what
+    it lacks."""
+    if best is None:
         return None
-    best = min(eligible, key=lambda c: (_shortfall(want, c), c.name))
     if want.gpus:
         gpus = sorted(
             (g for g in best.gpus if want.gpu_vendor in (None, g.vendor)),

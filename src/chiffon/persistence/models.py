@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     Uuid,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -123,6 +125,8 @@ class AgentRow(_RegistryMetrics, Base):  # type: ignore[misc]
     capabilities: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
     specializations: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
     status: Mapped[str] = mapped_column(String(16))
+    # Its owner lets it run jobs (heartbeat's `accepts_jobs`); only such agents get any.
+    accepts_jobs: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_heartbeat_at: Mapped[datetime | None]
     resource_metrics: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
@@ -193,3 +197,80 @@ class AgentCredentialRow(Base):
     created_at: Mapped[datetime]
     # Set by a revocation: the id is banned (refused, cannot enroll) until it is lifted.
     revoked_at: Mapped[datetime | None]
+
+
+class JobRow(Base):
+    """A submitted job. `state` moves only along `schemas.jobs.MOVES`; `attempt` is the
+    current attempt's number, the fencing token every order and report carries."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # The scheduler's hot path: the queue in submission order.
+        Index("ix_jobs_state_submitted", "state", "submitted_at"),
+        Index("ix_jobs_agent_state", "agent_id", "state"),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(1000), default="")
+    # The submission as validated (schemas.jobs.JobSubmit): command, env, requirements...
+    spec: Mapped[dict[str, Any]]
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    submitted_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+
+
+class JobAttemptRow(Base):
+    """One placement of a job on one agent, from assignment to its end."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (Index("ix_job_attempts_agent_state", "agent_id", "state"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    state: Mapped[str] = mapped_column(String(16))  # a job state, for this attempt
+    gpu_uuids: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
+    assigned_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    signal: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(1000), default="")
+
+
+class JobClaimRow(Base):
+    """What a live attempt holds on its agent: one row for the host (cores, memory) and
+    one per GPU (VRAM, by the GPU's id). Deleted when the attempt ends: the table holds
+    exactly the claims placement must respect."""
+
+    __tablename__ = "job_claims"
+    __table_args__ = (Index("ix_job_claims_agent", "agent_id"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource: Mapped[str] = mapped_column(String(160), primary_key=True)  # "host", "gpu:<id>"
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    vram_gb: Mapped[float | None] = mapped_column(Float)
+    cpu_cores: Mapped[float | None] = mapped_column(Float)
+    memory_gb: Mapped[float | None] = mapped_column(Float)
+    used_gb: Mapped[float | None] = mapped_column(Float)  # VRAM its processes were seen using
+
+
+class JobEventRow(Base):
+    """One change of a job's state, with why."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_at", "job_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    at: Mapped[datetime]
+    attempt: Mapped[int] = mapped_column(Integer)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(1000))

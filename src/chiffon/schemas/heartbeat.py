@@ -131,6 +131,8 @@ class AgentMessage(_Strict):
     capabilities: Annotated[list[Tag], Field(max_length=64)] = []
     specializations: Annotated[list[Tag], Field(max_length=64)] = []
     resources: Resources | None = None
+    # Its owner lets it run jobs (docs/jobs.md); absent (older agents): it does not.
+    accepts_jobs: bool = False
 
     @model_validator(mode="after")
     def _heartbeat_has_resources(self) -> Self:

@@ -1,0 +1,209 @@
+"""The scheduler's pass: place queued jobs, claims written in the transaction that decides.
+
+Part of issue 22 (jobs); nothing submits jobs yet, and no loop runs this (docs/jobs.md).
+
+One pass:
+
+1. read the oldest queued jobs' ids, every agent and every live claim once (placement's
+   `Candidate`s);
+2. for each job in submission order, one short transaction: lock the job if it is still
+   queued (`SKIP LOCKED` on PostgreSQL: another orchestrator placing it is skipped, never
+   waited for), choose with `placement.place`, lock the chosen agent's registry row, read
+   that agent and its claims again (what another orchestrator committed meanwhile
+   included) and write the claims only if the job still fits there
+   (`placement.still_fits`); otherwise choose again, up to three times.
+
+Two placements on one agent are thus decided one after the other: row locks, not
+serializable transactions, because the conflict is always on one known row and a lock
+costs a short wait where a serialization failure costs a retry. A transaction holds one
+job and one agent at a time, so two orchestrators cannot deadlock, and ingest's batches
+(which lock agents in id order) wait at most one placement.
+
+A job that does not fit keeps waiting with the reason naming the nearest miss, and later,
+smaller jobs may pass it (backfill). So that a large job is not passed forever, the oldest
+job that has waited `starvation_seconds` reserves the agent closest to fitting it: no
+later job is placed there in that pass, so what frees up there is left for it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chiffon.orchestrator.placement import (
+    Candidate,
+    Claim,
+    GpuLedger,
+    Miss,
+    Placement,
+    Requirements,
+    closest,
+    place,
+    still_fits,
+    why_not,
+)
+from chiffon.persistence import jobs as repo
+from chiffon.persistence.models import JobClaimRow, JobRow
+
+RETRIES_PER_JOB = 3
+
+
+@dataclass
+class PassResult:
+    placed: dict[uuid.UUID, Placement] = field(default_factory=dict)
+    waiting: dict[uuid.UUID, str] = field(default_factory=dict)  # job -> why
+
+
+def requirements(spec: dict[str, Any]) -> Requirements:
+    r = spec.get("requirements", {})
+    return Requirements(
+        gpus=int(r.get("gpus", 0)),
+        vram_gb=float(r.get("vram_gb", 0.0)),
+        cpu_cores=float(r.get("cpu_cores", 0.0)),
+        memory_gb=float(r.get("memory_gb", 0.0)),
+        pool_name=r.get("pool"),
+        labels=dict(r.get("labels", {})),
+        gpu_vendor=r.get("gpu_vendor"),
+    )
+
+
+def gpu_id(gpu: dict[str, Any]) -> str:
+    """A GPU's id for claims and CUDA_VISIBLE_DEVICES: its UUID, else its index."""
+    return str(gpu.get("uuid") or f"index-{gpu.get('index')}")
+
+
+def candidate(row: Row[Any], claims: Sequence[JobClaimRow]) -> Candidate:
+    """An agent's registry row and live claims as placement sees them: cores and memory
+    net of the host claims, each GPU's ledger with its claims."""
+    metrics: dict[str, Any] = row.resource_metrics or {}
+    host = [c for c in claims if c.resource == repo.HOST]
+    cores_claimed = sum(c.cpu_cores or 0.0 for c in host)
+    memory_claimed = sum(c.memory_gb or 0.0 for c in host)
+    cores = _net(row.cpu_cores_available, row.cpu_cores_physical, cores_claimed)
+    memory = _net(row.memory_available_gb, metrics.get("memory_total_gb"), memory_claimed)
+    by_gpu: dict[str, list[Claim]] = {}
+    for c in claims:
+        if c.resource != repo.HOST and c.vram_gb is not None:
+            by_gpu.setdefault(c.resource, []).append(Claim(c.vram_gb, c.used_gb))
+    return Candidate(
+        agent_id=str(row.agent_id),
+        name=row.name,
+        online=row.status == "online",
+        accepts_jobs=bool(row.accepts_jobs),
+        pool_name=row.pool_name,
+        labels=row.labels or {},
+        cpu_cores_available=cores,
+        memory_available_gb=memory,
+        gpus=tuple(_ledger(g, by_gpu.get(repo.gpu_resource(gpu_id(g)), [])) for g in
+                   metrics.get("gpus", [])),
+    )  # fmt: skip
+
+
+def _net(available: float | None, total: float | None, claimed: float) -> float | None:
+    """What is free and not promised: the lower of what the agent sees free and what its
+    total leaves after the claims (a job's own use is in `available` already)."""
+    if available is None or total is None:
+        return None
+    return max(0.0, min(float(available), float(total) - claimed))
+
+
+def _ledger(gpu: dict[str, Any], claims: list[Claim]) -> GpuLedger:
+    reported = gpu.get("jobs_vram_used_gb")
+    # No claim on it: no job of ours can hold memory there. Claims but no per-process
+    # numbers: unknown, and the rule counts on the safe side.
+    jobs_used = reported if reported is not None else (None if claims else 0.0)
+    return GpuLedger(
+        uuid=gpu_id(gpu),
+        index=int(gpu.get("index", 0)),
+        vendor=str(gpu.get("vendor", "other")),
+        total_gb=gpu.get("vram_total_gb"),
+        free_gb=gpu.get("vram_free_gb"),
+        jobs_used_gb=jobs_used,
+        claims=tuple(claims),
+    )
+
+
+async def schedule_once(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    now: datetime,
+    limit: int = 200,
+    starvation_seconds: float = 300,
+) -> PassResult:
+    """One pass over the queue: each job placed (or its reason kept) in its own commit."""
+    result = PassResult()
+    async with sessions() as session:
+        queued = await repo.queued_ids(session, limit=limit)
+        if not queued:
+            return result
+        claims = await repo.claims_by_agent(session)
+        candidates = {
+            row.agent_id: candidate(row, claims.get(row.agent_id, []))
+            for row in await repo.agent_rows(session)
+        }
+    reserved: set[str] = set()
+    for job_id in queued:
+        async with sessions.begin() as session:
+            job = await repo.take_queued(session, job_id=job_id)
+            if job is None:  # placed, cancelled, or being placed by another orchestrator
+                continue
+            want = requirements(job.spec)
+            placed = await _place_one(session, job, want, candidates, reserved, now)
+            if placed is not None:
+                result.placed[job_id] = placed
+                continue
+            reason = why_not(want, list(candidates.values()))
+            result.waiting[job_id] = reason
+            if job.reason != reason:
+                job.reason, job.updated_at = reason, now
+            waited = (now - job.submitted_at).total_seconds()
+        if not reserved and waited >= starvation_seconds:
+            nearest = closest(want, list(candidates.values()))
+            if nearest is not None:
+                reserved.add(nearest.agent_id)
+    return result
+
+
+async def _place_one(
+    session: AsyncSession,
+    job: JobRow,
+    want: Requirements,
+    candidates: dict[uuid.UUID, Candidate],
+    reserved: set[str],
+    now: datetime,
+) -> Placement | None:
+    policy = job.spec.get("policy", "best_fit")
+    for _ in range(RETRIES_PER_JOB):
+        pool = [c for c in candidates.values() if c.agent_id not in reserved]
+        choice = place(want, pool, policy)
+        if isinstance(choice, Miss):
+            return None
+        agent_id = uuid.UUID(choice.agent_id)
+        await repo.lock_agent(session, agent_id=agent_id)
+        fresh = await _read_again(session, agent_id)
+        if fresh is not None and still_fits(want, fresh, choice.gpu_uuids):
+            gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
+            repo.assign(session, job=job, agent_id=agent_id, gpus=gpus,
+                        cpu_cores=want.cpu_cores, memory_gb=want.memory_gb, now=now)  # fmt: skip
+            fresh = await _read_again(session, agent_id)  # with the claims just written
+        if fresh is None:
+            candidates.pop(agent_id, None)
+        else:
+            candidates[agent_id] = fresh
+        if job.state == "assigned":
+            return choice
+    return None
+
+
+async def _read_again(session: AsyncSession, agent_id: uuid.UUID) -> Candidate | None:
+    rows = await repo.agent_rows(session, agent_ids=[agent_id])
+    if not rows:
+        return None
+    claims = await repo.claims_by_agent(session, agent_ids=[agent_id])
+    return candidate(rows[0], claims.get(agent_id, []))

@@ -1,0 +1,159 @@
+"""Repository functions over jobs, attempts and claims. Keyword-only, the session passed in.
+
+Part of issue 22 (jobs), used by `orchestrator.scheduler`; nothing submits jobs yet.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chiffon.persistence.models import (
+    AgentRow,
+    JobAttemptRow,
+    JobClaimRow,
+    JobEventRow,
+    JobRow,
+)
+from chiffon.schemas.jobs import check_move
+
+HOST = "host"
+
+
+def gpu_resource(gpu_id: str) -> str:
+    return f"gpu:{gpu_id}"
+
+
+def _postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+async def add_job(
+    session: AsyncSession,
+    *,
+    job_id: uuid.UUID,
+    name: str | None,
+    spec: dict[str, Any],
+    now: datetime,
+) -> JobRow:
+    job = JobRow(
+        job_id=job_id, name=name, state="queued", reason="", spec=spec, attempt=0,
+        submitted_at=now, updated_at=now,
+    )  # fmt: skip
+    session.add(job)
+    session.add(JobEventRow(job_id=job_id, at=now, attempt=0, from_state=None,
+                            to_state="queued", reason="submitted"))  # fmt: skip
+    return job
+
+
+async def queued_ids(session: AsyncSession, *, limit: int) -> Sequence[uuid.UUID]:
+    """The oldest queued jobs' ids, in submission order (nothing locked)."""
+    stmt = (
+        select(JobRow.job_id)
+        .where(JobRow.state == "queued")
+        .order_by(JobRow.submitted_at, JobRow.job_id)
+        .limit(limit)
+    )
+    return (await session.scalars(stmt)).all()
+
+
+async def take_queued(session: AsyncSession, *, job_id: uuid.UUID) -> JobRow | None:
+    """The job, locked until commit, if it is still queued; None when it is not, or when
+    another orchestrator holds it now (PostgreSQL's SKIP LOCKED: it is placing it)."""
+    stmt = select(JobRow).where(JobRow.job_id == job_id, JobRow.state == "queued")
+    if _postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    return (await session.scalars(stmt)).one_or_none()
+
+
+_CANDIDATE_COLUMNS = (
+    AgentRow.agent_id,
+    AgentRow.name,
+    AgentRow.status,
+    AgentRow.accepts_jobs,
+    AgentRow.pool_name,
+    AgentRow.labels,
+    AgentRow.cpu_cores_available,
+    AgentRow.cpu_cores_physical,
+    AgentRow.memory_available_gb,
+    AgentRow.resource_metrics,
+)
+
+
+async def agent_rows(
+    session: AsyncSession, *, agent_ids: Sequence[uuid.UUID] | None = None
+) -> Sequence[Row[Any]]:
+    """Every agent as placement needs it (offline ones too: the reason counts them)."""
+    stmt = select(*_CANDIDATE_COLUMNS)
+    if agent_ids is not None:
+        stmt = stmt.where(AgentRow.agent_id.in_(agent_ids))
+    return (await session.execute(stmt)).all()
+
+
+async def lock_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> None:
+    """Hold the agent's registry row until commit (PostgreSQL): whoever claims on an agent
+    holds this lock, so two placements on one agent are decided one after the other, each
+    reading the claims the other committed. SQLite has one writer at a time anyway."""
+    if _postgres(session):
+        await session.execute(
+            select(AgentRow.agent_id).where(AgentRow.agent_id == agent_id).with_for_update()
+        )
+
+
+async def claims_by_agent(
+    session: AsyncSession, *, agent_ids: Sequence[uuid.UUID] | None = None
+) -> dict[uuid.UUID, list[JobClaimRow]]:
+    stmt = select(JobClaimRow)
+    if agent_ids is not None:
+        stmt = stmt.where(JobClaimRow.agent_id.in_(agent_ids))
+    found: dict[uuid.UUID, list[JobClaimRow]] = defaultdict(list)
+    for claim in (await session.scalars(stmt)).all():
+        found[claim.agent_id].append(claim)
+    return dict(found)
+
+
+def move(job: JobRow, to_state: str, *, reason: str, now: datetime) -> JobEventRow:
+    """Change a job's state along the table; the event to add beside it."""
+    check_move(job.state, to_state)
+    event = JobEventRow(job_id=job.job_id, at=now, attempt=job.attempt, from_state=job.state,
+                        to_state=to_state, reason=reason)  # fmt: skip
+    job.state, job.reason, job.updated_at = to_state, reason, now
+    return event
+
+
+def assign(
+    session: AsyncSession,
+    *,
+    job: JobRow,
+    agent_id: uuid.UUID,
+    gpus: Sequence[tuple[str, float]],
+    cpu_cores: float,
+    memory_gb: float,
+    now: datetime,
+) -> None:
+    """Place `job` on `agent_id` as its next attempt, claiming `gpus` ((id, GB) each),
+    cores and memory there: written in the caller's transaction, after `lock_agent`."""
+    job.attempt += 1
+    job.agent_id = agent_id
+    session.add(move(job, "assigned", reason=f"placed on {agent_id}", now=now))
+    session.add(
+        JobAttemptRow(
+            job_id=job.job_id, attempt=job.attempt, agent_id=agent_id, state="assigned",
+            gpu_uuids=[gpu for gpu, _ in gpus], assigned_at=now, reason="",
+        )
+    )  # fmt: skip
+    session.add(
+        JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=HOST, agent_id=agent_id,
+                    cpu_cores=cpu_cores, memory_gb=memory_gb)
+    )  # fmt: skip
+    for gpu, vram_gb in gpus:
+        session.add(
+            JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=gpu_resource(gpu),
+                        agent_id=agent_id, vram_gb=vram_gb)
+        )  # fmt: skip

@@ -1,0 +1,184 @@
+"""The scheduler's pass on both engines: claims written where the job is placed, free
+capacity net of claims, the reason a job waits, backfill and the starvation guard, and no
+double-booking between two orchestrators on one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.scheduler import PassResult, schedule_once
+from chiffon.orchestrator.service import Orchestrator
+from chiffon.persistence import jobs as repo
+from chiffon.persistence.models import JobClaimRow, JobEventRow, JobRow
+from chiffon.schemas.jobs import JobSubmit
+from tests import factories as f
+
+
+async def desktop(
+    orch: Orchestrator, name: str, *gpus: tuple[float, float], accepts: bool = True,
+    cores: int = 8, pool: str = "desktop_pool_1",
+) -> uuid.UUID:  # fmt: skip
+    """An online agent with GPUs (free, total GB) named `GPU-<name>-<i>`."""
+    agent = uuid.uuid4()
+    res = f.resources(gpus_free_total=list(gpus), cores_physical=cores, load_1min=0.0)
+    named = [g.model_copy(update={"uuid": f"GPU-{name}-{g.index}"}) for g in res.gpus]
+    msg = f.message(agent, name=name, pool_name=pool, res=res.model_copy(update={"gpus": named}))
+    assert await orch.receive(msg.model_copy(update={"accepts_jobs": accepts})) == "applied"
+    return agent
+
+
+async def submit(orch: Orchestrator, clock: ManualClock, **requirements: object) -> uuid.UUID:
+    spec = JobSubmit.model_validate({"command": ["true"], "requirements": requirements})
+    job_id = uuid.uuid4()
+    async with orch.sessions.begin() as s:
+        await repo.add_job(s, job_id=job_id, name=None, spec=spec.model_dump(), now=clock.now())
+    clock.advance(0.001)  # submission order is time order
+    return job_id
+
+
+async def one_pass(orch: Orchestrator, clock: ManualClock, **kwargs: object) -> PassResult:
+    return await schedule_once(orch.sessions, now=clock.now(), **kwargs)  # type: ignore[arg-type]
+
+
+async def claims(orch: Orchestrator) -> dict[str, float]:
+    """VRAM claimed per GPU."""
+    async with orch.sessions() as s:
+        rows = (await s.scalars(select(JobClaimRow))).all()
+    total: dict[str, float] = defaultdict(float)
+    for c in rows:
+        if c.vram_gb is not None:
+            total[c.resource] += c.vram_gb
+    return dict(total)
+
+
+async def job(orch: Orchestrator, job_id: uuid.UUID) -> JobRow:
+    async with orch.sessions() as s:
+        row = await s.get(JobRow, job_id)
+    assert row is not None
+    return row
+
+
+async def test_a_job_is_placed_best_fit_and_its_claim_is_written_with_it(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    big = await desktop(orchestrator, "big", (48.0, 48.0))
+    await desktop(orchestrator, "small", (12.0, 12.0))
+    await desktop(orchestrator, "private", (12.0, 12.0), accepts=False)
+    first = await submit(orchestrator, clock, gpus=1, vram_gb=8, cpu_cores=2)
+    second = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    result = await one_pass(orchestrator, clock)
+    # the tight GPU for the first; the second no longer fits there (4 GB left): the big one
+    assert [p.gpu_uuids for p in result.placed.values()] == [("GPU-small-0",), ("GPU-big-0",)]
+    assert await claims(orchestrator) == {"gpu:GPU-small-0": 8.0, "gpu:GPU-big-0": 8.0}
+    placed = await job(orchestrator, second)
+    assert (placed.state, placed.attempt, placed.agent_id) == ("assigned", 1, big)
+    async with orchestrator.sessions() as s:
+        events = (await s.scalars(select(JobEventRow).where(JobEventRow.job_id == first))).all()
+    assert [(e.from_state, e.to_state) for e in events] == [
+        (None, "queued"),
+        ("queued", "assigned"),
+    ]
+
+
+async def test_a_job_that_does_not_fit_waits_with_the_nearest_miss_then_is_placed(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "render-02", (6.1, 8.0))
+    waiting = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    result = await one_pass(orchestrator, clock)
+    assert result.waiting[waiting] == (
+        "no online agent that accepts jobs has 1 GPU with 8 GB free: "
+        "closest is render-02 GPU 0 with 6.1 GB"
+    )
+    assert (await job(orchestrator, waiting)).reason == result.waiting[waiting]
+    # the game on that GPU quits: the next heartbeat shows the memory free
+    res = f.resources(gpus_free_total=[(8.0, 8.0)], load_1min=0.0)
+    named = [g.model_copy(update={"uuid": "GPU-render-02-0"}) for g in res.gpus]
+    beat = f.message(agent, name="render-02", res=res.model_copy(update={"gpus": named}))
+    await orchestrator.receive(beat.model_copy(update={"accepts_jobs": True}))
+    assert waiting in (await one_pass(orchestrator, clock)).placed
+
+
+async def test_claims_count_until_the_attempt_ends(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "one", (24.0, 24.0))
+    ids = [await submit(orchestrator, clock, gpus=1, vram_gb=10) for _ in range(3)]
+    assert list((await one_pass(orchestrator, clock)).placed) == ids[:2]  # 20 of 24 GB
+    async with orchestrator.sessions.begin() as s:  # the first attempt ends: claims go
+        await s.execute(delete(JobClaimRow).where(JobClaimRow.job_id == ids[0]))
+    assert list((await one_pass(orchestrator, clock)).placed) == [ids[2]]
+
+
+async def test_small_jobs_pass_a_blocked_one_until_it_has_waited_too_long(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "a", (10.0, 24.0))  # 14 GB held by something else
+    large = await submit(orchestrator, clock, gpus=1, vram_gb=20)
+    small = await submit(orchestrator, clock, gpus=1, vram_gb=2)
+    result = await one_pass(orchestrator, clock, starvation_seconds=300)
+    assert small in result.placed and large in result.waiting  # backfill
+    clock.advance(301)
+    later = await submit(orchestrator, clock, gpus=1, vram_gb=2)
+    result = await one_pass(orchestrator, clock, starvation_seconds=300)
+    assert large in result.waiting and later in result.waiting  # a reserves for the large
+    assert "no online agent" in result.waiting[later]
+
+
+async def test_nothing_is_placed_on_agents_offline_or_not_accepting_jobs(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "private", (24.0, 24.0), accepts=False)
+    gone = await desktop(orchestrator, "gone", (24.0, 24.0))
+    await orchestrator.receive(f.message(gone, kind="offline"))
+    waiting = await submit(orchestrator, clock, gpus=1, vram_gb=1)
+    result = await one_pass(orchestrator, clock)
+    assert result.waiting[waiting] == (
+        "no online agent that accepts jobs has 1 GPU with 1 GB free; "
+        "1 agent offline; 1 does not accept jobs"
+    )
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_orchestrators_never_claim_the_same_gpu_memory_twice(
+    orchestrator: Orchestrator, clock: ManualClock, database_url: str
+) -> None:
+    """200 jobs at once, two schedulers on their own engines passing concurrently over
+    three agents with two 24 GB GPUs each: 6 jobs of 4 GB fit on each GPU, 36 in all."""
+    for name in ("a", "b", "c"):
+        await desktop(orchestrator, name, (24.0, 24.0), (24.0, 24.0), cores=64)
+    ids = [await submit(orchestrator, clock, gpus=1, vram_gb=4) for _ in range(200)]
+    engines = [create_async_engine(database_url) for _ in range(2)]
+    makers = [async_sessionmaker(e, expire_on_commit=False) for e in engines]
+
+    async def passes(sessions: async_sessionmaker) -> None:  # type: ignore[type-arg]
+        for _ in range(6):
+            await schedule_once(sessions, now=clock.now(), limit=40)
+
+    try:
+        await asyncio.gather(*(passes(m) for m in makers))
+    finally:
+        for e in engines:
+            await e.dispose()
+    per_gpu = await claims(orchestrator)
+    assert len(per_gpu) == 6 and all(gb <= 24.0 for gb in per_gpu.values()), per_gpu
+    states = [(await job(orchestrator, i)) for i in ids]
+    assigned = [j for j in states if j.state == "assigned"]
+    assert len(assigned) == 36 and all(j.attempt == 1 for j in assigned)  # each once
+    assert sum(per_gpu.values()) == 36 * 4.0
+
+
+async def test_a_pass_with_nothing_queued_reads_nothing_else(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "a", (24.0, 24.0))
+    assert await one_pass(orchestrator, clock) == PassResult()
+    clock.advance(timedelta(seconds=1).total_seconds())
