@@ -20,19 +20,7 @@ from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import JobClaimRow, JobEventRow, JobRow
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
-
-
-async def desktop(
-    orch: Orchestrator, name: str, *gpus: tuple[float, float], accepts: bool = True,
-    cores: int = 8, pool: str = "desktop_pool_1",
-) -> uuid.UUID:  # fmt: skip
-    """An online agent with GPUs (free, total GB) named `GPU-<name>-<i>`."""
-    agent = uuid.uuid4()
-    res = f.resources(gpus_free_total=list(gpus), cores_physical=cores, load_1min=0.0)
-    named = [g.model_copy(update={"uuid": f"GPU-{name}-{g.index}"}) for g in res.gpus]
-    msg = f.message(agent, name=name, pool_name=pool, res=res.model_copy(update={"gpus": named}))
-    assert await orch.receive(msg.model_copy(update={"accepts_jobs": accepts})) == "applied"
-    return agent
+from tests.jobfleet import desktop
 
 
 async def submit(orch: Orchestrator, clock: ManualClock, **requirements: object) -> uuid.UUID:

@@ -44,7 +44,7 @@ async def add_job(
 ) -> JobRow:
     job = JobRow(
         job_id=job_id, name=name, state="queued", reason="", spec=spec, attempt=0,
-        submitted_at=now, updated_at=now,
+        retries_used=0, submitted_at=now, updated_at=now,
     )  # fmt: skip
     session.add(job)
     session.add(JobEventRow(job_id=job_id, at=now, attempt=0, from_state=None,

@@ -217,7 +217,10 @@ class JobRow(Base):
     # The submission as validated (schemas.jobs.JobSubmit): command, env, requirements...
     spec: Mapped[dict[str, Any]]
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    retries_used: Mapped[int] = mapped_column(Integer, default=0)
     agent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # Cancel asked while an attempt was out: the agent is told, and its report ends it.
+    cancel_requested_at: Mapped[datetime | None]
     submitted_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]

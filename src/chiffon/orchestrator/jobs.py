@@ -1,0 +1,180 @@
+"""A job's life on the orchestrator: submit, cancel, the agent's reports, a lost desktop.
+
+Part of issue 22 (jobs); no route or agent calls these yet (docs/jobs.md). Every state
+change goes through `persistence.jobs.move` (the table in `schemas.jobs`), and an attempt's
+claims are released in the transaction that ends it.
+
+Fencing: a report names its attempt. One that is not the job's current attempt on that
+agent, or that comes after the job ended, changes nothing and is answered `stale`, so
+the agent ends what it still runs of it (a desktop back from a partition never runs a job
+that was placed again elsewhere).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import Update, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chiffon.persistence import jobs as repo
+from chiffon.persistence.models import JobAttemptRow, JobClaimRow, JobRow
+from chiffon.schemas.jobs import TERMINAL, JobSubmit
+
+Verdict = Literal["applied", "stale", "unknown_job"]
+Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What an agent says of one attempt: it started, or it ended (and how)."""
+
+    kind: Literal["started", "ended"]
+    outcome: Outcome | None = None  # for "ended"
+    exit_code: int | None = None
+    signal: int | None = None
+    detail: str = ""
+
+
+async def submit(
+    sessions: async_sessionmaker[AsyncSession], spec: JobSubmit, *, now: datetime
+) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    async with sessions.begin() as session:
+        await repo.add_job(
+            session, job_id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), now=now
+        )
+    return job_id
+
+
+async def cancel(
+    sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, *, now: datetime
+) -> str | None:
+    """Cancel: a queued job at once; one with an attempt out is marked, and ends when its
+    agent says so (or when the agent is lost). Idempotent. The job's state, None if none."""
+    async with sessions.begin() as session:
+        job = await _locked(session, job_id)
+        if job is None:
+            return None
+        if job.state == "queued":
+            session.add(repo.move(job, "cancelled", reason="cancelled while queued", now=now))
+            job.ended_at = now
+        elif job.state not in TERMINAL and job.cancel_requested_at is None:
+            job.cancel_requested_at = job.updated_at = now
+        return job.state
+
+
+async def report(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    agent_id: uuid.UUID,
+    job_id: uuid.UUID,
+    attempt: int,
+    said: Report,
+    now: datetime,
+) -> Verdict:
+    async with sessions.begin() as session:
+        job = await _locked(session, job_id)
+        if job is None:
+            return "unknown_job"
+        current = job.attempt == attempt and job.agent_id == agent_id
+        if not current or job.state not in ("assigned", "running"):
+            return "stale"
+        if said.kind == "started":
+            if job.state == "assigned":
+                await _start(session, job, now)
+            return "applied"
+        if job.state == "assigned":  # ended before its start was heard: it did start
+            await _start(session, job, now)
+        await _end(session, job, said, now)
+        return "applied"
+
+
+async def lose_agent(
+    sessions: async_sessionmaker[AsyncSession], *, agent_id: uuid.UUID, now: datetime
+) -> list[uuid.UUID]:
+    """The agent went offline: every attempt it had out is lost. Jobs with retries left go
+    back to the queue; the others end `lost`. Returns the jobs it had."""
+    async with sessions.begin() as session:
+        ids = (
+            await session.scalars(
+                select(JobRow.job_id).where(
+                    JobRow.agent_id == agent_id, JobRow.state.in_(("assigned", "running"))
+                )
+            )
+        ).all()
+        for job_id in ids:
+            job = await _locked(session, job_id)
+            if job is not None and job.state in ("assigned", "running"):
+                lost = Report("ended", "lost", detail="its desktop went offline")
+                await _end(session, job, lost, now)
+    return list(ids)
+
+
+async def _locked(session: AsyncSession, job_id: uuid.UUID) -> JobRow | None:
+    stmt = select(JobRow).where(JobRow.job_id == job_id)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return (await session.scalars(stmt)).one_or_none()
+
+
+async def _start(session: AsyncSession, job: JobRow, now: datetime) -> None:
+    session.add(repo.move(job, "running", reason=f"started on {job.agent_id}", now=now))
+    await session.execute(_attempt(job, job.attempt).values(state="running", started_at=now))
+
+
+async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) -> None:
+    """End the attempt as `said`, release its claims, and move the job on: to its final
+    state, or back to the queue when the attempt was refused, or lost or failed with a
+    retry left."""
+    to_state, reason = _next_state(job, said)
+    attempt = job.attempt
+    if to_state == "queued" and said.outcome != "refused":
+        job.retries_used += 1
+    session.add(repo.move(job, to_state, reason=reason, now=now))
+    await session.execute(
+        _attempt(job, attempt).values(
+            state=to_state if to_state != "queued" else _attempt_state(said),
+            ended_at=now, exit_code=said.exit_code, signal=said.signal, reason=reason[:1000],
+        )
+    )  # fmt: skip
+    await session.execute(
+        delete(JobClaimRow).where(JobClaimRow.job_id == job.job_id, JobClaimRow.attempt == attempt)
+    )
+    if to_state == "queued":
+        job.agent_id = None
+    else:
+        job.ended_at, job.exit_code = now, said.exit_code
+
+
+def _next_state(job: JobRow, said: Report) -> tuple[str, str]:
+    retries_left = job.retries_used < int(job.spec.get("retries", 0))
+    detail = f": {said.detail}" if said.detail else ""
+    if said.outcome == "refused":
+        return "queued", f"refused by {job.agent_id}{detail}; placed again"
+    if said.outcome == "lost":
+        if retries_left:
+            return "queued", f"attempt {job.attempt} lost{detail}; retrying"
+        return "lost", f"attempt {job.attempt} lost{detail}"
+    if said.outcome in ("cancelled", "timed_out"):
+        return str(said.outcome), f"{said.outcome}{detail}"
+    if said.exit_code == 0:
+        return "succeeded", "exited 0"
+    how = f"exited {said.exit_code}" if said.signal is None else f"killed by signal {said.signal}"
+    if job.spec.get("retry_on_exit") and retries_left:
+        return "queued", f"{how}{detail}; retrying"
+    return "failed", f"{how}{detail}"
+
+
+def _attempt_state(said: Report) -> str:
+    """How an attempt handed back ended (its job is queued again): refused, lost, failed."""
+    return "failed" if said.outcome == "exit" else str(said.outcome)
+
+
+def _attempt(job: JobRow, attempt: int) -> Update:
+    return update(JobAttemptRow).where(
+        JobAttemptRow.job_id == job.job_id, JobAttemptRow.attempt == attempt
+    )
