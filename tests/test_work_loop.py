@@ -1,0 +1,155 @@
+"""The agent's work loop with real processes: only verified orders run, an attempt at
+most once, refusals reported with their reason, cancel, stale verdicts, and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chiffon.agent.runner import Assignment, JobRun
+from chiffon.agent.work import WorkLoop, WorkSettings
+from chiffon.transport.orders import Order, encode
+
+AGENT, SECRET = uuid.uuid4(), "k" * 43
+
+
+class Orchestrator:
+    """What the loop reports to: records every report, answers with `verdict`."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[uuid.UUID, int, dict[str, Any]]] = []
+        self.verdict = "applied"
+        self.changed = asyncio.Event()
+
+    async def report(self, job_id: uuid.UUID, attempt: int, said: Mapping[str, Any]) -> str:
+        self.reports.append((job_id, attempt, dict(said)))
+        self.changed.set()
+        return self.verdict
+
+    def said(self, job_id: uuid.UUID) -> list[str]:
+        return [r[2].get("outcome") or r[2]["kind"] for r in self.reports if r[0] == job_id]
+
+    async def until(self, job_id: uuid.UUID, n: int) -> None:
+        async with asyncio.timeout(20):
+            while len(self.said(job_id)) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def loop(tmp_path: Path, orch: Orchestrator, *, accept: bool = True,
+         free: Mapping[str, float | None] | None = None) -> WorkLoop:  # fmt: skip
+    settings = WorkSettings(accept_jobs=accept, jobs_dir=tmp_path / "jobs", allow_root=True,
+                            grace_seconds=0.5)  # fmt: skip
+    return WorkLoop(settings, agent_id=AGENT, secret=SECRET, report=orch.report,
+                    free_vram=lambda: free or {})  # fmt: skip
+
+
+def order(
+    job_id: uuid.UUID, kind: str = "assign", attempt: int = 1, **payload: Any
+) -> tuple[bytes, str]:
+    body = {"command": [sys.executable, "-c", "print('hi')"], **payload} if kind == "assign" else {}
+    return encode(Order(kind, AGENT, job_id, attempt, time.time(), body), SECRET)  # type: ignore[arg-type]
+
+
+async def test_a_signed_assignment_runs_once_and_its_start_and_end_are_reported(
+    tmp_path: Path,
+) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch)
+    body, signature = order(job, command=["sh", "-c", "exit 3"])
+    await work.handle(body, signature)
+    await orch.until(job, 2)
+    assert orch.said(job) == ["started", "exit"]
+    assert orch.reports[-1][2]["exit_code"] == 3
+    await work.handle(body, signature)  # the same order again: nothing runs twice
+    await asyncio.sleep(0)
+    assert orch.said(job) == ["started", "exit"] and work.refused["replayed"] == 1
+
+
+async def test_an_order_not_signed_with_this_agents_secret_runs_nothing(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch)
+    body, _ = order(job)
+    forged, forged_signature = encode(
+        Order("assign", AGENT, job, 1, time.time(), {"command": ["touch", str(tmp_path / "x")]}),
+        "another secret",
+    )
+    await work.handle(body, None)
+    await work.handle(forged, forged_signature)
+    assert work.refused["bad_signature"] == 2 and orch.reports == [] and work.running == []
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "payload", "reason"),
+    [
+        ({"accept": False}, {}, "this desktop does not accept jobs"),
+        ({"free": {"GPU-a": 3.0}}, {"gpu_uuids": ["GPU-a"], "vram_gb": 8}, "VRAM gone on GPU-a"),
+        ({}, {"gpu_uuids": ["GPU-x"], "vram_gb": 1}, "VRAM gone on GPU-x: unknown"),
+        ({}, {"command": "rm -rf /"}, "unusable assignment: command must be a list"),
+        ({}, {"workdir": "relative"}, "unusable assignment: workdir must be an absolute path"),
+    ],
+)
+async def test_an_assignment_it_cannot_honour_goes_back_with_the_reason(
+    tmp_path: Path, kwargs: dict[str, Any], payload: dict[str, Any], reason: str
+) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    await loop(tmp_path, orch, **kwargs).handle(*order(job, **payload))
+    [(_, _, said)] = orch.reports
+    assert (said["outcome"], said["detail"].startswith(reason)) == ("refused", True), said
+
+
+async def test_an_agent_running_as_root_refuses_jobs_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("chiffon.agent.work.os.geteuid", lambda: 0)
+    orch, job = Orchestrator(), uuid.uuid4()
+    settings = WorkSettings(accept_jobs=True, jobs_dir=tmp_path / "jobs")
+    work = WorkLoop(settings, agent_id=AGENT, secret=SECRET, report=orch.report, free_vram=dict)
+    await work.handle(*order(job))
+    assert orch.reports[0][2]["detail"].startswith("the agent runs as root")
+
+
+async def test_a_program_that_cannot_start_fails_with_127(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    await loop(tmp_path, orch).handle(*order(job, command=["/no/such/program"]))
+    [(_, _, said)] = orch.reports
+    assert (said["outcome"], said["exit_code"]) == ("exit", 127)
+
+
+async def test_a_cancel_order_ends_the_attempt_and_it_reports_cancelled(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch)
+    await work.handle(*order(job, command=["sleep", "60"]))
+    await orch.until(job, 1)
+    await work.handle(*order(job, kind="cancel"))
+    await orch.until(job, 2)
+    assert orch.said(job) == ["started", "cancelled"] and work.running == []
+
+
+async def test_a_stale_verdict_ends_what_it_runs(tmp_path: Path) -> None:
+    """The orchestrator placed the job again while this desktop was cut off."""
+    orch, job = Orchestrator(), uuid.uuid4()
+    orch.verdict = "stale"
+    await loop(tmp_path, orch).handle(*order(job, command=["sleep", "60"]))
+    await orch.until(job, 2)
+    assert orch.said(job) == ["started", "cancelled"]
+
+
+async def test_a_restarted_agent_ends_and_reports_what_its_last_run_left(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    left = JobRun(
+        Assignment(str(job), 4, ["sleep", "60"]), attempt_dir=tmp_path / "jobs" / f"{job}-4"
+    )
+    await left.start()  # the previous agent process was SIGKILLed here
+    await loop(tmp_path, orch).recover()
+    [(job_id, attempt, said)] = orch.reports
+    assert (job_id, attempt, said["outcome"]) == (job, 4, "lost")
+    assert said["detail"] == "the agent restarted and ended it"
