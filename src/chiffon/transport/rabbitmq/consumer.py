@@ -305,7 +305,7 @@ class RabbitConsumer:
             self._target.metrics.amqp_connected.set(1 if healthy else 0)
             if healthy or self._state not in (State.CONSUMING, State.LOST):
                 return  # paused on purpose, or not yet (or no longer) running
-            if self._to(State.LOST):
+            if self._state is State.CONSUMING and self._to(State.LOST):
                 log.warning("the AMQP consumer lost its subscription; subscribing again")
             if connection is None or connection.is_closed:
                 return  # the robust connection reconnects, then calls `_on_reconnect`
