@@ -3,6 +3,8 @@ cancelled, refused, lost with and without retries, and reports for stale attempt
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -12,11 +14,13 @@ from sqlalchemy import select
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.jobs import Report
-from chiffon.orchestrator.scheduler import schedule_once
+from chiffon.orchestrator.scheduler import Dispatcher, schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import JobAttemptRow, JobClaimRow, JobEventRow, JobRow
 from chiffon.schemas.jobs import JobSubmit
+from tests import factories as f
 from tests.jobfleet import desktop
+from tests.services import eventually
 
 STARTED = Report("started")
 
@@ -174,3 +178,41 @@ async def test_cancel_is_immediate_when_queued_marked_when_out_and_idempotent(
     await say(orchestrator, clock, agent, out, Report("ended", "cancelled", signal=15))
     assert (await row(orchestrator, out)).state == "cancelled"
     assert await jobs.cancel(orchestrator.sessions, uuid.uuid4(), now=clock.now()) is None
+
+
+async def test_attempts_on_an_agent_gone_offline_are_lost_at_the_next_pass(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    job_id = await submitted(orchestrator, clock, retries=1)
+    await orchestrator.dispatcher.tick()
+    await say(orchestrator, clock, agent, job_id, STARTED)
+    await orchestrator.receive(f.message(agent, kind="offline"))  # its goodbye
+    result = await orchestrator.dispatcher.tick()
+    job = await row(orchestrator, job_id)
+    # lost, then (a retry left, but no other agent) waiting in the queue again
+    assert (job.state, job.retries_used, job_id in result.waiting) == ("queued", 1, True)
+    assert await history(orchestrator, job_id) == [
+        "queued", "assigned", "running", "queued"
+    ]  # fmt: skip
+
+
+async def test_the_dispatcher_places_a_job_as_soon_as_it_is_woken(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "a", (24.0, 24.0))
+    dispatcher = Dispatcher(orchestrator.sessions, clock, interval_seconds=3600)
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        job_id = await submitted(orchestrator, clock)
+        dispatcher.wake()
+        # placed within seconds, not at the hour-long tick
+        await eventually(lambda: _assigned(orchestrator, job_id), within_seconds=5)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+async def _assigned(orch: Orchestrator, job_id: uuid.UUID) -> bool:
+    return (await row(orch, job_id)).state == "assigned"

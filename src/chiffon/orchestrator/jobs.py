@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Update, delete, select, update
+from sqlalchemy import Update, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.persistence import jobs as repo
-from chiffon.persistence.models import JobAttemptRow, JobClaimRow, JobRow
+from chiffon.persistence.models import AgentRow, JobAttemptRow, JobClaimRow, JobRow
 from chiffon.schemas.jobs import TERMINAL, JobSubmit
 
 Verdict = Literal["applied", "stale", "unknown_job"]
@@ -91,6 +91,29 @@ async def report(
             await _start(session, job, now)
         await _end(session, job, said, now)
         return "applied"
+
+
+async def lose_offline(
+    sessions: async_sessionmaker[AsyncSession], *, now: datetime
+) -> list[uuid.UUID]:
+    """Every attempt out on an agent that is offline (or no longer registered) is lost.
+    Level-triggered, so it holds across restarts: whatever marked the agent offline (the
+    sweep, its goodbye), the next pass finds its attempts. Returns the jobs moved."""
+    async with sessions() as session:
+        stmt = (
+            select(JobRow.agent_id)
+            .outerjoin(AgentRow, AgentRow.agent_id == JobRow.agent_id)
+            .where(
+                JobRow.state.in_(("assigned", "running")),
+                or_(AgentRow.status.is_(None), AgentRow.status != "online"),
+            )
+            .distinct()
+        )
+        agents = [a for a in (await session.scalars(stmt)).all() if a is not None]
+    moved: list[uuid.UUID] = []
+    for agent_id in agents:
+        moved += await lose_agent(sessions, agent_id=agent_id, now=now)
+    return moved
 
 
 async def lose_agent(

@@ -27,6 +27,9 @@ later job is placed there in that pass, so what frees up there is left for it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ from typing import Any
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chiffon.orchestrator.clock import Clock
+from chiffon.orchestrator.jobs import lose_offline
 from chiffon.orchestrator.placement import (
     Candidate,
     Claim,
@@ -51,6 +56,7 @@ from chiffon.orchestrator.placement import (
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import JobClaimRow, JobRow
 
+log = logging.getLogger(__name__)
 RETRIES_PER_JOB = 3
 
 
@@ -207,3 +213,42 @@ async def _read_again(session: AsyncSession, agent_id: uuid.UUID) -> Candidate |
         return None
     claims = await repo.claims_by_agent(session, agent_ids=[agent_id])
     return candidate(rows[0], claims.get(agent_id, []))
+
+
+class Dispatcher:
+    """The scheduler's loop: a pass when woken (a job submitted, an attempt ended) and at
+    least every `interval_seconds` (capacity seen in a heartbeat, an agent back online),
+    after losing the attempts of agents gone offline (`orchestrator.jobs.lose_offline`).
+    Tests call `tick()` with a manual clock."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Clock,
+        *,
+        interval_seconds: float = 1.0,
+        starvation_seconds: float = 300.0,
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._interval = interval_seconds
+        self._starvation = starvation_seconds
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def tick(self) -> PassResult:
+        now = self._clock.now()
+        await lose_offline(self._sessions, now=now)
+        return await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self._interval)
+            self._woken.clear()
+            try:
+                await self.tick()
+            except Exception as exc:  # the database is down: the next pass tries again
+                log.warning("scheduling pass failed: %s", exc)

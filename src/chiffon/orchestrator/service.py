@@ -21,6 +21,7 @@ from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.orchestrator.scheduler import Dispatcher
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import registry
 from chiffon.persistence.credentials import credential_changes
@@ -87,6 +88,8 @@ class Orchestrator:
             heard_within_seconds=settings.heartbeat_timeout_seconds,
         )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
+        # Jobs (issue 22, in progress): nothing submits jobs yet; the loop finds none.
+        self.dispatcher = Dispatcher(self.sessions, self.clock)
         self._tasks: list[asyncio.Task[None]] = []
         self.sweeping = False
 
@@ -121,6 +124,7 @@ class Orchestrator:
                     self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
                 )
             )
+            self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="chiffon-dispatch"))
             if self.recorder.tiers:
                 self._tasks += [
                     asyncio.create_task(self.recorder.run(), name="chiffon-history-record"),
