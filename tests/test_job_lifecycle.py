@@ -18,7 +18,10 @@ from chiffon.orchestrator.scheduler import Dispatcher, schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import JobAttemptRow, JobClaimRow, JobEventRow, JobRow
 from chiffon.schemas.jobs import JobSubmit
+from chiffon.schemas.limits import RejectedMessage
+from chiffon.transport.orders import Order, order_key, verify
 from tests import factories as f
+from tests.auth import issue
 from tests.jobfleet import desktop
 from tests.services import eventually
 
@@ -216,3 +219,33 @@ async def test_the_dispatcher_places_a_job_as_soon_as_it_is_woken(
 
 async def _assigned(orch: Orchestrator, job_id: uuid.UUID) -> bool:
     return (await row(orch, job_id)).state == "assigned"
+
+
+async def test_an_agent_is_told_its_assignments_and_cancels_each_signed_with_its_key(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    credential = await issue(orchestrator, agent)
+    key = order_key(credential.secret)
+    job_id = await submitted(
+        orchestrator, clock, requirements={"gpus": 1, "vram_gb": 8}, env={"EPOCHS": "3"}
+    )
+    assert await orchestrator.orders_for(agent) == []  # queued: nothing to tell yet
+    await placed(orchestrator, clock)
+
+    def read(signed: tuple[bytes, str]) -> Order:
+        return verify(*signed, key=key, agent_id=agent, now=clock.now().timestamp())
+
+    [assign] = [read(o) for o in await orchestrator.orders_for(agent)]
+    assert (assign.kind, assign.job_id, assign.attempt) == ("assign", job_id, 1)
+    assert assign.payload["command"] == ["python", "train.py"]
+    assert assign.payload["env"] == {"EPOCHS": "3"}
+    assert (assign.payload["gpu_uuids"], assign.payload["vram_gb"]) == (["GPU-a-0"], 8.0)
+    await say(orchestrator, clock, agent, job_id, STARTED)
+    assert await orchestrator.orders_for(agent) == []  # started: nothing more to tell
+    await jobs.cancel(orchestrator.sessions, job_id, now=clock.now())
+    [cancel] = [read(o) for o in await orchestrator.orders_for(agent)]
+    assert (cancel.kind, cancel.job_id, cancel.attempt) == ("cancel", job_id, 1)
+    await orchestrator.credentials.revoke(agent)
+    with pytest.raises(RejectedMessage, match="revoked"):
+        await orchestrator.orders_for(agent)  # no key, no order: nothing goes out unsigned

@@ -16,6 +16,7 @@ from chiffon.transport.orders import (
     Order,
     OrderRefused,
     encode,
+    order_key,
     verify,
 )
 
@@ -28,25 +29,28 @@ def assign(attempt: int = 1, *, to: uuid.UUID = AGENT, at: float = NOW) -> Order
     return Order("assign", to, JOB, attempt, at, {"command": ["python", "train.py"]})
 
 
+KEY, OTHER_KEY = order_key(SECRET), order_key(OTHER_SECRET)
+
+
 def check(body: bytes, signature: str | None) -> Order:
-    return verify(body, signature, secret=SECRET, agent_id=AGENT, now=NOW)
+    return verify(body, signature, key=KEY, agent_id=AGENT, now=NOW)
 
 
 def test_an_order_signed_with_the_agents_secret_is_read_back_whole() -> None:
     order = assign(3)
-    assert check(*encode(order, SECRET)) == order
+    assert check(*encode(order, KEY)) == order
 
 
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda: (encode(assign(), SECRET)[0], None), "bad_signature"),
-        (lambda: (encode(assign(), SECRET)[0], "v1=" + "0" * 64), "bad_signature"),
-        (lambda: encode(assign(), OTHER_SECRET), "bad_signature"),  # another agent's key
-        (lambda: encode(assign(to=OTHER), SECRET), "not_mine"),
-        (lambda: encode(assign(at=NOW - 301), SECRET), "stale"),
-        (lambda: encode(assign(at=NOW + 301), SECRET), "stale"),
-        (lambda: encode(assign(0), SECRET), "malformed"),
+        (lambda: (encode(assign(), KEY)[0], None), "bad_signature"),
+        (lambda: (encode(assign(), KEY)[0], "v1=" + "0" * 64), "bad_signature"),
+        (lambda: encode(assign(), OTHER_KEY), "bad_signature"),  # another agent's key
+        (lambda: encode(assign(to=OTHER), KEY), "not_mine"),
+        (lambda: encode(assign(at=NOW - 301), KEY), "stale"),
+        (lambda: encode(assign(at=NOW + 301), KEY), "stale"),
+        (lambda: encode(assign(0), KEY), "malformed"),
         (lambda: (b"x" * (MAX_ORDER_BYTES + 1), "v1="), "too_large"),
     ],
 )
@@ -59,14 +63,14 @@ def test_orders_that_are_not_this_agents_own_fresh_ones_are_refused(
 
 
 def test_a_heartbeat_signature_never_passes_for_an_order() -> None:
-    body, _ = encode(assign(), SECRET)
+    body, _ = encode(assign(), KEY)
     heartbeat_style = AgentCredential(AGENT, SECRET).sign(body)  # same secret, other label
     with pytest.raises(OrderRefused, match="bad_signature"):
         check(body, heartbeat_style)
 
 
 def test_a_tampered_body_fails_its_signature() -> None:
-    body, signature = encode(assign(), SECRET)
+    body, signature = encode(assign(), KEY)
     doc = json.loads(body)
     doc["payload"]["command"] = ["rm", "-rf", "/"]
     with pytest.raises(OrderRefused, match="bad_signature"):

@@ -15,7 +15,7 @@ import pytest
 
 from chiffon.agent.runner import Assignment, JobRun
 from chiffon.agent.work import WorkLoop, WorkSettings
-from chiffon.transport.orders import Order, encode
+from chiffon.transport.orders import Order, encode, order_key
 
 AGENT, SECRET = uuid.uuid4(), "k" * 43
 
@@ -55,7 +55,7 @@ def order(
     job_id: uuid.UUID, kind: str = "assign", attempt: int = 1, **payload: Any
 ) -> tuple[bytes, str]:
     body = {"command": [sys.executable, "-c", "print('hi')"], **payload} if kind == "assign" else {}
-    return encode(Order(kind, AGENT, job_id, attempt, time.time(), body), SECRET)  # type: ignore[arg-type]
+    return encode(Order(kind, AGENT, job_id, attempt, time.time(), body), order_key(SECRET))  # type: ignore[arg-type]
 
 
 async def test_a_signed_assignment_runs_once_and_its_start_and_end_are_reported(
@@ -79,7 +79,7 @@ async def test_an_order_not_signed_with_this_agents_secret_runs_nothing(tmp_path
     body, _ = order(job)
     forged, forged_signature = encode(
         Order("assign", AGENT, job, 1, time.time(), {"command": ["touch", str(tmp_path / "x")]}),
-        "another secret",
+        order_key("another secret"),
     )
     await work.handle(body, None)
     await work.handle(forged, forged_signature)

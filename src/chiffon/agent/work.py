@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chiffon.agent.runner import Assignment, Ended, JobRun, end_orphans
-from chiffon.transport.orders import AttemptLedger, Order, OrderRefused, verify
+from chiffon.transport.orders import AttemptLedger, Order, OrderRefused, order_key, verify
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class WorkLoop:
     ) -> None:
         self.settings = settings
         self._agent_id = agent_id
-        self._secret = secret
+        self._key = order_key(secret)
         self._report = report
         self._free_vram = free_vram
         self._clock = clock
@@ -84,7 +84,7 @@ class WorkLoop:
             order = verify(
                 body,
                 signature,
-                secret=self._secret,
+                key=self._key,
                 agent_id=self._agent_id,
                 now=self._clock(),
                 max_age_seconds=self.settings.max_order_age_seconds,

@@ -43,6 +43,7 @@ from chiffon.transport.auth import (
     signature_matches,
     signing_key,
 )
+from chiffon.transport.orders import order_key
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class _Known:
     signing_key: bytes | None  # None: issued under another server key
     fetched_at: float
     revoked: bool = False
+    order_key: bytes | None = None  # signs orders to the agent (transport.orders)
 
 
 class CredentialStore:
@@ -184,6 +186,16 @@ class CredentialStore:
         if not signature_matches(known.signing_key, body, signature):
             raise RejectedMessage("bad_signature", f"signature is not agent {agent_id}'s")
 
+    async def order_key(self, agent_id: uuid.UUID) -> bytes:
+        """The key this agent checks its orders with; `RejectedMessage` when it has none
+        that this orchestrator can derive (not enrolled, revoked, another server key)."""
+        known = await self._known(agent_id)
+        if known.order_key is None:
+            raise RejectedMessage(
+                "bad_signature", f"agent {agent_id}'s credential was issued under another key"
+            )
+        return known.order_key
+
     async def _known(self, agent_id: uuid.UUID) -> _Known:
         cached = self._cache.get(agent_id)
         if cached is not None and time.monotonic() - cached.fetched_at < self._ttl:
@@ -232,12 +244,12 @@ class CredentialStore:
     def _known_from(self, agent_id: uuid.UUID, row: Row[Any] | None, at: float) -> _Known | None:
         if row is None:
             return None
-        key = None
         if row.revoked_at is not None:
             return _Known("", None, at, revoked=True)
-        if row.key_id == self.key_id:
-            key = signing_key(derive_secret(self._server_key, agent_id, row.nonce))
-        return _Known(row.secret_sha256, key, at)
+        if row.key_id != self.key_id:
+            return _Known(row.secret_sha256, None, at)
+        secret = derive_secret(self._server_key, agent_id, row.nonce)
+        return _Known(row.secret_sha256, signing_key(secret), at, order_key=order_key(secret))
 
     def _remember(self, agent_id: uuid.UUID, known: _Known | None) -> None:
         if known is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Update, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import AgentRow, JobAttemptRow, JobClaimRow, JobRow
 from chiffon.schemas.jobs import TERMINAL, JobSubmit
+from chiffon.transport.orders import Order
 
 Verdict = Literal["applied", "stale", "unknown_job"]
 Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
@@ -91,6 +92,49 @@ async def report(
             await _start(session, job, now)
         await _end(session, job, said, now)
         return "applied"
+
+
+async def pending_orders(
+    sessions: async_sessionmaker[AsyncSession], *, agent_id: uuid.UUID, now: datetime
+) -> list[Order]:
+    """What `agent_id` must be told now, derived from the jobs' state (so a lost order is
+    sent again, and the agent's ledger drops a repeat): each attempt assigned to it and
+    not yet started, and a cancel for each of its attempts whose job was cancelled."""
+    stmt = (
+        select(JobRow, JobAttemptRow.gpu_uuids)
+        .join(
+            JobAttemptRow,
+            (JobAttemptRow.job_id == JobRow.job_id) & (JobAttemptRow.attempt == JobRow.attempt),
+        )
+        .where(JobRow.agent_id == agent_id, JobRow.state.in_(("assigned", "running")))
+        .order_by(JobRow.updated_at, JobRow.job_id)
+    )
+    async with sessions() as session:
+        rows = (await session.execute(stmt)).all()
+    issued_at = now.timestamp()
+    orders = []
+    for job, gpus in rows:
+        if job.cancel_requested_at is not None:
+            orders.append(Order("cancel", agent_id, job.job_id, job.attempt, issued_at))
+        elif job.state == "assigned":
+            payload = _assignment(job.spec, gpus)
+            orders.append(Order("assign", agent_id, job.job_id, job.attempt, issued_at, payload))
+    return orders
+
+
+def _assignment(spec: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
+    """What the agent runs: the submission's command and environment, and the GPUs it
+    was given (`agent.work.assignment_from` reads it back)."""
+    requirements = spec.get("requirements", {})
+    return {
+        "command": spec["command"],
+        "env": spec.get("env", {}),
+        "workdir": spec.get("workdir"),
+        "timeout_seconds": spec.get("timeout_seconds"),
+        "gpu_uuids": list(gpus),
+        "vram_gb": requirements.get("vram_gb", 0.0),
+        "gpu_vendor": requirements.get("gpu_vendor"),
+    }
 
 
 async def lose_offline(

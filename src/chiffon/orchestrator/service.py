@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chiffon.orchestrator import jobs
 from chiffon.orchestrator.batcher import IngestBatcher
 from chiffon.orchestrator.clock import Clock, SystemClock
 from chiffon.orchestrator.credentials import CredentialStore
@@ -35,6 +36,7 @@ from chiffon.transport.auth import (
     ProofUnavailableError,
     Signature,
 )
+from chiffon.transport.orders import encode as encode_order
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,15 @@ class Orchestrator:
         for receiver in self.receivers:
             checks[receiver.name] = "hearing" if receiver.hearing else "not hearing"
         return checks
+
+    async def orders_for(self, agent_id: UUID) -> list[tuple[bytes, str]]:
+        """What `agent_id` must be told now, each order signed with its own key (jobs,
+        issue 22: no transport carries them yet)."""
+        orders = await jobs.pending_orders(self.sessions, agent_id=agent_id, now=self.clock.now())
+        if not orders:
+            return []
+        key = await self.credentials.order_key(agent_id)
+        return [encode_order(order, key) for order in orders]
 
     async def deregister(self, agent_id: UUID) -> bool:
         """Remove an agent from the registry, keeping its events (and adding one); whether

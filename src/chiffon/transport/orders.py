@@ -58,8 +58,9 @@ def order_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), _ORDER_LABEL, hashlib.sha256).digest()
 
 
-def encode(order: Order, secret: str) -> tuple[bytes, str]:
-    """The body and its signature, as the orchestrator sends them."""
+def encode(order: Order, key: bytes) -> tuple[bytes, str]:
+    """The body and its signature under the agent's `order_key`, as the orchestrator
+    sends them."""
     body = json.dumps(
         {
             "v": 1,
@@ -73,15 +74,14 @@ def encode(order: Order, secret: str) -> tuple[bytes, str]:
         separators=(",", ":"),
         allow_nan=False,
     ).encode()
-    mac = hmac.new(order_key(secret), body, hashlib.sha256).hexdigest()
-    return body, SIGNATURE_VERSION + mac
+    return body, SIGNATURE_VERSION + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 def verify(
     body: bytes,
     signature: str | None,
     *,
-    secret: str,
+    key: bytes,
     agent_id: uuid.UUID,
     now: float,
     max_age_seconds: float = 300.0,
@@ -90,7 +90,7 @@ def verify(
     `OrderRefused` otherwise. Nothing of an unsigned body is parsed."""
     if len(body) > MAX_ORDER_BYTES:
         raise OrderRefused("too_large", f"{len(body)} bytes, at most {MAX_ORDER_BYTES}")
-    expected = SIGNATURE_VERSION + hmac.new(order_key(secret), body, hashlib.sha256).hexdigest()
+    expected = SIGNATURE_VERSION + hmac.new(key, body, hashlib.sha256).hexdigest()
     given = (signature or "").encode(errors="replace")
     if not hmac.compare_digest(expected.encode(), given):
         raise OrderRefused("bad_signature", "not signed with this agent's key")
