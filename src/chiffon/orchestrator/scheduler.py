@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -228,7 +228,9 @@ class Dispatcher:
         *,
         interval_seconds: float = 1.0,
         starvation_seconds: float = 300.0,
+        placed_on: Callable[[uuid.UUID], None] = lambda _agent_id: None,
     ) -> None:
+        self._placed_on = placed_on  # told of each agent a pass placed an attempt on
         self._sessions = sessions
         self._clock = clock
         self._interval = interval_seconds
@@ -241,7 +243,10 @@ class Dispatcher:
     async def tick(self) -> PassResult:
         now = self._clock.now()
         await lose_offline(self._sessions, now=now)
-        return await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation)
+        result = await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation)
+        for agent_id in {uuid.UUID(p.agent_id) for p in result.placed.values()}:
+            self._placed_on(agent_id)
+        return result
 
     async def run(self) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from contextlib import suppress
 from datetime import timedelta
 from typing import Protocol
@@ -91,7 +92,8 @@ class Orchestrator:
         )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         # Jobs (issue 22, in progress): nothing submits jobs yet; the loop finds none.
-        self.dispatcher = Dispatcher(self.sessions, self.clock)
+        self.dispatcher = Dispatcher(self.sessions, self.clock, placed_on=self._tell)
+        self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
         self._tasks: list[asyncio.Task[None]] = []
         self.sweeping = False
 
@@ -176,6 +178,38 @@ class Orchestrator:
         for receiver in self.receivers:
             checks[receiver.name] = "hearing" if receiver.hearing else "not hearing"
         return checks
+
+    def _tell(self, agent_id: UUID) -> None:
+        """Wake `agent_id`'s long-poll: there may be an order for it."""
+        if (ready := self._orders_ready.get(agent_id)) is not None:
+            ready.set()
+
+    async def wait_orders(self, agent_id: UUID, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+        """`orders_for`, waiting up to `wait_seconds` for one when there is none: woken when
+        this orchestrator places or cancels a job there, and asking the database again each
+        second for what another orchestrator sharing it decided."""
+        deadline = time.monotonic() + wait_seconds
+        ready = self._orders_ready.setdefault(agent_id, asyncio.Event())
+        while True:
+            ready.clear()
+            orders = await self.orders_for(agent_id)
+            left = deadline - time.monotonic()
+            if orders or left <= 0:
+                return orders
+            with suppress(TimeoutError):
+                await asyncio.wait_for(ready.wait(), min(left, 1.0))
+
+    async def report_attempt(
+        self, agent_id: UUID, job_id: UUID, attempt: int, said: jobs.Report
+    ) -> jobs.Verdict:
+        """An agent's report of one attempt; an end frees capacity, so the dispatcher runs."""
+        verdict = await jobs.report(
+            self.sessions, agent_id=agent_id, job_id=job_id, attempt=attempt, said=said,
+            now=self.clock.now(),
+        )  # fmt: skip
+        if verdict == "applied" and said.kind == "ended":
+            self.dispatcher.wake()
+        return verdict
 
     async def orders_for(self, agent_id: UUID) -> list[tuple[bytes, str]]:
         """What `agent_id` must be told now, each order signed with its own key (jobs,

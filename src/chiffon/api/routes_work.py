@@ -1,0 +1,120 @@
+"""Jobs, the agent's side over HTTP: its orders (a long-poll) and its reports of attempts.
+
+Part of issue 22 (jobs); no agent calls these yet (docs/jobs.md). Both take the agent's
+own secret as the bearer credential, checked before any body is read, as heartbeats do.
+Orders come signed with the agent's order key: the agent checks them whatever carried
+them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chiffon.api.auth import bearer_token, unauthorized
+from chiffon.api.deps import AgentIdDep, OrchestratorDep
+from chiffon.orchestrator.jobs import Report
+from chiffon.orchestrator.service import Orchestrator
+from chiffon.schemas import limits
+from chiffon.schemas.api import ErrorDetail
+from chiffon.schemas.heartbeat import RejectedMessage
+from chiffon.transport.auth import ProofUnavailableError
+
+router = APIRouter(prefix="/api/v1", tags=["work"])
+
+
+class SignedOrder(BaseModel):
+    body: str = Field(description="the order's JSON, exactly as signed")
+    signature: str = Field(description="v1=<hex HMAC-SHA256 under the agent's order key>")
+
+
+class Orders(BaseModel):
+    orders: list[SignedOrder]
+
+
+class AttemptReport(BaseModel):
+    """What an agent says of one attempt."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: Literal["started", "ended"]
+    outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost"] | None = None
+    exit_code: Annotated[int, Field(ge=-255, le=255)] | None = None
+    signal: Annotated[int, Field(ge=1, le=128)] | None = None
+    detail: Annotated[str, Field(max_length=1000, pattern=limits.TEXT_PATTERN)] = ""
+    runtime_seconds: Annotated[float, Field(ge=0, le=1e9)] | None = None
+
+
+class AttemptVerdict(BaseModel):
+    verdict: Literal["applied", "stale", "unknown_job"] = Field(
+        description="stale: not the job's current attempt on this agent; end it"
+    )
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDetail} for code in (400, 401, 413, 422, 503)
+}
+_REPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": AttemptReport.model_json_schema()}},
+    }
+}
+
+
+async def _the_agent(orchestrator: Orchestrator, agent_id: uuid.UUID, request: Request) -> None:
+    try:
+        await orchestrator.check_bearer(agent_id, bearer_token(request))
+    except RejectedMessage as exc:
+        raise unauthorized(f"{exc.reason}: {exc.detail}") from None
+    except ProofUnavailableError:
+        raise HTTPException(503, "registry database unavailable; retry later") from None
+
+
+@router.get("/agents/{agent_id}/orders", response_model=Orders, responses=_ERRORS)
+async def orders(
+    agent_id: AgentIdDep,
+    request: Request,
+    orchestrator: OrchestratorDep,
+    wait: Annotated[
+        float, Query(ge=0, le=30, description="seconds to wait for an order when none is due")
+    ] = 0,
+) -> Orders:
+    """What this agent must be told now: assignments not yet started, cancels."""
+    await _the_agent(orchestrator, agent_id, request)
+    try:
+        signed = await orchestrator.wait_orders(agent_id, wait_seconds=wait)
+    except RejectedMessage as exc:  # revoked while waiting
+        raise unauthorized(f"{exc.reason}: {exc.detail}") from None
+    return Orders(orders=[SignedOrder(body=b.decode(), signature=s) for b, s in signed])
+
+
+@router.post(
+    "/agents/{agent_id}/attempts/{job_id}/{attempt}",
+    response_model=AttemptVerdict,
+    responses=_ERRORS,
+    openapi_extra=_REPORT_BODY,
+)
+async def attempt_report(
+    agent_id: AgentIdDep,
+    job_id: Annotated[uuid.UUID, Path()],
+    attempt: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    request: Request,
+    orchestrator: OrchestratorDep,
+) -> AttemptVerdict:
+    """An attempt started, or ended (and how). The body is read after the credential."""
+    await _the_agent(orchestrator, agent_id, request)
+    try:
+        said = AttemptReport.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise HTTPException(422, f"{where}: {first['msg']}") from None
+    if said.kind == "ended" and said.outcome is None:
+        raise HTTPException(422, "outcome: an ended attempt says how it ended")
+    report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail)
+    verdict = await orchestrator.report_attempt(agent_id, job_id, attempt, report)
+    return AttemptVerdict(verdict=verdict)
