@@ -51,6 +51,11 @@ def test_every_pair_of_states_is_allowed_or_refused_as_the_table_says(
             check_move(source, target)
 
 
+def test_vram_without_a_gpu_count_asks_for_one_gpu() -> None:
+    job = JobSubmit.model_validate({"command": ["x"], "requirements": {"vram_gb": 8}})
+    assert (job.requirements.gpus, job.requirements.vram_gb) == (1, 8.0)
+
+
 def test_a_plain_submission_takes_the_defaults() -> None:
     job = JobSubmit.model_validate({"command": ["python", "train.py", "--epochs", "3"]})
     assert job.requirements.gpus == 0 and job.retries == 0 and job.policy == "best_fit"
@@ -74,7 +79,8 @@ def test_a_plain_submission_takes_the_defaults() -> None:
         ({"command": ["x"], "requirements": {"vram_gb": math.nan, "gpus": 1}}, "finite"),
         ({"command": ["x"], "requirements": {"gpus": -1}}, "greater than or equal to 0"),
         ({"command": ["x"], "requirements": {"gpus": 1, "vram_gb": 1e9}}, "less than or equal"),
-        ({"command": ["x"], "requirements": {"vram_gb": 8}}, "ask for gpus >= 1"),
+        ({"command": ["x"], "retry_on_exit": 0}, "valid boolean"),  # strict: no 0 for false
+        ({"command": ["x"], "requirements": {"gpus": "1"}}, "valid integer"),
         ({"command": ["x"], "requirements": {"gpu": 1}}, "Extra inputs are not permitted"),
         ({"command": ["x"], "timeout_seconds": 0}, "greater than 0"),
         ({"command": ["x"], "retries": 11}, "less than or equal to 10"),

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from chiffon import __version__
-from chiffon.api import routes_agents, routes_fleet, routes_ingest, routes_work
+from chiffon.api import routes_agents, routes_fleet, routes_ingest, routes_jobs, routes_work
 from chiffon.api.auth import ApiTokenDep
 from chiffon.api.body_limit import BodyLimit
 from chiffon.api.headers import DashboardHeaders
@@ -117,6 +117,7 @@ def create_app(
     app.include_router(routes_agents.router)
     app.include_router(routes_ingest.router)
     app.include_router(routes_fleet.router)
+    app.include_router(routes_jobs.router)
     app.include_router(routes_work.router)
 
     @app.get("/docs", include_in_schema=False)

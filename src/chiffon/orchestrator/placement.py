@@ -192,6 +192,14 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
     return "; ".join(parts)
 
 
+def never_fits(want: Requirements) -> str:
+    """The warning for a job no registered agent's hardware could ever hold."""
+    return (
+        f"no registered agent{_where(want)} could ever hold {_asked(want)}; the job waits "
+        "until one that can joins"
+    )
+
+
 def _where(want: Requirements) -> str:
     where = f" in pool {want.pool_name!r}" if want.pool_name else ""
     if want.labels:

@@ -257,3 +257,26 @@ class Dispatcher:
                 await self.tick()
             except Exception as exc:  # the database is down: the next pass tries again
                 log.warning("scheduling pass failed: %s", exc)
+
+
+def could_ever_hold(want: Requirements, rows: Sequence[Row[Any]]) -> bool:
+    """Whether any registered agent's hardware (whatever its status, load and claims)
+    could hold `want`: its pool and labels, its GPUs' total VRAM, its physical cores and
+    its total memory. A job none could hold is still accepted (a bigger desktop may
+    join), with a warning."""
+    for row in rows:
+        metrics: dict[str, Any] = row.resource_metrics or {}
+        whole = Candidate(
+            agent_id=str(row.agent_id), name=row.name, online=True, accepts_jobs=True,
+            pool_name=row.pool_name, labels=row.labels or {},
+            cpu_cores_available=row.cpu_cores_physical,
+            memory_available_gb=metrics.get("memory_total_gb"),
+            gpus=tuple(
+                GpuLedger(gpu_id(g), int(g.get("index", 0)), str(g.get("vendor", "other")),
+                          g.get("vram_total_gb"), g.get("vram_total_gb"))
+                for g in metrics.get("gpus", [])
+            ),
+        )  # fmt: skip
+        if isinstance(place(want, [whole]), Placement):
+            return True
+    return False

@@ -23,13 +23,17 @@ from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
-from chiffon.orchestrator.scheduler import Dispatcher
+from chiffon.orchestrator.placement import never_fits
+from chiffon.orchestrator.scheduler import Dispatcher, could_ever_hold, requirements
 from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.persistence import jobs as jobs_repo
 from chiffon.persistence import registry
 from chiffon.persistence.credentials import credential_changes
 from chiffon.persistence.db import check_schema, create_engine, session_factory
+from chiffon.persistence.models import JobRow
 from chiffon.persistence.registry import StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage, parse_message
+from chiffon.schemas.jobs import JobSubmit
 from chiffon.transport.auth import (
     IN_PROCESS,
     Bearer,
@@ -178,6 +182,26 @@ class Orchestrator:
         for receiver in self.receivers:
             checks[receiver.name] = "hearing" if receiver.hearing else "not hearing"
         return checks
+
+    async def submit_job(self, spec: JobSubmit) -> tuple[UUID, str | None]:
+        """Queue a job and wake the dispatcher; with a warning when no registered agent
+        could ever hold it (it is kept: a bigger desktop may join)."""
+        job_id = await jobs.submit(self.sessions, spec, now=self.clock.now())
+        self.dispatcher.wake()
+        async with self.sessions() as session:
+            rows = await jobs_repo.agent_rows(session)
+        want = requirements(spec.model_dump(mode="json"))
+        return job_id, None if could_ever_hold(want, rows) else never_fits(want)
+
+    async def cancel_job(self, job_id: UUID) -> str | None:
+        """`jobs.cancel`, and the agent running it is told at once."""
+        state = await jobs.cancel(self.sessions, job_id, now=self.clock.now())
+        if state in ("assigned", "running"):
+            async with self.sessions() as session:
+                job = await session.get(JobRow, job_id)
+            if job is not None and job.agent_id is not None:
+                self._tell(job.agent_id)
+        return state
 
     def _tell(self, agent_id: UUID) -> None:
         """Wake `agent_id`'s long-poll: there may be an order for it."""

@@ -8,9 +8,18 @@ people.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Literal
+from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from chiffon.schemas import limits
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
@@ -64,43 +73,82 @@ RESERVED_ENV = frozenset(
     }
 )
 
+
+def _integral(value: object) -> object:
+    """1.0 is the integer JSON Schema says it is; "1" and 1.5 stay refused (strict)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# After the bounds in `Annotated`, so that they stay the schema's minimum and maximum.
+INTEGRAL = BeforeValidator(_integral)
 Arg = Annotated[str, Field(max_length=ARG_MAX_CHARS, pattern=r"^[^\x00]*$")]
+# A variable name, and not one the agent sets for every job (RESERVED_ENV, CHIFFON_*).
+EnvName = Annotated[
+    str,
+    Field(
+        pattern=r"^(?!CHIFFON_|(?:CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER|NVIDIA_VISIBLE_DEVICES"
+        r"|ROCR_VISIBLE_DEVICES|HIP_VISIBLE_DEVICES)$)[A-Za-z_][A-Za-z0-9_]{0,127}$"
+    ),
+]
+EnvValue = Annotated[str, Field(max_length=ENV_VALUE_MAX_CHARS, pattern=r"^[^\x00]*$")]
 
 
 class JobRequirements(BaseModel):
-    """What the job needs on one desktop. `vram_gb` is free memory on *each* GPU."""
+    """What the job needs on one desktop. `vram_gb` is free memory on *each* GPU; asking
+    for VRAM without saying how many GPUs asks for one."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
-    gpus: Annotated[int, Field(ge=0, le=limits.GPUS_MAX)] = 0
+    gpus: Annotated[int, Field(ge=0, le=limits.GPUS_MAX), INTEGRAL] = 0
     vram_gb: Annotated[float, Field(ge=0, le=limits.GPU_GB_MAX)] = 0.0
     cpu_cores: Annotated[float, Field(ge=0, le=limits.CORES_MAX)] = 0.0
     memory_gb: Annotated[float, Field(ge=0, le=limits.GB_MAX)] = 0.0
     pool: ShortText | None = None
-    labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = {}
+    labels: Annotated[
+        dict[LabelKey, LabelValue],
+        Field(max_length=32, json_schema_extra={"additionalProperties": False}),
+    ] = {}
     gpu_vendor: limits.GpuVendor | None = None
 
-    @model_validator(mode="after")
-    def _vram_needs_gpus(self) -> JobRequirements:
-        if self.vram_gb > 0 and self.gpus == 0:
-            raise ValueError("vram_gb is per GPU: ask for gpus >= 1 with it")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _vram_means_a_gpu(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("vram_gb") and "gpus" not in data:
+            return {**data, "gpus": 1}
+        return data
 
 
 class JobSubmit(BaseModel):
     """`POST /api/v1/jobs`: an argv list (no shell unless it says `sh -c`), run once."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, strict=True, regex_engine="python-re"
+    )
 
-    command: Annotated[list[Arg], Field(min_length=1, max_length=ARGV_MAX_ITEMS)]
+    command: Annotated[
+        list[Arg],
+        Field(
+            min_length=1,
+            max_length=ARGV_MAX_ITEMS,
+            description="argv: the program, then its arguments; no shell",
+            # the program's name may not be empty (JSON Schema 2020-12, as OpenAPI 3.1)
+            json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]},
+        ),
+    ]
     name: ShortText | None = None
     requirements: JobRequirements = JobRequirements()
-    env: Annotated[dict[str, str], Field(max_length=ENV_MAX_ITEMS)] = {}
+    env: Annotated[
+        dict[EnvName, EnvValue],
+        Field(
+            max_length=ENV_MAX_ITEMS,
+            json_schema_extra={"additionalProperties": False},  # only names the pattern allows
+        ),
+    ] = {}
     workdir: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")] | None = (
         None
     )
     timeout_seconds: Annotated[float, Field(gt=0, le=TIMEOUT_MAX_SECONDS)] | None = None
-    retries: Annotated[int, Field(ge=0, le=RETRIES_MAX)] = 0
+    retries: Annotated[int, Field(ge=0, le=RETRIES_MAX), INTEGRAL] = 0
     retry_on_exit: bool = False
     policy: Policy = "best_fit"
 
@@ -113,14 +161,64 @@ class JobSubmit(BaseModel):
             raise ValueError(f"the command is longer than {ARGV_MAX_CHARS} characters")
         return argv
 
-    @field_validator("env")
+    @field_validator("env", mode="before")
     @classmethod
-    def _env(cls, env: dict[str, str]) -> dict[str, str]:
-        for name, value in env.items():
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"env: {name[:64]!r} is not a variable name")
+    def _env(cls, env: object) -> object:
+        """Say what is wrong with a name in words (the schema's pattern says the same)."""
+        for name in env if isinstance(env, dict) else ():
+            if not isinstance(name, str) or not _ENV_NAME.match(name):
+                raise ValueError(f"env: {str(name)[:64]!r} is not a variable name")
             if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(f"env: {name} is set by the agent for every job")
-            if len(value) > ENV_VALUE_MAX_CHARS or "\x00" in value:
-                raise ValueError(f"env: {name}'s value is too long or holds a NUL")
         return env
+
+
+class JobView(BaseModel):
+    """One job as the API shows it."""
+
+    job_id: UUID
+    name: str | None
+    state: JobState
+    reason: str = Field(description="why it waits, or how it ended")
+    attempt: int = Field(description="the current attempt's number (0: never placed)")
+    agent_id: UUID | None = Field(description="where the current attempt is")
+    cancel_requested: bool
+    command: list[str]
+    requirements: JobRequirements
+    submitted_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+    exit_code: int | None
+
+
+class JobAttempt(BaseModel):
+    attempt: int
+    agent_id: UUID
+    state: str
+    gpu_uuids: list[str]
+    assigned_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    signal: int | None
+    reason: str
+
+
+class JobEvent(BaseModel):
+    at: datetime
+    attempt: int
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+
+
+class JobDetail(JobView):
+    attempts: list[JobAttempt]
+    events: list[JobEvent]
+
+
+class JobAccepted(BaseModel):
+    job: JobView
+    warning: str | None = Field(
+        None, description="set when no registered agent could ever hold the job: it waits"
+    )

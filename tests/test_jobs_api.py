@@ -1,0 +1,129 @@
+"""The jobs API, on both engines: submit, list, show, cancel; bad input refused with
+nothing stored; and a job followed through the agent's routes to its exit code."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any
+
+import pytest
+
+from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.service import Orchestrator
+from tests.auth import API_HEADERS, bearer, issue
+from tests.conftest import api_client
+from tests.jobfleet import desktop
+
+
+async def test_a_submitted_job_waits_with_its_reason_until_an_agent_can_take_it(
+    orchestrator: Orchestrator,
+) -> None:
+    await desktop(orchestrator, "render-02", (6.1, 8.0))
+    await desktop(orchestrator, "private", (24.0, 24.0), accepts=False)
+    async with api_client(orchestrator, API_HEADERS) as api:
+        resp = await api.post("/api/v1/jobs", json={
+            "command": ["python", "train.py"], "name": "train",
+            "requirements": {"gpus": 1, "vram_gb": 8},
+        })  # fmt: skip
+        assert resp.status_code == 201, resp.text
+        accepted = resp.json()
+        assert accepted["warning"] is None  # private's 24 GB GPU could hold it one day
+        job_id = accepted["job"]["job_id"]
+        assert accepted["job"]["state"] == "queued"
+        await orchestrator.dispatcher.tick()
+        shown = (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    assert shown["state"] == "queued" and shown["name"] == "train"
+    assert shown["reason"] == (
+        "no online agent that accepts jobs has 1 GPU with 8 GB free: closest is render-02 "
+        "GPU 0 with 6.1 GB; 1 does not accept jobs"
+    )
+    assert [e["to_state"] for e in shown["events"]] == ["queued"] and shown["attempts"] == []
+
+
+async def test_a_job_no_registered_agent_could_ever_hold_is_accepted_with_a_warning(
+    orchestrator: Orchestrator,
+) -> None:
+    await desktop(orchestrator, "small", (8.0, 8.0))
+    async with api_client(orchestrator, API_HEADERS) as api:
+        resp = await api.post("/api/v1/jobs", json={
+            "command": ["x"], "requirements": {"gpus": 2, "vram_gb": 40},
+        })  # fmt: skip
+    assert resp.status_code == 201
+    assert resp.json()["warning"] == (
+        "no registered agent could ever hold 2 GPUs with 40 GB free; the job waits until one "
+        "that can joins"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"command": []}, "command"),
+        ({"command": ["x"], "requirements": {"gpus": 1, "vram_gb": math.nan}}, "vram_gb"),
+        ({"command": ["x"], "requirements": {"cpu_cores": -1}}, "cpu_cores"),
+        ({"command": ["x"], "env": {"NOT A NAME": "1"}}, "is not a variable name"),
+        ({"command": ["x"], "gpus": 1}, "Extra inputs are not permitted"),
+    ],
+)
+async def test_bad_submissions_get_a_422_and_store_nothing(
+    orchestrator: Orchestrator, body: dict[str, Any], says: str
+) -> None:
+    async with api_client(orchestrator, API_HEADERS) as api:
+        content = json.dumps(body)  # NaN as JavaScript writes it, which JSON does not allow
+        resp = await api.post(
+            "/api/v1/jobs", content=content, headers={"content-type": "application/json"}
+        )
+        assert resp.status_code == 422 and says in resp.json()["detail"], resp.text
+        assert (await api.get("/api/v1/jobs")).json() == []
+
+
+async def test_submitting_and_cancelling_need_the_api_token(orchestrator: Orchestrator) -> None:
+    async with api_client(orchestrator) as anonymous:
+        submit = await anonymous.post("/api/v1/jobs", json={"command": ["id"]})
+        cancel = await anonymous.post(f"/api/v1/jobs/{uuid.uuid4()}/cancel")
+        listing = await anonymous.get("/api/v1/jobs")
+    assert [r.status_code for r in (submit, cancel, listing)] == [401, 401, 401]
+    async with api_client(orchestrator, API_HEADERS) as api:
+        assert (await api.get("/api/v1/jobs")).json() == []  # nothing was queued
+
+
+async def test_cancel_lists_and_unknown_ids(orchestrator: Orchestrator) -> None:
+    async with api_client(orchestrator, API_HEADERS) as api:
+        job_id = (await api.post("/api/v1/jobs", json={"command": ["id"]})).json()["job"]["job_id"]
+        first = await api.post(f"/api/v1/jobs/{job_id}/cancel")
+        again = await api.post(f"/api/v1/jobs/{job_id}/cancel")
+        assert (first.json()["state"], again.json()["state"]) == ("cancelled", "cancelled")
+        assert [j["job_id"] for j in (await api.get("/api/v1/jobs?state=cancelled")).json()] == [
+            job_id
+        ]
+        assert (await api.get("/api/v1/jobs?state=queued")).json() == []
+        assert (await api.get(f"/api/v1/jobs/{uuid.uuid4()}")).status_code == 404
+        assert (await api.post(f"/api/v1/jobs/{uuid.uuid4()}/cancel")).status_code == 404
+        assert (await api.get("/api/v1/jobs/not-a-uuid")).status_code == 400
+
+
+async def test_a_job_followed_through_the_agents_routes_to_its_exit_code(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    credential = await issue(orchestrator, agent)
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        api_client(orchestrator, bearer(credential)) as desk,
+    ):
+        job_id = (await user.post("/api/v1/jobs", json={
+            "command": ["sh", "-c", "exit 3"], "requirements": {"gpus": 1, "vram_gb": 4},
+        })).json()["job"]["job_id"]  # fmt: skip
+        await orchestrator.dispatcher.tick()
+        [order] = (await desk.get(f"/api/v1/agents/{agent}/orders")).json()["orders"]
+        assert f'"job_id":"{job_id}"' in order["body"]
+        url = f"/api/v1/agents/{agent}/attempts/{job_id}/1"
+        await desk.post(url, json={"kind": "started"})
+        await desk.post(url, json={"kind": "ended", "outcome": "exit", "exit_code": 3})
+        shown = (await user.get(f"/api/v1/jobs/{job_id}")).json()
+    assert (shown["state"], shown["exit_code"], shown["agent_id"]) == ("failed", 3, str(agent))
+    [attempt] = shown["attempts"]
+    assert (attempt["gpu_uuids"], attempt["exit_code"]) == (["GPU-a-0"], 3)
+    assert [e["to_state"] for e in shown["events"]] == ["queued", "assigned", "running", "failed"]
