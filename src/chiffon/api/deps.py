@@ -34,14 +34,25 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 UUID_TEXT: dict[str, Any] = {"format": "uuid"}
 
 
+def _path_uuid(name: str, text: str) -> uuid.UUID:
+    """A path id, or 400 (not FastAPI's 422) when it is not a UUID."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise HTTPException(400, f"{name} {text[:64]!r} is not a UUID") from None
+
+
 async def parse_agent_id(
     agent_id: Annotated[str, Path(json_schema_extra=UUID_TEXT, description="the agent's UUID")],
 ) -> uuid.UUID:
-    """A path id, or 400 (not FastAPI's 422) when it is not a UUID."""
-    try:
-        return uuid.UUID(agent_id)
-    except ValueError:
-        raise HTTPException(400, f"agent_id {agent_id[:64]!r} is not a UUID") from None
+    return _path_uuid("agent_id", agent_id)
+
+
+async def parse_job_id(
+    job_id: Annotated[str, Path(json_schema_extra=UUID_TEXT, description="the job's UUID")],
+) -> uuid.UUID:
+    return _path_uuid("job_id", job_id)
 
 
 AgentIdDep = Annotated[uuid.UUID, Depends(parse_agent_id)]
+JobIdDep = Annotated[uuid.UUID, Depends(parse_job_id)]

@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chiffon.api.auth import bearer_token, unauthorized
-from chiffon.api.deps import AgentIdDep, OrchestratorDep
+from chiffon.api.deps import AgentIdDep, JobIdDep, OrchestratorDep
 from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas import limits
@@ -100,7 +100,7 @@ async def orders(
 )
 async def attempt_report(
     agent_id: AgentIdDep,
-    job_id: Annotated[uuid.UUID, Path()],
+    job_id: JobIdDep,
     attempt: Annotated[int, Path(ge=1, le=2**31 - 1)],
     request: Request,
     orchestrator: OrchestratorDep,

@@ -8,7 +8,13 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from chiffon.persistence.models import AgentEventRow, AgentRow
+from chiffon.persistence.models import (
+    AgentEventRow,
+    AgentRow,
+    JobAttemptRow,
+    JobEventRow,
+    JobRow,
+)
 from chiffon.persistence.registry import PoolTotals
 from chiffon.schemas.api import (
     AgentCapacity,
@@ -17,6 +23,7 @@ from chiffon.schemas.api import (
     FleetSummary,
     PoolSummary,
 )
+from chiffon.schemas.jobs import JobAttempt, JobDetail, JobEvent, JobView
 from chiffon.schemas.metrics import REGISTRY
 
 
@@ -67,6 +74,34 @@ def event(row: AgentEventRow) -> AgentEvent:
         from_status=row.from_status,
         to_status=row.to_status,
         reason=row.reason,
+    )
+
+
+def job(row: JobRow) -> JobView:
+    return JobView(
+        job_id=row.job_id,
+        name=row.name,
+        state=row.state,
+        reason=row.reason,
+        attempt=row.attempt,
+        agent_id=row.agent_id,
+        cancel_requested=row.cancel_requested_at is not None,
+        command=row.spec["command"],
+        requirements=row.spec.get("requirements", {}),
+        submitted_at=row.submitted_at,
+        updated_at=row.updated_at,
+        ended_at=row.ended_at,
+        exit_code=row.exit_code,
+    )
+
+
+def job_detail(
+    row: JobRow, attempts: Sequence[JobAttemptRow], events: Sequence[JobEventRow]
+) -> JobDetail:
+    return JobDetail(
+        **job(row).model_dump(),
+        attempts=[JobAttempt.model_validate(a, from_attributes=True) for a in attempts],
+        events=[JobEvent.model_validate(e, from_attributes=True) for e in events],
     )
 
 

@@ -157,3 +157,32 @@ def assign(
             JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=gpu_resource(gpu),
                         agent_id=agent_id, vram_gb=vram_gb)
         )  # fmt: skip
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    state: str | None = None,
+    agent_id: uuid.UUID | None = None,
+    limit: int = 100,
+) -> Sequence[JobRow]:
+    """Jobs, newest first."""
+    stmt = select(JobRow).order_by(JobRow.submitted_at.desc(), JobRow.job_id).limit(limit)
+    if state is not None:
+        stmt = stmt.where(JobRow.state == state)
+    if agent_id is not None:
+        stmt = stmt.where(JobRow.agent_id == agent_id)
+    return (await session.scalars(stmt)).all()
+
+
+async def history(
+    session: AsyncSession, *, job_id: uuid.UUID
+) -> tuple[Sequence[JobAttemptRow], Sequence[JobEventRow]]:
+    """A job's attempts (in order) and its events (oldest first)."""
+    attempts = await session.scalars(
+        select(JobAttemptRow).where(JobAttemptRow.job_id == job_id).order_by(JobAttemptRow.attempt)
+    )
+    events = await session.scalars(
+        select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+    )
+    return attempts.all(), events.all()
