@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from chiffon.persistence import db
 from tests.auth import API_HEADERS, ENROLL_TOKEN, TOKENS_ENV
 from tests.conftest import fresh_postgres_database
 from tests.fakes.nvidia_smi import gpu_row, install, path_with
@@ -95,7 +96,7 @@ class Fleet:
         self.orchestrator = proc
         wait_http(f"{self.api}/healthz", proc, log=self.tmp / "orchestrator.log")
 
-    def start_agent(self, name: str) -> subprocess.Popen[str]:
+    def start_agent(self, name: str, **env: str) -> subprocess.Popen[str]:
         home = self.tmp / name
         bin_dir = home / "bin"
         rows = DESKTOPS[name]
@@ -105,7 +106,7 @@ class Fleet:
         log = self.stack.enter_context((self.tmp / f"{name}.log").open("a"))
         proc = subprocess.Popen(
             [*CHIFFON, "agent", "--name", name, "--state-dir", str(home / "state")],
-            env={**os.environ, **self.agent_env, "HOME": str(home), "PATH": path},
+            env={**os.environ, **self.agent_env, "HOME": str(home), "PATH": path, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -155,10 +156,17 @@ def fleet_on(
     tmp: Path,
     amqp_url: str | None,
     liveness: dict[str, str] | None = None,
+    *,
+    sqlite: bool = False,
 ) -> Iterator[Fleet]:
+    """An orchestrator on a fresh PostgreSQL database (or, with `sqlite`, a SQLite file)."""
     liveness = liveness or LIVENESS_ENV
     with ExitStack() as stack:
-        database_url = stack.enter_context(fresh_postgres_database())
+        if sqlite:
+            database_url = f"sqlite:///{tmp / 'registry.db'}"
+            db.upgrade(database_url)
+        else:
+            database_url = stack.enter_context(fresh_postgres_database())
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         orch_env = {

@@ -316,7 +316,7 @@ async def test_history_off_records_nothing(database_url: str, tmp_path: Path) ->
     try:
         await orch.start()  # with its periodic tasks: no recorder, no pruner
         names = {t.get_name() for t in orch._tasks} - {"chiffon-credential-changes"}
-        assert names == {"chiffon-sweep", "chiffon-dispatch"}
+        assert names == {"chiffon-sweep", "chiffon-dispatch", "chiffon-log-prune"}
         assert await orch.recorder.record_once() == {}
     finally:
         await orch.stop()

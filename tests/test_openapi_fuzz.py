@@ -35,7 +35,10 @@ GENERATOR = ROOT / ".tools" / "bin" / "openapi-python-client"
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with orchestrator_process(tmp_path_factory.mktemp("contract")) as url:
+    # Long-polls answer within half a second: schemathesis waits for every answer.
+    with orchestrator_process(
+        tmp_path_factory.mktemp("contract"), env={"CHIFFON_LONG_POLL_MAX_SECONDS": "0.5"}
+    ) as url:
         agent = uuid.uuid4()
         beat = f.raw(f.message(agent, name="contract-desk"))
         resp = httpx.post(

@@ -25,12 +25,22 @@ class Orchestrator:
 
     def __init__(self) -> None:
         self.reports: list[tuple[uuid.UUID, int, dict[str, Any]]] = []
+        self.logs: dict[tuple[uuid.UUID, int], bytearray] = {}
+        self.shipped_at_end: dict[uuid.UUID, int] = {}
         self.verdict = "applied"
         self.changed = asyncio.Event()
 
     async def report(self, job_id: uuid.UUID, attempt: int, said: Mapping[str, Any]) -> str:
         self.reports.append((job_id, attempt, dict(said)))
+        if said["kind"] == "ended":
+            self.shipped_at_end[job_id] = len(self.logs.get((job_id, attempt), b""))
         self.changed.set()
+        return self.verdict
+
+    async def ship_log(self, job_id: uuid.UUID, attempt: int, offset: int, data: bytes) -> str:
+        log = self.logs.setdefault((job_id, attempt), bytearray())
+        assert offset == len(log), "chunks arrive in order, without gaps"
+        log += data
         return self.verdict
 
     def said(self, job_id: uuid.UUID) -> list[str]:
@@ -43,12 +53,15 @@ class Orchestrator:
                 await self.changed.wait()
 
 
-def loop(tmp_path: Path, orch: Orchestrator, *, accept: bool = True,
+def loop(tmp_path: Path, orch: Orchestrator, *, accept: bool = True, allow_root: bool = True,
          free: Mapping[str, float | None] | None = None) -> WorkLoop:  # fmt: skip
-    settings = WorkSettings(accept_jobs=accept, jobs_dir=tmp_path / "jobs", allow_root=True,
-                            grace_seconds=0.5)  # fmt: skip
-    return WorkLoop(settings, agent_id=AGENT, secret=SECRET, report=orch.report,
-                    free_vram=lambda: free or {})  # fmt: skip
+    settings = WorkSettings(accept_jobs=accept, jobs_dir=tmp_path / "jobs",
+                            allow_root=allow_root, grace_seconds=0.5)  # fmt: skip
+
+    async def free_vram() -> Mapping[str, float | None]:
+        return free or {}
+
+    return WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, free_vram=free_vram)
 
 
 def order(
@@ -110,11 +123,12 @@ async def test_an_agent_running_as_root_refuses_jobs_unless_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("chiffon.agent.work.os.geteuid", lambda: 0)
-    orch, job = Orchestrator(), uuid.uuid4()
-    settings = WorkSettings(accept_jobs=True, jobs_dir=tmp_path / "jobs")
-    work = WorkLoop(settings, agent_id=AGENT, secret=SECRET, report=orch.report, free_vram=dict)
-    await work.handle(*order(job))
+    orch, job, allowed = Orchestrator(), uuid.uuid4(), uuid.uuid4()
+    await loop(tmp_path, orch, allow_root=False).handle(*order(job))
     assert orch.reports[0][2]["detail"].startswith("the agent runs as root")
+    await loop(tmp_path / "b", orch, allow_root=True).handle(*order(allowed))
+    await orch.until(allowed, 2)
+    assert orch.said(allowed) == ["started", "exit"]
 
 
 async def test_a_program_that_cannot_start_fails_with_127(tmp_path: Path) -> None:
@@ -153,3 +167,14 @@ async def test_a_restarted_agent_ends_and_reports_what_its_last_run_left(tmp_pat
     [(job_id, attempt, said)] = orch.reports
     assert (job_id, attempt, said["outcome"]) == (job, 4, "lost")
     assert said["detail"] == "the agent restarted and ended it"
+
+
+async def test_all_output_is_shipped_in_order_before_the_end_is_reported(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    script = "import sys\nfor i in range(20000): print(f'line {i:05d}', flush=i % 997 == 0)"
+    await loop(tmp_path, orch).handle(*order(job, command=[sys.executable, "-c", script]))
+    await orch.until(job, 2)
+    shipped = bytes(orch.logs[(job, 1)])
+    assert shipped == "".join(f"line {i:05d}\n" for i in range(20000)).encode()
+    assert len(shipped) > 4 * 32 * 1024  # several chunks
+    assert orch.shipped_at_end[job] == len(shipped)

@@ -43,6 +43,7 @@ class AgentIdentity:
     capabilities: list[str] = field(default_factory=list)
     specializations: list[str] = field(default_factory=list)
     agent_version: str = __version__
+    accepts_jobs: bool = False  # its owner opted in (and it may run them: not as root)
 
 
 def beat_deadline(start: float, beat: int, interval_seconds: float, rng: random.Random) -> float:
@@ -111,6 +112,7 @@ class AgentLoop:
             capabilities=ident.capabilities,
             specializations=ident.specializations,
             resources=resources,
+            accepts_jobs=ident.accepts_jobs,
         )
         self._seq += 1
         return msg

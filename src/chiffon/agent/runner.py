@@ -74,7 +74,8 @@ def job_environment(
     """The documented set, then what the user gave (which may not override it: the
     submission's schema refuses those names)."""
     env = {k: inherited[k] for k in PASSED_THROUGH if k in inherited}
-    visible = ",".join(a.gpu_uuids)
+    # A GPU without a UUID is claimed as "index-N"; with PCI_BUS_ID order, N names it.
+    visible = ",".join(g.removeprefix("index-") for g in a.gpu_uuids)
     env.update(
         CHIFFON_JOB_ID=a.job_id,
         CHIFFON_ATTEMPT=str(a.attempt),
@@ -113,9 +114,12 @@ class JobRun:
         self._inherited = os.environ if inherited_env is None else inherited_env
         self._process: asyncio.subprocess.Process | None = None
         self._ending: Reason | None = None
+        self._why = ""
         self._started = 0.0
         self.log_bytes = 0
         self.log_bytes_dropped = 0
+        self.output = asyncio.Event()  # set when the log grew
+        self.finished = asyncio.Event()  # set when it ended and its log is complete
 
     @property
     def pid(self) -> int | None:
@@ -151,23 +155,25 @@ class JobRun:
         try:
             await asyncio.wait_for(process.wait(), timeout)
         except TimeoutError:
-            await self._end("timed_out")
+            await self.end("timed_out", f"ran past its timeout of {timeout:g} s")
         await process.wait()
         # What it started and left behind ends with it (and lets go of the output pipe).
         _signal_group(process.pid, signal.SIGKILL)
         await copying
         (self.attempt_dir / "state.json").unlink(missing_ok=True)
+        self.finished.set()
+        self.output.set()
         return self._ended(process.returncode)
 
     async def cancel(self) -> None:
-        await self._end("cancelled")
+        await self.end("cancelled")
 
-    async def _end(self, why: Reason) -> None:
-        """SIGTERM to the group, SIGKILL after the grace period."""
+    async def end(self, why: Reason, detail: str = "") -> None:
+        """SIGTERM to the group, SIGKILL after the grace period; it ends as `why`."""
         process = self._process
         if process is None or process.returncode is not None or self._ending is not None:
             return
-        self._ending = why
+        self._ending, self._why = why, detail
         _signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(process.wait()), self._grace)
@@ -182,10 +188,12 @@ class JobRun:
                 out.flush()
                 self.log_bytes += min(room, len(chunk))
                 self.log_bytes_dropped += max(0, len(chunk) - room)
+                self.output.set()
 
     def _ended(self, returncode: int | None) -> Ended:
         code = 0 if returncode is None else returncode
         dropped = self.log_bytes_dropped
+        cut = f"log cut at {self._max_log_bytes} bytes, {dropped} dropped" if dropped else ""
         return Ended(
             reason=self._ending or "exit",
             exit_code=code if code >= 0 else None,
@@ -193,7 +201,7 @@ class JobRun:
             runtime_seconds=round(time.monotonic() - self._started, 3),
             log_bytes=self.log_bytes,
             log_bytes_dropped=dropped,
-            detail=f"log cut at {self._max_log_bytes} bytes, {dropped} dropped" if dropped else "",
+            detail="; ".join(d for d in (self._why, cut) if d),
         )
 
 

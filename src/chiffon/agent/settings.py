@@ -42,6 +42,10 @@ ENV_VARS: dict[str, str] = {
     "capabilities": "CHIFFON_CAPABILITIES",
     "specializations": "CHIFFON_SPECIALIZATIONS",
     "enroll_token": "CHIFFON_ENROLL_TOKEN",
+    "accept_jobs": "CHIFFON_ACCEPT_JOBS",
+    "allow_root_jobs": "CHIFFON_ALLOW_ROOT_JOBS",
+    "job_grace_seconds": "CHIFFON_JOB_GRACE",
+    "jobs_dir": "CHIFFON_JOBS_DIR",
 }
 
 
@@ -133,6 +137,18 @@ def _one_of(*choices: str) -> Check:
         return str(value)
 
     return check
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("must be true or false")
 
 
 def _uuid(value: Any) -> UUID:
@@ -242,6 +258,14 @@ class AgentSettings:
     specializations: list[str] = field(default_factory=list, metadata=_check(_strings))
     # Presented once to get this agent's own secret (kept in state_dir/agent_secret, 0600).
     enroll_token: Secret | None = field(default=None, metadata=_check(_optional(_secret)))
+    # Jobs (docs/jobs.md): this desktop runs them only when its owner says so.
+    accept_jobs: bool = field(default=False, metadata=_check(_bool))
+    # An agent running as root refuses jobs unless this is set too.
+    allow_root_jobs: bool = field(default=False, metadata=_check(_bool))
+    # Seconds between SIGTERM and SIGKILL when a job is cancelled or times out.
+    job_grace_seconds: float = field(default=10.0, metadata=_check(_seconds(3600)))
+    # Each attempt's directory (its log, its state, its work dir). Unset: <state_dir>/jobs.
+    jobs_dir: Path | None = field(default=None, metadata=_check(_optional(_path)))
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -266,6 +290,10 @@ class AgentSettings:
                 f"heartbeat_timeout_seconds ({self.heartbeat_timeout_seconds:g}) must be "
                 f"greater than heartbeat_interval_seconds ({self.heartbeat_interval_seconds:g})",
             )
+
+    @property
+    def effective_jobs_dir(self) -> Path:
+        return self.jobs_dir or self.state_dir / "jobs"
 
     def as_json(self) -> dict[str, Any]:
         """Every setting as JSON can hold it, in field order; the token masked."""

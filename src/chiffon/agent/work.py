@@ -1,8 +1,8 @@
 """The agent's work loop: verify each order, start an attempt at most once, run it, report.
 
-Part of issue 22 (jobs); no transport feeds it orders yet (docs/jobs.md). It takes orders
-as raw bytes with their signature from whatever delivers them, and reports through a
-callable, so the HTTP long-poll and the RabbitMQ queue can both feed it.
+It takes orders as raw bytes with their signature from whatever delivers them (`poll`
+drives the HTTP long-poll), and reports and ships output through a `WorkChannel`, so any
+transport can feed it.
 
 The orchestrator's word is checked like any input (docs/jobs.md, "Orders to an agent"):
 an order that fails verification is counted and dropped; an assignment's fields are
@@ -12,6 +12,7 @@ bounded before anything runs; an attempt starts at most once (`AttemptLedger`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -20,17 +21,40 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from chiffon.agent.report import GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, Ended, JobRun, end_orphans
+from chiffon.backoff import Backoff
+from chiffon.transport.base import TransportError
 from chiffon.transport.orders import AttemptLedger, Order, OrderRefused, order_key, verify
 
 log = logging.getLogger(__name__)
 
-# (job id, attempt, what to say) -> the orchestrator's verdict: "applied", "stale", ...
-Reporter = Callable[[uuid.UUID, int, Mapping[str, Any]], Awaitable[str]]
-# The GPUs' free VRAM now (GB by GPU id), for the check just before a start.
-FreeVram = Callable[[], Mapping[str, float | None]]
+# The GPUs' free VRAM now (GB by GPU id), read just before a start.
+FreeVram = Callable[[], Awaitable[Mapping[str, float | None]]]
+LOG_CHUNK_BYTES = 32 * 1024  # under the orchestrator's request body limit (64 KiB)
+LOG_SHIP_INTERVAL_SECONDS = 0.25  # a line reaches `chiffon logs -f` within about this
+# Output further behind than this is skipped (it stays in the log file on the desktop):
+# the orchestrator keeps only a tail anyway.
+LOG_MOST_BEHIND_BYTES = 4 * 1024 * 1024
+POLL_WAIT_SECONDS = 25.0
+# Over RabbitMQ orders are pushed; the agent still asks over HTTP this often, for any
+# published while it had no queue (it restarted, the broker was away).
+PUSHED_POLL_PAUSE_SECONDS = 30.0
+
+
+class WorkChannel(Protocol):
+    """What the work loop says to the orchestrator; each returns its verdict ("applied",
+    "stale", "unknown_job") and raises `TransportError` when it could not be said."""
+
+    async def report(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> str: ...
+
+    async def ship_log(self, job_id: uuid.UUID, attempt: int, offset: int, data: bytes) -> str: ...
+
+
+class OrderSource(Protocol):
+    async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +74,14 @@ class WorkLoop:
         *,
         agent_id: uuid.UUID,
         secret: str,
-        report: Reporter,
+        channel: WorkChannel,
         free_vram: FreeVram,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._agent_id = agent_id
         self._key = order_key(secret)
-        self._report = report
+        self._channel = channel
         self._free_vram = free_vram
         self._clock = clock
         self._ledger = AttemptLedger(settings.jobs_dir)
@@ -100,9 +124,37 @@ class WorkLoop:
             if run is not None:
                 await run.cancel()
 
+    async def poll(
+        self,
+        source: OrderSource,
+        *,
+        wait_seconds: float = POLL_WAIT_SECONDS,
+        pause_seconds: float = 0.0,
+    ) -> None:
+        """Ask `source` for orders (each ask held up to `wait_seconds`, asked again after
+        `pause_seconds`) and act on each, until cancelled; while the orchestrator cannot be
+        reached, ask again with backoff."""
+        backoff, failures = Backoff(0.5, max_seconds=15.0), 0
+        while True:
+            try:
+                delivered = await source.orders(wait_seconds=wait_seconds)
+            except TransportError as exc:
+                failures += 1
+                delay = backoff.delay(failures)
+                log.warning("cannot get orders (%s); asking again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for body, signature in delivered:
+                await self.handle(body, signature)
+            if pause_seconds:
+                await asyncio.sleep(pause_seconds)
+
     async def stop(self) -> None:
-        """The agent is stopping: end every attempt (each reports itself) and wait."""
-        await asyncio.gather(*(run.cancel() for run in list(self._runs.values())))
+        """The agent is stopping: end every attempt (each reports itself lost, so its job
+        is placed again while it has retries) and wait."""
+        runs = list(self._runs.values())
+        await asyncio.gather(*(run.end("lost", "the agent stopped") for run in runs))
         if self._tasks:
             await asyncio.wait(set(self._tasks))
 
@@ -113,7 +165,7 @@ class WorkLoop:
             self.refused[exc.reason] += 1
             return
         key = (order.job_id, order.attempt)
-        why_not = self._why_not(order)
+        why_not = await self._why_not(order)
         try:
             assignment = assignment_from(order)
         except ValueError as exc:
@@ -134,14 +186,14 @@ class WorkLoop:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _why_not(self, order: Order) -> str | None:
+    async def _why_not(self, order: Order) -> str | None:
         """Why this desktop cannot honour the assignment now, if it cannot."""
         if not self.settings.accept_jobs:
             return "this desktop does not accept jobs"
-        if os.geteuid() == 0 and not self.settings.allow_root:
+        if not may_run_jobs(self.settings):
             return "the agent runs as root, and runs jobs as root only when started to"
         wanted = float(order.payload.get("vram_gb", 0) or 0)
-        free = self._free_vram()
+        free = await self._free_vram() if order.payload.get("gpu_uuids") else {}
         for gpu in order.payload.get("gpu_uuids", []):
             have = free.get(str(gpu))
             if have is None or have < wanted:
@@ -149,21 +201,72 @@ class WorkLoop:
         return None
 
     async def _follow(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
+        shipping = asyncio.create_task(self._ship(key, run))
         try:
             verdict = await self._say(*key, {"kind": "started"})
             if verdict == "stale":  # placed again elsewhere meanwhile: end this one
                 await run.cancel()
             ended = await run.wait()
+            await _finish(shipping, run)  # all its output is shipped before its end is said
             await self._say(*key, _ended_from(ended))
         finally:
+            shipping.cancel()
             self._runs.pop(key, None)
 
-    async def _say(self, job_id: uuid.UUID, attempt: int, said: Mapping[str, Any]) -> str:
-        try:
-            return await self._report(job_id, attempt, said)
-        except Exception as exc:  # the orchestrator's view converges at the next report
-            log.warning("reporting attempt %s of %s failed: %s", attempt, job_id, exc)
-            return "unreported"
+    async def _ship(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
+        """Send the attempt's log as it grows, in order, until the run ends and all of it
+        is sent (or the orchestrator says the attempt is not current)."""
+        sent, failures, backoff = 0, 0, Backoff(0.25, max_seconds=5.0)
+        while True:
+            ended = run.finished.is_set()
+            size = run.log_bytes
+            if size - sent > LOG_MOST_BEHIND_BYTES:
+                sent = size - LOG_MOST_BEHIND_BYTES
+            if sent >= size:
+                if ended:
+                    return
+                run.output.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.output.wait(), LOG_SHIP_INTERVAL_SECONDS)
+                continue
+            chunk = await asyncio.to_thread(_read_at, run.log_path, sent, LOG_CHUNK_BYTES)
+            try:
+                verdict = await self._channel.ship_log(*key, sent, chunk)
+            except TransportError as exc:
+                failures += 1
+                if ended and failures >= 3:  # do not hold the end's report for ever
+                    log.warning("output of attempt %s of %s not shipped: %s", *key[::-1], exc)
+                    return
+                await asyncio.sleep(backoff.delay(failures))
+                continue
+            failures = 0
+            if verdict != "applied":
+                return
+            sent += len(chunk)
+
+    async def _say(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> str:
+        """Report, retrying a few times while the orchestrator cannot be reached; an end
+        that is never heard is found by the orchestrator (the attempt is lost)."""
+        backoff = Backoff(0.5, max_seconds=10.0)
+        for failures in range(1, 8):
+            try:
+                return await self._channel.report(job_id, attempt, said)
+            except TransportError as exc:
+                log.warning("reporting attempt %s of %s failed: %s", attempt, job_id, exc)
+                await asyncio.sleep(backoff.delay(failures))
+        return "unreported"
+
+
+async def _finish(shipping: asyncio.Task[None], run: JobRun) -> None:
+    run.output.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(shipping), 30)
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def _ended(outcome: str, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
@@ -173,6 +276,23 @@ def _ended(outcome: str, detail: str, *, exit_code: int | None = None) -> dict[s
 def _ended_from(ended: Ended) -> dict[str, Any]:
     said = _ended(ended.reason, ended.detail, exit_code=ended.exit_code)
     return {**said, "signal": ended.signal, "runtime_seconds": ended.runtime_seconds}
+
+
+def gpu_key(gpu: GpuReading) -> str:
+    """A GPU's id in claims and orders: its UUID, else `index-N` (the orchestrator's
+    `scheduler.gpu_id`)."""
+    return gpu.uuid or f"index-{gpu.index}"
+
+
+def free_vram_of(snapshot: Snapshot) -> dict[str, float | None]:
+    return {gpu_key(g): g.vram_free_gb for g in snapshot.gpus}
+
+
+def may_run_jobs(settings: WorkSettings) -> bool:
+    """Whether this agent runs jobs at all: its owner opted in, and it is not root (or was
+    told it may run jobs as root)."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return settings.accept_jobs and (not root or settings.allow_root)
 
 
 def assignment_from(order: Order) -> Assignment:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import UUID_TEXT, AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
-from chiffon.orchestrator import views
+from chiffon.orchestrator import capacity, views
 from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
 from chiffon.schemas import limits
@@ -94,7 +94,8 @@ async def available_capacity(
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
     label: LabelSelector = None,
 ) -> list[AgentCapacity]:
-    """Online agents that meet every requirement, most free VRAM first.
+    """Online agents that meet every requirement, most free VRAM first. Cores, memory and
+    VRAM free are net of what running jobs hold (`claims`).
 
     The first entry is the best agent. An empty list means no one can take the work now.
     """
@@ -106,12 +107,11 @@ async def available_capacity(
         labels=_labels(label),
     )
     started = time.perf_counter()
-    rows = await registry.find_capacity(session, want=want)
+    found = await capacity.available(session, want=want, now=orchestrator.clock.now())
     orchestrator.metrics.query_seconds.labels("available_capacity").observe(
         time.perf_counter() - started
     )
-    now = orchestrator.clock.now()
-    return [views.capacity(row, now) for row in rows]
+    return found
 
 
 @router.get("/agents/{agent_id}", response_model=AgentRecord, responses=_NOT_FOUND)
@@ -129,11 +129,12 @@ async def get_agent(
 async def get_capacity(
     agent_id: AgentIdDep, session: SessionDep, orchestrator: OrchestratorDep
 ) -> AgentCapacity:
-    """One agent's capacity: the seeds' fields, each GPU, and the metrics' age."""
-    row = await registry.get_agent(session, agent_id=agent_id)
-    if row is None:
+    """One agent's capacity: the seeds' fields (net of what running jobs hold), each GPU,
+    and the metrics' age."""
+    found = await capacity.one(session, agent_id=agent_id, now=orchestrator.clock.now())
+    if found is None:
         raise HTTPException(404, f"agent {agent_id} is not registered")
-    return views.capacity(row, orchestrator.clock.now())
+    return found
 
 
 @router.delete("/agents/{agent_id}", status_code=204, responses=_NOT_FOUND)

@@ -18,7 +18,14 @@ from chiffon.orchestrator import views
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import JobRow
 from chiffon.schemas.api import ErrorDetail
-from chiffon.schemas.jobs import JobAccepted, JobDetail, JobState, JobSubmit, JobView
+from chiffon.schemas.jobs import (
+    JobAccepted,
+    JobDetail,
+    JobLog,
+    JobState,
+    JobSubmit,
+    JobView,
+)
 
 router = APIRouter(
     prefix="/api/v1", tags=["jobs"], dependencies=[ApiTokenDep], responses=UNAUTHORIZED
@@ -34,7 +41,7 @@ async def submit(
 ) -> JobAccepted:
     """Queue a command to run once on a desktop that has room for it."""
     job_id, warning = await orchestrator.submit_job(spec)
-    return JobAccepted(job=views.job(await _job(session, job_id)), warning=warning)
+    return JobAccepted(job=await _view(session, job_id), warning=warning)
 
 
 @router.get("/jobs", response_model=list[JobView], responses=_ERRORS)
@@ -46,7 +53,8 @@ async def list_jobs(
 ) -> list[JobView]:
     """Jobs, newest first."""
     rows = await repo.list_jobs(session, state=state, agent_id=agent_id, limit=limit)
-    return [views.job(row) for row in rows]
+    names = await repo.agent_names(session, agent_ids=[row.agent_id for row in rows])
+    return [views.job(row, names) for row in rows]
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses=_ERRORS)
@@ -54,7 +62,9 @@ async def show(job_id: JobIdDep, session: SessionDep) -> JobDetail:
     """One job with its attempts and its events (why it waits, how each attempt ended)."""
     job = await _job(session, job_id)
     attempts, events = await repo.history(session, job_id=job_id)
-    return views.job_detail(job, attempts, events)
+    ids = [job.agent_id, *(a.agent_id for a in attempts)]
+    names = await repo.agent_names(session, agent_ids=ids)
+    return views.job_detail(job, attempts, events, names)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=_ERRORS)
@@ -63,7 +73,33 @@ async def cancel(job_id: JobIdDep, orchestrator: OrchestratorDep, session: Sessi
     SIGKILL after the grace period). Cancelling again changes nothing."""
     if await orchestrator.cancel_job(job_id) is None:
         raise HTTPException(404, f"no job {job_id}")
-    return views.job(await _job(session, job_id))
+    return await _view(session, job_id)
+
+
+@router.get("/jobs/{job_id}/logs", response_model=JobLog, responses=_ERRORS)
+async def logs(
+    job_id: JobIdDep,
+    orchestrator: OrchestratorDep,
+    attempt: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1024 * 1024)] = 256 * 1024,
+    wait: Annotated[
+        float, Query(ge=0, le=30, description="seconds to wait for output when none is new")
+    ] = 0,
+) -> JobLog:
+    """The job's output from `offset` (its current attempt unless `attempt` is given).
+    Follow it by asking again from `next_offset` with `wait` until `done`."""
+    log = await orchestrator.read_log(
+        job_id, attempt=attempt, offset=offset, limit=limit, wait_seconds=wait
+    )
+    if log is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return log
+
+
+async def _view(session: AsyncSession, job_id: uuid.UUID) -> JobView:
+    job = await _job(session, job_id)
+    return views.job(job, await repo.agent_names(session, agent_ids=[job.agent_id]))
 
 
 async def _job(session: AsyncSession, job_id: uuid.UUID) -> JobRow:

@@ -118,3 +118,29 @@ async def attempt_report(
     report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail)
     verdict = await orchestrator.report_attempt(agent_id, job_id, attempt, report)
     return AttemptVerdict(verdict=verdict)
+
+
+@router.post(
+    "/agents/{agent_id}/attempts/{job_id}/{attempt}/log",
+    response_model=AttemptVerdict,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        }
+    },
+)
+async def attempt_log(
+    agent_id: AgentIdDep,
+    job_id: JobIdDep,
+    attempt: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    offset: Annotated[int, Query(ge=0, le=2**62, description="the chunk's byte offset")],
+    request: Request,
+    orchestrator: OrchestratorDep,
+) -> AttemptVerdict:
+    """A chunk of the attempt's output (raw bytes), at its offset in the desktop's log."""
+    await _the_agent(orchestrator, agent_id, request)
+    data = await request.body()
+    verdict = await orchestrator.ship_log(agent_id, job_id, attempt, offset, data)
+    return AttemptVerdict(verdict=verdict)

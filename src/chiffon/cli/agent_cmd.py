@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +26,10 @@ if TYPE_CHECKING:
     from chiffon.agent.probes.collect import Collector
     from chiffon.agent.report import Snapshot
     from chiffon.agent.settings import AgentSettings, LoadedSettings
+    from chiffon.agent.work import WorkChannel, WorkLoop, WorkSettings
     from chiffon.transport.auth import AgentCredential
     from chiffon.transport.base import Publisher
+    from chiffon.transport.http import HttpWork
 
 CONFIG_OPTION = typer.Option(
     None, "--config", help="YAML file [~/.chiffon/agent.yml, else /etc/chiffon/agent.yml]."
@@ -109,6 +113,7 @@ def probe(
 def identity_of(settings: AgentSettings) -> AgentIdentity:
     from chiffon.agent.identity import IdentityError, default_name, load_or_create_agent_id
     from chiffon.agent.loop import AgentIdentity
+    from chiffon.agent.work import may_run_jobs
 
     try:
         agent_id = load_or_create_agent_id(settings.state_dir, settings.agent_id)
@@ -121,6 +126,7 @@ def identity_of(settings: AgentSettings) -> AgentIdentity:
         labels=settings.labels,
         capabilities=settings.capabilities,
         specializations=settings.specializations,
+        accepts_jobs=may_run_jobs(work_settings(settings)),
     )
 
 
@@ -156,8 +162,23 @@ def new_collector(settings: AgentSettings) -> Collector:
     return Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
 
 
+def locked(collector: Collector) -> Callable[[], Snapshot]:
+    """`collector.collect`, one pass at a time (the heartbeat and a job's pre-start check
+    both read the GPUs)."""
+    lock = threading.Lock()
+
+    def collect() -> Snapshot:
+        with lock:
+            return collector.collect()
+
+    return collect
+
+
 def new_agent_loop(
-    settings: AgentSettings, identity: AgentIdentity, publisher: Publisher, collector: Collector
+    settings: AgentSettings,
+    identity: AgentIdentity,
+    publisher: Publisher,
+    collect: Callable[[], Snapshot],
 ) -> AgentLoop:
     """The heartbeat loop, collecting in a daemon thread so a hung driver cannot stall it."""
     from chiffon.agent.bounded import in_daemon_thread
@@ -166,7 +187,7 @@ def new_agent_loop(
     return AgentLoop(
         identity,
         publisher,
-        lambda: in_daemon_thread(collector.collect, name="chiffon-collect"),
+        lambda: in_daemon_thread(collect, name="chiffon-collect"),
         interval_seconds=settings.heartbeat_interval_seconds,
         publish_timeout_seconds=settings.publish_timeout_seconds,
     )
@@ -226,11 +247,60 @@ async def _enroll(settings: AgentSettings, identity: AgentIdentity) -> AgentCred
         raise CliError(f"cannot enroll: {exc}") from None
 
 
+def work_settings(settings: AgentSettings) -> WorkSettings:
+    from chiffon.agent.work import WorkSettings
+
+    return WorkSettings(
+        accept_jobs=settings.accept_jobs,
+        jobs_dir=settings.effective_jobs_dir,
+        allow_root=settings.allow_root_jobs,
+        grace_seconds=settings.job_grace_seconds,
+    )
+
+
+def new_work_loop(
+    settings: WorkSettings,
+    credential: AgentCredential,
+    channel: WorkChannel,
+    collect: Callable[[], Snapshot],
+) -> WorkLoop:
+    """The loop that runs jobs, reading free VRAM afresh before each start."""
+    from chiffon.agent.bounded import in_daemon_thread
+    from chiffon.agent.work import WorkLoop, free_vram_of
+
+    async def free_vram() -> dict[str, float | None]:
+        return free_vram_of(await in_daemon_thread(collect, name="chiffon-vram"))
+
+    return WorkLoop(
+        settings, agent_id=credential.agent_id, secret=credential.secret, channel=channel,
+        free_vram=free_vram,
+    )  # fmt: skip
+
+
+def order_tasks(
+    settings: AgentSettings, credential: AgentCredential, work: WorkLoop, channel: HttpWork
+) -> list[asyncio.Task[None]]:
+    """How orders reach the agent: a long-poll over HTTP; over RabbitMQ, its own queue, and
+    an HTTP ask every 30 s for any published while it had none."""
+    from chiffon.agent.work import PUSHED_POLL_PAUSE_SECONDS
+
+    if settings.transport != "amqp":
+        return [asyncio.create_task(work.poll(channel), name="chiffon-orders")]
+    from chiffon.transport.rabbitmq.orders import consume_orders
+
+    pushed = consume_orders(settings.amqp_url, credential.agent_id, work.handle)
+    polled = work.poll(channel, wait_seconds=0, pause_seconds=PUSHED_POLL_PAUSE_SECONDS)
+    return [asyncio.create_task(pushed, name="chiffon-orders-amqp"),
+            asyncio.create_task(polled, name="chiffon-orders")]  # fmt: skip
+
+
 async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
     from chiffon.transport.factory import make_publisher
+    from chiffon.transport.http import HttpWork
 
     credential = await obtain_credential(settings, identity)
     collector = new_collector(settings)
+    collect = locked(collector)
     publisher = make_publisher(
         settings.transport,
         amqp_url=settings.amqp_url,
@@ -239,11 +309,28 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
         credential=credential,
         message_ttl_seconds=settings.heartbeat_timeout_seconds,
     )
-    agent = new_agent_loop(settings, identity, publisher, collector)
-    _install_signal_handlers(agent.stop)
+    agent = new_agent_loop(settings, identity, publisher, collect)
+    # Reports and output go over HTTP whatever carries the heartbeats (enrollment does too).
+    channel = HttpWork(
+        settings.orchestrator_url, credential, timeout_seconds=settings.publish_timeout_seconds
+    )
+    work = new_work_loop(work_settings(settings), credential, channel, collect)
+    stopping = asyncio.Event()
+    _install_signal_handlers(stopping.set)
+    tasks = [asyncio.create_task(agent.run(), name="chiffon-agent"),
+             asyncio.create_task(work.recover(), name="chiffon-recover")]  # fmt: skip
+    if identity.accepts_jobs:
+        tasks += order_tasks(settings, credential, work, channel)
     try:
-        await agent.run()
+        await asyncio.wait([tasks[0], asyncio.create_task(stopping.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
     finally:
+        for task in tasks[2:]:
+            task.cancel()
+        await work.stop()  # its jobs end and say so before the goodbye
+        agent.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await channel.aclose()
         collector.close()
 
 
@@ -272,12 +359,26 @@ def agent(
         "CHIFFON_ENROLL_TOKEN_FILE (a flag is visible to other local users in ps).",
     ),
     label: list[str] = typer.Option(None, "--label", help="key=value; repeatable."),
+    accept_jobs: bool = typer.Option(
+        None,
+        "--accept-jobs",
+        help="Run jobs submitted to the orchestrator on this desktop, as this user [off]; "
+        "env CHIFFON_ACCEPT_JOBS.",
+        show_default=False,
+    ),
+    allow_root_jobs: bool = typer.Option(
+        None,
+        "--allow-root-jobs",
+        help="Run jobs even though the agent runs as root [off]; env CHIFFON_ALLOW_ROOT_JOBS.",
+        show_default=False,
+    ),
     show_config: bool = typer.Option(
         False, "--print-config", help="Show the effective settings and where each came from."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run the agent: a heartbeat at start (registration), then every interval."""
+    """Run the agent: a heartbeat at start (registration), then every interval; with
+    --accept-jobs it also runs jobs."""
     from chiffon.agent.settings import SettingsError, parse_labels
 
     try:
@@ -295,6 +396,8 @@ def agent(
         "state_dir": state_dir,
         "labels": labels,
         "enroll_token": enroll_token,
+        "accept_jobs": accept_jobs or None,
+        "allow_root_jobs": allow_root_jobs or None,
     }
     loaded = load(config, flags)
     if show_config:
@@ -310,6 +413,17 @@ def agent(
         f"every {settings.heartbeat_interval_seconds:g} s",
         highlight=False,
     )
+    if identity.accepts_jobs:
+        console.print(
+            f"accepting jobs: they run as this user, in {settings.effective_jobs_dir}",
+            highlight=False,
+        )
+    elif settings.accept_jobs:
+        err_console.print(
+            "warning: not accepting jobs: the agent runs as root (add --allow-root-jobs to "
+            "run jobs as root anyway)",
+            highlight=False,
+        )
     asyncio.run(run_agent(settings, identity))
 
 

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from chiffon import __version__
-from chiffon.cli import agent_cmd, fleet_cmd, orchestrator_cmd, simulate_cmd, up_cmd
+from chiffon.cli import agent_cmd, fleet_cmd, jobs_cmd, orchestrator_cmd, simulate_cmd, up_cmd
 from chiffon.cli.common import CliError, fail
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 up_cmd.register(app)
 fleet_cmd.register(app)
+jobs_cmd.register(app)
 agent_cmd.register(app)
 orchestrator_cmd.register(app)
 simulate_cmd.register(app)

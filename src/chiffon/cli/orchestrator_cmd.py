@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
@@ -107,7 +108,7 @@ async def serve(
         for companion in companions:
             await companion.start(orchestrator)
             started.append(companion)
-        await _server_class()(config).serve(sockets=[sock])
+        await _server_class(orchestrator.begin_stop)(config).serve(sockets=[sock])
     finally:
         for companion in reversed(started):
             await companion.stop()
@@ -173,12 +174,17 @@ def _request_deadline_protocol() -> type[asyncio.Protocol]:
     return RequestDeadline
 
 
-def _server_class() -> type[uvicorn.Server]:
+def _server_class(stopping: Callable[[], None]) -> type[uvicorn.Server]:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises a caught SIGTERM once it has stopped, which kills the process
-        before our own shutdown (consumer drain, last batch) can run; handle it instead."""
+        before our own shutdown (consumer drain, last batch) can run; handle it instead.
+        `stopping` is told first: the long-polls end, the sweep stops judging."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            stopping()
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Generator[None, None, None]:

@@ -9,6 +9,7 @@ validation, same commit). No broker, no database server.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
 import socket
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from chiffon.agent.loop import AgentIdentity, AgentLoop
     from chiffon.agent.probes.collect import Collector
     from chiffon.agent.settings import AgentSettings
+    from chiffon.agent.work import WorkLoop
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.transport.auth import AgentCredential
 
@@ -38,16 +40,24 @@ class LocalAgent:
         self._identity = identity
         self._collector = collector
         self._loop: AgentLoop | None = None
+        self._work: WorkLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._work_tasks: list[asyncio.Task[None]] = []
 
     async def start(self, orchestrator: Orchestrator) -> None:
-        from chiffon.cli.agent_cmd import new_agent_loop
-        from chiffon.transport.memory import InMemoryPublisher
+        from chiffon.cli.agent_cmd import locked, new_agent_loop, new_work_loop, work_settings
+        from chiffon.transport.memory import InMemoryPublisher, InMemoryWork
 
         credential = await self._credential(orchestrator)
         publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
-        self._loop = new_agent_loop(self._settings, self._identity, publisher, self._collector)
+        collect = locked(self._collector)
+        self._loop = new_agent_loop(self._settings, self._identity, publisher, collect)
         self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
+        channel = InMemoryWork(orchestrator, credential.agent_id)
+        self._work = new_work_loop(work_settings(self._settings), credential, channel, collect)
+        self._work_tasks.append(asyncio.create_task(self._work.recover()))
+        if self._identity.accepts_jobs:
+            self._work_tasks.append(asyncio.create_task(self._work.poll(channel)))
 
     async def _credential(self, orchestrator: Orchestrator) -> AgentCredential:
         """This machine's agent is the orchestrator's own: it keeps its secret in the data
@@ -80,6 +90,10 @@ class LocalAgent:
         """Say goodbye (the orchestrator marks this machine offline at once), then stop."""
         if self._loop is None or self._task is None:
             return
+        for task in self._work_tasks:
+            task.cancel()
+        if self._work is not None:
+            await self._work.stop()  # its jobs end, and say so, before the goodbye
         self._loop.stop()
         try:
             await asyncio.wait_for(self._task, STOP_TIMEOUT_SECONDS)
@@ -121,6 +135,14 @@ def up(
     data_dir: Path = typer.Option(
         None, help="Registry and agent identity live here [~/.chiffon]; env CHIFFON_DATA_DIR."
     ),
+    accept_jobs: bool = typer.Option(
+        True,
+        "--accept-jobs/--no-accept-jobs",
+        help="Run jobs submitted with the API token on this machine, as this user.",
+    ),
+    allow_root_jobs: bool = typer.Option(
+        False, "--allow-root-jobs", help="Run jobs even when started as root."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start everything on this machine: orchestrator, API, dashboard and its own agent."""
@@ -138,7 +160,11 @@ def up(
     settings = settings.model_copy(update={"database_url": url, "amqp_url": None})
     settings = resolve_secrets(settings).settings
     assert settings.api_token is not None and settings.enroll_token is not None
-    agent_settings = load(None, {"state_dir": settings.data_dir}).settings
+    agent_settings = load(
+        None,
+        {"state_dir": settings.data_dir, "accept_jobs": accept_jobs,
+         "allow_root_jobs": allow_root_jobs or None},
+    ).settings  # fmt: skip
     sock = bind(settings.host, settings.port)
     _migrate(url)
     identity = identity_of(agent_settings)
@@ -163,6 +189,17 @@ def up(
         )
     )
     console.print(resources_table(snapshot))
+    if identity.accepts_jobs:
+        console.print(
+            f"It runs jobs (chiffon run), as {getpass.getuser()}, in "
+            f"{agent_settings.effective_jobs_dir}; --no-accept-jobs turns that off.",
+            highlight=False,
+        )
+    elif agent_settings.accept_jobs:
+        console.print(
+            "It does not run jobs: started as root (--allow-root-jobs to run them as root).",
+            highlight=False,
+        )
     hint = _join_hint(settings.host, settings.port, settings.enroll_token.get_secret_value())
     console.print(f"\n{hint}", highlight=False)
     console.print("See the fleet: chiffon agents   Stop: Ctrl-C\n")

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import AgentRow, JobAttemptRow, JobClaimRow, JobRow
-from chiffon.schemas.jobs import TERMINAL, JobSubmit
+from chiffon.schemas.jobs import TERMINAL, JobLog, JobSubmit
 from chiffon.transport.orders import Order
 
 Verdict = Literal["applied", "stale", "unknown_job"]
@@ -94,6 +94,66 @@ async def report(
         return "applied"
 
 
+async def ship_log(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    agent_id: uuid.UUID,
+    job_id: uuid.UUID,
+    attempt: int,
+    offset: int,
+    data: bytes,
+    tail_bytes: int,
+) -> Verdict:
+    """A chunk of an attempt's output, kept when the attempt is the job's current one on
+    that agent (fenced like a report; an agent ships the rest before it reports the end)."""
+    async with sessions.begin() as session:
+        job = await session.get(JobRow, job_id)
+        if job is None:
+            return "unknown_job"
+        if job.attempt != attempt or job.agent_id != agent_id:
+            return "stale"
+        if job.state not in ("assigned", "running"):
+            return "stale"
+        await repo.append_log(session, job_id=job_id, attempt=attempt, offset=offset,
+                              data=data, tail_bytes=tail_bytes)  # fmt: skip
+        return "applied"
+
+
+async def log_piece(
+    session: AsyncSession, *, job_id: uuid.UUID, attempt: int | None, offset: int, limit: int
+) -> JobLog | None:
+    """Up to `limit` bytes of an attempt's output from `offset` (its current attempt by
+    default), never ending inside a character while more may follow. None: no such job
+    (an attempt it never had reads as empty and done)."""
+    job = await session.get(JobRow, job_id, populate_existing=True)
+    if job is None:
+        return None
+    n = job.attempt if attempt is None else attempt
+    # Over: the job ended, or this is not its live attempt (one handed back when the job
+    # was queued again, a later one, or one it never had).
+    live = n == job.attempt and (job.state in ("assigned", "running") or n == 0)
+    over = job.state in TERMINAL or not live
+    start, data = await repo.read_log(session, job_id=job_id, attempt=n, offset=offset, limit=limit)
+    end = await repo.log_end(session, job_id=job_id, attempt=n)
+    done = over and start + len(data) >= end
+    if not done:
+        data = data[: utf8_complete(data)]
+    return JobLog(job_id=job_id, attempt=n, offset=start, next_offset=start + len(data),
+                  data=data.decode(errors="replace"), done=done)  # fmt: skip
+
+
+def utf8_complete(data: bytes) -> int:
+    """The length of `data` without a UTF-8 character cut at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last character's first byte
+            need = 2 if byte >= 0xC0 else 1
+            need = 3 if byte >= 0xE0 else need
+            need = 4 if byte >= 0xF0 else need
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
 async def pending_orders(
     sessions: async_sessionmaker[AsyncSession], *, agent_id: uuid.UUID, now: datetime
 ) -> list[Order]:
@@ -140,28 +200,40 @@ def _assignment(spec: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
 async def lose_offline(
     sessions: async_sessionmaker[AsyncSession], *, now: datetime
 ) -> list[uuid.UUID]:
-    """Every attempt out on an agent that is offline (or no longer registered) is lost.
-    Level-triggered, so it holds across restarts: whatever marked the agent offline (the
-    sweep, its goodbye), the next pass finds its attempts. Returns the jobs moved."""
+    """Every attempt out on an agent that is offline, no longer registered, or no longer
+    accepts jobs (restarted without it: it ended them) is lost. Level-triggered, so it
+    holds across restarts: whatever marked the agent offline (the sweep, its goodbye), the
+    next pass finds its attempts. Returns the jobs moved."""
     async with sessions() as session:
         stmt = (
-            select(JobRow.agent_id)
+            select(JobRow.agent_id, AgentRow.status)
             .outerjoin(AgentRow, AgentRow.agent_id == JobRow.agent_id)
             .where(
                 JobRow.state.in_(("assigned", "running")),
-                or_(AgentRow.status.is_(None), AgentRow.status != "online"),
+                or_(
+                    AgentRow.status.is_(None),
+                    AgentRow.status != "online",
+                    AgentRow.accepts_jobs.is_(False),
+                ),
             )
             .distinct()
         )
-        agents = [a for a in (await session.scalars(stmt)).all() if a is not None]
+        agents = [(a, status) for a, status in (await session.execute(stmt)).all() if a]
     moved: list[uuid.UUID] = []
-    for agent_id in agents:
-        moved += await lose_agent(sessions, agent_id=agent_id, now=now)
+    for agent_id, status in agents:
+        why = {"online": "its desktop no longer accepts jobs", None: "its desktop left"}.get(
+            status, "its desktop went offline"
+        )
+        moved += await lose_agent(sessions, agent_id=agent_id, now=now, why=why)
     return moved
 
 
 async def lose_agent(
-    sessions: async_sessionmaker[AsyncSession], *, agent_id: uuid.UUID, now: datetime
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    agent_id: uuid.UUID,
+    now: datetime,
+    why: str = "its desktop went offline",
 ) -> list[uuid.UUID]:
     """The agent went offline: every attempt it had out is lost. Jobs with retries left go
     back to the queue; the others end `lost`. Returns the jobs it had."""
@@ -176,7 +248,7 @@ async def lose_agent(
         for job_id in ids:
             job = await _locked(session, job_id)
             if job is not None and job.state in ("assigned", "running"):
-                lost = Report("ended", "lost", detail="its desktop went offline")
+                lost = Report("ended", "lost", detail=why)
                 await _end(session, job, lost, now)
     return list(ids)
 
@@ -189,7 +261,7 @@ async def _locked(session: AsyncSession, job_id: uuid.UUID) -> JobRow | None:
 
 
 async def _start(session: AsyncSession, job: JobRow, now: datetime) -> None:
-    session.add(repo.move(job, "running", reason=f"started on {job.agent_id}", now=now))
+    session.add(repo.move(job, "running", reason="started", now=now))
     await session.execute(_attempt(job, job.attempt).values(state="running", started_at=now))
 
 

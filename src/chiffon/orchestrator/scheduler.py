@@ -92,7 +92,10 @@ def candidate(row: Row[Any], claims: Sequence[JobClaimRow]) -> Candidate:
     cores_claimed = sum(c.cpu_cores or 0.0 for c in host)
     memory_claimed = sum(c.memory_gb or 0.0 for c in host)
     cores = _net(row.cpu_cores_available, row.cpu_cores_physical, cores_claimed)
-    memory = _net(row.memory_available_gb, metrics.get("memory_total_gb"), memory_claimed)
+    # Memory on the safe side, as VRAM without per-process numbers: a job may not yet have
+    # grown into its claim, so what it holds counts whole, beside what is seen in use.
+    seen_memory = row.memory_available_gb
+    memory = None if seen_memory is None else max(0.0, float(seen_memory) - memory_claimed)
     by_gpu: dict[str, list[Claim]] = {}
     for c in claims:
         if c.resource != repo.HOST and c.vram_gb is not None:
@@ -195,7 +198,7 @@ async def _place_one(
         fresh = await _read_again(session, agent_id)
         if fresh is not None and still_fits(want, fresh, choice.gpu_uuids):
             gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
-            repo.assign(session, job=job, agent_id=agent_id, gpus=gpus,
+            repo.assign(session, job=job, agent_id=agent_id, agent_name=fresh.name, gpus=gpus,
                         cpu_cores=want.cpu_cores, memory_gb=want.memory_gb, now=now)  # fmt: skip
             fresh = await _read_again(session, agent_id)  # with the claims just written
         if fresh is None:

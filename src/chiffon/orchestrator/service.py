@@ -8,8 +8,9 @@ import secrets
 import time
 from contextlib import suppress
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
+from weakref import WeakValueDictionary
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -23,6 +24,7 @@ from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
+from chiffon.orchestrator.periodic import run_every
 from chiffon.orchestrator.placement import never_fits
 from chiffon.orchestrator.scheduler import Dispatcher, could_ever_hold, requirements
 from chiffon.orchestrator.settings import OrchestratorSettings
@@ -33,7 +35,7 @@ from chiffon.persistence.db import check_schema, create_engine, session_factory
 from chiffon.persistence.models import JobRow
 from chiffon.persistence.registry import StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage, parse_message
-from chiffon.schemas.jobs import JobSubmit
+from chiffon.schemas.jobs import JobLog, JobSubmit
 from chiffon.transport.auth import (
     IN_PROCESS,
     Bearer,
@@ -43,7 +45,11 @@ from chiffon.transport.auth import (
 )
 from chiffon.transport.orders import encode as encode_order
 
+if TYPE_CHECKING:
+    from chiffon.transport.rabbitmq.orders import OrderSender
+
 log = logging.getLogger(__name__)
+LOG_PRUNE_INTERVAL_SECONDS = 300.0
 
 
 class Orchestrator:
@@ -98,8 +104,13 @@ class Orchestrator:
         # Jobs (issue 22, in progress): nothing submits jobs yet; the loop finds none.
         self.dispatcher = Dispatcher(self.sessions, self.clock, placed_on=self._tell)
         self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
+        self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
+        self._pushes: set[asyncio.Task[None]] = set()
+        # A reader following a job's log waits here; an event lives while someone waits.
+        self._log_ready: WeakValueDictionary[UUID, asyncio.Event] = WeakValueDictionary()
         self._tasks: list[asyncio.Task[None]] = []
         self.sweeping = False
+        self.closing = False  # a stop has begun: judge no one, hold no long-poll
 
     def add_receiver(self, receiver: Receiver) -> None:
         """A transport that brings agents' messages in (RabbitMQ; HTTP is the API itself):
@@ -133,6 +144,12 @@ class Orchestrator:
                 )
             )
             self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="chiffon-dispatch"))
+            self._tasks.append(
+                asyncio.create_task(
+                    run_every(LOG_PRUNE_INTERVAL_SECONDS, self.prune_job_logs, "pruning job logs"),
+                    name="chiffon-log-prune",
+                )
+            )
             if self.recorder.tiers:
                 self._tasks += [
                     asyncio.create_task(self.recorder.run(), name="chiffon-history-record"),
@@ -141,6 +158,17 @@ class Orchestrator:
                         name="chiffon-history-prune",
                     ),
                 ]
+
+    def begin_stop(self) -> None:
+        """A stop was asked (SIGTERM): from now on this process can no longer hear agents,
+        so it judges no one silent and places nothing (another orchestrator, or this one
+        restarted, does), and every long-poll answers at once so the server can close."""
+        self.closing = True
+        for task in self._tasks:
+            if task.get_name() in ("chiffon-sweep", "chiffon-dispatch"):
+                task.cancel()
+        for ready in (*self._orders_ready.values(), *self._log_ready.values()):
+            ready.set()
 
     async def stop(self) -> None:
         """Receivers first (their messages in hand commit and are acked), then the loops,
@@ -152,6 +180,10 @@ class Orchestrator:
             with suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.order_sender is not None:
+            for push in list(self._pushes):
+                push.cancel()
+            await self.order_sender.close()
         await self.batcher.stop()
         await self.engine.dispose()
 
@@ -204,21 +236,36 @@ class Orchestrator:
         return state
 
     def _tell(self, agent_id: UUID) -> None:
-        """Wake `agent_id`'s long-poll: there may be an order for it."""
+        """There may be an order for `agent_id`: wake its long-poll, and over RabbitMQ
+        push what it must be told to its queue."""
         if (ready := self._orders_ready.get(agent_id)) is not None:
             ready.set()
+        if self.order_sender is not None and not self.closing:
+            push = asyncio.create_task(self._push(agent_id), name="chiffon-push-orders")
+            self._pushes.add(push)
+            push.add_done_callback(self._pushes.discard)
+
+    async def _push(self, agent_id: UUID) -> None:
+        assert self.order_sender is not None
+        try:
+            orders = await self.orders_for(agent_id)
+        except Exception as exc:  # the database is away: the agent's own poll finds them
+            log.warning("orders for %s not pushed: %s", agent_id, exc)
+            return
+        if orders:
+            await self.order_sender.send(agent_id, orders)
 
     async def wait_orders(self, agent_id: UUID, *, wait_seconds: float) -> list[tuple[bytes, str]]:
         """`orders_for`, waiting up to `wait_seconds` for one when there is none: woken when
         this orchestrator places or cancels a job there, and asking the database again each
         second for what another orchestrator sharing it decided."""
-        deadline = time.monotonic() + wait_seconds
+        deadline = time.monotonic() + min(wait_seconds, self.settings.long_poll_max_seconds)
         ready = self._orders_ready.setdefault(agent_id, asyncio.Event())
         while True:
             ready.clear()
             orders = await self.orders_for(agent_id)
             left = deadline - time.monotonic()
-            if orders or left <= 0:
+            if orders or left <= 0 or self.closing:
                 return orders
             with suppress(TimeoutError):
                 await asyncio.wait_for(ready.wait(), min(left, 1.0))
@@ -233,7 +280,51 @@ class Orchestrator:
         )  # fmt: skip
         if verdict == "applied" and said.kind == "ended":
             self.dispatcher.wake()
+            self._log_changed(job_id)
         return verdict
+
+    async def ship_log(
+        self, agent_id: UUID, job_id: UUID, attempt: int, offset: int, data: bytes
+    ) -> jobs.Verdict:
+        """A chunk of an attempt's output from its agent; readers following it wake."""
+        verdict = await jobs.ship_log(
+            self.sessions, agent_id=agent_id, job_id=job_id, attempt=attempt, offset=offset,
+            data=data, tail_bytes=self.settings.job_log_tail_bytes,
+        )  # fmt: skip
+        if verdict == "applied":
+            self._log_changed(job_id)
+        return verdict
+
+    async def read_log(
+        self, job_id: UUID, *, attempt: int | None, offset: int, limit: int, wait_seconds: float
+    ) -> JobLog | None:
+        """Output of the job's attempt (its current one by default) from `offset`; when
+        there is none yet and the attempt still runs, wait up to `wait_seconds` for some
+        (woken by this orchestrator's chunks, re-asking the database each second). None
+        when there is no such job."""
+        deadline = time.monotonic() + min(wait_seconds, self.settings.long_poll_max_seconds)
+        ready = self._log_ready.setdefault(job_id, asyncio.Event())
+        while True:
+            ready.clear()
+            async with self.sessions() as session:
+                log = await jobs.log_piece(
+                    session, job_id=job_id, attempt=attempt, offset=offset, limit=limit
+                )
+            left = deadline - time.monotonic()
+            if log is None or log.data or log.done or left <= 0 or self.closing:
+                return log
+            with suppress(TimeoutError):
+                await asyncio.wait_for(ready.wait(), min(left, 1.0))
+
+    def _log_changed(self, job_id: UUID) -> None:
+        if (ready := self._log_ready.get(job_id)) is not None:
+            ready.set()
+
+    async def prune_job_logs(self) -> int:
+        """Drop the logs of jobs that ended longer ago than the retention."""
+        cutoff = self.clock.now() - timedelta(seconds=self.settings.job_log_retention_seconds)
+        async with self.sessions.begin() as session:
+            return await jobs_repo.prune_logs(session, ended_before=cutoff)
 
     async def orders_for(self, agent_id: UUID) -> list[tuple[bytes, str]]:
         """What `agent_id` must be told now, each order signed with its own key (jobs,
@@ -339,6 +430,14 @@ class Receiver(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+def _order_sender(settings: OrchestratorSettings) -> OrderSender | None:
+    if not settings.amqp_url:
+        return None
+    from chiffon.transport.rabbitmq.orders import OrderSender
+
+    return OrderSender(settings.amqp_url, exchange=settings.amqp_exchange)
 
 
 def _receivers_from(settings: OrchestratorSettings, target: Orchestrator) -> list[Receiver]:

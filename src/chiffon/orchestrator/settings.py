@@ -84,6 +84,13 @@ class OrchestratorSettings(BaseSettings):
     history_15m_retention_seconds: float = Field(30 * 86400, ge=0, le=5 * 366 * 86400)
     history_prune_interval_seconds: float = Field(300, gt=0, le=86400)
 
+    # The longest an agent's order poll or a log follower is held open (a proxy in front
+    # may close idle requests sooner): each asks again at once.
+    long_poll_max_seconds: float = Field(30, gt=0, le=30)
+    # Jobs' output: the tail kept per attempt, and for how long after the job ended.
+    job_log_tail_bytes: int = Field(1024 * 1024, ge=4096, le=1024**3)
+    job_log_retention_seconds: float = Field(7 * 86400, ge=0, le=5 * 366 * 86400)
+
     @field_validator("api_token", "enroll_token", "secret_key", mode="after")
     @classmethod
     def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import Row
 
@@ -77,7 +78,7 @@ def event(row: AgentEventRow) -> AgentEvent:
     )
 
 
-def job(row: JobRow) -> JobView:
+def job(row: JobRow, names: Mapping[UUID, str] | None = None) -> JobView:
     return JobView(
         job_id=row.job_id,
         name=row.name,
@@ -85,6 +86,7 @@ def job(row: JobRow) -> JobView:
         reason=row.reason,
         attempt=row.attempt,
         agent_id=row.agent_id,
+        agent_name=(names or {}).get(row.agent_id) if row.agent_id else None,
         cancel_requested=row.cancel_requested_at is not None,
         command=row.spec["command"],
         requirements=row.spec.get("requirements", {}),
@@ -96,11 +98,19 @@ def job(row: JobRow) -> JobView:
 
 
 def job_detail(
-    row: JobRow, attempts: Sequence[JobAttemptRow], events: Sequence[JobEventRow]
+    row: JobRow,
+    attempts: Sequence[JobAttemptRow],
+    events: Sequence[JobEventRow],
+    names: Mapping[UUID, str],
 ) -> JobDetail:
     return JobDetail(
-        **job(row).model_dump(),
-        attempts=[JobAttempt.model_validate(a, from_attributes=True) for a in attempts],
+        **job(row, names).model_dump(),
+        attempts=[
+            JobAttempt.model_validate(a, from_attributes=True).model_copy(
+                update={"agent_name": names.get(a.agent_id)}
+            )
+            for a in attempts
+        ],
         events=[JobEvent.model_validate(e, from_attributes=True) for e in events],
     )
 

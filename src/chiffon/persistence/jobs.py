@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence.models import (
@@ -19,6 +19,7 @@ from chiffon.persistence.models import (
     JobAttemptRow,
     JobClaimRow,
     JobEventRow,
+    JobLogRow,
     JobRow,
 )
 from chiffon.schemas.jobs import check_move
@@ -132,6 +133,7 @@ def assign(
     *,
     job: JobRow,
     agent_id: uuid.UUID,
+    agent_name: str | None = None,
     gpus: Sequence[tuple[str, float]],
     cpu_cores: float,
     memory_gb: float,
@@ -141,7 +143,9 @@ def assign(
     cores and memory there: written in the caller's transaction, after `lock_agent`."""
     job.attempt += 1
     job.agent_id = agent_id
-    session.add(move(job, "assigned", reason=f"placed on {agent_id}", now=now))
+    where = f"{agent_name} ({agent_id})" if agent_name else str(agent_id)
+    gpu_ids = f", GPUs {', '.join(gpu for gpu, _ in gpus)}" if gpus else ""
+    session.add(move(job, "assigned", reason=f"placed on {where}{gpu_ids}", now=now))
     session.add(
         JobAttemptRow(
             job_id=job.job_id, attempt=job.attempt, agent_id=agent_id, state="assigned",
@@ -186,3 +190,86 @@ async def history(
         select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
     )
     return attempts.all(), events.all()
+
+
+async def log_end(session: AsyncSession, *, job_id: uuid.UUID, attempt: int) -> int:
+    """How many bytes of the attempt's log the orchestrator has heard of."""
+    stmt = select(func.max(JobLogRow.offset + func.length(JobLogRow.data))).where(
+        JobLogRow.job_id == job_id, JobLogRow.attempt == attempt
+    )
+    return int((await session.scalar(stmt)) or 0)
+
+
+async def append_log(
+    session: AsyncSession,
+    *,
+    job_id: uuid.UUID,
+    attempt: int,
+    offset: int,
+    data: bytes,
+    tail_bytes: int,
+) -> int:
+    """Keep the chunk at `offset` (the part not already kept: a resent chunk is harmless),
+    then drop chunks wholly before the last `tail_bytes`. The log's end after it."""
+    end = await log_end(session, job_id=job_id, attempt=attempt)
+    if offset < end:  # sent again after an answer was lost
+        data, offset = data[end - offset :], end
+    if data:
+        session.add(JobLogRow(job_id=job_id, attempt=attempt, offset=offset, data=data))
+        end = offset + len(data)
+        await session.flush()
+    await session.execute(
+        delete(JobLogRow).where(
+            JobLogRow.job_id == job_id,
+            JobLogRow.attempt == attempt,
+            JobLogRow.offset + func.length(JobLogRow.data) <= end - tail_bytes,
+        )
+    )
+    return end
+
+
+async def read_log(
+    session: AsyncSession, *, job_id: uuid.UUID, attempt: int, offset: int, limit: int
+) -> tuple[int, bytes]:
+    """Up to `limit` bytes of the attempt's log from `offset`, or from the oldest byte
+    still kept when those before it were dropped: (where the bytes start, the bytes)."""
+    stmt = (
+        select(JobLogRow.offset, JobLogRow.data)
+        .where(
+            JobLogRow.job_id == job_id,
+            JobLogRow.attempt == attempt,
+            JobLogRow.offset + func.length(JobLogRow.data) > offset,
+        )
+        .order_by(JobLogRow.offset)
+    )
+    start: int | None = None
+    out = bytearray()
+    for at, data in (await session.execute(stmt)).all():
+        if start is None:
+            start = max(offset, at)
+        elif at != start + len(out):  # a gap (a chunk never arrived): stop before it
+            break
+        out += data[max(0, start + len(out) - at) :]
+        if len(out) >= limit:
+            break
+    if start is None:
+        return offset, b""
+    return start, bytes(out[:limit])
+
+
+async def prune_logs(session: AsyncSession, *, ended_before: datetime) -> int:
+    """Drop the logs of jobs that ended before `ended_before`; how many chunks."""
+    ended = select(JobRow.job_id).where(JobRow.ended_at < ended_before)
+    result = await session.execute(delete(JobLogRow).where(JobLogRow.job_id.in_(ended)))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def agent_names(
+    session: AsyncSession, *, agent_ids: Sequence[uuid.UUID | None]
+) -> dict[uuid.UUID, str]:
+    """The names of those agents still registered."""
+    wanted = {a for a in agent_ids if a is not None}
+    if not wanted:
+        return {}
+    stmt = select(AgentRow.agent_id, AgentRow.name).where(AgentRow.agent_id.in_(wanted))
+    return {agent_id: name for agent_id, name in (await session.execute(stmt)).all()}

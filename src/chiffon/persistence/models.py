@@ -21,6 +21,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     TypeDecorator,
     Uuid,
@@ -277,3 +278,16 @@ class JobEventRow(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(1000))
+
+
+class JobLogRow(Base):
+    """A chunk of an attempt's output at its byte `offset` in the log on the desktop. Only
+    a tail is kept (`job_log_tail_bytes`), and only for `job_log_retention_seconds` after
+    the job ended."""
+
+    __tablename__ = "job_logs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

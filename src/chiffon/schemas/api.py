@@ -19,6 +19,16 @@ def _metric_fields(metrics: tuple[Metric, ...]) -> dict[str, Any]:
     return {m.name: (m.annotation, Field(description=m.description)) for m in metrics}
 
 
+class ClaimTotals(BaseModel):
+    """What live jobs hold on one agent (their claims). The free numbers beside it are net
+    of it: what a new job could still be given."""
+
+    jobs: int = Field(0, description="attempts holding claims here")
+    cpu_cores: float = 0.0
+    memory_gb: float = 0.0
+    vram_gb: float = Field(0.0, description="over all its GPUs")
+
+
 class _AgentCapacityBase(BaseModel):
     """The seeds' capacity fields for one agent, plus per-GPU detail and freshness."""
 
@@ -64,6 +74,10 @@ class _AgentCapacityBase(BaseModel):
     pool_name: str
     agent_type: str
     status: AgentStatus
+    claims: ClaimTotals = Field(
+        default_factory=ClaimTotals,
+        description="what running jobs hold here; cores, memory and VRAM free are net of it",
+    )
 
 
 # Its numbers are the registry's metrics (schemas.metrics.REGISTRY), in declared order. The
@@ -71,7 +85,11 @@ class _AgentCapacityBase(BaseModel):
 if TYPE_CHECKING:
 
     class AgentCapacity(_AgentCapacityBase):
-        pass
+        # the metrics code outside reads by name (orchestrator.capacity)
+        cpu_cores_available: int | None
+        memory_available_gb: float | None
+        gpu_vram_available_gb: float | None
+        gpu_vram_available_max_gb: float | None
 else:
     AgentCapacity = create_model(
         "AgentCapacity",

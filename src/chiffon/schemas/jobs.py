@@ -182,6 +182,7 @@ class JobView(BaseModel):
     reason: str = Field(description="why it waits, or how it ended")
     attempt: int = Field(description="the current attempt's number (0: never placed)")
     agent_id: UUID | None = Field(description="where the current attempt is")
+    agent_name: str | None = Field(None, description="that agent's name, while registered")
     cancel_requested: bool
     command: list[str]
     requirements: JobRequirements
@@ -194,6 +195,7 @@ class JobView(BaseModel):
 class JobAttempt(BaseModel):
     attempt: int
     agent_id: UUID
+    agent_name: str | None = None
     state: str
     gpu_uuids: list[str]
     assigned_at: datetime
@@ -222,3 +224,17 @@ class JobAccepted(BaseModel):
     warning: str | None = Field(
         None, description="set when no registered agent could ever hold the job: it waits"
     )
+
+
+class JobLog(BaseModel):
+    """A piece of one attempt's output (stdout and stderr as they interleaved)."""
+
+    job_id: UUID
+    attempt: int = Field(description="whose output (default: the current attempt)")
+    offset: int = Field(
+        description="the byte offset `data` starts at: past the one asked for when the "
+        "bytes before it were dropped (the orchestrator keeps a bounded tail)"
+    )
+    next_offset: int = Field(description="ask from here for what follows")
+    data: str = Field(description="UTF-8, undecodable bytes replaced; never half a character")
+    done: bool = Field(description="the attempt has ended: nothing more will come")

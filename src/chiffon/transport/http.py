@@ -69,9 +69,12 @@ def encode_request(
 
 
 class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        self._max_bytes = max_bytes
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
 
     @property
@@ -106,8 +109,8 @@ class _Connection:
                 status, reason = event.status_code, event.reason
             elif isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > MAX_RESPONSE_BYTES:
-                    raise h11.RemoteProtocolError(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+                if size > self._max_bytes:
+                    raise h11.RemoteProtocolError(f"answer larger than {self._max_bytes} bytes")
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return Response(status, reason.decode("latin-1"), b"".join(chunks))
@@ -119,9 +122,9 @@ class _Connection:
 
 
 class HttpClient:
-    """POSTs to one orchestrator over kept-alive HTTP/1.1 connections."""
+    """Requests to one orchestrator over kept-alive HTTP/1.1 connections."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, *, max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http:// or https:// URL: {base_url!r}")
@@ -131,11 +134,18 @@ class HttpClient:
         self._host_header = parts.netloc.rpartition("@")[2]
         self._prefix = parts.path.rstrip("/")
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._max_response_bytes = max_response_bytes
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """One POST; raises `OSError` or `h11.ProtocolError` when no answer came."""
+        return await self.request("POST", path, body, headers)
+
+    async def request(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> Response:
+        """One request; raises `OSError` or `h11.ProtocolError` when no answer came."""
         fields = self.header_fields(body, headers)
         async with self._slots:
             fresh_only = False
@@ -145,9 +155,9 @@ class HttpClient:
                     reader, writer = await asyncio.open_connection(
                         self._host, self._port, ssl=self._tls
                     )
-                    conn = _Connection(reader, writer)
+                    conn = _Connection(reader, writer, self._max_response_bytes)
                 try:
-                    resp = await conn.request("POST", self._prefix + path, fields, body)
+                    resp = await conn.request(method, self._prefix + path, fields, body)
                 except (OSError, h11.ProtocolError):
                     conn.close()
                     # The server dropped a kept connection as it was reused: once more on a
@@ -226,12 +236,18 @@ class HttpPublisher:
 
 
 async def _post(
-    client: HttpClient, path: str, body: bytes, headers: dict[str, str], timeout_seconds: float
+    client: HttpClient,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout_seconds: float,
+    *,
+    method: str = "POST",
 ) -> Response:
     """The answer, or `TransportError` when none came within `timeout_seconds`."""
     try:
         async with asyncio.timeout(timeout_seconds):
-            return await client.post(path, body, headers)
+            return await client.request(method, path, body, headers)
     except TimeoutError:
         raise TransportError(
             f"{client.base_url} did not answer within {timeout_seconds:g} s"
@@ -268,3 +284,59 @@ async def enroll(
         return AgentCredential(uuid.UUID(answer["agent_id"]), str(answer["secret"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise TransportError(f"enrollment answer is not understood: {exc}") from None
+
+
+ORDERS_RESPONSE_BYTES = 8 * 1024 * 1024  # a few orders of at most 256 KiB each
+
+
+class HttpWork:
+    """The agent's side of jobs over HTTP, with its own secret as the bearer credential:
+    its orders (a long-poll), its reports of attempts, and their output."""
+
+    def __init__(
+        self, orchestrator_url: str, credential: AgentCredential, *, timeout_seconds: float = 5.0
+    ) -> None:
+        self._client = HttpClient(orchestrator_url, max_response_bytes=ORDERS_RESPONSE_BYTES)
+        self._credential = credential
+        self._prefix = f"/api/v1/agents/{credential.agent_id}"
+        self.timeout_seconds = timeout_seconds
+
+    async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+        """Each order due now (body, signature), waiting up to `wait_seconds` for one."""
+        resp = await self._send("GET", f"/orders?wait={wait_seconds:g}", b"", waits=wait_seconds)
+        try:
+            return [(str(o["body"]).encode(), str(o["signature"])) for o in resp.json()["orders"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransportError(f"orders answer is not understood: {exc}") from None
+
+    async def report(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> str:
+        """Say how an attempt stands; the orchestrator's verdict ("applied", "stale"...)."""
+        body = json.dumps(said).encode()
+        resp = await self._send("POST", f"/attempts/{job_id}/{attempt}", body, json_body=True)
+        return _verdict(resp)
+
+    async def ship_log(self, job_id: uuid.UUID, attempt: int, offset: int, data: bytes) -> str:
+        """A chunk of an attempt's output at its byte offset; the verdict."""
+        path = f"/attempts/{job_id}/{attempt}/log?offset={offset}"
+        return _verdict(await self._send("POST", path, data))
+
+    async def _send(
+        self, method: str, path: str, body: bytes, *, waits: float = 0, json_body: bool = False
+    ) -> Response:
+        headers = {"authorization": self._credential.bearer}
+        headers["content-type"] = "application/json" if json_body else "application/octet-stream"
+        resp = await _post(self._client, self._prefix + path, body, headers,
+                           waits + self.timeout_seconds, method=method)  # fmt: skip
+        if not resp.ok:
+            raise TransportError(f"orchestrator refused it: HTTP {resp.status}: {resp.detail()}")
+        return resp
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _verdict(resp: Response) -> str:
+    try:
+        return str(resp.json()["verdict"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransportError(f"answer is not understood: {exc}") from None

@@ -6,8 +6,14 @@ ingest, wait for commit), so it is a faithful twin for tests and for single-proc
 
 from __future__ import annotations
 
+import uuid
+from typing import TYPE_CHECKING, Any
+
 from chiffon.transport.auth import Credentials, credential_for
 from chiffon.transport.base import IngestSink, Message, TransportError
+
+if TYPE_CHECKING:
+    from chiffon.orchestrator.service import Orchestrator
 
 
 class InMemoryPublisher:
@@ -38,3 +44,34 @@ class InMemoryPublisher:
 
     async def close(self) -> None:
         self._open = False
+
+
+class InMemoryWork:
+    """The jobs channel of an agent inside its orchestrator's process (`chiffon up`): its
+    orders, reports and output go straight to the orchestrator, still signed and fenced."""
+
+    def __init__(self, orchestrator: Orchestrator, agent_id: uuid.UUID) -> None:
+        self._orchestrator = orchestrator
+        self._agent_id = agent_id
+
+    async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+        try:
+            return await self._orchestrator.wait_orders(self._agent_id, wait_seconds=wait_seconds)
+        except Exception as exc:  # the database is away: the poller retries
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def report(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> str:
+        from chiffon.orchestrator.jobs import Report
+
+        report = Report(said["kind"], said.get("outcome"), said.get("exit_code"),
+                        said.get("signal"), str(said.get("detail", ""))[:1000])  # fmt: skip
+        try:
+            return await self._orchestrator.report_attempt(self._agent_id, job_id, attempt, report)
+        except Exception as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def ship_log(self, job_id: uuid.UUID, attempt: int, offset: int, data: bytes) -> str:
+        try:
+            return await self._orchestrator.ship_log(self._agent_id, job_id, attempt, offset, data)
+        except Exception as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc

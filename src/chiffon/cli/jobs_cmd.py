@@ -1,0 +1,347 @@
+"""Jobs from the command line, as `srun`, `squeue` and `docker run` users expect:
+`chiffon run`, `chiffon jobs` (list, show, cancel) and `chiffon logs`. All through
+`chiffon.client`.
+
+`chiffon run` writes the job's own output to stdout and its own words to stderr, so a
+pipe gets only the job's output; it exits with the job's exit status.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from chiffon.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, console, err_console, plain
+
+if TYPE_CHECKING:
+    from chiffon.client import Client
+    from chiffon.schemas.jobs import JobAccepted, JobDetail, JobView
+
+URL_OPTION = typer.Option(
+    None,
+    "--orchestrator-url",
+    help="Default: env CHIFFON_ORCHESTRATOR_URL or http://127.0.0.1:8700.",
+)
+STATES = ("queued", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out", "lost")
+# `chiffon run`'s exit status when the job has none of its own (README, "Exit status").
+EXIT_CANCELLED = 130  # as a shell reports a command ended by Ctrl-C
+EXIT_TIMED_OUT = 124  # as timeout(1)
+EXIT_LOST = 1
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+jobs_app = typer.Typer(help="List jobs (default), show one, or cancel one.", no_args_is_help=False)
+
+
+def parse_duration(text: str, option: str) -> float:
+    """`90`, `90s`, `30m`, `2h`, `1d` in seconds; a usage error otherwise."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise CliError(f"{option} wants a duration such as 90s, 30m or 2h, not {text!r}",
+                       code=EXIT_USAGE)  # fmt: skip
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    found = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{option} wants KEY=VALUE, not {item!r}", code=EXIT_USAGE)
+        found[key] = value
+    return found
+
+
+@contextmanager
+def client(url: str | None) -> Iterator[Client]:
+    """A client whose errors are one line: a refusal the user can fix is a usage error
+    (exit 2), an unreachable or failing orchestrator exit 1."""
+    from chiffon.cli.client import orchestrator_url
+    from chiffon.client import ChiffonError, Client
+
+    c = Client(orchestrator_url(url))
+    try:
+        yield c
+    except ChiffonError as exc:
+        if exc.status == 401:
+            raise CliError(f"{exc}: set CHIFFON_API_TOKEN to the orchestrator's API token "
+                           "(`chiffon up` keeps it in ~/.chiffon/api_token)") from None  # fmt: skip
+        code = EXIT_USAGE if exc.status is not None and exc.status < 500 else EXIT_FAILED
+        raise CliError(str(exc), code=code) from None
+    finally:
+        c.close()
+
+
+def resolve(c: Client, ref: str) -> uuid.UUID:
+    """A job id from its UUID or a unique prefix of it (as `chiffon jobs` shows)."""
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        pass
+    hits = [j.job_id for j in c.jobs(limit=10_000) if str(j.job_id).startswith(ref.lower())]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise CliError(f"no job has the id or id prefix {ref!r}", code=EXIT_USAGE)
+    raise CliError(f"{ref!r} matches {len(hits)} jobs; give more of the id", code=EXIT_USAGE)
+
+
+def say(message: str) -> None:
+    """Chiffon's own words during `run`: on stderr, the job's output owns stdout."""
+    err_console.print(Text.assemble(("chiffon: ", "dim"), plain(message)), highlight=False)
+
+
+def where(job: JobDetail | JobView) -> str:
+    name = job.agent_name or (str(job.agent_id)[:8] if job.agent_id else "?")
+    gpus = getattr(job, "attempts", None)
+    held = gpus[-1].gpu_uuids if gpus else []
+    return name + (f" (GPUs {', '.join(held)})" if held else "")
+
+
+def exit_status(job: JobView) -> int:
+    if job.state == "succeeded":
+        return 0
+    if job.state == "failed":
+        return job.exit_code if job.exit_code else EXIT_FAILED
+    return {"cancelled": EXIT_CANCELLED, "timed_out": EXIT_TIMED_OUT}.get(job.state, EXIT_LOST)
+
+
+def run(
+    command: list[str] = typer.Argument(..., help="The program and its arguments, after --."),
+    gpus: int = typer.Option(None, "--gpus", min=0, help="GPUs [0; 1 with --vram]."),
+    vram: float = typer.Option(0.0, "--vram", min=0, help="GB of free VRAM on each GPU."),
+    cores: float = typer.Option(0.0, "--cores", min=0, help="CPU cores."),
+    memory: float = typer.Option(0.0, "--memory", min=0, help="GB of memory."),
+    pool: str = typer.Option(None, "--pool", help="Only agents in this pool."),
+    label: list[str] = typer.Option(None, "--label", help="KEY=VALUE the agent has; repeatable."),
+    gpu_vendor: str = typer.Option(None, "--gpu-vendor", help="nvidia, amd, intel or apple."),
+    timeout: str = typer.Option(None, "--timeout", help="End it after this long: 90s, 30m, 2h."),
+    retries: int = typer.Option(0, "--retries", min=0, help="Times to run it again if lost."),
+    retry_on_exit: bool = typer.Option(
+        False, "--retry-on-exit", help="Also retry when it exits non-zero."
+    ),
+    name: str = typer.Option(None, "--name", help="A name to find it by."),
+    env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE; repeatable."),
+    workdir: str = typer.Option(None, "--workdir", help="Absolute directory on the desktop."),
+    spread: bool = typer.Option(
+        False, "--spread", help="The most free VRAM first (default: the best fit)."
+    ),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Print the job id and return."),
+    url: str = URL_OPTION,
+) -> None:
+    """Run a command once on a desktop with room for it; follow its output to its exit.
+
+    Example: chiffon run --gpus 1 --vram 8 --cores 2 -- python train.py --epochs 3
+    """
+    spec = {
+        "gpus": gpus, "vram_gb": vram, "cpu_cores": cores, "memory_gb": memory, "pool": pool,
+        "labels": _pairs(label, "--label"), "gpu_vendor": gpu_vendor, "name": name,
+        "env": _pairs(env, "--env"), "workdir": workdir, "retries": retries,
+        "retry_on_exit": retry_on_exit, "policy": "spread" if spread else "best_fit",
+        "timeout_seconds": parse_duration(timeout, "--timeout") if timeout else None,
+    }  # fmt: skip
+    with client(url) as c:
+        accepted = _submit(c, command, spec)
+        job = accepted.job
+        if accepted.warning:
+            err_console.print(f"warning: {accepted.warning}", highlight=False, style="yellow")
+        if detach:
+            typer.echo(job.job_id)
+            return
+        say(f"job {job.job_id} queued")
+        try:
+            final = follow(c, job.job_id)
+        except KeyboardInterrupt:
+            say(f"Ctrl-C: cancelling job {job.job_id} (it gets its grace period to end)")
+            c.cancel(job.job_id)
+            try:
+                final = follow(c, job.job_id, placed=True)
+            except KeyboardInterrupt:
+                say("left it to end by itself (cancelled)")
+                raise typer.Exit(EXIT_CANCELLED) from None
+    if final.state != "succeeded":
+        say(f"job {final.job_id} {final.state}: {final.reason}")
+    raise typer.Exit(exit_status(final))
+
+
+def _submit(c: Client, command: list[str], spec: dict[str, Any]) -> JobAccepted:
+    from pydantic import ValidationError
+
+    try:
+        return c.submit(command, **spec)
+    except ValidationError as exc:  # checked here before it is sent, as the server would
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or "job"
+        raise CliError(f"{field}: {first['msg']}", code=EXIT_USAGE) from None
+
+
+def follow(c: Client, job_id: uuid.UUID, *, placed: bool = False) -> JobDetail:
+    """Say why it waits and where it lands, write its output as it comes, and return the
+    job once it has ended."""
+    said_reason = ""
+    while not placed:
+        job = c.get(job_id)
+        if job.state != "queued":
+            break
+        if job.reason and job.reason != said_reason:
+            say(f"waiting: {job.reason}")
+            said_reason = job.reason
+        time.sleep(0.2)
+    landed: set[int] = set()
+    for piece in c.logs(job_id, follow=True):
+        if piece.attempt not in landed:
+            landed.add(piece.attempt)
+            if not placed:
+                say(f"running on {where(c.get(job_id))}")
+        sys.stdout.write(piece.data)
+        sys.stdout.flush()
+    return c.wait(job_id)
+
+
+def _age(at: datetime | None, until: datetime | None = None) -> str:
+    if at is None:
+        return ""
+    seconds = ((until or datetime.now(UTC)) - at).total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def jobs_table(rows: list[JobView]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("JOB", "NAME", "STATE", "AGENT", "AGE", "EXIT", "REASON"):
+        table.add_column(column, overflow="fold" if column == "REASON" else "ellipsis")
+    for j in rows:
+        table.add_row(
+            str(j.job_id)[:8], plain(j.name or ""), j.state, plain(j.agent_name or ""),
+            _age(j.submitted_at, j.ended_at), "" if j.exit_code is None else str(j.exit_code),
+            plain(j.reason),
+        )  # fmt: skip
+    return table
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(
+    ctx: typer.Context,
+    state: str = typer.Option(None, "--state", help="Only jobs in this state."),
+    agent: str = typer.Option(None, "--agent", help="Only jobs on this agent (id or name)."),
+    limit: int = typer.Option(100, "--limit", min=1, max=10_000, help="At most this many."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    url: str = URL_OPTION,
+) -> None:
+    """One row per job, newest first, like squeue."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if state is not None and state not in STATES:
+        raise CliError(f"--state must be one of {', '.join(STATES)}, not {state!r}",
+                       code=EXIT_USAGE)  # fmt: skip
+    agent_id = _agent_id(url, agent) if agent else None
+    with client(url) as c:
+        rows = c.jobs(state=state, agent_id=agent_id, limit=limit)
+    if as_json:
+        typer.echo("[" + ",".join(r.model_dump_json() for r in rows) + "]")
+    elif rows:
+        console.print(jobs_table(rows))
+    else:
+        console.print("no jobs" + (f" {state}" if state else ""), highlight=False)
+
+
+def _agent_id(url: str | None, ref: str) -> str:
+    from chiffon.cli.client import ApiClient, orchestrator_url
+
+    return ApiClient(orchestrator_url(url)).resolve(ref)
+
+
+@jobs_app.command("show")
+def show(
+    job: str = typer.Argument(..., help="The job (id or id prefix)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    url: str = URL_OPTION,
+) -> None:
+    """One job: requirements, placement with GPU UUIDs, attempts, events, why it waits."""
+    with client(url) as c:
+        detail = c.get(resolve(c, job))
+    if as_json:
+        typer.echo(detail.model_dump_json(indent=2))
+        return
+    console.print(detail_table(detail))
+
+
+def detail_table(j: JobDetail) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    r = j.requirements
+    wants = [f"{r.gpus} GPU" + (f" x {r.vram_gb:g} GB free" if r.vram_gb else ""),
+             f"{r.cpu_cores:g} cores", f"{r.memory_gb:g} GB memory"]  # fmt: skip
+    wants += [f"pool {r.pool}"] if r.pool else []
+    wants += [f"{k}={v}" for k, v in r.labels.items()]
+    rows = [
+        ("job", str(j.job_id)), ("name", j.name or ""), ("command", " ".join(j.command)),
+        ("state", j.state + (" (cancel asked)" if j.cancel_requested else "")),
+        ("waits because" if j.state == "queued" else "reason", j.reason),
+        ("needs", ", ".join(wants)), ("on", where(j) if j.agent_id else ""),
+        ("exit code", "" if j.exit_code is None else str(j.exit_code)),
+    ]  # fmt: skip
+    for what, value in rows:
+        if value:
+            table.add_row(what, plain(value))
+    for a in j.attempts:
+        how = f"exit {a.exit_code}" if a.exit_code is not None else a.state
+        gpus = f" GPUs {', '.join(a.gpu_uuids)}" if a.gpu_uuids else ""
+        line = f"{a.agent_name or a.agent_id}{gpus}: {how} {a.reason}"
+        table.add_row(f"attempt {a.attempt}", plain(line.strip()))
+    for e in j.events:
+        table.add_row(e.at.strftime("%H:%M:%S"),
+                      plain(f"{e.from_state or '-'} -> {e.to_state}: {e.reason}"))  # fmt: skip
+    return table
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job: str = typer.Argument(..., help="The job (id or id prefix)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Cancel a job: at once when queued; a running one gets its grace period to end."""
+    with client(url) as c:
+        view = c.cancel(resolve(c, job))
+    if view.state in ("assigned", "running"):
+        what = f"{view.state}; its desktop ends it now (SIGTERM, then SIGKILL after the grace)"
+    else:
+        what = view.state if view.state == "cancelled" else f"already {view.state}"
+    console.print(f"job {view.job_id}: {what}", highlight=False)
+
+
+def logs(
+    job: str = typer.Argument(..., help="The job (id or id prefix)."),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing as it runs."),
+    url: str = URL_OPTION,
+) -> None:
+    """A job's output (stdout and stderr as they interleaved); the tail the orchestrator
+    keeps, the whole log stays on the desktop."""
+    with client(url) as c:
+        job_id = resolve(c, job)
+        try:
+            for piece in c.logs(job_id, follow=follow_):
+                sys.stdout.write(piece.data)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_interspersed_args": False})(run)
+    app.add_typer(jobs_app, name="jobs")
+    app.command()(logs)

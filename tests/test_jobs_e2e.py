@@ -1,0 +1,259 @@
+"""Jobs end to end: a real orchestrator process, real agent processes that accept jobs
+(over HTTP), real commands, and the `chiffon run`, `jobs` and `logs` commands a user
+types; on SQLite and on PostgreSQL. GPUs come from a fake nvidia-smi (the one boundary
+that cannot exist here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import aio_pika
+import psutil
+import pytest
+
+from chiffon.client import Client
+from chiffon.transport.auth import SIGNATURE_HEADER
+from chiffon.transport.orders import Order, encode, order_key
+from chiffon.transport.rabbitmq.orders import orders_key
+from tests.auth import API_TOKEN, TOKENS_ENV
+from tests.fleet import Fleet, fleet_on, vhost_on, wait_for
+from tests.private_services import PrivateRabbit
+from tests.procs import CHIFFON, run_cli, stop
+
+ACCEPTS = {"CHIFFON_ACCEPT_JOBS": "true", "CHIFFON_ALLOW_ROOT_JOBS": "true",
+           "CHIFFON_JOB_GRACE": "2"}  # fmt: skip
+GPU0 = "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd"  # desk-2x24g's GPU 0 (20000 MiB free)
+PRINT_ENV = "import json, os, sys; print(json.dumps(dict(os.environ))); sys.exit(3)"
+
+
+@pytest.fixture(scope="module", params=["sqlite-http", "postgresql-http", "postgresql-amqp"])
+def fleet(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
+    """desk-2x24g accepts jobs; desk-8g does not (its owner did not opt in). Over RabbitMQ
+    on the test run's private broker (a test restarts it)."""
+    database, transport = request.param.split("-")
+    tmp = tmp_path_factory.mktemp(f"jobs-{request.param}")
+    with ExitStack() as stack:
+        amqp_url = None
+        if transport == "amqp":
+            broker = request.getfixturevalue("private_broker")
+            amqp_url = stack.enter_context(vhost_on(broker))
+        f = stack.enter_context(fleet_on(transport, tmp, amqp_url, sqlite=database == "sqlite"))
+        f.start_agent("desk-2x24g", **ACCEPTS)
+        f.start_agent("desk-8g")
+        wait_for("both agents online", lambda: _online(f) == {"desk-2x24g", "desk-8g"}, f, 30)
+        yield f
+
+
+def _online(f: Fleet) -> set[str]:
+    return {n for n, a in f.agents().items() if a["status"] == "online"}
+
+
+def chiffon(f: Fleet, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, env={"CHIFFON_ORCHESTRATOR_URL": f.api}, timeout=timeout)
+
+
+def client(f: Fleet) -> Client:
+    return Client(f.api, token=API_TOKEN)
+
+
+def test_run_streams_the_output_and_exits_with_the_jobs_own_code(fleet: Fleet) -> None:
+    done = chiffon(fleet, "run", "--gpus", "1", "--vram", "16", "--", sys.executable, "-c",
+                   PRINT_ENV)  # fmt: skip
+    assert done.returncode == 3, done.stderr + fleet.logs()
+    env = json.loads(done.stdout)
+    job_id = env["CHIFFON_JOB_ID"]
+    assert f"job {job_id} queued" in done.stderr
+    assert "running on desk-2x24g" in done.stderr  # the only desktop that accepts jobs
+    # It sees only its GPU (the best fit: the one with less free VRAM that still fits).
+    assert env["CUDA_VISIBLE_DEVICES"] == env["NVIDIA_VISIBLE_DEVICES"] == GPU0
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CHIFFON_ATTEMPT"] == "1"
+    # Nothing of the agent's own environment leaks in: not its enrollment token.
+    assert not {k for k in env if k.startswith("CHIFFON_")} - {
+        "CHIFFON_JOB_ID", "CHIFFON_ATTEMPT", "CHIFFON_JOB_DIR", "CHIFFON_GPUS"
+    }  # fmt: skip
+    assert "job " in done.stderr and "failed: exited 3" in done.stderr
+    with client(fleet) as c:
+        job = c.get(job_id)
+    assert (job.state, job.exit_code, job.agent_name) == ("failed", 3, "desk-2x24g")
+    assert job.attempts[0].gpu_uuids == [GPU0]
+
+
+def test_detach_then_logs_and_jobs_show_what_it_wrote(fleet: Fleet) -> None:
+    script = "for i in range(40000): print(f'line {i}')"
+    detached = chiffon(fleet, "run", "--detach", "--name", "many-lines", "--", sys.executable,
+                       "-c", script)  # fmt: skip
+    assert detached.returncode == 0, detached.stderr
+    job_id = detached.stdout.strip()
+    with client(fleet) as c:
+        assert c.wait(job_id, timeout_seconds=60).state == "succeeded"
+    logs = chiffon(fleet, "logs", job_id[:8])
+    assert logs.stdout == "".join(f"line {i}\n" for i in range(40000)), logs.stderr
+    listed = chiffon(fleet, "jobs", "--state", "succeeded")
+    assert "many-lines" in listed.stdout and job_id[:8] in listed.stdout
+    shown = chiffon(fleet, "jobs", "show", job_id)
+    assert "desk-2x24g" in shown.stdout and "exited 0" in shown.stdout
+
+
+def test_ctrl_c_cancels_the_job_and_says_so(fleet: Fleet) -> None:
+    proc = subprocess.Popen(
+        [*CHIFFON, "run", "--", "sleep", "300"],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with client(fleet) as c:
+            wait_for("the sleep to run", lambda: _running(c, "sleep"), fleet, 30)
+            [job] = [j for j in c.jobs(state="running") if j.command == ["sleep", "300"]]
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+            assert "Ctrl-C: cancelling job" in err
+            ended = c.get(job.job_id)
+        assert ended.state == "cancelled", ended
+        assert not [
+            p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]
+        ]
+    finally:
+        stop(proc)
+
+
+def _running(c: Client, program: str) -> bool:
+    return any(j.command[0] == program for j in c.jobs(state="running"))
+
+
+def test_a_job_no_desktop_could_hold_waits_and_says_why(fleet: Fleet) -> None:
+    done = chiffon(fleet, "run", "--detach", "--gpus", "1", "--vram", "100", "--", "true")
+    assert done.returncode == 0
+    assert "warning: no registered agent could ever hold" in done.stderr
+    job_id = done.stdout.strip()
+    with client(fleet) as c:
+        wait_for("a reason", lambda: bool(c.get(job_id).reason), fleet, 10)
+        job = c.get(job_id)
+        assert job.state == "queued"
+        assert "closest is desk-2x24g GPU 1 with" in job.reason
+        assert "1 does not accept jobs" in job.reason  # desk-8g
+        assert c.cancel(job_id).state == "cancelled"
+
+
+def test_bad_input_is_one_line_and_exit_2(fleet: Fleet) -> None:
+    for args, says in [
+        (["run", "--timeout", "soon", "--", "true"], "--timeout wants a duration"),
+        (["run", "--env", "1BAD=x", "--", "true"], "is not a variable name"),
+        (["jobs", "--state", "sleeping"], "--state must be one of"),
+        (["jobs", "show", str(uuid.uuid4())], "no job"),
+    ]:
+        done = chiffon(fleet, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_killed_agent_finds_its_job_ends_it_and_the_job_runs_again(fleet: Fleet) -> None:
+    with client(fleet) as c:
+        job_id = c.submit(["sleep", "300"], retries=1).job.job_id
+        wait_for("the job to run", lambda: c.get(job_id).state == "running", fleet, 30)
+        state = fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{job_id}-1" / "state.json"
+        pid = json.loads(state.read_text())["pid"]
+        fleet.procs["desk-2x24g"].kill()  # SIGKILL: the job's process is left behind
+        fleet.procs["desk-2x24g"].wait(10)
+        assert psutil.pid_exists(pid)
+        fleet.start_agent("desk-2x24g", **ACCEPTS)
+        wait_for("attempt 2 to run", lambda: _attempt_running(c, job_id, 2), fleet, 60)
+        gone = not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert gone, "the restarted agent ended what its killed self left running"
+        first = c.get(job_id).attempts[0]
+        assert first.state == "lost", first
+        c.cancel(job_id)
+        wait_for("the cancel", lambda: c.get(job_id).state == "cancelled", fleet, 30)
+
+
+def _attempt_running(c: Client, job_id: uuid.UUID, attempt: int) -> bool:
+    job = c.get(job_id)
+    return job.attempt == attempt and job.state == "running"
+
+
+def test_an_orchestrator_restart_loses_nothing(fleet: Fleet) -> None:
+    with client(fleet) as c:
+        job_id = c.submit(["sh", "-c", "echo before; sleep 4; echo after"]).job.job_id
+        wait_for("the job to run", lambda: c.get(job_id).state == "running", fleet, 30)
+        assert fleet.orchestrator is not None
+        stop(fleet.orchestrator)
+        time.sleep(1)
+        fleet.start_orchestrator()
+        job = c.wait(job_id, timeout_seconds=60)
+        assert (job.state, job.attempt) == ("succeeded", 1), (job, fleet.events("desk-2x24g"))
+        assert "".join(p.data for p in c.logs(job_id)) == "before\nafter\n"
+
+
+def test_the_api_refuses_jobs_without_the_token(fleet: Fleet) -> None:
+    done = run_cli("run", "--", "true", env={"CHIFFON_ORCHESTRATOR_URL": fleet.api,
+                                              "CHIFFON_API_TOKEN": "wrong"})  # fmt: skip
+    assert done.returncode == 1 and "HTTP 401" in done.stderr
+    assert TOKENS_ENV["CHIFFON_API_TOKEN"] not in done.stderr
+
+
+def test_over_rabbitmq_orders_are_pushed_and_survive_a_broker_restart(
+    fleet: Fleet, request: pytest.FixtureRequest
+) -> None:
+    if fleet.agent_env["CHIFFON_TRANSPORT"] != "amqp":
+        pytest.skip("the fleet's agents use HTTP")
+    broker: PrivateRabbit = request.getfixturevalue("private_broker")
+    with client(fleet) as c:
+        # Pushed: the agent's own HTTP ask comes only every 30 s.
+        first = c.submit(["true"]).job.job_id
+        assert c.wait(first, timeout_seconds=10).state == "succeeded"
+        running = c.submit(["sh", "-c", "sleep 3; echo survived"]).job.job_id
+        wait_for("the job to run", lambda: c.get(running).state == "running", fleet, 30)
+        with broker.stopped():
+            time.sleep(1)
+        job = c.wait(running, timeout_seconds=60)
+        assert job.state == "succeeded" and "".join(p.data for p in c.logs(running)) == "survived\n"
+        queue = f"chiffon.orders.{fleet.agent_id('desk-2x24g')}"
+        vhost = fleet.agent_env["CHIFFON_AMQP_URL"].rsplit("/", 1)[1]
+        wait_for(
+            "the agent's queue again",
+            lambda: queue in broker.ctl("list_queues", "-p", vhost, "name"),
+            fleet,
+            30,
+        )
+        after = c.submit(["true"]).job.job_id
+        assert c.wait(after, timeout_seconds=10).state == "succeeded"
+
+
+def test_an_order_forged_by_someone_on_the_broker_runs_nothing(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Whoever can publish to the broker (guest/guest on a LAN) targets the agent's queue
+    with an assignment signed with a wrong key: nothing runs, and the agent says why."""
+    if fleet.agent_env["CHIFFON_TRANSPORT"] != "amqp":
+        pytest.skip("the fleet's agents use HTTP")
+    agent = uuid.UUID(fleet.agent_id("desk-2x24g"))
+    marker = tmp_path / "pwned"
+    forged = Order("assign", agent, uuid.uuid4(), 1, time.time(),
+                   {"command": ["touch", str(marker)], "gpu_uuids": []})  # fmt: skip
+    body, signature = encode(forged, order_key("not-the-agents-secret"))
+    asyncio.run(_publish(fleet.agent_env["CHIFFON_AMQP_URL"], agent, body, signature))
+    log = fleet.tmp / "desk-2x24g.log"
+    wait_for("the refusal", lambda: "order refused: bad_signature" in log.read_text(), fleet, 10)
+    assert not marker.exists()
+    assert not (fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{forged.job_id}-1").exists()
+
+
+async def _publish(url: str, agent: uuid.UUID, body: bytes, signature: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("chiffon")
+        message = aio_pika.Message(body, headers={SIGNATURE_HEADER: signature})
+        await exchange.publish(message, orders_key(agent))
