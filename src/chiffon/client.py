@@ -48,9 +48,11 @@ class ChiffonError(Exception):
 
 
 def default_token(data_dir: Path | None = None) -> str | None:
-    """CHIFFON_API_TOKEN, else the token `chiffon up` keeps in its data directory."""
-    if token := os.environ.get("CHIFFON_API_TOKEN"):
-        return token
+    """CHIFFON_API_TOKEN, else CHIFFON_READ_TOKEN (reads only), else the token `chiffon up`
+    keeps in its data directory."""
+    for variable in ("CHIFFON_API_TOKEN", "CHIFFON_READ_TOKEN"):
+        if token := os.environ.get(variable):
+            return token
     where = data_dir or Path(os.environ.get("CHIFFON_DATA_DIR") or Path.home() / ".chiffon")
     try:
         return (where.expanduser() / "api_token").read_text().strip() or None

@@ -17,10 +17,12 @@ from chiffon.schemas.api import ErrorDetail
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="CHIFFON_API_TOKEN")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-# Every API route answers 400 (a parameter it refuses) and 401 (no or a wrong credential).
+# Every API route answers 400 (a parameter it refuses), 401 (no or a wrong credential) and
+# 403 (the read-only token, for a change).
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorDetail},
     401: {"model": ErrorDetail},
+    403: {"model": ErrorDetail},
 }
 
 
@@ -43,12 +45,24 @@ def bearer_token(request: Request) -> str | None:
     return credential.strip() or None
 
 
-async def require_api_token(orchestrator: OrchestratorDep, credentials: BearerDep) -> None:
-    """401 unless the request carries the API token (CHIFFON_API_TOKEN)."""
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+async def require_api_token(
+    request: Request, orchestrator: OrchestratorDep, credentials: BearerDep
+) -> None:
+    """401 unless the request carries the API token (CHIFFON_API_TOKEN), or the read-only
+    token (CHIFFON_READ_TOKEN) for a read; 403 when the read-only token asks for a change."""
     if credentials is None:
         raise unauthorized("missing Authorization: Bearer <CHIFFON_API_TOKEN>")
-    if not token_matches(credentials.credentials, orchestrator.settings.api_token):
-        raise unauthorized("invalid API token")
+    settings = orchestrator.settings
+    if token_matches(credentials.credentials, settings.api_token):
+        return
+    if token_matches(credentials.credentials, settings.read_token):
+        if request.method in READ_METHODS:
+            return
+        raise HTTPException(403, "the read-only token (CHIFFON_READ_TOKEN) changes nothing")
+    raise unauthorized("invalid API token")
 
 
 async def require_enroll_token(orchestrator: OrchestratorDep, credentials: BearerDep) -> None:

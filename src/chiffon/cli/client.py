@@ -46,8 +46,11 @@ def local_secret(env_var: str, file_name: str) -> str | None:
 
 
 def api_token() -> str | None:
-    """CHIFFON_API_TOKEN, else the token file `chiffon up` writes."""
-    return local_secret("CHIFFON_API_TOKEN", "api_token")
+    """CHIFFON_API_TOKEN, else CHIFFON_READ_TOKEN (the read commands need no more), else
+    the token file `chiffon up` writes."""
+    from chiffon.client import default_token
+
+    return default_token(data_dir())
 
 
 class ApiClient:

@@ -37,6 +37,9 @@ class OrchestratorSettings(BaseSettings):
     api_token: SecretStr | None = Field(
         None, description="Bearer token every /api/v1 read and admin route requires"
     )
+    read_token: SecretStr | None = Field(
+        None, description="Bearer token that reads every /api/v1 route and changes nothing"
+    )
     enroll_token: SecretStr | None = Field(
         None, description="What a new agent presents once to get its own secret"
     )
@@ -91,7 +94,7 @@ class OrchestratorSettings(BaseSettings):
     job_log_tail_bytes: int = Field(1024 * 1024, ge=4096, le=1024**3)
     job_log_retention_seconds: float = Field(7 * 86400, ge=0, le=5 * 366 * 86400)
 
-    @field_validator("api_token", "enroll_token", "secret_key", mode="after")
+    @field_validator("api_token", "read_token", "enroll_token", "secret_key", mode="after")
     @classmethod
     def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         """`CHIFFON_API_TOKEN=` means no token, never the empty token."""
