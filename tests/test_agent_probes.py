@@ -82,6 +82,22 @@ def test_nvml_reads_every_gpu_and_unsupported_is_unknown() -> None:
     assert res.gpu_vram_available_max_gb == 21.475
 
 
+def test_nvml_lists_the_processes_holding_memory_on_each_gpu() -> None:
+    fake_pynvml.reset(
+        [
+            FakeGpu(compute=[(4242, 6 * 10**9), (77, 10**9)], graphics=[(501, 5 * 10**8)]),
+            FakeGpu(uuid="GPU-hidden", compute=[(4243, None)]),  # the driver does not say
+            FakeGpu(uuid="GPU-old", failing={"nvmlDeviceGetGraphicsRunningProcesses": "old"}),
+        ]
+    )
+    res = nvidia_only(NvmlProbe(fake_pynvml)).collect()
+    busy, hidden, old = res.gpus
+    assert busy.processes == ((77, 1.0), (501, 0.5), (4242, 6.0))
+    assert hidden.processes is None and old.processes is None  # unknown, never empty
+    assert "GraphicsRunningProcesses: old" in res.probe_errors["nvidia"]  # and named
+    assert (busy.vram_free_gb, old.vram_free_gb) == (21.475, 21.475)  # the rest is kept
+
+
 def test_nvml_is_initialised_once_not_per_pass() -> None:
     state = fake_pynvml.reset([FakeGpu()])
     collector = nvidia_only(NvmlProbe(fake_pynvml))
@@ -118,6 +134,19 @@ def test_no_nvml_library_falls_back_to_nvidia_smi(fake_smi_dir: Path) -> None:
     assert [(g.name, g.vram_total_gb, g.vram_free_gb) for g in res.gpus] == [
         ("NVIDIA GeForce RTX 4090", 8.59, 2.147)
     ]
+
+
+def test_nvidia_smi_lists_compute_processes_when_it_can(fake_smi_dir: Path) -> None:
+    rows = [gpu_row(0), gpu_row(1)]
+    uuid0 = rows[0][1]
+    install(fake_smi_dir, rows=rows, apps=[[uuid0, "4242", "6144"], [uuid0, "77", "512"]])
+    busy, idle = NvidiaSmiProbe(timeout_seconds=5).read()
+    assert busy.processes == ((77, 0.537), (4242, 6.442)) and idle.processes == ()
+    install(fake_smi_dir, rows=rows, apps=[[uuid0, "4242", "[N/A]"]])  # hidden: unknown
+    assert [g.processes for g in NvidiaSmiProbe(timeout_seconds=5).read()] == [None, None]
+    install(fake_smi_dir, rows=rows)  # a driver refusing the query: unknown, GPUs kept
+    gpus = NvidiaSmiProbe(timeout_seconds=5).read()
+    assert [g.processes for g in gpus] == [None, None] and gpus[0].vram_free_gb is not None
 
 
 @pytest.mark.parametrize("count", [1, 2, 8])

@@ -65,18 +65,28 @@ def outgoing(resources: Snapshot | None, **changes: Any) -> Outgoing:
 
 
 @pytest.mark.parametrize(
-    ("plain", "contract", "extra"),
+    ("plain", "contract", "extra", "local"),
     [
-        (GpuReading, GpuInfo, set()),
-        (Snapshot, Resources, set()),
-        (Outgoing, AgentMessage, {"schema_version"}),  # a constant the encoder writes
+        (GpuReading, GpuInfo, set(), {"processes"}),  # the process list stays on the desktop
+        (Snapshot, Resources, set(), set()),
+        (Outgoing, AgentMessage, {"schema_version"}, set()),  # a constant the encoder writes
     ],
 )
 def test_same_fields_as_the_contract(
-    plain: type[Any], contract: type[BaseModel], extra: set[str]
+    plain: type[Any], contract: type[BaseModel], extra: set[str], local: set[str]
 ) -> None:
     names = {f.name for f in dataclasses.fields(plain)}
-    assert names | extra == set(contract.model_fields)
+    assert (names - local) | extra == set(contract.model_fields)
+
+
+def test_the_gpus_process_list_is_never_sent() -> None:
+    gpu = GpuReading(index=0, vendor="nvidia", vram_total_gb=24.0, vram_free_gb=20.0,
+                     jobs_vram_used_gb=3.0, processes=((4242, 3.0), (77, 1.0)))  # fmt: skip
+    snapshot = Snapshot(gpus=[gpu], gpu_count=1, gpu_type="nvidia", gpu_vram_total_gb=24.0,
+                        gpu_vram_available_gb=20.0, gpu_vram_available_max_gb=20.0)  # fmt: skip
+    sent = snapshot.as_json()
+    assert sent["gpus"][0]["jobs_vram_used_gb"] == 3.0 and "processes" not in sent["gpus"][0]
+    Resources.model_validate(sent)  # and the orchestrator's schema takes it
 
 
 def test_a_collected_heartbeat_is_byte_for_byte_what_the_contract_writes() -> None:

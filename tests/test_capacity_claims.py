@@ -11,6 +11,7 @@ from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.service import Orchestrator
+from chiffon.persistence.models import JobRow
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
 from tests.auth import API_HEADERS
@@ -84,3 +85,50 @@ async def test_the_limit_counts_only_agents_that_still_qualify(
     assert names == ["small"]  # big (4 GB left) first by what it sees, but it cannot
     ordered = [c["name"] for c in await capacity(orchestrator)]
     assert ordered == ["small", "big"]  # most free VRAM first, net of the claim
+
+
+async def beat(orch: Orchestrator, agent: uuid.UUID, free: float, jobs_used: float | None) -> None:
+    """A heartbeat of agent "a" with one 24 GB GPU: `free` GB free, of which its own jobs'
+    processes hold `jobs_used` (None: it cannot see per-process use)."""
+    res = f.resources(gpus_free_total=[(free, 24.0)], cores_physical=8, load_1min=0.0)
+    gpu = res.gpus[0].model_copy(update={"uuid": "GPU-a-0", "jobs_vram_used_gb": jobs_used})
+    msg = f.message(agent, name="a", res=res.model_copy(update={"gpus": [gpu]}))
+    assert await orch.receive(msg.model_copy(update={"accepts_jobs": True})) == "applied"
+
+
+async def use(orch: Orchestrator, agent: uuid.UUID, job_id: uuid.UUID, gb: float) -> None:
+    said = Report("usage", vram_gb={"GPU-a-0": gb})
+    assert await orch.report_attempt(agent, job_id, 1, said) == "applied"
+
+
+async def test_a_job_growing_into_its_claim_and_past_it_is_never_double_booked(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    job_id = await place(orchestrator, clock, gpus=1, vram_gb=8)
+    await orchestrator.report_attempt(agent, job_id, 1, Report("started"))
+    for seen_used, expected in [(2.0, 16.0), (8.0, 16.0), (12.0, 12.0)]:
+        # its processes hold `seen_used`: the claim holds the larger of it and 8
+        await beat(orchestrator, agent, free=24.0 - seen_used, jobs_used=seen_used)
+        await use(orchestrator, agent, job_id, seen_used)
+        [c] = await capacity(orchestrator)
+        assert c["gpu_vram_available_gb"] == expected, (seen_used, c)
+    # Placement follows the same ledger: 12 GB fits now, 13 would not.
+    big = await place(orchestrator, clock, gpus=1, vram_gb=13)
+    async with orchestrator.sessions() as s:
+        waiting = await s.get(JobRow, big)
+    assert waiting is not None and waiting.state == "queued" and "12.0 GB" in waiting.reason
+
+
+async def test_a_foreign_process_taking_vram_between_two_heartbeats_is_respected(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    job_id = await place(orchestrator, clock, gpus=1, vram_gb=8)
+    await beat(orchestrator, agent, free=16.0, jobs_used=8.0)
+    await use(orchestrator, agent, job_id, 8.0)
+    [c] = await capacity(orchestrator)
+    assert c["gpu_vram_available_gb"] == 16.0
+    await beat(orchestrator, agent, free=10.0, jobs_used=8.0)  # a game took 6 GB
+    [c] = await capacity(orchestrator)
+    assert c["gpu_vram_available_gb"] == 10.0

@@ -11,11 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+from chiffon.agent.report import GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, JobRun
 from chiffon.agent.work import WorkLoop, WorkSettings
 from chiffon.transport.orders import Order, encode, order_key
+from tests.services import eventually
 
 AGENT, SECRET = uuid.uuid4(), "k" * 43
 
@@ -178,3 +181,49 @@ async def test_all_output_is_shipped_in_order_before_the_end_is_reported(tmp_pat
     assert shipped == "".join(f"line {i:05d}\n" for i in range(20000)).encode()
     assert len(shipped) > 4 * 32 * 1024  # several chunks
     assert orch.shipped_at_end[job] == len(shipped)
+
+
+async def test_observe_counts_the_vram_of_its_jobs_processes_and_reports_the_peak(
+    tmp_path: Path,
+) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch, free={"GPU-x": 24.0})
+    # the job's own child holds the memory: it is in the job's process group
+    script = "import subprocess; subprocess.run(['sleep', '30'])"
+    await work.handle(*order(job, command=[sys.executable, "-c", script], gpu_uuids=["GPU-x"]))
+    await orch.until(job, 1)
+    [(_, run)] = list(work._runs.items())
+    child = await _child_of(run.pid)
+
+    def snapshot(job_gb: float) -> Snapshot:
+        gpus = [
+            GpuReading(index=0, uuid="GPU-x", vendor="nvidia", vram_total_gb=24.0,
+                       vram_free_gb=24.0 - job_gb - 3, processes=((child, job_gb), (1, 3.0))),
+            GpuReading(index=1, uuid="GPU-y", vendor="nvidia", vram_total_gb=24.0,
+                       vram_free_gb=24.0),  # the driver lists no processes: unknown
+        ]  # fmt: skip
+        return Snapshot(gpus=gpus, gpu_count=2, gpu_type="nvidia", gpu_vram_total_gb=48.0,
+                        gpu_vram_available_gb=sum(g.vram_free_gb or 0 for g in gpus),
+                        gpu_vram_available_max_gb=24.0)  # fmt: skip
+
+    seen = work.observe(snapshot(6.0))
+    assert [g.jobs_vram_used_gb for g in seen.gpus] == [6.0, None]  # pid 1 is foreign
+    work.observe(snapshot(9.5))
+    work.observe(snapshot(9.5))  # unchanged: not reported again
+    work.observe(snapshot(4.0))
+    await work.handle(*order(job, kind="cancel"))
+    await orch.until(job, 5)
+    usage = [r[2]["vram_gb"] for r in orch.reports if r[2]["kind"] == "usage"]
+    assert usage == [{"GPU-x": 6.0}, {"GPU-x": 9.5}, {"GPU-x": 4.0}]
+    assert orch.reports[-1][2]["peak_vram_gb"] == {"GPU-x": 9.5}
+
+
+async def _child_of(pid: int | None) -> int:
+    assert pid is not None
+    process = psutil.Process(pid)
+
+    async def started() -> bool:
+        return bool(process.children())
+
+    await eventually(started)
+    return int(process.children()[0].pid)

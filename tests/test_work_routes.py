@@ -15,7 +15,7 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import JobRow
 from chiffon.schemas.jobs import JobSubmit
 from chiffon.transport.orders import order_key, verify
-from tests.auth import bearer, issue
+from tests.auth import API_HEADERS, bearer, issue
 from tests.conftest import api_client
 from tests.jobfleet import desktop
 from tests.services import eventually
@@ -56,11 +56,17 @@ async def test_reports_move_the_job_and_a_stale_one_is_answered_so(
     async with api_client(orchestrator, bearer(credential)) as api:
         started = await api.post(f"{url}/1", json={"kind": "started"})
         stale = await api.post(f"{url}/2", json={"kind": "started"})
-        exited = {"kind": "ended", "outcome": "exit", "exit_code": 0, "runtime_seconds": 1.5}
+        used = await api.post(f"{url}/1", json={"kind": "usage", "vram_gb": {"GPU-a-0": 3.5}})
+        exited = {"kind": "ended", "outcome": "exit", "exit_code": 0, "runtime_seconds": 1.5,
+                  "peak_vram_gb": {"GPU-a-0": 7.25}}  # fmt: skip
         ended = await api.post(f"{url}/1", json=exited)
-    assert [r.json()["verdict"] for r in (started, stale, ended)] == ["applied", "stale", "applied"]
+    verdicts = [r.json()["verdict"] for r in (started, stale, used, ended)]
+    assert verdicts == ["applied", "stale", "applied", "applied"]
     async with orchestrator.sessions() as s:
         assert (await s.get(JobRow, job_id)).state == "succeeded"  # type: ignore[union-attr]
+    async with api_client(orchestrator, API_HEADERS) as user:
+        shown = (await user.get(f"/api/v1/jobs/{job_id}")).json()
+    assert shown["attempts"][0]["peak_vram_gb"] == {"GPU-a-0": 7.25}
 
 
 @pytest.mark.parametrize(
@@ -71,6 +77,8 @@ async def test_reports_move_the_job_and_a_stale_one_is_answered_so(
         ({"kind": "ended", "outcome": "exit", "exit_code": 10_000}, "exit_code"),
         ({"kind": "started", "shell": "rm -rf /"}, "Extra inputs are not permitted"),
         ({"kind": "started", "detail": "a\x1b[31m"}, "detail"),
+        ({"kind": "usage", "vram_gb": {"GPU-a-0": -1}}, "vram_gb"),
+        ({"kind": "usage", "vram_gb": {f"GPU-{i}": 1 for i in range(65)}}, "vram_gb"),
     ],
 )
 async def test_bad_reports_are_refused_with_a_detail(

@@ -32,6 +32,9 @@ class FakeGpu:
     utilization: int | None = 7  # None: not supported on this card
     temperature: int | None = 41
     failing: dict[str, str] = field(default_factory=dict)  # NVML function -> its NVMLError
+    # (pid, bytes used; None: the driver does not say) of each process, compute and graphics
+    compute: list[tuple[int, int | None]] = field(default_factory=list)
+    graphics: list[tuple[int, int | None]] = field(default_factory=list)
 
 
 def _fail(handle: FakeGpu, function: str) -> None:
@@ -105,3 +108,23 @@ def nvmlDeviceGetTemperature(handle: FakeGpu, sensor: int) -> int:
     if handle.temperature is None:
         raise NVMLError_NotSupported("Not Supported")
     return handle.temperature
+
+
+NVML_VALUE_NOT_AVAILABLE = 2**64 - 1
+
+
+def _listed(processes: list[tuple[int, int | None]]) -> list[Any]:
+    return [
+        SimpleNamespace(pid=pid, usedGpuMemory=NVML_VALUE_NOT_AVAILABLE if used is None else used)
+        for pid, used in processes
+    ]
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: FakeGpu) -> list[Any]:
+    _fail(handle, "nvmlDeviceGetComputeRunningProcesses")
+    return _listed(handle.compute)
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle: FakeGpu) -> list[Any]:
+    _fail(handle, "nvmlDeviceGetGraphicsRunningProcesses")
+    return _listed(handle.graphics)

@@ -13,6 +13,11 @@ import json, os, sys, time
 spec = json.load(open({spec!r}))
 open({pid_file!r}, "w").write(str(os.getpid()))
 query = [a for a in sys.argv[1:] if a.startswith("--query-gpu=")]
+apps = [a for a in sys.argv[1:] if a.startswith("--query-compute-apps=")]
+if apps and spec["apps"] is not None and "--format=csv,noheader,nounits" in sys.argv:
+    for row in spec["apps"]:
+        print(", ".join(row))
+    sys.exit(0)
 if not query or "--format=csv,noheader,nounits" not in sys.argv:
     print("fake nvidia-smi: unexpected arguments", sys.argv[1:], file=sys.stderr)
     sys.exit(2)
@@ -56,8 +61,11 @@ def install(
     stderr: str = "",
     stream_forever: bool = False,
     child_pid_file: Path | None = None,
+    apps: list[list[str]] | None = None,
 ) -> Path:
-    """Write `bin_dir/nvidia-smi`; returns the file where each run writes its pid."""
+    """`apps`: rows of `--query-compute-apps=gpu_uuid,pid,used_memory` (None: that query
+    is refused, as by a driver too old for it)."""
+    # Writes `bin_dir/nvidia-smi`; returns the file where each run writes its pid.
     bin_dir.mkdir(parents=True, exist_ok=True)
     spec = bin_dir / "nvidia-smi.json"
     pid_file = bin_dir / "nvidia-smi.pid"
@@ -70,6 +78,7 @@ def install(
                 "stderr": stderr,
                 "stream_forever": stream_forever,
                 "child_pid_file": str(child_pid_file) if child_pid_file else "",
+                "apps": apps,
             }
         )
     )

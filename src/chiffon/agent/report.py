@@ -48,6 +48,7 @@ _GPU_RANGES = {
     "vram_free_gb": (0, limits.GPU_GB_MAX),
     "utilization_percent": (0, limits.PERCENT_MAX),
     "temperature_c": (limits.TEMPERATURE_C_MIN, limits.TEMPERATURE_C_MAX),
+    "jobs_vram_used_gb": (0, limits.GPU_GB_MAX),
 }
 
 
@@ -63,6 +64,11 @@ class GpuReading:
     vram_free_gb: float | None = None
     utilization_percent: float | None = None
     temperature_c: float | None = None
+    # VRAM held by this agent's own job processes (set by the work loop); None: unknown.
+    jobs_vram_used_gb: float | None = None
+    # Every process holding memory on it, (pid, GB), as the driver listed them; None when
+    # it cannot say (nvidia-smi, sysfs). Kept on the desktop: never sent.
+    processes: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         _check_ranges(self, _GPU_RANGES)
@@ -123,8 +129,11 @@ class Snapshot:
             check_text(f"probe_errors[{key}]", error or " ", limits.TEXT_MAX_CHARS)
 
     def as_json(self) -> dict[str, Any]:
-        """The `resources` object as it travels."""
-        return dataclasses.asdict(self)
+        """The `resources` object as it travels (the process lists stay here)."""
+        doc = dataclasses.asdict(self)
+        for gpu in doc["gpus"]:
+            del gpu["processes"]
+        return doc
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,6 +87,9 @@ class WorkLoop:
         self._clock = clock
         self._ledger = AttemptLedger(settings.jobs_dir)
         self._runs: dict[tuple[uuid.UUID, int], JobRun] = {}
+        # VRAM each attempt's processes hold, by GPU: as last reported, and at most
+        self._used: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
+        self._peak: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused: Counter[str] = Counter()  # orders dropped, by reason
 
@@ -123,6 +127,49 @@ class WorkLoop:
             run = self._runs.get((order.job_id, order.attempt))
             if run is not None:
                 await run.cancel()
+
+    def observe(self, snapshot: Snapshot) -> Snapshot:
+        """The snapshot with each GPU's `jobs_vram_used_gb`: the memory held there by this
+        agent's job processes (a process is a job's when it is in the job's process group),
+        from the processes the driver listed; unknown where it listed none. Each attempt's
+        use is remembered (its peak goes in its end's report) and, when it changed,
+        reported, so the orchestrator's claims know how far each job has grown."""
+        owner = {run.pid: key for key, run in self._runs.items() if run.pid is not None}
+        used: dict[tuple[uuid.UUID, int], dict[str, float]] = {key: {} for key in self._runs}
+        gpus = []
+        for gpu in snapshot.gpus:
+            if gpu.processes is None:
+                gpus.append(gpu)
+                continue
+            total = 0.0
+            for pid, gb in gpu.processes:
+                group = _group_of(pid)
+                key = None if group is None else owner.get(group)
+                if key is not None:
+                    by_gpu = used[key]
+                    by_gpu[gpu_key(gpu)] = round(by_gpu.get(gpu_key(gpu), 0.0) + gb, 3)
+                    total += gb
+            gpus.append(dataclasses.replace(gpu, jobs_vram_used_gb=round(total, 3)))
+        for key, now in used.items():
+            peak = self._peak.setdefault(key, {})
+            for gpu_id, gb in now.items():
+                peak[gpu_id] = max(peak.get(gpu_id, 0.0), gb)
+            if now != self._used.get(key, {}):
+                self._used[key] = now
+                self._spawn(self._say_once(*key, {"kind": "usage", "vram_gb": now}))
+        return dataclasses.replace(snapshot, gpus=gpus)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _say_once(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> None:
+        """A report worth no retry (the next observation says it again)."""
+        try:
+            await self._channel.report(job_id, attempt, said)
+        except TransportError as exc:
+            log.info("usage of attempt %s of %s not reported: %s", attempt, job_id, exc)
 
     async def poll(
         self,
@@ -208,10 +255,15 @@ class WorkLoop:
                 await run.cancel()
             ended = await run.wait()
             await _finish(shipping, run)  # all its output is shipped before its end is said
-            await self._say(*key, _ended_from(ended))
+            said = _ended_from(ended)
+            if self._peak.get(key):  # its processes were seen holding VRAM
+                said["peak_vram_gb"] = self._peak[key]
+            await self._say(*key, said)
         finally:
             shipping.cancel()
             self._runs.pop(key, None)
+            self._used.pop(key, None)
+            self._peak.pop(key, None)
 
     async def _ship(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
         """Send the attempt's log as it grows, in order, until the run ends and all of it
@@ -276,6 +328,13 @@ def _ended(outcome: str, detail: str, *, exit_code: int | None = None) -> dict[s
 def _ended_from(ended: Ended) -> dict[str, Any]:
     said = _ended(ended.reason, ended.detail, exit_code=ended.exit_code)
     return {**said, "signal": ended.signal, "runtime_seconds": ended.runtime_seconds}
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # gone, or another namespace's pid
+        return None
 
 
 def gpu_key(gpu: GpuReading) -> str:

@@ -54,7 +54,8 @@ async def list_jobs(
     """Jobs, newest first."""
     rows = await repo.list_jobs(session, state=state, agent_id=agent_id, limit=limit)
     names = await repo.agent_names(session, agent_ids=[row.agent_id for row in rows])
-    return [views.job(row, names) for row in rows]
+    gpus = await repo.current_gpus(session, jobs=rows)
+    return [views.job(row, names, gpus) for row in rows]
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses=_ERRORS)
@@ -99,7 +100,8 @@ async def logs(
 
 async def _view(session: AsyncSession, job_id: uuid.UUID) -> JobView:
     job = await _job(session, job_id)
-    return views.job(job, await repo.agent_names(session, agent_ids=[job.agent_id]))
+    names = await repo.agent_names(session, agent_ids=[job.agent_id])
+    return views.job(job, names, await repo.current_gpus(session, jobs=[job]))
 
 
 async def _job(session: AsyncSession, job_id: uuid.UUID) -> JobRow:

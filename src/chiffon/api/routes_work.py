@@ -35,17 +35,27 @@ class Orders(BaseModel):
     orders: list[SignedOrder]
 
 
+GpuId = Annotated[str, Field(min_length=1, max_length=160, pattern=limits.TEXT_PATTERN)]
+VramByGpu = Annotated[
+    dict[GpuId, Annotated[float, Field(ge=0, le=limits.GPU_GB_MAX)]], Field(max_length=64)
+]
+
+
 class AttemptReport(BaseModel):
     """What an agent says of one attempt."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kind: Literal["started", "ended"]
+    kind: Literal["started", "ended", "usage"]
     outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost"] | None = None
     exit_code: Annotated[int, Field(ge=-255, le=255)] | None = None
     signal: Annotated[int, Field(ge=1, le=128)] | None = None
     detail: Annotated[str, Field(max_length=1000, pattern=limits.TEXT_PATTERN)] = ""
     runtime_seconds: Annotated[float, Field(ge=0, le=1e9)] | None = None
+    vram_gb: VramByGpu | None = Field(
+        None, description="usage: VRAM its processes hold now, by GPU id"
+    )
+    peak_vram_gb: VramByGpu | None = Field(None, description="ended: the most they held")
 
 
 class AttemptVerdict(BaseModel):
@@ -115,7 +125,8 @@ async def attempt_report(
         raise HTTPException(422, f"{where}: {first['msg']}") from None
     if said.kind == "ended" and said.outcome is None:
         raise HTTPException(422, "outcome: an ended attempt says how it ended")
-    report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail)
+    vram = said.vram_gb if said.kind == "usage" else said.peak_vram_gb
+    report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail, vram)
     verdict = await orchestrator.report_attempt(agent_id, job_id, attempt, report)
     return AttemptVerdict(verdict=verdict)
 

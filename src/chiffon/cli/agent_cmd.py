@@ -179,15 +179,21 @@ def new_agent_loop(
     identity: AgentIdentity,
     publisher: Publisher,
     collect: Callable[[], Snapshot],
+    work: WorkLoop | None = None,
 ) -> AgentLoop:
-    """The heartbeat loop, collecting in a daemon thread so a hung driver cannot stall it."""
+    """The heartbeat loop, collecting in a daemon thread so a hung driver cannot stall it;
+    with `work`, each snapshot says what VRAM the agent's jobs hold (`WorkLoop.observe`)."""
     from chiffon.agent.bounded import in_daemon_thread
     from chiffon.agent.loop import AgentLoop
+
+    async def snapshot() -> Snapshot:
+        taken = await in_daemon_thread(collect, name="chiffon-collect")
+        return taken if work is None else work.observe(taken)
 
     return AgentLoop(
         identity,
         publisher,
-        lambda: in_daemon_thread(collect, name="chiffon-collect"),
+        snapshot,
         interval_seconds=settings.heartbeat_interval_seconds,
         publish_timeout_seconds=settings.publish_timeout_seconds,
     )
@@ -309,12 +315,12 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
         credential=credential,
         message_ttl_seconds=settings.heartbeat_timeout_seconds,
     )
-    agent = new_agent_loop(settings, identity, publisher, collect)
     # Reports and output go over HTTP whatever carries the heartbeats (enrollment does too).
     channel = HttpWork(
         settings.orchestrator_url, credential, timeout_seconds=settings.publish_timeout_seconds
     )
     work = new_work_loop(work_settings(settings), credential, channel, collect)
+    agent = new_agent_loop(settings, identity, publisher, collect, work)
     stopping = asyncio.Event()
     _install_signal_handlers(stopping.set)
     tasks = [asyncio.create_task(agent.run(), name="chiffon-agent"),

@@ -51,10 +51,10 @@ class LocalAgent:
         credential = await self._credential(orchestrator)
         publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
         collect = locked(self._collector)
-        self._loop = new_agent_loop(self._settings, self._identity, publisher, collect)
-        self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
         channel = InMemoryWork(orchestrator, credential.agent_id)
         self._work = new_work_loop(work_settings(self._settings), credential, channel, collect)
+        self._loop = new_agent_loop(self._settings, self._identity, publisher, collect, self._work)
+        self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
         self._work_tasks.append(asyncio.create_task(self._work.recover()))
         if self._identity.accepts_jobs:
             self._work_tasks.append(asyncio.create_task(self._work.poll(channel)))

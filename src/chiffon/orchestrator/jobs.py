@@ -13,6 +13,7 @@ that was placed again elsewhere).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -33,11 +34,13 @@ Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
 class Report:
     """What an agent says of one attempt: it started, or it ended (and how)."""
 
-    kind: Literal["started", "ended"]
+    kind: Literal["started", "ended", "usage"]
     outcome: Outcome | None = None  # for "ended"
     exit_code: int | None = None
     signal: int | None = None
     detail: str = ""
+    # VRAM its processes hold, by GPU id: now ("usage"), or at most ("ended")
+    vram_gb: Mapping[str, float] | None = None
 
 
 async def submit(
@@ -87,6 +90,9 @@ async def report(
         if said.kind == "started":
             if job.state == "assigned":
                 await _start(session, job, now)
+            return "applied"
+        if said.kind == "usage":
+            await _record_use(session, job, said.vram_gb or {})
             return "applied"
         if job.state == "assigned":  # ended before its start was heard: it did start
             await _start(session, job, now)
@@ -260,6 +266,19 @@ async def _locked(session: AsyncSession, job_id: uuid.UUID) -> JobRow | None:
     return (await session.scalars(stmt)).one_or_none()
 
 
+async def _record_use(session: AsyncSession, job: JobRow, vram_gb: Mapping[str, float]) -> None:
+    """How far the attempt has grown on each GPU it claims (its claims' `used_gb`): a job
+    that outgrew its claim holds what it uses (docs/jobs.md, the VRAM rule)."""
+    claims = await session.scalars(
+        select(JobClaimRow).where(
+            JobClaimRow.job_id == job.job_id, JobClaimRow.attempt == job.attempt
+        )
+    )
+    for claim in claims:
+        if claim.resource != repo.HOST:
+            claim.used_gb = vram_gb.get(claim.resource.removeprefix("gpu:"), 0.0)
+
+
 async def _start(session: AsyncSession, job: JobRow, now: datetime) -> None:
     session.add(repo.move(job, "running", reason="started", now=now))
     await session.execute(_attempt(job, job.attempt).values(state="running", started_at=now))
@@ -278,6 +297,7 @@ async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) 
         _attempt(job, attempt).values(
             state=to_state if to_state != "queued" else _attempt_state(said),
             ended_at=now, exit_code=said.exit_code, signal=said.signal, reason=reason[:1000],
+            peak_vram_gb=dict(said.vram_gb) if said.vram_gb else None,
         )
     )  # fmt: skip
     await session.execute(

@@ -78,7 +78,11 @@ def event(row: AgentEventRow) -> AgentEvent:
     )
 
 
-def job(row: JobRow, names: Mapping[UUID, str] | None = None) -> JobView:
+def job(
+    row: JobRow,
+    names: Mapping[UUID, str] | None = None,
+    gpus: Mapping[UUID, list[str]] | None = None,
+) -> JobView:
     return JobView(
         job_id=row.job_id,
         name=row.name,
@@ -87,6 +91,7 @@ def job(row: JobRow, names: Mapping[UUID, str] | None = None) -> JobView:
         attempt=row.attempt,
         agent_id=row.agent_id,
         agent_name=(names or {}).get(row.agent_id) if row.agent_id else None,
+        gpu_uuids=(gpus or {}).get(row.job_id, []) if row.agent_id else [],
         cancel_requested=row.cancel_requested_at is not None,
         command=row.spec["command"],
         requirements=row.spec.get("requirements", {}),
@@ -103,8 +108,10 @@ def job_detail(
     events: Sequence[JobEventRow],
     names: Mapping[UUID, str],
 ) -> JobDetail:
+    held = [a.gpu_uuids for a in attempts if a.attempt == row.attempt]
+    current = {row.job_id: held[0]} if held else {}
     return JobDetail(
-        **job(row, names).model_dump(),
+        **job(row, names, current).model_dump(),
         attempts=[
             JobAttempt.model_validate(a, from_attributes=True).model_copy(
                 update={"agent_name": names.get(a.agent_id)}

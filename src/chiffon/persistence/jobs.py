@@ -273,3 +273,21 @@ async def agent_names(
         return {}
     stmt = select(AgentRow.agent_id, AgentRow.name).where(AgentRow.agent_id.in_(wanted))
     return {agent_id: name for agent_id, name in (await session.execute(stmt)).all()}
+
+
+async def current_gpus(
+    session: AsyncSession, *, jobs: Sequence[JobRow]
+) -> dict[uuid.UUID, list[str]]:
+    """The GPUs each job's current attempt holds (jobs with an attempt out)."""
+    out = [j for j in jobs if j.agent_id is not None and j.attempt > 0]
+    if not out:
+        return {}
+    stmt = select(JobAttemptRow.job_id, JobAttemptRow.attempt, JobAttemptRow.gpu_uuids).where(
+        JobAttemptRow.job_id.in_([j.job_id for j in out])
+    )
+    current = {j.job_id: j.attempt for j in out}
+    return {
+        job_id: list(gpus)
+        for job_id, attempt, gpus in (await session.execute(stmt)).all()
+        if current.get(job_id) == attempt
+    }

@@ -245,6 +245,8 @@ class JobAttemptRow(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     signal: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(1000), default="")
+    # The most VRAM its processes held, by GPU id, when the agent could see them.
+    peak_vram_gb: Mapped[dict[str, float] | None] = mapped_column(JsonDocument)
 
 
 class JobClaimRow(Base):

@@ -66,6 +66,9 @@ class GpuInfo(_Strict):
     temperature_c: (
         Annotated[float, Field(ge=limits.TEMPERATURE_C_MIN, le=limits.TEMPERATURE_C_MAX)] | None
     ) = None
+    jobs_vram_used_gb: GpuGigabytes | None = Field(
+        None, description="VRAM held by the agent's own job processes; null: it cannot see"
+    )
 
     @model_validator(mode="after")
     def _free_not_above_total(self) -> Self:

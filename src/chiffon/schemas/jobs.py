@@ -183,6 +183,7 @@ class JobView(BaseModel):
     attempt: int = Field(description="the current attempt's number (0: never placed)")
     agent_id: UUID | None = Field(description="where the current attempt is")
     agent_name: str | None = Field(None, description="that agent's name, while registered")
+    gpu_uuids: list[str] = Field([], description="the GPUs its current attempt holds")
     cancel_requested: bool
     command: list[str]
     requirements: JobRequirements
@@ -204,6 +205,9 @@ class JobAttempt(BaseModel):
     exit_code: int | None
     signal: int | None
     reason: str
+    peak_vram_gb: dict[str, float] | None = Field(
+        None, description="the most VRAM its processes held, by GPU (when the agent could see)"
+    )
 
 
 class JobEvent(BaseModel):

@@ -63,8 +63,9 @@ class InMemoryWork:
     async def report(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> str:
         from chiffon.orchestrator.jobs import Report
 
+        vram = said.get("vram_gb") if said["kind"] == "usage" else said.get("peak_vram_gb")
         report = Report(said["kind"], said.get("outcome"), said.get("exit_code"),
-                        said.get("signal"), str(said.get("detail", ""))[:1000])  # fmt: skip
+                        said.get("signal"), str(said.get("detail", ""))[:1000], vram)  # fmt: skip
         try:
             return await self._orchestrator.report_attempt(self._agent_id, job_id, attempt, report)
         except Exception as exc:

@@ -9,6 +9,7 @@ timeout, or one writing more than `MAX_OUTPUT_BYTES`, is killed with its whole p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import subprocess
 
@@ -28,6 +29,29 @@ QUERY_FIELDS = (
     "utilization.gpu",
     "temperature.gpu",
 )
+
+
+APP_FIELDS = ("gpu_uuid", "pid", "used_memory")
+
+
+def apps_command(executable: str) -> list[str]:
+    return [executable, f"--query-compute-apps={','.join(APP_FIELDS)}",
+            "--format=csv,noheader,nounits"]  # fmt: skip
+
+
+def parse_apps(output: str) -> dict[str, tuple[tuple[int, float], ...]] | None:
+    """Compute processes by GPU UUID, (pid, GB); None when a row cannot be read (then no
+    GPU's list can be trusted whole)."""
+    found: dict[str, dict[int, float]] = {}
+    for cells in csv.reader(line for line in output.splitlines() if line.strip()):
+        if len(cells) != len(APP_FIELDS):
+            return None
+        row = dict(zip(APP_FIELDS, cells, strict=True))
+        uuid, pid, used = _field(row["gpu_uuid"]), _number(row["pid"]), _mib(row["used_memory"])
+        if uuid is None or pid is None or used is None:
+            return None
+        found.setdefault(uuid, {})[int(pid)] = round(used / 1e9, 3)
+    return {uuid: tuple(sorted(held.items())) for uuid, held in found.items()}
 
 
 def command(executable: str) -> list[str]:
@@ -126,7 +150,22 @@ class NvidiaSmiProbe:
             raise ProbeError(
                 f"nvidia-smi exited {done.returncode}: {said[0] if said else 'no output'}"
             )
-        return parse(stdout)
+        return self._with_processes(path, parse(stdout))  # a partial read: processes unknown
+
+    def _with_processes(self, path: str, gpus: list[GpuReading]) -> list[GpuReading]:
+        """Each GPU with its compute processes (a second bounded run); unknown when that
+        run fails, whatever the reason: the GPUs' own numbers stand."""
+        try:
+            done = run_bounded(apps_command(path), timeout_seconds=self.timeout_seconds,
+                               max_output_bytes=MAX_OUTPUT_BYTES)  # fmt: skip
+        except (subprocess.TimeoutExpired, OutputTooLarge, OSError):
+            return gpus
+        apps = parse_apps(done.stdout.decode(errors="replace")) if done.returncode == 0 else None
+        if apps is None:
+            return gpus
+        return [
+            dataclasses.replace(g, processes=apps.get(g.uuid, ())) if g.uuid else g for g in gpus
+        ]
 
     def close(self) -> None:
         pass

@@ -9,6 +9,7 @@ of one GPU makes only that number unknown (`PartialRead`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from collections.abc import Callable
 from types import ModuleType
@@ -16,6 +17,9 @@ from typing import Any
 
 from chiffon.agent.probes.common import PartialRead, ProbeError, gpu_or_bare
 from chiffon.agent.report import GpuReading
+
+# NVML's NVML_VALUE_NOT_AVAILABLE for a process's memory, as an unsigned long long.
+_NOT_AVAILABLE = 2**64 - 1
 
 
 class NvmlUnavailable(ProbeError):
@@ -104,7 +108,7 @@ class NvmlProbe:
         temperature = self._field(
             problems, index, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU
         )
-        return gpu_or_bare(
+        gpu = gpu_or_bare(
             problems,
             index=index,
             vendor="nvidia",
@@ -115,6 +119,27 @@ class NvmlProbe:
             utilization_percent=None if rates is None else float(rates.gpu),
             temperature_c=None if temperature is None else float(temperature),
         )
+        return dataclasses.replace(gpu, processes=self._processes(handle, index, problems))
+
+    def _processes(
+        self, handle: Any, index: int, problems: list[str]
+    ) -> tuple[tuple[int, float], ...] | None:
+        """Every process holding memory on the GPU, (pid, GB): NVML's compute and graphics
+        lists. None (unknown) when either list, or one process's memory, cannot be read
+        (the driver hides it: no per-process accounting, another user's container)."""
+        nvml = self._load()
+        held: dict[int, float] = {}
+        for fn in (nvml.nvmlDeviceGetComputeRunningProcesses,
+                   nvml.nvmlDeviceGetGraphicsRunningProcesses):  # fmt: skip
+            listed = self._field(problems, index, fn, handle)
+            if listed is None:
+                return None
+            for process in listed:
+                used = getattr(process, "usedGpuMemory", None)
+                if not isinstance(used, int) or used < 0 or used >= _NOT_AVAILABLE:
+                    return None
+                held[int(process.pid)] = max(held.get(int(process.pid), 0.0), used / 1e9)
+        return tuple((pid, round(gb, 3)) for pid, gb in sorted(held.items()))
 
     def read(self) -> list[GpuReading]:
         nvml = self._init()

@@ -11,7 +11,11 @@ const WINDOWS = [["15m", 900], ["1h", 3600], ["6h", 21600], ["24h", 86400], ["7d
 const state = {
   agents: [], summary: null, fetchedAt: 0, lastOkAt: 0, error: null,
   sort: { key: "name", dir: 1 }, windowSeconds: 3600, charts: {},
+  log: { jobId: null, attempt: null, offset: 0, text: "" },
 };
+// The job page keeps at most this much of a job's output on screen (its tail).
+const LOG_KEEP_CHARS = 64 * 1024;
+const ACTIVE = ["queued", "assigned", "running"];
 
 const TOKEN_KEY = "chiffon.token";
 
@@ -137,9 +141,13 @@ async function poll(load) {
 // ---- fleet view ----------------------------------------------------------------------
 
 async function loadFleet() {
-  const [summary, agents] = await Promise.all([api("/fleet/summary"), api("/agents")]);
+  const [summary, agents, capacity] = await Promise.all([
+    api("/fleet/summary"), api("/agents"), api("/agents/available-capacity?agent_type=any"),
+  ]);
   state.summary = summary;
   state.agents = agents;
+  // Free cores, memory and VRAM net of what running jobs hold (online agents).
+  state.net = Object.fromEntries(capacity.map((c) => [c.agent_id, c]));
   state.fetchedAt = Date.now();
   renderFleet();
 }
@@ -171,15 +179,19 @@ function renderSummary(summary) {
 }
 
 const metrics = (agent) => agent.resource_metrics || {};
+// A free number as a new job could have it: net of claims where the capacity answer has the
+// agent (online), else what the agent last reported.
+const free = (agent, field) => state.net?.[agent.agent_id]?.[field] ?? metrics(agent)[field];
+const held = (agent) => state.net?.[agent.agent_id]?.claims;
 
 const SORT_KEYS = {
   name: (a) => a.name.toLowerCase(),
   pool: (a) => a.pool_name,
   status: (a) => a.status,
   age: (a) => ageNow(a) ?? Infinity,
-  cores: (a) => metrics(a).cpu_cores_available ?? -1,
-  memory: (a) => metrics(a).memory_available_gb ?? -1,
-  vram: (a) => metrics(a).gpu_vram_available_gb ?? -1,
+  cores: (a) => free(a, "cpu_cores_available") ?? -1,
+  memory: (a) => free(a, "memory_available_gb") ?? -1,
+  vram: (a) => free(a, "gpu_vram_available_gb") ?? -1,
 };
 
 // The capacity query's minimums, client side (`chiffon capacity`'s options): a number an
@@ -199,7 +211,7 @@ function matches(agent) {
   for (const [input, field] of MINIMUMS) {
     const minimum = parseFloat($(input).value);
     if (Number.isNaN(minimum) || minimum <= 0) continue;
-    const have = metrics(agent)[field];
+    const have = free(agent, field);
     if (have === null || have === undefined || have < minimum) return false;
   }
   return true;
@@ -227,14 +239,17 @@ function statusBadge(status) {
 
 function agentRow(agent) {
   const m = metrics(agent);
+  const claims = held(agent);
+  const jobs = claims && claims.jobs ? el("div", { class: "muted held", "data-jobs": claims.jobs },
+    `${claims.jobs} job${claims.jobs > 1 ? "s" : ""} hold ${fmt(claims.vram_gb)} GB VRAM, ${claims.cpu_cores} cores`) : "";
   return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
     el("td", { class: "name" }, el("a", { href: `#/agents/${agent.agent_id}` }, el("bdi", {}, agent.name))),
     el("td", { class: "name" }, el("bdi", {}, agent.pool_name)),
     el("td", {}, statusBadge(agent.status)),
     el("td", { class: "num age" }, ago(ageNow(agent))),
-    el("td", { class: "num" }, `${m.cpu_cores_available ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
-    el("td", { class: "num" }, `${fmt(m.memory_available_gb)} / ${fmt(m.memory_total_gb)} GB`),
-    el("td", {}, gpuBars(agent)));
+    el("td", { class: "num" }, `${free(agent, "cpu_cores_available") ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
+    el("td", { class: "num" }, `${fmt(free(agent, "memory_available_gb"))} / ${fmt(m.memory_total_gb)} GB`),
+    el("td", {}, gpuBars(agent), jobs));
 }
 
 function renderTable() {
@@ -404,24 +419,128 @@ async function loadAgent(agentId) {
   $("#events tbody").replaceChildren(...events.map((e) => el("tr", { "data-to": e.to_status },
     el("td", {}, new Date(e.at).toLocaleString()), el("td", {}, e.from_status ?? "–"),
     el("td", {}, e.to_status), el("td", {}, e.reason))));
+  const jobs = (await api(`/jobs?agent_id=${agentId}&limit=200`)).filter((j) => ACTIVE.includes(j.state));
+  $("#agent-jobs tbody").replaceChildren(...(jobs.length ? jobs.map((j) => el("tr", { "data-job-id": j.job_id },
+    el("td", {}, jobLink(j)), el("td", { class: "name" }, el("bdi", {}, j.name ?? "")), el("td", {}, jobBadge(j.state)),
+    el("td", { class: "name muted" }, j.gpu_uuids.join(", ") || "none"), el("td", {}, needs(j.requirements)),
+    el("td", {}, ago((Date.now() - Date.parse(j.updated_at)) / 1000)))) :
+    [el("tr", {}, el("td", { colSpan: 6, class: "muted" }, "no job is running here"))]));
+}
+
+// ---- jobs ----------------------------------------------------------------------------
+
+const jobBadge = (s) => el("span", { class: `badge ${s}`, "data-state": s }, s.replace("_", " "));
+const jobLink = (j) => el("a", { href: `#/jobs/${j.job_id}` }, j.job_id.slice(0, 8));
+
+function needs(r) {
+  const parts = [];
+  if (r.gpus) parts.push(`${r.gpus} GPU${r.gpus > 1 ? "s" : ""}${r.vram_gb ? ` × ${r.vram_gb} GB` : ""}`);
+  if (r.cpu_cores) parts.push(`${r.cpu_cores} cores`);
+  if (r.memory_gb) parts.push(`${r.memory_gb} GB memory`);
+  if (r.pool) parts.push(`pool ${r.pool}`);
+  for (const [k, v] of Object.entries(r.labels || {})) parts.push(`${k}=${v}`);
+  return parts.join(", ") || "nothing in particular";
+}
+
+function agentCell(j) {
+  if (!j.agent_id) return el("span", { class: "muted" }, "–");
+  return el("a", { href: `#/agents/${j.agent_id}` }, el("bdi", {}, j.agent_name ?? j.agent_id.slice(0, 8)));
+}
+
+async function loadJobs() {
+  const query = new URLSearchParams({ limit: "200" });
+  if ($("#j-state").value) query.set("state", $("#j-state").value);
+  if ($("#j-agent").value) query.set("agent_id", $("#j-agent").value);
+  const [jobs, agents] = await Promise.all([api(`/jobs?${query}`), api("/agents")]);
+  const select = $("#j-agent");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "all"),
+    ...agents.map((a) => el("option", { value: a.agent_id }, a.name)));
+  select.value = chosen;
+  const count = (states) => jobs.filter((j) => states.includes(j.state)).length;
+  $("#job-counts").replaceChildren(
+    card("queued", "Queued", count(["queued"])), card("running", "Running", count(["assigned", "running"])),
+    card("finished", "Finished", jobs.length - count(ACTIVE)));
+  $("#jobs tbody").replaceChildren(...jobs.map((j) => el("tr", { "data-job-id": j.job_id, "data-state": j.state },
+    el("td", {}, jobLink(j)), el("td", { class: "name" }, el("bdi", {}, j.name ?? "")),
+    el("td", {}, jobBadge(j.state)), el("td", { class: "name" }, agentCell(j)),
+    el("td", { class: "command" }, j.command.join(" ")),
+    el("td", {}, new Date(j.submitted_at).toLocaleString()),
+    el("td", { class: "num" }, j.exit_code ?? ""), el("td", {}, j.reason))));
+  $("#jobs-shown").textContent = `${jobs.length} jobs, newest first`;
+}
+
+async function loadJob(jobId) {
+  const job = await api(`/jobs/${jobId}`);
+  $("#job-title").replaceChildren(el("bdi", { class: "name" }, job.name ?? job.job_id), " ", jobBadge(job.state));
+  $("#job-facts").replaceChildren(
+    card("id", "Job", job.job_id), card("needs", "Needs", needs(job.requirements)),
+    card("agent", "On", agentCell(job)), card("gpus", "GPUs", job.gpu_uuids.join(", ") || "none"),
+    card("exit", "Exit code", job.exit_code ?? "–"), card("attempt", "Attempt", job.attempt));
+  const why = job.state === "queued" ? "Waits: " : ACTIVE.includes(job.state) ? "" : "Ended: ";
+  $("#job-reason").textContent = job.reason ? why + job.reason : "";
+  $("#job-attempts tbody").replaceChildren(...job.attempts.map((a) => el("tr", { "data-attempt": a.attempt },
+    el("td", { class: "num" }, a.attempt), el("td", {}, el("bdi", {}, a.agent_name ?? a.agent_id.slice(0, 8))),
+    el("td", { class: "name muted" }, a.gpu_uuids.join(", ") || "none"), el("td", {}, jobBadge(a.state)),
+    el("td", {}, a.started_at ? new Date(a.started_at).toLocaleTimeString() : "–"),
+    el("td", {}, a.ended_at ? new Date(a.ended_at).toLocaleTimeString() : "–"),
+    el("td", {}, a.peak_vram_gb ? Object.entries(a.peak_vram_gb).map(([g, gb]) => `${g}: ${fmt(gb)} GB`).join(", ") : "–"),
+    el("td", {}, a.reason))));
+  $("#job-events tbody").replaceChildren(...job.events.map((e) => el("tr", { "data-to": e.to_state },
+    el("td", {}, new Date(e.at).toLocaleString()), el("td", {}, e.from_state ?? "–"),
+    el("td", {}, e.to_state), el("td", {}, e.reason))));
+  await followLog(job);
+}
+
+// The job's output, as it grows: each refresh asks from where the last answer ended.
+async function followLog(job) {
+  const log = state.log;
+  if (log.jobId !== job.job_id || log.attempt !== job.attempt) {
+    Object.assign(log, { jobId: job.job_id, attempt: job.attempt, offset: 0, text: "" });
+  }
+  if (job.attempt > 0) {
+    for (let pages = 0; pages < 8; pages++) {
+      const piece = await api(`/jobs/${job.job_id}/logs?attempt=${job.attempt}&offset=${log.offset}`);
+      if (piece.offset > log.offset && log.text) log.text += "\n[… older output dropped …]\n";
+      log.text = (log.text + piece.data).slice(-LOG_KEEP_CHARS);
+      log.offset = piece.next_offset;
+      if (!piece.data || piece.done) break;
+    }
+  }
+  const pre = $("#job-log");
+  const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.textContent = log.text;
+  if (atEnd) pre.scrollTop = pre.scrollHeight;
+  $("#job-log-note").textContent = job.attempt ? `attempt ${job.attempt}, ${log.offset} bytes` : "not started yet";
 }
 
 // ---- routing and the refresh loop ----------------------------------------------------
 
 function currentRoute() {
-  const match = location.hash.match(/^#\/agents\/([0-9a-fA-F-]{36})$/);
-  return match ? { view: "agent", agentId: match[1] } : { view: "fleet" };
+  const agent = location.hash.match(/^#\/agents\/([0-9a-fA-F-]{36})$/);
+  if (agent) return { view: "agent", agentId: agent[1] };
+  const job = location.hash.match(/^#\/jobs\/([0-9a-fA-F-]{36})$/);
+  if (job) return { view: "job", jobId: job[1] };
+  return { view: location.hash === "#/jobs" ? "jobs" : "fleet" };
 }
+
+const LOADERS = {
+  fleet: () => loadFleet(), jobs: () => loadJobs(),
+  agent: (r) => loadAgent(r.agentId), job: (r) => loadJob(r.jobId),
+};
 
 function refresh() {
   const route = currentRoute();
-  return poll(() => (route.view === "agent" ? loadAgent(route.agentId) : loadFleet()));
+  return poll(() => LOADERS[route.view](route));
 }
 
 function route() {
   const { view, agentId } = currentRoute();
-  $("#fleet-view").hidden = view !== "fleet";
-  $("#agent-view").hidden = view !== "agent";
+  for (const name of ["fleet", "agent", "jobs", "job"]) $(`#${name}-view`).hidden = view !== name;
+  for (const a of document.querySelectorAll("header nav a")) {
+    if (a.dataset.nav === (view === "job" ? "jobs" : view === "agent" ? "fleet" : view)) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
   destroyCharts();
   if (view === "agent") {
     $("#agent-title").replaceChildren("loading…");
@@ -439,6 +558,8 @@ function setUp() {
     });
   }
   for (const id of ["#f-pool", "#f-status", ...MINIMUMS.map(([input]) => input)]) $(id).addEventListener("input", renderTable);
+  for (const id of ["#j-state", "#j-agent"]) $(id).addEventListener("input", refresh);
+  $("#job-filters").addEventListener("submit", (event) => event.preventDefault());
   $("#filters").addEventListener("submit", (event) => event.preventDefault());
   setupLogin();
   window.addEventListener("hashchange", route);

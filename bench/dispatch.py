@@ -1,0 +1,230 @@
+"""Jobs: submit to process start on an idle fleet, and placements per second at scale.
+
+1. **Submit to start**, over HTTP and over RabbitMQ: `chiffon orchestrator` on a fresh
+   PostgreSQL database and three real `chiffon agent --accept-jobs` processes; `--jobs`
+   jobs submitted one after the other through the API (`chiffon.client`), each running
+   `date +%s.%N`, whose printed time minus the submit time is the latency (one clock: all
+   on this machine). Beside it, in the same run, the floor: one API round trip (`GET
+   /healthz`) and one fork+exec of `date` from Python. Target (issue 22): p99 under 1 s.
+2. **Placements per second** with 1,000 agents (rows as `chiffon simulate` would report
+   them, all accepting jobs) and `--queue` queued jobs on PostgreSQL: the scheduler's
+   passes (`scheduler.schedule_once`, in process) until the queue is placed or nothing
+   more fits. Beside it, the raw SQL of one claim transaction (lock the job, lock the
+   agent, insert the attempt, the claims and the event, update the job) with psycopg, as
+   the floor. Anchors: Slurm sustains about 500 jobs/s, the Kubernetes scheduler 100
+   pods/s.
+
+    .venv/bin/python bench/dispatch.py [--jobs 100] [--queue 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.capacity_query import seed, seed_rows
+from bench.common import (
+    CHIFFON,
+    api_headers,
+    auth_env,
+    fresh_postgres,
+    machine,
+    orchestrator,
+    percentile,
+    private_vhost,
+    stop,
+    write_results,
+)
+
+from chiffon.client import Client
+
+AGENTS = 3
+
+
+def start_agents(tmp: Path, api: str, transport: str, amqp_url: str | None) -> list[Any]:
+    env = {**os.environ, **auth_env(), "CHIFFON_ORCHESTRATOR_URL": api,
+           "CHIFFON_TRANSPORT": transport, "CHIFFON_AMQP_URL": amqp_url or "",
+           "CHIFFON_ACCEPT_JOBS": "true", "CHIFFON_ALLOW_ROOT_JOBS": "true"}  # fmt: skip
+    procs = []
+    for n in range(AGENTS):
+        home = tmp / f"agent-{n}"
+        home.mkdir()
+        log = (tmp / f"agent-{n}.log").open("w")
+        procs.append(subprocess.Popen(
+            [*CHIFFON, "agent", "--name", f"bench-{n}", "--state-dir", str(home)],
+            env={**env, "HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    return procs
+
+
+def wait_online(api: str, count: int, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        rows = httpx.get(f"{api}/api/v1/agents", headers=api_headers(), timeout=5).json()
+        if sum(1 for r in rows if r["status"] == "online") >= count:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{count} agents did not come online within {within} s")
+
+
+def submit_to_start(transport: str, jobs: int) -> dict[str, Any]:
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        database = stack.enter_context(fresh_postgres())
+        amqp_url = stack.enter_context(private_vhost()) if transport == "amqp" else None
+        args = ["--amqp-url", amqp_url] if amqp_url else []
+        api, _ = stack.enter_context(orchestrator(database, *args, log=tmp / "orch.log"))
+        for proc in start_agents(tmp, api, transport, amqp_url):
+            stack.callback(stop, proc)
+        wait_online(api, AGENTS)
+        client = stack.enter_context(Client(api, token=auth_env()["CHIFFON_API_TOKEN"]))
+        latencies = []
+        for _ in range(jobs):
+            submitted = time.time()
+            job_id = client.submit(["date", "+%s.%N"]).job.job_id
+            done = client.wait(job_id, timeout_seconds=30)
+            if done.state != "succeeded":
+                raise SystemExit(f"job {job_id} {done.state}: {done.reason}")
+            started = float("".join(p.data for p in client.logs(job_id)).strip())
+            latencies.append(started - submitted)
+        floor_http = _timed(lambda: httpx.get(f"{api}/healthz", timeout=5), 50)
+    floor_exec = _timed(lambda: subprocess.run(["date", "+%s.%N"], capture_output=True), 50)
+    return {
+        "transport": transport, "jobs": jobs,
+        "submit_to_start_ms": _summary(latencies),
+        "floor_api_round_trip_ms": _summary(floor_http),
+        "floor_fork_exec_ms": _summary(floor_exec),
+    }  # fmt: skip
+
+
+def _timed(fn: Any, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def _summary(seconds: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {"p50": round(percentile(ms, 50), 1), "p99": round(percentile(ms, 99), 1),
+            "max": round(max(ms), 1)}  # fmt: skip
+
+
+async def _place_all(url: str, queue: int) -> dict[str, Any]:
+    from chiffon.orchestrator import jobs
+    from chiffon.orchestrator.scheduler import schedule_once
+    from chiffon.persistence.db import create_engine, session_factory
+    from chiffon.schemas.jobs import JobSubmit
+
+    engine = create_engine(url)
+    sessions = session_factory(engine)
+    spec = JobSubmit.model_validate(
+        {"command": ["train"], "requirements": {"gpus": 1, "vram_gb": 2, "cpu_cores": 0.5}}
+    )
+    for _ in range(queue):
+        await jobs.submit(sessions, spec, now=datetime.now(UTC))
+    placed, passes, started = 0, 0, time.perf_counter()
+    while True:
+        result = await schedule_once(sessions, now=datetime.now(UTC), limit=queue)
+        passes += 1
+        placed += len(result.placed)
+        if not result.placed:
+            break
+    elapsed = time.perf_counter() - started
+    await engine.dispose()
+    rate = round(placed / elapsed, 1)
+    return {"queued": queue, "placed": placed, "passes": passes, "seconds": round(elapsed, 2),
+            "placements_per_second": rate}  # fmt: skip
+
+
+def raw_claim_ms(url: str, repeats: int = 300) -> dict[str, float]:
+    """The floor: one claim transaction's SQL with psycopg, on the same database."""
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo) as conn:
+        agents = [r[0] for r in conn.execute("SELECT agent_id FROM agent_registry LIMIT 100")]
+        times = []
+        for i in range(repeats):
+            job, agent, now = uuid.uuid4(), agents[i % len(agents)], datetime.now(UTC)
+            conn.execute(
+                "INSERT INTO jobs (job_id, state, reason, spec, attempt, retries_used, "
+                "submitted_at, updated_at) VALUES (%s, 'queued', '', '{}', 0, 0, %s, %s)",
+                (job, now, now),
+            )
+            conn.commit()
+            started = time.perf_counter()
+            with conn.transaction():
+                conn.execute("SELECT job_id FROM jobs WHERE job_id = %s AND state = 'queued' "
+                             "FOR UPDATE SKIP LOCKED", (job,))  # fmt: skip
+                conn.execute("SELECT agent_id FROM agent_registry WHERE agent_id = %s "
+                             "FOR UPDATE", (agent,))  # fmt: skip
+                conn.execute("SELECT * FROM job_claims WHERE agent_id = %s", (agent,))
+                conn.execute(
+                    "INSERT INTO job_attempts (job_id, attempt, agent_id, state, gpu_uuids, "
+                    "assigned_at, reason) VALUES (%s, 1, %s, 'assigned', '[]', %s, '')",
+                    (job, agent, now),
+                )
+                for resource in ("host", "gpu:bench"):
+                    conn.execute(
+                        "INSERT INTO job_claims (job_id, attempt, resource, agent_id, vram_gb) "
+                        "VALUES (%s, 1, %s, %s, 2)", (job, resource, agent),
+                    )  # fmt: skip
+                conn.execute(
+                    "INSERT INTO job_events (job_id, at, attempt, from_state, to_state, reason)"
+                    " VALUES (%s, %s, 1, 'queued', 'assigned', 'bench')", (job, now),
+                )  # fmt: skip
+                conn.execute("UPDATE jobs SET state = 'assigned', attempt = 1, agent_id = %s "
+                             "WHERE job_id = %s", (agent, job))  # fmt: skip
+            times.append(time.perf_counter() - started)
+    return _summary(times)
+
+
+def placements(queue: int) -> dict[str, Any]:
+    with fresh_postgres() as url:
+        rows = seed_rows(1000)
+        for row in rows:
+            row["accepts_jobs"] = True
+        seed(url, rows)
+        result = asyncio.run(_place_all(url, queue))
+        result["raw_claim_transaction_ms"] = raw_claim_ms(url)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--queue", type=int, default=2000)
+    options = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine()}
+    for transport in ("http", "amqp"):
+        got = submit_to_start(transport, options.jobs)
+        results[f"submit_to_start_{transport}"] = got
+        print(f"{transport}: submit to start {got['submit_to_start_ms']} ms over {got['jobs']} "
+              f"jobs; API round trip {got['floor_api_round_trip_ms']}, fork+exec "
+              f"{got['floor_fork_exec_ms']}")  # fmt: skip
+    got = placements(options.queue)
+    results["placements_1000_agents_postgresql"] = got
+    print(f"placements: {got['placed']} of {got['queued']} in {got['seconds']} s = "
+          f"{got['placements_per_second']}/s ({got['passes']} passes); raw claim transaction "
+          f"{got['raw_claim_transaction_ms']} ms")  # fmt: skip
+    write_results("dispatch", results)
+
+
+if __name__ == "__main__":
+    main()
