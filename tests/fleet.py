@@ -96,10 +96,13 @@ class Fleet:
         self.orchestrator = proc
         wait_http(f"{self.api}/healthz", proc, log=self.tmp / "orchestrator.log")
 
-    def start_agent(self, name: str, **env: str) -> subprocess.Popen[str]:
+    def start_agent(
+        self, name: str, *, gpus: list[list[str]] | None = None, **env: str
+    ) -> subprocess.Popen[str]:
+        """One of `DESKTOPS` by its name, or any name with the nvidia-smi rows `gpus`."""
         home = self.tmp / name
         bin_dir = home / "bin"
-        rows = DESKTOPS[name]
+        rows = gpus if gpus is not None else DESKTOPS[name]
         path = os.environ["PATH"] if rows is None else path_with(bin_dir)
         if rows is not None:
             install(bin_dir, rows=rows)

@@ -257,3 +257,35 @@ async def _publish(url: str, agent: uuid.UUID, body: bytes, signature: str) -> N
         exchange = await channel.get_exchange("chiffon")
         message = aio_pika.Message(body, headers={SIGNATURE_HEADER: signature})
         await exchange.publish(message, orders_key(agent))
+
+
+def test_a_desktop_back_from_a_partition_ends_the_attempt_that_was_placed_again(
+    fleet: Fleet,
+) -> None:
+    """The agent is frozen (SIGSTOP) long enough to be judged offline: its attempt is lost
+    and the job placed again (here on the same desktop, once back). The attempt it kept
+    running is ended at its next check, so the job never runs twice at once for long."""
+    agent = fleet.procs["desk-2x24g"]
+    with client(fleet) as c:
+        job_id = c.submit(["sleep", "300"], retries=1).job.job_id
+        wait_for("the job to run", lambda: c.get(job_id).state == "running", fleet, 30)
+        state = fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{job_id}-1" / "state.json"
+        first = json.loads(state.read_text())["pid"]
+        agent.send_signal(signal.SIGSTOP)
+        try:
+            wait_for("the attempt lost", lambda: c.get(job_id).state == "queued", fleet, 30)
+        finally:
+            agent.send_signal(signal.SIGCONT)
+        wait_for("attempt 2 to run", lambda: _attempt_running(c, job_id, 2), fleet, 30)
+        wait_for("attempt 1 ended", lambda: not _alive(first), fleet, 30)
+        events = [e.reason for e in c.get(job_id).events]
+        assert any("lost: its desktop went offline; retrying" in e for e in events), events
+        c.cancel(job_id)
+        wait_for("the cancel", lambda: c.get(job_id).state == "cancelled", fleet, 30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -57,9 +57,10 @@ class Orchestrator:
 
 
 def loop(tmp_path: Path, orch: Orchestrator, *, accept: bool = True, allow_root: bool = True,
-         free: Mapping[str, float | None] | None = None) -> WorkLoop:  # fmt: skip
-    settings = WorkSettings(accept_jobs=accept, jobs_dir=tmp_path / "jobs",
-                            allow_root=allow_root, grace_seconds=0.5)  # fmt: skip
+         free: Mapping[str, float | None] | None = None,
+         alive: float = 10.0) -> WorkLoop:  # fmt: skip
+    settings = WorkSettings(accept_jobs=accept, jobs_dir=tmp_path / "jobs", allow_root=allow_root,
+                            grace_seconds=0.5, alive_check_seconds=alive)  # fmt: skip
 
     async def free_vram() -> Mapping[str, float | None]:
         return free or {}
@@ -157,7 +158,7 @@ async def test_a_stale_verdict_ends_what_it_runs(tmp_path: Path) -> None:
     orch.verdict = "stale"
     await loop(tmp_path, orch).handle(*order(job, command=["sleep", "60"]))
     await orch.until(job, 2)
-    assert orch.said(job) == ["started", "cancelled"]
+    assert orch.said(job) == ["started", "lost"]
 
 
 async def test_a_restarted_agent_ends_and_reports_what_its_last_run_left(tmp_path: Path) -> None:
@@ -227,3 +228,34 @@ async def _child_of(pid: int | None) -> int:
 
     await eventually(started)
     return int(process.children()[0].pid)
+
+
+async def test_an_attempt_placed_again_elsewhere_is_ended_when_its_desktop_is_back(
+    tmp_path: Path,
+) -> None:
+    """A partition: the orchestrator judged this desktop offline and placed the job again;
+    the attempt still running here learns it at its next check and ends itself."""
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch, alive=0.1)
+    await work.handle(*order(job, command=["sleep", "60"]))
+    await orch.until(job, 1)
+    orch.verdict = "stale"  # the orchestrator's answer from now on
+
+    async def ended() -> bool:
+        return any(r[2]["kind"] == "ended" for r in orch.reports)
+
+    await eventually(ended)
+    kinds = [r[2]["kind"] for r in orch.reports]
+    assert kinds[0] == "started" and kinds[-1] == "ended" and "alive" in kinds
+    ended = orch.reports[-1][2]
+    assert ended["outcome"] == "lost" and "no longer its job's current attempt" in ended["detail"]
+
+
+async def test_a_stopping_agent_ends_its_jobs_and_reports_them_lost(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch)
+    await work.handle(*order(job, command=["sleep", "60"]))
+    await orch.until(job, 1)
+    await work.stop()
+    assert orch.said(job) == ["started", "lost"] and work.running == []
+    assert orch.reports[-1][2]["detail"].startswith("the agent stopped")

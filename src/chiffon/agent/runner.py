@@ -1,6 +1,6 @@
 """One attempt of a job on this desktop: its environment, its process group, its log, its end.
 
-Part of issue 22 (jobs), not yet wired to an orchestrator: docs/jobs.md says what exists.
+`agent.work.WorkLoop` runs one per assignment; docs/jobs.md describes it.
 
 - The command is an argv list, run without a shell, stdin closed, in a process group of
   its own (`start_new_session`), as the agent's own user.

@@ -40,6 +40,10 @@ LOG_SHIP_INTERVAL_SECONDS = 0.25  # a line reaches `chiffon logs -f` within abou
 # the orchestrator keeps only a tail anyway.
 LOG_MOST_BEHIND_BYTES = 4 * 1024 * 1024
 POLL_WAIT_SECONDS = 25.0
+# How often a running attempt asks whether it is still the job's current one: a desktop
+# cut off long enough to be judged offline finds, once back, that its job was placed again
+# (the report is answered `stale`) and ends its own attempt.
+ALIVE_CHECK_SECONDS = 10.0
 # Over RabbitMQ orders are pushed; the agent still asks over HTTP this often, for any
 # published while it had no queue (it restarted, the broker was away).
 PUSHED_POLL_PAUSE_SECONDS = 30.0
@@ -66,6 +70,7 @@ class WorkSettings:
     grace_seconds: float = 10.0
     max_log_bytes: int = 64 * 1024 * 1024
     max_order_age_seconds: float = 300.0
+    alive_check_seconds: float = ALIVE_CHECK_SECONDS
 
 
 class WorkLoop:
@@ -249,11 +254,13 @@ class WorkLoop:
 
     async def _follow(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
         shipping = asyncio.create_task(self._ship(key, run))
+        watching = asyncio.create_task(self._watch(key, run))
         try:
             verdict = await self._say(*key, {"kind": "started"})
             if verdict == "stale":  # placed again elsewhere meanwhile: end this one
-                await run.cancel()
+                await self._not_current(key, run)
             ended = await run.wait()
+            watching.cancel()
             await _finish(shipping, run)  # all its output is shipped before its end is said
             said = _ended_from(ended)
             if self._peak.get(key):  # its processes were seen holding VRAM
@@ -261,9 +268,27 @@ class WorkLoop:
             await self._say(*key, said)
         finally:
             shipping.cancel()
+            watching.cancel()
             self._runs.pop(key, None)
             self._used.pop(key, None)
             self._peak.pop(key, None)
+
+    async def _watch(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
+        """Ask now and then whether the attempt is still the job's current one here."""
+        while not run.finished.is_set():
+            await asyncio.sleep(self.settings.alive_check_seconds)
+            try:
+                verdict = await self._channel.report(*key, {"kind": "alive"})
+            except TransportError:
+                continue  # cut off: the orchestrator judges; we ask again
+            if verdict in ("stale", "unknown_job"):
+                await self._not_current(key, run)
+                return
+
+    async def _not_current(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
+        log.warning("attempt %s of %s is no longer the job's current one here: ending it",
+                    key[1], key[0])  # fmt: skip
+        await run.end("lost", "no longer its job's current attempt (placed again elsewhere)")
 
     async def _ship(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
         """Send the attempt's log as it grows, in order, until the run ends and all of it
@@ -293,6 +318,8 @@ class WorkLoop:
                 continue
             failures = 0
             if verdict != "applied":
+                if not ended:
+                    await self._not_current(key, run)
                 return
             sent += len(chunk)
 

@@ -1,7 +1,8 @@
-"""Jobs, the user's side: submit, list, show, cancel. All with the API token.
+"""Jobs, the user's side: submit, list, show, cancel, logs. Submit and cancel need the API
+token; the read-only token reads (`api.auth`).
 
-Part of issue 22 (jobs): a job submitted here is queued and placed on an agent that
-accepts jobs, but no agent can accept jobs yet, so it waits and says why (docs/jobs.md).
+A job submitted here is queued and placed on an agent that accepts jobs; until one fits,
+it waits and says why (docs/jobs.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Jobs, the agent's side over HTTP: its orders (a long-poll) and its reports of attempts.
 
-Part of issue 22 (jobs); no agent calls these yet (docs/jobs.md). Both take the agent's
+The agent's `transport.http.HttpWork` calls these (docs/jobs.md). All take the agent's
 own secret as the bearer credential, checked before any body is read, as heartbeats do.
 Orders come signed with the agent's order key: the agent checks them whatever carried
 them.
@@ -46,7 +46,7 @@ class AttemptReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kind: Literal["started", "ended", "usage"]
+    kind: Literal["started", "ended", "usage", "alive"]
     outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost"] | None = None
     exit_code: Annotated[int, Field(ge=-255, le=255)] | None = None
     signal: Annotated[int, Field(ge=1, le=128)] | None = None

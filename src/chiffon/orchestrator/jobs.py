@@ -1,8 +1,8 @@
-"""A job's life on the orchestrator: submit, cancel, the agent's reports, a lost desktop.
+"""A job's life on the orchestrator: submit, cancel, the agent's reports and output, a lost
+desktop (docs/jobs.md says the same for people).
 
-Part of issue 22 (jobs); no route or agent calls these yet (docs/jobs.md). Every state
-change goes through `persistence.jobs.move` (the table in `schemas.jobs`), and an attempt's
-claims are released in the transaction that ends it.
+Every state change goes through `persistence.jobs.move` (the table in `schemas.jobs`), and
+an attempt's claims are released in the transaction that ends it.
 
 Fencing: a report names its attempt. One that is not the job's current attempt on that
 agent, or that comes after the job ended, changes nothing and is answered `stale`, so
@@ -34,7 +34,8 @@ Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
 class Report:
     """What an agent says of one attempt: it started, or it ended (and how)."""
 
-    kind: Literal["started", "ended", "usage"]
+    # "alive": only whether the attempt is still current (the answer says)
+    kind: Literal["started", "ended", "usage", "alive"]
     outcome: Outcome | None = None  # for "ended"
     exit_code: int | None = None
     signal: int | None = None
@@ -93,6 +94,8 @@ async def report(
             return "applied"
         if said.kind == "usage":
             await _record_use(session, job, said.vram_gb or {})
+            return "applied"
+        if said.kind == "alive":
             return "applied"
         if job.state == "assigned":  # ended before its start was heard: it did start
             await _start(session, job, now)

@@ -1,6 +1,6 @@
 """The scheduler's pass: place queued jobs, claims written in the transaction that decides.
 
-Part of issue 22 (jobs); nothing submits jobs yet, and no loop runs this (docs/jobs.md).
+The orchestrator runs it in a loop (`Dispatcher`); docs/jobs.md describes it.
 
 One pass:
 

@@ -101,7 +101,7 @@ class Orchestrator:
             heard_within_seconds=settings.heartbeat_timeout_seconds,
         )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
-        # Jobs (issue 22, in progress): nothing submits jobs yet; the loop finds none.
+        # Jobs: the loop placing queued jobs (docs/jobs.md).
         self.dispatcher = Dispatcher(self.sessions, self.clock, placed_on=self._tell)
         self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
         self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
@@ -328,7 +328,7 @@ class Orchestrator:
 
     async def orders_for(self, agent_id: UUID) -> list[tuple[bytes, str]]:
         """What `agent_id` must be told now, each order signed with its own key (jobs,
-        issue 22: no transport carries them yet)."""
+        the long-poll and the RabbitMQ push carry them)."""
         orders = await jobs.pending_orders(self.sessions, agent_id=agent_id, now=self.clock.now())
         if not orders:
             return []

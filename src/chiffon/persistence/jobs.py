@@ -1,6 +1,6 @@
 """Repository functions over jobs, attempts and claims. Keyword-only, the session passed in.
 
-Part of issue 22 (jobs), used by `orchestrator.scheduler`; nothing submits jobs yet.
+Used by `orchestrator.scheduler`, `orchestrator.jobs` and the jobs routes.
 """
 
 from __future__ import annotations

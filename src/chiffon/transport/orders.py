@@ -1,6 +1,6 @@
 """Orders: what the orchestrator tells one agent (run this attempt, cancel it, kill it).
 
-Part of issue 22 (jobs); not yet sent by anything: docs/jobs.md says what exists.
+Carried by the HTTP long-poll and the agent's RabbitMQ queue; docs/jobs.md describes them.
 
 An order is the reverse of a heartbeat's signature. The body is JSON; beside it travels
 `v1=<hex HMAC-SHA256>` under a key derived from *that agent's* secret with its own label,
