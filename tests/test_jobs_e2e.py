@@ -289,3 +289,11 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_silent_job_past_its_timeout_exits_124_and_says_where_it_ran(fleet: Fleet) -> None:
+    done = chiffon(fleet, "run", "--timeout", "1s", "--", "sleep", "30")
+    assert done.returncode == 124, done.stderr
+    assert "running on desk-2x24g" in done.stderr  # said when placed, not at first output
+    assert "timed_out: ran past its timeout of 1 s" in done.stderr
+    assert "timed_out: timed_out" not in done.stderr

@@ -103,9 +103,7 @@ def say(message: str) -> None:
 
 def where(job: JobDetail | JobView) -> str:
     name = job.agent_name or (str(job.agent_id)[:8] if job.agent_id else "?")
-    gpus = getattr(job, "attempts", None)
-    held = gpus[-1].gpu_uuids if gpus else []
-    return name + (f" (GPUs {', '.join(held)})" if held else "")
+    return name + (f" (GPUs {', '.join(job.gpu_uuids)})" if job.gpu_uuids else "")
 
 
 def exit_status(job: JobView) -> int:
@@ -170,7 +168,8 @@ def run(
                 say("left it to end by itself (cancelled)")
                 raise typer.Exit(EXIT_CANCELLED) from None
     if final.state != "succeeded":
-        say(f"job {final.job_id} {final.state}: {final.reason}")
+        why = "" if final.reason in ("", final.state) else f": {final.reason}"
+        say(f"job {final.job_id} {final.state}{why}")
     raise typer.Exit(exit_status(final))
 
 
@@ -188,21 +187,22 @@ def _submit(c: Client, command: list[str], spec: dict[str, Any]) -> JobAccepted:
 def follow(c: Client, job_id: uuid.UUID, *, placed: bool = False) -> JobDetail:
     """Say why it waits and where it lands, write its output as it comes, and return the
     job once it has ended."""
-    said_reason = ""
+    said_reason, landed = "", 0
     while not placed:
         job = c.get(job_id)
         if job.state != "queued":
+            if job.state in ("assigned", "running"):
+                say(f"running on {where(job)}")
+                landed = job.attempt
             break
         if job.reason and job.reason != said_reason:
             say(f"waiting: {job.reason}")
             said_reason = job.reason
         time.sleep(0.2)
-    landed: set[int] = set()
     for piece in c.logs(job_id, follow=True):
-        if piece.attempt not in landed:
-            landed.add(piece.attempt)
-            if not placed:
-                say(f"running on {where(c.get(job_id))}")
+        if piece.attempt > landed and not placed:  # placed again: a retry
+            landed = piece.attempt
+            say(f"attempt {piece.attempt} running on {where(c.get(job_id))}")
         sys.stdout.write(piece.data)
         sys.stdout.flush()
     return c.wait(job_id)
@@ -284,24 +284,32 @@ def detail_table(j: JobDetail) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     r = j.requirements
-    wants = [f"{r.gpus} GPU" + (f" x {r.vram_gb:g} GB free" if r.vram_gb else ""),
-             f"{r.cpu_cores:g} cores", f"{r.memory_gb:g} GB memory"]  # fmt: skip
+    wants = [f"{r.gpus} GPU" + ("s" if r.gpus > 1 else "")
+             + (f" x {r.vram_gb:g} GB free" if r.vram_gb else "")] if r.gpus else []  # fmt: skip
+    wants += [f"{r.cpu_cores:g} cores"] if r.cpu_cores else []
+    wants += [f"{r.memory_gb:g} GB memory"] if r.memory_gb else []
     wants += [f"pool {r.pool}"] if r.pool else []
     wants += [f"{k}={v}" for k, v in r.labels.items()]
+    active = j.state in ("queued", "assigned", "running")
     rows = [
         ("job", str(j.job_id)), ("name", j.name or ""), ("command", " ".join(j.command)),
-        ("state", j.state + (" (cancel asked)" if j.cancel_requested else "")),
+        ("state", j.state + (" (cancel asked)" if j.cancel_requested and active else "")),
         ("waits because" if j.state == "queued" else "reason", j.reason),
-        ("needs", ", ".join(wants)), ("on", where(j) if j.agent_id else ""),
+        ("needs", ", ".join(wants) or "nothing in particular"),
+        ("on", where(j) if j.agent_id else ""),
         ("exit code", "" if j.exit_code is None else str(j.exit_code)),
     ]  # fmt: skip
     for what, value in rows:
         if value:
             table.add_row(what, plain(value))
     for a in j.attempts:
-        how = f"exit {a.exit_code}" if a.exit_code is not None else a.state
+        how = a.state if a.reason in ("", a.state) else f"{a.state}, {a.reason}"
         gpus = f" GPUs {', '.join(a.gpu_uuids)}" if a.gpu_uuids else ""
-        line = f"{a.agent_name or a.agent_id}{gpus}: {how} {a.reason}"
+        peak = a.peak_vram_gb or {}
+        most = (
+            f"; peak VRAM {', '.join(f'{g} {gb:g} GB' for g, gb in peak.items())}" if peak else ""
+        )
+        line = f"{a.agent_name or a.agent_id}{gpus}: {how}{most}"
         table.add_row(f"attempt {a.attempt}", plain(line.strip()))
     for e in j.events:
         table.add_row(e.at.strftime("%H:%M:%S"),

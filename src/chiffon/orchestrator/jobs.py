@@ -321,8 +321,8 @@ def _next_state(job: JobRow, said: Report) -> tuple[str, str]:
         if retries_left:
             return "queued", f"attempt {job.attempt} lost{detail}; retrying"
         return "lost", f"attempt {job.attempt} lost{detail}"
-    if said.outcome in ("cancelled", "timed_out"):
-        return str(said.outcome), f"{said.outcome}{detail}"
+    if said.outcome in ("cancelled", "timed_out"):  # the state says which; the detail why
+        return str(said.outcome), said.detail or str(said.outcome)
     if said.exit_code == 0:
         return "succeeded", "exited 0"
     how = f"exited {said.exit_code}" if said.signal is None else f"killed by signal {said.signal}"
