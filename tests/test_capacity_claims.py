@@ -132,3 +132,19 @@ async def test_a_foreign_process_taking_vram_between_two_heartbeats_is_respected
     await beat(orchestrator, agent, free=10.0, jobs_used=8.0)  # a game took 6 GB
     [c] = await capacity(orchestrator)
     assert c["gpu_vram_available_gb"] == 10.0
+
+
+async def test_the_fleet_summary_is_net_of_claims_too(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "a", (24.0, 24.0), cores=8)
+    await desktop(orchestrator, "b", (12.0, 12.0), cores=8, pool="other")
+    async with api_client(orchestrator, API_HEADERS) as api:
+        before = (await api.get("/api/v1/fleet/summary")).json()
+        await place(orchestrator, clock, gpus=1, vram_gb=16, cpu_cores=2, policy="spread")
+        after = (await api.get("/api/v1/fleet/summary")).json()
+    assert after["fleet"]["gpu_vram_available_gb"] == before["fleet"]["gpu_vram_available_gb"] - 16
+    assert after["fleet"]["cpu_cores_available"] == before["fleet"]["cpu_cores_available"] - 2
+    pools = {p["pool_name"]: p for p in after["pools"]}
+    assert pools["desktop_pool_1"]["gpu_vram_available_gb"] == 8.0  # a's pool
+    assert pools["other"]["gpu_vram_available_gb"] == 12.0  # untouched

@@ -11,9 +11,8 @@ from pydantic import AfterValidator, BeforeValidator
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import AgentIdDep, OrchestratorDep, SessionDep
-from chiffon.orchestrator import views
+from chiffon.orchestrator import capacity, views
 from chiffon.orchestrator.history import read_metrics
-from chiffon.persistence import registry
 from chiffon.schemas import limits
 from chiffon.schemas.api import AgentMetrics, ErrorDetail, FleetSummary
 
@@ -46,8 +45,9 @@ QueryTime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_as_u
 
 @router.get("/fleet/summary", response_model=FleetSummary)
 async def fleet_summary(session: SessionDep, orchestrator: OrchestratorDep) -> FleetSummary:
-    """Agents online and offline, and the online agents' cores and VRAM, by pool."""
-    totals = await registry.pool_totals(session)
+    """Agents online and offline, and the online agents' cores and VRAM, by pool; free
+    cores and VRAM net of what running jobs hold."""
+    totals = await capacity.pool_totals(session, now=orchestrator.clock.now())
     summary = views.fleet_summary(
         totals,
         now=orchestrator.clock.now(),

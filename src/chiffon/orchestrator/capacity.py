@@ -24,7 +24,7 @@ from chiffon.orchestrator.scheduler import candidate
 from chiffon.persistence import jobs as repo
 from chiffon.persistence import registry
 from chiffon.persistence.models import JobClaimRow
-from chiffon.persistence.registry import CapacityFilter
+from chiffon.persistence.registry import CapacityFilter, PoolTotals
 from chiffon.schemas.api import AgentCapacity, ClaimTotals
 from chiffon.schemas.metrics import BOUNDS
 
@@ -51,6 +51,35 @@ async def one(session: AsyncSession, *, agent_id: uuid.UUID, now: datetime) -> A
         return None
     claims = await repo.claims_by_agent(session, agent_ids=[agent_id])
     return net(row, claims.get(agent_id, []), now)
+
+
+async def pool_totals(session: AsyncSession, *, now: datetime) -> list[PoolTotals]:
+    """`registry.pool_totals` with the online agents' free cores and VRAM net of claims."""
+    totals = await registry.pool_totals(session)
+    claims = await repo.claims_by_agent(session)
+    if not claims:
+        return totals
+    less: dict[str, tuple[int, float]] = {}  # pool -> (cores, VRAM GB) promised beyond seen
+    for agent_id, held in claims.items():
+        row = await registry.get_agent(session, agent_id=agent_id)
+        if row is None or row.status != "online":
+            continue
+        seen, after = views.capacity(row, now), net(row, held, now)
+        cores, vram = less.get(row.pool_name, (0, 0.0))
+        less[row.pool_name] = (
+            cores + (seen.cpu_cores_available or 0) - (after.cpu_cores_available or 0),
+            vram + (seen.gpu_vram_available_gb or 0.0) - (after.gpu_vram_available_gb or 0.0),
+        )
+    return [
+        dataclasses.replace(
+            t,
+            cpu_cores_available=t.cpu_cores_available - less[t.pool_name][0],
+            gpu_vram_available_gb=round(t.gpu_vram_available_gb - less[t.pool_name][1], 3),
+        )
+        if t.status == "online" and t.pool_name in less
+        else t
+        for t in totals
+    ]
 
 
 def net(row: Any, claims: Sequence[JobClaimRow], now: datetime) -> AgentCapacity:
