@@ -108,6 +108,10 @@ def test_an_agents_page_shows_the_jobs_running_there(
     # The fleet's table offers what a new job could have: net of the running job's claim.
     desk = page.locator(f"#agents tr[data-agent-id='{fleet.agent_id('desk-2x24g')}']")
     expect(desk.locator(".held")).to_have_text("1 job hold 4.0 GB VRAM, 0 cores")
+    page.fill("#f-temp", "30")  # its GPUs report 38 °C
+    expect(desk).to_have_count(0)
+    page.fill("#f-temp", "40")
+    expect(desk).to_have_count(1)
     page.goto(f"/?refresh_ms=500#/agents/{fleet.agent_id('desk-2x24g')}")
     running = page.locator(f"#agent-jobs tr[data-job-id='{ids['ticks']}']")
     expect(running).to_contain_text(GPU0)

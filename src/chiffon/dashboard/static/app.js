@@ -214,6 +214,13 @@ function matches(agent) {
     const have = free(agent, field);
     if (have === null || have === undefined || have < minimum) return false;
   }
+  // `--max-gpu-temp`: the hottest GPU that reported one at most this warm (the registry's
+  // gpu_temperature_max_c); an agent none of whose GPUs said never matches.
+  const maximum = parseFloat($("#f-temp").value);
+  if (!Number.isNaN(maximum)) {
+    const known = (metrics(agent).gpus || []).map((g) => g.temperature_c).filter((t) => t !== null && t !== undefined);
+    if (!known.length || Math.max(...known) > maximum) return false;
+  }
   return true;
 }
 
@@ -557,7 +564,7 @@ function setUp() {
       renderTable();
     });
   }
-  for (const id of ["#f-pool", "#f-status", ...MINIMUMS.map(([input]) => input)]) $(id).addEventListener("input", renderTable);
+  for (const id of ["#f-pool", "#f-status", "#f-temp", ...MINIMUMS.map(([input]) => input)]) $(id).addEventListener("input", renderTable);
   for (const id of ["#j-state", "#j-agent"]) $(id).addEventListener("input", refresh);
   $("#job-filters").addEventListener("submit", (event) => event.preventDefault());
   $("#filters").addEventListener("submit", (event) => event.preventDefault());
