@@ -203,11 +203,10 @@ def test_the_api_refuses_jobs_without_the_token(fleet: Fleet) -> None:
     assert TOKENS_ENV["CHIFFON_API_TOKEN"] not in done.stderr
 
 
+@pytest.mark.parametrize("fleet", ["postgresql-amqp"], indirect=True)
 def test_over_rabbitmq_orders_are_pushed_and_survive_a_broker_restart(
     fleet: Fleet, request: pytest.FixtureRequest
 ) -> None:
-    if fleet.agent_env["CHIFFON_TRANSPORT"] != "amqp":
-        pytest.skip("the fleet's agents use HTTP")
     broker: PrivateRabbit = request.getfixturevalue("private_broker")
     with client(fleet) as c:
         # Pushed: the agent's own HTTP ask comes only every 30 s.
@@ -231,13 +230,12 @@ def test_over_rabbitmq_orders_are_pushed_and_survive_a_broker_restart(
         assert c.wait(after, timeout_seconds=10).state == "succeeded"
 
 
+@pytest.mark.parametrize("fleet", ["postgresql-amqp"], indirect=True)
 def test_an_order_forged_by_someone_on_the_broker_runs_nothing(
     fleet: Fleet, tmp_path: Path
 ) -> None:
     """Whoever can publish to the broker (guest/guest on a LAN) targets the agent's queue
     with an assignment signed with a wrong key: nothing runs, and the agent says why."""
-    if fleet.agent_env["CHIFFON_TRANSPORT"] != "amqp":
-        pytest.skip("the fleet's agents use HTTP")
     agent = uuid.UUID(fleet.agent_id("desk-2x24g"))
     marker = tmp_path / "pwned"
     forged = Order("assign", agent, uuid.uuid4(), 1, time.time(),
