@@ -17,6 +17,7 @@ import pytest
 from chiffon.agent.report import GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, JobRun
 from chiffon.agent.work import WorkLoop, WorkSettings
+from chiffon.transport.base import TransportError
 from chiffon.transport.orders import Order, encode, order_key
 from tests.services import eventually
 
@@ -31,9 +32,13 @@ class Orchestrator:
         self.logs: dict[tuple[uuid.UUID, int], bytearray] = {}
         self.shipped_at_end: dict[uuid.UUID, int] = {}
         self.verdict = "applied"
+        self.unreachable_for_usage = 0  # this many usage reports fail first
         self.changed = asyncio.Event()
 
     async def report(self, job_id: uuid.UUID, attempt: int, said: Mapping[str, Any]) -> str:
+        if said["kind"] == "usage" and self.unreachable_for_usage:
+            self.unreachable_for_usage -= 1
+            raise TransportError("unreachable")
         self.reports.append((job_id, attempt, dict(said)))
         if said["kind"] == "ended":
             self.shipped_at_end[job_id] = len(self.logs.get((job_id, attempt), b""))
@@ -207,8 +212,12 @@ async def test_observe_counts_the_vram_of_its_jobs_processes_and_reports_the_pea
                         gpu_vram_available_gb=sum(g.vram_free_gb or 0 for g in gpus),
                         gpu_vram_available_max_gb=24.0)  # fmt: skip
 
+    orch.unreachable_for_usage = 1
     seen = work.observe(snapshot(6.0))
     assert [g.jobs_vram_used_gb for g in seen.gpus] == [6.0, None]  # pid 1 is foreign
+    await _reports_sent()  # that one failed: the next observation sends it again
+    work.observe(snapshot(6.0))
+    await _reports_sent()
     work.observe(snapshot(9.5))
     work.observe(snapshot(9.5))  # unchanged: not reported again
     work.observe(snapshot(4.0))
@@ -217,6 +226,12 @@ async def test_observe_counts_the_vram_of_its_jobs_processes_and_reports_the_pea
     usage = [r[2]["vram_gb"] for r in orch.reports if r[2]["kind"] == "usage"]
     assert usage == [{"GPU-x": 6.0}, {"GPU-x": 9.5}, {"GPU-x": 4.0}]
     assert orch.reports[-1][2]["peak_vram_gb"] == {"GPU-x": 9.5}
+
+
+async def _reports_sent() -> None:
+    """Let the usage reports `observe` started run: the fake answers without waiting."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 async def _child_of(pid: int | None) -> int:

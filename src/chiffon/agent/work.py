@@ -170,10 +170,12 @@ class WorkLoop:
         task.add_done_callback(self._tasks.discard)
 
     async def _say_once(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> None:
-        """A report worth no retry (the next observation says it again)."""
+        """A usage report, worth no retry: when it fails, the next observation sends it
+        again (it is forgotten as sent)."""
         try:
             await self._channel.report(job_id, attempt, said)
         except TransportError as exc:
+            self._used.pop((job_id, attempt), None)
             log.info("usage of attempt %s of %s not reported: %s", attempt, job_id, exc)
 
     async def poll(
