@@ -4,8 +4,8 @@ The registry's columns hold what each agent *sees* free. While jobs run, some of
 promised (a job that has not yet grown into its claim), so the answer subtracts the live
 claims with the same rule placement uses (`placement.GpuLedger`; docs/jobs.md). Net is
 never more than seen, so the SQL filter on the seen numbers keeps every agent that may
-qualify; the agents holding claims are then recomputed and filtered again. With no live
-claim anywhere the answer is the SQL's, unchanged.
+qualify; the agents holding claims are then recomputed and filtered again. When no agent
+in the SQL's answer holds a claim, that answer is the whole answer, in one query.
 """
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ from chiffon.schemas.metrics import BOUNDS
 async def available(
     session: AsyncSession, *, want: CapacityFilter, now: datetime
 ) -> list[AgentCapacity]:
-    """Online agents meeting every requirement net of claims, most free VRAM first."""
-    claims = await repo.claims_by_agent(session)
-    if not claims:
-        return [
-            views.capacity(row, now) for row in await registry.find_capacity(session, want=want)
-        ]
-    rows = await registry.find_capacity(session, want=dataclasses.replace(want, limit=None))
+    """Online agents meeting every requirement net of claims, most free VRAM first.
+
+    One query when none of the agents it answers holds claims: then each one's numbers are
+    already net, and no agent it left out could rank above them (net is never more than
+    seen). Otherwise the agents holding claims are netted and the answer filtered and
+    ordered again, from every agent the seen numbers let through (the limit after)."""
+    rows = await registry.find_capacity(session, want=want)
+    if not any(row.claimed for row in rows):
+        return [views.capacity(row, now) for row in rows]
+    if want.limit is not None:
+        rows = await registry.find_capacity(session, want=dataclasses.replace(want, limit=None))
+    held = [row.agent_id for row in rows if row.claimed]
+    claims = await repo.claims_by_agent(session, agent_ids=held)
     found = [net(row, claims.get(row.agent_id, []), now) for row in rows]
     found = [c for c in found if meets(c, want)]
     found.sort(key=_best_first)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     select,
@@ -31,7 +32,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import BindParameter
 
-from chiffon.persistence.models import AgentEventRow, AgentRow, Base
+from chiffon.persistence.models import AgentEventRow, AgentRow, Base, JobClaimRow
 from chiffon.schemas.metrics import BOUNDS, REGISTRY
 
 _agents = Base.metadata.tables["agent_registry"]
@@ -238,6 +239,11 @@ CAPACITY_COLUMNS = (
     *(_agents.c[m.name] for m in REGISTRY),
     AgentRow.resource_metrics,
     AgentRow.last_heartbeat_at,
+    # Whether live jobs hold claims there: its free numbers are then netted
+    # (orchestrator.capacity). An index lookup per row; no claim, no other query.
+    exists(select(JobClaimRow.agent_id).where(JobClaimRow.agent_id == AgentRow.agent_id)).label(
+        "claimed"
+    ),
 )
 _BOUNDS = {bound.param: (_agents.c[m.name], bound.op) for m, bound in BOUNDS}
 
