@@ -274,3 +274,29 @@ async def test_a_stopping_agent_ends_its_jobs_and_reports_them_lost(tmp_path: Pa
     await work.stop()
     assert orch.said(job) == ["started", "lost"] and work.running == []
     assert orch.reports[-1][2]["detail"].startswith("the agent stopped")
+
+
+async def test_a_poll_bringing_only_orders_in_hand_waits_before_asking_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The orchestrator says an assignment again until it hears the start: the agent does
+    not turn that into a busy loop of polls."""
+    monkeypatch.setattr("chiffon.agent.work.REPEAT_PAUSE_SECONDS", 0.2)
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch)
+    same = order(job, command=["sleep", "60"])
+    asked: list[float] = []
+
+    class Source:
+        async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+            asked.append(time.monotonic())
+            if len(asked) == 4:
+                raise asyncio.CancelledError
+            return [same]
+
+    with pytest.raises(asyncio.CancelledError):
+        await work.poll(Source(), wait_seconds=0)
+    assert orch.said(job) == ["started"]  # started once, from the first delivery
+    assert asked[2] - asked[1] >= 0.2 and asked[3] - asked[2] >= 0.2  # repeats: a pause
+    assert work.refused["replayed"] == 2
+    await work.stop()

@@ -125,6 +125,13 @@ class JobRun:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
+    @property
+    def ending(self) -> bool:
+        """Whether it was told to end (cancel, timeout, stop) or has ended."""
+        return self._ending is not None or (
+            self._process is not None and self._process.returncode is not None
+        )
+
     async def start(self) -> None:
         """Start the process; `OSError` (no such program, a workdir that is not there)
         is raised to the caller, who reports the attempt refused."""

@@ -47,6 +47,8 @@ ALIVE_CHECK_SECONDS = 10.0
 # Over RabbitMQ orders are pushed; the agent still asks over HTTP this often, for any
 # published while it had no queue (it restarted, the broker was away).
 PUSHED_POLL_PAUSE_SECONDS = 30.0
+# A poll that brought only orders already in hand waits this long before asking again.
+REPEAT_PAUSE_SECONDS = 1.0
 
 
 class WorkChannel(Protocol):
@@ -111,8 +113,9 @@ class WorkLoop:
             detail = "the agent restarted" + (" and ended it" if o.was_running else "")
             await self._say(uuid.UUID(o.job_id), o.attempt, _ended("lost", detail))
 
-    async def handle(self, body: bytes, signature: str | None) -> None:
-        """One delivered order. Never raises for the order's sake: refusals are counted."""
+    async def handle(self, body: bytes, signature: str | None) -> bool:
+        """One delivered order; whether it was news (an attempt started or refused, an end
+        begun). Never raises for the order's sake: refusals are counted."""
         try:
             order = verify(
                 body,
@@ -125,13 +128,16 @@ class WorkLoop:
         except OrderRefused as exc:
             self.refused[exc.reason] += 1
             log.warning("order refused: %s", exc)
-            return
+            return False
         if order.kind == "assign":
-            await self._assign(order)
-        else:  # cancel and kill end the attempt the same way; its report says cancelled
-            run = self._runs.get((order.job_id, order.attempt))
-            if run is not None:
-                await run.cancel()
+            return await self._assign(order)
+        # cancel and kill end the attempt the same way (its report says cancelled), in the
+        # background: the grace period does not hold up the next order
+        run = self._runs.get((order.job_id, order.attempt))
+        if run is None or run.ending:
+            return False
+        self._spawn(run.cancel())
+        return True
 
     def observe(self, snapshot: Snapshot) -> Snapshot:
         """The snapshot with each GPU's `jobs_vram_used_gb`: the memory held there by this
@@ -199,8 +205,11 @@ class WorkLoop:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            for body, signature in delivered:
-                await self.handle(body, signature)
+            news = [await self.handle(body, signature) for body, signature in delivered]
+            if delivered and not any(news):
+                # all already in hand (an attempt not yet reported started, a cancel under
+                # way): the orchestrator says them again until it hears back
+                await asyncio.sleep(REPEAT_PAUSE_SECONDS)
             if pause_seconds:
                 await asyncio.sleep(pause_seconds)
 
@@ -212,12 +221,12 @@ class WorkLoop:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
 
-    async def _assign(self, order: Order) -> None:
+    async def _assign(self, order: Order) -> bool:
         try:
             attempt_dir = self._ledger.claim(order.job_id, order.attempt)
         except OrderRefused as exc:  # delivered twice, replayed, or older than one started
             self.refused[exc.reason] += 1
-            return
+            return False
         key = (order.job_id, order.attempt)
         why_not = await self._why_not(order)
         try:
@@ -227,18 +236,17 @@ class WorkLoop:
             assignment = None
         if why_not is not None or assignment is None:
             await self._say(*key, _ended("refused", why_not or ""))
-            return
+            return True
         run = JobRun(assignment, attempt_dir=attempt_dir, grace_seconds=self.settings.grace_seconds,
                      max_log_bytes=self.settings.max_log_bytes)  # fmt: skip
         try:
             await run.start()
         except OSError as exc:  # no such program, a workdir that is not there: its failure
             await self._say(*key, _ended("exit", f"cannot start: {exc}", exit_code=127))
-            return
+            return True
         self._runs[key] = run
-        task = asyncio.create_task(self._follow(key, run))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._follow(key, run))
+        return True
 
     async def _why_not(self, order: Order) -> str | None:
         """Why this desktop cannot honour the assignment now, if it cannot."""

@@ -98,7 +98,7 @@ class OrderSender:
         await close_quietly(connection)
 
 
-Handler = Callable[[bytes, str | None], Awaitable[None]]
+Handler = Callable[[bytes, str | None], Awaitable[object]]
 
 
 async def consume_orders(
