@@ -94,6 +94,7 @@ _SNAPSHOT_RANGES = {
     "gpu_vram_available_gb": (0, limits.GB_MAX),
     "gpu_vram_available_max_gb": (0, limits.GPU_GB_MAX),
     "collection_ms": (0, limits.COLLECTION_MS_MAX),
+    "owner_idle_seconds": (0, limits.IDLE_SECONDS_MAX),
 }
 
 
@@ -119,6 +120,8 @@ class Snapshot:
     gpu_vram_available_max_gb: float | None = None
     probe_errors: dict[str, str] = field(default_factory=dict)
     collection_ms: float | None = None
+    # Seconds since the desktop's owner last used it (probes.owner); None: unknown.
+    owner_idle_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _check_ranges(self, _SNAPSHOT_RANGES)

@@ -53,7 +53,15 @@ def _num(value: float | int | None, fmt: str = "{:.1f}") -> str:
     return "?" if value is None else fmt.format(value)
 
 
-def resources_table(res: Snapshot) -> Table:
+def _idle(seconds: float | None, unknown_because: str | None) -> str:
+    if seconds is None:
+        return "unknown" + (f" ({unknown_because})" if unknown_because else "")
+    if seconds < 1:
+        return "in use now"
+    return f"idle {seconds / 60:.0f} min" if seconds >= 90 else f"idle {seconds:.0f} s"
+
+
+def resources_table(res: Snapshot, owner_unknown_because: str | None = None) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -88,6 +96,7 @@ def resources_table(res: Snapshot) -> Table:
         )
     for name, error in res.probe_errors.items():
         table.add_row(Text(f"probe {clean_text(name)}", style="red"), plain(error))
+    table.add_row("Owner", plain(_idle(res.owner_idle_seconds, owner_unknown_because)))
     table.add_row("Collected in", f"{_num(res.collection_ms, '{:.2f}')} ms")
     return table
 
@@ -107,7 +116,7 @@ def probe(
     if as_json:
         typer.echo(json.dumps(res.as_json(), indent=2))
     else:
-        console.print(resources_table(res))
+        console.print(resources_table(res, collector.owner_idle_unknown_because))
 
 
 def identity_of(settings: AgentSettings) -> AgentIdentity:
@@ -157,9 +166,14 @@ def _install_signal_handlers(stop: Any) -> None:
 
 def new_collector(settings: AgentSettings) -> Collector:
     from chiffon.agent.probes.collect import Collector, default_gpu_probes
+    from chiffon.agent.probes.owner import read_owner_idle
 
     timeout = settings.gpu_detection_timeout_seconds
-    return Collector(default_gpu_probes(timeout_seconds=timeout), timeout_seconds=timeout)
+    return Collector(
+        default_gpu_probes(timeout_seconds=timeout),
+        timeout_seconds=timeout,
+        owner_idle=read_owner_idle,
+    )
 
 
 def locked(collector: Collector) -> Callable[[], Snapshot]:

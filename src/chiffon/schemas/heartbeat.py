@@ -102,6 +102,9 @@ class Resources(_Strict):
         dict[LabelKey, LabelValue], Field(max_length=limits.PROBE_ERRORS_MAX)
     ] = {}
     collection_ms: Annotated[float, Field(ge=0, le=limits.COLLECTION_MS_MAX)] | None = None
+    owner_idle_seconds: Annotated[float, Field(ge=0, le=limits.IDLE_SECONDS_MAX)] | None = Field(
+        None, description="seconds since the desktop's owner last used it; null: unknown"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -31,6 +31,7 @@ TEMPERATURE_C_MIN = -50.0
 TEMPERATURE_C_MAX = 200.0
 GPUS_MAX = 64
 PROBE_ERRORS_MAX = 32
+IDLE_SECONDS_MAX = 10 * 366 * 86400  # ten years: longer is a broken clock
 COLLECTION_MS_MAX = 600_000.0
 SLACK = 1e-6  # float sums may overshoot a total by rounding
 # An aggregate is a sum of per-GPU numbers each rounded to the MB by the agent.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,9 +155,17 @@ def gpu_aggregates(gpus: Sequence[GpuReading], *, failed: bool) -> dict[str, Any
 class Collector:
     """Builds `Snapshot`s of this machine; `collect()` blocks for at most about the GPU timeout."""
 
-    def __init__(self, gpu_probes: Sequence[GpuProbe], *, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        gpu_probes: Sequence[GpuProbe],
+        *,
+        timeout_seconds: float,
+        owner_idle: Callable[[], tuple[float | None, str | None]] | None = None,
+    ) -> None:
         self._probes = [BoundedProbe(p) for p in gpu_probes]
         self.timeout_seconds = timeout_seconds
+        self._owner_idle = owner_idle
+        self.owner_idle_unknown_because: str | None = None  # what `chiffon probe` says
 
     def _gpus(self, errors: dict[str, str]) -> list[GpuReading]:
         calls = {}
@@ -193,11 +201,15 @@ class Collector:
         gpus = self._gpus(errors)
         for name, error in errors.items():
             log.warning("probe %s: %s", name, error)
+        idle = None
+        if self._owner_idle is not None:
+            idle, self.owner_idle_unknown_because = self._owner_idle()
         return Snapshot(
             **host,
             **gpu_aggregates(gpus, failed=any(k != "host" for k in errors)),
             probe_errors=errors,
             collection_ms=round((time.perf_counter() - started) * 1000, 3),
+            owner_idle_seconds=idle,
         )
 
     def close(self) -> None:
