@@ -249,3 +249,22 @@ async def test_an_agent_is_told_its_assignments_and_cancels_each_signed_with_its
     await orchestrator.credentials.revoke(agent)
     with pytest.raises(RejectedMessage, match="revoked"):
         await orchestrator.orders_for(agent)  # no key, no order: nothing goes out unsigned
+
+
+async def test_a_desktop_that_stops_accepting_hands_back_what_has_not_started(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """Its owner came back (or it restarted without jobs): an attempt not yet started goes
+    back to the queue, no retry used; one already running stays the agent's to end."""
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    waiting = await submitted(orchestrator, clock)
+    running = await submitted(orchestrator, clock)
+    await placed(orchestrator, clock)
+    assert await say(orchestrator, clock, agent, running, STARTED) == "applied"
+    beat = f.message(agent, name="a", res=f.resources(gpus_free_total=[(24.0, 24.0)]))
+    assert await orchestrator.receive(beat.model_copy(update={"accepts_jobs": False})) == "applied"
+    await jobs.lose_offline(orchestrator.sessions, now=clock.now())
+    handed = await row(orchestrator, waiting)
+    assert (handed.state, handed.retries_used) == ("queued", 0)
+    assert "stopped accepting jobs" in handed.reason
+    assert (await row(orchestrator, running)).state == "running"

@@ -209,31 +209,43 @@ def _assignment(spec: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
 async def lose_offline(
     sessions: async_sessionmaker[AsyncSession], *, now: datetime
 ) -> list[uuid.UUID]:
-    """Every attempt out on an agent that is offline, no longer registered, or no longer
-    accepts jobs (restarted without it: it ended them) is lost. Level-triggered, so it
-    holds across restarts: whatever marked the agent offline (the sweep, its goodbye), the
-    next pass finds its attempts. Returns the jobs moved."""
+    """Every attempt out on an agent that is offline or no longer registered is lost; an
+    attempt assigned (not yet started) on one that stopped accepting jobs (its owner came
+    back, or it restarted without them) is handed back, no retry used. Level-triggered,
+    so it holds across restarts: whatever marked the agent offline (the sweep, its
+    goodbye), the next pass finds its attempts. Returns the jobs moved.
+
+    A *running* attempt on an online agent that stopped accepting new jobs keeps running:
+    the agent itself ends what it must, and says so."""
+    out = JobRow.state.in_(("assigned", "running"))
     async with sessions() as session:
-        stmt = (
+        gone = (
             select(JobRow.agent_id, AgentRow.status)
             .outerjoin(AgentRow, AgentRow.agent_id == JobRow.agent_id)
+            .where(out, or_(AgentRow.status.is_(None), AgentRow.status != "online"))
+            .distinct()
+        )
+        lost = [(a, status) for a, status in (await session.execute(gone)).all() if a]
+        closed = (
+            select(JobRow.agent_id)
+            .join(AgentRow, AgentRow.agent_id == JobRow.agent_id)
             .where(
-                JobRow.state.in_(("assigned", "running")),
-                or_(
-                    AgentRow.status.is_(None),
-                    AgentRow.status != "online",
-                    AgentRow.accepts_jobs.is_(False),
-                ),
+                JobRow.state == "assigned",
+                AgentRow.status == "online",
+                AgentRow.accepts_jobs.is_(False),
             )
             .distinct()
         )
-        agents = [(a, status) for a, status in (await session.execute(stmt)).all() if a]
+        handed_back = [a for a in (await session.scalars(closed)).all() if a]
     moved: list[uuid.UUID] = []
-    for agent_id, status in agents:
-        why = {"online": "its desktop no longer accepts jobs", None: "its desktop left"}.get(
-            status, "its desktop went offline"
-        )
+    for agent_id, status in lost:
+        why = "its desktop left" if status is None else "its desktop went offline"
         moved += await lose_agent(sessions, agent_id=agent_id, now=now, why=why)
+    why = "its desktop stopped accepting jobs"
+    for agent_id in handed_back:
+        moved += await lose_agent(
+            sessions, agent_id=agent_id, now=now, states=("assigned",), outcome="refused", why=why
+        )
     return moved
 
 
@@ -243,22 +255,22 @@ async def lose_agent(
     agent_id: uuid.UUID,
     now: datetime,
     why: str = "its desktop went offline",
+    states: tuple[str, ...] = ("assigned", "running"),
+    outcome: Outcome = "lost",
 ) -> list[uuid.UUID]:
-    """The agent went offline: every attempt it had out is lost. Jobs with retries left go
-    back to the queue; the others end `lost`. Returns the jobs it had."""
+    """End every attempt the agent has out in `states` as `outcome`: lost (it went
+    offline: jobs with retries left go back to the queue, the others end `lost`) or
+    refused (handed back: queued again, no retry used). Returns the jobs moved."""
     async with sessions.begin() as session:
         ids = (
             await session.scalars(
-                select(JobRow.job_id).where(
-                    JobRow.agent_id == agent_id, JobRow.state.in_(("assigned", "running"))
-                )
+                select(JobRow.job_id).where(JobRow.agent_id == agent_id, JobRow.state.in_(states))
             )
         ).all()
         for job_id in ids:
             job = await _locked(session, job_id)
-            if job is not None and job.state in ("assigned", "running"):
-                lost = Report("ended", "lost", detail=why)
-                await _end(session, job, lost, now)
+            if job is not None and job.state in states:
+                await _end(session, job, Report("ended", outcome, detail=why), now)
     return list(ids)
 
 
