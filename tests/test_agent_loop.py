@@ -22,6 +22,7 @@ from chiffon.schemas.heartbeat import Resources
 from chiffon.transport.memory import InMemoryPublisher
 from tests.fakes import fake_pynvml
 from tests.fakes.fake_pynvml import FakeGpu
+from tests.services import eventually
 
 
 def make_loop(
@@ -144,3 +145,39 @@ async def test_unreachable_publisher_at_stop_still_exits(tmp_path: Path) -> None
     await loop.run()
     assert time.monotonic() - started < 2.0
     assert publisher.sent == 0  # the goodbye never arrived, and that did not hold us up
+
+
+async def test_a_nudge_sends_a_heartbeat_at_once_saying_whether_jobs_are_welcome(
+    orchestrator: Orchestrator, tmp_path: Path
+) -> None:
+    """The owner came back: the orchestrator hears `accepts_jobs: false` now, not at the
+    next beat (here an hour away)."""
+    fake_pynvml.reset([])
+    welcome = [True]
+    agent_id = load_or_create_agent_id(tmp_path)
+    collector = Collector([], timeout_seconds=1)
+    loop = AgentLoop(
+        AgentIdentity(agent_id, "desk"), InMemoryPublisher(orchestrator.ingest),
+        lambda: in_daemon_thread(collector.collect, name="test-collect"),
+        interval_seconds=3600, accepts_jobs=lambda: welcome[0],
+    )  # fmt: skip
+    running = asyncio.create_task(loop.run())
+
+    async def accepts() -> bool | None:
+        async with orchestrator.sessions() as s:
+            row = await registry.get_agent(s, agent_id=agent_id)
+        return None if row is None else row.accepts_jobs
+
+    async def registered() -> bool:
+        return await accepts() is True
+
+    async def refused() -> bool:
+        return await accepts() is False
+
+    await eventually(registered)  # the first beat, at once
+    welcome[0] = False
+    loop.nudge()
+    await eventually(refused, within_seconds=5)  # without the nudge: in an hour
+    assert loop.delivered == 2
+    loop.stop()
+    await asyncio.wait_for(running, 5)

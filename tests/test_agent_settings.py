@@ -312,3 +312,28 @@ def test_an_unknown_key_gets_a_did_you_mean(tmp_path: Path) -> None:
         f"bad setting heartbeat_intervall_seconds = 5 (from file {config}): unknown setting; "
         "did you mean heartbeat_interval_seconds?"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "policy"),
+    [
+        ("true", "always"),
+        ("yes", "always"),
+        ("false", "never"),
+        ("when_idle", "when_idle"),
+        ("ALWAYS", "always"),
+        ("never", "never"),
+    ],
+)
+def test_accept_jobs_is_a_policy_and_the_old_booleans_still_work(given: str, policy: str) -> None:
+    settings = load_settings(environ={"CHIFFON_ACCEPT_JOBS": given}, home=Path("/nonexistent"))
+    assert settings.settings.accept_jobs == policy
+
+
+def test_a_bad_policy_or_idle_time_is_one_line_naming_it() -> None:
+    with pytest.raises(
+        SettingsError, match=r"accept_jobs = 'sometimes'.*never, when_idle or always"
+    ):
+        load_settings(environ={"CHIFFON_ACCEPT_JOBS": "sometimes"}, home=Path("/nonexistent"))
+    with pytest.raises(SettingsError, match="idle_minutes"):
+        load_settings(environ={"CHIFFON_IDLE_MINUTES": "-5"}, home=Path("/nonexistent"))

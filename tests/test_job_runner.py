@@ -114,6 +114,7 @@ async def test_a_restarted_agent_ends_the_jobs_it_left_and_only_those(tmp_path: 
     assert {(o.job_id, o.was_running) for o in orphans} == {("job-1", True), ("job-2", False)}
     await _until(lambda: not _alive(left.pid))  # type: ignore[arg-type]
     assert list(jobs_dir.glob("*/state.json")) == []
+    await left.wait()  # reaped here, so no unclosed pipe outlives the test
 
 
 def _alive(pid: int) -> bool:

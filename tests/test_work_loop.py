@@ -4,6 +4,7 @@ most once, refusals reported with their reason, cancel, stale verdicts, and reco
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import time
 import uuid
@@ -64,7 +65,8 @@ class Orchestrator:
 def loop(tmp_path: Path, orch: Orchestrator, *, accept: bool = True, allow_root: bool = True,
          free: Mapping[str, float | None] | None = None,
          alive: float = 10.0) -> WorkLoop:  # fmt: skip
-    settings = WorkSettings(accept_jobs=accept, jobs_dir=tmp_path / "jobs", allow_root=allow_root,
+    settings = WorkSettings(accept_jobs="always" if accept else "never",
+                            jobs_dir=tmp_path / "jobs", allow_root=allow_root,
                             grace_seconds=0.5, alive_check_seconds=alive)  # fmt: skip
 
     async def free_vram() -> Mapping[str, float | None]:
@@ -176,6 +178,7 @@ async def test_a_restarted_agent_ends_and_reports_what_its_last_run_left(tmp_pat
     [(job_id, attempt, said)] = orch.reports
     assert (job_id, attempt, said["outcome"]) == (job, 4, "lost")
     assert said["detail"] == "the agent restarted and ended it"
+    assert (await left.wait()).signal is not None  # it was ended (and its pipes are closed)
 
 
 async def test_all_output_is_shipped_in_order_before_the_end_is_reported(tmp_path: Path) -> None:
@@ -300,3 +303,34 @@ async def test_a_poll_bringing_only_orders_in_hand_waits_before_asking_again(
     assert asked[2] - asked[1] >= 0.2 and asked[3] - asked[2] >= 0.2  # repeats: a pause
     assert work.refused["replayed"] == 2
     await work.stop()
+
+
+async def test_when_idle_welcomes_jobs_only_while_the_owner_is_away(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    settings = WorkSettings(accept_jobs="when_idle", jobs_dir=tmp_path / "jobs",
+                            allow_root=True, idle_minutes=10)  # fmt: skip
+
+    async def free_vram() -> Mapping[str, float | None]:
+        return {}
+
+    work = WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, free_vram=free_vram)
+    assert not work.accepting_now()  # the owner's idle time is not known yet: no
+    readings = itertools.chain(
+        [(1200.0, None), (1300.0, None), (0.0, None)], itertools.repeat((None, "no session"))
+    )
+    changes: list[bool] = []
+    watching = asyncio.create_task(
+        work.watch_owner(
+            lambda: next(readings), lambda: changes.append(work.accepting_now()), every_seconds=0
+        )
+    )
+
+    async def all_read() -> bool:
+        return work.owner_idle_seconds is None and len(changes) == 2
+
+    await eventually(all_read)
+    watching.cancel()
+    assert changes == [True, False]  # away 20 min: welcome; back: refused at once
+    await work.handle(*order(job))  # an order already on its way when the owner came back
+    [(_, _, said)] = orch.reports
+    assert said["outcome"] == "refused" and "the desktop's owner is using it" in said["detail"]

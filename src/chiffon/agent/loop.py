@@ -74,8 +74,11 @@ class AgentLoop:
         publish_timeout_seconds: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        accepts_jobs: Callable[[], bool] | None = None,
     ) -> None:
         self.identity = identity
+        # Whether new jobs may land here now (the owner's policy); else the identity's.
+        self._accepts_jobs = accepts_jobs
         self.boot_id = uuid.uuid4()
         self._publisher = publisher
         self._collect = collect
@@ -89,6 +92,7 @@ class AgentLoop:
         self._fresh = asyncio.Event()
         self._caught_up = asyncio.Event()
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # a stop, or a nudge: collect now
         self._connected = False
         self.delivered = 0
         self.failures = 0
@@ -96,6 +100,12 @@ class AgentLoop:
     def stop(self) -> None:
         """Ask the loop to say goodbye and return (safe from a signal handler)."""
         self._stop.set()
+        self._wake.set()
+
+    def nudge(self) -> None:
+        """Collect and send a heartbeat now, outside the schedule (the owner came back:
+        the orchestrator must hear it within a second or two, not at the next beat)."""
+        self._wake.set()
 
     def message(self, kind: MessageKind, resources: Snapshot | None = None) -> Outgoing:
         ident = self.identity
@@ -112,7 +122,7 @@ class AgentLoop:
             capabilities=ident.capabilities,
             specializations=ident.specializations,
             resources=resources,
-            accepts_jobs=ident.accepts_jobs,
+            accepts_jobs=ident.accepts_jobs if self._accepts_jobs is None else self._accepts_jobs(),
         )
         self._seq += 1
         return msg
@@ -136,8 +146,12 @@ class AgentLoop:
         while max_beats is None or beat < max_beats:
             due = beat_deadline(start, beat, self.interval_seconds, self._rng)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), max(0.0, due - self._monotonic()))
-                return
+                await asyncio.wait_for(self._wake.wait(), max(0.0, due - self._monotonic()))
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
+                await self._collect_once()  # nudged: now, and the schedule stands
+                continue
             await self._collect_once()
             beat += 1
             # A pass that overran skips the beats it missed rather than bursting.

@@ -43,6 +43,7 @@ ENV_VARS: dict[str, str] = {
     "specializations": "CHIFFON_SPECIALIZATIONS",
     "enroll_token": "CHIFFON_ENROLL_TOKEN",
     "accept_jobs": "CHIFFON_ACCEPT_JOBS",
+    "idle_minutes": "CHIFFON_IDLE_MINUTES",
     "allow_root_jobs": "CHIFFON_ALLOW_ROOT_JOBS",
     "job_grace_seconds": "CHIFFON_JOB_GRACE",
     "jobs_dir": "CHIFFON_JOBS_DIR",
@@ -149,6 +150,20 @@ def _bool(value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError("must be true or false")
+
+
+POLICIES = ("never", "when_idle", "always")
+
+
+def _policy(value: Any) -> str:
+    """never | when_idle | always; true and false (a flag, the old boolean) are always and
+    never."""
+    if isinstance(value, str) and value.strip().lower() in POLICIES:
+        return value.strip().lower()
+    try:
+        return "always" if _bool(value) else "never"
+    except ValueError:
+        raise ValueError("must be never, when_idle or always (true or false)") from None
 
 
 def _uuid(value: Any) -> UUID:
@@ -258,8 +273,10 @@ class AgentSettings:
     specializations: list[str] = field(default_factory=list, metadata=_check(_strings))
     # Presented once to get this agent's own secret (kept in state_dir/agent_secret, 0600).
     enroll_token: Secret | None = field(default=None, metadata=_check(_optional(_secret)))
-    # Jobs (docs/jobs.md): this desktop runs them only when its owner says so.
-    accept_jobs: bool = field(default=False, metadata=_check(_bool))
+    # Jobs (docs/jobs.md): this desktop runs them only when its owner says so: never,
+    # when_idle (the owner away `idle_minutes`; docs/owner.md) or always.
+    accept_jobs: str = field(default="never", metadata=_check(_policy))
+    idle_minutes: float = field(default=15.0, metadata=_check(_seconds(1440)))
     # An agent running as root refuses jobs unless this is set too.
     allow_root_jobs: bool = field(default=False, metadata=_check(_bool))
     # Seconds between SIGTERM and SIGKILL when a job is cancelled or times out.

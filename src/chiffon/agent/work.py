@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from chiffon.agent.bounded import in_daemon_thread
 from chiffon.agent.report import GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, Ended, JobRun, end_orphans
 from chiffon.backoff import Backoff
@@ -47,6 +48,9 @@ ALIVE_CHECK_SECONDS = 10.0
 # Over RabbitMQ orders are pushed; the agent still asks over HTTP this often, for any
 # published while it had no queue (it restarted, the broker was away).
 PUSHED_POLL_PAUSE_SECONDS = 30.0
+# With accept_jobs: when_idle, how often the owner's idle time is read (the owner's return
+# reaches the orchestrator within about this, plus one heartbeat's delivery).
+OWNER_CHECK_SECONDS = 1.0
 # A poll that brought only orders already in hand waits this long before asking again.
 REPEAT_PAUSE_SECONDS = 1.0
 
@@ -66,13 +70,14 @@ class OrderSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class WorkSettings:
-    accept_jobs: bool
+    accept_jobs: str  # never, when_idle or always (agent.settings.POLICIES)
     jobs_dir: Path
     allow_root: bool = False  # an agent running as root runs jobs only when told to
     grace_seconds: float = 10.0
     max_log_bytes: int = 64 * 1024 * 1024
     max_order_age_seconds: float = 300.0
     alive_check_seconds: float = ALIVE_CHECK_SECONDS
+    idle_minutes: float = 15.0  # with when_idle: the owner away this long
 
 
 class WorkLoop:
@@ -99,10 +104,21 @@ class WorkLoop:
         self._peak: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused: Counter[str] = Counter()  # orders dropped, by reason
+        self.owner_idle_seconds: float | None = None  # as last seen (probes.owner)
 
     @property
     def running(self) -> list[tuple[uuid.UUID, int]]:
         return list(self._runs)
+
+    def accepting_now(self) -> bool:
+        """Whether new jobs may land here now: the policy, and with when_idle the owner's
+        idle time (unknown: no)."""
+        if not may_run_jobs(self.settings):
+            return False
+        if self.settings.accept_jobs == "always":
+            return True
+        idle = self.owner_idle_seconds
+        return idle is not None and idle >= self.settings.idle_minutes * 60
 
     async def recover(self) -> None:
         """At start: end what a previous run of this agent left running, and say so."""
@@ -145,6 +161,7 @@ class WorkLoop:
         from the processes the driver listed; unknown where it listed none. Each attempt's
         use is remembered (its peak goes in its end's report) and, when it changed,
         reported, so the orchestrator's claims know how far each job has grown."""
+        self.owner_idle_seconds = snapshot.owner_idle_seconds
         owner = {run.pid: key for key, run in self._runs.items() if run.pid is not None}
         used: dict[tuple[uuid.UUID, int], dict[str, float]] = {key: {} for key in self._runs}
         gpus = []
@@ -183,6 +200,28 @@ class WorkLoop:
         except TransportError as exc:
             self._used.pop((job_id, attempt), None)
             log.info("usage of attempt %s of %s not reported: %s", attempt, job_id, exc)
+
+    async def watch_owner(
+        self,
+        read_idle: Callable[[], tuple[float | None, str | None]],
+        on_change: Callable[[], None],
+        *,
+        every_seconds: float = OWNER_CHECK_SECONDS,
+    ) -> None:
+        """With `when_idle`: read the owner's idle time every `every_seconds` (in a daemon
+        thread: a hung session tool never stalls the loop), and call `on_change` the moment
+        new jobs stop, or start, being welcome (the heartbeat goes out then, not at the
+        next beat)."""
+        welcome = self.accepting_now()
+        while True:
+            seconds, _ = await in_daemon_thread(read_idle, name="chiffon-owner")
+            self.owner_idle_seconds = seconds
+            if self.accepting_now() != welcome:
+                welcome = not welcome
+                log.info("new jobs %s: the owner's idle time is %s s",
+                         "welcome" if welcome else "refused", seconds)  # fmt: skip
+                on_change()
+            await asyncio.sleep(every_seconds)
 
     async def poll(
         self,
@@ -250,10 +289,15 @@ class WorkLoop:
 
     async def _why_not(self, order: Order) -> str | None:
         """Why this desktop cannot honour the assignment now, if it cannot."""
-        if not self.settings.accept_jobs:
+        if self.settings.accept_jobs == "never":
             return "this desktop does not accept jobs"
         if not may_run_jobs(self.settings):
             return "the agent runs as root, and runs jobs as root only when started to"
+        if not self.accepting_now():
+            idle = self.owner_idle_seconds
+            seen = "unknown" if idle is None else f"{idle:.0f} s"
+            return (f"the desktop's owner is using it (idle {seen}; jobs wait for "
+                    f"{self.settings.idle_minutes:g} min)")  # fmt: skip
         wanted = float(order.payload.get("vram_gb", 0) or 0)
         free = await self._free_vram() if order.payload.get("gpu_uuids") else {}
         for gpu in order.payload.get("gpu_uuids", []):
@@ -388,7 +432,7 @@ def may_run_jobs(settings: WorkSettings) -> bool:
     """Whether this agent runs jobs at all: its owner opted in, and it is not root (or was
     told it may run jobs as root)."""
     root = hasattr(os, "geteuid") and os.geteuid() == 0
-    return settings.accept_jobs and (not root or settings.allow_root)
+    return settings.accept_jobs != "never" and (not root or settings.allow_root)
 
 
 def assignment_from(order: Order) -> Assignment:

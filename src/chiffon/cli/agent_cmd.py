@@ -208,6 +208,7 @@ def new_agent_loop(
         identity,
         publisher,
         snapshot,
+        accepts_jobs=None if work is None else work.accepting_now,
         interval_seconds=settings.heartbeat_interval_seconds,
         publish_timeout_seconds=settings.publish_timeout_seconds,
     )
@@ -275,6 +276,7 @@ def work_settings(settings: AgentSettings) -> WorkSettings:
         jobs_dir=settings.effective_jobs_dir,
         allow_root=settings.allow_root_jobs,
         grace_seconds=settings.job_grace_seconds,
+        idle_minutes=settings.idle_minutes,
     )
 
 
@@ -295,6 +297,12 @@ def new_work_loop(
         settings, agent_id=credential.agent_id, secret=credential.secret, channel=channel,
         free_vram=free_vram,
     )  # fmt: skip
+
+
+async def watch_owner(work: WorkLoop, agent: AgentLoop) -> None:
+    from chiffon.agent.probes.owner import read_owner_idle
+
+    await work.watch_owner(read_owner_idle, agent.nudge)
 
 
 def order_tasks(
@@ -341,6 +349,8 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
              asyncio.create_task(work.recover(), name="chiffon-recover")]  # fmt: skip
     if identity.accepts_jobs:
         tasks += order_tasks(settings, credential, work, channel)
+    if identity.accepts_jobs and settings.accept_jobs == "when_idle":
+        tasks.append(asyncio.create_task(watch_owner(work, agent), name="chiffon-owner"))
     try:
         await asyncio.wait([tasks[0], asyncio.create_task(stopping.wait())],
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
@@ -383,7 +393,8 @@ def agent(
         None,
         "--accept-jobs",
         help="Run jobs submitted to the orchestrator on this desktop, as this user [off]; "
-        "env CHIFFON_ACCEPT_JOBS.",
+        "env CHIFFON_ACCEPT_JOBS=never|when_idle|always (when_idle: only while its owner is "
+        "away, docs/owner.md).",
         show_default=False,
     ),
     allow_root_jobs: bool = typer.Option(
@@ -434,11 +445,16 @@ def agent(
         highlight=False,
     )
     if identity.accepts_jobs:
+        when = (
+            f" while its owner is away (no input for {settings.idle_minutes:g} min)"
+            if settings.accept_jobs == "when_idle"
+            else ""
+        )
         console.print(
-            f"accepting jobs: they run as this user, in {settings.effective_jobs_dir}",
+            f"accepting jobs{when}: they run as this user, in {settings.effective_jobs_dir}",
             highlight=False,
         )
-    elif settings.accept_jobs:
+    elif settings.accept_jobs != "never":
         err_console.print(
             "warning: not accepting jobs: the agent runs as root (add --allow-root-jobs to "
             "run jobs as root anyway)",

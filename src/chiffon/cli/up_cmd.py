@@ -45,7 +45,13 @@ class LocalAgent:
         self._work_tasks: list[asyncio.Task[None]] = []
 
     async def start(self, orchestrator: Orchestrator) -> None:
-        from chiffon.cli.agent_cmd import locked, new_agent_loop, new_work_loop, work_settings
+        from chiffon.cli.agent_cmd import (
+            locked,
+            new_agent_loop,
+            new_work_loop,
+            watch_owner,
+            work_settings,
+        )
         from chiffon.transport.memory import InMemoryPublisher, InMemoryWork
 
         credential = await self._credential(orchestrator)
@@ -58,6 +64,8 @@ class LocalAgent:
         self._work_tasks.append(asyncio.create_task(self._work.recover()))
         if self._identity.accepts_jobs:
             self._work_tasks.append(asyncio.create_task(self._work.poll(channel)))
+            if self._settings.accept_jobs == "when_idle":
+                self._work_tasks.append(asyncio.create_task(watch_owner(self._work, self._loop)))
 
     async def _credential(self, orchestrator: Orchestrator) -> AgentCredential:
         """This machine's agent is the orchestrator's own: it keeps its secret in the data
@@ -195,7 +203,7 @@ def up(
             f"{agent_settings.effective_jobs_dir}; --no-accept-jobs turns that off.",
             highlight=False,
         )
-    elif agent_settings.accept_jobs:
+    elif agent_settings.accept_jobs != "never":
         console.print(
             "It does not run jobs: started as root (--allow-root-jobs to run them as root).",
             highlight=False,

@@ -60,6 +60,7 @@ def record(row: AgentRow, now: datetime) -> AgentRecord:
         capabilities=row.capabilities,
         specializations=row.specializations,
         status=row.status,
+        accepts_jobs=row.accepts_jobs,
         last_heartbeat_at=row.last_heartbeat_at,
         age_seconds=_age(row.last_heartbeat_at, now),
         resource_metrics=row.resource_metrics,

@@ -119,6 +119,9 @@ class AgentRecord(BaseModel):
     capabilities: list[str]
     specializations: list[str]
     status: AgentStatus
+    accepts_jobs: bool = Field(
+        False, description="new jobs may land there now (its owner's policy; docs/jobs.md)"
+    )
     last_heartbeat_at: datetime | None
     age_seconds: float | None
     resource_metrics: dict[str, Any]
