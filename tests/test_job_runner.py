@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from chiffon.agent.runner import Assignment, JobRun, end_orphans
+from tests.procs import alive
 
 PY = sys.executable
 
@@ -70,7 +70,7 @@ async def test_a_timeout_ends_the_whole_group(tmp_path: Path) -> None:
     assert (ended.reason, ended.signal) == ("timed_out", signal.SIGTERM)  # type: ignore[attr-defined]
     assert time.monotonic() - started < 10
     child = int((runner.attempt_dir / "work" / "child").read_text())
-    assert not _alive(child)  # the job's own child went with it
+    assert not alive(child)  # the job's own child went with it
 
 
 async def test_cancel_sends_sigterm_then_sigkill_after_the_grace_period(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ async def test_a_restarted_agent_ends_the_jobs_it_left_and_only_those(tmp_path: 
     jobs_dir = tmp_path / "jobs"
     left = JobRun(job("sleep", "60"), attempt_dir=jobs_dir / "job-1-1")
     await left.start()  # the agent "dies" here: nobody waits on it
-    assert left.pid is not None and _alive(left.pid)
+    assert left.pid is not None and alive(left.pid)
     # a state file naming a pid that now belongs to someone else (this test process)
     stale = jobs_dir / "job-2-1"
     stale.mkdir()
@@ -112,16 +112,9 @@ async def test_a_restarted_agent_ends_the_jobs_it_left_and_only_those(tmp_path: 
     )
     orphans = await asyncio.to_thread(end_orphans, jobs_dir, grace_seconds=2)
     assert {(o.job_id, o.was_running) for o in orphans} == {("job-1", True), ("job-2", False)}
-    await _until(lambda: not _alive(left.pid))  # type: ignore[arg-type]
+    await _until(lambda: not alive(left.pid))  # type: ignore[arg-type]
     assert list(jobs_dir.glob("*/state.json")) == []
     await left.wait()  # reaped here, so no unclosed pipe outlives the test
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def _until(check: object, within_seconds: float = 10) -> None:

@@ -28,7 +28,7 @@ from chiffon.transport.rabbitmq.orders import orders_key
 from tests.auth import API_TOKEN, TOKENS_ENV
 from tests.fleet import Fleet, fleet_on, vhost_on, wait_for
 from tests.private_services import PrivateRabbit
-from tests.procs import CHIFFON, run_cli, stop
+from tests.procs import CHIFFON, alive, run_cli, stop
 
 ACCEPTS = {"CHIFFON_ACCEPT_JOBS": "true", "CHIFFON_ALLOW_ROOT_JOBS": "true",
            "CHIFFON_JOB_GRACE": "2"}  # fmt: skip
@@ -275,18 +275,11 @@ def test_a_desktop_back_from_a_partition_ends_the_attempt_that_was_placed_again(
         finally:
             agent.send_signal(signal.SIGCONT)
         wait_for("attempt 2 to run", lambda: _attempt_running(c, job_id, 2), fleet, 30)
-        wait_for("attempt 1 ended", lambda: not _alive(first), fleet, 30)
+        wait_for("attempt 1 ended", lambda: not alive(first), fleet, 30)
         events = [e.reason for e in c.get(job_id).events]
         assert any("lost: its desktop went offline; retrying" in e for e in events), events
         c.cancel(job_id)
         wait_for("the cancel", lambda: c.get(job_id).state == "cancelled", fleet, 30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_silent_job_past_its_timeout_exits_124_and_says_where_it_ran(fleet: Fleet) -> None:

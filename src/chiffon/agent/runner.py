@@ -33,6 +33,8 @@ from typing import Literal
 
 import psutil
 
+from chiffon.transport.orders import visible_device
+
 log = logging.getLogger(__name__)
 
 Reason = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
@@ -74,8 +76,7 @@ def job_environment(
     """The documented set, then what the user gave (which may not override it: the
     submission's schema refuses those names)."""
     env = {k: inherited[k] for k in PASSED_THROUGH if k in inherited}
-    # A GPU without a UUID is claimed as "index-N"; with PCI_BUS_ID order, N names it.
-    visible = ",".join(g.removeprefix("index-") for g in a.gpu_uuids)
+    visible = ",".join(visible_device(g) for g in a.gpu_uuids)
     env.update(
         CHIFFON_JOB_ID=a.job_id,
         CHIFFON_ATTEMPT=str(a.attempt),

@@ -29,7 +29,14 @@ from chiffon.agent.report import GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, Ended, JobRun, end_orphans
 from chiffon.backoff import Backoff
 from chiffon.transport.base import TransportError
-from chiffon.transport.orders import AttemptLedger, Order, OrderRefused, order_key, verify
+from chiffon.transport.orders import (
+    AttemptLedger,
+    Order,
+    OrderRefused,
+    gpu_id,
+    order_key,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +187,8 @@ class WorkLoop:
             gpus.append(dataclasses.replace(gpu, jobs_vram_used_gb=round(total, 3)))
         for key, now in used.items():
             peak = self._peak.setdefault(key, {})
-            for gpu_id, gb in now.items():
-                peak[gpu_id] = max(peak.get(gpu_id, 0.0), gb)
+            for held_on, gb in now.items():
+                peak[held_on] = max(peak.get(held_on, 0.0), gb)
             if now != self._used.get(key, {}):
                 self._used[key] = now
                 self._spawn(self._say_once(*key, {"kind": "usage", "vram_gb": now}))
@@ -419,9 +426,8 @@ def _group_of(pid: int) -> int | None:
 
 
 def gpu_key(gpu: GpuReading) -> str:
-    """A GPU's id in claims and orders: its UUID, else `index-N` (the orchestrator's
-    `scheduler.gpu_id`)."""
-    return gpu.uuid or f"index-{gpu.index}"
+    """A GPU's id in claims and orders (`transport.orders.gpu_id`)."""
+    return gpu_id(gpu.uuid, gpu.index)
 
 
 def free_vram_of(snapshot: Snapshot) -> dict[str, float | None]:

@@ -55,6 +55,7 @@ from chiffon.orchestrator.placement import (
 )
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import JobClaimRow, JobRow
+from chiffon.transport import orders
 
 log = logging.getLogger(__name__)
 RETRIES_PER_JOB = 3
@@ -80,8 +81,8 @@ def requirements(spec: dict[str, Any]) -> Requirements:
 
 
 def gpu_id(gpu: dict[str, Any]) -> str:
-    """A GPU's id for claims and CUDA_VISIBLE_DEVICES: its UUID, else its index."""
-    return str(gpu.get("uuid") or f"index-{gpu.get('index')}")
+    """A reported GPU's id for claims and orders (`transport.orders.gpu_id`)."""
+    return orders.gpu_id(gpu.get("uuid"), gpu.get("index"))
 
 
 def candidate(row: Row[Any], claims: Sequence[JobClaimRow]) -> Candidate:

@@ -36,6 +36,21 @@ MAX_ORDER_BYTES = 256 * 1024
 _ORDER_LABEL = b"chiffon order signing key v1"
 
 
+_BY_INDEX = "index-"
+
+
+def gpu_id(uuid: str | None, index: int | None) -> str:
+    """A GPU's id in claims and orders: its UUID, else `index-N` (the scheduler and the
+    agent name GPUs the same way)."""
+    return uuid or f"{_BY_INDEX}{index}"
+
+
+def visible_device(gpu: str) -> str:
+    """What `CUDA_VISIBLE_DEVICES` takes for a GPU id: the UUID, or the index (with
+    `CUDA_DEVICE_ORDER=PCI_BUS_ID`, the index nvidia-smi shows)."""
+    return gpu.removeprefix(_BY_INDEX)
+
+
 class OrderRefused(ValueError):
     """An order the agent will not act on; `reason` is a short word for counting."""
 
