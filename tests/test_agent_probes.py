@@ -245,7 +245,32 @@ def test_one_failing_nvml_call_loses_only_its_own_number() -> None:
     assert "gpu 0 nvmlDeviceGetTemperature: Function Not Found" in error
     assert "gpu 1 nvmlDeviceGetHandleByIndex: GPU is lost" in error
     assert "gpu 2 nvmlDeviceGetUtilizationRates: Unknown Error" in error
+    # lost is unhealthy; a missing temperature or utilisation is not
+    assert [g.fault for g in res.gpus] == [None, "gpu 1 nvmlDeviceGetHandleByIndex: GPU is lost",
+                                           None]  # fmt: skip
     Resources.model_validate(res.as_json())
+
+
+def test_a_gpu_that_fails_its_memory_query_or_reports_an_xid_is_unhealthy_until_it_recovers() -> (
+    None
+):
+    from chiffon.agent.probes.nvml import XID_HOLD_SECONDS
+
+    clock = [1000.0]
+    state = fake_pynvml.reset([FakeGpu(uuid="GPU-a"), FakeGpu(uuid="GPU-b"), FakeGpu(uuid="GPU-c")])
+    state.gpus[2].failing["nvmlDeviceGetMemoryInfo"] = "Unknown Error"
+    collector = nvidia_only(NvmlProbe(fake_pynvml, clock=lambda: clock[0]))
+    first = collector.collect()
+    assert [g.fault is not None for g in first.gpus] == [False, False, True]
+    assert state.registered == {0, 1, 2}  # each GPU watched for XID events
+    state.xids.append((1, 79))  # "GPU has fallen off the bus"
+    del state.gpus[2].failing["nvmlDeviceGetMemoryInfo"]  # GPU c reads well again
+    second = collector.collect()
+    assert [g.fault for g in second.gpus] == [
+        None, "XID 79 (a critical error reported by the driver)", None]  # fmt: skip
+    clock[0] += XID_HOLD_SECONDS + 1
+    assert [g.fault for g in collector.collect().gpus] == [None, None, None]  # healthy again
+    Resources.model_validate(second.as_json())
 
 
 def test_nvidia_smi_failure_is_named(fake_smi_dir: Path) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from chiffon.agent.runner import Assignment, JobRun, end_orphans
+from chiffon.agent.runner import Assignment, JobRun, Ladder, end_orphans
 from tests.procs import alive
+from tests.services import eventually
 
 PY = sys.executable
 
@@ -122,3 +123,58 @@ async def _until(check: object, within_seconds: float = 10) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+LADDER_JOB = """
+import signal, sys, time
+def said(name):
+    def handler(*_):
+        print(name, flush=True)
+    return handler
+signal.signal(signal.SIGUSR1, said("checkpoint"))
+signal.signal(signal.SIGTERM, said("term"))  # and keeps running: only SIGKILL ends it
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+async def test_vacating_goes_down_the_ladder_checkpoint_then_sigterm_then_sigkill(
+    tmp_path: Path,
+) -> None:
+    ladder = Ladder("SIGUSR1", grace_seconds=0.5, kill_seconds=0.5)
+    a = job(PY, "-c", LADDER_JOB)
+    runner = JobRun(a, attempt_dir=tmp_path / "a", ladder=ladder)
+    await runner.start()
+    waiting = asyncio.create_task(runner.wait())
+    await eventually(lambda: _logged(runner, b"ready"))
+    await runner.vacate("preempted: the desktop's owner is using it")
+    ended = await asyncio.wait_for(waiting, 10)
+    assert runner.log_path.read_text().split() == ["ready", "checkpoint", "term"]
+    assert (ended.reason, ended.signal) == ("preempted", signal.SIGKILL)
+    assert ended.detail == "preempted: the desktop's owner is using it"
+
+
+async def test_a_job_that_checkpoints_and_exits_is_preempted_and_told_its_deadline(
+    tmp_path: Path,
+) -> None:
+    script = (
+        "import os, signal, sys, time\n"
+        "print(os.environ['CHIFFON_PREEMPT_SIGNAL'], os.environ['CHIFFON_PREEMPT_DEADLINE'],"
+        " flush=True)\n"
+        "signal.signal(signal.SIGUSR2, lambda *_: sys.exit(0))\n"
+        "time.sleep(60)\n"
+    )
+    runner = JobRun(job(PY, "-c", script), attempt_dir=tmp_path / "a",
+                    ladder=Ladder("SIGUSR2", grace_seconds=45, kill_seconds=3))  # fmt: skip
+    await runner.start()
+    waiting = asyncio.create_task(runner.wait())
+    await eventually(lambda: _logged(runner, b"\n"))
+    await runner.vacate("preempted")
+    ended = await asyncio.wait_for(waiting, 10)
+    assert runner.log_path.read_text().split() == ["SIGUSR2", "45"]
+    assert (ended.reason, ended.exit_code) == ("preempted", 0)  # it runs again elsewhere
+
+
+async def _logged(runner: JobRun, what: bytes) -> bool:
+    return runner.log_path.exists() and what in runner.log_path.read_bytes()

@@ -69,10 +69,21 @@ def loop(tmp_path: Path, orch: Orchestrator, *, accept: bool = True, allow_root:
                             jobs_dir=tmp_path / "jobs", allow_root=allow_root,
                             grace_seconds=0.5, alive_check_seconds=alive)  # fmt: skip
 
-    async def free_vram() -> Mapping[str, float | None]:
-        return free or {}
+    async def fresh() -> Snapshot:
+        return machine(free or {})
 
-    return WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, free_vram=free_vram)
+    return WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, fresh=fresh)
+
+
+def machine(free: Mapping[str, float | None]) -> Snapshot:
+    """A desktop whose GPUs (24 GB each) have `free` GB free, by UUID."""
+    gpus = [GpuReading(index=i, uuid=u, vendor="nvidia", vram_total_gb=24.0, vram_free_gb=gb,
+                       processes=()) for i, (u, gb) in enumerate(free.items())]  # fmt: skip
+    free_gb = [g.vram_free_gb or 0 for g in gpus]
+    return Snapshot(gpus=gpus, gpu_count=len(gpus), gpu_type="nvidia" if gpus else "none",
+                    gpu_vram_total_gb=24.0 * len(gpus) if gpus else None,
+                    gpu_vram_available_gb=sum(free_gb) if gpus else None,
+                    gpu_vram_available_max_gb=max(free_gb, default=None))  # fmt: skip
 
 
 def order(
@@ -310,27 +321,29 @@ async def test_when_idle_welcomes_jobs_only_while_the_owner_is_away(tmp_path: Pa
     settings = WorkSettings(accept_jobs="when_idle", jobs_dir=tmp_path / "jobs",
                             allow_root=True, idle_minutes=10)  # fmt: skip
 
-    async def free_vram() -> Mapping[str, float | None]:
-        return {}
+    async def fresh() -> Snapshot:
+        return machine({})
 
-    work = WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, free_vram=free_vram)
+    work = WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, fresh=fresh)
     assert not work.accepting_now()  # the owner's idle time is not known yet: no
     readings = itertools.chain(
         [(1200.0, None), (1300.0, None), (0.0, None)], itertools.repeat((None, "no session"))
     )
     changes: list[bool] = []
     watching = asyncio.create_task(
-        work.watch_owner(
+        work.guard(
             lambda: next(readings), lambda: changes.append(work.accepting_now()), every_seconds=0
         )
     )
 
     async def all_read() -> bool:
-        return work.owner_idle_seconds is None and len(changes) == 2
+        return work.owner_idle_seconds is None and len(changes) == 3
 
     await eventually(all_read)
     watching.cancel()
-    assert changes == [True, False]  # away 20 min: welcome; back: refused at once
+    # away 20 min: welcome; back: refused at once; then unknown: refused, for another reason
+    assert changes == [True, False, False]
+    assert work.decision.desktop == "owner_unknown"
     await work.handle(*order(job))  # an order already on its way when the owner came back
     [(_, _, said)] = orch.reports
-    assert said["outcome"] == "refused" and "the desktop's owner is using it" in said["detail"]
+    assert said["outcome"] == "refused" and "idle time is unknown" in said["detail"]

@@ -23,6 +23,13 @@ class NVMLError_LibraryNotFound(NVMLError):
     pass
 
 
+class NVMLError_Timeout(NVMLError):
+    pass
+
+
+nvmlEventTypeXidCriticalError = 0x8
+
+
 @dataclass
 class FakeGpu:
     name: str = "NVIDIA GeForce RTX 4090"
@@ -49,6 +56,8 @@ class State:
     init_calls: int = 0
     memory_calls: int = 0
     hang: threading.Event | None = None  # when set: memory queries block until it is set
+    xids: list[tuple[int, int]] = field(default_factory=list)  # (GPU index, XID) to report
+    registered: set[int] = field(default_factory=set)  # GPU indexes watched for XIDs
 
 
 state = State()
@@ -128,3 +137,23 @@ def nvmlDeviceGetComputeRunningProcesses(handle: FakeGpu) -> list[Any]:
 def nvmlDeviceGetGraphicsRunningProcesses(handle: FakeGpu) -> list[Any]:
     _fail(handle, "nvmlDeviceGetGraphicsRunningProcesses")
     return _listed(handle.graphics)
+
+
+def nvmlEventSetCreate() -> object:
+    return object()
+
+
+def nvmlDeviceRegisterEvents(handle: FakeGpu, event_types: int, event_set: object) -> None:
+    _fail(handle, "nvmlDeviceRegisterEvents")
+    state.registered.add(state.gpus.index(handle))
+
+
+def nvmlEventSetWait_v2(event_set: object, timeout_ms: int) -> Any:
+    pending = [(i, x) for i, x in state.xids if i in state.registered]
+    if not pending:
+        raise NVMLError_Timeout("Timeout")
+    state.xids.remove(pending[0])
+    index, xid = pending[0]
+    return SimpleNamespace(
+        device=state.gpus[index], eventType=nvmlEventTypeXidCriticalError, eventData=xid
+    )

@@ -24,6 +24,7 @@ from chiffon.schemas.limits import (
     GpuType,
     GpuVendor,
     MessageKind,
+    Withheld,
     check_not_above,
     check_resources,
     check_text,
@@ -49,6 +50,8 @@ _GPU_RANGES = {
     "utilization_percent": (0, limits.PERCENT_MAX),
     "temperature_c": (limits.TEMPERATURE_C_MIN, limits.TEMPERATURE_C_MAX),
     "jobs_vram_used_gb": (0, limits.GPU_GB_MAX),
+    "foreign_processes": (0, 1_000_000),
+    "foreign_vram_gb": (0, limits.GPU_GB_MAX),
 }
 
 
@@ -66,6 +69,15 @@ class GpuReading:
     temperature_c: float | None = None
     # VRAM held by this agent's own job processes (set by the work loop); None: unknown.
     jobs_vram_used_gb: float | None = None
+    # Processes Chiffon did not start holding memory on it, their VRAM, and (only when the
+    # owner allows it) their names; None: the driver cannot list them (set by the work loop).
+    foreign_processes: int | None = None
+    foreign_vram_gb: float | None = None
+    foreign_names: tuple[str, ...] | None = None
+    # Why no new job lands on it now (agent.owner), None: offered; and what the driver
+    # said when it failed (the GPU is then `unhealthy`).
+    withheld: Withheld | None = None
+    fault: str | None = None
     # Every process holding memory on it, (pid, GB), as the driver listed them; None when
     # it cannot say (nvidia-smi, sysfs). Kept on the desktop: never sent.
     processes: tuple[tuple[int, float], ...] | None = None
@@ -76,6 +88,12 @@ class GpuReading:
             raise ValueError(f"index: {self.index!r} is not a whole number")
         check_text("uuid", self.uuid, limits.GPU_UUID_MAX_CHARS)
         check_text("name", self.name, limits.TEXT_MAX_CHARS)
+        check_text("fault", self.fault, limits.TEXT_MAX_CHARS)
+        if self.foreign_names is not None:
+            if len(self.foreign_names) > limits.FOREIGN_NAMES_MAX:
+                raise ValueError(f"foreign_names: more than {limits.FOREIGN_NAMES_MAX}")
+            for name in self.foreign_names:
+                check_text("foreign_names", name or " ", limits.TEXT_MAX_CHARS)
         check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
 
 
@@ -122,6 +140,8 @@ class Snapshot:
     collection_ms: float | None = None
     # Seconds since the desktop's owner last used it (probes.owner); None: unknown.
     owner_idle_seconds: float | None = None
+    # Why no new job lands here now (agent.owner), None: welcome (GPUs say their own).
+    jobs_withheld: Withheld | None = None
 
     def __post_init__(self) -> None:
         _check_ranges(self, _SNAPSHOT_RANGES)
@@ -136,6 +156,8 @@ class Snapshot:
         doc = dataclasses.asdict(self)
         for gpu in doc["gpus"]:
             del gpu["processes"]
+            if gpu["foreign_names"] is not None:
+                gpu["foreign_names"] = list(gpu["foreign_names"])
         return doc
 
 

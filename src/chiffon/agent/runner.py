@@ -10,6 +10,10 @@
 - stdout and stderr go through the agent into one log file, cut at `max_log_bytes`
   (what is cut is counted, never blocks the job).
 - Cancel and timeout send SIGTERM to the group, SIGKILL after `grace_seconds`.
+- Vacating (the desktop's owner wants it back, docs/owner.md) goes down a ladder: the
+  checkpoint signal (`CHIFFON_PREEMPT_SIGNAL`, SIGUSR1 by default), SIGTERM after
+  `CHIFFON_PREEMPT_DEADLINE` seconds, SIGKILL after the vacate kill grace. The job is told
+  both in its environment at start.
 - While it runs, `<attempt dir>/state.json` names its process (pid and start time, so a
   reused pid is never taken for it). A restarted agent finds such files and ends those
   processes (`end_orphans`): no job is left running unsupervised.
@@ -37,10 +41,14 @@ from chiffon.transport.orders import visible_device
 
 log = logging.getLogger(__name__)
 
-Reason = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
+Reason = Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"]
 # The environment a job gets beyond what its user gave (docs/jobs.md).
 PASSED_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 READ_CHUNK_BYTES = 64 * 1024
+# After the job's process ended, how long its output may take to drain.
+OUTPUT_DRAIN_SECONDS = 2.0
+EXIT_POLL_SECONDS = 0.05
+LEFT_THE_GROUP = "a process it started left its process group and still held its output"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,16 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
+class Ladder:
+    """How a job is vacated: `checkpoint` (a signal's name), SIGTERM after
+    `grace_seconds`, SIGKILL after `kill_seconds` more."""
+
+    checkpoint: str = "SIGUSR1"
+    grace_seconds: float = 30.0
+    kill_seconds: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     """How an attempt ended. `exit_code` is None when a signal ended it (`signal`)."""
 
@@ -71,7 +89,7 @@ class Ended:
 
 
 def job_environment(
-    a: Assignment, *, inherited: Mapping[str, str], workdir: Path
+    a: Assignment, *, inherited: Mapping[str, str], workdir: Path, ladder: Ladder = Ladder()
 ) -> dict[str, str]:
     """The documented set, then what the user gave (which may not override it: the
     submission's schema refuses those names)."""
@@ -82,6 +100,8 @@ def job_environment(
         CHIFFON_ATTEMPT=str(a.attempt),
         CHIFFON_JOB_DIR=str(workdir),
         CHIFFON_GPUS=visible,
+        CHIFFON_PREEMPT_SIGNAL=ladder.checkpoint,
+        CHIFFON_PREEMPT_DEADLINE=f"{ladder.grace_seconds:g}",
         CUDA_DEVICE_ORDER="PCI_BUS_ID",
         CUDA_VISIBLE_DEVICES=visible,
         NVIDIA_VISIBLE_DEVICES=visible or "void",
@@ -106,8 +126,10 @@ class JobRun:
         max_log_bytes: int = 64 * 1024 * 1024,
         grace_seconds: float = 10.0,
         inherited_env: Mapping[str, str] | None = None,
+        ladder: Ladder = Ladder(),
     ) -> None:
         self.assignment = assignment
+        self.ladder = ladder
         self.attempt_dir = attempt_dir
         self.log_path = attempt_dir / "output.log"
         self._max_log_bytes = max_log_bytes
@@ -141,7 +163,7 @@ class JobRun:
         workdir = Path(a.workdir) if a.workdir else self.attempt_dir / "work"
         if not a.workdir:  # a fresh directory per attempt; a given one must exist
             workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = job_environment(a, inherited=self._inherited, workdir=workdir)
+        env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder)
         self._started = time.monotonic()
         self._process = await asyncio.create_subprocess_exec(
             *a.command,
@@ -161,13 +183,25 @@ class JobRun:
         copying = asyncio.create_task(self._copy_output(process.stdout))
         timeout = self.assignment.timeout_seconds
         try:
-            await asyncio.wait_for(process.wait(), timeout)
+            await asyncio.wait_for(self._exit(), timeout)
         except TimeoutError:
             await self.end("timed_out", f"ran past its timeout of {timeout:g} s")
-        await process.wait()
-        # What it started and left behind ends with it (and lets go of the output pipe).
+        await self._exit()
+        # What it started and left behind ends with it (and lets go of the output pipe):
+        # its process group, and any process that left the group but still carries the
+        # attempt in its environment.
         _signal_group(process.pid, signal.SIGKILL)
-        await copying
+        strays = await asyncio.to_thread(end_strays, self.assignment)
+        try:  # one that also cleared its environment may still hold the pipe: not for ever
+            await asyncio.wait_for(asyncio.shield(copying), OUTPUT_DRAIN_SECONDS)
+        except TimeoutError:
+            self._why = "; ".join(d for d in (self._why, LEFT_THE_GROUP) if d)
+            _close_output(process)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(copying, OUTPUT_DRAIN_SECONDS)
+        if strays:
+            log.warning("attempt %s of %s: ended %d process(es) it left outside its group",
+                        self.assignment.attempt, self.assignment.job_id, strays)  # fmt: skip
         (self.attempt_dir / "state.json").unlink(missing_ok=True)
         self.finished.set()
         self.output.set()
@@ -184,9 +218,34 @@ class JobRun:
         self._ending, self._why = why, detail
         _signal_group(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), self._grace)
+            await asyncio.wait_for(self._exit(), self._grace)
         except TimeoutError:
             _signal_group(process.pid, signal.SIGKILL)
+
+    async def vacate(self, detail: str) -> None:
+        """The ladder (`Ladder`): checkpoint signal, SIGTERM, SIGKILL; it ends as
+        `preempted`, whatever its exit code (its job runs again elsewhere)."""
+        process = self._process
+        if process is None or process.returncode is not None or self._ending is not None:
+            return
+        self._ending, self._why = "preempted", detail
+        _signal_group(process.pid, signal.Signals[self.ladder.checkpoint])
+        for sig, wait in ((signal.SIGTERM, self.ladder.grace_seconds),
+                          (signal.SIGKILL, self.ladder.kill_seconds)):  # fmt: skip
+            try:
+                await asyncio.wait_for(self._exit(), wait)
+                return
+            except TimeoutError:
+                _signal_group(process.pid, sig)
+
+    async def _exit(self) -> None:
+        """Until its process has exited. Not `Process.wait()`, which (Python 3.11) waits
+        for the output pipe to close as well: a process that left the group would hold
+        it."""
+        process = self._process
+        assert process is not None
+        while process.returncode is None:  # noqa: ASYNC110 (no event is set at exit alone)
+            await asyncio.sleep(EXIT_POLL_SECONDS)
 
     async def _copy_output(self, stream: asyncio.StreamReader) -> None:
         with self.log_path.open("ab") as out:
@@ -211,6 +270,32 @@ class JobRun:
             log_bytes_dropped=dropped,
             detail="; ".join(d for d in (self._why, cut) if d),
         )
+
+
+def end_strays(a: Assignment) -> int:
+    """SIGKILL every process of this user whose environment names this attempt (one that
+    left the job's process group with setsid); how many."""
+    me, uid, ended = os.getpid(), os.getuid(), 0
+    wanted = {"CHIFFON_JOB_ID": a.job_id, "CHIFFON_ATTEMPT": str(a.attempt)}
+    for p in psutil.process_iter(["uids"]):
+        try:
+            if p.pid == me or p.info["uids"] is None or p.info["uids"].real != uid:
+                continue
+            env = p.environ()
+            if all(env.get(k) == v for k, v in wanted.items()):
+                p.kill()
+                ended += 1
+        except psutil.Error:
+            continue
+    return ended
+
+
+def _close_output(process: asyncio.subprocess.Process) -> None:
+    """Stop reading the job's output pipe (a process outside our reach holds it open)."""
+    transport = getattr(process, "_transport", None)
+    pipe = transport.get_pipe_transport(1) if transport is not None else None
+    if pipe is not None:
+        pipe.close()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -47,6 +47,14 @@ ENV_VARS: dict[str, str] = {
     "allow_root_jobs": "CHIFFON_ALLOW_ROOT_JOBS",
     "job_grace_seconds": "CHIFFON_JOB_GRACE",
     "jobs_dir": "CHIFFON_JOBS_DIR",
+    "schedule": "CHIFFON_SCHEDULE",
+    "reserve_gpus": "CHIFFON_RESERVE_GPUS",
+    "exclusive_apps": "CHIFFON_EXCLUSIVE_APPS",
+    "on_owner_return": "CHIFFON_ON_OWNER_RETURN",
+    "report_process_names": "CHIFFON_REPORT_PROCESS_NAMES",
+    "checkpoint_signal": "CHIFFON_CHECKPOINT_SIGNAL",
+    "vacate_grace_seconds": "CHIFFON_VACATE_GRACE",
+    "vacate_kill_seconds": "CHIFFON_VACATE_KILL_GRACE",
 }
 
 
@@ -166,6 +174,42 @@ def _policy(value: Any) -> str:
         raise ValueError("must be never, when_idle or always (true or false)") from None
 
 
+def _schedule(value: Any) -> str:
+    """Checked here, kept as the owner wrote it (agent.owner.parse_schedule reads it)."""
+    from chiffon.agent.owner import ScheduleError, parse_schedule
+
+    if isinstance(value, list | tuple):
+        value = "; ".join(str(v) for v in value)
+    if not isinstance(value, str):
+        raise ValueError("must be windows like 'mon-fri 19:00-08:00; sat-sun all day'")
+    try:
+        return parse_schedule(value).text
+    except ScheduleError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _signal_name(value: Any) -> str:
+    """A signal to send a job (SIGUSR1, USR1, SIGINT...), by name."""
+    import signal
+
+    name = str(value).strip().upper() if isinstance(value, str) else ""
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name in ("SIGKILL", "SIGSTOP") or name not in signal.Signals.__members__:
+        raise ValueError("must name a signal a job can catch, such as SIGUSR1 or SIGINT")
+    return name
+
+
+def _names(value: Any) -> list[str]:
+    """A list, or comma-separated text (the environment's way)."""
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    return _strings(value)
+
+
+def _lower_names(value: Any) -> list[str]:
+    return [name.lower() for name in _names(value)]
+
+
 def _uuid(value: Any) -> UUID:
     if isinstance(value, UUID):
         return value
@@ -283,6 +327,22 @@ class AgentSettings:
     job_grace_seconds: float = field(default=10.0, metadata=_check(_seconds(3600)))
     # Each attempt's directory (its log, its state, its work dir). Unset: <state_dir>/jobs.
     jobs_dir: Path | None = field(default=None, metadata=_check(_optional(_path)))
+    # The owner's policy (docs/owner.md): when jobs may run (local time), GPUs the owner
+    # keeps, programs that clear Chiffon off the GPU they use, and what the owner's return
+    # clears (every GPU, or only those their programs use).
+    schedule: str | None = field(default=None, metadata=_check(_optional(_schedule)))
+    reserve_gpus: list[str] = field(default_factory=list, metadata=_check(_names))
+    exclusive_apps: list[str] = field(default_factory=list, metadata=_check(_lower_names))
+    on_owner_return: str = field(
+        default="vacate_all", metadata=_check(_one_of("vacate_all", "vacate_used_gpus"))
+    )
+    # Names of the programs on the GPUs, in the heartbeat (counts and VRAM always are).
+    report_process_names: bool = field(default=False, metadata=_check(_bool))
+    # The vacate ladder: this signal (the job checkpoints), SIGTERM after
+    # vacate_grace_seconds, SIGKILL after vacate_kill_seconds more.
+    checkpoint_signal: str = field(default="SIGUSR1", metadata=_check(_signal_name))
+    vacate_grace_seconds: float = field(default=30.0, metadata=_check(_seconds(3600)))
+    vacate_kill_seconds: float = field(default=3.0, metadata=_check(_seconds(600)))
 
     def __post_init__(self) -> None:
         for spec in fields(self):

@@ -16,17 +16,22 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from chiffon.agent.bounded import in_daemon_thread
+from chiffon.agent.owner import SAID, Decision, GpuSeen, OwnerPolicy, decide, parse_schedule
 from chiffon.agent.report import GpuReading, Snapshot
-from chiffon.agent.runner import Assignment, Ended, JobRun, end_orphans
+from chiffon.agent.runner import Assignment, Ended, JobRun, Ladder, end_orphans
 from chiffon.backoff import Backoff
 from chiffon.transport.base import TransportError
 from chiffon.transport.orders import (
@@ -40,8 +45,9 @@ from chiffon.transport.orders import (
 
 log = logging.getLogger(__name__)
 
-# The GPUs' free VRAM now (GB by GPU id), read just before a start.
-FreeVram = Callable[[], Awaitable[Mapping[str, float | None]]]
+# A fresh snapshot of this machine (GPUs and their processes), read before a start and,
+# while jobs run or a GPU is dirty, every `GPU_CHECK_SECONDS`.
+Fresh = Callable[[], Awaitable[Snapshot]]
 LOG_CHUNK_BYTES = 32 * 1024  # under the orchestrator's request body limit (64 KiB)
 LOG_SHIP_INTERVAL_SECONDS = 0.25  # a line reaches `chiffon logs -f` within about this
 # Output further behind than this is skipped (it stays in the log file on the desktop):
@@ -58,6 +64,14 @@ PUSHED_POLL_PAUSE_SECONDS = 30.0
 # With accept_jobs: when_idle, how often the owner's idle time is read (the owner's return
 # reaches the orchestrator within about this, plus one heartbeat's delivery).
 OWNER_CHECK_SECONDS = 1.0
+# While jobs run (or a GPU is dirty), how often the GPUs' processes are read afresh: an
+# exclusive app clears the GPU it starts on within about this.
+GPU_CHECK_SECONDS = 2.0
+# Memory on a GPU that no listed process holds, above what there was before a job: the
+# job's leftover (the GPU stays `dirty` until it is back).
+DIRTY_SLACK_GB = 0.25
+# How long an ended attempt's processes are still recognised (and ended) as leftovers.
+ENDED_KEPT_SECONDS = 3600.0
 # A poll that brought only orders already in hand waits this long before asking again.
 REPEAT_PAUSE_SECONDS = 1.0
 
@@ -85,6 +99,25 @@ class WorkSettings:
     max_order_age_seconds: float = 300.0
     alive_check_seconds: float = ALIVE_CHECK_SECONDS
     idle_minutes: float = 15.0  # with when_idle: the owner away this long
+    # The rest of the owner's policy (agent.owner.OwnerPolicy; docs/owner.md).
+    schedule: str | None = None
+    reserve_gpus: tuple[str, ...] = ()
+    exclusive_apps: tuple[str, ...] = ()
+    on_owner_return: str = "vacate_all"
+    report_process_names: bool = False
+    ladder: Ladder = Ladder()  # noqa: RUF009 (frozen, so one shared default is safe)
+
+    @property
+    def policy(self) -> OwnerPolicy:
+        return OwnerPolicy(
+            accept_jobs=self.accept_jobs,
+            idle_minutes=self.idle_minutes,
+            schedule=None if self.schedule is None else parse_schedule(self.schedule),
+            reserve_gpus=frozenset(self.reserve_gpus),
+            exclusive_apps=frozenset(a.lower() for a in self.exclusive_apps),
+            on_owner_return=self.on_owner_return,
+            report_process_names=self.report_process_names,
+        )
 
 
 class WorkLoop:
@@ -95,15 +128,18 @@ class WorkLoop:
         agent_id: uuid.UUID,
         secret: str,
         channel: WorkChannel,
-        free_vram: FreeVram,
+        fresh: Fresh,
         clock: Callable[[], float] = time.time,
+        local_time: Callable[[], datetime] = lambda: datetime.now().astimezone(),
     ) -> None:
         self.settings = settings
+        self.policy = settings.policy
         self._agent_id = agent_id
         self._key = order_key(secret)
         self._channel = channel
-        self._free_vram = free_vram
+        self._fresh = fresh
         self._clock = clock
+        self._local_time = local_time
         self._ledger = AttemptLedger(settings.jobs_dir)
         self._runs: dict[tuple[uuid.UUID, int], JobRun] = {}
         # VRAM each attempt's processes hold, by GPU: as last reported, and at most
@@ -112,20 +148,34 @@ class WorkLoop:
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused: Counter[str] = Counter()  # orders dropped, by reason
         self.owner_idle_seconds: float | None = None  # as last seen (probes.owner)
+        self._raw: Snapshot | None = None  # the last snapshot observed, as read
+        # GPU id -> the memory no listed process holds, as read before each job's start
+        self._unaccounted: dict[str, float | None] = {}
+        # GPUs an ended job may have left dirty -> the memory no listed process held
+        # before that job started
+        self._dirt: dict[str, float | None] = {}
+        self._ended: dict[tuple[uuid.UUID, int], float] = {}  # attempts ended, and when
+        self.killed_leftovers = 0  # processes of ended jobs ended by the hygiene check
+        self._guard_reads_idle = False
+        self.decision = self._decide([])
 
     @property
     def running(self) -> list[tuple[uuid.UUID, int]]:
         return list(self._runs)
 
     def accepting_now(self) -> bool:
-        """Whether new jobs may land here now: the policy, and with when_idle the owner's
-        idle time (unknown: no)."""
-        if not may_run_jobs(self.settings):
-            return False
-        if self.settings.accept_jobs == "always":
-            return True
-        idle = self.owner_idle_seconds
-        return idle is not None and idle >= self.settings.idle_minutes * 60
+        """Whether new jobs may land here now (the heartbeat's `accepts_jobs`): the
+        desktop-wide part of the decision (each GPU's is in its `withheld`)."""
+        return self.decision.desktop is None
+
+    def _decide(self, gpus: Sequence[GpuSeen]) -> Decision:
+        return decide(
+            self.policy,
+            local=self._local_time(),
+            idle_seconds=self.owner_idle_seconds,
+            gpus=gpus,
+            root_refused=self.settings.accept_jobs != "never" and not may_run_jobs(self.settings),
+        )
 
     async def recover(self) -> None:
         """At start: end what a previous run of this agent left running, and say so."""
@@ -163,28 +213,89 @@ class WorkLoop:
         return True
 
     def observe(self, snapshot: Snapshot) -> Snapshot:
-        """The snapshot with each GPU's `jobs_vram_used_gb`: the memory held there by this
-        agent's job processes (a process is a job's when it is in the job's process group),
-        from the processes the driver listed; unknown where it listed none. Each attempt's
-        use is remembered (its peak goes in its end's report) and, when it changed,
-        reported, so the orchestrator's claims know how far each job has grown."""
-        self.owner_idle_seconds = snapshot.owner_idle_seconds
-        owner = {run.pid: key for key, run in self._runs.items() if run.pid is not None}
+        """Take in a fresh reading: each GPU's processes split into this agent's jobs' (a
+        process is a job's when it is in the job's process group) and foreign ones; an
+        ended job's leftovers checked (`dirty`); the decision made again (`agent.owner`)
+        and acted on (jobs on a GPU the owner takes back are vacated). Returns the
+        snapshot as it is sent: per GPU `jobs_vram_used_gb`, the foreign use, `withheld`;
+        the desktop's `jobs_withheld`. Each attempt's use is remembered (its peak goes in
+        its end's report) and, when it changed, reported."""
+        self._raw = snapshot
+        if not self._guard_reads_idle:  # else the guard's reading (every second) stands
+            self.owner_idle_seconds = snapshot.owner_idle_seconds
+        groups = {run.pid: key for key, run in self._runs.items() if run.pid is not None}
         used: dict[tuple[uuid.UUID, int], dict[str, float]] = {key: {} for key in self._runs}
-        gpus = []
+        gpus, seen = [], []
         for gpu in snapshot.gpus:
-            if gpu.processes is None:
-                gpus.append(gpu)
-                continue
-            total = 0.0
-            for pid, gb in gpu.processes:
-                group = _group_of(pid)
-                key = None if group is None else owner.get(group)
-                if key is not None:
-                    by_gpu = used[key]
-                    by_gpu[gpu_key(gpu)] = round(by_gpu.get(gpu_key(gpu), 0.0) + gb, 3)
-                    total += gb
-            gpus.append(dataclasses.replace(gpu, jobs_vram_used_gb=round(total, 3)))
+            gid = gpu_key(gpu)
+            names: list[str] | None = None
+            total, leftovers = 0.0, 0
+            if gpu.processes is not None:
+                names, foreign_gb = [], 0.0
+                for pid, gb in gpu.processes:
+                    key = self._whose(pid, groups)
+                    if key in self._runs:
+                        by_gpu = used[key]
+                        by_gpu[gid] = round(by_gpu.get(gid, 0.0) + gb, 3)
+                        total += gb
+                    elif key in self._ended:
+                        leftovers += 1
+                        self._end_leftover(pid, gid, key)
+                    elif gid in self._dirt and _gone(pid):
+                        leftovers += 1  # memory of a process that is gone: not back yet
+                    else:
+                        names.append(_program(pid))
+                        foreign_gb += gb
+                shown = tuple(sorted(names)) if self.policy.report_process_names else None
+                gpu = dataclasses.replace(
+                    gpu, jobs_vram_used_gb=round(total, 3), foreign_processes=len(names),
+                    foreign_vram_gb=round(foreign_gb, 3), foreign_names=shown,
+                )  # fmt: skip
+            dirty = self._is_dirty(gpu, leftovers)
+            seen.append(GpuSeen(gid, gpu.index, gpu.uuid, names, gpu.fault, dirty))
+            gpus.append(gpu)
+        self._record_use(used)
+        self.decision = self._decide(seen)
+        self._enforce()
+        gpus = [dataclasses.replace(g, withheld=self.decision.withheld(gpu_key(g))) for g in gpus]
+        return dataclasses.replace(snapshot, gpus=gpus, jobs_withheld=self.decision.desktop,
+                                   owner_idle_seconds=self.owner_idle_seconds)  # fmt: skip
+
+    def _whose(
+        self, pid: int, groups: Mapping[int, tuple[uuid.UUID, int]]
+    ) -> tuple[uuid.UUID, int] | None:
+        """The attempt a GPU process belongs to: by its process group, else by the
+        attempt its environment names (a process that left the group, `setsid`, still
+        carries it), if that attempt is one of this agent's, running or ended."""
+        group = _group_of(pid)
+        if group is not None and group in groups:
+            return groups[group]
+        named = _attempt_named(pid)
+        return named if named in self._runs or named in self._ended else None
+
+    def _end_leftover(self, pid: int, gpu: str, key: tuple[uuid.UUID, int]) -> None:
+        log.warning("process %s of ended attempt %s of %s still holds memory on %s: ending it",
+                    pid, key[1], key[0], gpu)  # fmt: skip
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            self.killed_leftovers += 1
+
+    def _is_dirty(self, gpu: GpuReading, leftovers: int) -> bool:
+        """A GPU an ended job used is clean once no process of an ended job (nor one that
+        is gone) is listed there, and the memory no listed process holds is back to what
+        it was before the job."""
+        gid = gpu_key(gpu)
+        if gid not in self._dirt:
+            return False
+        now, before = _unaccounted(gpu), self._dirt[gid]
+        held = now is not None and before is not None and now > before + DIRTY_SLACK_GB
+        if leftovers or held:
+            return True
+        del self._dirt[gid]
+        log.info("GPU %s is clean again", gid)
+        return False
+
+    def _record_use(self, used: dict[tuple[uuid.UUID, int], dict[str, float]]) -> None:
         for key, now in used.items():
             peak = self._peak.setdefault(key, {})
             for held_on, gb in now.items():
@@ -192,7 +303,16 @@ class WorkLoop:
             if now != self._used.get(key, {}):
                 self._used[key] = now
                 self._spawn(self._say_once(*key, {"kind": "usage", "vram_gb": now}))
-        return dataclasses.replace(snapshot, gpus=gpus)
+
+    def _enforce(self) -> None:
+        """Vacate each running job whose GPUs (or, CPU-only, whose desktop) the decision
+        takes back."""
+        for key, run in self._runs.items():
+            why = self.decision.vacating(run.assignment.gpu_uuids)
+            if why is not None and not run.ending:
+                on = ", ".join(run.assignment.gpu_uuids) or "this desktop"
+                log.warning("vacating attempt %s of %s on %s: %s", key[1], key[0], on, SAID[why])
+                self._spawn(run.vacate(f"preempted: {SAID[why]} ({on})"))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -208,27 +328,42 @@ class WorkLoop:
             self._used.pop((job_id, attempt), None)
             log.info("usage of attempt %s of %s not reported: %s", attempt, job_id, exc)
 
-    async def watch_owner(
+    async def guard(
         self,
-        read_idle: Callable[[], tuple[float | None, str | None]],
+        read_idle: Callable[[], tuple[float | None, str | None]] | None,
         on_change: Callable[[], None],
         *,
         every_seconds: float = OWNER_CHECK_SECONDS,
+        gpu_every_seconds: float = GPU_CHECK_SECONDS,
     ) -> None:
-        """With `when_idle`: read the owner's idle time every `every_seconds` (in a daemon
-        thread: a hung session tool never stalls the loop), and call `on_change` the moment
-        new jobs stop, or start, being welcome (the heartbeat goes out then, not at the
-        next beat)."""
-        welcome = self.accepting_now()
+        """Decide again every `every_seconds`: the owner's idle time (with `when_idle`,
+        read in a daemon thread: a hung session tool never stalls the loop), the clock
+        against the schedule and, while jobs run or a GPU is dirty, the GPUs' processes
+        read afresh every `gpu_every_seconds`. Jobs the decision takes back are vacated at
+        once; `on_change` is called the moment what is offered changes (the heartbeat goes
+        out then, not at the next beat)."""
+        offered = self._offered()
+        last_gpu_read = 0.0
+        self._guard_reads_idle = read_idle is not None
         while True:
-            seconds, _ = await in_daemon_thread(read_idle, name="chiffon-owner")
-            self.owner_idle_seconds = seconds
-            if self.accepting_now() != welcome:
-                welcome = not welcome
-                log.info("new jobs %s: the owner's idle time is %s s",
-                         "welcome" if welcome else "refused", seconds)  # fmt: skip
+            if read_idle is not None:
+                self.owner_idle_seconds, _ = await in_daemon_thread(read_idle, name="chiffon-owner")
+            if (self._runs or self._dirt) and time.monotonic() - last_gpu_read >= gpu_every_seconds:
+                last_gpu_read = time.monotonic()
+                self.observe(await self._fresh())
+            elif self._raw is not None:
+                self.observe(self._raw)
+            else:
+                self.decision = self._decide([])
+                self._enforce()
+            if self._offered() != offered:
+                offered = self._offered()
+                log.info("offered now: %s (owner idle %s s)", offered, self.owner_idle_seconds)
                 on_change()
             await asyncio.sleep(every_seconds)
+
+    def _offered(self) -> tuple[str | None, tuple[tuple[str, str | None], ...]]:
+        return self.decision.desktop, tuple(sorted(self.decision.gpus.items()))
 
     async def poll(
         self,
@@ -284,7 +419,8 @@ class WorkLoop:
             await self._say(*key, _ended("refused", why_not or ""))
             return True
         run = JobRun(assignment, attempt_dir=attempt_dir, grace_seconds=self.settings.grace_seconds,
-                     max_log_bytes=self.settings.max_log_bytes)  # fmt: skip
+                     max_log_bytes=self.settings.max_log_bytes,
+                     ladder=self.settings.ladder)  # fmt: skip
         try:
             await run.start()
         except OSError as exc:  # no such program, a workdir that is not there: its failure
@@ -295,22 +431,27 @@ class WorkLoop:
         return True
 
     async def _why_not(self, order: Order) -> str | None:
-        """Why this desktop cannot honour the assignment now, if it cannot."""
-        if self.settings.accept_jobs == "never":
-            return "this desktop does not accept jobs"
+        """Why this desktop cannot honour the assignment now, if it cannot: the decision
+        on a fresh reading (`agent.owner`), then the VRAM each of its GPUs has free."""
         if not may_run_jobs(self.settings):
-            return "the agent runs as root, and runs jobs as root only when started to"
-        if not self.accepting_now():
+            return SAID["never" if self.settings.accept_jobs == "never" else "root"]
+        gpus = [str(g) for g in order.payload.get("gpu_uuids", [])]
+        snapshot = await self._fresh() if gpus or self._raw is None else self._raw
+        self.observe(snapshot)
+        if (why := self.decision.desktop) is not None:
             idle = self.owner_idle_seconds
             seen = "unknown" if idle is None else f"{idle:.0f} s"
-            return (f"the desktop's owner is using it (idle {seen}; jobs wait for "
+            return (f"{SAID[why]} (owner idle {seen}; jobs wait for "
                     f"{self.settings.idle_minutes:g} min)")  # fmt: skip
+        free = {gpu_key(g): g for g in snapshot.gpus}
         wanted = float(order.payload.get("vram_gb", 0) or 0)
-        free = await self._free_vram() if order.payload.get("gpu_uuids") else {}
-        for gpu in order.payload.get("gpu_uuids", []):
-            have = free.get(str(gpu))
+        for gpu in gpus:
+            if (withheld := self.decision.withheld(gpu)) is not None:
+                return f"{gpu} is withheld: {SAID[withheld]}"
+            have = free[gpu].vram_free_gb if gpu in free else None
             if have is None or have < wanted:
                 return f"VRAM gone on {gpu}: {have if have is not None else 'unknown'} GB free"
+            self._unaccounted[gpu] = _unaccounted(free[gpu])
         return None
 
     async def _follow(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
@@ -333,6 +474,11 @@ class WorkLoop:
             self._runs.pop(key, None)
             self._used.pop(key, None)
             self._peak.pop(key, None)
+            now = time.monotonic()
+            self._ended = {k: t for k, t in self._ended.items() if now - t < ENDED_KEPT_SECONDS}
+            self._ended[key] = now
+            for gpu in run.assignment.gpu_uuids:  # checked before it is offered again
+                self._dirt[gpu] = self._unaccounted.get(gpu)
 
     async def _watch(self, key: tuple[uuid.UUID, int], run: JobRun) -> None:
         """Ask now and then whether the attempt is still the job's current one here."""
@@ -418,6 +564,43 @@ def _ended_from(ended: Ended) -> dict[str, Any]:
     return {**said, "signal": ended.signal, "runtime_seconds": ended.runtime_seconds}
 
 
+def _gone(pid: int) -> bool:
+    """Whether the process has ended (a zombie has: it holds nothing but its exit code)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _attempt_named(pid: int) -> tuple[uuid.UUID, int] | None:
+    """The attempt named in a process's environment (CHIFFON_JOB_ID, CHIFFON_ATTEMPT);
+    None when it names none or cannot be read (another user's process)."""
+    try:
+        env = psutil.Process(pid).environ()
+        return uuid.UUID(env["CHIFFON_JOB_ID"]), int(env["CHIFFON_ATTEMPT"])
+    except (psutil.Error, KeyError, ValueError, OSError):
+        return None
+
+
+def _program(pid: int) -> str:
+    """A process's program name, lower case ("?" when it cannot be read)."""
+    try:
+        return psutil.Process(pid).name().lower()[:64] or "?"
+    except psutil.Error:
+        return "?"
+
+
+def _unaccounted(gpu: GpuReading) -> float | None:
+    """Memory in use on the GPU that no listed process holds (the driver's own, and any
+    leftover); None when the driver does not say."""
+    if gpu.vram_total_gb is None or gpu.vram_free_gb is None:
+        return None
+    listed = sum(gb for _, gb in gpu.processes or ())
+    return max(0.0, gpu.vram_total_gb - gpu.vram_free_gb - listed)
+
+
 def _group_of(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -428,10 +611,6 @@ def _group_of(pid: int) -> int | None:
 def gpu_key(gpu: GpuReading) -> str:
     """A GPU's id in claims and orders (`transport.orders.gpu_id`)."""
     return gpu_id(gpu.uuid, gpu.index)
-
-
-def free_vram_of(snapshot: Snapshot) -> dict[str, float | None]:
-    return {gpu_key(g): g.vram_free_gb for g in snapshot.gpus}
 
 
 def may_run_jobs(settings: WorkSettings) -> bool:

@@ -47,7 +47,7 @@ class AttemptReport(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["started", "ended", "usage", "alive"]
-    outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost"] | None = None
+    outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"] | None = None
     exit_code: Annotated[int, Field(ge=-255, le=255)] | None = None
     signal: Annotated[int, Field(ge=1, le=128)] | None = None
     detail: Annotated[str, Field(max_length=1000, pattern=limits.TEXT_PATTERN)] = ""

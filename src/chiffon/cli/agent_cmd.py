@@ -24,7 +24,7 @@ from chiffon.schemas.limits import clean_text
 if TYPE_CHECKING:
     from chiffon.agent.loop import AgentIdentity, AgentLoop
     from chiffon.agent.probes.collect import Collector
-    from chiffon.agent.report import Snapshot
+    from chiffon.agent.report import GpuReading, Snapshot
     from chiffon.agent.settings import AgentSettings, LoadedSettings
     from chiffon.agent.work import WorkChannel, WorkLoop, WorkSettings
     from chiffon.transport.auth import AgentCredential
@@ -61,6 +61,19 @@ def _idle(seconds: float | None, unknown_because: str | None) -> str:
     return f"idle {seconds / 60:.0f} min" if seconds >= 90 else f"idle {seconds:.0f} s"
 
 
+def _foreign(g: GpuReading) -> str:
+    if g.foreign_processes is None:
+        return "other programs on it: unknown (the driver does not list them)"
+    names = f" ({', '.join(g.foreign_names)})" if g.foreign_names else ""
+    return f"other programs on it: {g.foreign_processes}{names}, {_num(g.foreign_vram_gb)} GB"
+
+
+def _decision(withheld: str | None) -> str:
+    from chiffon.agent.owner import SAID
+
+    return "jobs welcome" if withheld is None else f"no new jobs: {SAID[withheld]}"
+
+
 def resources_table(res: Snapshot, owner_unknown_because: str | None = None) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, show_header=False)
     table.add_column("what", style="bold")
@@ -94,9 +107,11 @@ def resources_table(res: Snapshot, owner_unknown_because: str | None = None) -> 
                 f"{_num(g.temperature_c, '{:.0f}')} °C  {g.uuid or ''}"
             ),
         )
+        table.add_row("", plain(f"{_foreign(g)}; {_decision(g.withheld)}"))
     for name, error in res.probe_errors.items():
         table.add_row(Text(f"probe {clean_text(name)}", style="red"), plain(error))
     table.add_row("Owner", plain(_idle(res.owner_idle_seconds, owner_unknown_because)))
+    table.add_row("New jobs", plain(_decision(res.jobs_withheld)))
     table.add_row("Collected in", f"{_num(res.collection_ms, '{:.2f}')} ms")
     return table
 
@@ -107,16 +122,36 @@ def probe(
     config: Path = CONFIG_OPTION,
 ) -> None:
     """One snapshot of this machine: CPU, memory and every GPU the agent can see."""
+    import uuid
+
+    from chiffon.agent.work import WorkLoop
+
     settings = load(config, {"gpu_detection_timeout_seconds": gpu_timeout}).settings
     collector = new_collector(settings)
     try:
         res = collector.collect()
     finally:
         collector.close()
+    # What the agent would decide now under this policy (no job runs: all use is foreign).
+    seeing = WorkLoop(work_settings(settings), agent_id=uuid.uuid4(), secret="-",
+                      channel=_NoChannel(), fresh=_no_fresh)  # fmt: skip
+    res = seeing.observe(res)
     if as_json:
         typer.echo(json.dumps(res.as_json(), indent=2))
     else:
         console.print(resources_table(res, collector.owner_idle_unknown_because))
+
+
+class _NoChannel:
+    async def report(self, *_: Any) -> str:
+        raise AssertionError("probe reports nothing")
+
+    async def ship_log(self, *_: Any) -> str:
+        raise AssertionError("probe ships nothing")
+
+
+async def _no_fresh() -> Snapshot:
+    raise AssertionError("probe reads once")
 
 
 def identity_of(settings: AgentSettings) -> AgentIdentity:
@@ -269,6 +304,7 @@ async def _enroll(settings: AgentSettings, identity: AgentIdentity) -> AgentCred
 
 
 def work_settings(settings: AgentSettings) -> WorkSettings:
+    from chiffon.agent.runner import Ladder
     from chiffon.agent.work import WorkSettings
 
     return WorkSettings(
@@ -277,6 +313,14 @@ def work_settings(settings: AgentSettings) -> WorkSettings:
         allow_root=settings.allow_root_jobs,
         grace_seconds=settings.job_grace_seconds,
         idle_minutes=settings.idle_minutes,
+        schedule=settings.schedule,
+        reserve_gpus=tuple(settings.reserve_gpus),
+        exclusive_apps=tuple(settings.exclusive_apps),
+        on_owner_return=settings.on_owner_return,
+        report_process_names=settings.report_process_names,
+        ladder=Ladder(
+            settings.checkpoint_signal, settings.vacate_grace_seconds, settings.vacate_kill_seconds
+        ),
     )
 
 
@@ -286,23 +330,25 @@ def new_work_loop(
     channel: WorkChannel,
     collect: Callable[[], Snapshot],
 ) -> WorkLoop:
-    """The loop that runs jobs, reading free VRAM afresh before each start."""
+    """The loop that runs jobs, reading the GPUs afresh before each start."""
     from chiffon.agent.bounded import in_daemon_thread
-    from chiffon.agent.work import WorkLoop, free_vram_of
+    from chiffon.agent.work import WorkLoop
 
-    async def free_vram() -> dict[str, float | None]:
-        return free_vram_of(await in_daemon_thread(collect, name="chiffon-vram"))
+    async def fresh() -> Snapshot:
+        return await in_daemon_thread(collect, name="chiffon-fresh")
 
     return WorkLoop(
         settings, agent_id=credential.agent_id, secret=credential.secret, channel=channel,
-        free_vram=free_vram,
+        fresh=fresh,
     )  # fmt: skip
 
 
-async def watch_owner(work: WorkLoop, agent: AgentLoop) -> None:
+async def guard(work: WorkLoop, agent: AgentLoop) -> None:
+    """The owner's policy, decided every second (idle time read only for when_idle)."""
     from chiffon.agent.probes.owner import read_owner_idle
 
-    await work.watch_owner(read_owner_idle, agent.nudge)
+    when_idle = work.settings.accept_jobs == "when_idle"
+    await work.guard(read_owner_idle if when_idle else None, agent.nudge)
 
 
 def order_tasks(
@@ -349,8 +395,7 @@ async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
              asyncio.create_task(work.recover(), name="chiffon-recover")]  # fmt: skip
     if identity.accepts_jobs:
         tasks += order_tasks(settings, credential, work, channel)
-    if identity.accepts_jobs and settings.accept_jobs == "when_idle":
-        tasks.append(asyncio.create_task(watch_owner(work, agent), name="chiffon-owner"))
+        tasks.append(asyncio.create_task(guard(work, agent), name="chiffon-owner"))
     try:
         await asyncio.wait([tasks[0], asyncio.create_task(stopping.wait())],
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip

@@ -46,10 +46,10 @@ class LocalAgent:
 
     async def start(self, orchestrator: Orchestrator) -> None:
         from chiffon.cli.agent_cmd import (
+            guard,
             locked,
             new_agent_loop,
             new_work_loop,
-            watch_owner,
             work_settings,
         )
         from chiffon.transport.memory import InMemoryPublisher, InMemoryWork
@@ -64,8 +64,7 @@ class LocalAgent:
         self._work_tasks.append(asyncio.create_task(self._work.recover()))
         if self._identity.accepts_jobs:
             self._work_tasks.append(asyncio.create_task(self._work.poll(channel)))
-            if self._settings.accept_jobs == "when_idle":
-                self._work_tasks.append(asyncio.create_task(watch_owner(self._work, self._loop)))
+            self._work_tasks.append(asyncio.create_task(guard(self._work, self._loop)))
 
     async def _credential(self, orchestrator: Orchestrator) -> AgentCredential:
         """This machine's agent is the orchestrator's own: it keeps its secret in the data

@@ -27,7 +27,7 @@ from chiffon.schemas.jobs import TERMINAL, JobLog, JobSubmit
 from chiffon.transport.orders import Order
 
 Verdict = Literal["applied", "stale", "unknown_job"]
-Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost"]
+Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +305,9 @@ async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) 
     retry left."""
     to_state, reason = _next_state(job, said)
     attempt = job.attempt
-    if to_state == "queued" and said.outcome != "refused":
+    if said.outcome == "preempted":
+        job.preemptions += 1
+    elif to_state == "queued" and said.outcome != "refused":
         job.retries_used += 1
     session.add(repo.move(job, to_state, reason=reason, now=now))
     await session.execute(
@@ -329,6 +331,8 @@ def _next_state(job: JobRow, said: Report) -> tuple[str, str]:
     detail = f": {said.detail}" if said.detail else ""
     if said.outcome == "refused":
         return "queued", f"refused by {job.agent_id}{detail}; placed again"
+    if said.outcome == "preempted":  # the owner took the desktop back: no retry used
+        return "queued", f"attempt {job.attempt} {said.detail or 'preempted'}; placed again"
     if said.outcome == "lost":
         if retries_left:
             return "queued", f"attempt {job.attempt} lost{detail}; retrying"
@@ -344,7 +348,8 @@ def _next_state(job: JobRow, said: Report) -> tuple[str, str]:
 
 
 def _attempt_state(said: Report) -> str:
-    """How an attempt handed back ended (its job is queued again): refused, lost, failed."""
+    """How an attempt handed back ended (its job is queued again): refused, lost,
+    preempted, failed."""
     return "failed" if said.outcome == "exit" else str(said.outcome)
 
 

@@ -50,6 +50,7 @@ class GpuLedger:
     free_gb: float | None
     jobs_used_gb: float | None = 0.0  # None: the agent cannot see per-process use
     claims: tuple[Claim, ...] = ()
+    withheld: str | None = None  # why its desktop offers it to no new job (docs/owner.md)
 
     @property
     def foreign_gb(self) -> float | None:
@@ -81,6 +82,8 @@ class Candidate:
     cpu_cores_available: float | None  # net of claims
     memory_available_gb: float | None  # net of claims
     gpus: tuple[GpuLedger, ...] = ()
+    # Its reliability record: offline events and preemptions over the last 7 days.
+    setbacks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,11 @@ class Requirements:
     pool_name: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     gpu_vendor: str | None = None
+    # Desktops whose owner took this job back lately: not placed there again for a while.
+    avoid: frozenset[str] = frozenset()
+    # A long job (no timeout, or one of an hour or more) goes to the most reliable desktop
+    # that fits, before the tightest fit.
+    long: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +107,7 @@ class Placement:
     agent_id: str
     gpu_uuids: tuple[str, ...]
     score: float  # lower is better, whichever the policy
+    setbacks: int = 0  # the agent's reliability record (Candidate.setbacks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,15 +126,20 @@ def place(
     VRAM each would have left, then adds the cores left as a fraction of the agent's; so
     the tightest fit wins and large GPUs stay free for large jobs. Spread negates the same
     sum: the emptiest GPUs win (the seeds' "most free VRAM first").
+
+    The agents' reliability records (offline events and preemptions over 7 days) come
+    first for a long job, and break ties for the others.
     """
     fits = [p for c in candidates if (p := _fit(want, c, policy)) is not None]
     if fits:
-        return min(fits, key=lambda p: (p.score, p.agent_id))
+        if want.long:
+            return min(fits, key=lambda p: (p.setbacks, p.score, p.agent_id))
+        return min(fits, key=lambda p: (p.score, p.setbacks, p.agent_id))
     return Miss(why_not(want, candidates))
 
 
 def _eligible(want: Requirements, c: Candidate) -> bool:
-    if not (c.online and c.accepts_jobs):
+    if not (c.online and c.accepts_jobs) or c.agent_id in want.avoid:
         return False
     if want.pool_name is not None and c.pool_name != want.pool_name:
         return False
@@ -134,7 +148,7 @@ def _eligible(want: Requirements, c: Candidate) -> bool:
 
 def _usable(want: Requirements, gpu: GpuLedger) -> bool:
     vendor_ok = want.gpu_vendor is None or gpu.vendor == want.gpu_vendor
-    return vendor_ok and gpu.available_gb >= want.vram_gb
+    return vendor_ok and gpu.withheld is None and gpu.available_gb >= want.vram_gb
 
 
 def _fit(want: Requirements, c: Candidate, policy: Policy) -> Placement | None:
@@ -151,7 +165,7 @@ def _fit(want: Requirements, c: Candidate, policy: Policy) -> Placement | None:
     cores = c.cpu_cores_available or 0.0
     core_share = (cores - want.cpu_cores) / cores if cores > 0 else 0.0
     score = left + core_share if policy == "best_fit" else -(left + core_share)
-    return Placement(c.agent_id, tuple(g.uuid for g in chosen), score)
+    return Placement(c.agent_id, tuple(g.uuid for g in chosen), score, c.setbacks)
 
 
 def still_fits(want: Requirements, c: Candidate, gpu_uuids: Sequence[str]) -> bool:
@@ -182,6 +196,7 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
     GPU 0 with 6.1 GB; 2 agents offline; 1 does not accept jobs"."""
     offline = sum(1 for c in candidates if not c.online)
     refusing = sum(1 for c in candidates if c.online and not c.accepts_jobs)
+    avoided = sum(1 for c in candidates if c.online and c.agent_id in want.avoid)
     parts = [f"no online agent that accepts jobs{_where(want)} has {_asked(want)}"]
     if (near := _nearest(want, closest(want, candidates))) is not None:
         parts[0] += f": closest is {near}"
@@ -189,6 +204,13 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
         parts.append(f"{offline} agent{'s' if offline != 1 else ''} offline")
     if refusing:
         parts.append(f"{refusing} {'does' if refusing == 1 else 'do'} not accept jobs")
+    if avoided:
+        parts.append(f"{avoided} avoided (its owner took this job back lately)")
+    held = sorted(g.withheld for c in candidates if c.online and c.accepts_jobs
+                  for g in c.gpus if g.withheld is not None)  # fmt: skip
+    if held:
+        reasons = ", ".join(sorted(set(held)))
+        parts.append(f"{len(held)} GPU{'s' if len(held) != 1 else ''} withheld ({reasons})")
     return "; ".join(parts)
 
 
@@ -228,10 +250,12 @@ def _nearest(want: Requirements, best: Candidate | None) -> str | None:
     if want.gpus:
         gpus = sorted(
             (g for g in best.gpus if want.gpu_vendor in (None, g.vendor)),
-            key=lambda g: -g.available_gb,
+            key=lambda g: (g.withheld is not None, -g.available_gb),
         )
         if gpus:
             g = gpus[min(want.gpus, len(gpus)) - 1]
+            if g.withheld is not None:
+                return f"{best.name} GPU {g.index}, withheld ({g.withheld})"
             return f"{best.name} GPU {g.index} with {g.available_gb:.1f} GB"
         return f"{best.name} (no {want.gpu_vendor or ''} GPU)".replace("  ", " ")
     return f"{best.name} ({_lacks(want, best)})"
@@ -240,7 +264,10 @@ def _nearest(want: Requirements, best: Candidate | None) -> str | None:
 def _shortfall(want: Requirements, c: Candidate) -> float:
     total = 0.0
     if want.gpus:
-        free = sorted((g.available_gb for g in c.gpus if _usable_vendor(want, g)), reverse=True)
+        free = sorted(
+            (g.available_gb for g in c.gpus if _usable_vendor(want, g) and g.withheld is None),
+            reverse=True,
+        )
         free += [0.0] * max(0, want.gpus - len(free))
         for have in free[: want.gpus]:
             total += _miss(want.vram_gb, have) if want.vram_gb else (0.0 if have else 1.0)

@@ -33,7 +33,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row
@@ -67,9 +67,17 @@ class PassResult:
     waiting: dict[uuid.UUID, str] = field(default_factory=dict)  # job -> why
 
 
-def requirements(spec: dict[str, Any]) -> Requirements:
+# A job without a timeout, or with one at least this long, is long: it goes to the most
+# reliable desktop that fits (placement.place).
+LONG_JOB_SECONDS = 3600.0
+
+
+def requirements(spec: dict[str, Any], avoid: frozenset[str] = frozenset()) -> Requirements:
     r = spec.get("requirements", {})
+    timeout = spec.get("timeout_seconds")
     return Requirements(
+        avoid=avoid,
+        long=timeout is None or float(timeout) >= LONG_JOB_SECONDS,
         gpus=int(r.get("gpus", 0)),
         vram_gb=float(r.get("vram_gb", 0.0)),
         cpu_cores=float(r.get("cpu_cores", 0.0)),
@@ -85,7 +93,7 @@ def gpu_id(gpu: dict[str, Any]) -> str:
     return orders.gpu_id(gpu.get("uuid"), gpu.get("index"))
 
 
-def candidate(row: Row[Any], claims: Sequence[JobClaimRow]) -> Candidate:
+def candidate(row: Row[Any], claims: Sequence[JobClaimRow], setbacks: int = 0) -> Candidate:
     """An agent's registry row and live claims as placement sees them: cores and memory
     net of the host claims, each GPU's ledger with its claims."""
     metrics: dict[str, Any] = row.resource_metrics or {}
@@ -112,6 +120,7 @@ def candidate(row: Row[Any], claims: Sequence[JobClaimRow]) -> Candidate:
         memory_available_gb=memory,
         gpus=tuple(_ledger(g, by_gpu.get(repo.gpu_resource(gpu_id(g)), [])) for g in
                    metrics.get("gpus", [])),
+        setbacks=setbacks,
     )  # fmt: skip
 
 
@@ -136,6 +145,7 @@ def _ledger(gpu: dict[str, Any], claims: list[Claim]) -> GpuLedger:
         free_gb=gpu.get("vram_free_gb"),
         jobs_used_gb=jobs_used,
         claims=tuple(claims),
+        withheld=gpu.get("withheld"),
     )
 
 
@@ -145,25 +155,32 @@ async def schedule_once(
     now: datetime,
     limit: int = 200,
     starvation_seconds: float = 300,
+    avoid_seconds: float = 1800,
 ) -> PassResult:
-    """One pass over the queue: each job placed (or its reason kept) in its own commit."""
+    """One pass over the queue: each job placed (or its reason kept) in its own commit. A
+    job is not placed again on a desktop whose owner took it back in the last
+    `avoid_seconds`."""
     result = PassResult()
     async with sessions() as session:
         queued = await repo.queued_ids(session, limit=limit)
         if not queued:
             return result
         claims = await repo.claims_by_agent(session)
+        record = await repo.setbacks(session, now=now)
         candidates = {
-            row.agent_id: candidate(row, claims.get(row.agent_id, []))
+            row.agent_id: candidate(row, claims.get(row.agent_id, []),
+                                    sum(record.get(row.agent_id, (0, 0))))
             for row in await repo.agent_rows(session)
-        }
+        }  # fmt: skip
+        since = now - timedelta(seconds=avoid_seconds)
+        taken = await repo.taken_back(session, job_ids=queued, since=since)
     reserved: set[str] = set()
     for job_id in queued:
         async with sessions.begin() as session:
             job = await repo.take_queued(session, job_id=job_id)
             if job is None:  # placed, cancelled, or being placed by another orchestrator
                 continue
-            want = requirements(job.spec)
+            want = requirements(job.spec, frozenset(str(a) for a in taken.get(job_id, ())))
             placed = await _place_one(session, job, want, candidates, reserved, now)
             if placed is not None:
                 result.placed[job_id] = placed
@@ -196,12 +213,12 @@ async def _place_one(
             return None
         agent_id = uuid.UUID(choice.agent_id)
         await repo.lock_agent(session, agent_id=agent_id)
-        fresh = await _read_again(session, agent_id)
+        fresh = await _read_again(session, agent_id, choice.setbacks)
         if fresh is not None and still_fits(want, fresh, choice.gpu_uuids):
             gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
             repo.assign(session, job=job, agent_id=agent_id, agent_name=fresh.name, gpus=gpus,
                         cpu_cores=want.cpu_cores, memory_gb=want.memory_gb, now=now)  # fmt: skip
-            fresh = await _read_again(session, agent_id)  # with the claims just written
+            fresh = await _read_again(session, agent_id, choice.setbacks)  # with its new claims
         if fresh is None:
             candidates.pop(agent_id, None)
         else:
@@ -211,12 +228,14 @@ async def _place_one(
     return None
 
 
-async def _read_again(session: AsyncSession, agent_id: uuid.UUID) -> Candidate | None:
+async def _read_again(
+    session: AsyncSession, agent_id: uuid.UUID, setbacks: int
+) -> Candidate | None:
     rows = await repo.agent_rows(session, agent_ids=[agent_id])
     if not rows:
         return None
     claims = await repo.claims_by_agent(session, agent_ids=[agent_id])
-    return candidate(rows[0], claims.get(agent_id, []))
+    return candidate(rows[0], claims.get(agent_id, []), setbacks)
 
 
 class Dispatcher:
@@ -232,6 +251,7 @@ class Dispatcher:
         *,
         interval_seconds: float = 1.0,
         starvation_seconds: float = 300.0,
+        avoid_seconds: float = 1800.0,
         placed_on: Callable[[uuid.UUID], None] = lambda _agent_id: None,
     ) -> None:
         self._placed_on = placed_on  # told of each agent a pass placed an attempt on
@@ -239,6 +259,7 @@ class Dispatcher:
         self._clock = clock
         self._interval = interval_seconds
         self._starvation = starvation_seconds
+        self._avoid = avoid_seconds
         self._woken = asyncio.Event()
 
     def wake(self) -> None:
@@ -247,7 +268,8 @@ class Dispatcher:
     async def tick(self) -> PassResult:
         now = self._clock.now()
         await lose_offline(self._sessions, now=now)
-        result = await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation)
+        result = await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation,
+                                     avoid_seconds=self._avoid)  # fmt: skip
         for agent_id in {uuid.UUID(p.agent_id) for p in result.placed.values()}:
             self._placed_on(agent_id)
         return result

@@ -102,7 +102,8 @@ class Orchestrator:
         )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         # Jobs: the loop placing queued jobs (docs/jobs.md).
-        self.dispatcher = Dispatcher(self.sessions, self.clock, placed_on=self._tell)
+        self.dispatcher = Dispatcher(self.sessions, self.clock, placed_on=self._tell,
+                                     avoid_seconds=settings.preempt_avoid_seconds)  # fmt: skip
         self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
         self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
         self._pushes: set[asyncio.Task[None]] = set()

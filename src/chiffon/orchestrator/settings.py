@@ -93,6 +93,9 @@ class OrchestratorSettings(BaseSettings):
     # Jobs' output: the tail kept per attempt, and for how long after the job ended.
     job_log_tail_bytes: int = Field(1024 * 1024, ge=4096, le=1024**3)
     job_log_retention_seconds: float = Field(7 * 86400, ge=0, le=5 * 366 * 86400)
+    # A job a desktop's owner took back is not placed on that desktop again for this long
+    # (CHIFFON_PREEMPT_AVOID_SECONDS; docs/owner.md).
+    preempt_avoid_seconds: float = Field(1800, ge=0, le=7 * 86400)
 
     @field_validator("api_token", "read_token", "enroll_token", "secret_key", mode="after")
     @classmethod

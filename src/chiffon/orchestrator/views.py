@@ -90,6 +90,7 @@ def job(
         state=row.state,
         reason=row.reason,
         attempt=row.attempt,
+        preemptions=row.preemptions or 0,
         agent_id=row.agent_id,
         agent_name=(names or {}).get(row.agent_id) if row.agent_id else None,
         gpu_uuids=(gpus or {}).get(row.job_id, []) if row.agent_id else [],

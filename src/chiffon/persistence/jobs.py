@@ -8,13 +8,14 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence.models import (
+    AgentEventRow,
     AgentRow,
     JobAttemptRow,
     JobClaimRow,
@@ -105,6 +106,47 @@ async def lock_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> None:
         await session.execute(
             select(AgentRow.agent_id).where(AgentRow.agent_id == agent_id).with_for_update()
         )
+
+
+RELIABILITY_WINDOW = timedelta(days=7)
+
+
+async def setbacks(
+    session: AsyncSession, *, now: datetime, agent_ids: Sequence[uuid.UUID] | None = None
+) -> dict[uuid.UUID, tuple[int, int]]:
+    """Each agent's reliability record over `RELIABILITY_WINDOW`: (times it went offline,
+    attempts its owner took back). Agents with neither are absent."""
+    since = now - RELIABILITY_WINDOW
+    offline = select(AgentEventRow.agent_id, func.count()).where(
+        AgentEventRow.to_status == "offline", AgentEventRow.at >= since
+    )
+    taken = select(JobAttemptRow.agent_id, func.count()).where(
+        JobAttemptRow.state == "preempted", JobAttemptRow.ended_at >= since
+    )
+    if agent_ids is not None:
+        offline = offline.where(AgentEventRow.agent_id.in_(agent_ids))
+        taken = taken.where(JobAttemptRow.agent_id.in_(agent_ids))
+    found: dict[uuid.UUID, tuple[int, int]] = {}
+    for agent_id, n in (await session.execute(offline.group_by(AgentEventRow.agent_id))).all():
+        found[agent_id] = (n, 0)
+    for agent_id, n in (await session.execute(taken.group_by(JobAttemptRow.agent_id))).all():
+        found[agent_id] = (found.get(agent_id, (0, 0))[0], n)
+    return found
+
+
+async def taken_back(
+    session: AsyncSession, *, job_ids: Sequence[uuid.UUID], since: datetime
+) -> dict[uuid.UUID, set[uuid.UUID]]:
+    """The agents whose owner took each job back since `since`."""
+    stmt = select(JobAttemptRow.job_id, JobAttemptRow.agent_id).where(
+        JobAttemptRow.job_id.in_(job_ids),
+        JobAttemptRow.state == "preempted",
+        JobAttemptRow.ended_at >= since,
+    )
+    found: dict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
+    for job_id, agent_id in (await session.execute(stmt)).all():
+        found[job_id].add(agent_id)
+    return dict(found)
 
 
 async def claims_by_agent(

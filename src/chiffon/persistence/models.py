@@ -219,6 +219,8 @@ class JobRow(Base):
     spec: Mapped[dict[str, Any]]
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     retries_used: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts taken back by a desktop's owner (they use no retry).
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     agent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     # Cancel asked while an attempt was out: the agent is told, and its report ends it.
     cancel_requested_at: Mapped[datetime | None]

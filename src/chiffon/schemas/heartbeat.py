@@ -69,6 +69,17 @@ class GpuInfo(_Strict):
     jobs_vram_used_gb: GpuGigabytes | None = Field(
         None, description="VRAM held by the agent's own job processes; null: it cannot see"
     )
+    foreign_processes: Annotated[int, Field(ge=0, le=1_000_000)] | None = Field(
+        None, description="processes Chiffon did not start holding memory on it; null: unknown"
+    )
+    foreign_vram_gb: GpuGigabytes | None = Field(None, description="the VRAM they hold")
+    foreign_names: Annotated[list[ShortText], Field(max_length=limits.FOREIGN_NAMES_MAX)] | None = (
+        Field(None, description="their program names, only when the owner allows it")
+    )
+    withheld: limits.Withheld | None = Field(
+        None, description="why no new job lands on this GPU now; null: it is offered"
+    )
+    fault: ShortText | None = Field(None, description="what the driver said when it failed")
 
     @model_validator(mode="after")
     def _free_not_above_total(self) -> Self:
@@ -104,6 +115,9 @@ class Resources(_Strict):
     collection_ms: Annotated[float, Field(ge=0, le=limits.COLLECTION_MS_MAX)] | None = None
     owner_idle_seconds: Annotated[float, Field(ge=0, le=limits.IDLE_SECONDS_MAX)] | None = Field(
         None, description="seconds since the desktop's owner last used it; null: unknown"
+    )
+    jobs_withheld: limits.Withheld | None = Field(
+        None, description="why no new job lands on this desktop now; null: welcome"
     )
 
     @model_validator(mode="after")

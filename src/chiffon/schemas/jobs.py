@@ -181,6 +181,9 @@ class JobView(BaseModel):
     state: JobState
     reason: str = Field(description="why it waits, or how it ended")
     attempt: int = Field(description="the current attempt's number (0: never placed)")
+    preemptions: int = Field(
+        0, description="attempts a desktop's owner took back (they use no retry; docs/owner.md)"
+    )
     agent_id: UUID | None = Field(description="where the current attempt is")
     agent_name: str | None = Field(None, description="that agent's name, while registered")
     gpu_uuids: list[str] = Field([], description="the GPUs its current attempt holds")
@@ -197,7 +200,7 @@ class JobAttempt(BaseModel):
     attempt: int
     agent_id: UUID
     agent_name: str | None = None
-    state: str
+    state: str = Field(description="a job state, or `preempted`/`refused` for one handed back")
     gpu_uuids: list[str]
     assigned_at: datetime
     started_at: datetime | None

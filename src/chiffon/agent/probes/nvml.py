@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -20,6 +21,9 @@ from chiffon.agent.report import GpuReading
 
 # NVML's NVML_VALUE_NOT_AVAILABLE for a process's memory, as an unsigned long long.
 _NOT_AVAILABLE = 2**64 - 1
+# A GPU that reported a critical XID error reads `unhealthy` this long after the last one.
+XID_HOLD_SECONDS = 300.0
+_MOST_EVENTS_PER_READ = 64
 
 
 class NvmlUnavailable(ProbeError):
@@ -39,10 +43,16 @@ def _text(value: Any) -> str:
 class NvmlProbe:
     name = "nvml"
 
-    def __init__(self, module: ModuleType | None = None) -> None:
+    def __init__(
+        self, module: ModuleType | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._nvml = module
+        self._clock = clock
         self._ready = False
         self._static: dict[int, tuple[Any, str | None, str | None]] = {}
+        self._events: Any = None  # NVML's event set for XID errors, once registered
+        self._watched: set[int] = set()
+        self._xids: dict[str, tuple[int, float]] = {}  # GPU UUID -> (last XID, when)
 
     def _load(self) -> ModuleType:
         if self._nvml is None:
@@ -98,11 +108,58 @@ class NvmlProbe:
             )
         return self._static[index]
 
-    def _read_one(self, index: int, problems: list[str]) -> GpuReading:
+    def _watch_xids(self, index: int, handle: Any) -> None:
+        """Register the GPU for critical XID events (once); a driver that cannot is left
+        unwatched (the other signs of a failing GPU still count)."""
         nvml = self._load()
+        if index in self._watched or not hasattr(nvml, "nvmlEventSetCreate"):
+            return
+        self._watched.add(index)
+        try:
+            if self._events is None:
+                self._events = nvml.nvmlEventSetCreate()
+            nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, self._events)
+        except nvml.NVMLError:
+            pass
+
+    def _drain_xids(self) -> None:
+        """Take the XID events NVML has queued, without waiting."""
+        nvml = self._load()
+        if self._events is None:
+            return
+        for _ in range(_MOST_EVENTS_PER_READ):
+            try:
+                event = nvml.nvmlEventSetWait_v2(self._events, 0)
+                uuid = _text(nvml.nvmlDeviceGetUUID(event.device))
+            except nvml.NVMLError:  # Timeout: none left
+                return
+            self._xids[uuid] = (int(event.eventData), self._clock())
+
+    def _fault(self, uuid: str | None, problems: list[str]) -> str | None:
+        """Why this GPU reads unhealthy: the driver lost it or fails its basic queries
+        (`problems` holds this GPU's failures of this read), or a recent XID error."""
+        for problem in problems:
+            if any(word in problem for word in ("GetMemoryInfo", "GetHandle", "lost", "reset")):
+                return problem[:200]
+        xid = self._xids.get(uuid or "")
+        if xid is not None and self._clock() - xid[1] < XID_HOLD_SECONDS:
+            return f"XID {xid[0]} (a critical error reported by the driver)"
+        return None
+
+    def _read_one(self, index: int, all_problems: list[str]) -> GpuReading:
+        nvml = self._load()
+        problems: list[str] = []
+        try:
+            return self._read_gpu(nvml, index, problems)
+        finally:
+            all_problems += problems
+
+    def _read_gpu(self, nvml: ModuleType, index: int, problems: list[str]) -> GpuReading:
         handle, name, uuid = self._device(index, problems)
         if handle is None:
-            return gpu_or_bare(problems, index=index, vendor="nvidia")
+            bare = gpu_or_bare(problems, index=index, vendor="nvidia")
+            return dataclasses.replace(bare, fault=self._fault(None, problems))
+        self._watch_xids(index, handle)
         memory = self._field(problems, index, nvml.nvmlDeviceGetMemoryInfo, handle)
         rates = self._field(problems, index, nvml.nvmlDeviceGetUtilizationRates, handle)
         temperature = self._field(
@@ -119,7 +176,8 @@ class NvmlProbe:
             utilization_percent=None if rates is None else float(rates.gpu),
             temperature_c=None if temperature is None else float(temperature),
         )
-        return dataclasses.replace(gpu, processes=self._processes(handle, index, problems))
+        processes = self._processes(handle, index, problems)
+        return dataclasses.replace(gpu, processes=processes, fault=self._fault(uuid, problems))
 
     def _processes(
         self, handle: Any, index: int, problems: list[str]
@@ -144,6 +202,7 @@ class NvmlProbe:
     def read(self) -> list[GpuReading]:
         nvml = self._init()
         count = self._query(nvml.nvmlDeviceGetCount) or 0
+        self._drain_xids()
         problems: list[str] = []
         gpus = [self._read_one(i, problems) for i in range(count)]
         if problems:
