@@ -270,3 +270,27 @@ def test_revoke_bans_and_unban_lets_the_agent_enroll_again(fleet_url: str) -> No
     lifted = run_cli("agents", "unban", str(agent), "--orchestrator-url", fleet_url)
     assert lifted.returncode == 0 and f"lifted the ban of {agent}" in lifted.stdout
     assert enroll(fleet_url, agent).secret != credential.secret
+
+
+def test_agents_show_the_owners_side_and_wide_shows_the_reliability_record(
+    tmp_path: Path,
+) -> None:
+    at_desk, away = uuid.uuid4(), uuid.uuid4()
+    with orchestrator_process(tmp_path) as url:
+        for agent, name, owner in ((at_desk, "at-desk", {"jobs_withheld": "owner_active",
+                                                         "owner_idle_seconds": 4.0}),
+                                   (away, "away", {"owner_idle_seconds": 1800.0})):  # fmt: skip
+            res = f.resources(gpus_free_total=[(20.0, 24.0)]).model_copy(update=owner)
+            gpus = [res.gpus[0].model_copy(update={"withheld": owner.get("jobs_withheld")})]
+            msg = f.message(agent, name=name, res=res.model_copy(update={"gpus": gpus}))
+            msg = msg.model_copy(update={"accepts_jobs": name == "away"})
+            resp = httpx.post(f"{url}/api/v1/agents/{agent}/heartbeat", content=f.raw(msg),
+                              headers=bearer(enroll(url, agent)))  # fmt: skip
+            assert resp.status_code == 200, resp.text
+        wide = run_cli("agents", "-o", "wide", "--orchestrator-url", url)
+    assert wide.returncode == 0, wide.stderr
+    rows = {line.split()[0]: line for line in wide.stdout.splitlines()[1:]}
+    assert "OWNER" in wide.stdout.splitlines()[0] and "7 DAYS" in wide.stdout.splitlines()[0]
+    assert "20.0/24.0 GB (owner_active)" in rows["at-desk"] and " active " in rows["at-desk"]
+    assert "away 30m" in rows["away"] and "(owner_active)" not in rows["away"]
+    assert all("0 off, 0 taken back" in row for row in rows.values())

@@ -76,10 +76,25 @@ def resources_at(agent: SimAgent, tick: int) -> Resources:
         memory_available_gb=round(20 + 4 * wobble, 2),
     )
     with_util = [
-        GpuInfo.model_validate({**g.model_dump(), "utilization_percent": 50 + 40 * wobble})
+        GpuInfo.model_validate({**g.model_dump(), "utilization_percent": 50 + 40 * wobble,
+                                **OWNER_GPUS.get((agent.name, g.index), {})})
         for g in base.gpus
-    ]
-    return base.model_copy(update={"gpus": with_util})
+    ]  # fmt: skip
+    return base.model_copy(update={"gpus": with_util, **OWNER.get(agent.name, {})})
+
+
+# The owner's side (docs/owner.md): render-01's owner is away and plays a game on GPU 1;
+# render-02's owner is at the keyboard.
+OWNER: dict[str, dict[str, object]] = {
+    "render-01": {"owner_idle_seconds": 1800.0},
+    "render-02": {"owner_idle_seconds": 3.0, "jobs_withheld": "owner_active"},
+}
+OWNER_GPUS: dict[tuple[str, int], dict[str, object]] = {
+    ("render-01", 0): {"foreign_processes": 0, "foreign_vram_gb": 0.0},
+    ("render-01", 1): {"foreign_processes": 1, "foreign_vram_gb": 3.5,
+                       "foreign_names": ["blender"], "withheld": "exclusive_app"},
+    ("render-02", 0): {"withheld": "owner_active"},
+}  # fmt: skip
 
 
 class Beater(threading.Thread):
@@ -121,7 +136,7 @@ class Beater(threading.Thread):
             name=agent.name,
             pool_name=agent.pool_name,
             res=resources_at(agent, tick),
-        )
+        ).model_copy(update={"accepts_jobs": agent.name in OWNER})
         try:
             response = client.post(
                 f"/api/v1/agents/{agent.agent_id}/heartbeat",
@@ -558,3 +573,27 @@ def test_fleet_filters_cover_the_capacity_querys_minimums(page: object) -> None:
     page.fill("#f-cores", "9")  # free cores: render-01 (16) and train-01 (32)
     expect(page.locator("#agents tbody tr")).to_have_count(2)
     assert visible_names(page) == ["render-01", "train-01"]
+
+
+def test_the_owners_side_shows_per_agent_and_per_gpu(page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    page.goto(PAGE)
+    render01, render02 = BY_NAME["render-01"], BY_NAME["render-02"]
+    expect(page.locator(f"{row(render01)} [data-owner]")).to_have_text("owner idle 30 min")
+    expect(page.locator(f"{row(render02)} [data-owner]")).to_have_text("owner active")
+    expect(page.locator(f"{row(BY_NAME['office-07'])} [data-owner]")).to_have_text("takes no jobs")
+    expect(page.locator(f"{row(render01)} [data-withheld='exclusive_app']")).to_have_text(
+        " owner's exclusive app"
+    )
+    page.click(f"{row(render01)} a")
+    gpu1 = page.locator("#agent-gpus tr[data-gpu='1']")
+    expect(gpu1.locator("[data-foreign]")).to_have_text("1 (blender), 3.5 GB")
+    expect(gpu1.locator("[data-withheld]")).to_have_text("owner's exclusive app")
+    expect(page.locator("#agent-gpus tr[data-gpu='0'] [data-withheld]")).to_have_text("welcome")
+    expect(page.locator("#agent-facts [data-k='owner'] .v")).to_have_text("owner idle 30 min")
+    expect(page.locator("#agent-facts [data-k='reliability'] .v")).to_have_text(
+        "0 offline, 0 taken back"
+    )
+    shot(page, "agent-owner.png")

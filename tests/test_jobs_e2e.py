@@ -81,7 +81,8 @@ def test_run_streams_the_output_and_exits_with_the_jobs_own_code(fleet: Fleet) -
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CHIFFON_ATTEMPT"] == "1"
     # Nothing of the agent's own environment leaks in: not its enrollment token.
     assert not {k for k in env if k.startswith("CHIFFON_")} - {
-        "CHIFFON_JOB_ID", "CHIFFON_ATTEMPT", "CHIFFON_JOB_DIR", "CHIFFON_GPUS"
+        "CHIFFON_JOB_ID", "CHIFFON_ATTEMPT", "CHIFFON_JOB_DIR", "CHIFFON_GPUS",
+        "CHIFFON_PREEMPT_SIGNAL", "CHIFFON_PREEMPT_DEADLINE",
     }  # fmt: skip
     assert "job " in done.stderr and "failed: exited 3" in done.stderr
     with client(fleet) as c:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import UUID_TEXT, AgentIdDep, OrchestratorDep, SessionDep, parse_agent_id
 from chiffon.orchestrator import capacity, views
+from chiffon.persistence import jobs as jobs_repo
 from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
 from chiffon.schemas import limits
@@ -79,7 +80,8 @@ async def list_agents(
         session, status=status, agent_type=agent_type, pool_name=pool_name, labels=_labels(label)
     )
     now = orchestrator.clock.now()
-    return [views.record(row, now) for row in rows]
+    record = await jobs_repo.setbacks(session, now=now)
+    return [views.record(row, now, record.get(row.agent_id, (0, 0))) for row in rows]
 
 
 @router.get("/agents/available-capacity", response_model=list[AgentCapacity], responses=_NOT_FOUND)
@@ -122,7 +124,9 @@ async def get_agent(
     row = await registry.get_agent(session, agent_id=agent_id)
     if row is None:
         raise HTTPException(404, f"agent {agent_id} is not registered")
-    return views.record(row, orchestrator.clock.now())
+    now = orchestrator.clock.now()
+    record = await jobs_repo.setbacks(session, now=now, agent_ids=[agent_id])
+    return views.record(row, now, record.get(agent_id, (0, 0)))
 
 
 @router.get("/agents/{agent_id}/capacity", response_model=AgentCapacity, responses=_NOT_FOUND)

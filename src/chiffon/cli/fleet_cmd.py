@@ -71,8 +71,38 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
     if not gpus:
         return "-"
     return ", ".join(
-        f"{_num(g.get('vram_free_gb'))}/{_num(g.get('vram_total_gb'))} GB" for g in gpus
+        f"{_num(g.get('vram_free_gb'))}/{_num(g.get('vram_total_gb'))} GB"
+        + (f" ({clean_text(str(g['withheld']))})" if g.get("withheld") else "")
+        for g in gpus
     )
+
+
+_OWNER_SAYS = {
+    "never": "no jobs",
+    "root": "no jobs (root)",
+    "owner_active": "active",
+    "owner_unknown": "unknown",
+    "outside_schedule": "off schedule",
+}
+
+
+def owner(agent: dict[str, Any]) -> str:
+    """The owner's side, as `chiffon agents` shows it: active, away N min, off schedule."""
+    m = agent["resource_metrics"]
+    withheld = m.get("jobs_withheld")
+    if withheld is not None:
+        return _OWNER_SAYS.get(str(withheld), clean_text(str(withheld)))
+    if not agent.get("accepts_jobs"):
+        return "no jobs"
+    idle = m.get("owner_idle_seconds")
+    if idle is None:
+        return "jobs ok"
+    return f"away {idle / 60:.0f}m" if idle >= 60 else "active"
+
+
+def _reliability(agent: dict[str, Any]) -> str:
+    r = agent.get("reliability") or {}
+    return f"{r.get('offline_events_7d', 0)} off, {r.get('preemptions_7d', 0)} taken back"
 
 
 def _status(status: str) -> Text:
@@ -85,6 +115,7 @@ _AGENT_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | Text]], ...] =
     ("NAME", lambda a: plain(a["name"])),
     ("STATUS", lambda a: _status(a["status"])),
     ("GPUS (free/total)", lambda a: _gpus(a["resource_metrics"].get("gpus", []))),
+    ("OWNER", owner),
     ("LAST SEEN", lambda a: ago(a["age_seconds"])),
     ("CORES", lambda a: _cores(a["resource_metrics"])),
     ("MEM FREE", lambda a: f"{_num(a['resource_metrics'].get('memory_available_gb'))} GB"),
@@ -92,6 +123,7 @@ _AGENT_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | Text]], ...] =
     ("LOAD1", lambda a: _num(a["resource_metrics"].get("cpu_load_1min"), "{:.2f}")),
     ("TYPE", lambda a: plain(a["resource_metrics"].get("gpu_type", "?"))),
     ("ID", lambda a: plain(a["agent_id"][:8])),
+    ("7 DAYS", _reliability),
 )
 
 

@@ -23,6 +23,7 @@ from chiffon.schemas.api import (
     AgentRecord,
     FleetSummary,
     PoolSummary,
+    Reliability,
 )
 from chiffon.schemas.jobs import JobAttempt, JobDetail, JobEvent, JobView
 from chiffon.schemas.metrics import REGISTRY
@@ -49,7 +50,8 @@ def capacity(row: AgentRow | Row[Any], now: datetime) -> AgentCapacity:
     )
 
 
-def record(row: AgentRow, now: datetime) -> AgentRecord:
+def record(row: AgentRow, now: datetime, setbacks: tuple[int, int] = (0, 0)) -> AgentRecord:
+    """`setbacks`: its offline events and preemptions over 7 days (persistence.jobs)."""
     return AgentRecord(
         agent_id=row.agent_id,
         name=row.name,
@@ -64,6 +66,7 @@ def record(row: AgentRow, now: datetime) -> AgentRecord:
         last_heartbeat_at=row.last_heartbeat_at,
         age_seconds=_age(row.last_heartbeat_at, now),
         resource_metrics=row.resource_metrics,
+        reliability=Reliability(offline_events_7d=setbacks[0], preemptions_7d=setbacks[1]),
         created_at=row.created_at,
         updated_at=row.updated_at,
     )

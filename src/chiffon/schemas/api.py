@@ -107,6 +107,14 @@ else:
     )
 
 
+class Reliability(BaseModel):
+    """How often the desktop was lost or taken back by its owner lately (docs/owner.md);
+    placement keeps long jobs on the desktops with the fewest."""
+
+    offline_events_7d: int = Field(0, description="times it went offline in the last 7 days")
+    preemptions_7d: int = Field(0, description="attempts its owner took back in the last 7 days")
+
+
 class AgentRecord(BaseModel):
     """One agent's full registry record."""
 
@@ -125,6 +133,7 @@ class AgentRecord(BaseModel):
     last_heartbeat_at: datetime | None
     age_seconds: float | None
     resource_metrics: dict[str, Any]
+    reliability: Reliability = Reliability()
     created_at: datetime
     updated_at: datetime
 

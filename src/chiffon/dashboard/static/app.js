@@ -179,6 +179,31 @@ function renderSummary(summary) {
 }
 
 const metrics = (agent) => agent.resource_metrics || {};
+
+// Why no new job lands on a desktop or a GPU (the agent's `withheld`; docs/owner.md).
+const WITHHELD = {
+  never: "takes no jobs", root: "takes no jobs (agent runs as root)", outside_schedule: "outside the owner's schedule",
+  owner_active: "owner active", owner_unknown: "owner's idle time unknown", reserved: "reserved by the owner",
+  unhealthy: "unhealthy", exclusive_app: "owner's exclusive app", dirty: "dirty: memory not back yet",
+};
+const withheldText = (reason) => WITHHELD[reason] ?? reason;
+
+// The owner's side of a desktop: active, idle for N min, outside the schedule.
+function ownerText(agent) {
+  const m = metrics(agent);
+  if (m.jobs_withheld) return withheldText(m.jobs_withheld);
+  if (!agent.accepts_jobs) return "takes no jobs";
+  const idle = m.owner_idle_seconds;
+  if (idle === null || idle === undefined) return "takes jobs";
+  return idle >= 60 ? `owner idle ${Math.round(idle / 60)} min` : "owner active";
+}
+
+function foreignText(g) {
+  if (g.foreign_processes === null || g.foreign_processes === undefined) return "unknown";
+  if (!g.foreign_processes) return "none";
+  const names = g.foreign_names && g.foreign_names.length ? ` (${g.foreign_names.join(", ")})` : "";
+  return `${g.foreign_processes}${names}, ${fmt(g.foreign_vram_gb)} GB`;
+}
 // A free number as a new job could have it: net of claims where the capacity answer has the
 // agent (online), else what the agent last reported.
 const free = (agent, field) => state.net?.[agent.agent_id]?.[field] ?? metrics(agent)[field];
@@ -231,9 +256,10 @@ function gpuBars(agent) {
     const share = g.vram_total_gb ? Math.max(0, Math.min(1, (g.vram_free_gb ?? 0) / g.vram_total_gb)) : 0;
     const fill = el("span");
     fill.style.width = `${(share * 100).toFixed(1)}%`;
+    const withheld = g.withheld ? el("span", { class: "withheld", "data-withheld": g.withheld }, ` ${withheldText(g.withheld)}`) : "";
     return el("div", { class: "gpu", title: g.name || `GPU ${g.index}`, "data-gpu": g.index },
       el("span", {}, `#${g.index}`), el("div", { class: "bar" }, fill),
-      el("span", { class: "label" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`));
+      el("span", { class: "label" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`), withheld);
   }));
 }
 
@@ -252,7 +278,7 @@ function agentRow(agent) {
   return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
     el("td", { class: "name" }, el("a", { href: `#/agents/${agent.agent_id}` }, el("bdi", {}, agent.name))),
     el("td", { class: "name" }, el("bdi", {}, agent.pool_name)),
-    el("td", {}, statusBadge(agent.status)),
+    el("td", {}, statusBadge(agent.status), el("div", { class: "muted owner", "data-owner": "" }, ownerText(agent))),
     el("td", { class: "num age" }, ago(ageNow(agent))),
     el("td", { class: "num" }, `${free(agent, "cpu_cores_available") ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
     el("td", { class: "num" }, `${fmt(free(agent, "memory_available_gb"))} / ${fmt(m.memory_total_gb)} GB`),
@@ -305,23 +331,29 @@ function renderAgent(agent) {
     fact("id", "Agent id", agent.agent_id),
     fact("version", "Version", agent.agent_version ?? "?"),
     fact("labels", "Labels", labels || "none"),
+    fact("owner", "Owner", ownerText(agent)),
+    fact("reliability", "Last 7 days", `${agent.reliability?.offline_events_7d ?? 0} offline, ${agent.reliability?.preemptions_7d ?? 0} taken back`),
   );
-  renderGpus(m);
+  renderGpus(m, {});
 }
 
-// Each GPU the agent reported (model, UUID, memory, load) and what its probes could not read.
-function renderGpus(m) {
+// Each GPU the agent reported (model, UUID, memory, load, other programs on it, whether it
+// takes jobs and the job it runs) and what its probes could not read.
+function renderGpus(m, jobsOn) {
   const gpus = m.gpus || [];
-  const head = el("tr", {}, ...["GPU", "Model", "UUID", "Free / total VRAM", "Utilization", "Temperature"].map((h) => el("th", {}, h)));
+  const head = el("tr", {}, ...["GPU", "Model", "UUID", "Free / total VRAM", "Utilization", "Temperature", "Other programs", "New jobs", "Running"].map((h) => el("th", {}, h)));
   const rows = gpus.map((g) => el("tr", { "data-gpu": g.index },
     el("td", { class: "num" }, `#${g.index}`), el("td", { class: "name" }, el("bdi", {}, g.name ?? "?")),
     el("td", { class: "name muted" }, g.uuid ?? "?"),
     el("td", { class: "num" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`),
     el("td", { class: "num" }, g.utilization_percent === null || g.utilization_percent === undefined ? "?" : `${fmt(g.utilization_percent, 0)} %`),
-    el("td", { class: "num" }, g.temperature_c === null || g.temperature_c === undefined ? "?" : `${fmt(g.temperature_c, 0)} °C`)));
+    el("td", { class: "num" }, g.temperature_c === null || g.temperature_c === undefined ? "?" : `${fmt(g.temperature_c, 0)} °C`),
+    el("td", { "data-foreign": "" }, foreignText(g)),
+    el("td", { "data-withheld": g.withheld ?? "" }, g.withheld ? withheldText(g.withheld) + (g.fault ? `: ${g.fault}` : "") : "welcome"),
+    el("td", {}, ...(jobsOn[g.uuid ?? `index-${g.index}`] || []).map(jobLink))));
   $("#agent-gpus").replaceChildren(
     el("thead", {}, head),
-    el("tbody", {}, ...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 6, class: "muted" }, "no GPU on this machine"))])),
+    el("tbody", {}, ...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 9, class: "muted" }, "no GPU on this machine"))])),
   );
   const errors = Object.entries(m.probe_errors || {});
   $("#agent-errors").hidden = !errors.length;
@@ -427,6 +459,9 @@ async function loadAgent(agentId) {
     el("td", {}, new Date(e.at).toLocaleString()), el("td", {}, e.from_status ?? "–"),
     el("td", {}, e.to_status), el("td", {}, e.reason))));
   const jobs = (await api(`/jobs?agent_id=${agentId}&limit=200`)).filter((j) => ACTIVE.includes(j.state));
+  const jobsOn = {};
+  for (const j of jobs) for (const g of j.gpu_uuids) (jobsOn[g] ||= []).push(j);
+  renderGpus(metrics(agent), jobsOn);
   $("#agent-jobs tbody").replaceChildren(...(jobs.length ? jobs.map((j) => el("tr", { "data-job-id": j.job_id },
     el("td", {}, jobLink(j)), el("td", { class: "name" }, el("bdi", {}, j.name ?? "")), el("td", {}, jobBadge(j.state)),
     el("td", { class: "name muted" }, j.gpu_uuids.join(", ") || "none"), el("td", {}, needs(j.requirements)),
@@ -470,7 +505,8 @@ async function loadJobs() {
     card("finished", "Finished", jobs.length - count(ACTIVE)));
   $("#jobs tbody").replaceChildren(...jobs.map((j) => el("tr", { "data-job-id": j.job_id, "data-state": j.state },
     el("td", {}, jobLink(j)), el("td", { class: "name" }, el("bdi", {}, j.name ?? "")),
-    el("td", {}, jobBadge(j.state)), el("td", { class: "name" }, agentCell(j)),
+    el("td", {}, jobBadge(j.state), j.preemptions ? el("div", { class: "muted", "data-preemptions": j.preemptions }, `taken back ${j.preemptions}×`) : ""),
+    el("td", { class: "name" }, agentCell(j)),
     el("td", { class: "command" }, j.command.join(" ")),
     el("td", {}, new Date(j.submitted_at).toLocaleString()),
     el("td", { class: "num" }, j.exit_code ?? ""), el("td", {}, j.reason))));
@@ -483,7 +519,8 @@ async function loadJob(jobId) {
   $("#job-facts").replaceChildren(
     card("id", "Job", job.job_id), card("needs", "Needs", needs(job.requirements)),
     card("agent", "On", agentCell(job)), card("gpus", "GPUs", job.gpu_uuids.join(", ") || "none"),
-    card("exit", "Exit code", job.exit_code ?? "–"), card("attempt", "Attempt", job.attempt));
+    card("exit", "Exit code", job.exit_code ?? "–"), card("attempt", "Attempt", job.attempt),
+    card("preemptions", "Taken back", job.preemptions ? `${job.preemptions}× (no retry used)` : "never"));
   const why = job.state === "queued" ? "Waits: " : ACTIVE.includes(job.state) ? "" : "Ended: ";
   $("#job-reason").textContent = job.reason ? why + job.reason : "";
   $("#job-attempts tbody").replaceChildren(...job.attempts.map((a) => el("tr", { "data-attempt": a.attempt },
