@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ from chiffon.agent.bounded import in_daemon_thread
 from chiffon.agent.probes.collect import Collector, FirstAvailable
 from chiffon.agent.probes.nvidia_smi import NvidiaSmiProbe
 from chiffon.agent.probes.nvml import NvmlProbe
+from chiffon.agent.probes.owner import logind_idle
 from chiffon.agent.runner import Ladder
 from chiffon.agent.work import WorkLoop, WorkSettings
 from chiffon.transport.orders import Order, encode, order_key
@@ -107,7 +109,7 @@ def owner_back_refused(rounds: int) -> dict[str, Any]:
         for _ in range(rounds):
             install_session(bin_dir, idle_hint="yes", idle_since_us=away)
             _until(accepts, True, 60)
-            time.sleep(1.0)  # the agent's reading period is not in phase with the flip
+            time.sleep(1.0 + random.random())  # any phase of the agent's reading period
             install_session(bin_dir, idle_hint="no")  # the owner touches the keyboard
             back = time.monotonic()
             _until(accepts, False, 30)
@@ -125,8 +127,8 @@ def owner_back_refused(rounds: int) -> dict[str, Any]:
 
 
 def _read_idle(loginctl: str) -> None:
-    subprocess.run([loginctl, "show-seat", "seat0"], capture_output=True, check=True)
-    subprocess.run([loginctl, "show-session", "1"], capture_output=True, check=True)
+    """One reading as the agent takes it (`probes.owner.logind_idle`: two runs)."""
+    logind_idle(loginctl, time.time())
 
 
 def _wait_registered(http: httpx.Client, id_file: Path, within: float = 60) -> str:
@@ -230,7 +232,7 @@ async def vacate_round(tmp: Path, script: str, grace: float, kill: float) -> tup
     [run] = list(work._runs.values())
     driver.pid = run.pid or 0
     await _until_async(lambda: gpu.free_bytes < gpu.total_bytes)  # the job holds its memory
-    await asyncio.sleep(1.5)  # mid-run, out of phase with the agent's reading period
+    await asyncio.sleep(1.0 + random.random())  # any phase of the agent's reading period
     idle[0] = 0.0  # the owner is back
     back = time.monotonic()
     gone = freed = None

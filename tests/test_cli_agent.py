@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from chiffon.schemas.heartbeat import AgentMessage, Resources
@@ -44,6 +45,31 @@ def test_probe_json_is_the_resources_of_a_heartbeat(smi_env: dict[str, str]) -> 
     assert res.gpus[1].utilization_percent is None and res.gpu_vram_available_max_gb == 25.14
     table = run_cli("probe", env=smi_env)
     assert "nvidia #1" in table.stdout and "CPU load 1/5/15" in table.stdout
+
+
+def test_probe_shows_the_owners_policy_decided_per_gpu_and_the_other_programs(
+    tmp_path: Path,
+) -> None:
+    rows = [gpu_row(0, free_mib="20000"), gpu_row(1)]
+    install(tmp_path / "bin", rows=rows, apps=[[rows[0][1], str(os.getpid()), "1024"]])
+    me = psutil.Process().name()  # this test's process, listed on GPU 0
+    env = {"PATH": path_with(tmp_path / "bin"), "HOME": str(tmp_path),
+           "CHIFFON_ACCEPT_JOBS": "always", "CHIFFON_ALLOW_ROOT_JOBS": "true",
+           "CHIFFON_RESERVE_GPUS": "1", "CHIFFON_EXCLUSIVE_APPS": me}  # fmt: skip
+    table = run_cli("probe", env=env)
+    assert table.returncode == 0, table.stderr
+    lines = [" ".join(line.split()) for line in table.stdout.splitlines()]
+    assert (
+        "other programs on it: 1, 1.1 GB; no new jobs: a program the owner named runs on it"
+        in lines
+    )
+    assert "other programs on it: 0, 0.0 GB; no new jobs: the owner keeps this GPU" in lines
+    assert "New jobs jobs welcome" in lines
+    res = Resources.model_validate_json(run_cli("probe", "--json", env=env).stdout)
+    assert [g.withheld for g in res.gpus] == ["exclusive_app", "reserved"]
+    assert res.gpus[0].foreign_names is None  # names only when the owner allows it
+    named = run_cli("probe", "--json", env={**env, "CHIFFON_REPORT_PROCESS_NAMES": "true"})
+    assert Resources.model_validate_json(named.stdout).gpus[0].foreign_names == [me.lower()]
 
 
 @pytest.mark.parametrize(

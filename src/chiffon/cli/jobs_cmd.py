@@ -298,6 +298,8 @@ def detail_table(j: JobDetail) -> Table:
         ("needs", ", ".join(wants) or "nothing in particular"),
         ("on", where(j) if j.agent_id else ""),
         ("exit code", "" if j.exit_code is None else str(j.exit_code)),
+        ("taken back", f"{j.preemptions}x by a desktop's owner (no retry used)"
+                       if j.preemptions else ""),
     ]  # fmt: skip
     for what, value in rows:
         if value:
