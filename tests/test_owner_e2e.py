@@ -102,9 +102,9 @@ def test_the_owners_return_vacates_the_job_which_lands_elsewhere_without_using_a
         assert _logged(c, job_id, 1, "checkpoint written, deadline 3")  # the ladder's first step
         back = [e for e in c.get(job_id).events if e.to_state == "queued" and e.attempt == 1]
         assert back and "preempted: the desktop's owner is using it" in back[0].reason
-        shown = chiffon(fleet, "jobs", "show", str(job_id))
-        assert "taken back 1x by a desktop's owner (no retry used)" in shown.stdout
-        assert "attempt 1" in shown.stdout and "preempted" in shown.stdout
+        shown = " ".join(chiffon(fleet, "jobs", "show", str(job_id)).stdout.split())
+        assert "taken back 1x by a desktop's owner (no retry used)" in shown
+        assert "attempt 1 desk-8g" in shown and "preempted" in shown
 
 
 def test_an_exclusive_app_on_gpu_0_vacates_only_the_job_on_gpu_0(tmp_path: Path) -> None:
