@@ -178,3 +178,18 @@ async def test_a_job_that_checkpoints_and_exits_is_preempted_and_told_its_deadli
 
 async def _logged(runner: JobRun, what: bytes) -> bool:
     return runner.log_path.exists() and what in runner.log_path.read_bytes()
+
+
+async def test_a_suspended_job_is_continued_so_that_a_cancel_ends_it_with_sigterm(
+    tmp_path: Path,
+) -> None:
+    runner = JobRun(job(PY, "-c", "import time; time.sleep(60)"), attempt_dir=tmp_path / "a",
+                    grace_seconds=30)  # fmt: skip
+    await runner.start()
+    waiting = asyncio.create_task(runner.wait())
+    runner.suspend()
+    assert runner.suspended
+    await runner.cancel()  # not 30 s: SIGTERM reaches it once it is continued
+    ended = await asyncio.wait_for(waiting, 10)
+    assert (ended.reason, ended.signal) == ("cancelled", signal.SIGTERM)
+    assert not runner.suspended

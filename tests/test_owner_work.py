@@ -196,3 +196,35 @@ def _true(check: object) -> object:
         return bool(check())  # type: ignore[operator]
 
     return checked
+
+
+async def test_cpu_jobs_may_be_suspended_instead_and_continue_once_the_owner_leaves(
+    tmp_path: Path,
+) -> None:
+    orch, desk = Orchestrator(), Desk()
+    work = work_loop(tmp_path, orch, desk, accept_jobs="when_idle", idle_minutes=10,
+                     cpu_jobs_on_return="suspend")  # fmt: skip
+    idle = [3600.0]
+    guarding = asyncio.create_task(
+        work.guard(lambda: (idle[0], None), lambda: None, every_seconds=0.05)
+    )
+    await eventually(_true(work.accepting_now))
+    cpu_job, gpu_job = uuid.uuid4(), uuid.uuid4()
+    await work.handle(*order(cpu_job, command=SLEEPER))
+    await work.handle(*order(gpu_job, command=SLEEPER, gpu_uuids=["GPU-0"]))
+    await orch.until(cpu_job, 1)
+    await orch.until(gpu_job, 1)
+    cpu = psutil.Process(work._runs[(cpu_job, 1)].pid)  # type: ignore[arg-type]
+
+    idle[0] = 0.0  # the owner is back: the GPU job leaves, the CPU job is stopped
+    await orch.until(gpu_job, 2)
+    assert orch.said(gpu_job) == ["started", "preempted"]
+    await eventually(_true(lambda: cpu.status() == psutil.STATUS_STOPPED))
+    assert orch.said(cpu_job) == ["started"] and (cpu_job, 1) in work.running
+
+    idle[0] = 3600.0  # away again: it continues where it was
+    await eventually(_true(lambda: cpu.status() != psutil.STATUS_STOPPED))
+    assert orch.said(cpu_job) == ["started"]
+    guarding.cancel()
+    await work.stop()
+    assert orch.said(cpu_job) == ["started", "lost"]  # the agent stopped: it says so

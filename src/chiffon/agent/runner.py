@@ -137,6 +137,7 @@ class JobRun:
         self._inherited = os.environ if inherited_env is None else inherited_env
         self._process: asyncio.subprocess.Process | None = None
         self._ending: Reason | None = None
+        self._suspended = False
         self._why = ""
         self._started = 0.0
         self.log_bytes = 0
@@ -217,10 +218,26 @@ class JobRun:
             return
         self._ending, self._why = why, detail
         _signal_group(process.pid, signal.SIGTERM)
+        self.resume()  # a stopped process acts on SIGTERM only once continued
         try:
             await asyncio.wait_for(self._exit(), self._grace)
         except TimeoutError:
             _signal_group(process.pid, signal.SIGKILL)
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    def suspend(self) -> None:
+        """SIGSTOP to the group (CPU-only jobs: a stopped process keeps its GPU memory)."""
+        if self._process is not None and self._process.returncode is None and not self.ending:
+            _signal_group(self._process.pid, signal.SIGSTOP)
+            self._suspended = True
+
+    def resume(self) -> None:
+        if self._process is not None and self._suspended:
+            _signal_group(self._process.pid, signal.SIGCONT)
+            self._suspended = False
 
     async def vacate(self, detail: str) -> None:
         """The ladder (`Ladder`): checkpoint signal, SIGTERM, SIGKILL; it ends as
@@ -230,6 +247,7 @@ class JobRun:
             return
         self._ending, self._why = "preempted", detail
         _signal_group(process.pid, signal.Signals[self.ladder.checkpoint])
+        self.resume()
         for sig, wait in ((signal.SIGTERM, self.ladder.grace_seconds),
                           (signal.SIGKILL, self.ladder.kill_seconds)):  # fmt: skip
             try:

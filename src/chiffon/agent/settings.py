@@ -52,6 +52,7 @@ ENV_VARS: dict[str, str] = {
     "exclusive_apps": "CHIFFON_EXCLUSIVE_APPS",
     "on_owner_return": "CHIFFON_ON_OWNER_RETURN",
     "report_process_names": "CHIFFON_REPORT_PROCESS_NAMES",
+    "cpu_jobs_on_return": "CHIFFON_CPU_JOBS_ON_RETURN",
     "checkpoint_signal": "CHIFFON_CHECKPOINT_SIGNAL",
     "vacate_grace_seconds": "CHIFFON_VACATE_GRACE",
     "vacate_kill_seconds": "CHIFFON_VACATE_KILL_GRACE",
@@ -336,6 +337,9 @@ class AgentSettings:
     on_owner_return: str = field(
         default="vacate_all", metadata=_check(_one_of("vacate_all", "vacate_used_gpus"))
     )
+    # A CPU-only job when the owner comes back (or the schedule ends): vacated, or stopped
+    # (SIGSTOP) and continued after. Never for GPU jobs: a stopped process keeps its VRAM.
+    cpu_jobs_on_return: str = field(default="vacate", metadata=_check(_one_of("vacate", "suspend")))
     # Names of the programs on the GPUs, in the heartbeat (counts and VRAM always are).
     report_process_names: bool = field(default=False, metadata=_check(_bool))
     # The vacate ladder: this signal (the job checkpoints), SIGTERM after

@@ -105,6 +105,7 @@ class WorkSettings:
     exclusive_apps: tuple[str, ...] = ()
     on_owner_return: str = "vacate_all"
     report_process_names: bool = False
+    cpu_jobs_on_return: str = "vacate"  # or "suspend" (SIGSTOP, then SIGCONT)
     ladder: Ladder = Ladder()  # noqa: RUF009 (frozen, so one shared default is safe)
 
     @property
@@ -306,13 +307,32 @@ class WorkLoop:
 
     def _enforce(self) -> None:
         """Vacate each running job whose GPUs (or, CPU-only, whose desktop) the decision
-        takes back."""
+        takes back; with `cpu_jobs_on_return: suspend`, stop a CPU-only job instead while
+        its owner is there or outside the schedule, and continue it after."""
         for key, run in self._runs.items():
             why = self.decision.vacating(run.assignment.gpu_uuids)
-            if why is not None and not run.ending:
-                on = ", ".join(run.assignment.gpu_uuids) or "this desktop"
-                log.warning("vacating attempt %s of %s on %s: %s", key[1], key[0], on, SAID[why])
-                self._spawn(run.vacate(f"preempted: {SAID[why]} ({on})"))
+            if why is None:
+                if run.suspended:
+                    log.info("continuing attempt %s of %s", key[1], key[0])
+                    run.resume()
+                continue
+            if run.ending:
+                continue
+            if self._suspends(run, why):
+                if not run.suspended:
+                    log.warning("stopping attempt %s of %s: %s", key[1], key[0], SAID[why])
+                    run.suspend()
+                continue
+            on = ", ".join(run.assignment.gpu_uuids) or "this desktop"
+            log.warning("vacating attempt %s of %s on %s: %s", key[1], key[0], on, SAID[why])
+            self._spawn(run.vacate(f"preempted: {SAID[why]} ({on})"))
+
+    def _suspends(self, run: JobRun, why: str) -> bool:
+        return (
+            self.settings.cpu_jobs_on_return == "suspend"
+            and not run.assignment.gpu_uuids
+            and why in ("owner_active", "outside_schedule")
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -318,6 +318,7 @@ def work_settings(settings: AgentSettings) -> WorkSettings:
         exclusive_apps=tuple(settings.exclusive_apps),
         on_owner_return=settings.on_owner_return,
         report_process_names=settings.report_process_names,
+        cpu_jobs_on_return=settings.cpu_jobs_on_return,
         ladder=Ladder(
             settings.checkpoint_signal, settings.vacate_grace_seconds, settings.vacate_kill_seconds
         ),
