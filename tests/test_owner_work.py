@@ -228,3 +228,22 @@ async def test_cpu_jobs_may_be_suspended_instead_and_continue_once_the_owner_lea
     guarding.cancel()
     await work.stop()
     assert orch.said(cpu_job) == ["started", "lost"]  # the agent stopped: it says so
+
+
+async def test_a_process_named_with_control_characters_is_reported_cleanly(
+    tmp_path: Path,
+) -> None:
+    orch, desk = Orchestrator(), Desk()
+    work = work_loop(tmp_path, orch, desk, report_process_names=True)
+    hostile = tmp_path / "evil\x1b[2Jname"  # a local user's own program, named to break us
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", hostile)
+    named = await asyncio.create_subprocess_exec(str(hostile), "30")
+    try:
+        await eventually(_true(lambda: psutil.Process(named.pid).name() != "sleep"))
+        desk.processes["GPU-0"] = [(named.pid, 1.0)]
+        seen = work.observe(desk.snapshot())
+    finally:
+        named.kill()
+        await named.wait()
+    [name] = seen.gpus[0].foreign_names or []
+    assert "\x1b" not in name and name.startswith("evil") and seen.gpus[0].foreign_vram_gb == 1.0

@@ -33,6 +33,7 @@ from chiffon.agent.owner import SAID, Decision, GpuSeen, OwnerPolicy, decide, pa
 from chiffon.agent.report import GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, Ended, JobRun, Ladder, end_orphans
 from chiffon.backoff import Backoff
+from chiffon.schemas.limits import clean_text
 from chiffon.transport.base import TransportError
 from chiffon.transport.orders import (
     AttemptLedger,
@@ -605,9 +606,10 @@ def _attempt_named(pid: int) -> tuple[uuid.UUID, int] | None:
 
 
 def _program(pid: int) -> str:
-    """A process's program name, lower case ("?" when it cannot be read)."""
+    """A process's program name, lower case ("?" when it cannot be read). Any local user
+    names their own processes: control characters are blanked, the length bounded."""
     try:
-        return psutil.Process(pid).name().lower()[:64] or "?"
+        return clean_text(psutil.Process(pid).name().lower()[:64]).strip() or "?"
     except psutil.Error:
         return "?"
 
