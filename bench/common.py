@@ -121,6 +121,16 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise KeyError(field)
 
 
+def timed(fn: Any, repeats: int) -> list[float]:
+    """Seconds each of `repeats` calls of `fn` took (a floor measured beside a result)."""
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100)."""
     ordered = sorted(values)

@@ -49,6 +49,7 @@ from bench.common import (
     percentile,
     private_vhost,
     stop,
+    timed,
     write_results,
 )
 
@@ -104,23 +105,14 @@ def submit_to_start(transport: str, jobs: int) -> dict[str, Any]:
             started = float("".join(p.data for p in client.logs(job_id)).strip())
             latencies.append(started - submitted)
         kept = stack.enter_context(httpx.Client(base_url=api, timeout=5))  # kept alive
-        floor_http = _timed(lambda: kept.get("/healthz"), 100)
-    floor_exec = _timed(lambda: subprocess.run(["date", "+%s.%N"], capture_output=True), 100)
+        floor_http = timed(lambda: kept.get("/healthz"), 100)
+    floor_exec = timed(lambda: subprocess.run(["date", "+%s.%N"], capture_output=True), 100)
     return {
         "transport": transport, "jobs": jobs,
         "submit_to_start_ms": _summary(latencies),
         "floor_api_round_trip_ms": _summary(floor_http),
         "floor_fork_exec_ms": _summary(floor_exec),
     }  # fmt: skip
-
-
-def _timed(fn: Any, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - started)
-    return out
 
 
 def _summary(seconds: list[float]) -> dict[str, float]:

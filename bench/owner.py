@@ -51,6 +51,7 @@ from bench.common import (
     orchestrator,
     percentile,
     stop,
+    timed,
     write_results,
 )
 from tests.fakes import fake_pynvml
@@ -114,9 +115,9 @@ def owner_back_refused(rounds: int) -> dict[str, Any]:
             back = time.monotonic()
             _until(accepts, False, 30)
             latencies.append(time.monotonic() - back)
-        round_trip = _timed(lambda: http.get(f"/api/v1/agents/{agent_id}"), 50)
+        round_trip = timed(lambda: http.get(f"/api/v1/agents/{agent_id}"), 50)
         loginctl = str(bin_dir / "loginctl")
-        read = _timed(lambda: _read_idle(loginctl), 20)
+        read = timed(lambda: _read_idle(loginctl), 20)
     return {
         "rounds": rounds,
         "owner_back_to_refused_ms": _summary(latencies),
@@ -148,15 +149,6 @@ def _until(check: Any, value: bool, within: float) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"not {value} within {within} s")
         time.sleep(0.01)
-
-
-def _timed(fn: Any, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - started)
-    return out
 
 
 # ---- 2. owner back -> GPU free -------------------------------------------------------

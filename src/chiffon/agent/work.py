@@ -65,8 +65,8 @@ PUSHED_POLL_PAUSE_SECONDS = 30.0
 # With accept_jobs: when_idle, how often the owner's idle time is read (the owner's return
 # reaches the orchestrator within about this, plus one heartbeat's delivery).
 OWNER_CHECK_SECONDS = 1.0
-# While jobs run (or a GPU is dirty), how often the GPUs' processes are read afresh: an
-# exclusive app clears the GPU it starts on within about this.
+# While a GPU is dirty, or jobs run under a policy that watches the GPUs' processes, how
+# often those are read afresh: an exclusive app clears the GPU it starts on within this.
 GPU_CHECK_SECONDS = 2.0
 # Memory on a GPU that no listed process holds, above what there was before a job: the
 # job's leftover (the GPU stays `dirty` until it is back).
@@ -159,6 +159,11 @@ class WorkLoop:
         self._ended: dict[tuple[uuid.UUID, int], float] = {}  # attempts ended, and when
         self.killed_leftovers = 0  # processes of ended jobs ended by the hygiene check
         self._guard_reads_idle = False
+        # While jobs run, the GPUs are read afresh only when the policy looks at what runs
+        # on them (a GPU read is cheap with NVML, a process or two with nvidia-smi).
+        self._watches_gpus = bool(self.policy.exclusive_apps) or (
+            self.policy.on_owner_return == "vacate_used_gpus"
+        )
         self.decision = self._decide([])
 
     @property
@@ -359,17 +364,19 @@ class WorkLoop:
     ) -> None:
         """Decide again every `every_seconds`: the owner's idle time (with `when_idle`,
         read in a daemon thread: a hung session tool never stalls the loop), the clock
-        against the schedule and, while jobs run or a GPU is dirty, the GPUs' processes
-        read afresh every `gpu_every_seconds`. Jobs the decision takes back are vacated at
-        once; `on_change` is called the moment what is offered changes (the heartbeat goes
-        out then, not at the next beat)."""
+        against the schedule and the GPUs' processes read afresh every `gpu_every_seconds`
+        while a GPU is dirty, or while jobs run under a policy that looks at the GPUs'
+        processes (exclusive apps, `vacate_used_gpus`); else as each heartbeat read them.
+        Jobs the decision takes back are vacated at once; `on_change` is called the moment
+        what is offered changes (the heartbeat goes out then, not at the next beat)."""
         offered = self._offered()
         last_gpu_read = 0.0
         self._guard_reads_idle = read_idle is not None
         while True:
             if read_idle is not None:
                 self.owner_idle_seconds, _ = await in_daemon_thread(read_idle, name="chiffon-owner")
-            if (self._runs or self._dirt) and time.monotonic() - last_gpu_read >= gpu_every_seconds:
+            watch = self._dirt or (self._runs and self._watches_gpus)
+            if watch and time.monotonic() - last_gpu_read >= gpu_every_seconds:
                 last_gpu_read = time.monotonic()
                 self.observe(await self._fresh())
             elif self._raw is not None:
