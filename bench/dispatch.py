@@ -15,7 +15,8 @@
    the floor. Anchors: Slurm sustains about 500 jobs/s, the Kubernetes scheduler 100
    pods/s.
 
-    .venv/bin/python bench/dispatch.py [--jobs 100] [--queue 2000]
+    .venv/bin/python bench/dispatch.py [--jobs 100] [--queue 2000] [--agents 1000]
+        [--placements-only]
 """
 
 from __future__ import annotations
@@ -58,20 +59,25 @@ from chiffon.client import Client
 AGENTS = 3
 
 
-def start_agents(tmp: Path, api: str, transport: str, amqp_url: str | None) -> list[Any]:
-    env = {**os.environ, **auth_env(), "CHIFFON_ORCHESTRATOR_URL": api,
+def start_agents(
+    tmp: Path, api: str, transport: str, amqp_url: str | None, extra: dict[str, str] | None = None
+) -> list[Any]:
+    return [agent(tmp, api, transport, amqp_url, n, extra) for n in range(AGENTS)]
+
+
+def agent(tmp: Path, api: str, transport: str, amqp_url: str | None, n: int,
+          extra: dict[str, str] | None = None) -> Any:  # fmt: skip
+    """`chiffon agent --accept-jobs` number `n` (started again with the same identity)."""
+    env = {**os.environ, **(extra or {}), **auth_env(), "CHIFFON_ORCHESTRATOR_URL": api,
            "CHIFFON_TRANSPORT": transport, "CHIFFON_AMQP_URL": amqp_url or "",
            "CHIFFON_ACCEPT_JOBS": "true", "CHIFFON_ALLOW_ROOT_JOBS": "true"}  # fmt: skip
-    procs = []
-    for n in range(AGENTS):
-        home = tmp / f"agent-{n}"
-        home.mkdir()
-        log = (tmp / f"agent-{n}.log").open("w")
-        procs.append(subprocess.Popen(
-            [*CHIFFON, "agent", "--name", f"bench-{n}", "--state-dir", str(home)],
-            env={**env, "HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT, text=True,
-        ))  # fmt: skip
-    return procs
+    home = tmp / f"agent-{n}"
+    home.mkdir(exist_ok=True)
+    log = (tmp / f"agent-{n}.log").open("a")
+    return subprocess.Popen(
+        [*CHIFFON, "agent", "--name", f"bench-{n}", "--state-dir", str(home)],
+        env={**env, "HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
 
 
 def wait_online(api: str, count: int, within: float = 60) -> None:
@@ -189,9 +195,9 @@ def raw_claim_ms(url: str, repeats: int = 300) -> dict[str, float]:
     return _summary(times)
 
 
-def placements(queue: int) -> dict[str, Any]:
+def placements(queue: int, agents: int = 1000) -> dict[str, Any]:
     with fresh_postgres() as url:
-        rows = seed_rows(1000)
+        rows = seed_rows(agents)
         for row in rows:
             row["accepts_jobs"] = True
         seed(url, rows)
@@ -200,24 +206,87 @@ def placements(queue: int) -> dict[str, Any]:
     return result
 
 
+FAST_LIVENESS = {"CHIFFON_HEARTBEAT_INTERVAL": "1", "CHIFFON_HEARTBEAT_TIMEOUT": "3",
+                 "CHIFFON_SWEEP_INTERVAL": "0.5"}  # fmt: skip
+
+
+def placed_again_after_offline(rounds: int) -> dict[str, Any]:
+    """A job's desktop is SIGKILLed: from the offline event the sweep writes to the job's
+    next attempt assigned elsewhere, both stamped by the orchestrator's clock (the
+    database's own record). Liveness made fast (1 s beats, 3 s timeout, 0.5 s sweep) so
+    that the rounds are short; what is measured starts once the desktop is marked offline."""
+    gaps = []
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        database = stack.enter_context(fresh_postgres())
+        api, _ = stack.enter_context(orchestrator(database, env=FAST_LIVENESS,
+                                                  log=tmp / "orch.log"))  # fmt: skip
+        procs = dict(enumerate(start_agents(tmp, api, "http", None, FAST_LIVENESS)))
+        for proc in procs.values():
+            stack.callback(stop, proc)
+        wait_online(api, AGENTS)
+        client = stack.enter_context(Client(api, token=auth_env()["CHIFFON_API_TOKEN"]))
+        names = {f"bench-{n}": n for n in procs}
+        for _ in range(rounds):
+            job = client.submit(["sleep", "600"], retries=1).job.job_id
+            _until(lambda job=job: client.get(job).state == "running", 30)
+            victim = names[str(client.get(job).agent_name)]
+            procs[victim].kill()  # its desktop loses power
+            procs[victim].wait()
+            _until(lambda job=job: client.get(job).attempt == 2, 60)
+            with psycopg.connect(database.replace("postgresql+psycopg://", "postgresql://")) as db:
+                offline_at = db.execute(
+                    "SELECT max(at) FROM agent_events e JOIN jobs j ON j.job_id = %s "
+                    "JOIN job_attempts a ON a.job_id = j.job_id AND a.attempt = 1 "
+                    "WHERE e.agent_id = a.agent_id AND e.to_status = 'offline'", (job,)
+                ).fetchone()[0]  # fmt: skip
+                assigned_at = db.execute(
+                    "SELECT assigned_at FROM job_attempts WHERE job_id = %s AND attempt = 2",
+                    (job,),
+                ).fetchone()[0]
+            gaps.append((assigned_at - offline_at).total_seconds())
+            client.cancel(job)
+            procs[victim] = agent(tmp, api, "http", None, victim, FAST_LIVENESS)
+            stack.callback(stop, procs[victim])
+            wait_online(api, AGENTS)
+    return {"rounds": rounds, "offline_to_placed_again_ms": _summary(gaps),
+            "sweep_interval_seconds": 0.5}  # fmt: skip
+
+
+def _until(check: Any, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not within {within} s")
+        time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--queue", type=int, default=2000)
+    parser.add_argument("--agents", type=int, default=1000, help="for the placements")
+    parser.add_argument("--placements-only", action="store_true")
+    parser.add_argument("--lost-rounds", type=int, default=5, help="0: skip that part")
     options = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
-    for transport in ("http", "amqp"):
+    for transport in () if options.placements_only else ("http", "amqp"):
         got = submit_to_start(transport, options.jobs)
         results[f"submit_to_start_{transport}"] = got
         print(f"{transport}: submit to start {got['submit_to_start_ms']} ms over {got['jobs']} "
               f"jobs; API round trip {got['floor_api_round_trip_ms']}, fork+exec "
               f"{got['floor_fork_exec_ms']}")  # fmt: skip
-    got = placements(options.queue)
-    results["placements_1000_agents_postgresql"] = got
+    if options.lost_rounds and not options.placements_only:
+        got = placed_again_after_offline(options.lost_rounds)
+        results["placed_again_after_offline"] = got
+        print(f"a lost job placed again after its desktop is marked offline: "
+              f"{got['offline_to_placed_again_ms']} ms")  # fmt: skip
+    got = placements(options.queue, options.agents)
+    results[f"placements_{options.agents}_agents_postgresql"] = got
     print(f"placements: {got['placed']} of {got['queued']} in {got['seconds']} s = "
           f"{got['placements_per_second']}/s ({got['passes']} passes); raw claim transaction "
           f"{got['raw_claim_transaction_ms']} ms")  # fmt: skip
-    write_results("dispatch", results)
+    write_results("dispatch" + ("_placements" if options.placements_only else ""), results)
 
 
 if __name__ == "__main__":

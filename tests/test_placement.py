@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import pytest
 
 from chiffon.orchestrator.placement import (
     Candidate,
     Claim,
+    Fleet,
     GpuLedger,
     Miss,
     Placement,
@@ -143,3 +147,65 @@ def test_the_reason_names_the_nearest_miss_and_who_cannot_take_jobs() -> None:
 )
 def test_reasons_say_what_was_asked(want: Requirements, reason: str) -> None:
     assert place(want, [agent("a", gpu(0, 8, 8), cores=2, memory=16)]) == Miss(reason)
+
+
+# -- the index a pass places through (Fleet): the same answers as place() over everyone
+
+
+def _random_fleet(rng: random.Random, agents: int) -> list[Candidate]:
+    fleet = []
+    for n in range(agents):
+        gpus = tuple(
+            dataclasses.replace(
+                gpu(i, 24, rng.choice([2.0, 6.0, 8.0, 8.0, 12.5, 16.0, 24.0]),
+                    vendor=rng.choice(["nvidia", "nvidia", "amd"])),
+                uuid=f"GPU-{n}-{i}",
+                withheld=rng.choice([None] * 6 + ["owner_active", "dirty"]),
+            )
+            for i in range(rng.randint(0, 3))
+        )  # fmt: skip
+        c = agent(f"a{n:03d}", *gpus, online=rng.random() > 0.1, accepts=rng.random() > 0.1,
+                  cores=rng.choice([2, 8, 16]), pool=rng.choice(["p", "q"]),
+                  labels={"room": rng.choice(["a", "b"])})  # fmt: skip
+        fleet.append(dataclasses.replace(c, setbacks=rng.choice([0, 0, 0, 1, 3])))
+    return fleet
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fleet_index_places_as_place_does_job_after_job(seed: int) -> None:
+    rng = random.Random(seed)
+    candidates = {c.agent_id: c for c in _random_fleet(rng, 60)}
+    fleet = Fleet(list(candidates.values()))
+    for _ in range(150):
+        want = Requirements(
+            gpus=rng.choice([1, 1, 1, 2, 0]), vram_gb=rng.choice([0.0, 4.0, 8.0, 12.0, 20.0]),
+            cpu_cores=rng.choice([0, 1, 4]), pool_name=rng.choice([None, "p"]),
+            labels=rng.choice([{}, {"room": "a"}]), gpu_vendor=rng.choice([None, "nvidia"]),
+            avoid=frozenset(rng.sample(sorted(candidates), 2)), long=rng.random() < 0.5,
+        )  # fmt: skip
+        policy = rng.choice(["best_fit", "best_fit", "spread"])
+        expected = place(want, list(candidates.values()), policy)  # type: ignore[arg-type]
+        assert fleet.place(want, policy) == expected  # type: ignore[arg-type]
+        if isinstance(expected, Placement):  # claim what it took, as the scheduler does
+            c = candidates[expected.agent_id]
+            took = [
+                dataclasses.replace(g, claims=(*g.claims, Claim(want.vram_gb)))
+                if g.uuid in expected.gpu_uuids else g
+                for g in c.gpus
+            ]  # fmt: skip
+            cores = (
+                None if c.cpu_cores_available is None else c.cpu_cores_available - want.cpu_cores
+            )
+            c = dataclasses.replace(c, gpus=tuple(took), cpu_cores_available=cores)
+            candidates[c.agent_id] = c
+            fleet.update(c, placed=True)
+
+
+def test_a_miss_is_said_again_without_a_search_until_an_agent_has_more_room() -> None:
+    small = agent("small", gpu(0, 8, 6))
+    fleet = Fleet([small])
+    want = Requirements(gpus=1, vram_gb=12)
+    first = fleet.place(want)
+    assert isinstance(first, Miss) and fleet.place(want) is first  # kept
+    fleet.update(agent("small", gpu(0, 24, 20)))  # read again under its lock: it grew
+    assert isinstance(fleet.place(want), Placement)

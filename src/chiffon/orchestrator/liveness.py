@@ -35,8 +35,10 @@ class Sweeper:
         *,
         timeout_seconds: float,
         hearing: Callable[[], bool] = lambda: True,
+        went_offline: Callable[[], None] = lambda: None,
     ) -> None:
         self._sessions = sessions
+        self._went_offline = went_offline  # told when a sweep marked agents offline
         self._hearing = hearing  # asked at every sweep: can every receiver hear its agents?
         self._clock = clock
         self._metrics = metrics
@@ -92,6 +94,8 @@ class Sweeper:
         self._metrics.sweep_seconds.observe(time.perf_counter() - started)
         self.last_completed = time.monotonic()
         self._report(gone=len(gone), online_before=before.get("online", 0))
+        if gone:
+            self._went_offline()  # their jobs are placed again now, not at the next pass
         return await self._refresh_counts([str(agent_id) for agent_id in gone])
 
     def _report(self, *, gone: int, online_before: int) -> None:

@@ -20,6 +20,9 @@ than promised twice. An unknown `total` or `free` makes the GPU unusable.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +54,11 @@ class GpuLedger:
     jobs_used_gb: float | None = 0.0  # None: the agent cannot see per-process use
     claims: tuple[Claim, ...] = ()
     withheld: str | None = None  # why its desktop offers it to no new job (docs/owner.md)
+    # `available_gb`, worked out once (placement asks it many times per pass)
+    _available: float = field(default=0.0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_available", self._work_out_available())
 
     @property
     def foreign_gb(self) -> float | None:
@@ -62,6 +70,9 @@ class GpuLedger:
     @property
     def available_gb(self) -> float:
         """What a new claim may take: the rule in the module's docstring (0 when unknown)."""
+        return self._available
+
+    def _work_out_available(self) -> float:
         foreign = self.foreign_gb
         if self.total_gb is None or foreign is None:
             return 0.0
@@ -132,10 +143,138 @@ def place(
     """
     fits = [p for c in candidates if (p := _fit(want, c, policy)) is not None]
     if fits:
-        if want.long:
-            return min(fits, key=lambda p: (p.setbacks, p.score, p.agent_id))
-        return min(fits, key=lambda p: (p.score, p.setbacks, p.agent_id))
+        return min(fits, key=lambda p: _key(p, want))
     return Miss(why_not(want, candidates))
+
+
+def _key(p: Placement, want: Requirements) -> tuple[float, float, str]:
+    """`place`'s order: the reliability record first for a long job, the score first for
+    the others; the agent's id breaks ties."""
+    if want.long:
+        return (p.setbacks, p.score, p.agent_id)
+    return (p.score, p.setbacks, p.agent_id)
+
+
+class Fleet:
+    """The candidates of one scheduling pass, indexed so that placing a one-GPU job
+    (nearly every job) visits a few agents, not all of them: every offered GPU of every
+    online agent that accepts jobs, by the VRAM a new claim may take there.
+
+    Best fit walks up from the smallest GPU with room and stops once a GPU's own leftover
+    (a lower bound of its agent's score) passes the best score found: the same answer as
+    `place` over every candidate (`tests/test_placement.py` holds them equal). Spread,
+    several GPUs and CPU-only jobs take `place` over every candidate. A requirement that
+    missed misses again until capacity grows, which within a pass it does not: the miss
+    is kept (`missed`) and said again without a search."""
+
+    def __init__(self, candidates: Sequence[Candidate]) -> None:
+        self.candidates: dict[str, Candidate] = {}
+        self._gpus: list[tuple[float, str, str]] = []  # (available GB, agent id, GPU id)
+        self._missed: dict[tuple[object, ...], Miss] = {}
+        self._cores: list[float] = []  # free cores of each agent that takes jobs, sorted
+        self._least_setbacks = min((c.setbacks for c in candidates), default=0)
+        for c in candidates:
+            self.candidates[c.agent_id] = c
+            self._gpus.extend(self._entries(c))
+            if c.online and c.accepts_jobs:
+                self._cores.append(c.cpu_cores_available or 0.0)
+        self._gpus.sort()
+        self._cores.sort()
+
+    @staticmethod
+    def _entries(c: Candidate) -> list[tuple[float, str, str]]:
+        if not (c.online and c.accepts_jobs):
+            return []
+        return [(g.available_gb, c.agent_id, g.uuid) for g in c.gpus if g.withheld is None]
+
+    def update(self, c: Candidate, *, placed: bool = False) -> None:
+        """`c` as it is now: after a placement on it (`placed`: it only has less room), or
+        read again under its lock (it may have more: the misses kept are forgotten)."""
+        old = self.candidates.get(c.agent_id)
+        if not placed and c != old:
+            self._missed.clear()
+        for entry in self._entries(old) if old is not None else []:
+            at = bisect.bisect_left(self._gpus, entry)
+            if at < len(self._gpus) and self._gpus[at] == entry:
+                del self._gpus[at]
+        self.candidates[c.agent_id] = c
+        for entry in self._entries(c):
+            bisect.insort(self._gpus, entry)
+        for was, now in ((old, None), (None, c)):
+            cand = was or now
+            if cand is None or not (cand.online and cand.accepts_jobs):
+                continue
+            cores = cand.cpu_cores_available or 0.0
+            if was is not None:
+                at = bisect.bisect_left(self._cores, cores)
+                if at < len(self._cores) and self._cores[at] == cores:
+                    del self._cores[at]
+            else:
+                bisect.insort(self._cores, cores)
+
+    def drop(self, agent_id: str) -> None:
+        old = self.candidates.get(agent_id)
+        if old is not None:
+            self.update(dataclasses.replace(old, online=False))
+            del self.candidates[agent_id]
+
+    def place(
+        self,
+        want: Requirements,
+        policy: Policy = "best_fit",
+        *,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Placement | Miss:
+        """`place(want, candidates not in exclude, policy)`, faster."""
+        memo = (policy, *_memo_key(want))
+        if memo in self._missed and not exclude:
+            return self._missed[memo]
+        if want.gpus == 1 and policy == "best_fit":
+            found = self._walk(want, exclude)
+            choice: Placement | Miss = (
+                found if found is not None else Miss(why_not(want, list(self.candidates.values())))
+            )
+        else:
+            pool = [c for c in self.candidates.values() if c.agent_id not in exclude]
+            choice = place(want, pool, policy)
+        if isinstance(choice, Miss) and not exclude:
+            self._missed[memo] = choice
+        return choice
+
+    def _walk(self, want: Requirements, exclude: frozenset[str]) -> Placement | None:
+        best: Placement | None = None
+        seen: set[str] = set()
+        start = bisect.bisect_left(self._gpus, (want.vram_gb,))
+        least_share = self._least_core_share(want.cpu_cores)
+        for available, agent_id, _ in itertools.islice(self._gpus, start, None):
+            if best is not None:
+                # no agent further on scores under this: its GPU leaves at least `left`
+                bound = available - want.vram_gb + least_share
+                settled = not want.long or best.setbacks == self._least_setbacks
+                if settled and bound > best.score:
+                    break
+            if agent_id in seen or agent_id in exclude:
+                continue
+            seen.add(agent_id)
+            fit = _fit(want, self.candidates[agent_id], "best_fit")
+            if fit is not None and (best is None or _key(fit, want) < _key(best, want)):
+                best = fit
+        return best
+
+    def _least_core_share(self, wanted: float) -> float:
+        """The least core share (`_fit`'s second term) any agent with room could add:
+        `(cores - wanted) / cores` grows with `cores`, so the fewest cores that fit."""
+        at = bisect.bisect_left(self._cores, wanted)
+        if at == len(self._cores):
+            return 0.0
+        cores = self._cores[at]
+        return (cores - wanted) / cores if cores > 0 else 0.0
+
+
+def _memo_key(want: Requirements) -> tuple[object, ...]:
+    labels = tuple(sorted(want.labels.items()))
+    return (want.gpus, want.vram_gb, want.cpu_cores, want.memory_gb, want.pool_name, labels,
+            want.gpu_vendor, want.avoid, want.long)  # fmt: skip
 
 
 def _eligible(want: Requirements, c: Candidate) -> bool:
@@ -154,10 +293,10 @@ def _usable(want: Requirements, gpu: GpuLedger) -> bool:
 def _fit(want: Requirements, c: Candidate, policy: Policy) -> Placement | None:
     if not _eligible(want, c) or not _host_fits(want, c):
         return None
-    usable = sorted(
-        (g for g in c.gpus if _usable(want, g)),
-        key=lambda g: (g.available_gb if policy == "best_fit" else -g.available_gb, g.index),
-    )
+    usable = [g for g in c.gpus if _usable(want, g)]
+    if len(usable) > 1:
+        best_fit = policy == "best_fit"
+        usable.sort(key=lambda g: (g.available_gb if best_fit else -g.available_gb, g.index))
     if len(usable) < want.gpus:
         return None
     chosen = usable[: want.gpus]

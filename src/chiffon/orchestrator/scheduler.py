@@ -44,6 +44,7 @@ from chiffon.orchestrator.jobs import lose_offline
 from chiffon.orchestrator.placement import (
     Candidate,
     Claim,
+    Fleet,
     GpuLedger,
     Miss,
     Placement,
@@ -174,6 +175,7 @@ async def schedule_once(
         }  # fmt: skip
         since = now - timedelta(seconds=avoid_seconds)
         taken = await repo.taken_back(session, job_ids=queued, since=since)
+    fleet = Fleet(list(candidates.values()))
     reserved: set[str] = set()
     for job_id in queued:
         async with sessions.begin() as session:
@@ -181,17 +183,16 @@ async def schedule_once(
             if job is None:  # placed, cancelled, or being placed by another orchestrator
                 continue
             want = requirements(job.spec, frozenset(str(a) for a in taken.get(job_id, ())))
-            placed = await _place_one(session, job, want, candidates, reserved, now)
-            if placed is not None:
+            placed = await _place_one(session, job, want, fleet, frozenset(reserved), now)
+            if isinstance(placed, Placement):
                 result.placed[job_id] = placed
                 continue
-            reason = why_not(want, list(candidates.values()))
-            result.waiting[job_id] = reason
-            if job.reason != reason:
-                job.reason, job.updated_at = reason, now
+            result.waiting[job_id] = placed.reason
+            if job.reason != placed.reason:
+                job.reason, job.updated_at = placed.reason, now
             waited = (now - job.submitted_at).total_seconds()
         if not reserved and waited >= starvation_seconds:
-            nearest = closest(want, list(candidates.values()))
+            nearest = closest(want, list(fleet.candidates.values()))
             if nearest is not None:
                 reserved.add(nearest.agent_id)
     return result
@@ -201,41 +202,47 @@ async def _place_one(
     session: AsyncSession,
     job: JobRow,
     want: Requirements,
-    candidates: dict[uuid.UUID, Candidate],
-    reserved: set[str],
+    fleet: Fleet,
+    reserved: frozenset[str],
     now: datetime,
-) -> Placement | None:
+) -> Placement | Miss:
     policy = job.spec.get("policy", "best_fit")
+    choice: Placement | Miss = Miss("")
     for _ in range(RETRIES_PER_JOB):
-        pool = [c for c in candidates.values() if c.agent_id not in reserved]
-        choice = place(want, pool, policy)
+        choice = fleet.place(want, policy, exclude=reserved)
         if isinstance(choice, Miss):
-            return None
+            return choice
         agent_id = uuid.UUID(choice.agent_id)
         await repo.lock_agent(session, agent_id=agent_id)
-        fresh = await _read_again(session, agent_id, choice.setbacks)
-        if fresh is not None and still_fits(want, fresh, choice.gpu_uuids):
-            gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
-            repo.assign(session, job=job, agent_id=agent_id, agent_name=fresh.name, gpus=gpus,
-                        cpu_cores=want.cpu_cores, memory_gb=want.memory_gb, now=now)  # fmt: skip
-            fresh = await _read_again(session, agent_id, choice.setbacks)  # with its new claims
-        if fresh is None:
-            candidates.pop(agent_id, None)
-        else:
-            candidates[agent_id] = fresh
-        if job.state == "assigned":
-            return choice
-    return None
+        found = await _read_again(session, agent_id)
+        if found is None:
+            fleet.drop(choice.agent_id)
+            continue
+        row, claims = found
+        fresh = candidate(row, claims, choice.setbacks)
+        if not still_fits(want, fresh, choice.gpu_uuids):
+            fleet.update(fresh)  # it changed since the pass read it: choose again
+            continue
+        gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
+        written = repo.assign(session, job=job, agent_id=agent_id, agent_name=fresh.name,
+                              gpus=gpus, cpu_cores=want.cpu_cores, memory_gb=want.memory_gb,
+                              now=now)  # fmt: skip
+        fleet.update(candidate(row, [*claims, *written], choice.setbacks), placed=True)
+        return choice
+    return (
+        choice if isinstance(choice, Miss) else Miss(why_not(want, list(fleet.candidates.values())))
+    )
 
 
 async def _read_again(
-    session: AsyncSession, agent_id: uuid.UUID, setbacks: int
-) -> Candidate | None:
+    session: AsyncSession, agent_id: uuid.UUID
+) -> tuple[Row[Any], list[JobClaimRow]] | None:
+    """The agent's row and claims as they are now (under its lock)."""
     rows = await repo.agent_rows(session, agent_ids=[agent_id])
     if not rows:
         return None
     claims = await repo.claims_by_agent(session, agent_ids=[agent_id])
-    return candidate(rows[0], claims.get(agent_id, []), setbacks)
+    return rows[0], claims.get(agent_id, [])
 
 
 class Dispatcher:

@@ -86,6 +86,7 @@ class Orchestrator:
             self.metrics,
             timeout_seconds=settings.heartbeat_timeout_seconds,
             hearing=self.hearing,
+            went_offline=lambda: self.dispatcher.wake(),
         )
         self.credentials = CredentialStore(
             self.sessions,
@@ -351,8 +352,13 @@ class Orchestrator:
         self.metrics.rejected.labels(reason).inc()
 
     def receive(self, message: AgentMessage) -> asyncio.Future[Outcome]:
-        """Stamp receipt time now and queue; resolves once the write has committed."""
-        return self.batcher.submit_nowait(Received(message, self.clock.now()))
+        """Stamp receipt time now and queue; resolves once the write has committed. A
+        goodbye (`offline`) wakes the dispatcher once written: that agent's jobs are
+        placed again now."""
+        done = self.batcher.submit_nowait(Received(message, self.clock.now()))
+        if message.kind == "offline":
+            done.add_done_callback(lambda _: self.dispatcher.wake())
+        return done
 
     async def check_bearer(self, agent_id: UUID, bearer: str | None) -> None:
         """Refuse (`RejectedMessage`, counted) a bearer that is not `agent_id`'s secret:

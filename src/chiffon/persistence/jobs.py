@@ -180,9 +180,10 @@ def assign(
     cpu_cores: float,
     memory_gb: float,
     now: datetime,
-) -> None:
+) -> list[JobClaimRow]:
     """Place `job` on `agent_id` as its next attempt, claiming `gpus` ((id, GB) each),
-    cores and memory there: written in the caller's transaction, after `lock_agent`."""
+    cores and memory there: written in the caller's transaction, after `lock_agent`.
+    Returns the claims written."""
     job.attempt += 1
     job.agent_id = agent_id
     where = f"{agent_name} ({agent_id})" if agent_name else str(agent_id)
@@ -194,15 +195,14 @@ def assign(
             gpu_uuids=[gpu for gpu, _ in gpus], assigned_at=now, reason="",
         )
     )  # fmt: skip
-    session.add(
+    claims = [
         JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=HOST, agent_id=agent_id,
-                    cpu_cores=cpu_cores, memory_gb=memory_gb)
-    )  # fmt: skip
-    for gpu, vram_gb in gpus:
-        session.add(
-            JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=gpu_resource(gpu),
-                        agent_id=agent_id, vram_gb=vram_gb)
-        )  # fmt: skip
+                    cpu_cores=cpu_cores, memory_gb=memory_gb),
+        *(JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=gpu_resource(gpu),
+                      agent_id=agent_id, vram_gb=vram_gb) for gpu, vram_gb in gpus),
+    ]  # fmt: skip
+    session.add_all(claims)
+    return claims
 
 
 async def list_jobs(
