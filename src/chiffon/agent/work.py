@@ -73,7 +73,8 @@ GPU_CHECK_SECONDS = 2.0
 DIRTY_SLACK_GB = 0.25
 # How long an ended attempt's processes are still recognised (and ended) as leftovers.
 ENDED_KEPT_SECONDS = 3600.0
-# A poll that brought only orders already in hand waits this long before asking again.
+# A poll that brought only orders already in hand asks again once a report was heard, or
+# after this long.
 REPEAT_PAUSE_SECONDS = 1.0
 
 
@@ -159,6 +160,7 @@ class WorkLoop:
         self._ended: dict[tuple[uuid.UUID, int], float] = {}  # attempts ended, and when
         self.killed_leftovers = 0  # processes of ended jobs ended by the hygiene check
         self._guard_reads_idle = False
+        self._heard = asyncio.Event()  # set when a report reached the orchestrator
         # While jobs run, the GPUs are read afresh only when the policy looks at what runs
         # on them (a GPU read is cheap with NVML, a process or two with nvidia-smi).
         self._watches_gpus = bool(self.policy.exclusive_apps) or (
@@ -405,6 +407,7 @@ class WorkLoop:
         reached, ask again with backoff."""
         backoff, failures = Backoff(0.5, max_seconds=15.0), 0
         while True:
+            self._heard.clear()
             try:
                 delivered = await source.orders(wait_seconds=wait_seconds)
             except TransportError as exc:
@@ -417,8 +420,10 @@ class WorkLoop:
             news = [await self.handle(body, signature) for body, signature in delivered]
             if delivered and not any(news):
                 # all already in hand (an attempt not yet reported started, a cancel under
-                # way): the orchestrator says them again until it hears back
-                await asyncio.sleep(REPEAT_PAUSE_SECONDS)
+                # way): the orchestrator says them again until it hears back, so ask again
+                # once a report has been heard (or after a pause), not at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._heard.wait(), REPEAT_PAUSE_SECONDS)
             if pause_seconds:
                 await asyncio.sleep(pause_seconds)
 
@@ -564,7 +569,9 @@ class WorkLoop:
         backoff = Backoff(0.5, max_seconds=10.0)
         for failures in range(1, 8):
             try:
-                return await self._channel.report(job_id, attempt, said)
+                verdict = await self._channel.report(job_id, attempt, said)
+                self._heard.set()
+                return verdict
             except TransportError as exc:
                 log.warning("reporting attempt %s of %s failed: %s", attempt, job_id, exc)
                 await asyncio.sleep(backoff.delay(failures))
