@@ -213,12 +213,11 @@ async def _place_one(
         if isinstance(choice, Miss):
             return choice
         agent_id = uuid.UUID(choice.agent_id)
-        await repo.lock_agent(session, agent_id=agent_id)
-        found = await _read_again(session, agent_id)
-        if found is None:
+        row = await repo.lock_agent(session, agent_id=agent_id)  # and read it again
+        if row is None:
             fleet.drop(choice.agent_id)
             continue
-        row, claims = found
+        claims = (await repo.claims_by_agent(session, agent_ids=[agent_id])).get(agent_id, [])
         fresh = candidate(row, claims, choice.setbacks)
         if not still_fits(want, fresh, choice.gpu_uuids):
             fleet.update(fresh)  # it changed since the pass read it: choose again
@@ -232,17 +231,6 @@ async def _place_one(
     return (
         choice if isinstance(choice, Miss) else Miss(why_not(want, list(fleet.candidates.values())))
     )
-
-
-async def _read_again(
-    session: AsyncSession, agent_id: uuid.UUID
-) -> tuple[Row[Any], list[JobClaimRow]] | None:
-    """The agent's row and claims as they are now (under its lock)."""
-    rows = await repo.agent_rows(session, agent_ids=[agent_id])
-    if not rows:
-        return None
-    claims = await repo.claims_by_agent(session, agent_ids=[agent_id])
-    return rows[0], claims.get(agent_id, [])
 
 
 class Dispatcher:

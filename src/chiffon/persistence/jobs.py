@@ -98,14 +98,16 @@ async def agent_rows(
     return (await session.execute(stmt)).all()
 
 
-async def lock_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> None:
-    """Hold the agent's registry row until commit (PostgreSQL): whoever claims on an agent
-    holds this lock, so two placements on one agent are decided one after the other, each
-    reading the claims the other committed. SQLite has one writer at a time anyway."""
+async def lock_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> Row[Any] | None:
+    """The agent as placement needs it (None: not registered), its registry row held
+    until commit (PostgreSQL): whoever claims on an agent holds this lock, so two
+    placements on one agent are decided one after the other, each reading the claims the
+    other committed. SQLite has one writer at a time anyway. One statement: the lock and
+    the read."""
+    stmt = select(*_CANDIDATE_COLUMNS).where(AgentRow.agent_id == agent_id)
     if _postgres(session):
-        await session.execute(
-            select(AgentRow.agent_id).where(AgentRow.agent_id == agent_id).with_for_update()
-        )
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).one_or_none()
 
 
 RELIABILITY_WINDOW = timedelta(days=7)
