@@ -585,7 +585,7 @@ def test_the_owners_side_shows_per_agent_and_per_gpu(page: object) -> None:
     expect(page.locator(f"{row(render02)} [data-owner]")).to_have_text("owner active")
     expect(page.locator(f"{row(BY_NAME['office-07'])} [data-owner]")).to_have_text("takes no jobs")
     expect(page.locator(f"{row(render01)} [data-withheld='exclusive_app']")).to_have_text(
-        " owner's exclusive app"
+        "owner's exclusive app"
     )
     page.click(f"{row(render01)} a")
     gpu1 = page.locator("#agent-gpus tr[data-gpu='1']")

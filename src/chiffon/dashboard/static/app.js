@@ -256,10 +256,13 @@ function gpuBars(agent) {
     const share = g.vram_total_gb ? Math.max(0, Math.min(1, (g.vram_free_gb ?? 0) / g.vram_total_gb)) : 0;
     const fill = el("span");
     fill.style.width = `${(share * 100).toFixed(1)}%`;
-    const withheld = g.withheld ? el("span", { class: "withheld", "data-withheld": g.withheld }, ` ${withheldText(g.withheld)}`) : "";
-    return el("div", { class: "gpu", title: g.name || `GPU ${g.index}`, "data-gpu": g.index },
-      el("span", {}, `#${g.index}`), el("div", { class: "bar" }, fill),
-      el("span", { class: "label" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`), withheld);
+    // why no new job lands there, on a line of its own under the bar (bars stay aligned)
+    const withheld = g.withheld ? el("div", { class: "withheld", "data-withheld": g.withheld }, withheldText(g.withheld)) : "";
+    return el("div", { class: "gpu-line" },
+      el("div", { class: "gpu", title: g.name || `GPU ${g.index}`, "data-gpu": g.index },
+        el("span", {}, `#${g.index}`), el("div", { class: "bar" }, fill),
+        el("span", { class: "label" }, `${fmt(g.vram_free_gb)} / ${fmt(g.vram_total_gb)} GB`)),
+      withheld);
   }));
 }
 
