@@ -160,7 +160,6 @@ class Decision:
     desktop: Withheld | None  # why no new job lands here now; None: welcome
     gpus: Mapping[str, Withheld | None] = field(default_factory=dict)  # GPU id -> why withheld
     owner_present: bool | None = None  # with when_idle; None: unknown or not asked
-    in_schedule: bool = True
 
     def withheld(self, gpu: str) -> Withheld | None:
         return self.gpus.get(gpu, self.desktop)
@@ -198,7 +197,7 @@ def decide(
     by_gpu: dict[str, Withheld | None] = {}
     for gpu in gpus:
         by_gpu[gpu.key] = _gpu_reason(policy, gpu, desktop, bool(present))
-    return Decision(desktop, by_gpu, present, in_schedule)
+    return Decision(desktop, by_gpu, present)
 
 
 def _gpu_reason(

@@ -152,6 +152,7 @@ class WorkLoop:
         self.refused: Counter[str] = Counter()  # orders dropped, by reason
         self.owner_idle_seconds: float | None = None  # as last seen (probes.owner)
         self._raw: Snapshot | None = None  # the last snapshot observed, as read
+        self._seen: list[GpuSeen] = []  # its GPUs as the decision takes them
         # GPU id -> the memory no listed process holds, as read before each job's start
         self._unaccounted: dict[str, float | None] = {}
         # GPUs an ended job may have left dirty -> the memory no listed process held
@@ -264,6 +265,7 @@ class WorkLoop:
             seen.append(GpuSeen(gid, gpu.index, gpu.uuid, names, gpu.fault, dirty))
             gpus.append(gpu)
         self._record_use(used)
+        self._seen = seen
         self.decision = self._decide(seen)
         self._enforce()
         gpus = [dataclasses.replace(g, withheld=self.decision.withheld(gpu_key(g))) for g in gpus]
@@ -381,10 +383,8 @@ class WorkLoop:
             if watch and time.monotonic() - last_gpu_read >= gpu_every_seconds:
                 last_gpu_read = time.monotonic()
                 self.observe(await self._fresh())
-            elif self._raw is not None:
-                self.observe(self._raw)
-            else:
-                self.decision = self._decide([])
+            else:  # the GPUs as last read; only the idle time and the clock moved
+                self.decision = self._decide(self._seen)
                 self._enforce()
             if self._offered() != offered:
                 offered = self._offered()
