@@ -55,6 +55,7 @@ from bench.common import (
 )
 
 from chiffon.client import Client
+from chiffon.orchestrator.scheduler import BATCH
 
 AGENTS = 3
 
@@ -127,7 +128,7 @@ def _summary(seconds: list[float]) -> dict[str, float]:
             "max": round(max(ms), 1)}  # fmt: skip
 
 
-async def _place_all(url: str, queue: int) -> dict[str, Any]:
+async def _place_all(url: str, queue: int, batch: int) -> dict[str, Any]:
     from chiffon.orchestrator import jobs
     from chiffon.orchestrator.scheduler import schedule_once
     from chiffon.persistence.db import create_engine, session_factory
@@ -142,7 +143,7 @@ async def _place_all(url: str, queue: int) -> dict[str, Any]:
         await jobs.submit(sessions, spec, now=datetime.now(UTC))
     placed, passes, started = 0, 0, time.perf_counter()
     while True:
-        result = await schedule_once(sessions, now=datetime.now(UTC), limit=queue)
+        result = await schedule_once(sessions, now=datetime.now(UTC), limit=queue, batch=batch)
         passes += 1
         placed += len(result.placed)
         if not result.placed:
@@ -195,13 +196,13 @@ def raw_claim_ms(url: str, repeats: int = 300) -> dict[str, float]:
     return _summary(times)
 
 
-def placements(queue: int, agents: int = 1000) -> dict[str, Any]:
+def placements(queue: int, agents: int = 1000, batch: int = BATCH) -> dict[str, Any]:
     with fresh_postgres() as url:
         rows = seed_rows(agents)
         for row in rows:
             row["accepts_jobs"] = True
         seed(url, rows)
-        result = asyncio.run(_place_all(url, queue))
+        result = asyncio.run(_place_all(url, queue, batch))
         result["raw_claim_transaction_ms"] = raw_claim_ms(url)
     return result
 
@@ -266,6 +267,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--queue", type=int, default=2000)
     parser.add_argument("--agents", type=int, default=1000, help="for the placements")
+    parser.add_argument("--batch", type=int, default=BATCH, help="jobs a transaction")
     parser.add_argument("--placements-only", action="store_true")
     parser.add_argument("--lost-rounds", type=int, default=5, help="0: skip that part")
     options = parser.parse_args()
@@ -281,7 +283,7 @@ def main() -> None:
         results["placed_again_after_offline"] = got
         print(f"a lost job placed again after its desktop is marked offline: "
               f"{got['offline_to_placed_again_ms']} ms")  # fmt: skip
-    got = placements(options.queue, options.agents)
+    got = placements(options.queue, options.agents, options.batch)
     results[f"placements_{options.agents}_agents_postgresql"] = got
     print(f"placements: {got['placed']} of {got['queued']} in {got['seconds']} s = "
           f"{got['placements_per_second']}/s ({got['passes']} passes); raw claim transaction "

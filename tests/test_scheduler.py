@@ -164,6 +164,37 @@ async def test_two_orchestrators_never_claim_the_same_gpu_memory_twice(
     assert sum(per_gpu.values()) == 36 * 4.0
 
 
+async def test_a_choice_that_no_longer_fits_under_the_lock_is_chosen_again(
+    orchestrator: Orchestrator, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the pass's read and the batch's locks, another orchestrator claims 6 of
+    the tight GPU's 10 GB: the job chosen for it (8 GB) is not written there, but placed on
+    the roomy one, and the batch's other job keeps its place."""
+    small = await desktop(orchestrator, "small", (10.0, 10.0))
+    await desktop(orchestrator, "big", (24.0, 24.0))
+    first = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    second = await submit(orchestrator, clock, gpus=1, vram_gb=1, cpu_cores=0)
+    rival = await submit(orchestrator, clock, gpus=1, vram_gb=6)  # beyond this pass's limit
+    take_many = repo.take_queued_many
+
+    async def meanwhile(session, *, job_ids):  # type: ignore[no-untyped-def]
+        async with orchestrator.sessions.begin() as other:
+            job_row = await other.get(JobRow, rival)
+            assert job_row is not None
+            repo.assign(other, job=job_row, agent_id=small, gpus=[("GPU-small-0", 6.0)],
+                        cpu_cores=0, memory_gb=0, now=clock.now())  # fmt: skip
+        monkeypatch.setattr(repo, "take_queued_many", take_many)
+        return await take_many(session, job_ids=job_ids)
+
+    monkeypatch.setattr(repo, "take_queued_many", meanwhile)
+    result = await one_pass(orchestrator, clock, limit=2)
+    assert set(result.placed) == {first, second}
+    assert result.placed[first].gpu_uuids == ("GPU-big-0",)
+    per_gpu = await claims(orchestrator)
+    assert per_gpu == {"gpu:GPU-small-0": 6.0 + 1.0, "gpu:GPU-big-0": 8.0}, per_gpu
+    assert (await job(orchestrator, first)).attempt == 1
+
+
 async def test_a_pass_with_nothing_queued_reads_nothing_else(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:

@@ -243,22 +243,27 @@ class Fleet:
 
     def _walk(self, want: Requirements, exclude: frozenset[str]) -> Placement | None:
         best: Placement | None = None
+        bar = math.inf  # the score to beat, once no other agent can win on its record
         seen: set[str] = set()
         start = bisect.bisect_left(self._gpus, (want.vram_gb,))
         least_share = self._least_core_share(want.cpu_cores)
         for available, agent_id, _ in itertools.islice(self._gpus, start, None):
-            if best is not None:
-                # no agent further on scores under this: its GPU leaves at least `left`
-                bound = available - want.vram_gb + least_share
-                settled = not want.long or best.setbacks == self._least_setbacks
-                if settled and bound > best.score:
-                    break
             if agent_id in seen or agent_id in exclude:
                 continue
             seen.add(agent_id)
-            fit = _fit(want, self.candidates[agent_id], "best_fit")
+            c = self.candidates[agent_id]
+            left = available - want.vram_gb
+            if left + least_share > bar:
+                break  # no agent further on scores under it: its GPU leaves at least `left`
+            # nor this one: this is its tightest GPU with room
+            cores = c.cpu_cores_available or 0.0
+            if left + ((cores - want.cpu_cores) / cores if cores > 0 else 0.0) > bar:
+                continue
+            fit = _fit(want, c, "best_fit")
             if fit is not None and (best is None or _key(fit, want) < _key(best, want)):
                 best = fit
+                if not want.long or best.setbacks == self._least_setbacks:
+                    bar = best.score
         return best
 
     def _least_core_share(self, wanted: float) -> float:

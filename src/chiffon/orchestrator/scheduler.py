@@ -6,18 +6,21 @@ One pass:
 
 1. read the oldest queued jobs' ids, every agent and every live claim once (placement's
    `Candidate`s);
-2. for each job in submission order, one short transaction: lock the job if it is still
-   queued (`SKIP LOCKED` on PostgreSQL: another orchestrator placing it is skipped, never
-   waited for), choose with `placement.place`, lock the chosen agent's registry row, read
-   that agent and its claims again (what another orchestrator committed meanwhile
-   included) and write the claims only if the job still fits there
-   (`placement.still_fits`); otherwise choose again, up to three times.
+2. the jobs in submission order, `BATCH` (32) to a transaction: lock those still queued
+   (one statement; `SKIP LOCKED` on PostgreSQL: jobs another orchestrator is placing are
+   skipped, never waited for); choose for each with the pass's `Fleet`, in memory, each
+   choice promised there before the next job is chosen for; then lock the chosen agents'
+   registry rows (one statement, in id order), read them and their claims again (what
+   another orchestrator or a finished job changed meanwhile included) and write each
+   choice that still fits there (`placement.still_fits`), in the order chosen. A job
+   whose choice no longer fits is chosen for again after the batches, one job to a
+   transaction, up to three times.
 
 Two placements on one agent are thus decided one after the other: row locks, not
 serializable transactions, because the conflict is always on one known row and a lock
-costs a short wait where a serialization failure costs a retry. A transaction holds one
-job and one agent at a time, so two orchestrators cannot deadlock, and ingest's batches
-(which lock agents in id order) wait at most one placement.
+costs a short wait where a serialization failure costs a retry. Agents are locked in id
+order, as ingest's batches lock them, and jobs are never waited for, so two orchestrators
+and ingest cannot deadlock; ingest waits at most one batch.
 
 A job that does not fit keeps waiting with the reason naming the nearest miss, and later,
 smaller jobs may pass it (backfill). So that a large job is not passed forever, the oldest
@@ -60,6 +63,7 @@ from chiffon.transport import orders
 
 log = logging.getLogger(__name__)
 RETRIES_PER_JOB = 3
+BATCH = 32  # jobs placed in one transaction
 
 
 @dataclass
@@ -154,58 +158,188 @@ async def schedule_once(
     sessions: async_sessionmaker[AsyncSession],
     *,
     now: datetime,
-    limit: int = 200,
+    limit: int = 1000,
     starvation_seconds: float = 300,
     avoid_seconds: float = 1800,
+    batch: int = BATCH,
+    clock: Callable[[], datetime] | None = None,
 ) -> PassResult:
-    """One pass over the queue: each job placed (or its reason kept) in its own commit. A
-    job is not placed again on a desktop whose owner took it back in the last
-    `avoid_seconds`."""
-    result = PassResult()
+    """One pass over the queue, `batch` jobs a transaction (see the module's text). A job
+    is not placed again on a desktop whose owner took it back in the last
+    `avoid_seconds`. An attempt's `assigned_at` is read from `clock` (default: `now`)
+    once the claims it was checked against are read, so that the attempts' times are a
+    true history of the claims (bench/dispatch.py checks them)."""
     async with sessions() as session:
         queued = await repo.queued_ids(session, limit=limit)
         if not queued:
-            return result
-        claims = await repo.claims_by_agent(session)
+            return PassResult()
+        held = await repo.claims_by_agent(session)
         record = await repo.setbacks(session, now=now)
-        candidates = {
-            row.agent_id: candidate(row, claims.get(row.agent_id, []),
-                                    sum(record.get(row.agent_id, (0, 0))))
-            for row in await repo.agent_rows(session)
-        }  # fmt: skip
+        rows = {row.agent_id: row for row in await repo.agent_rows(session)}
         since = now - timedelta(seconds=avoid_seconds)
         taken = await repo.taken_back(session, job_ids=queued, since=since)
-    fleet = Fleet(list(candidates.values()))
-    reserved: set[str] = set()
-    for job_id in queued:
+    fleet = _PassFleet(rows, held, {a: sum(n) for a, n in record.items()})
+    one_pass = _Pass(fleet, taken, now, clock or (lambda: now), starvation_seconds)
+    again: list[uuid.UUID] = []  # chosen, then found not to fit under the lock
+    for first in range(0, len(queued), batch):
+        async with sessions.begin() as session:
+            jobs = await repo.take_queued_many(session, job_ids=queued[first : first + batch])
+            again += await one_pass.batch(session, jobs)
+    for job_id in again:  # one at a time, each chosen again against what is there now
         async with sessions.begin() as session:
             job = await repo.take_queued(session, job_id=job_id)
-            if job is None:  # placed, cancelled, or being placed by another orchestrator
+            if job is not None:
+                await one_pass.one(session, job)
+    return one_pass.result
+
+
+@dataclass
+class _Pass:
+    fleet: _PassFleet
+    taken: dict[uuid.UUID, set[uuid.UUID]]  # job -> desktops whose owner took it back
+    now: datetime
+    clock: Callable[[], datetime]
+    starvation_seconds: float
+    reserved: set[str] = field(default_factory=set)
+    result: PassResult = field(default_factory=PassResult)
+
+    def want(self, job: JobRow) -> Requirements:
+        return requirements(job.spec, frozenset(str(a) for a in self.taken.get(job.job_id, ())))
+
+    async def batch(self, session: AsyncSession, jobs: Sequence[JobRow]) -> list[uuid.UUID]:
+        """Choose for each job in memory, each choice promised before the next, then
+        write them all (`_claim`). The jobs to choose for again are returned."""
+        chosen: dict[uuid.UUID, list[tuple[JobRow, Requirements, Placement]]] = {}
+        for job in jobs:
+            want = self.want(job)
+            policy = job.spec.get("policy", "best_fit")
+            choice = self.fleet.place(want, policy, exclude=frozenset(self.reserved))
+            if isinstance(choice, Miss):
+                self.missed(job, want, choice)
                 continue
-            want = requirements(job.spec, frozenset(str(a) for a in taken.get(job_id, ())))
-            placed = await _place_one(session, job, want, fleet, frozenset(reserved), now)
-            if isinstance(placed, Placement):
-                result.placed[job_id] = placed
-                continue
-            result.waiting[job_id] = placed.reason
-            if job.reason != placed.reason:
-                job.reason, job.updated_at = placed.reason, now
-            waited = (now - job.submitted_at).total_seconds()
-        if not reserved and waited >= starvation_seconds:
-            nearest = closest(want, list(fleet.candidates.values()))
+            chosen.setdefault(uuid.UUID(choice.agent_id), []).append((job, want, choice))
+            self.fleet.promise(job, want, choice)
+        if not chosen:
+            return []
+        placed, again = await _claim(session, chosen, self.fleet, self.clock)
+        for job in jobs:  # in the order of the queue
+            if job.job_id in placed:
+                self.result.placed[job.job_id] = placed[job.job_id]
+        return again
+
+    async def one(self, session: AsyncSession, job: JobRow) -> None:
+        want = self.want(job)
+        placed = await _place_one(session, job, want, self.fleet, frozenset(self.reserved),
+                                  self.clock)  # fmt: skip
+        if isinstance(placed, Placement):
+            self.result.placed[job.job_id] = placed
+        else:
+            self.missed(job, want, placed)
+
+    def missed(self, job: JobRow, want: Requirements, miss: Miss) -> None:
+        """The job waits, with the reason kept. So that a large job is not passed forever,
+        the first one that has waited `starvation_seconds` reserves the agent closest to
+        fitting it for the rest of the pass."""
+        self.result.waiting[job.job_id] = miss.reason
+        if job.reason != miss.reason:
+            job.reason, job.updated_at = miss.reason, self.now
+        waited = (self.now - job.submitted_at).total_seconds()
+        if not self.reserved and waited >= self.starvation_seconds:
+            nearest = closest(want, list(self.fleet.candidates.values()))
             if nearest is not None:
-                reserved.add(nearest.agent_id)
-    return result
+                self.reserved.add(nearest.agent_id)
+
+
+class _PassFleet(Fleet):
+    """The pass's `Fleet`, with each agent's registry row and claims as last read, so
+    that a batch's choices can be promised in memory (`promise`) before they are checked
+    and written under the agents' locks (`_claim`)."""
+
+    def __init__(
+        self,
+        rows: dict[uuid.UUID, Row[Any]],
+        held: dict[uuid.UUID, list[JobClaimRow]],
+        setbacks: dict[uuid.UUID, int],
+    ) -> None:
+        self.rows, self.held, self.setbacks = rows, held, setbacks
+        super().__init__([self.candidate_of(a) for a in rows])
+
+    def candidate_of(self, agent_id: uuid.UUID, extra: Sequence[JobClaimRow] = ()) -> Candidate:
+        claims = self.held.get(agent_id, [])
+        return candidate(self.rows[agent_id], [*claims, *extra] if extra else claims,
+                         self.setbacks.get(agent_id, 0))  # fmt: skip
+
+    def promise(self, job: JobRow, want: Requirements, choice: Placement) -> None:
+        agent_id = uuid.UUID(choice.agent_id)
+        promised = repo.claim_rows(
+            job_id=job.job_id, attempt=job.attempt + 1, agent_id=agent_id,
+            gpus=[(gpu, want.vram_gb) for gpu in choice.gpu_uuids],
+            cpu_cores=want.cpu_cores, memory_gb=want.memory_gb,
+        )  # fmt: skip
+        self.held[agent_id] = [*self.held.get(agent_id, []), *promised]
+        self.update(self.candidate_of(agent_id), placed=True)
+
+    def read(self, row: Row[Any], claims: list[JobClaimRow]) -> Candidate:
+        """The agent as read under its lock; the promises made on it are dropped."""
+        self.rows[row.agent_id], self.held[row.agent_id] = row, claims
+        fresh = self.candidate_of(row.agent_id)
+        self.update(fresh)
+        return fresh
+
+    def gone(self, agent_id: uuid.UUID) -> None:
+        self.rows.pop(agent_id, None)
+        self.held.pop(agent_id, None)
+        self.drop(str(agent_id))
+
+
+async def _claim(
+    session: AsyncSession,
+    chosen: dict[uuid.UUID, list[tuple[JobRow, Requirements, Placement]]],
+    fleet: _PassFleet,
+    clock: Callable[[], datetime],
+) -> tuple[dict[uuid.UUID, Placement], list[uuid.UUID]]:
+    """Write a batch's choices: lock the chosen agents (one statement, in id order), read
+    them and their claims again, and write each choice that still fits there, in the
+    order chosen. Returns what was placed, and the jobs whose choice no longer fits (still
+    queued)."""
+    agent_ids = sorted(chosen)
+    rows = {row.agent_id: row for row in await repo.lock_agents(session, agent_ids=agent_ids)}
+    claims = await repo.claims_by_agent(session, agent_ids=agent_ids)
+    stamp = clock()  # after the claims were read: see schedule_once
+    placed: dict[uuid.UUID, Placement] = {}
+    again: list[uuid.UUID] = []
+    for agent_id in agent_ids:
+        row = rows.get(agent_id)
+        if row is None:  # it left the registry
+            fleet.gone(agent_id)
+            again += [job.job_id for job, _, _ in chosen[agent_id]]
+            continue
+        fresh = fleet.read(row, list(claims.get(agent_id, [])))
+        for job, want, choice in chosen[agent_id]:
+            if not still_fits(want, fresh, choice.gpu_uuids):
+                again.append(job.job_id)
+                continue
+            gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
+            written = repo.assign(session, job=job, agent_id=agent_id, agent_name=row.name,
+                                  gpus=gpus, cpu_cores=want.cpu_cores, memory_gb=want.memory_gb,
+                                  now=stamp)  # fmt: skip
+            fleet.held[agent_id] = [*fleet.held[agent_id], *written]
+            fresh = fleet.candidate_of(agent_id)
+            fleet.update(fresh, placed=True)
+            placed[job.job_id] = choice
+    return placed, again
 
 
 async def _place_one(
     session: AsyncSession,
     job: JobRow,
     want: Requirements,
-    fleet: Fleet,
+    fleet: _PassFleet,
     reserved: frozenset[str],
-    now: datetime,
+    clock: Callable[[], datetime],
 ) -> Placement | Miss:
+    """One job in its own transaction: choose, lock the agent, read it again, write the
+    claims if the job still fits there; otherwise choose again, up to three times."""
     policy = job.spec.get("policy", "best_fit")
     choice: Placement | Miss = Miss("")
     for _ in range(RETRIES_PER_JOB):
@@ -215,18 +349,18 @@ async def _place_one(
         agent_id = uuid.UUID(choice.agent_id)
         row = await repo.lock_agent(session, agent_id=agent_id)  # and read it again
         if row is None:
-            fleet.drop(choice.agent_id)
+            fleet.gone(agent_id)
             continue
         claims = (await repo.claims_by_agent(session, agent_ids=[agent_id])).get(agent_id, [])
-        fresh = candidate(row, claims, choice.setbacks)
+        fresh = fleet.read(row, claims)
         if not still_fits(want, fresh, choice.gpu_uuids):
-            fleet.update(fresh)  # it changed since the pass read it: choose again
-            continue
+            continue  # it changed since the pass read it: choose again
         gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
         written = repo.assign(session, job=job, agent_id=agent_id, agent_name=fresh.name,
                               gpus=gpus, cpu_cores=want.cpu_cores, memory_gb=want.memory_gb,
-                              now=now)  # fmt: skip
-        fleet.update(candidate(row, [*claims, *written], choice.setbacks), placed=True)
+                              now=clock())  # fmt: skip
+        fleet.held[agent_id] = [*claims, *written]
+        fleet.update(fleet.candidate_of(agent_id), placed=True)
         return choice
     return (
         choice if isinstance(choice, Miss) else Miss(why_not(want, list(fleet.candidates.values())))
@@ -264,7 +398,7 @@ class Dispatcher:
         now = self._clock.now()
         await lose_offline(self._sessions, now=now)
         result = await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation,
-                                     avoid_seconds=self._avoid)  # fmt: skip
+                                     avoid_seconds=self._avoid, clock=self._clock.now)  # fmt: skip
         for agent_id in {uuid.UUID(p.agent_id) for p in result.placed.values()}:
             self._placed_on(agent_id)
         return result

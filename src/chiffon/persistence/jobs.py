@@ -74,6 +74,16 @@ async def take_queued(session: AsyncSession, *, job_id: uuid.UUID) -> JobRow | N
     return (await session.scalars(stmt)).one_or_none()
 
 
+async def take_queued_many(session: AsyncSession, *, job_ids: Sequence[uuid.UUID]) -> list[JobRow]:
+    """`take_queued` for several jobs in one statement, in the order of `job_ids`: those
+    still queued and not held by another orchestrator, each locked until commit."""
+    stmt = select(JobRow).where(JobRow.job_id.in_(job_ids), JobRow.state == "queued")
+    if _postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    found = {job.job_id: job for job in (await session.scalars(stmt)).all()}
+    return [found[j] for j in job_ids if j in found]
+
+
 _CANDIDATE_COLUMNS = (
     AgentRow.agent_id,
     AgentRow.name,
@@ -108,6 +118,19 @@ async def lock_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> Row[Any] 
     if _postgres(session):
         stmt = stmt.with_for_update()
     return (await session.execute(stmt)).one_or_none()
+
+
+async def lock_agents(session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]) -> list[Row[Any]]:
+    """`lock_agent` for several agents in one statement, locked in id order (as ingest's
+    batches lock them), so that two who lock several cannot deadlock."""
+    stmt = (
+        select(*_CANDIDATE_COLUMNS)
+        .where(AgentRow.agent_id.in_(agent_ids))
+        .order_by(AgentRow.agent_id)
+    )
+    if _postgres(session):
+        stmt = stmt.with_for_update()
+    return list((await session.execute(stmt)).all())
 
 
 RELIABILITY_WINDOW = timedelta(days=7)
@@ -197,14 +220,28 @@ def assign(
             gpu_uuids=[gpu for gpu, _ in gpus], assigned_at=now, reason="",
         )
     )  # fmt: skip
-    claims = [
-        JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=HOST, agent_id=agent_id,
-                    cpu_cores=cpu_cores, memory_gb=memory_gb),
-        *(JobClaimRow(job_id=job.job_id, attempt=job.attempt, resource=gpu_resource(gpu),
-                      agent_id=agent_id, vram_gb=vram_gb) for gpu, vram_gb in gpus),
-    ]  # fmt: skip
+    claims = claim_rows(job_id=job.job_id, attempt=job.attempt, agent_id=agent_id, gpus=gpus,
+                        cpu_cores=cpu_cores, memory_gb=memory_gb)  # fmt: skip
     session.add_all(claims)
     return claims
+
+
+def claim_rows(
+    *,
+    job_id: uuid.UUID,
+    attempt: int,
+    agent_id: uuid.UUID,
+    gpus: Sequence[tuple[str, float]],
+    cpu_cores: float,
+    memory_gb: float,
+) -> list[JobClaimRow]:
+    """The claims an attempt holds (not added to any session: `assign` adds them)."""
+    return [
+        JobClaimRow(job_id=job_id, attempt=attempt, resource=HOST, agent_id=agent_id,
+                    cpu_cores=cpu_cores, memory_gb=memory_gb),
+        *(JobClaimRow(job_id=job_id, attempt=attempt, resource=gpu_resource(gpu),
+                      agent_id=agent_id, vram_gb=vram_gb) for gpu, vram_gb in gpus),
+    ]  # fmt: skip
 
 
 async def list_jobs(
