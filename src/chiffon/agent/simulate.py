@@ -31,6 +31,7 @@ from typing import Literal
 from chiffon import __version__
 from chiffon.agent.identity import write_private
 from chiffon.agent.report import GpuReading, Outgoing, Snapshot
+from chiffon.agent.simwork import SimulatedWork
 from chiffon.schemas.limits import MessageKind
 from chiffon.transport.auth import AgentCredential
 from chiffon.transport.base import Publisher, TransportError
@@ -92,25 +93,34 @@ class VirtualAgent:
     boot_id: uuid.UUID
     seq: int = 0
     stopped: bool = False
+    accepts_jobs: bool = False
+    # simulated attempts running on it: (job, attempt) -> (GPU ids, VRAM GB on each)
+    running: dict[tuple[uuid.UUID, int], tuple[tuple[str, ...], float]] = field(
+        default_factory=dict
+    )
 
     def resources(self) -> Snapshot:
         """A plausible snapshot that changes at every beat."""
         hw, rng = self.hardware, self.rng
-        load = round(rng.uniform(0, hw.cores_physical * 1.2), 2)
+        # One that takes jobs is a desktop left idle: light load, its GPUs free but for
+        # what its simulated attempts hold (their claims, as `jobs_vram_used_gb`).
+        busy = 0.3 if self.accepts_jobs else 1.2
+        load = round(rng.uniform(0, hw.cores_physical * busy), 2)
         mem_free = round(hw.memory_total_gb * rng.uniform(0.1, 0.9), 2)
-        gpus = [
-            GpuReading(
-                index=i,
-                uuid=f"GPU-{self.agent_id.hex[:8]}-{i}",
-                name=name,
-                vendor="nvidia",
-                vram_total_gb=total,
-                vram_free_gb=round(total * rng.uniform(0.0, 1.0), 2),
-                utilization_percent=round(rng.uniform(0, 100), 1),
-                temperature_c=round(rng.uniform(30, 85), 1),
-            )
-            for i, (name, total) in enumerate(hw.gpus)
-        ]
+        gpus = []
+        for i, (name, total) in enumerate(hw.gpus):
+            gpu_id = f"GPU-{self.agent_id.hex[:8]}-{i}"
+            held = sum(gb for ids, gb in self.running.values() if gpu_id in ids)
+            seen = total * (rng.uniform(0.9, 1.0) if self.accepts_jobs else rng.uniform(0.0, 1.0))
+            gpus.append(
+                GpuReading(
+                    index=i, uuid=gpu_id, name=name, vendor="nvidia", vram_total_gb=total,
+                    vram_free_gb=round(max(0.0, seen - held), 2),
+                    utilization_percent=round(rng.uniform(0, 100), 1),
+                    temperature_c=round(rng.uniform(30, 85), 1),
+                    jobs_vram_used_gb=round(held, 2) if self.accepts_jobs else None,
+                )
+            )  # fmt: skip
         free = [g.vram_free_gb or 0.0 for g in gpus]
         return Snapshot(
             cpu_load_1min=load,
@@ -145,13 +155,15 @@ class VirtualAgent:
             capabilities=[],
             specializations=[],
             resources=self.resources() if kind == "heartbeat" else None,
+            accepts_jobs=self.accepts_jobs,
         )
         self.seq += 1
         return msg
 
 
-def make_fleet(agents: int, *, seed: int = 0) -> list[VirtualAgent]:
-    """`agents` virtual desktops; the same seed gives the same ids, names and hardware."""
+def make_fleet(agents: int, *, seed: int = 0, accept_jobs: bool = False) -> list[VirtualAgent]:
+    """`agents` virtual desktops; the same seed gives the same ids, names and hardware.
+    `accept_jobs`: they offer themselves for jobs (`agent.simwork` runs them)."""
     fleet = []
     for index in range(agents):
         rng = random.Random(f"{seed}:{index}")
@@ -164,6 +176,7 @@ def make_fleet(agents: int, *, seed: int = 0) -> list[VirtualAgent]:
                 hardware=draw_hardware(rng),
                 rng=rng,
                 boot_id=uuid.uuid4(),
+                accepts_jobs=accept_jobs,
             )
         )
     return fleet
@@ -179,6 +192,7 @@ class SimulationReport:
     goodbyes: int = 0
     stopped_agents: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    jobs: dict[str, int] = field(default_factory=dict)  # simulated attempts, by outcome
 
     @property
     def target_rate(self) -> float:
@@ -208,8 +222,10 @@ class Simulation:
         offline_mode: OfflineMode = "silent",
         monotonic: Callable[[], float] = time.monotonic,
         max_in_flight: int = MAX_IN_FLIGHT,
+        work: SimulatedWork | None = None,
     ) -> None:
         self.fleet = fleet
+        self.work = work  # the fleet takes jobs
         self._publisher = publisher
         self.interval_seconds = interval_seconds
         self.duration_seconds = duration_seconds
@@ -230,10 +246,15 @@ class Simulation:
 
     async def run(self) -> SimulationReport:
         await self._publisher.connect()
+        if self.work is not None:
+            await self.work.start()
         start = self._monotonic()
         try:
             await self._beat_until_done(start)
         finally:
+            if self.work is not None:
+                await self.work.close()
+                self.report.jobs = dict(sorted(self.work.counts.items()))
             if self._pending:
                 await asyncio.wait(set(self._pending))
             self.report.elapsed_seconds = self._monotonic() - start

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 import typer
 
 from chiffon.cli.common import CliError, console, setup_logging
+from chiffon.transport.base import TransportError
 
 if TYPE_CHECKING:
     from chiffon.agent.simulate import OfflineMode, SimulationReport
+    from chiffon.agent.simwork import JobPlan
 
 TRANSPORTS = ("http", "amqp")
 OFFLINE_MODES = ("silent", "goodbye")
@@ -35,6 +37,18 @@ def check_args(
             raise CliError(message, code=2)
 
 
+def job_seconds(text: str) -> tuple[float, float]:
+    """`--job-seconds`: "3" or "1-5" (uniform); one line and exit 2 when it is neither."""
+    low, _, high = text.partition("-")
+    try:
+        span = (float(low), float(high or low))
+    except ValueError:
+        span = (-1.0, -1.0)
+    if not (0 <= span[0] <= span[1] < 1e6):
+        raise CliError(f"--job-seconds must be seconds (3) or a range (1-5), not {text!r}", code=2)
+    return span
+
+
 async def run_simulation(
     *,
     agents: int,
@@ -48,12 +62,14 @@ async def run_simulation(
     amqp_url: str,
     publish_timeout_seconds: float,
     enroll_token: str | None,
+    plan: JobPlan | None = None,
 ) -> SimulationReport:
     from chiffon.agent.simulate import EnrollmentError, Simulation, enroll_fleet, make_fleet
+    from chiffon.agent.simwork import SimulatedWork
     from chiffon.cli.client import data_dir
     from chiffon.transport.factory import make_publisher
 
-    fleet = make_fleet(agents, seed=seed)
+    fleet = make_fleet(agents, seed=seed, accept_jobs=plan is not None)
     try:
         credentials = await enroll_fleet(
             fleet,
@@ -73,6 +89,11 @@ async def run_simulation(
         credential=credentials,
         message_ttl_seconds=3 * interval,  # an agent's default timeout: three missed beats
     )
+    work = None
+    if plan is not None:
+        work = SimulatedWork(fleet, credentials, orchestrator_url=orchestrator_url,
+                             amqp_url=amqp_url, plan=plan, seed=seed,
+                             timeout_seconds=publish_timeout_seconds)  # fmt: skip
     sim = Simulation(
         fleet,
         publisher,
@@ -80,11 +101,15 @@ async def run_simulation(
         duration_seconds=duration,
         offline_fraction=offline_fraction,
         offline_mode=offline_mode,
+        work=work,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sim.stop)
-    return await sim.run()
+    try:
+        return await sim.run()
+    except TransportError as exc:
+        raise CliError(str(exc)) from None
 
 
 def print_report(report: SimulationReport) -> None:
@@ -102,6 +127,9 @@ def print_report(report: SimulationReport) -> None:
         )
     for reason, count in sorted(report.errors.items(), key=lambda kv: -kv[1]):
         console.print(f"  {count} x {reason}", highlight=False)
+    if report.jobs:
+        said = ", ".join(f"{n} {what}" for what, n in report.jobs.items())
+        console.print(f"simulated attempts: {said}", highlight=False)
 
 
 def simulate(
@@ -131,12 +159,33 @@ def simulate(
         help="Enrolls agents this seed has not enrolled yet [env CHIFFON_ENROLL_TOKEN, "
         "else the orchestrator's data dir]; their secrets are kept for the next run.",
     ),
+    accept_jobs: bool = typer.Option(
+        False,
+        "--accept-jobs",
+        help="The agents take jobs and run them as simulated attempts "
+        "(their orders come from the broker at --amqp-url; the orchestrator must push them there).",
+    ),
+    seconds: str = typer.Option(
+        "1-5",
+        "--job-seconds",
+        help="How long an attempt runs: 3, or 1-5 (uniform), unless "
+        "the job sets SIMULATE_SECONDS in its env (and SIMULATE_EXIT, its exit code).",
+    ),
+    die_fraction: float = typer.Option(
+        0.0,
+        "--die-fraction",
+        help="Share of attempts whose agent dies midway (silently).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> int:
     """Run N virtual agents in this process against a real orchestrator (a load test)."""
+    from chiffon.agent.simwork import JobPlan
     from chiffon.cli.client import local_secret
 
     check_args(agents, interval, transport, duration, offline_fraction, offline_mode)
+    if not 0 <= die_fraction <= 1:
+        raise CliError(f"--die-fraction must be in 0..1, not {die_fraction:g}", code=2)
+    plan = JobPlan(job_seconds(seconds), die_fraction) if accept_jobs else None
     setup_logging(verbose)
     console.print(
         f"simulating {agents} agents every {interval:g} s over {transport} "
@@ -156,6 +205,7 @@ def simulate(
             amqp_url=amqp_url,
             publish_timeout_seconds=timeout,
             enroll_token=enroll_token or local_secret("CHIFFON_ENROLL_TOKEN", "enroll_token"),
+            plan=plan,
         )
     )
     print_report(report)

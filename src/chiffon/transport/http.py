@@ -294,9 +294,17 @@ class HttpWork:
     its orders (a long-poll), its reports of attempts, and their output."""
 
     def __init__(
-        self, orchestrator_url: str, credential: AgentCredential, *, timeout_seconds: float = 5.0
+        self,
+        orchestrator_url: str,
+        credential: AgentCredential,
+        *,
+        timeout_seconds: float = 5.0,
+        client: HttpClient | None = None,
     ) -> None:
-        self._client = HttpClient(orchestrator_url, max_response_bytes=ORDERS_RESPONSE_BYTES)
+        """`client`: one shared by several agents' `HttpWork` (`chiffon simulate`)."""
+        self._client = client or HttpClient(
+            orchestrator_url, max_response_bytes=ORDERS_RESPONSE_BYTES
+        )
         self._credential = credential
         self._prefix = f"/api/v1/agents/{credential.agent_id}"
         self.timeout_seconds = timeout_seconds

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -99,6 +99,7 @@ class OrderSender:
 
 
 Handler = Callable[[bytes, str | None], Awaitable[object]]
+ManyHandler = Callable[[uuid.UUID, bytes, str | None], Awaitable[object]]
 
 
 async def consume_orders(
@@ -112,13 +113,31 @@ async def consume_orders(
     """The agent's side: consume its own queue until cancelled, handing each order's body
     and signature to `handle` (which checks it), reconnecting with backoff when the broker
     is away. `ready` is set each time the queue is consumed."""
+
+    async def one(_agent_id: uuid.UUID, body: bytes, signature: str | None) -> object:
+        return await handle(body, signature)
+
+    await consume_orders_of(amqp_url, [agent_id], one, exchange=exchange, ready=ready)
+
+
+async def consume_orders_of(
+    amqp_url: str,
+    agent_ids: Sequence[uuid.UUID],
+    handle: ManyHandler,
+    *,
+    exchange: str = EXCHANGE,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """`consume_orders` for several agents on one queue (`chiffon simulate`'s hollow
+    agents): `handle` is also told whose order it is, by the routing key; still only the
+    agent's key proves the order."""
     backoff, failures = Backoff(0.5, max_seconds=30.0), 0
     while True:
         connection: AbstractConnection | None = None
         try:
             connection = await aio_pika.connect(amqp_url, timeout=10)
             channel = await connection.channel()
-            await _consume(channel, agent_id, handle, exchange, ready)
+            await _consume(channel, agent_ids, handle, exchange, ready)
             failures = 0
             await _until_closed(connection)
             log.warning("orders: the broker connection closed; reconnecting")
@@ -145,24 +164,32 @@ async def _until_closed(connection: AbstractConnection) -> None:
 
 async def _consume(
     channel: AbstractChannel,
-    agent_id: uuid.UUID,
-    handle: Handler,
+    agent_ids: Sequence[uuid.UUID],
+    handle: ManyHandler,
     exchange_name: str,
     ready: asyncio.Event | None,
 ) -> None:
-    await channel.set_qos(prefetch_count=16)
+    await channel.set_qos(prefetch_count=16 * min(len(agent_ids), 64))
     exchange = await declare_exchange(channel, exchange_name)
+    name = orders_queue(agent_ids[0]) if len(agent_ids) == 1 else f"chiffon.orders.{uuid.uuid4()}"
     queue = await channel.declare_queue(
-        orders_queue(agent_id), exclusive=True, auto_delete=True,
+        name, exclusive=True, auto_delete=True,
         arguments={"x-message-ttl": ORDER_TTL_SECONDS * 1000,
-                   "x-max-length": ORDER_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+                   "x-max-length": ORDER_QUEUE_MAX_LENGTH * len(agent_ids),
+                   "x-overflow": "drop-head"},
     )  # fmt: skip
-    await queue.bind(exchange, orders_key(agent_id))
+    for agent_id in agent_ids:
+        await queue.bind(exchange, orders_key(agent_id))
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process(ignore_processed=True):
             signature = (message.headers or {}).get(SIGNATURE_HEADER)
-            await handle(message.body, signature if isinstance(signature, str) else None)
+            try:
+                agent_id = uuid.UUID(str(message.routing_key).removeprefix("orders."))
+            except ValueError:
+                return  # not an order's key: nothing of it is read
+            await handle(agent_id, message.body,
+                         signature if isinstance(signature, str) else None)  # fmt: skip
 
     await queue.consume(on_message)
     if ready is not None:
