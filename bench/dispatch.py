@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,9 +130,10 @@ def _summary(seconds: list[float]) -> dict[str, float]:
             "max": round(max(ms), 1)}  # fmt: skip
 
 
-async def _place_all(url: str, queue: int, batch: int) -> dict[str, Any]:
-    from chiffon.orchestrator import jobs
-    from chiffon.orchestrator.scheduler import schedule_once
+async def _queue(url: str, queue: int) -> None:
+    """`queue` jobs of 1 GPU, 2 GB, half a core, as the API would write them (a thousand
+    to a transaction, so that queueing 100,000 takes seconds, not minutes)."""
+    from chiffon.persistence import jobs as repo
     from chiffon.persistence.db import create_engine, session_factory
     from chiffon.schemas.jobs import JobSubmit
 
@@ -138,20 +141,68 @@ async def _place_all(url: str, queue: int, batch: int) -> dict[str, Any]:
     sessions = session_factory(engine)
     spec = JobSubmit.model_validate(
         {"command": ["train"], "requirements": {"gpus": 1, "vram_gb": 2, "cpu_cores": 0.5}}
-    )
-    for _ in range(queue):
-        await jobs.submit(sessions, spec, now=datetime.now(UTC))
-    placed, passes, started = 0, 0, time.perf_counter()
+    ).model_dump(mode="json")
+    for first in range(0, queue, 1000):
+        async with sessions.begin() as session:
+            for _ in range(min(1000, queue - first)):
+                await repo.add_job(session, job_id=uuid.uuid4(), name=None, spec=spec,
+                                   now=datetime.now(UTC))  # fmt: skip
+    await engine.dispose()
+
+
+async def _drain(url: str, batch: int) -> tuple[int, int]:
+    """One orchestrator's scheduler: passes until nothing is queued or nothing more fits
+    (the passes of the other orchestrators placing the rest). (placed, passes)"""
+    from chiffon.orchestrator.scheduler import FleetCache, schedule_once
+    from chiffon.persistence.db import create_engine, session_factory
+
+    engine = create_engine(url)
+    sessions = session_factory(engine)
+    placed = passes = 0
+    cache = FleetCache()  # as the orchestrator's Dispatcher keeps it between passes
     while True:
-        result = await schedule_once(sessions, now=datetime.now(UTC), limit=queue, batch=batch)
+        now = datetime.now(UTC)
+        result = await schedule_once(sessions, now=now, batch=batch, cache=cache,
+                                     clock=lambda: datetime.now(UTC))  # fmt: skip
         passes += 1
         placed += len(result.placed)
-        if not result.placed:
-            break
-    elapsed = time.perf_counter() - started
+        if not result.placed and not result.waiting and await _queued(sessions) == 0:
+            break  # nothing queued
+        if not result.placed and result.waiting:
+            break  # what is left does not fit
     await engine.dispose()
+    return placed, passes
+
+
+async def _queued(sessions: Any) -> int:
+    from sqlalchemy import func, select
+
+    from chiffon.persistence.models import JobRow
+
+    async with sessions() as session:
+        return int(await session.scalar(select(func.count()).where(JobRow.state == "queued")))
+
+
+def _orchestrator(url: str, batch: int, start_at: float) -> tuple[int, int, float]:
+    """A process of its own, as a second `chiffon orchestrator` is: starts at `start_at`
+    (time.time()), returns (placed, passes, when it finished)."""
+    time.sleep(max(0.0, start_at - time.time()))
+    placed, passes = asyncio.run(_drain(url, batch))
+    return placed, passes, time.time()
+
+
+def _place_all(url: str, queue: int, batch: int, processes: int) -> dict[str, Any]:
+    asyncio.run(_queue(url, queue))
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=spawn) as pool:
+        start_at = time.time() + 3.0  # each process imported and waiting
+        done = [f.result() for f in [pool.submit(_orchestrator, url, batch, start_at)
+                                     for _ in range(processes)]]  # fmt: skip
+    placed = sum(d[0] for d in done)
+    elapsed = max(d[2] for d in done) - start_at
     rate = round(placed / elapsed, 1)
-    return {"queued": queue, "placed": placed, "passes": passes, "seconds": round(elapsed, 2),
+    return {"queued": queue, "placed": placed, "orchestrators": processes, "batch": batch,
+            "passes": sum(d[1] for d in done), "seconds": round(elapsed, 2),
             "placements_per_second": rate}  # fmt: skip
 
 
@@ -196,13 +247,14 @@ def raw_claim_ms(url: str, repeats: int = 300) -> dict[str, float]:
     return _summary(times)
 
 
-def placements(queue: int, agents: int = 1000, batch: int = BATCH) -> dict[str, Any]:
+def placements(queue: int, agents: int = 1000, batch: int = BATCH, processes: int = 1
+               ) -> dict[str, Any]:  # fmt: skip
     with fresh_postgres() as url:
         rows = seed_rows(agents)
         for row in rows:
             row["accepts_jobs"] = True
         seed(url, rows)
-        result = asyncio.run(_place_all(url, queue, batch))
+        result = _place_all(url, queue, batch, processes)
         result["raw_claim_transaction_ms"] = raw_claim_ms(url)
     return result
 
@@ -268,6 +320,7 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=2000)
     parser.add_argument("--agents", type=int, default=1000, help="for the placements")
     parser.add_argument("--batch", type=int, default=BATCH, help="jobs a transaction")
+    parser.add_argument("--orchestrators", type=int, default=1, help="placing processes")
     parser.add_argument("--placements-only", action="store_true")
     parser.add_argument("--lost-rounds", type=int, default=5, help="0: skip that part")
     options = parser.parse_args()
@@ -283,9 +336,10 @@ def main() -> None:
         results["placed_again_after_offline"] = got
         print(f"a lost job placed again after its desktop is marked offline: "
               f"{got['offline_to_placed_again_ms']} ms")  # fmt: skip
-    got = placements(options.queue, options.agents, options.batch)
+    got = placements(options.queue, options.agents, options.batch, options.orchestrators)
     results[f"placements_{options.agents}_agents_postgresql"] = got
-    print(f"placements: {got['placed']} of {got['queued']} in {got['seconds']} s = "
+    print(f"placements ({got['orchestrators']} orchestrators, {options.agents} agents): "
+          f"{got['placed']} of {got['queued']} in {got['seconds']} s = "
           f"{got['placements_per_second']}/s ({got['passes']} passes); raw claim transaction "
           f"{got['raw_claim_transaction_ms']} ms")  # fmt: skip
     write_results("dispatch" + ("_placements" if options.placements_only else ""), results)

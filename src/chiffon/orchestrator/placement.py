@@ -155,6 +155,9 @@ def _key(p: Placement, want: Requirements) -> tuple[float, float, str]:
     return (p.score, p.setbacks, p.agent_id)
 
 
+Entry = tuple[float, str, str]  # a GPU in the index: (available GB, agent id, GPU id)
+
+
 class Fleet:
     """The candidates of one scheduling pass, indexed so that placing a one-GPU job
     (nearly every job) visits a few agents, not all of them: every offered GPU of every
@@ -165,13 +168,28 @@ class Fleet:
     `place` over every candidate (`tests/test_placement.py` holds them equal). Spread,
     several GPUs and CPU-only jobs take `place` over every candidate. A requirement that
     missed misses again until capacity grows, which within a pass it does not: the miss
-    is kept (`missed`) and said again without a search."""
+    is kept (`missed`) and said again without a search.
+
+    A queue holds few shapes of job, so the walk goes through a view of the index per
+    host requirement (cores, memory, pool, labels, desktops to avoid): only the GPUs of
+    agents whose host has room for it, kept up to date as agents change. Without it a
+    fleet of busy desktops with free GPUs makes every walk step over all of them."""
+
+    MAX_VIEWS = 16  # host requirements kept at once; the oldest view goes first
 
     def __init__(self, candidates: Sequence[Candidate]) -> None:
+        # None: the best fit over the fleet. A lane (0 to LANES - 1): a one-GPU job goes to
+        # the best fit among the agents of that lane (by their id), and only when none
+        # fits there to the best over all; the scheduler takes a lane at random while it
+        # finds its choices taken by another orchestrator, so that two part ways (as
+        # Nomad's schedulers each pick from their own random sample of nodes).
+        self.lane: int | None = None
         self.candidates: dict[str, Candidate] = {}
-        self._gpus: list[tuple[float, str, str]] = []  # (available GB, agent id, GPU id)
+        self._gpus: list[Entry] = []  # (available GB, agent id, GPU id)
         self._missed: dict[tuple[object, ...], Miss] = {}
         self._cores: list[float] = []  # free cores of each agent that takes jobs, sorted
+        # host requirement -> (a job with it, the index's entries whose host has room)
+        self._views: dict[tuple[object, ...], tuple[Requirements, list[Entry]]] = {}
         self._least_setbacks = min((c.setbacks for c in candidates), default=0)
         for c in candidates:
             self.candidates[c.agent_id] = c
@@ -182,7 +200,7 @@ class Fleet:
         self._cores.sort()
 
     @staticmethod
-    def _entries(c: Candidate) -> list[tuple[float, str, str]]:
+    def _entries(c: Candidate) -> list[Entry]:
         if not (c.online and c.accepts_jobs):
             return []
         return [(g.available_gb, c.agent_id, g.uuid) for g in c.gpus if g.withheld is None]
@@ -193,13 +211,16 @@ class Fleet:
         old = self.candidates.get(c.agent_id)
         if not placed and c != old:
             self._missed.clear()
-        for entry in self._entries(old) if old is not None else []:
-            at = bisect.bisect_left(self._gpus, entry)
-            if at < len(self._gpus) and self._gpus[at] == entry:
-                del self._gpus[at]
+        gone, new = self._entries(old) if old is not None else [], self._entries(c)
+        _remove(self._gpus, gone)
         self.candidates[c.agent_id] = c
-        for entry in self._entries(c):
+        for entry in new:
             bisect.insort(self._gpus, entry)
+        for want, view in self._views.values():
+            _remove(view, gone)
+            if _eligible(want, c) and _host_fits(want, c):
+                for entry in new:
+                    bisect.insort(view, entry)
         for was, now in ((old, None), (None, c)):
             cand = was or now
             if cand is None or not (cand.online and cand.accepts_jobs):
@@ -242,15 +263,27 @@ class Fleet:
         return choice
 
     def _walk(self, want: Requirements, exclude: frozenset[str]) -> Placement | None:
+        if self.lane is not None:
+            mine = self._walk_lane(want, exclude, self.lane)
+            if mine is not None:
+                return mine
+        return self._walk_lane(want, exclude, None)
+
+    def _walk_lane(
+        self, want: Requirements, exclude: frozenset[str], lane: int | None
+    ) -> Placement | None:
         best: Placement | None = None
         bar = math.inf  # the score to beat, once no other agent can win on its record
         seen: set[str] = set()
-        start = bisect.bisect_left(self._gpus, (want.vram_gb,))
+        view = self._view(want)
+        start = bisect.bisect_left(view, (want.vram_gb,))
         least_share = self._least_core_share(want.cpu_cores)
-        for available, agent_id, _ in itertools.islice(self._gpus, start, None):
+        for available, agent_id, _ in itertools.islice(view, start, None):
             if agent_id in seen or agent_id in exclude:
                 continue
             seen.add(agent_id)
+            if lane is not None and _lane_of(agent_id) != lane:
+                continue
             c = self.candidates[agent_id]
             left = available - want.vram_gb
             if left + least_share > bar:
@@ -266,6 +299,17 @@ class Fleet:
                     bar = best.score
         return best
 
+    def _view(self, want: Requirements) -> list[Entry]:
+        key = _host_key(want)
+        if key not in self._views:
+            if len(self._views) >= self.MAX_VIEWS:
+                del self._views[next(iter(self._views))]
+            fits = {
+                a for a, c in self.candidates.items() if _eligible(want, c) and _host_fits(want, c)
+            }
+            self._views[key] = (want, [e for e in self._gpus if e[1] in fits])
+        return self._views[key][1]
+
     def _least_core_share(self, wanted: float) -> float:
         """The least core share (`_fit`'s second term) any agent with room could add:
         `(cores - wanted) / cores` grows with `cores`, so the fewest cores that fit."""
@@ -274,6 +318,30 @@ class Fleet:
             return 0.0
         cores = self._cores[at]
         return (cores - wanted) / cores if cores > 0 else 0.0
+
+
+LANES = 4
+
+
+def _lane_of(agent_id: str) -> int:
+    """An agent's lane: from the last hex digit of its id (uniform for UUIDs)."""
+    try:
+        return int(agent_id[-1], 16) % LANES
+    except ValueError:
+        return 0
+
+
+def _remove(index: list[Entry], entries: list[Entry]) -> None:
+    for entry in entries:
+        at = bisect.bisect_left(index, entry)
+        if at < len(index) and index[at] == entry:
+            del index[at]
+
+
+def _host_key(want: Requirements) -> tuple[object, ...]:
+    """What `_eligible` and `_host_fits` read of a job."""
+    labels = tuple(sorted(want.labels.items()))
+    return (want.cpu_cores, want.memory_gb, want.pool_name, labels, want.avoid)
 
 
 def _memo_key(want: Requirements) -> tuple[object, ...]:

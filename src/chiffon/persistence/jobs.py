@@ -101,36 +101,50 @@ _CANDIDATE_COLUMNS = (
 async def agent_rows(
     session: AsyncSession, *, agent_ids: Sequence[uuid.UUID] | None = None
 ) -> Sequence[Row[Any]]:
-    """Every agent as placement needs it (offline ones too: the reason counts them)."""
-    stmt = select(*_CANDIDATE_COLUMNS)
-    if agent_ids is not None:
-        stmt = stmt.where(AgentRow.agent_id.in_(agent_ids))
-    return (await session.execute(stmt)).all()
-
-
-async def lock_agent(session: AsyncSession, *, agent_id: uuid.UUID) -> Row[Any] | None:
-    """The agent as placement needs it (None: not registered), its registry row held
-    until commit (PostgreSQL): whoever claims on an agent holds this lock, so two
-    placements on one agent are decided one after the other, each reading the claims the
-    other committed. SQLite has one writer at a time anyway. One statement: the lock and
-    the read."""
-    stmt = select(*_CANDIDATE_COLUMNS).where(AgentRow.agent_id == agent_id)
-    if _postgres(session):
-        stmt = stmt.with_for_update()
-    return (await session.execute(stmt)).one_or_none()
+    """Every agent as placement needs it (offline ones too: the reason counts them), or
+    those of `agent_ids`."""
+    if agent_ids is None:
+        return (await session.execute(select(*_CANDIDATE_COLUMNS))).all()
+    found: list[Row[Any]] = []
+    for chunk in _chunks(agent_ids):
+        stmt = select(*_CANDIDATE_COLUMNS).where(AgentRow.agent_id.in_(chunk))
+        found += (await session.execute(stmt)).all()
+    return found
 
 
 async def lock_agents(session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]) -> list[Row[Any]]:
-    """`lock_agent` for several agents in one statement, locked in id order (as ingest's
-    batches lock them), so that two who lock several cannot deadlock."""
-    stmt = (
-        select(*_CANDIDATE_COLUMNS)
-        .where(AgentRow.agent_id.in_(agent_ids))
-        .order_by(AgentRow.agent_id)
-    )
+    """The agents as placement needs them, each registry row held until commit
+    (PostgreSQL): whoever claims on an agent holds this lock, so two placements on one
+    agent are decided one after the other, each reading the claims the other committed.
+    Those another transaction holds now are skipped (`SKIP LOCKED`), never waited for,
+    so that two orchestrators and ingest cannot deadlock or queue up. SQLite has one
+    writer at a time anyway. One statement: the locks and the read."""
+    stmt = select(*_CANDIDATE_COLUMNS).where(AgentRow.agent_id.in_(agent_ids))
     if _postgres(session):
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update(skip_locked=True)
     return list((await session.execute(stmt)).all())
+
+
+async def registered(session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of `agent_ids` still in the registry."""
+    stmt = select(AgentRow.agent_id).where(AgentRow.agent_id.in_(agent_ids))
+    return set((await session.scalars(stmt)).all())
+
+
+async def agents_placed_on(session: AsyncSession, *, since: datetime) -> set[uuid.UUID]:
+    """The agents on which an attempt was placed at or after `since`."""
+    stmt = select(JobAttemptRow.agent_id).where(JobAttemptRow.assigned_at >= since).distinct()
+    return set((await session.scalars(stmt)).all())
+
+
+async def agents_changed(session: AsyncSession, *, since: datetime) -> set[uuid.UUID]:
+    """The agents whose registry row changed (a heartbeat, a status) or on which an
+    attempt was placed or ended at or after `since`: all that moves what placement sees."""
+    rows = select(AgentRow.agent_id).where(AgentRow.updated_at >= since)
+    attempts = select(JobAttemptRow.agent_id).where(
+        (JobAttemptRow.assigned_at >= since) | (JobAttemptRow.ended_at >= since)
+    )
+    return set((await session.scalars(rows.union(attempts))).all())
 
 
 RELIABILITY_WINDOW = timedelta(days=7)
@@ -177,13 +191,19 @@ async def taken_back(
 async def claims_by_agent(
     session: AsyncSession, *, agent_ids: Sequence[uuid.UUID] | None = None
 ) -> dict[uuid.UUID, list[JobClaimRow]]:
-    stmt = select(JobClaimRow)
-    if agent_ids is not None:
-        stmt = stmt.where(JobClaimRow.agent_id.in_(agent_ids))
     found: dict[uuid.UUID, list[JobClaimRow]] = defaultdict(list)
-    for claim in (await session.scalars(stmt)).all():
-        found[claim.agent_id].append(claim)
+    for chunk in [None] if agent_ids is None else _chunks(agent_ids):
+        stmt = select(JobClaimRow)
+        if chunk is not None:
+            stmt = stmt.where(JobClaimRow.agent_id.in_(chunk))
+        for claim in (await session.scalars(stmt)).all():
+            found[claim.agent_id].append(claim)
     return dict(found)
+
+
+def _chunks(ids: Sequence[uuid.UUID], size: int = 1000) -> list[Sequence[uuid.UUID]]:
+    """`IN` lists of at most `size` (SQLite caps the parameters of one statement)."""
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def move(job: JobRow, to_state: str, *, reason: str, now: datetime) -> JobEventRow:
@@ -207,7 +227,7 @@ def assign(
     now: datetime,
 ) -> list[JobClaimRow]:
     """Place `job` on `agent_id` as its next attempt, claiming `gpus` ((id, GB) each),
-    cores and memory there: written in the caller's transaction, after `lock_agent`.
+    cores and memory there: written in the caller's transaction, after `lock_agents`.
     Returns the claims written."""
     job.attempt += 1
     job.agent_id = agent_id

@@ -234,7 +234,12 @@ class JobAttemptRow(Base):
     """One placement of a job on one agent, from assignment to its end."""
 
     __tablename__ = "job_attempts"
-    __table_args__ = (Index("ix_job_attempts_agent_state", "agent_id", "state"),)
+    __table_args__ = (
+        Index("ix_job_attempts_agent_state", "agent_id", "state"),
+        # The scheduler's changes since its last pass (FleetCache).
+        Index("ix_job_attempts_assigned", "assigned_at"),
+        Index("ix_job_attempts_ended", "ended_at"),
+    )
 
     job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
