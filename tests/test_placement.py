@@ -209,3 +209,19 @@ def test_a_miss_is_said_again_without_a_search_until_an_agent_has_more_room() ->
     assert isinstance(first, Miss) and fleet.place(want) is first  # kept
     fleet.update(agent("small", gpu(0, 24, 20)))  # read again under its lock: it grew
     assert isinstance(fleet.place(want), Placement)
+
+
+def test_in_a_lane_a_job_takes_the_best_fit_there_and_any_agent_when_none_fits() -> None:
+    """Two orchestrators in different lanes place on different agents; a lane with no
+    room is no reason to wait."""
+    # agent ids end in 0..3: one agent per lane (LANES = 4); "a-0" is the tightest fit
+    fleet = Fleet([agent(f"a-{n}", gpu(0, 24, 10 + n)) for n in range(4)])
+    want = Requirements(gpus=1, vram_gb=8)
+    best = fleet.place(want)
+    assert isinstance(best, Placement) and best.agent_id == "a-0"
+    fleet.lane = 2
+    in_lane = fleet.place(want)
+    assert isinstance(in_lane, Placement) and in_lane.agent_id == "a-2"
+    big = Requirements(gpus=1, vram_gb=12.5)  # fits a-3 only, not in lane 2
+    fallback = fleet.place(big)
+    assert isinstance(fallback, Placement) and fallback.agent_id == "a-3"

@@ -13,11 +13,13 @@ import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from chiffon.orchestrator import jobs, placement
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.scheduler import PassResult, schedule_once
+from chiffon.orchestrator.jobs import Report
+from chiffon.orchestrator.scheduler import FleetCache, PassResult, schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import jobs as repo
-from chiffon.persistence.models import JobClaimRow, JobEventRow, JobRow
+from chiffon.persistence.models import AgentRow, JobClaimRow, JobEventRow, JobRow
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
 from tests.jobfleet import desktop
@@ -201,3 +203,44 @@ async def test_a_pass_with_nothing_queued_reads_nothing_else(
     await desktop(orchestrator, "a", (24.0, 24.0))
     assert await one_pass(orchestrator, clock) == PassResult()
     clock.advance(timedelta(seconds=1).total_seconds())
+
+
+async def test_a_kept_fleet_sees_what_changed_between_passes(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """The Dispatcher's FleetCache reads again only what changed: an attempt that ended
+    (its claim freed) and an agent that registered are seen by the next pass, long before
+    the whole fleet is read again."""
+    one = await desktop(orchestrator, "one", (24.0, 24.0))
+    cache = FleetCache(full_read_seconds=3600)
+    ids = [await submit(orchestrator, clock, gpus=1, vram_gb=10) for _ in range(3)]
+    assert list((await one_pass(orchestrator, clock, cache=cache)).placed) == ids[:2]
+    ended = Report("ended", "exit", exit_code=0)
+    verdict = await jobs.report(orchestrator.sessions, agent_id=one, job_id=ids[0], attempt=1,
+                                said=ended, now=clock.now())  # fmt: skip
+    assert verdict == "applied"
+    assert list((await one_pass(orchestrator, clock, cache=cache)).placed) == [ids[2]]
+    await desktop(orchestrator, "two", (24.0, 24.0))
+    big = await submit(orchestrator, clock, gpus=1, vram_gb=20)
+    placed = (await one_pass(orchestrator, clock, cache=cache)).placed
+    assert placed[big].gpu_uuids == ("GPU-two-0",)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_an_agent_another_transaction_holds_is_skipped_not_waited_for(
+    orchestrator: Orchestrator, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest (or another orchestrator) holds the tightest agent's row: the job goes to
+    the next best agent at once, and the held one is left alone for the rest of the pass."""
+    monkeypatch.setattr(placement, "_lane_of", lambda _agent_id: 0)  # lanes change nothing
+    small = await desktop(orchestrator, "small", (10.0, 10.0))
+    await desktop(orchestrator, "big", (24.0, 24.0))
+    first = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    async with orchestrator.sessions.begin() as other:
+        await other.execute(
+            select(AgentRow.agent_id).where(AgentRow.agent_id == small).with_for_update()
+        )
+        result = await asyncio.wait_for(one_pass(orchestrator, clock), 10)
+    assert result.placed[first].gpu_uuids == ("GPU-big-0",)
+    second = await submit(orchestrator, clock, gpus=1, vram_gb=8)  # now it is free again
+    assert (await one_pass(orchestrator, clock)).placed[second].gpu_uuids == ("GPU-small-0",)

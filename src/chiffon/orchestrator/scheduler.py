@@ -296,6 +296,7 @@ class _Pass:
     clock: Callable[[], datetime]
     starvation_seconds: float
     reserved: set[str] = field(default_factory=set)
+    busy: set[str] = field(default_factory=set)  # agents another transaction held: skipped
     result: PassResult = field(default_factory=PassResult)
 
     def want(self, job: JobRow) -> Requirements:
@@ -308,7 +309,7 @@ class _Pass:
         for job in jobs:
             want = self.want(job)
             policy = job.spec.get("policy", "best_fit")
-            choice = self.fleet.place(want, policy, exclude=frozenset(self.reserved))
+            choice = self.fleet.place(want, policy, exclude=frozenset(self.reserved | self.busy))
             if isinstance(choice, Miss):
                 self.missed(job, want, choice)
                 continue
@@ -316,7 +317,8 @@ class _Pass:
             self.fleet.promise(job, want, choice)
         if not chosen:
             return []
-        placed, again = await _claim(session, chosen, self.fleet, self.clock)
+        placed, again, busy = await _claim(session, chosen, self.fleet, self.clock)
+        self.busy.update(str(a) for a in busy)
         for job in jobs:  # in the order of the queue
             if job.job_id in placed:
                 self.result.placed[job.job_id] = placed[job.job_id]
@@ -399,13 +401,14 @@ async def _claim(
     chosen: dict[uuid.UUID, list[tuple[JobRow, Requirements, Placement]]],
     fleet: _PassFleet,
     clock: Callable[[], datetime],
-) -> tuple[dict[uuid.UUID, Placement], list[uuid.UUID]]:
+) -> tuple[dict[uuid.UUID, Placement], list[uuid.UUID], list[uuid.UUID]]:
     """Write a batch's choices: lock the chosen agents (one statement, in id order,
     skipping those another transaction holds: another orchestrator placing there, or
     ingest writing their heartbeats), read them and their claims again, and write each
     choice that still fits there, in the order chosen. Returns what was placed, and the
     jobs to choose for again (still queued): those whose agent was skipped, or left, or
-    no longer has room for them."""
+    no longer has room for them; and the agents skipped (left alone for the rest of the
+    pass)."""
     agent_ids = sorted(chosen)
     rows = {row.agent_id: row for row in await repo.lock_agents(session, agent_ids=agent_ids)}
     claims = await repo.claims_by_agent(session, agent_ids=list(rows))
@@ -415,11 +418,13 @@ async def _claim(
         registered = await repo.registered(session, agent_ids=missing)
     placed: dict[uuid.UUID, Placement] = {}
     again: list[uuid.UUID] = []
+    busy: list[uuid.UUID] = []
     for agent_id in agent_ids:
         row = rows.get(agent_id)
         if row is None:  # held by another transaction, or it left the registry
             if agent_id in registered:
                 fleet.unpromise(agent_id)
+                busy.append(agent_id)
             else:
                 fleet.gone(agent_id)
             again += [job.job_id for job, _, _ in chosen[agent_id]]
@@ -435,7 +440,7 @@ async def _claim(
                                   now=stamp)  # fmt: skip
             fresh = fleet.wrote(agent_id, written)
             placed[job.job_id] = choice
-    return placed, again
+    return placed, again, busy
 
 
 class Dispatcher:
