@@ -76,11 +76,11 @@ def agent(tmp: Path, api: str, transport: str, amqp_url: str | None, n: int,
            "CHIFFON_ACCEPT_JOBS": "true", "CHIFFON_ALLOW_ROOT_JOBS": "true"}  # fmt: skip
     home = tmp / f"agent-{n}"
     home.mkdir(exist_ok=True)
-    log = (tmp / f"agent-{n}.log").open("a")
-    return subprocess.Popen(
-        [*CHIFFON, "agent", "--name", f"bench-{n}", "--state-dir", str(home)],
-        env={**env, "HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    with (tmp / f"agent-{n}.log").open("a") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [*CHIFFON, "agent", "--name", f"bench-{n}", "--state-dir", str(home)],
+            env={**env, "HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
 
 
 def wait_online(api: str, count: int, within: float = 60) -> None:

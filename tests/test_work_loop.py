@@ -192,6 +192,31 @@ async def test_a_restarted_agent_ends_and_reports_what_its_last_run_left(tmp_pat
     assert (await left.wait()).signal is not None  # it was ended (and its pipes are closed)
 
 
+async def test_a_restarted_agent_says_lost_for_what_its_last_run_took_but_never_ended(
+    tmp_path: Path,
+) -> None:
+    """The last run was SIGKILLed after it took an attempt but before it started it (no
+    process left), and another whose end the orchestrator never heard; a third ended and
+    was heard. Only the first two are said `lost`, each once, however often it restarts."""
+    orch = Orchestrator()
+    taken, unheard, heard = (uuid.uuid4() for _ in range(3))
+    first = loop(tmp_path, orch)
+    await first.handle(*order(heard, command=["true"]))
+    await orch.until(heard, 2)
+    (tmp_path / "jobs" / f"{taken}-2").mkdir()  # taken by the last run, then SIGKILLed
+    (tmp_path / "jobs" / f"{unheard}-1").mkdir()
+    orch.reports.clear()
+    orch.verdict = "applied"
+    await loop(tmp_path, orch).recover()
+    said = sorted((str(j), a, r["outcome"]) for j, a, r in orch.reports)
+    assert said == sorted([(str(taken), 2, "lost"), (str(unheard), 1, "lost")])
+    assert all(r["detail"] == "the agent restarted before its end was said"
+               for _, _, r in orch.reports)  # fmt: skip
+    orch.reports.clear()
+    await loop(tmp_path, orch).recover()  # and again: nothing more to say
+    assert orch.reports == []
+
+
 async def test_all_output_is_shipped_in_order_before_the_end_is_reported(tmp_path: Path) -> None:
     orch, job = Orchestrator(), uuid.uuid4()
     script = "import sys\nfor i in range(20000): print(f'line {i:05d}', flush=i % 997 == 0)"

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from chiffon.agent.work import PUSHED_POLL_PAUSE_SECONDS
 from chiffon.transport.base import TransportError
 from chiffon.transport.http import HttpClient, HttpWork
 from chiffon.transport.orders import Order, OrderRefused, order_key, verify
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 REPORT_TRIES = 5  # a report the orchestrator did not answer is sent again, this often
+POLLS_AT_ONCE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class SimulatedWork:
         self._closing = False
         self._amqp_url = amqp_url
         self._consumer: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
 
     @property
     def agent_ids(self) -> list[uuid.UUID]:
@@ -139,6 +142,33 @@ class SimulatedWork:
         finally:
             agent.running.pop((order.job_id, order.attempt), None)
 
+    async def _poll(self) -> None:
+        """As a real agent does over RabbitMQ, each agent also asks over HTTP every
+        `PUSHED_POLL_PAUSE_SECONDS` for orders published while it had no queue (the
+        broker was away): the fleet's asks spread evenly over that period."""
+        agents = list(self._agents.values())
+        gap = PUSHED_POLL_PAUSE_SECONDS / max(1, len(agents))
+        gate = asyncio.Semaphore(POLLS_AT_ONCE)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def ask(agent: VirtualAgent) -> None:
+            async with gate:
+                try:
+                    orders = await self._work[agent.agent_id].orders(wait_seconds=0)
+                except TransportError:
+                    self.counts["poll_failed"] += 1
+                    return
+            for body, signature in orders:
+                await self.handle(agent.agent_id, body, signature)
+
+        while True:
+            for agent in agents:
+                await asyncio.sleep(gap)
+                if not agent.stopped:
+                    task = asyncio.create_task(ask(agent))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
     def _die(self, agent: VirtualAgent) -> None:
         agent.stopped = True
         self.counts["died"] += 1
@@ -169,6 +199,7 @@ class SimulatedWork:
             consume_orders_of(self._amqp_url, self.agent_ids, self.handle, ready=ready),
             name="chiffon-sim-orders",
         )
+        self._poller = asyncio.create_task(self._poll(), name="chiffon-sim-poll")
         try:
             await asyncio.wait_for(ready.wait(), within_seconds)
         except TimeoutError:
@@ -182,9 +213,10 @@ class SimulatedWork:
         """The simulation ends: attempts still running stop without a word (their agents
         stop beating too)."""
         self._closing = True
-        if self._consumer is not None:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
+        for task in (self._consumer, self._poller):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         runs = list(self._runs.values())
         for run in runs:
             run.cancel()

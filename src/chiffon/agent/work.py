@@ -76,6 +76,8 @@ ENDED_KEPT_SECONDS = 3600.0
 # A poll that brought only orders already in hand asks again once a report was heard, or
 # after this long.
 REPEAT_PAUSE_SECONDS = 1.0
+# In an attempt's directory once the orchestrator heard how it ended (`WorkLoop.recover`).
+REPORTED = "reported"
 
 
 class WorkChannel(Protocol):
@@ -145,6 +147,7 @@ class WorkLoop:
         self._local_time = local_time
         self._ledger = AttemptLedger(settings.jobs_dir)
         self._runs: dict[tuple[uuid.UUID, int], JobRun] = {}
+        self._claimed: set[tuple[uuid.UUID, int]] = set()  # attempts this run took
         # VRAM each attempt's processes hold, by GPU: as last reported, and at most
         self._used: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
         self._peak: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
@@ -188,13 +191,29 @@ class WorkLoop:
         )
 
     async def recover(self) -> None:
-        """At start: end what a previous run of this agent left running, and say so."""
+        """At start: end what a previous run of this agent left running, and say so; and
+        say `lost` for every attempt a previous run took whose end the orchestrator never
+        heard (the agent was killed before it ran it, or before its end was said), so that
+        no attempt stays out on a desktop that no longer runs it."""
+        taken = [d for d in self.settings.jobs_dir.glob("*-*") if d.is_dir()]
         orphans = await asyncio.to_thread(
             end_orphans, self.settings.jobs_dir, grace_seconds=self.settings.grace_seconds
         )
         for o in orphans:
             detail = "the agent restarted" + (" and ended it" if o.was_running else "")
-            await self._say(uuid.UUID(o.job_id), o.attempt, _ended("lost", detail))
+            await self._say_end((uuid.UUID(o.job_id), o.attempt), _ended("lost", detail))
+        for attempt_dir in taken:
+            key = _attempt_of(attempt_dir.name)
+            if key is None or key in self._claimed or (attempt_dir / REPORTED).exists():
+                continue
+            said = _ended("lost", "the agent restarted before its end was said")
+            await self._say_end(key, said)
+
+    async def _say_end(self, key: tuple[uuid.UUID, int], said: dict[str, Any]) -> None:
+        """Say how an attempt ended; once heard, its directory is marked so."""
+        if await self._say(*key, said) != "unreported":
+            with contextlib.suppress(OSError):
+                (self._ledger.attempt_dir(*key) / REPORTED).touch()
 
     async def handle(self, body: bytes, signature: str | None) -> bool:
         """One delivered order; whether it was news (an attempt started or refused, an end
@@ -442,6 +461,7 @@ class WorkLoop:
             self.refused[exc.reason] += 1
             return False
         key = (order.job_id, order.attempt)
+        self._claimed.add(key)
         why_not = await self._why_not(order)
         try:
             assignment = assignment_from(order)
@@ -449,7 +469,7 @@ class WorkLoop:
             why_not = why_not or f"unusable assignment: {exc}"
             assignment = None
         if why_not is not None or assignment is None:
-            await self._say(*key, _ended("refused", why_not or ""))
+            await self._say_end(key, _ended("refused", why_not or ""))
             return True
         run = JobRun(assignment, attempt_dir=attempt_dir, grace_seconds=self.settings.grace_seconds,
                      max_log_bytes=self.settings.max_log_bytes,
@@ -457,7 +477,7 @@ class WorkLoop:
         try:
             await run.start()
         except OSError as exc:  # no such program, a workdir that is not there: its failure
-            await self._say(*key, _ended("exit", f"cannot start: {exc}", exit_code=127))
+            await self._say_end(key, _ended("exit", f"cannot start: {exc}", exit_code=127))
             return True
         self._runs[key] = run
         self._spawn(self._follow(key, run))
@@ -500,7 +520,7 @@ class WorkLoop:
             said = _ended_from(ended)
             if self._peak.get(key):  # its processes were seen holding VRAM
                 said["peak_vram_gb"] = self._peak[key]
-            await self._say(*key, said)
+            await self._say_end(key, said)
         finally:
             shipping.cancel()
             watching.cancel()
@@ -582,6 +602,15 @@ async def _finish(shipping: asyncio.Task[None], run: JobRun) -> None:
     run.output.set()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(shipping), 30)
+
+
+def _attempt_of(name: str) -> tuple[uuid.UUID, int] | None:
+    """(job, attempt) from an attempt directory's name, `<job_id>-<attempt>`."""
+    job_id, _, attempt = name.rpartition("-")
+    try:
+        return uuid.UUID(job_id), int(attempt)
+    except ValueError:
+        return None
 
 
 def _read_at(path: Path, offset: int, size: int) -> bytes:
