@@ -63,7 +63,7 @@ from chiffon.orchestrator.placement import (
     still_fits,
 )
 from chiffon.persistence import jobs as repo
-from chiffon.persistence.models import JobClaimRow, JobRow
+from chiffon.persistence.models import JobRow
 from chiffon.transport import orders
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def gpu_id(gpu: dict[str, Any]) -> str:
     return orders.gpu_id(gpu.get("uuid"), gpu.get("index"))
 
 
-def candidate(row: Row[Any], claims: Sequence[JobClaimRow], setbacks: int = 0) -> Candidate:
+def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) -> Candidate:
     """An agent's registry row and live claims as placement sees them: cores and memory
     net of the host claims, each GPU's ledger with its claims."""
     metrics: dict[str, Any] = row.resource_metrics or {}
@@ -255,7 +255,9 @@ class FleetCache:
     async def read(self, session: AsyncSession, now: datetime) -> _PassFleet:
         fleet, read_at = self._fleet, self._read_at
         if fleet is None or read_at is None or self._stale():
-            held = await repo.claims_by_agent(session)
+            held: dict[uuid.UUID, list[repo.Claimed]] = {
+                a: list(c) for a, c in (await repo.claims_by_agent(session)).items()
+            }
             record = await repo.setbacks(session, now=now)
             rows = {row.agent_id: row for row in await repo.agent_rows(session)}
             fleet = _PassFleet(rows, held, {a: sum(n) for a, n in record.items()})
@@ -346,11 +348,11 @@ class _PassFleet(Fleet):
     def __init__(
         self,
         rows: dict[uuid.UUID, Row[Any]],
-        held: dict[uuid.UUID, list[JobClaimRow]],
+        held: dict[uuid.UUID, list[repo.Claimed]],
         setbacks: dict[uuid.UUID, int],
     ) -> None:
         self.rows, self.held, self.setbacks = rows, held, setbacks
-        self.promised: dict[uuid.UUID, list[JobClaimRow]] = {}  # chosen, not yet written
+        self.promised: dict[uuid.UUID, list[repo.Claimed]] = {}  # chosen, not yet written
         super().__init__([self.candidate_of(a) for a in rows])
 
     def candidate_of(self, agent_id: uuid.UUID) -> Candidate:
@@ -369,15 +371,15 @@ class _PassFleet(Fleet):
         self.promised[agent_id] = [*self.promised.get(agent_id, []), *promised]
         self.update(self.candidate_of(agent_id), placed=True)
 
-    def read(self, row: Row[Any], claims: list[JobClaimRow]) -> Candidate:
+    def read(self, row: Row[Any], claims: Sequence[repo.Claimed]) -> Candidate:
         """The agent as read under its lock; the promises made on it are dropped."""
-        self.rows[row.agent_id], self.held[row.agent_id] = row, claims
+        self.rows[row.agent_id], self.held[row.agent_id] = row, list(claims)
         self.promised.pop(row.agent_id, None)
         fresh = self.candidate_of(row.agent_id)
         self.update(fresh)
         return fresh
 
-    def wrote(self, agent_id: uuid.UUID, claims: list[JobClaimRow]) -> Candidate:
+    def wrote(self, agent_id: uuid.UUID, claims: Sequence[repo.Claimed]) -> Candidate:
         """Claims written on an agent read under its lock."""
         self.held[agent_id] = [*self.held.get(agent_id, []), *claims]
         fresh = self.candidate_of(agent_id)
@@ -417,6 +419,7 @@ async def _claim(
     if missing := [a for a in agent_ids if a not in rows]:
         registered = await repo.registered(session, agent_ids=missing)
     placed: dict[uuid.UUID, Placement] = {}
+    placings: list[repo.Placing] = []
     again: list[uuid.UUID] = []
     busy: list[uuid.UUID] = []
     for agent_id in agent_ids:
@@ -429,17 +432,19 @@ async def _claim(
                 fleet.gone(agent_id)
             again += [job.job_id for job, _, _ in chosen[agent_id]]
             continue
-        fresh = fleet.read(row, list(claims.get(agent_id, [])))
+        fresh = fleet.read(row, claims.get(agent_id, []))
         for job, want, choice in chosen[agent_id]:
             if not still_fits(want, fresh, choice.gpu_uuids):
                 again.append(job.job_id)
                 continue
             gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
-            written = repo.assign(session, job=job, agent_id=agent_id, agent_name=row.name,
-                                  gpus=gpus, cpu_cores=want.cpu_cores, memory_gb=want.memory_gb,
-                                  now=stamp)  # fmt: skip
-            fresh = fleet.wrote(agent_id, written)
+            placing = repo.Placing(job, agent_id, gpus, want.cpu_cores, want.memory_gb, row.name)
+            fresh = fleet.wrote(agent_id, repo.claim_rows(
+                job_id=job.job_id, attempt=job.attempt + 1, agent_id=agent_id, gpus=gpus,
+                cpu_cores=want.cpu_cores, memory_gb=want.memory_gb))  # fmt: skip
+            placings.append(placing)
             placed[job.job_id] = choice
+    await repo.assign_many(session, placings, now=stamp)
     return placed, again, busy
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, func, select
+from sqlalchemy import Row, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.persistence.models import (
@@ -215,6 +216,33 @@ def move(job: JobRow, to_state: str, *, reason: str, now: datetime) -> JobEventR
     return event
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A claim as placement reads it (a `JobClaimRow`'s fields), without the ORM."""
+
+    resource: str
+    agent_id: uuid.UUID
+    vram_gb: float | None = None
+    cpu_cores: float | None = None
+    memory_gb: float | None = None
+    used_gb: float | None = None
+
+
+Claimed = JobClaimRow | Held  # a claim read from the database, or about to be written
+
+
+@dataclass(frozen=True, slots=True)
+class Placing:
+    """One job's next attempt, to be written by `assign_many`."""
+
+    job: JobRow
+    agent_id: uuid.UUID
+    gpus: Sequence[tuple[str, float]]  # (GPU id, GB claimed)
+    cpu_cores: float
+    memory_gb: float
+    agent_name: str | None = None
+
+
 def assign(
     session: AsyncSession,
     *,
@@ -225,25 +253,53 @@ def assign(
     cpu_cores: float,
     memory_gb: float,
     now: datetime,
-) -> list[JobClaimRow]:
+) -> list[Held]:
     """Place `job` on `agent_id` as its next attempt, claiming `gpus` ((id, GB) each),
     cores and memory there: written in the caller's transaction, after `lock_agents`.
-    Returns the claims written."""
-    job.attempt += 1
-    job.agent_id = agent_id
-    where = f"{agent_name} ({agent_id})" if agent_name else str(agent_id)
-    gpu_ids = f", GPUs {', '.join(gpu for gpu, _ in gpus)}" if gpus else ""
-    session.add(move(job, "assigned", reason=f"placed on {where}{gpu_ids}", now=now))
-    session.add(
-        JobAttemptRow(
-            job_id=job.job_id, attempt=job.attempt, agent_id=agent_id, state="assigned",
-            gpu_uuids=[gpu for gpu, _ in gpus], assigned_at=now, reason="",
-        )
-    )  # fmt: skip
-    claims = claim_rows(job_id=job.job_id, attempt=job.attempt, agent_id=agent_id, gpus=gpus,
-                        cpu_cores=cpu_cores, memory_gb=memory_gb)  # fmt: skip
-    session.add_all(claims)
+    Returns the claims written. One job through the ORM; the scheduler writes its
+    batches with `assign_many`."""
+    placing = Placing(job, agent_id, gpus, cpu_cores, memory_gb, agent_name)
+    event, attempt, claims = _assignment(placing, now)
+    session.add(JobEventRow(**event))
+    session.add(JobAttemptRow(**attempt))
+    session.add_all(JobClaimRow(**_claim_columns(c)) for c in claims)
     return claims
+
+
+async def assign_many(
+    session: AsyncSession, placings: Sequence[Placing], *, now: datetime
+) -> list[list[Held]]:
+    """`assign` for a batch: the events, attempts and claims written as three bulk
+    INSERTs (the jobs' own rows are updated by the ORM at the flush). The claims written,
+    per placing."""
+    rows = [_assignment(p, now) for p in placings]
+    if rows:
+        await session.execute(insert(JobEventRow), [event for event, _, _ in rows])
+        await session.execute(insert(JobAttemptRow), [attempt for _, attempt, _ in rows])
+        claims = [_claim_columns(c) for _, _, held in rows for c in held]
+        await session.execute(insert(JobClaimRow), claims)
+    return [held for _, _, held in rows]
+
+
+def _assignment(p: Placing, now: datetime) -> tuple[dict[str, Any], dict[str, Any], list[Held]]:
+    """Move the job to `assigned` as its next attempt; its event's, attempt's and claims'
+    rows."""
+    job = p.job
+    job.attempt += 1
+    job.agent_id = p.agent_id
+    where = f"{p.agent_name} ({p.agent_id})" if p.agent_name else str(p.agent_id)
+    gpu_ids = f", GPUs {', '.join(gpu for gpu, _ in p.gpus)}" if p.gpus else ""
+    reason = f"placed on {where}{gpu_ids}"
+    check_move(job.state, "assigned")
+    event = {"job_id": job.job_id, "at": now, "attempt": job.attempt, "from_state": job.state,
+             "to_state": "assigned", "reason": reason}  # fmt: skip
+    job.state, job.reason, job.updated_at = "assigned", reason, now
+    attempt = {"job_id": job.job_id, "attempt": job.attempt, "agent_id": p.agent_id,
+               "state": "assigned", "gpu_uuids": [gpu for gpu, _ in p.gpus],
+               "assigned_at": now, "reason": ""}  # fmt: skip
+    claims = claim_rows(job_id=job.job_id, attempt=job.attempt, agent_id=p.agent_id,
+                        gpus=p.gpus, cpu_cores=p.cpu_cores, memory_gb=p.memory_gb)  # fmt: skip
+    return event, attempt, claims
 
 
 def claim_rows(
@@ -254,14 +310,28 @@ def claim_rows(
     gpus: Sequence[tuple[str, float]],
     cpu_cores: float,
     memory_gb: float,
-) -> list[JobClaimRow]:
-    """The claims an attempt holds (not added to any session: `assign` adds them)."""
+) -> list[Held]:
+    """The claims an attempt holds (written by `assign` and `assign_many`), each tagged
+    with its job and attempt for the writing."""
     return [
-        JobClaimRow(job_id=job_id, attempt=attempt, resource=HOST, agent_id=agent_id,
-                    cpu_cores=cpu_cores, memory_gb=memory_gb),
-        *(JobClaimRow(job_id=job_id, attempt=attempt, resource=gpu_resource(gpu),
-                      agent_id=agent_id, vram_gb=vram_gb) for gpu, vram_gb in gpus),
+        _Claim(HOST, agent_id, cpu_cores=cpu_cores, memory_gb=memory_gb, job_id=job_id,
+               attempt=attempt),
+        *(_Claim(gpu_resource(gpu), agent_id, vram_gb=gb, job_id=job_id, attempt=attempt)
+          for gpu, gb in gpus),
     ]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim(Held):
+    job_id: uuid.UUID | None = None
+    attempt: int = 0
+
+
+def _claim_columns(c: Held) -> dict[str, Any]:
+    assert isinstance(c, _Claim)
+    return {"job_id": c.job_id, "attempt": c.attempt, "resource": c.resource,
+            "agent_id": c.agent_id, "vram_gb": c.vram_gb, "cpu_cores": c.cpu_cores,
+            "memory_gb": c.memory_gb}  # fmt: skip
 
 
 async def list_jobs(
