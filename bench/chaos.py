@@ -85,6 +85,8 @@ class History:
     states: Counter[str] = field(default_factory=Counter)
     attempts: int = 0
     attempt_outcomes: Counter[str] = field(default_factory=Counter)
+    gpus: int = 0  # GPUs that held a claim
+    gpus_filled: int = 0  # of those, how many were at some moment too full for one more
     violations: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     @property
@@ -94,6 +96,7 @@ class History:
     def summary(self) -> dict[str, Any]:
         found = {k: v for k, v in self.violations.items() if v}
         return {"jobs": self.jobs, "states": dict(self.states), "attempts": self.attempts,
+                "gpus_claimed": self.gpus, "gpus_filled": self.gpus_filled,
                 "attempt_outcomes": dict(self.attempt_outcomes),
                 "violations": {k: len(v) for k, v in found.items()},
                 "first_violations": {k: v[:3] for k, v in found.items()}}  # fmt: skip
@@ -187,6 +190,9 @@ def _check_capacity(
             peak = _peak(changes)
             if key in limit and peak > limit[key] + 1e-6:
                 h.violations[kind].append(f"{key}: {peak:g} claimed of {limit[key]:g}")
+            if kind == "gpu_overbooked" and key in limit:
+                h.gpus += 1
+                h.gpus_filled += peak + max(c[2] for c in changes) > limit[key] + 1e-6
 
 
 def _held(moves: list[tuple[datetime, int, float]], start: datetime, end: datetime | None,
@@ -223,12 +229,13 @@ def private_broker() -> Iterator[Any]:
 class Orchestrator:
     """One `chiffon orchestrator` process on a fixed port, to be killed and started again."""
 
-    def __init__(self, name: str, database_url: str, amqp_url: str, tmp: Path) -> None:
+    def __init__(self, name: str, database_url: str, amqp_url: str, tmp: Path,
+                 liveness: dict[str, str] = LIVENESS) -> None:  # fmt: skip
         from bench.common import free_port
 
         self.name, self.port, self.tmp = name, free_port(), tmp
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **auth_env(), **LIVENESS, "CHIFFON_DATABASE_URL": database_url}
+        self.env = {**os.environ, **auth_env(), **liveness, "CHIFFON_DATABASE_URL": database_url}
         self.args = ["--amqp-url", amqp_url]
         self.proc: subprocess.Popen[str] | None = None
 

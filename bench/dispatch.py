@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import subprocess
@@ -47,10 +48,13 @@ from bench.common import (
     api_headers,
     auth_env,
     fresh_postgres,
+    insert_credentials,
+    issue_credentials,
     machine,
     orchestrator,
     percentile,
     private_vhost,
+    simulate_data_dir,
     stop,
     timed,
     write_results,
@@ -130,9 +134,12 @@ def _summary(seconds: list[float]) -> dict[str, float]:
             "max": round(max(ms), 1)}  # fmt: skip
 
 
-async def _queue(url: str, queue: int) -> None:
-    """`queue` jobs of 1 GPU, 2 GB, half a core, as the API would write them (a thousand
-    to a transaction, so that queueing 100,000 takes seconds, not minutes)."""
+SMALL_JOB = {"gpus": 1, "vram_gb": 2, "cpu_cores": 0.5}
+
+
+async def _queue(url: str, queue: int, requirements: dict[str, Any] = SMALL_JOB) -> None:
+    """`queue` jobs (by default of 1 GPU, 2 GB, half a core) as the API would write them
+    (a thousand to a transaction, so that queueing 100,000 takes seconds, not minutes)."""
     from chiffon.persistence import jobs as repo
     from chiffon.persistence.db import create_engine, session_factory
     from chiffon.schemas.jobs import JobSubmit
@@ -140,7 +147,7 @@ async def _queue(url: str, queue: int) -> None:
     engine = create_engine(url)
     sessions = session_factory(engine)
     spec = JobSubmit.model_validate(
-        {"command": ["train"], "requirements": {"gpus": 1, "vram_gb": 2, "cpu_cores": 0.5}}
+        {"command": ["train"], "requirements": requirements}
     ).model_dump(mode="json")
     for first in range(0, queue, 1000):
         async with sessions.begin() as session:
@@ -311,6 +318,61 @@ def placements(queue: int, agents: int = 1000, batch: int = BATCH, processes: in
     return result
 
 
+def placements_in_history(placements: int, agents: int, job_seconds: str,
+                          within_minutes: float) -> dict[str, Any]:  # fmt: skip
+    """Double-bookings, from the database's own history, in `placements` placements made
+    by two `chiffon orchestrator` processes on one PostgreSQL while they ingest the
+    heartbeats of `agents` simulated desktops that run the jobs (`chiffon simulate
+    --accept-jobs`, each attempt `job_seconds` long): 4 GB and one core each, so that the
+    fleet is full and every GPU's claims are pressed against its VRAM. The queue is kept
+    at `placements` jobs; the run ends once that many attempts were placed (or after
+    `within_minutes`), then `bench/chaos.check_history` sweeps every GPU's and agent's
+    claims through time."""
+    from bench.chaos import Orchestrator, check_history
+
+    from chiffon.agent.simulate import agent_id_for
+
+    liveness = {"CHIFFON_HEARTBEAT_INTERVAL": "15", "CHIFFON_HEARTBEAT_TIMEOUT": "45"}
+    need = {"gpus": 1, "vram_gb": 4, "cpu_cores": 1}
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        url = stack.enter_context(fresh_postgres())
+        amqp_url = stack.enter_context(private_vhost())
+        rows, creds = issue_credentials([agent_id_for(7, i) for i in range(agents)])
+        insert_credentials(url, rows)
+        two = [Orchestrator(n, url, amqp_url, tmp, liveness) for n in "AB"]
+        for o in two:
+            o.start()
+            stack.callback(o.stop)
+        env = {**os.environ, **auth_env(), **simulate_data_dir(tmp / "sim", 7, creds),
+               "CHIFFON_ORCHESTRATOR_URL": two[0].url, "CHIFFON_AMQP_URL": amqp_url}  # fmt: skip
+        with (tmp / "simulate.log").open("w") as log:
+            sim = subprocess.Popen(
+                [*CHIFFON, "simulate", "--agents", str(agents), "--interval", "15",
+                 "--transport", "amqp", "--accept-jobs", "--seed", "7",
+                 "--job-seconds", job_seconds, "--timeout", "10"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        stack.callback(stop, sim)
+        conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+        asyncio.run(_queue(url, placements, need))
+        started = time.monotonic()
+        placed = 0
+        with psycopg.connect(conninfo, autocommit=True) as db:
+            while placed < placements and time.monotonic() - started < within_minutes * 60:
+                time.sleep(5)
+                placed = db.execute("SELECT count(*) FROM job_attempts").fetchone()[0]
+                print(f"  {time.monotonic() - started:.0f} s: {placed} placements", flush=True)
+        elapsed = time.monotonic() - started
+        stop(sim)
+        for o in two:
+            o.stop()
+        history = check_history(url, settled=False)
+    return {"agents": agents, "placements": placed, "seconds": round(elapsed, 1),
+            "placements_per_second": round(placed / elapsed, 1), "job_seconds": job_seconds,
+            "history": history.summary()}  # fmt: skip
+
+
 FAST_LIVENESS = {"CHIFFON_HEARTBEAT_INTERVAL": "1", "CHIFFON_HEARTBEAT_TIMEOUT": "3",
                  "CHIFFON_SWEEP_INTERVAL": "0.5"}  # fmt: skip
 
@@ -374,9 +436,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="jobs a transaction")
     parser.add_argument("--orchestrators", type=int, default=1, help="placing processes")
     parser.add_argument("--placements-only", action="store_true")
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only: double-bookings in N placements (bench/chaos.check_history)",
+    )
+    parser.add_argument("--history-agents", type=int, default=1000)
     parser.add_argument("--lost-rounds", type=int, default=5, help="0: skip that part")
     options = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
+    if options.history:
+        got = placements_in_history(options.history, options.history_agents, "5-20", 30)
+        print(json.dumps(got, indent=1))
+        write_results("dispatch_history", {**results, "history": got})
+        return
     for transport in () if options.placements_only else ("http", "amqp"):
         got = submit_to_start(transport, options.jobs)
         results[f"submit_to_start_{transport}"] = got

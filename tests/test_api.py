@@ -8,6 +8,7 @@ from datetime import datetime
 
 import httpx
 import pytest
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
@@ -336,3 +337,18 @@ async def test_health_ready_metrics_and_openapi(
     spec = (await api.get("/openapi.json")).json()
     assert "/api/v1/agents/available-capacity" in spec["paths"]
     assert (await api.get("/docs")).status_code == 200
+
+
+async def test_no_database_connection_free_within_the_pool_timeout_is_a_503(
+    api: httpx.AsyncClient, orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a burst every pooled connection is busy: the caller is told to retry, not
+    handed a 500 (and no traceback is logged per request)."""
+
+    def exhausted() -> None:
+        raise PoolTimeoutError("QueuePool limit of size 10 overflow 10 reached")
+
+    monkeypatch.setattr(orchestrator, "sessions", exhausted)
+    resp = await api.get("/api/v1/jobs")
+    assert resp.status_code == 503
+    assert resp.json() == {"detail": "registry database unavailable: TimeoutError"}

@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from chiffon import __version__
 from chiffon.api import routes_agents, routes_fleet, routes_ingest, routes_jobs, routes_work
@@ -114,6 +115,8 @@ def create_app(
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(DBAPIError, _database_down)
     app.add_exception_handler(OSError, _database_down)
+    # every connection of the pool busy for its whole timeout: the database is overloaded
+    app.add_exception_handler(PoolTimeoutError, _database_down)
     app.include_router(routes_agents.router)
     app.include_router(routes_ingest.router)
     app.include_router(routes_fleet.router)

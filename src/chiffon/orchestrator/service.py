@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOG_PRUNE_INTERVAL_SECONDS = 300.0
+PUSHES_AT_ONCE = 4  # order pushes reading the database at once (Orchestrator._push)
 
 
 class Orchestrator:
@@ -108,6 +109,8 @@ class Orchestrator:
         self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
         self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
         self._pushes: set[asyncio.Task[None]] = set()
+        self._pushing: set[UUID] = set()  # agents with a push waiting for its turn
+        self._push_slots = asyncio.Semaphore(PUSHES_AT_ONCE)
         # A reader following a job's log waits here; an event lives while someone waits.
         self._log_ready: WeakValueDictionary[UUID, asyncio.Event] = WeakValueDictionary()
         self._tasks: list[asyncio.Task[None]] = []
@@ -242,18 +245,26 @@ class Orchestrator:
         push what it must be told to its queue."""
         if (ready := self._orders_ready.get(agent_id)) is not None:
             ready.set()
-        if self.order_sender is not None and not self.closing:
+        if self.order_sender is not None and not self.closing and agent_id not in self._pushing:
+            self._pushing.add(agent_id)  # one push an agent at a time: it says all that is due
             push = asyncio.create_task(self._push(agent_id), name="chiffon-push-orders")
             self._pushes.add(push)
             push.add_done_callback(self._pushes.discard)
 
     async def _push(self, agent_id: UUID) -> None:
+        """Push what `agent_id` must be told. At most `PUSHES_AT_ONCE` read the database at
+        once, so that a pass placing thousands of jobs leaves the connection pool to
+        ingest and the API."""
         assert self.order_sender is not None
         try:
-            orders = await self.orders_for(agent_id)
+            async with self._push_slots:
+                self._pushing.discard(agent_id)  # a placement from now on pushes again
+                orders = await self.orders_for(agent_id)
         except Exception as exc:  # the database is away: the agent's own poll finds them
             log.warning("orders for %s not pushed: %s", agent_id, exc)
             return
+        finally:
+            self._pushing.discard(agent_id)
         if orders:
             await self.order_sender.send(agent_id, orders)
 
