@@ -12,12 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.requests import ClientDisconnect
 
 from chiffon import __version__
 from chiffon.api import routes_agents, routes_fleet, routes_ingest, routes_jobs, routes_work
@@ -46,6 +47,12 @@ def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"detail": f"registry database unavailable: {type(exc).__name__}"}, status_code=503
     )
+
+
+def _client_gone(_request: Request, _exc: Exception) -> Response:
+    """The client left before its body was read (it timed out waiting): nothing to say,
+    and nothing to log."""
+    return Response(status_code=400)
 
 
 def _database_refused_value(_request: Request, exc: Exception) -> JSONResponse:
@@ -117,6 +124,7 @@ def create_app(
     app.add_exception_handler(OSError, _database_down)
     # every connection of the pool busy for its whole timeout: the database is overloaded
     app.add_exception_handler(PoolTimeoutError, _database_down)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.include_router(routes_agents.router)
     app.include_router(routes_ingest.router)
     app.include_router(routes_fleet.router)

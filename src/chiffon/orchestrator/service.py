@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LOG_PRUNE_INTERVAL_SECONDS = 300.0
 PUSHES_AT_ONCE = 4  # order pushes reading the database at once (Orchestrator._push)
+CORE_POOL_SIZE = 4  # connections of ingest, the sweep and the scheduler (PostgreSQL)
 
 
 class Orchestrator:
@@ -73,16 +74,26 @@ class Orchestrator:
         self.clock = clock or SystemClock()
         self.engine = engine or create_engine(settings.effective_database_url)
         self.sessions = session_factory(self.engine)
+        # Ingest, the offline sweep and the scheduler have connections of their own on
+        # PostgreSQL, so that a burst of API requests (a thousand desktops reporting
+        # at once) can never starve them: heartbeats unwritten for the pool's timeout
+        # would have their desktops judged offline and their jobs lost.
+        self._core_engine: AsyncEngine | None = None
+        self.core_sessions = self.sessions
+        if engine is None and self.engine.dialect.name == "postgresql":
+            self._core_engine = create_engine(settings.effective_database_url,
+                                              pool_size=CORE_POOL_SIZE, max_overflow=2)  # fmt: skip
+            self.core_sessions = session_factory(self._core_engine)
         self.metrics = OrchestratorMetrics()
         self.batcher = IngestBatcher(
-            self.sessions,
+            self.core_sessions,
             self.metrics,
             max_batch=settings.ingest_batch_size,
             max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
         )
         self.receivers: list[Receiver] = list(_receivers_from(settings, self))
         self.sweeper = Sweeper(
-            self.sessions,
+            self.core_sessions,
             self.clock,
             self.metrics,
             timeout_seconds=settings.heartbeat_timeout_seconds,
@@ -104,7 +115,7 @@ class Orchestrator:
         )
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         # Jobs: the loop placing queued jobs (docs/jobs.md).
-        self.dispatcher = Dispatcher(self.sessions, self.clock, placed_on=self._tell,
+        self.dispatcher = Dispatcher(self.core_sessions, self.clock, placed_on=self._tell,
                                      avoid_seconds=settings.preempt_avoid_seconds)  # fmt: skip
         self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
         self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
@@ -191,6 +202,8 @@ class Orchestrator:
             await self.order_sender.close()
         await self.batcher.stop()
         await self.engine.dispose()
+        if self._core_engine is not None:
+            await self._core_engine.dispose()
 
     def registry_stale_seconds(self) -> float | None:
         """Seconds since the offline sweep last completed, when it is behind (the database
