@@ -443,12 +443,19 @@ def main() -> None:
         metavar="N",
         help="only: double-bookings in N placements (bench/chaos.check_history)",
     )
-    parser.add_argument("--history-agents", type=int, default=1000)
+    parser.add_argument("--history-agents", type=int, default=400)
+    parser.add_argument("--history-job-seconds", default="2-8")
+    parser.add_argument("--history-minutes", type=float, default=30, help="at most")
     parser.add_argument("--lost-rounds", type=int, default=5, help="0: skip that part")
     options = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
     if options.history:
-        got = placements_in_history(options.history, options.history_agents, "5-20", 30)
+        got = placements_in_history(
+            options.history,
+            options.history_agents,
+            options.history_job_seconds,
+            options.history_minutes,
+        )
         print(json.dumps(got, indent=1))
         write_results("dispatch_history", {**results, "history": got})
         return
