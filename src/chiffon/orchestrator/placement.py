@@ -262,6 +262,11 @@ class Fleet:
             self._missed[memo] = choice
         return choice
 
+    def known_miss(self, want: Requirements, policy: Policy = "best_fit") -> Miss | None:
+        """The miss kept for this requirement, if it missed in this pass and no agent has
+        had more room since: it misses again, whatever is excluded."""
+        return self._missed.get((policy, *_memo_key(want)))
+
     def _walk(self, want: Requirements, exclude: frozenset[str]) -> Placement | None:
         if self.lane is not None:
             mine = self._walk_lane(want, exclude, self.lane)

@@ -182,18 +182,29 @@ async def schedule_once(
     true history of the claims (bench/dispatch.py checks them)."""
     cache = cache or FleetCache()
     async with sessions() as session:
-        queued = await repo.queued_ids(session, limit=limit)
+        queued = await repo.queued(session, limit=limit)
         if not queued:
             return PassResult()
         fleet = await cache.read(session, now)
         since = now - timedelta(seconds=avoid_seconds)
-        taken = await repo.taken_back(session, job_ids=queued, since=since)
+        taken = await repo.taken_back(session, job_ids=[j for j, _ in queued], since=since)
     one_pass = _Pass(fleet, taken, now, clock or (lambda: now), starvation_seconds)
-    pending, tries = list(queued), Counter[uuid.UUID]()
+    specs = dict(queued)
+    pending, tries = [j for j, _ in queued], Counter[uuid.UUID]()
     looked = one_pass.clock()
     try:
         while pending:
-            ids, pending = pending[:batch], pending[batch:]
+            # A job whose shape already missed in this pass is not locked to miss again:
+            # with the fleet full and the queue long, a pass then costs what can be placed.
+            ids: list[uuid.UUID] = []
+            while pending and len(ids) < batch:
+                job_id = pending.pop(0)
+                if (miss := one_pass.known_miss(job_id, specs[job_id])) is not None:
+                    one_pass.result.waiting[job_id] = miss.reason
+                else:
+                    ids.append(job_id)
+            if not ids:
+                break
             async with sessions.begin() as session:
                 jobs = await repo.take_queued_many(session, job_ids=ids)
                 again = await one_pass.batch(session, jobs)
@@ -302,7 +313,14 @@ class _Pass:
     result: PassResult = field(default_factory=PassResult)
 
     def want(self, job: JobRow) -> Requirements:
-        return requirements(job.spec, frozenset(str(a) for a in self.taken.get(job.job_id, ())))
+        return self._want(job.job_id, job.spec)
+
+    def _want(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Requirements:
+        return requirements(spec, frozenset(str(a) for a in self.taken.get(job_id, ())))
+
+    def known_miss(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Miss | None:
+        """The pass's kept miss for this job's shape (`Fleet.known_miss`)."""
+        return self.fleet.known_miss(self._want(job_id, spec), spec.get("policy", "best_fit"))
 
     async def batch(self, session: AsyncSession, jobs: Sequence[JobRow]) -> list[uuid.UUID]:
         """Choose for each job in memory, each choice promised before the next, then

@@ -55,15 +55,15 @@ async def add_job(
     return job
 
 
-async def queued_ids(session: AsyncSession, *, limit: int) -> Sequence[uuid.UUID]:
-    """The oldest queued jobs' ids, in submission order (nothing locked)."""
+async def queued(session: AsyncSession, *, limit: int) -> list[tuple[uuid.UUID, dict[str, Any]]]:
+    """The oldest queued jobs' ids and specs, in submission order (nothing locked)."""
     stmt = (
-        select(JobRow.job_id)
+        select(JobRow.job_id, JobRow.spec)
         .where(JobRow.state == "queued")
         .order_by(JobRow.submitted_at, JobRow.job_id)
         .limit(limit)
     )
-    return (await session.scalars(stmt)).all()
+    return [(row.job_id, row.spec) for row in (await session.execute(stmt)).all()]
 
 
 async def take_queued(session: AsyncSession, *, job_id: uuid.UUID) -> JobRow | None:
