@@ -197,6 +197,48 @@ async def test_a_choice_that_no_longer_fits_under_the_lock_is_chosen_again(
     assert (await job(orchestrator, first)).attempt == 1
 
 
+async def test_only_another_schedulers_claims_move_a_scheduler_to_a_lane(
+    orchestrator: Orchestrator, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A choice can fail because the desktop itself reported less room (a heartbeat): that
+    is no reason to give up best fit. Claims written by someone else are."""
+    small = await desktop(orchestrator, "small", (10.0, 10.0))
+    await desktop(orchestrator, "big", (24.0, 24.0))
+    take_many = repo.take_queued_many
+    cache = FleetCache()
+
+    async def heartbeat_took_the_room(session, *, job_ids):  # type: ignore[no-untyped-def]
+        async with orchestrator.sessions.begin() as other:
+            row = await other.get(AgentRow, small)
+            assert row is not None
+            gpus = [{**g, "vram_free_gb": 2.0} for g in row.resource_metrics["gpus"]]
+            row.resource_metrics = {**row.resource_metrics, "gpus": gpus}
+        monkeypatch.setattr(repo, "take_queued_many", take_many)
+        return await take_many(session, job_ids=job_ids)
+
+    job_id = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    monkeypatch.setattr(repo, "take_queued_many", heartbeat_took_the_room)
+    placed = (await one_pass(orchestrator, clock, cache=cache)).placed
+    assert placed[job_id].gpu_uuids == ("GPU-big-0",) and cache.lane is None
+    mine = await submit(orchestrator, clock, gpus=1, vram_gb=10)  # only "big" has room
+    rival = await submit(orchestrator, clock, gpus=1, vram_gb=15)  # beyond this pass's limit
+
+    async def another_scheduler_placed(session, *, job_ids):  # type: ignore[no-untyped-def]
+        async with orchestrator.sessions.begin() as other:
+            row = await other.get(JobRow, rival)
+            assert row is not None
+            big = (await job(orchestrator, job_id)).agent_id
+            assert big is not None
+            repo.assign(other, job=row, agent_id=big, gpus=[("GPU-big-0", 15.0)], cpu_cores=0,
+                        memory_gb=0, now=clock.now())  # fmt: skip
+        monkeypatch.setattr(repo, "take_queued_many", take_many)
+        return await take_many(session, job_ids=job_ids)
+
+    monkeypatch.setattr(repo, "take_queued_many", another_scheduler_placed)
+    result = await one_pass(orchestrator, clock, cache=cache, limit=1)
+    assert mine not in result.placed and cache.lane is not None, result
+
+
 async def test_a_pass_with_nothing_queued_reads_nothing_else(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:

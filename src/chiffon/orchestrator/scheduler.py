@@ -191,7 +191,7 @@ async def schedule_once(
     one_pass = _Pass(fleet, taken, now, clock or (lambda: now), starvation_seconds)
     specs = dict(queued)
     pending, tries = [j for j, _ in queued], Counter[uuid.UUID]()
-    looked = one_pass.clock()
+    looked, seen = one_pass.clock(), fleet.others_seen
     try:
         while pending:
             # A job whose shape already missed in this pass is not locked to miss again:
@@ -215,7 +215,9 @@ async def schedule_once(
             # those it placed on since we last looked.
             tries.update(again)
             pending = [j for j in again if tries[j] < RETRIES_PER_JOB] + pending
-            cache.contended()
+            if one_pass.busy or fleet.others_seen > seen:
+                cache.contended()  # not when only a heartbeat took the room
+            seen = fleet.others_seen
             async with sessions() as session:
                 since, looked = looked - RECENT_MARGIN, one_pass.clock()
                 await cache.refresh(session, await repo.agents_placed_on(session, since=since))
@@ -252,6 +254,11 @@ class FleetCache:
 
     def forget(self) -> None:
         self._fleet = None
+
+    @property
+    def lane(self) -> int | None:
+        """The lane this orchestrator places in while it contends with another."""
+        return self._lane
 
     def contended(self) -> None:
         """A batch found its choices taken (most likely by another orchestrator): for
@@ -371,6 +378,7 @@ class _PassFleet(Fleet):
     ) -> None:
         self.rows, self.held, self.setbacks = rows, held, setbacks
         self.promised: dict[uuid.UUID, list[repo.Claimed]] = {}  # chosen, not yet written
+        self.others_seen = 0
         super().__init__([self.candidate_of(a) for a in rows])
 
     def candidate_of(self, agent_id: uuid.UUID) -> Candidate:
@@ -390,7 +398,10 @@ class _PassFleet(Fleet):
         self.update(self.candidate_of(agent_id), placed=True)
 
     def read(self, row: Row[Any], claims: Sequence[repo.Claimed]) -> Candidate:
-        """The agent as read under its lock; the promises made on it are dropped."""
+        """The agent as read under its lock; the promises made on it are dropped. Claims
+        it did not know of are counted (`others_seen`): another orchestrator placed there."""
+        known = {_claim_key(c) for c in self.held.get(row.agent_id, [])}
+        self.others_seen += sum(_claim_key(c) not in known for c in claims)
         self.rows[row.agent_id], self.held[row.agent_id] = row, list(claims)
         self.promised.pop(row.agent_id, None)
         fresh = self.candidate_of(row.agent_id)
@@ -464,6 +475,10 @@ async def _claim(
             placed[job.job_id] = choice
     await repo.assign_many(session, placings, now=stamp)
     return placed, again, busy
+
+
+def _claim_key(c: repo.Claimed) -> tuple[object, object, str]:
+    return (getattr(c, "job_id", None), getattr(c, "attempt", None), c.resource)
 
 
 class Dispatcher:
