@@ -225,3 +225,17 @@ def test_in_a_lane_a_job_takes_the_best_fit_there_and_any_agent_when_none_fits()
     big = Requirements(gpus=1, vram_gb=12.5)  # fits a-3 only, not in lane 2
     fallback = fleet.place(big)
     assert isinstance(fallback, Placement) and fallback.agent_id == "a-3"
+
+
+def test_a_miss_with_agents_left_out_is_kept_only_when_none_of_them_fits() -> None:
+    """A reserved agent is left out of a pass: a job it could hold misses now but is not
+    taken for a miss over all agents; a job nothing holds is (said again without a search)."""
+    fleet = Fleet([agent("a", gpu(0, 24, 20)), agent("b", gpu(0, 8, 6))])
+    fits_a = Requirements(gpus=1, vram_gb=12)
+    assert isinstance(fleet.place(fits_a, exclude=frozenset({"a"})), Miss)
+    again = fleet.place(fits_a)
+    assert isinstance(again, Placement) and again.agent_id == "a"
+    too_big = Requirements(gpus=1, vram_gb=30)
+    first = fleet.place(too_big, exclude=frozenset({"a"}))
+    assert isinstance(first, Miss) and fleet.place(too_big) is first
+    assert fleet.known_miss(too_big) is first and fleet.known_miss(fits_a) is None

@@ -248,7 +248,7 @@ class Fleet:
     ) -> Placement | Miss:
         """`place(want, candidates not in exclude, policy)`, faster."""
         memo = (policy, *_memo_key(want))
-        if memo in self._missed and not exclude:
+        if memo in self._missed:  # a miss over all agents is a miss over fewer
             return self._missed[memo]
         if want.gpus == 1 and policy == "best_fit":
             found = self._walk(want, exclude)
@@ -258,7 +258,9 @@ class Fleet:
         else:
             pool = [c for c in self.candidates.values() if c.agent_id not in exclude]
             choice = place(want, pool, policy)
-        if isinstance(choice, Miss) and not exclude:
+        if isinstance(choice, Miss) and not any(
+            _fit(want, self.candidates[a], policy) for a in exclude if a in self.candidates
+        ):  # none of those left out fits either: a miss over all agents, kept
             self._missed[memo] = choice
         return choice
 
