@@ -123,11 +123,22 @@ def test_ctrl_c_cancels_the_job_and_says_so(fleet: Fleet) -> None:
             assert "Ctrl-C: cancelling job" in err
             ended = c.get(job.job_id)
         assert ended.state == "cancelled", ended
-        assert not [
-            p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]
-        ]
+        assert not _processes_of(str(job.job_id))  # its sleep was ended, not left behind
     finally:
         stop(proc)
+
+
+def _processes_of(job_id: str) -> list[psutil.Process]:
+    """The processes this job's attempts started (the agent names the job in their
+    environment): another test's `sleep 300` on this machine is not this job's."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("CHIFFON_JOB_ID") == job_id and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def _running(c: Client, program: str) -> bool:
