@@ -217,6 +217,24 @@ async def test_the_dispatcher_places_a_job_as_soon_as_it_is_woken(
             await running
 
 
+async def test_a_queue_longer_than_a_pass_reads_is_placed_without_waiting_for_the_next_tick(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    await desktop(orchestrator, "a", (24.0, 24.0))
+    # a pass reads one queued job; the next tick is an hour away
+    dispatcher = Dispatcher(orchestrator.sessions, clock, interval_seconds=3600, limit=1)
+    job_ids = [await submitted(orchestrator, clock) for _ in range(3)]
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        dispatcher.wake()
+        for job_id in job_ids:
+            await eventually(lambda j=job_id: _assigned(orchestrator, j), within_seconds=5)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 async def _assigned(orch: Orchestrator, job_id: uuid.UUID) -> bool:
     return (await row(orch, job_id)).state == "assigned"
 

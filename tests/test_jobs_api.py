@@ -57,6 +57,37 @@ async def test_a_job_no_registered_agent_could_ever_hold_is_accepted_with_a_warn
     )
 
 
+async def test_a_submission_reads_the_registry_again_only_when_its_last_read_says_no(
+    orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full read at 10,000 agents costs more than the submission: it is kept 10 s, and
+    # a "no" is checked against a fresh read, since a desktop that could may just have come.
+    from chiffon.persistence import jobs as jobs_repo
+
+    reads = 0
+    real = jobs_repo.agent_rows
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        if kwargs.get("agent_ids") is None:
+            reads += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs_repo, "agent_rows", counted)
+    await desktop(orchestrator, "small", (8.0, 8.0))
+    small = {"command": ["x"], "requirements": {"gpus": 1, "vram_gb": 4}}
+    big = {"command": ["x"], "requirements": {"gpus": 1, "vram_gb": 40}}
+    async with api_client(orchestrator, API_HEADERS) as api:
+        for _ in range(3):
+            assert (await api.post("/api/v1/jobs", json=small)).json()["warning"] is None
+        assert reads == 1
+        assert (await api.post("/api/v1/jobs", json=big)).json()["warning"] is not None
+        assert reads == 2
+        await desktop(orchestrator, "big", (48.0, 48.0))  # joins within the 10 s
+        assert (await api.post("/api/v1/jobs", json=big)).json()["warning"] is None
+        assert reads == 3
+
+
 @pytest.mark.parametrize(
     ("body", "says"),
     [

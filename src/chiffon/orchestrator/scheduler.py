@@ -485,6 +485,8 @@ class Dispatcher:
     """The scheduler's loop: a pass when woken (a job submitted, an attempt ended) and at
     least every `interval_seconds` (capacity seen in a heartbeat, an agent back online),
     after losing the attempts of agents gone offline (`orchestrator.jobs.lose_offline`).
+    A pass that placed work is followed at once by the next: a pass reads at most
+    `limit` queued jobs, and a longer queue must not wait out the interval between them.
     Tests call `tick()` with a manual clock."""
 
     def __init__(
@@ -496,8 +498,10 @@ class Dispatcher:
         starvation_seconds: float = 300.0,
         avoid_seconds: float = 1800.0,
         placed_on: Callable[[uuid.UUID], None] = lambda _agent_id: None,
+        limit: int = 1000,
     ) -> None:
         self._placed_on = placed_on  # told of each agent a pass placed an attempt on
+        self._limit = limit
         self._sessions = sessions
         self._clock = clock
         self._interval = interval_seconds
@@ -512,7 +516,8 @@ class Dispatcher:
     async def tick(self) -> PassResult:
         now = self._clock.now()
         await lose_offline(self._sessions, now=now)
-        result = await schedule_once(self._sessions, now=now, starvation_seconds=self._starvation,
+        result = await schedule_once(self._sessions, now=now, limit=self._limit,
+                                     starvation_seconds=self._starvation,
                                      avoid_seconds=self._avoid, clock=self._clock.now,
                                      cache=self.cache)  # fmt: skip
         for agent_id in {uuid.UUID(p.agent_id) for p in result.placed.values()}:
@@ -520,14 +525,17 @@ class Dispatcher:
         return result
 
     async def run(self) -> None:
+        placed = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), self._interval)
+            if not placed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), self._interval)
             self._woken.clear()
             try:
-                await self.tick()
+                placed = bool((await self.tick()).placed)
             except Exception as exc:  # the database is down: the next pass tries again
                 log.warning("scheduling pass failed: %s", exc)
+                placed = False
 
 
 def could_ever_hold(want: Requirements, rows: Sequence[Row[Any]]) -> bool:

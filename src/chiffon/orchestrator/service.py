@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 from weakref import WeakValueDictionary
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,7 +27,7 @@ from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.periodic import run_every
-from chiffon.orchestrator.placement import never_fits
+from chiffon.orchestrator.placement import Requirements, never_fits
 from chiffon.orchestrator.scheduler import Dispatcher, could_ever_hold, requirements
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import jobs as jobs_repo
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LOG_PRUNE_INTERVAL_SECONDS = 300.0
 PUSHES_AT_ONCE = 4  # order pushes reading the database at once (Orchestrator._push)
+HARDWARE_READ_SECONDS = 10.0  # a submission's "could any agent ever hold it" reads this old
 CORE_POOL_SIZE = 4  # connections of ingest, the sweep and the scheduler (PostgreSQL)
 
 
@@ -125,6 +128,8 @@ class Orchestrator:
         # A reader following a job's log waits here; an event lives while someone waits.
         self._log_ready: WeakValueDictionary[UUID, asyncio.Event] = WeakValueDictionary()
         self._tasks: list[asyncio.Task[None]] = []
+        self._hardware: Sequence[Row[Any]] = ()  # the registry as `could_ever_hold` reads it
+        self._hardware_at = -math.inf
         self.sweeping = False
         self.closing = False  # a stop has begun: judge no one, hold no long-poll
 
@@ -238,10 +243,21 @@ class Orchestrator:
         could ever hold it (it is kept: a bigger desktop may join)."""
         job_id = await jobs.submit(self.sessions, spec, now=self.clock.now())
         self.dispatcher.wake()
-        async with self.sessions() as session:
-            rows = await jobs_repo.agent_rows(session)
         want = requirements(spec.model_dump(mode="json"))
-        return job_id, None if could_ever_hold(want, rows) else never_fits(want)
+        return job_id, None if await self._could_ever_hold(want) else never_fits(want)
+
+    async def _could_ever_hold(self, want: Requirements) -> bool:
+        """`could_ever_hold` against the registry as read at most `HARDWARE_READ_SECONDS`
+        ago (a full read at 10,000 agents costs more than the submission), and against a
+        fresh read when that says no: a desktop that could may have just joined."""
+        if time.monotonic() - self._hardware_at < HARDWARE_READ_SECONDS and could_ever_hold(
+            want, self._hardware
+        ):
+            return True
+        async with self.sessions() as session:
+            self._hardware = await jobs_repo.agent_rows(session)
+        self._hardware_at = time.monotonic()
+        return could_ever_hold(want, self._hardware)
 
     async def cancel_job(self, job_id: UUID) -> str | None:
         """`jobs.cancel`, and the agent running it is told at once."""
