@@ -260,8 +260,10 @@ class TimedTarget:
 
 
 async def chiffon_consumer(
-    db_url: str, amqp_url: str, **overrides: Any
+    db_url: str, amqp_url: str, *, sweep: bool = True, **overrides: Any
 ) -> tuple[Orchestrator, RabbitConsumer, TimedTarget]:
+    """An orchestrator in this process whose ingest is timed; `sweep`: with its periodic
+    tasks (the offline sweep, the dispatcher)."""
     # No amqp_url in the settings: the orchestrator would start its own consumer beside
     # this one (the timed one), and the two would share the backlog.
     settings = OrchestratorSettings(
@@ -270,7 +272,7 @@ async def chiffon_consumer(
         **{"heartbeat_timeout_seconds": BACKLOG_TTL_SECONDS, **overrides},
     )
     orch = Orchestrator(settings)
-    await orch.start()
+    await orch.start(sweep=sweep)
     target = TimedTarget(orch)
     topology = Topology()
     consumer = RabbitConsumer(amqp_url, target, topology=topology, prefetch=settings.amqp_prefetch)  # type: ignore[arg-type]

@@ -1,0 +1,253 @@
+"""Capacity queries and heartbeat ingest while a queue of jobs is being placed.
+
+One PostgreSQL database holds `--agents` desktops (rows as `chiffon simulate` reports
+them, all taking jobs). Throughout the run:
+
+- **ingest**: this process publishes those desktops' heartbeats to a private RabbitMQ
+  vhost at their steady rate (one every 15 s each: 667/s for 10,000), each signed with
+  its agent's own key, and consumes them with the orchestrator's own ingest
+  (`Orchestrator` + `RabbitConsumer`, as `bench/ingest.py` does, without the sweep and
+  the dispatcher). The latency of a heartbeat is its commit time minus its `sent_at`.
+- **placing**: two `chiffon orchestrator` processes (API and dispatcher each, no broker)
+  on the same database.
+- **capacity queries**: a separate client process sends
+  `GET /api/v1/agents/available-capacity?min_gpu_vram_gb=8&min_cpu_cores=2&limit=10` to
+  orchestrator A back to back, one at a time.
+
+Two windows of `--seconds` each:
+
+1. **without dispatch**: nothing queued (the dispatchers' passes find nothing);
+2. **with dispatch**: the orchestrators are stopped, `--queue` jobs (1 GPU, 2 GB, half a
+   core each) are queued, the two are started again, and the window counts from then.
+   Its latencies are those of queries and heartbeats that ended while placements were
+   being made (between the first attempt's `assigned_at` and the last one's).
+
+It prints p50/p99 of each in both windows, their ratio, the placements per second the
+two orchestrators made in the second window, and each process's CPU.
+Target (issue 24): each p99 with dispatch at most twice its p99 without.
+
+    .venv/bin/python bench/dispatch_load.py [--agents 10000] [--queue 20000] [--seconds 60]
+
+Takes about 5 minutes. Needs PostgreSQL and RabbitMQ as the other benchmarks do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.capacity_query import QUERY, SEED, seed, seed_rows
+from bench.common import (
+    CpuWatch,
+    api_headers,
+    fresh_postgres,
+    insert_credentials,
+    issue_credentials,
+    machine,
+    orchestrator,
+    percentile,
+    private_vhost,
+    write_results,
+)
+from bench.dispatch import _queue
+from bench.ingest import chiffon_consumer
+
+from chiffon.agent.simulate import VirtualAgent, make_fleet
+from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
+from chiffon.transport.rabbitmq.topology import EXCHANGE, declare_exchange
+
+INTERVAL_SECONDS = 15.0  # each desktop's heartbeat, as a real fleet's at its default
+TICK_SECONDS = 0.05
+
+
+def _queries(api: str, seconds: float) -> list[tuple[float, float]]:
+    """One client querying back to back for `seconds` (its own process): (ended at, ms)."""
+    samples: list[tuple[float, float]] = []
+    url = f"{api}/api/v1/agents/available-capacity"
+    with httpx.Client(timeout=10, headers=api_headers()) as http:
+        for _ in range(20):  # warm the connection and the server's caches
+            http.get(url, params=QUERY).raise_for_status()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            http.get(url, params=QUERY).raise_for_status()
+            samples.append((time.time(), (time.perf_counter() - started) * 1000))
+    return samples
+
+
+async def _beat(
+    amqp_url: str,
+    fleet: list[VirtualAgent],
+    creds: dict[Any, AgentCredential],
+    rate: float,
+    running: Callable[[], bool],
+) -> int:
+    """Publish the fleet's heartbeats round after round at `rate`/s while `running()`;
+    returns how many were sent."""
+    sent = 0
+    owed = 0.0
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await declare_exchange(channel, EXCHANGE)
+        next_at = time.monotonic()
+        while running():
+            owed += rate * TICK_SECONDS
+            publishes = []
+            while owed >= 1:
+                agent = fleet[sent % len(fleet)]
+                body = agent.message().encode()  # sent_at: now
+                message = aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    headers={SIGNATURE_HEADER: creds[agent.agent_id].sign(body)},
+                )
+                publishes.append(exchange.publish(message, f"agent.heartbeat.{agent.agent_id}"))
+                sent += 1
+                owed -= 1
+            await asyncio.gather(*publishes)
+            next_at += TICK_SECONDS
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    return sent
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {"count": 0}
+    return {"count": len(ms), "p50_ms": round(statistics.median(ms), 2),
+            "p99_ms": round(percentile(ms, 99), 2), "max_ms": round(max(ms), 2)}  # fmt: skip
+
+
+def _within(samples: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    return [ms for at, ms in samples if start <= at <= end]
+
+
+async def run(agents: int, queue: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    with ExitStack() as stack:
+        url = stack.enter_context(fresh_postgres())
+        rows = seed_rows(agents)
+        for row in rows:
+            row["accepts_jobs"] = True
+        seed(url, rows)
+        fleet = make_fleet(agents, seed=SEED, accept_jobs=True)  # the seeded desktops
+        cred_rows, creds = issue_credentials([a.agent_id for a in fleet])
+        insert_credentials(url, cred_rows)
+        amqp_url = stack.enter_context(private_vhost())
+        conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+
+        orch, consumer, ingest = await chiffon_consumer(url, amqp_url, sweep=False)
+        beating = True
+        beats = asyncio.create_task(_beat(amqp_url, fleet, creds, agents / INTERVAL_SECONDS,
+                                          lambda: beating))  # fmt: skip
+        pool = stack.enter_context(
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        )
+        loop = asyncio.get_running_loop()
+        env = {"CHIFFON_HEARTBEAT_TIMEOUT": "3600"}
+        try:
+            await asyncio.sleep(INTERVAL_SECONDS + 2)  # every desktop has beaten once
+
+            async def window(name: str) -> tuple[list[tuple[float, float]], dict[str, float]]:
+                # Started and stopped in a thread: ingest runs in this loop meanwhile.
+                two = ExitStack()
+                try:
+                    a, a_proc = await asyncio.to_thread(
+                        two.enter_context, orchestrator(url, env=env, log=tmp / f"{name}-a.log")
+                    )
+                    _, b_proc = await asyncio.to_thread(
+                        two.enter_context, orchestrator(url, env=env, log=tmp / f"{name}-b.log")
+                    )
+                    cpu = CpuWatch({"orchestrator_a": a_proc.pid, "orchestrator_b": b_proc.pid,
+                                    "this_process_publish_and_ingest": os.getpid()})  # fmt: skip
+                    queries = await loop.run_in_executor(pool, _queries, a, seconds)
+                    return queries, cpu.shares()
+                finally:
+                    await asyncio.to_thread(two.close)
+
+            started = time.time()
+            quiet_queries, quiet_cpu = await window("quiet")
+            quiet_ingest = _within(ingest.latencies, started, time.time())
+
+            await _queue(url, queue)
+            started = time.time()
+            busy_queries, busy_cpu = await window("busy")
+            ended = time.time()
+            with psycopg.connect(conninfo) as db:
+                first, last, placed = db.execute(
+                    "SELECT extract(epoch FROM min(assigned_at)), "
+                    "extract(epoch FROM max(assigned_at)), count(*) FROM job_attempts"
+                ).fetchone()  # type: ignore[misc]
+                left = db.execute("SELECT count(*) FROM jobs WHERE state = 'queued'").fetchone()
+        finally:
+            beating = False
+            sent = await beats
+            await consumer.stop()
+            await orch.stop()
+    if not placed:
+        raise SystemExit("nothing was placed in the window with dispatch")
+    first, last = float(first), float(last)
+    busy_ingest = _within(ingest.latencies, first, last)
+    result: dict[str, Any] = {
+        "agents": agents,
+        "heartbeats_per_second": round(agents / INTERVAL_SECONDS, 1),
+        "heartbeats_sent": sent,
+        "heartbeats_rejected": ingest.rejected,
+        "window_seconds": seconds,
+        "without_dispatch": {
+            "capacity_query": _summary([ms for _, ms in quiet_queries]),
+            "ingest": _summary([s * 1000 for s in quiet_ingest]),
+            "cpu": quiet_cpu,
+        },
+        "with_dispatch": {
+            "queued": queue,
+            "placed": placed,
+            "still_queued": left[0] if left else None,
+            "placing_seconds": round(last - first, 1),
+            "placements_per_second": round(placed / max(last - first, 1e-9), 1),
+            "from_window_start_to_first_placement_s": round(first - started, 1),
+            "capacity_query": _summary(_within(busy_queries, first, last)),
+            "ingest": _summary([s * 1000 for s in busy_ingest]),
+            "cpu": busy_cpu,
+        },
+        "window_end_after_last_placement_s": round(ended - last, 1),
+    }
+    for part in ("capacity_query", "ingest"):
+        quiet = result["without_dispatch"][part].get("p99_ms")
+        busy = result["with_dispatch"][part].get("p99_ms")
+        if quiet and busy:
+            result[f"{part}_p99_ratio"] = round(busy / quiet, 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--queue", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=60, help="each window")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        got = asyncio.run(run(options.agents, options.queue, options.seconds, Path(tmp)))
+    print(json.dumps(got, indent=1))
+    write_results("dispatch_load", {"machine": machine(), **got})
+
+
+if __name__ == "__main__":
+    main()
