@@ -322,8 +322,9 @@ def placements_in_history(placements: int, agents: int, job_seconds: str,
                           within_minutes: float) -> dict[str, Any]:  # fmt: skip
     """Double-bookings, from the database's own history, in `placements` placements made
     by two `chiffon orchestrator` processes on one PostgreSQL while they ingest the
-    heartbeats of `agents` simulated desktops that run the jobs (`chiffon simulate
-    --accept-jobs`, each attempt `job_seconds` long): 4 GB and one core each, so that the
+    heartbeats of `agents` simulated desktops that run the jobs (two `chiffon simulate
+    --accept-jobs` processes, each reporting to one of the orchestrators, each attempt
+    `job_seconds` long): 4 GB and a quarter of a core each, so that the
     fleet is full and every GPU's claims are pressed against its VRAM. The queue is kept
     at `placements` jobs; the run ends once that many attempts were placed (or after
     `within_minutes`), then `bench/chaos.check_history` sweeps every GPU's and agent's
@@ -333,27 +334,35 @@ def placements_in_history(placements: int, agents: int, job_seconds: str,
     from chiffon.agent.simulate import agent_id_for
 
     liveness = {"CHIFFON_HEARTBEAT_INTERVAL": "15", "CHIFFON_HEARTBEAT_TIMEOUT": "45"}
-    need = {"gpus": 1, "vram_gb": 4, "cpu_cores": 1}
+    need = {"gpus": 1, "vram_gb": 4, "cpu_cores": 0.25}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         url = stack.enter_context(fresh_postgres())
         amqp_url = stack.enter_context(private_vhost())
-        rows, creds = issue_credentials([agent_id_for(7, i) for i in range(agents)])
+        # Half the desktops talk to each orchestrator (seeds 7 and 8), as a fleet behind
+        # two addresses would: one orchestrator alone could not answer all their reports.
+        halves = [(7, agents // 2), (8, agents - agents // 2)]
+        ids = [agent_id_for(seed, i) for seed, n in halves for i in range(n)]
+        rows, creds = issue_credentials(ids)
         insert_credentials(url, rows)
         two = [Orchestrator(n, url, amqp_url, tmp, liveness) for n in "AB"]
         for o in two:
             o.start()
             stack.callback(o.stop)
-        env = {**os.environ, **auth_env(), **simulate_data_dir(tmp / "sim", 7, creds),
-               "CHIFFON_ORCHESTRATOR_URL": two[0].url, "CHIFFON_AMQP_URL": amqp_url}  # fmt: skip
-        with (tmp / "simulate.log").open("w") as log:
-            sim = subprocess.Popen(
-                [*CHIFFON, "simulate", "--agents", str(agents), "--interval", "15",
-                 "--transport", "amqp", "--accept-jobs", "--seed", "7",
-                 "--job-seconds", job_seconds, "--timeout", "10"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-        stack.callback(stop, sim)
+        sims = []
+        for (seed, n), o in zip(halves, two, strict=True):
+            data = simulate_data_dir(tmp / f"sim-{seed}", seed, creds)
+            env = {**os.environ, **auth_env(), **data, "CHIFFON_ORCHESTRATOR_URL": o.url,
+                   "CHIFFON_AMQP_URL": amqp_url}  # fmt: skip
+            with (tmp / f"simulate-{seed}.log").open("w") as log:
+                sim = subprocess.Popen(
+                    [*CHIFFON, "simulate", "--agents", str(n), "--interval", "15",
+                     "--transport", "amqp", "--accept-jobs", "--seed", str(seed),
+                     "--job-seconds", job_seconds, "--timeout", "10"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
+            stack.callback(stop, sim)
+            sims.append(sim)
         conninfo = url.replace("postgresql+psycopg://", "postgresql://")
         asyncio.run(_queue(url, placements, need))
         started = time.monotonic()
@@ -364,13 +373,16 @@ def placements_in_history(placements: int, agents: int, job_seconds: str,
                 placed = db.execute("SELECT count(*) FROM job_attempts").fetchone()[0]
                 print(f"  {time.monotonic() - started:.0f} s: {placed} placements", flush=True)
         elapsed = time.monotonic() - started
-        stop(sim)
+        for sim in sims:
+            stop(sim)
+        simulated = [(tmp / f"simulate-{seed}.log").read_text().strip().splitlines()[-1:]
+                     for seed, _ in halves]  # fmt: skip
         for o in two:
             o.stop()
         history = check_history(url, settled=False)
     return {"agents": agents, "placements": placed, "seconds": round(elapsed, 1),
             "placements_per_second": round(placed / elapsed, 1), "job_seconds": job_seconds,
-            "history": history.summary()}  # fmt: skip
+            "simulate": simulated, "history": history.summary()}  # fmt: skip
 
 
 FAST_LIVENESS = {"CHIFFON_HEARTBEAT_INTERVAL": "1", "CHIFFON_HEARTBEAT_TIMEOUT": "3",

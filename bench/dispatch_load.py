@@ -20,13 +20,16 @@ Two windows of `--seconds` each:
 2. **with dispatch**: the orchestrators are stopped, `--queue` jobs (1 GPU, 2 GB, half a
    core each) are queued, the two are started again, and the window counts from then.
    Its latencies are those of queries and heartbeats that ended while placements were
-   being made (between the first attempt's `assigned_at` and the last one's).
+   being made (between the first attempt's `assigned_at` and the last one's). With
+   `--rate R`, nothing is queued before: R jobs are queued each second of the window
+   instead (a steady load rather than a backlog drained as fast as the machine allows).
 
 It prints p50/p99 of each in both windows, their ratio, the placements per second the
 two orchestrators made in the second window, and each process's CPU.
 Target (issue 24): each p99 with dispatch at most twice its p99 without.
 
     .venv/bin/python bench/dispatch_load.py [--agents 10000] [--queue 20000] [--seconds 60]
+        [--rate R]
 
 Takes about 5 minutes. Needs PostgreSQL and RabbitMQ as the other benchmarks do.
 """
@@ -42,9 +45,11 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +72,7 @@ from bench.common import (
     private_vhost,
     write_results,
 )
-from bench.dispatch import _queue
+from bench.dispatch import SMALL_JOB, _queue
 from bench.ingest import chiffon_consumer
 
 from chiffon.agent.simulate import VirtualAgent, make_fleet
@@ -129,6 +134,31 @@ async def _beat(
     return sent
 
 
+async def _feed(url: str, per_second: float, running: Callable[[], bool]) -> int:
+    """Queue `per_second` jobs each second (one transaction) while `running()`."""
+    from chiffon.persistence import jobs as repo
+    from chiffon.persistence.db import create_engine, session_factory
+    from chiffon.schemas.jobs import JobSubmit
+
+    engine = create_engine(url)
+    sessions = session_factory(engine)
+    spec = JobSubmit.model_validate({"command": ["train"], "requirements": SMALL_JOB}).model_dump(
+        mode="json"
+    )
+    queued, owed, next_at = 0, 0.0, time.monotonic()
+    while running():
+        owed += per_second
+        async with sessions.begin() as session:
+            while owed >= 1:
+                await repo.add_job(session, job_id=uuid.uuid4(), name=None, spec=spec,
+                                   now=datetime.now(UTC))  # fmt: skip
+                queued, owed = queued + 1, owed - 1
+        next_at += 1.0
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    await engine.dispose()
+    return queued
+
+
 def _summary(ms: list[float]) -> dict[str, float]:
     if not ms:
         return {"count": 0}
@@ -140,7 +170,7 @@ def _within(samples: list[tuple[float, float]], start: float, end: float) -> lis
     return [ms for at, ms in samples if start <= at <= end]
 
 
-async def run(agents: int, queue: int, seconds: float, tmp: Path) -> dict[str, Any]:
+async def run(agents: int, queue: int, seconds: float, rate: float, tmp: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         url = stack.enter_context(fresh_postgres())
         rows = seed_rows(agents)
@@ -165,7 +195,9 @@ async def run(agents: int, queue: int, seconds: float, tmp: Path) -> dict[str, A
         try:
             await asyncio.sleep(INTERVAL_SECONDS + 2)  # every desktop has beaten once
 
-            async def window(name: str) -> tuple[list[tuple[float, float]], dict[str, float]]:
+            async def window(
+                name: str, rate: float = 0
+            ) -> tuple[list[tuple[float, float]], dict[str, float], int]:
                 # Started and stopped in a thread: ingest runs in this loop meanwhile.
                 two = ExitStack()
                 try:
@@ -177,18 +209,25 @@ async def run(agents: int, queue: int, seconds: float, tmp: Path) -> dict[str, A
                     )
                     cpu = CpuWatch({"orchestrator_a": a_proc.pid, "orchestrator_b": b_proc.pid,
                                     "this_process_publish_and_ingest": os.getpid()})  # fmt: skip
+                    feeding = True
+                    feeder = (
+                        asyncio.create_task(_feed(url, rate, lambda: feeding)) if rate else None
+                    )
                     queries = await loop.run_in_executor(pool, _queries, a, seconds)
-                    return queries, cpu.shares()
+                    feeding = False
+                    fed = await feeder if feeder is not None else 0
+                    return queries, cpu.shares(), fed
                 finally:
                     await asyncio.to_thread(two.close)
 
             started = time.time()
-            quiet_queries, quiet_cpu = await window("quiet")
+            quiet_queries, quiet_cpu, _ = await window("quiet")
             quiet_ingest = _within(ingest.latencies, started, time.time())
 
-            await _queue(url, queue)
+            if not rate:
+                await _queue(url, queue)
             started = time.time()
-            busy_queries, busy_cpu = await window("busy")
+            busy_queries, busy_cpu, fed = await window("busy", rate)
             ended = time.time()
             with psycopg.connect(conninfo) as db:
                 first, last, placed = db.execute(
@@ -217,7 +256,8 @@ async def run(agents: int, queue: int, seconds: float, tmp: Path) -> dict[str, A
             "cpu": quiet_cpu,
         },
         "with_dispatch": {
-            "queued": queue,
+            "queued": fed if rate else queue,
+            "queued_per_second": rate or None,
             "placed": placed,
             "still_queued": left[0] if left else None,
             "placing_seconds": round(last - first, 1),
@@ -242,11 +282,15 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--queue", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=60, help="each window")
+    parser.add_argument("--rate", type=float, default=0, help="jobs queued a second instead")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        got = asyncio.run(run(options.agents, options.queue, options.seconds, Path(tmp)))
+        got = asyncio.run(
+            run(options.agents, options.queue, options.seconds, options.rate, Path(tmp))
+        )
     print(json.dumps(got, indent=1))
-    write_results("dispatch_load", {"machine": machine(), **got})
+    name = f"dispatch_load_rate_{options.rate:g}" if options.rate else "dispatch_load"
+    write_results(name, {"machine": machine(), **got})
 
 
 if __name__ == "__main__":

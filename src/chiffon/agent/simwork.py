@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REPORT_TRIES = 5  # a report the orchestrator did not answer is sent again, this often
 POLLS_AT_ONCE = 32
+# Reports in flight at once, the whole simulated fleet together. Unbounded, thousands of
+# attempts ending together queued more requests than the orchestrator could answer
+# within the timeout; each was then sent again, and the load fed on itself.
+REPORTS_AT_ONCE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class SimulatedWork:
             for a in self._agents
         }  # fmt: skip
         self._rng = random.Random(f"simwork:{seed}")
+        self._reporting = asyncio.Semaphore(REPORTS_AT_ONCE)
         self._started: set[tuple[uuid.UUID, int]] = set()
         self._runs: dict[tuple[uuid.UUID, int], asyncio.Task[None]] = {}
         self._closing = False
@@ -183,7 +188,9 @@ class SimulatedWork:
             if agent.stopped:
                 raise asyncio.CancelledError
             try:
-                verdict = await self._work[agent.agent_id].report(order.job_id, order.attempt, said)
+                async with self._reporting:
+                    work = self._work[agent.agent_id]
+                    verdict = await work.report(order.job_id, order.attempt, said)
             except TransportError:
                 await asyncio.sleep(0.2 * 2**attempt)
                 continue
