@@ -324,8 +324,8 @@ def placements_in_history(placements: int, agents: int, job_seconds: str,
     by two `chiffon orchestrator` processes on one PostgreSQL while they ingest the
     heartbeats of `agents` simulated desktops that run the jobs (two `chiffon simulate
     --accept-jobs` processes, each reporting to one of the orchestrators, each attempt
-    `job_seconds` long): 4 GB and a quarter of a core each, so that the
-    fleet is full and every GPU's claims are pressed against its VRAM. The queue is kept
+    `job_seconds` long): 4 GB and a quarter of a core each, so that GPUs fill up (how
+    many were ever too full for one more job is printed: `gpus_filled`). The queue is kept
     at `placements` jobs; the run ends once that many attempts were placed (or after
     `within_minutes`), then `bench/chaos.check_history` sweeps every GPU's and agent's
     claims through time."""
