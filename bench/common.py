@@ -206,10 +206,15 @@ def wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> Non
 
 @contextmanager
 def orchestrator(
-    database_url: str, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+    database_url: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    nice: int = 0,
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """`chiffon orchestrator` on a free port against `database_url`, with the benchmark's
-    server key and tokens (`auth_env`); yields (url, process)."""
+    server key and tokens (`auth_env`), `nice` added to its scheduling priority; yields
+    (url, process)."""
     port = free_port()
     full_env = {**os.environ, **auth_env(), "CHIFFON_DATABASE_URL": database_url, **(env or {})}
     sink = log.open("w") if log else subprocess.DEVNULL
@@ -219,6 +224,7 @@ def orchestrator(
         stdout=sink,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
     )
     url = f"http://127.0.0.1:{port}"
     try:

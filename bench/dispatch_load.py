@@ -12,7 +12,9 @@ them, all taking jobs). Throughout the run:
   on the same database.
 - **capacity queries**: a separate client process sends
   `GET /api/v1/agents/available-capacity?min_gpu_vram_gb=8&min_cpu_cores=2&limit=10` to
-  orchestrator A back to back, one at a time.
+  orchestrator A back to back, one at a time; with `--serving`, to a third orchestrator
+  started with `--no-dispatch` (it serves, A and B place). `--nice N` starts A and B N
+  lower in the CPU scheduler's priority.
 
 Two windows of `--seconds` each:
 
@@ -29,7 +31,7 @@ two orchestrators made in the second window, and each process's CPU.
 Target (issue 24): each p99 with dispatch at most twice its p99 without.
 
     .venv/bin/python bench/dispatch_load.py [--agents 10000] [--queue 20000] [--seconds 60]
-        [--rate R]
+        [--rate R] [--serving] [--nice N]
 
 Takes about 5 minutes. Needs PostgreSQL and RabbitMQ as the other benchmarks do.
 """
@@ -170,7 +172,9 @@ def _within(samples: list[tuple[float, float]], start: float, end: float) -> lis
     return [ms for at, ms in samples if start <= at <= end]
 
 
-async def run(agents: int, queue: int, seconds: float, rate: float, tmp: Path) -> dict[str, Any]:
+async def run(
+    agents: int, queue: int, seconds: float, rate: float, serving: bool, nice: int, tmp: Path
+) -> dict[str, Any]:
     with ExitStack() as stack:
         url = stack.enter_context(fresh_postgres())
         rows = seed_rows(agents)
@@ -202,18 +206,29 @@ async def run(agents: int, queue: int, seconds: float, rate: float, tmp: Path) -
                 two = ExitStack()
                 try:
                     a, a_proc = await asyncio.to_thread(
-                        two.enter_context, orchestrator(url, env=env, log=tmp / f"{name}-a.log")
+                        two.enter_context,
+                        orchestrator(url, env=env, log=tmp / f"{name}-a.log", nice=nice),
                     )
                     _, b_proc = await asyncio.to_thread(
-                        two.enter_context, orchestrator(url, env=env, log=tmp / f"{name}-b.log")
+                        two.enter_context,
+                        orchestrator(url, env=env, log=tmp / f"{name}-b.log", nice=nice),
                     )
-                    cpu = CpuWatch({"orchestrator_a": a_proc.pid, "orchestrator_b": b_proc.pid,
-                                    "this_process_publish_and_ingest": os.getpid()})  # fmt: skip
+                    watched = {"orchestrator_a": a_proc.pid, "orchestrator_b": b_proc.pid,
+                               "this_process_publish_and_ingest": os.getpid()}  # fmt: skip
+                    asked = a
+                    if serving:
+                        asked, c_proc = await asyncio.to_thread(
+                            two.enter_context,
+                            orchestrator(url, "--no-dispatch", env=env,
+                                         log=tmp / f"{name}-c.log"),
+                        )  # fmt: skip
+                        watched["orchestrator_c_not_placing"] = c_proc.pid
+                    cpu = CpuWatch(watched)
                     feeding = True
                     feeder = (
                         asyncio.create_task(_feed(url, rate, lambda: feeding)) if rate else None
                     )
-                    queries = await loop.run_in_executor(pool, _queries, a, seconds)
+                    queries = await loop.run_in_executor(pool, _queries, asked, seconds)
                     feeding = False
                     fed = await feeder if feeder is not None else 0
                     return queries, cpu.shares(), fed
@@ -250,6 +265,8 @@ async def run(agents: int, queue: int, seconds: float, rate: float, tmp: Path) -
         "heartbeats_sent": sent,
         "heartbeats_rejected": ingest.rejected,
         "window_seconds": seconds,
+        "placing_orchestrators_nice": nice,
+        "queries_to": "orchestrator C (--no-dispatch)" if serving else "orchestrator A (placing)",
         "without_dispatch": {
             "capacity_query": _summary([ms for _, ms in quiet_queries]),
             "ingest": _summary([s * 1000 for s in quiet_ingest]),
@@ -283,13 +300,28 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=60, help="each window")
     parser.add_argument("--rate", type=float, default=0, help="jobs queued a second instead")
+    parser.add_argument(
+        "--serving", action="store_true",
+        help="query a third orchestrator, started with --no-dispatch, instead of A",
+    )  # fmt: skip
+    parser.add_argument("--nice", type=int, default=0, help="added to A's and B's priority")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         got = asyncio.run(
-            run(options.agents, options.queue, options.seconds, options.rate, Path(tmp))
+            run(
+                options.agents,
+                options.queue,
+                options.seconds,
+                options.rate,
+                options.serving,
+                options.nice,
+                Path(tmp),
+            )
         )
     print(json.dumps(got, indent=1))
     name = f"dispatch_load_rate_{options.rate:g}" if options.rate else "dispatch_load"
+    name += "_serving" if options.serving else ""
+    name += f"_nice_{options.nice}" if options.nice else ""
     write_results(name, {"machine": machine(), **got})
 
 

@@ -268,6 +268,38 @@ async def test_a_kept_fleet_sees_what_changed_between_passes(
     assert placed[big].gpu_uuids == ("GPU-two-0",)
 
 
+async def test_a_kept_fleet_reads_each_change_once_not_at_every_pass_that_follows(
+    orchestrator: Orchestrator, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes are looked for from a margin (5 s) before the last pass; an agent whose
+    latest change was read already is not read again at each pass within it."""
+    reads: list[set[uuid.UUID]] = []
+    read = FleetCache._read
+
+    async def counted(session: object, fleet: object, agent_ids: set[uuid.UUID]) -> None:
+        reads.append(set(agent_ids))
+        await read(session, fleet, agent_ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FleetCache, "_read", staticmethod(counted))
+    a = await desktop(orchestrator, "a", (24.0, 24.0))
+    b = await desktop(orchestrator, "b", (24.0, 24.0))
+    await submit(orchestrator, clock, gpus=1, vram_gb=100)  # waits: the passes read the fleet
+    cache = FleetCache(full_read_seconds=3600)
+
+    async def next_pass() -> set[uuid.UUID]:
+        clock.advance(1)
+        before = len(reads)
+        await one_pass(orchestrator, clock, cache=cache)
+        return set().union(*reads[before:])
+
+    await next_pass()  # the whole fleet
+    assert await next_pass() == {a, b}  # registered since the margin began: not yet known
+    assert await next_pass() == set()  # nothing new: read nothing again
+    await desktop(orchestrator, "b", (20.0, 24.0), agent=b)  # b's next heartbeat
+    assert await next_pass() == {b}
+    assert await next_pass() == set()
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_an_agent_another_transaction_holds_is_skipped_not_waited_for(
     orchestrator: Orchestrator, clock: ManualClock, monkeypatch: pytest.MonkeyPatch

@@ -226,17 +226,26 @@ def register(app: typer.Typer) -> None:
             None, help="Also consume heartbeats from RabbitMQ (amqp://...); env CHIFFON_AMQP_URL."
         ),
         data_dir: Path = typer.Option(None, help="Where the SQLite registry lives [~/.chiffon]."),
+        dispatch: bool = typer.Option(
+            None,
+            "--dispatch/--no-dispatch",
+            help="Place queued jobs [on]; off: serve the API and ingest only, beside "
+            "orchestrators that place. Env CHIFFON_DISPATCH.",
+            show_default=False,
+        ),
         verbose: bool = typer.Option(False, "--verbose", "-v"),
     ) -> None:
-        """Run the registry: REST API, heartbeat ingest and the offline sweep."""
+        """Run the registry: REST API, heartbeat ingest, the offline sweep and the
+        scheduler."""
         from chiffon.cli.secrets import resolve_secrets
         from chiffon.orchestrator.service import Orchestrator
         from chiffon.persistence import db
 
         setup_logging(verbose)
         settings = build_settings(
-            host=host, port=port, database_url=database_url, amqp_url=amqp_url, data_dir=data_dir
-        )
+            host=host, port=port, database_url=database_url, amqp_url=amqp_url,
+            data_dir=data_dir, dispatch=dispatch,
+        )  # fmt: skip
         sock = bind(settings.host, settings.port)  # before any secret is generated
         resolved = resolve_secrets(settings)
         settings = resolved.settings
@@ -248,6 +257,10 @@ def register(app: typer.Typer) -> None:
         if settings.amqp_url:
             broker = urlsplit(settings.amqp_url)
             console.print(f"consuming {settings.amqp_queue} from {broker.hostname}:{broker.port}")
+        if not settings.dispatch:
+            console.print(
+                "placing no jobs (--no-dispatch): other orchestrators on this registry do"
+            )
         print_secrets(resolved)
         asyncio.run(
             serve(Orchestrator(settings), sock, log_level="debug" if verbose else "warning")

@@ -164,7 +164,14 @@ class Orchestrator:
                     self.sweeper.run(self.settings.sweep_interval_seconds), name="chiffon-sweep"
                 )
             )
-            self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="chiffon-dispatch"))
+            if self.settings.dispatch:
+                self._tasks.append(
+                    asyncio.create_task(self.dispatcher.run(), name="chiffon-dispatch")
+                )
+                if self.engine.dialect.name == "postgresql":
+                    self._tasks.append(
+                        asyncio.create_task(self._follow_queue(), name="chiffon-queue-notices")
+                    )
             self._tasks.append(
                 asyncio.create_task(
                     run_every(LOG_PRUNE_INTERVAL_SECONDS, self.prune_job_logs, "pruning job logs"),
@@ -179,6 +186,23 @@ class Orchestrator:
                         name="chiffon-history-prune",
                     ),
                 ]
+
+    async def _follow_queue(self, *, retry_seconds: float = 1.0) -> None:
+        """Wake the dispatcher at each notice that a job was queued or an attempt's claims
+        were released, by any process on the registry (migration 0012), not only this
+        one: a job submitted to an orchestrator that does not place (`--no-dispatch`), or
+        that another orchestrator's agent finished making room for, is placed at once
+        rather than at the next tick. While the notices cannot be heard, the tick (every
+        second) still places."""
+        while True:
+            try:
+                async with jobs_repo.queue_changes(self.engine) as changes:
+                    async for _ in changes:
+                        self.dispatcher.wake()
+                    raise ConnectionError("the notices ended")
+            except Exception as exc:  # the database is away: the tick places meanwhile
+                log.debug("cannot listen for queue changes: %s", exc)
+            await asyncio.sleep(retry_seconds)
 
     def begin_stop(self) -> None:
         """A stop was asked (SIGTERM): from now on this process can no longer hear agents,

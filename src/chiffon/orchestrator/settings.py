@@ -96,6 +96,10 @@ class OrchestratorSettings(BaseSettings):
     # A job a desktop's owner took back is not placed on that desktop again for this long
     # (CHIFFON_PREEMPT_AVOID_SECONDS; docs/owner.md).
     preempt_avoid_seconds: float = Field(1800, ge=0, le=7 * 86400)
+    # Whether this process places queued jobs (CHIFFON_DISPATCH). Off: it serves the API
+    # and ingest only, beside orchestrators on the same database that place
+    # (docs/jobs.md, "Orchestrators that do not place").
+    dispatch: bool = True
 
     @field_validator("api_token", "read_token", "enroll_token", "secret_key", mode="after")
     @classmethod

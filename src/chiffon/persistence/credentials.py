@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from sqlalchemy import Row, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from chiffon.persistence.db import notices
 from chiffon.persistence.models import AgentCredentialRow, Base
 
 _credentials = Base.metadata.tables["agent_credentials"]
@@ -72,23 +72,9 @@ async def delete_credential(
 # Migration 0005's trigger notifies this channel with the agent id of every credential
 # inserted, updated or deleted, and '*' when the table is truncated (PostgreSQL only).
 CHANGES_CHANNEL = "chiffon_credentials"
-# TCP keepalives on the listening connection: a peer that vanished without closing the
-# connection is noticed within about a minute instead of never.
-_KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
 
 
-@asynccontextmanager
-async def credential_changes(engine: AsyncEngine) -> AsyncIterator[AsyncIterator[str]]:
-    """LISTEN on a connection of its own (outside the pool) for changed credentials:
-    yields an iterator of agent ids (or '*': all of them), which raises when the
-    connection is lost."""
-    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    conninfo = psycopg.conninfo.make_conninfo(url, **_KEEPALIVES)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
-        yield (notice.payload async for notice in conn.notifies())
+def credential_changes(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+    """LISTEN for changed credentials: an iterator of agent ids (or '*': all of them),
+    which raises when the connection is lost."""
+    return notices(engine, CHANGES_CHANNEL)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -129,3 +132,25 @@ async def check_schema(engine: AsyncEngine) -> None:
             f"database schema is at {current or 'nothing'}, this Chiffon needs {head}: "
             "run `chiffon db upgrade` (with the same --database-url) first"
         )
+
+
+# TCP keepalives on a listening connection: a peer that vanished without closing the
+# connection is noticed within about a minute instead of never.
+_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+@asynccontextmanager
+async def notices(engine: AsyncEngine, channel: str) -> AsyncIterator[AsyncIterator[str]]:
+    """LISTEN to `channel` on a connection of its own (outside the pool), PostgreSQL only:
+    yields an iterator of the notices' payloads, which raises when the connection is
+    lost."""
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conninfo = psycopg.conninfo.make_conninfo(url, **_KEEPALIVES)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute(f"LISTEN {channel}")
+        yield (notice.payload async for notice in conn.notifies())

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, delete, func, insert, select, union_all
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from chiffon.persistence.db import notices
 from chiffon.persistence.models import (
     AgentEventRow,
     AgentRow,
@@ -142,14 +144,26 @@ async def agents_placed_on(session: AsyncSession, *, since: datetime) -> set[uui
     return set((await session.scalars(stmt)).all())
 
 
-async def agents_changed(session: AsyncSession, *, since: datetime) -> set[uuid.UUID]:
+async def agents_changed(session: AsyncSession, *, since: datetime) -> dict[uuid.UUID, datetime]:
     """The agents whose registry row changed (a heartbeat, a status) or on which an
-    attempt was placed or ended at or after `since`: all that moves what placement sees."""
-    rows = select(AgentRow.agent_id).where(AgentRow.updated_at >= since)
-    attempts = select(JobAttemptRow.agent_id).where(
-        (JobAttemptRow.assigned_at >= since) | (JobAttemptRow.ended_at >= since)
+    attempt was placed or ended at or after `since`: all that moves what placement sees.
+    Each with the time of its latest such change."""
+    rows = select(AgentRow.agent_id, AgentRow.updated_at.label("at")).where(
+        AgentRow.updated_at >= since
     )
-    return set((await session.scalars(rows.union(attempts))).all())
+    placed = select(JobAttemptRow.agent_id, JobAttemptRow.assigned_at).where(
+        JobAttemptRow.assigned_at >= since
+    )
+    ended = select(JobAttemptRow.agent_id, JobAttemptRow.ended_at).where(
+        JobAttemptRow.ended_at >= since
+    )
+    changes = union_all(rows, placed, ended).subquery()
+    latest = select(changes.c.agent_id, func.max(changes.c.at)).group_by(changes.c.agent_id)
+    found: dict[uuid.UUID, datetime] = {}
+    for row in (await session.execute(latest)).all():
+        if row[0] is not None:
+            found[row[0]] = row[1]
+    return found
 
 
 RELIABILITY_WINDOW = timedelta(days=7)
@@ -470,3 +484,15 @@ async def current_gpus(
         for job_id, attempt, gpus in (await session.execute(stmt)).all()
         if current.get(job_id) == attempt
     }
+
+
+# Migration 0012's triggers notify this channel (PostgreSQL only) when jobs are queued
+# and when an attempt's claims are released (it ended, or was lost): a dispatcher
+# anywhere may now place something.
+QUEUE_CHANNEL = "chiffon_queue"
+
+
+def queue_changes(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+    """LISTEN for queue changes: an iterator of notices (the table that changed), which
+    raises when the connection is lost."""
+    return notices(engine, QUEUE_CHANNEL)
