@@ -7,7 +7,8 @@ them, all taking jobs). Throughout the run:
   vhost at their steady rate (one every 15 s each: 667/s for 10,000), each signed with
   its agent's own key, and consumes them with the orchestrator's own ingest
   (`Orchestrator` + `RabbitConsumer`, as `bench/ingest.py` does, without the sweep and
-  the dispatcher). The latency of a heartbeat is its commit time minus its `sent_at`.
+  the dispatcher; the garbage collector set as `chiffon orchestrator` sets it). The
+  latency of a heartbeat is its commit time minus its `sent_at`.
 - **placing**: two `chiffon orchestrator` processes (API and dispatcher each, no broker)
   on the same database.
 - **capacity queries**: a separate client process sends
@@ -24,7 +25,11 @@ Two windows of `--seconds` each:
    Its latencies are those of queries and heartbeats that ended while placements were
    being made (between the first attempt's `assigned_at` and the last one's). With
    `--rate R`, nothing is queued before: R jobs are queued each second of the window
-   instead (a steady load rather than a backlog drained as fast as the machine allows).
+   instead, by a process of its own (a steady load rather than a backlog drained as fast
+   as the machine allows). With `--alternate S` as well, only in every other S seconds:
+   the window's samples are then also split into those that ended within 0.5 s of a
+   placement and those more than 2 s from any, and their p99s compared ("interleaved":
+   the machine's drift between two windows, twofold between runs here, falls out).
 
 It prints p50/p99 of each in both windows, their ratio, the placements per second the
 two orchestrators made in the second window, and each process's CPU.
@@ -40,7 +45,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import gc
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -78,6 +86,7 @@ from bench.dispatch import SMALL_JOB, _queue
 from bench.ingest import chiffon_consumer
 
 from chiffon.agent.simulate import VirtualAgent, make_fleet
+from chiffon.cli.orchestrator_cmd import GC_THRESHOLDS
 from chiffon.transport.auth import SIGNATURE_HEADER, AgentCredential
 from chiffon.transport.rabbitmq.topology import EXCHANGE, declare_exchange
 
@@ -136,8 +145,11 @@ async def _beat(
     return sent
 
 
-async def _feed(url: str, per_second: float, running: Callable[[], bool]) -> int:
-    """Queue `per_second` jobs each second (one transaction) while `running()`."""
+async def _feed(
+    url: str, per_second: float, running: Callable[[], bool], alternate: float = 0
+) -> int:
+    """Queue `per_second` jobs each second (one transaction) while `running()`; with
+    `alternate`, only in every other stretch of that many seconds."""
     from chiffon.persistence import jobs as repo
     from chiffon.persistence.db import create_engine, session_factory
     from chiffon.schemas.jobs import JobSubmit
@@ -147,9 +159,11 @@ async def _feed(url: str, per_second: float, running: Callable[[], bool]) -> int
     spec = JobSubmit.model_validate({"command": ["train"], "requirements": SMALL_JOB}).model_dump(
         mode="json"
     )
-    queued, owed, next_at = 0, 0.0, time.monotonic()
+    queued, owed, began = 0, 0.0, time.monotonic()
+    next_at = began
     while running():
-        owed += per_second
+        if not alternate or int((time.monotonic() - began) / alternate) % 2 == 0:
+            owed += per_second
         async with sessions.begin() as session:
             while owed >= 1:
                 await repo.add_job(session, job_id=uuid.uuid4(), name=None, spec=spec,
@@ -159,6 +173,12 @@ async def _feed(url: str, per_second: float, running: Callable[[], bool]) -> int
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     await engine.dispose()
     return queued
+
+
+def _feeder(url: str, per_second: float, seconds: float, alternate: float) -> int:
+    """`_feed` for `seconds`, in a process of its own (not the one ingesting)."""
+    end = time.monotonic() + seconds
+    return asyncio.run(_feed(url, per_second, lambda: time.monotonic() < end, alternate))
 
 
 def _summary(ms: list[float]) -> dict[str, float]:
@@ -172,8 +192,64 @@ def _within(samples: list[tuple[float, float]], start: float, end: float) -> lis
     return [ms for at, ms in samples if start <= at <= end]
 
 
+NEAR_SECONDS = 0.5  # a sample "while placing": a placement this close to its end
+FAR_SECONDS = 2.0  # a sample "not placing": no placement this close to its end
+
+
+def _interleaved(
+    queries: list[tuple[float, float]],
+    heartbeats: list[tuple[float, float]],
+    placements: list[float],
+    window: tuple[float, float],
+    alternate: float,
+) -> dict[str, Any]:
+    """The same minute's samples, taken while placing and while not: the machine's drift
+    between two windows (twofold between runs) falls out."""
+    beats_ms = [(at, seconds * 1000) for at, seconds in heartbeats]
+    start, end = window
+    busy_seconds = {int(at) for at in placements if start <= at <= end}
+    split: dict[str, Any] = {
+        "alternate_seconds": alternate,
+        # placements over the whole seconds in which any was made
+        "placements_per_busy_second": round(
+            sum(start <= at <= end for at in placements) / max(len(busy_seconds), 1), 1
+        ),
+    }
+    for part, samples in (("capacity_query", queries), ("ingest", beats_ms)):
+        placing, quiet = _split(samples, placements, *window)
+        split[part] = {"placing": _summary(placing), "not_placing": _summary(quiet)}
+        if placing and quiet:
+            split[f"{part}_p99_ratio"] = round(percentile(placing, 99) / percentile(quiet, 99), 2)
+    return split
+
+
+def _split(
+    samples: list[tuple[float, float]], placements: list[float], start: float, end: float
+) -> tuple[list[float], list[float]]:
+    """The samples between `start` and `end` that ended while placements were being made
+    (one within NEAR_SECONDS), and those that ended far from any (FAR_SECONDS)."""
+    placing, quiet = [], []
+    for at, ms in samples:
+        if not start <= at <= end:
+            continue
+        i = bisect.bisect_left(placements, at - FAR_SECONDS)
+        nearest = min((abs(p - at) for p in placements[i : i + 64]), default=math.inf)
+        if nearest <= NEAR_SECONDS:
+            placing.append(ms)
+        elif nearest > FAR_SECONDS:
+            quiet.append(ms)
+    return placing, quiet
+
+
 async def run(
-    agents: int, queue: int, seconds: float, rate: float, serving: bool, nice: int, tmp: Path
+    agents: int,
+    queue: int,
+    seconds: float,
+    rate: float,
+    serving: bool,
+    nice: int,
+    alternate: float,
+    tmp: Path,
 ) -> dict[str, Any]:
     with ExitStack() as stack:
         url = stack.enter_context(fresh_postgres())
@@ -192,10 +268,14 @@ async def run(
         beats = asyncio.create_task(_beat(amqp_url, fleet, creds, agents / INTERVAL_SECONDS,
                                           lambda: beating))  # fmt: skip
         pool = stack.enter_context(
-            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
         )
         loop = asyncio.get_running_loop()
         env = {"CHIFFON_HEARTBEAT_TIMEOUT": "3600"}
+        # Ingest here as in `chiffon orchestrator`: the heap so far frozen, the young
+        # generation raised (orchestrator_cmd.serve).
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             await asyncio.sleep(INTERVAL_SECONDS + 2)  # every desktop has beaten once
 
@@ -224,12 +304,12 @@ async def run(
                         )  # fmt: skip
                         watched["orchestrator_c_not_placing"] = c_proc.pid
                     cpu = CpuWatch(watched)
-                    feeding = True
                     feeder = (
-                        asyncio.create_task(_feed(url, rate, lambda: feeding)) if rate else None
+                        loop.run_in_executor(pool, _feeder, url, rate, seconds, alternate)
+                        if rate
+                        else None
                     )
                     queries = await loop.run_in_executor(pool, _queries, asked, seconds)
-                    feeding = False
                     fed = await feeder if feeder is not None else 0
                     return queries, cpu.shares(), fed
                 finally:
@@ -250,6 +330,11 @@ async def run(
                     "extract(epoch FROM max(assigned_at)), count(*) FROM job_attempts"
                 ).fetchone()  # type: ignore[misc]
                 left = db.execute("SELECT count(*) FROM jobs WHERE state = 'queued'").fetchone()
+                placements = sorted(
+                    float(at) for (at,) in db.execute(
+                        "SELECT extract(epoch FROM assigned_at) FROM job_attempts"
+                    )
+                )  # fmt: skip
         finally:
             beating = False
             sent = await beats
@@ -291,6 +376,10 @@ async def run(
         busy = result["with_dispatch"][part].get("p99_ms")
         if quiet and busy:
             result[f"{part}_p99_ratio"] = round(busy / quiet, 2)
+    if alternate:
+        result["interleaved"] = _interleaved(
+            busy_queries, ingest.latencies, placements, (started, ended), alternate
+        )
     return result
 
 
@@ -305,7 +394,14 @@ def main() -> None:
         help="query a third orchestrator, started with --no-dispatch, instead of A",
     )  # fmt: skip
     parser.add_argument("--nice", type=int, default=0, help="added to A's and B's priority")
+    parser.add_argument(
+        "--alternate", type=float, default=0,
+        help="with --rate: queue only in every other stretch of this many seconds, and "
+        "compare the samples taken while placing with those taken while not",
+    )  # fmt: skip
     options = parser.parse_args()
+    if options.alternate and not options.rate:
+        parser.error("--alternate needs --rate")
     with tempfile.TemporaryDirectory() as tmp:
         got = asyncio.run(
             run(
@@ -315,6 +411,7 @@ def main() -> None:
                 options.rate,
                 options.serving,
                 options.nice,
+                options.alternate,
                 Path(tmp),
             )
         )
@@ -322,6 +419,7 @@ def main() -> None:
     name = f"dispatch_load_rate_{options.rate:g}" if options.rate else "dispatch_load"
     name += "_serving" if options.serving else ""
     name += f"_nice_{options.nice}" if options.nice else ""
+    name += f"_alternate_{options.alternate:g}" if options.alternate else ""
     write_results(name, {"machine": machine(), **got})
 
 

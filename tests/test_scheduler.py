@@ -301,20 +301,45 @@ async def test_a_kept_fleet_reads_each_change_once_not_at_every_pass_that_follow
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-async def test_an_agent_another_transaction_holds_is_skipped_not_waited_for(
+async def test_an_agent_another_placement_holds_is_skipped_not_waited_for(
     orchestrator: Orchestrator, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ingest (or another orchestrator) holds the tightest agent's row: the job goes to
-    the next best agent at once, and the held one is left alone for the rest of the pass."""
+    """Another orchestrator is placing on the tightest agent (it holds that agent's
+    placement lock): the job goes to the next best agent at once, and the held one is
+    left alone for the rest of the pass."""
     monkeypatch.setattr(placement, "_lane_of", lambda _agent_id: 0)  # lanes change nothing
     small = await desktop(orchestrator, "small", (10.0, 10.0))
     await desktop(orchestrator, "big", (24.0, 24.0))
     first = await submit(orchestrator, clock, gpus=1, vram_gb=8)
     async with orchestrator.sessions.begin() as other:
-        await other.execute(
-            select(AgentRow.agent_id).where(AgentRow.agent_id == small).with_for_update()
-        )
+        assert [r.agent_id for r in await repo.lock_agents(other, agent_ids=[small])] == [small]
         result = await asyncio.wait_for(one_pass(orchestrator, clock), 10)
     assert result.placed[first].gpu_uuids == ("GPU-big-0",)
     second = await submit(orchestrator, clock, gpus=1, vram_gb=8)  # now it is free again
     assert (await one_pass(orchestrator, clock)).placed[second].gpu_uuids == ("GPU-small-0",)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_placement_and_ingest_never_wait_for_each_other(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """Ingest writes an agent's row at every heartbeat; placement locks the agent, not
+    the row. A placement on an agent whose heartbeat is being written goes ahead (and
+    to it: it is the best fit), and a heartbeat of an agent being placed on commits
+    while that placement is still open."""
+    small = await desktop(orchestrator, "small", (10.0, 10.0))
+    await desktop(orchestrator, "big", (24.0, 24.0))
+    first = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    async with orchestrator.sessions.begin() as ingest:  # as ingest's batch holds it
+        await ingest.execute(
+            select(AgentRow.agent_id).where(AgentRow.agent_id == small).with_for_update()
+        )
+        result = await asyncio.wait_for(one_pass(orchestrator, clock), 10)
+    assert result.placed[first].gpu_uuids == ("GPU-small-0",)
+    async with orchestrator.sessions.begin() as placing:
+        assert [r.agent_id for r in await repo.lock_agents(placing, agent_ids=[small])] == [small]
+        clock.advance(1)
+        await asyncio.wait_for(desktop(orchestrator, "small", (2.0, 10.0), agent=small), 10)
+    async with orchestrator.sessions() as s:
+        row = await s.get(AgentRow, small)
+    assert row is not None and row.updated_at == clock.now()

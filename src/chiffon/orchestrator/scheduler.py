@@ -10,18 +10,19 @@ One pass:
 2. the jobs in submission order, `BATCH` (32) to a transaction: lock those still queued
    (one statement; `SKIP LOCKED` on PostgreSQL: jobs another orchestrator is placing are
    skipped, never waited for); choose for each with the pass's `Fleet`, in memory, each
-   choice promised there before the next job is chosen for; then lock the chosen agents'
-   registry rows (one statement, again skipping rows another transaction holds), read
-   them and their claims again (what another orchestrator or a finished job changed
-   meanwhile included) and write each choice that still fits there
+   choice promised there before the next job is chosen for; then take the chosen agents'
+   placement locks (`repo.lock_agents`: one statement, again skipping those another
+   orchestrator holds), read their rows and claims again (what another orchestrator or
+   a finished job changed meanwhile included) and write each choice that still fits there
    (`placement.still_fits`), in the order chosen. A job whose agent was skipped or no
    longer has room is chosen for again in the next batch, up to three times a pass.
 
-Two placements on one agent are thus decided one after the other: row locks, not
-serializable transactions, because the conflict is always on one known row and a lock
-costs a short wait where a serialization failure costs a retry. The scheduler never
-waits for a lock (it skips), so two orchestrators and ingest cannot deadlock, and
-neither waits on the other's batch: each places elsewhere, or again a moment later.
+Two placements on one agent are thus decided one after the other: a lock per agent,
+not serializable transactions, because the conflict is always on one known agent and a
+lock costs a short wait where a serialization failure costs a retry. The scheduler never
+waits for a lock (it skips), so two orchestrators cannot deadlock, and neither waits on
+the other's batch: each places elsewhere, or again a moment later. Ingest never takes
+the placement lock, nor placement the registry row's: neither waits for the other.
 
 A job that does not fit keeps waiting with the reason naming the nearest miss, and later,
 smaller jobs may pass it (backfill). So that a large job is not passed forever, the oldest
@@ -459,9 +460,8 @@ async def _claim(
     fleet: _PassFleet,
     clock: Callable[[], datetime],
 ) -> tuple[dict[uuid.UUID, Placement], list[uuid.UUID], list[uuid.UUID]]:
-    """Write a batch's choices: lock the chosen agents (one statement, in id order,
-    skipping those another transaction holds: another orchestrator placing there, or
-    ingest writing their heartbeats), read them and their claims again, and write each
+    """Write a batch's choices: lock the chosen agents (one statement, skipping those
+    another orchestrator is placing on), read them and their claims again, and write each
     choice that still fits there, in the order chosen. Returns what was placed, and the
     jobs to choose for again (still queued): those whose agent was skipped, or left, or
     no longer has room for them; and the agents skipped (left alone for the rest of the

@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, func, insert, select, union_all
+from sqlalchemy import (
+    Integer,
+    Row,
+    Uuid,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from chiffon.persistence.db import notices
@@ -119,16 +131,41 @@ async def agent_rows(
     return found
 
 
+# Placement's lock on an agent (PostgreSQL): a transaction-level advisory lock on
+# (PLACEMENT_LOCK_CLASS, the first 32 bits of the agent's id), not its registry row's
+# lock. Ingest writes that row at every heartbeat: under a row lock, each heartbeat of an
+# agent being placed on waited for the placement's commit (and for a scheduler the CPU
+# or its garbage collector had put aside), and each placement skipped the agents whose
+# heartbeats were being written. Two agents sharing 32 bits only share a lock: one is
+# skipped for a moment.
+PLACEMENT_LOCK_CLASS = 0x43484650
+_TRY_PLACEMENT_LOCKS = text(
+    "SELECT a FROM unnest(:ids, :keys) AS t(a, k) WHERE pg_try_advisory_xact_lock(:class, k)"
+).bindparams(
+    bindparam("ids", type_=postgresql.ARRAY(Uuid)),
+    bindparam("keys", type_=postgresql.ARRAY(Integer)),
+)
+
+
+def placement_lock_key(agent_id: uuid.UUID) -> int:
+    return int.from_bytes(agent_id.bytes[:4], "big", signed=True)
+
+
 async def lock_agents(session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]) -> list[Row[Any]]:
-    """The agents as placement needs them, each registry row held until commit
-    (PostgreSQL): whoever claims on an agent holds this lock, so two placements on one
-    agent are decided one after the other, each reading the claims the other committed.
-    Those another transaction holds now are skipped (`SKIP LOCKED`), never waited for,
-    so that two orchestrators and ingest cannot deadlock or queue up. SQLite has one
-    writer at a time anyway. One statement: the locks and the read."""
+    """The agents as placement needs them, each one's placement lock held until commit
+    (PostgreSQL): whoever claims on an agent holds it, so two placements on one agent are
+    decided one after the other, each reading the claims the other committed. Agents
+    whose lock another transaction holds now (another orchestrator placing there) are
+    left out, never waited for, so that two orchestrators cannot deadlock or queue up;
+    ingest never takes it. SQLite has one writer at a time anyway."""
+    if _postgres(session) and agent_ids:
+        ids = sorted(agent_ids)
+        keys = [placement_lock_key(a) for a in ids]
+        params = {"ids": ids, "keys": keys, "class": PLACEMENT_LOCK_CLASS}
+        agent_ids = list((await session.scalars(_TRY_PLACEMENT_LOCKS, params)).all())
+        if not agent_ids:
+            return []
     stmt = select(*_CANDIDATE_COLUMNS).where(AgentRow.agent_id.in_(agent_ids))
-    if _postgres(session):
-        stmt = stmt.with_for_update(skip_locked=True)
     return list((await session.execute(stmt)).all())
 
 
