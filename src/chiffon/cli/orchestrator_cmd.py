@@ -261,6 +261,11 @@ def register(app: typer.Typer) -> None:
             console.print(
                 "placing no jobs (--no-dispatch): other orchestrators on this registry do"
             )
+            if not where.startswith("postgresql"):
+                console.print(
+                    "warning: on SQLite no other orchestrator places jobs for this one: "
+                    "jobs submitted here wait until one started without --no-dispatch does"
+                )
         print_secrets(resolved)
         asyncio.run(
             serve(Orchestrator(settings), sock, log_level="debug" if verbose else "warning")
