@@ -132,13 +132,14 @@ def test_an_api_on_the_network_without_a_token_refuses_to_start(tmp_path: Path) 
 
 
 def test_an_orchestrator_told_not_to_place_says_so_and_on_sqlite_warns(tmp_path: Path) -> None:
-    """`--no-dispatch` or CHIFFON_DISPATCH=false; on SQLite nothing else would place."""
+    """`--no-dispatch` or CHIFFON_DISPATCH=false; on SQLite only another orchestrator on
+    the same file places its jobs, and without notices."""
     env = {"HOME": str(tmp_path), "CHIFFON_DATA_DIR": str(tmp_path)}
     for args, extra in ((["--no-dispatch"], {}), ([], {"CHIFFON_DISPATCH": "false"})):
         out = run_cli("orchestrator", *args, "--port", str(free_port()), env={**env, **extra})
         assert out.returncode == 1 and "chiffon db upgrade" in out.stderr  # no schema yet
         assert "placing no jobs (--no-dispatch)" in out.stdout
-        assert "warning: on SQLite no other orchestrator places jobs" in out.stdout
+        assert "note: on SQLite, jobs submitted here are placed only by" in out.stdout
     out = run_cli("orchestrator", "--port", str(free_port()), env=env)
     assert "placing no jobs" not in out.stdout
 

@@ -263,8 +263,8 @@ def register(app: typer.Typer) -> None:
             )
             if not where.startswith("postgresql"):
                 console.print(
-                    "warning: on SQLite no other orchestrator places jobs for this one: "
-                    "jobs submitted here wait until one started without --no-dispatch does"
+                    "note: on SQLite, jobs submitted here are placed only by an orchestrator "
+                    "that places on this same file, at its next tick (SQLite has no notices)"
                 )
         print_secrets(resolved)
         asyncio.run(
