@@ -292,20 +292,20 @@ class FleetCache:
                 _PassFleet, rows, held, {a: sum(n) for a, n in record.items()}
             )
             self._full_at = self._monotonic()
+            self._seen = {a: at for a, at in self._seen.items() if a in rows}  # not removed
         else:
-            since = read_at - CHANGES_MARGIN
-            changed = await repo.agents_changed(session, since=since)
+            changed = await repo.agents_changed(session, since=read_at - CHANGES_MARGIN)
             # An agent is not read again at every pass that the margin still covers its
             # change (passes run back to back through a long queue, and each read 5 s of
             # heartbeats again: 3,300 agents at 10,000), only when its latest change is
             # newer than the one read, or stamped since the last pass began (it may have
-            # committed after that read; and equal stamps tell nothing apart).
+            # committed after that read; and equal stamps tell nothing apart). A change
+            # older than the margin is never returned, so older entries need no pruning.
             fresh = {
                 a for a, at in changed.items()
                 if at >= read_at or a not in self._seen or at > self._seen[a]
             }  # fmt: skip
             await self._read(session, fleet, fresh)
-            self._seen = {a: at for a, at in self._seen.items() if at >= since}
             self._seen.update((a, changed[a]) for a in fresh)
         if self._monotonic() - self._contended_at >= CONTENDED_SECONDS:
             self._lane = None

@@ -147,7 +147,7 @@ _TRY_PLACEMENT_LOCKS = text(
 )
 
 
-def placement_lock_key(agent_id: uuid.UUID) -> int:
+def _placement_lock_key(agent_id: uuid.UUID) -> int:
     return int.from_bytes(agent_id.bytes[:4], "big", signed=True)
 
 
@@ -160,7 +160,7 @@ async def lock_agents(session: AsyncSession, *, agent_ids: Sequence[uuid.UUID]) 
     ingest never takes it. SQLite has one writer at a time anyway."""
     if _postgres(session) and agent_ids:
         ids = sorted(agent_ids)
-        keys = [placement_lock_key(a) for a in ids]
+        keys = [_placement_lock_key(a) for a in ids]
         params = {"ids": ids, "keys": keys, "class": PLACEMENT_LOCK_CLASS}
         agent_ids = list((await session.scalars(_TRY_PLACEMENT_LOCKS, params)).all())
         if not agent_ids:
