@@ -337,3 +337,64 @@ def test_a_bad_policy_or_idle_time_is_one_line_naming_it() -> None:
         load_settings(environ={"CHIFFON_ACCEPT_JOBS": "sometimes"}, home=Path("/nonexistent"))
     with pytest.raises(SettingsError, match="idle_minutes"):
         load_settings(environ={"CHIFFON_IDLE_MINUTES": "-5"}, home=Path("/nonexistent"))
+
+
+@pytest.mark.parametrize(
+    ("line", "kept"),
+    [
+        ("reserve_gpus: [1]", ["1"]),  # docs/owner.md's example: YAML reads an int
+        ("reserve_gpus: [0, GPU-5d1c0a44-aaaa]", ["0", "GPU-5d1c0a44-aaaa"]),
+        ("reserve_gpus: ['1', 2]", ["1", "2"]),
+        ("reserve_gpus: 1", ["1"]),
+        ("reserve_gpus: 0, GPU-x", ["0", "GPU-x"]),
+        ("reserve_gpus: []", []),
+    ],
+)
+def test_gpus_the_owner_keeps_are_indexes_or_uuids_as_agent_yml_writes_them(
+    tmp_path: Path, line: str, kept: list[str]
+) -> None:
+    config = write(tmp_path / "agent.yml", line + "\n")
+    assert load_settings(config=config, environ={}).settings.reserve_gpus == kept
+    from_env = load_settings(environ={"CHIFFON_RESERVE_GPUS": " 1, GPU-x"}, home=tmp_path)
+    assert from_env.settings.reserve_gpus == ["1", "GPU-x"]
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("reserve_gpus: [-1]", "-1 is not a GPU index (they start at 0)"),
+        ("reserve_gpus: [true]", "must be a list of GPU indexes (0, 1) or UUIDs"),
+        ("reserve_gpus: [1.5]", "must be a list of GPU indexes (0, 1) or UUIDs"),
+        ("reserve_gpus: ['']", "must be a list of GPU indexes (0, 1) or UUIDs"),
+        ("reserve_gpus: {gpu: 1}", "must be a list of GPU indexes (0, 1) or UUIDs"),
+    ],
+)
+def test_a_gpu_that_is_no_index_or_uuid_is_refused_in_one_line(
+    tmp_path: Path, line: str, said: str
+) -> None:
+    config = write(tmp_path / "agent.yml", line + "\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(config=config, environ={})
+    assert str(err.value).startswith("bad setting reserve_gpus = ")
+    assert str(err.value).endswith(f"(from file {config}): {said}")
+
+
+def test_the_agent_keeps_the_gpu_named_by_index_in_agent_yml(tmp_path: Path) -> None:
+    """docs/owner.md's own example, `reserve_gpus: [1]`, in a real agent.yml: the agent
+    exited with "must be a list of strings"; now it keeps GPU 1 and offers GPU 0."""
+    from tests.fakes.nvidia_smi import gpu_row, install, path_with
+    from tests.procs import run_cli
+
+    install(tmp_path / "bin", rows=[gpu_row(0), gpu_row(1)])
+    config = write(
+        tmp_path / "agent.yml",
+        "accept_jobs: always\nallow_root_jobs: true\nreserve_gpus: [1]\n",
+    )
+    env = {"PATH": path_with(tmp_path / "bin"), "HOME": str(tmp_path)}
+    shown = run_cli("agent", "--config", str(config), "--print-config", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r'^reserve_gpus\s+\["1"\]\s+file ', shown.stdout, re.MULTILINE)
+    table = run_cli("probe", "--config", str(config), env=env)
+    assert table.returncode == 0, table.stderr
+    decisions = [row.split("; ")[-1].strip() for row in table.stdout.splitlines() if "; " in row]
+    assert decisions == ["jobs welcome", "no new jobs: the owner keeps this GPU"]

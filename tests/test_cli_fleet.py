@@ -146,12 +146,24 @@ def test_bad_input_is_one_line_and_non_zero(
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_unreachable_orchestrator_is_one_line(tmp_path: Path) -> None:
+def test_unreachable_orchestrator_is_the_same_one_line_from_every_command(
+    tmp_path: Path,
+) -> None:
+    """`agents` and `run`, `jobs`, `logs` went through two HTTP clients with two messages:
+    now one client, one message, one exit status."""
     url = f"http://127.0.0.1:{free_port()}"
-    out = run_cli("agents", "--orchestrator-url", url)
-    assert out.returncode == 1
-    assert f"cannot reach the orchestrator at {url}" in out.stderr
-    assert "Traceback" not in out.stderr
+    said = set()
+    for args in (("agents",), ("capacity",), ("status",), ("events",), ("jobs",),
+                 ("jobs", "show", "abc"), ("logs", "abc"), ("run",)):  # fmt: skip
+        where = ("--orchestrator-url", url)
+        out = run_cli(*args, *where) if args[0] != "run" else run_cli("run", *where, "true")
+        assert out.returncode == 1, (args, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        said.add(out.stderr.strip())
+    assert said == {
+        f"error: cannot reach the orchestrator at {url} (ConnectError); is it running? "
+        "(set CHIFFON_ORCHESTRATOR_URL or --orchestrator-url)"
+    }
 
 
 def test_agent_controlled_names_are_shown_as_text_never_as_markup_or_escapes(

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.procs import CHIFFON, free_port, run_cli, stop, wait_http
 
 
 @contextmanager
-def chiffon_up(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+def chiffon_up(home: Path, port: int, *args: str) -> Iterator[subprocess.Popen[str]]:
     env = {
         **os.environ,
         "HOME": str(home),
@@ -31,7 +32,7 @@ def chiffon_up(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
         env.pop(var, None)
     out = (home / f"up-{time.monotonic_ns()}.log").open("w")
     proc = subprocess.Popen(
-        [*CHIFFON, "up", "--port", str(port)],
+        [*CHIFFON, "up", "--port", str(port), *args],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -192,3 +193,67 @@ def test_the_enrollment_token_is_never_printed_only_by_a_start_that_failed(
     second = log.read_text()
     assert token not in second  # not printed again (it lives in logs and journals)...
     assert f"enrollment token: in {token_file}" in second  # ...but where it is, every time
+
+
+def _waiting_reason(port: int, home: Path) -> tuple[str, str]:
+    """A job submitted the README's way (`chiffon run`, here detached): its reason, by the
+    API and as `chiffon jobs show` prints it."""
+    env = {"HOME": str(home), "CHIFFON_API_TOKEN": ""}
+    url = ("--orchestrator-url", f"http://127.0.0.1:{port}")
+    submitted = run_cli("run", "--detach", *url, "--", "true", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 20
+    while not (job := get(port, f"/jobs/{job_id}"))["reason"]:
+        assert time.monotonic() < deadline, "the job got no reason"
+        time.sleep(0.1)
+    assert job["state"] == "queued"
+    shown = run_cli("jobs", "show", job_id, *url, env=env)
+    assert shown.returncode == 0, shown.stderr
+    return job["reason"], shown.stdout
+
+
+def _banner_line(home: Path, what: str) -> str:
+    log = next(home.glob("up-*.log")).read_text()
+    (line,) = [row.rstrip() for row in log.splitlines() if row.startswith(what)]
+    return line
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="`chiffon up` as root: run as root"
+)
+def test_up_as_root_says_it_runs_no_jobs_and_a_waiting_job_says_why_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    """The README's first two commands, as root: the banner said "jobs welcome", and the
+    job waited with "1 does not accept jobs", saying neither why nor what to do."""
+    port = free_port()
+    TOKEN_HOME.append(tmp_path)
+    with chiffon_up(tmp_path, port):
+        wait_agent_online(port)
+        reason, shown = _waiting_reason(port, tmp_path)
+    assert reason == (
+        "no online agent that accepts jobs has room; the only agent runs as root and refuses "
+        "jobs: restart it with `chiffon up --allow-root-jobs` "
+        "(or `chiffon agent --allow-root-jobs`)"
+    )
+    assert "the only agent runs as root and refuses jobs" in shown
+    assert _banner_line(tmp_path, "New jobs").split(maxsplit=2)[2] == (
+        "no new jobs: the agent runs as root, and runs jobs as root only with --allow-root-jobs"
+    )
+    assert "restart it with `chiffon up --allow-root-jobs`" in _banner_line(tmp_path, "It does")
+
+
+def test_up_told_to_run_no_jobs_says_so_and_a_waiting_job_says_why(tmp_path: Path) -> None:
+    port = free_port()
+    TOKEN_HOME.append(tmp_path)
+    with chiffon_up(tmp_path, port, "--no-accept-jobs"):
+        wait_agent_online(port)
+        reason, _ = _waiting_reason(port, tmp_path)
+    assert reason == (
+        "no online agent that accepts jobs has room; "
+        "1 does not accept jobs (its owner did not opt in: accept_jobs)"
+    )
+    assert _banner_line(tmp_path, "New jobs").split(maxsplit=2)[2] == (
+        "no new jobs: this desktop does not accept jobs"
+    )

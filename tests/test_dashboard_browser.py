@@ -343,6 +343,95 @@ def test_without_a_token_the_page_asks_for_one_and_keeps_it_in_the_tab(
         context.close()
 
 
+def test_before_any_data_the_badge_says_none_was_loaded_and_how_to_give_the_token(
+    browser: object, fleet: tuple[str, Beater]
+) -> None:
+    """Without a token the badge said "showing data from never"; an orchestrator that could
+    not be reached from the start said the same."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    context = browser.new_context(viewport={"width": 1280, "height": 600}, base_url=fleet[0])
+    try:
+        page = context.new_page()
+        page.goto(PAGE_NO_TOKEN)
+        conn = page.locator("#conn")
+        expect(conn).to_have_attribute("data-state", "down")
+        expect(conn).to_have_text(
+            "Orchestrator reachable, but an API token is needed; "
+            "no data loaded yet: enter the token below"
+        )
+        expect(page.locator("#login-msg")).to_contain_text("~/.chiffon/api_token")
+        expect(page.locator("#login-msg")).to_contain_text("#token=")
+        shot(page, "no-token.png")
+        page.route("**/api/v1/**", lambda route: route.abort("connectionrefused"))
+        page.goto(PAGE)
+        expect(conn).to_have_text(
+            "Orchestrator unreachable (network error); no data could be loaded yet"
+        )
+    finally:
+        context.close()
+
+
+NARROW_PX = 390  # a phone held upright
+
+
+def _sideways_overflow(page: object) -> int:
+    """How many pixels the document is wider than the window (0: no sideways scrolling)."""
+    js = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    return int(page.evaluate(js))  # type: ignore[attr-defined]
+
+
+def _visible_right(page: object, table: str) -> dict[str, float]:
+    """The right edge of what shows of `table`: its own, or its box's when that box scrolls
+    sideways (what sticks out of it is scrolled to, not drawn past it)."""
+    js = f"""(() => {{
+        const table = document.querySelector("{table}"), box = table.parentElement;
+        const clips = ["auto", "scroll"].includes(getComputedStyle(box).overflowX);
+        const shown = clips ? box.getBoundingClientRect() : table.getBoundingClientRect();
+        return {{ right: shown.right, left: shown.left, scrolls: box.scrollWidth > box.clientWidth,
+                  clips }};
+    }})()"""
+    return page.evaluate(js)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_at_390_px_wide_the_tables_scroll_inside_their_own_box(
+    browser: object, fleet: tuple[str, Beater]
+) -> None:
+    """At 390 px the fleet table stuck out past the header and the page scrolled sideways."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    context = browser.new_context(viewport={"width": NARROW_PX, "height": 844}, base_url=fleet[0])
+    try:
+        page = context.new_page()
+        page.goto(PAGE)
+        expect(page.locator("#agents tbody tr")).to_have_count(len(FLEET))
+        assert _box(page.locator("header"))["width"] == NARROW_PX
+        for table in ("#agents", "#pools"):
+            shown = _visible_right(page, table)
+            assert shown["left"] >= 0 and shown["right"] <= NARROW_PX, (table, shown)
+        # the agents table is wider than a phone: it scrolls in its box, GPUs and all
+        assert _visible_right(page, "#agents")["scrolls"]
+        assert _sideways_overflow(page) == 0
+        shot(page, "narrow-fleet.png")
+        page.evaluate("document.querySelector('#agents').parentElement.scrollLeft = 1e6")
+        gpus_head = _box(page.locator("#agents th[data-sort='vram']"))
+        assert gpus_head["x"] + gpus_head["width"] <= NARROW_PX  # scrolled to, in its box
+        shot(page, "narrow-fleet-scrolled.png")
+        page.click(f"{row(BY_NAME['train-01'])} a")
+        expect(page.locator("#chart-load canvas")).to_have_count(1)
+        assert _visible_right(page, "#agent-gpus")["right"] <= NARROW_PX
+        assert _sideways_overflow(page) == 0
+        shot(page, "narrow-agent.png")
+        page.click("header nav a[data-nav='jobs']")
+        expect(page.locator("#jobs-shown")).to_contain_text("jobs")
+        assert _visible_right(page, "#jobs")["right"] <= NARROW_PX
+        assert _sideways_overflow(page) == 0
+    finally:
+        context.close()
+
+
 def test_the_token_in_the_fragment_is_kept_and_leaves_the_address_bar(page: object) -> None:
     from playwright.sync_api import Page, expect
 

@@ -107,7 +107,7 @@ def test_an_agents_page_shows_the_jobs_running_there(
     page.goto(PAGE)
     # The fleet's table offers what a new job could have: net of the running job's claim.
     desk = page.locator(f"#agents tr[data-agent-id='{fleet.agent_id('desk-2x24g')}']")
-    expect(desk.locator(".held")).to_have_text("1 job hold 4.0 GB VRAM, 0 cores")
+    expect(desk.locator(".held")).to_have_text("1 job holds 4.0 GB VRAM")
     page.fill("#f-temp", "30")  # its GPUs report 38 °C
     expect(desk).to_have_count(0)
     page.fill("#f-temp", "40")

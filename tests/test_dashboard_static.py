@@ -35,3 +35,13 @@ async def test_dashboard_and_its_vendored_chart_library_are_served(
     assert api.status_code == 200 and api.json() == []
     assert (await web.get("/healthz")).json() == {"status": "ok"}
     assert (await web.get("/no-such-page")).status_code == 404
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_favicon_is_served_and_the_page_links_it(web: httpx.AsyncClient) -> None:
+    """`/favicon.ico` was a 404 in every browser's console."""
+    icon = await web.get("/favicon.ico")
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/")
+    assert icon.content.startswith(b"\x00\x00\x01\x00")  # an ICO file's header
+    assert '<link rel="icon" href="favicon.ico"' in (await web.get("/")).text

@@ -163,6 +163,55 @@ async def test_a_non_zero_exit_is_retried_only_when_asked(
     assert (await row(orchestrator, asked)).state == "queued"
 
 
+async def test_a_program_that_never_started_fails_with_the_reason_and_where_and_no_code(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "render-02", (24.0, 24.0))
+    job_id = await submitted(orchestrator, clock, workdir="/nonexistent/dir")
+    await placed(orchestrator, clock)
+    never = Report("ended", "exit", detail="the folder /nonexistent/dir does not exist")
+    assert await say(orchestrator, clock, agent, job_id, never) == "applied"
+    job = await row(orchestrator, job_id)
+    assert (job.state, job.exit_code) == ("failed", None)
+    assert job.reason == "the folder /nonexistent/dir does not exist on render-02"
+    # it never ran: no pass through running, and its attempt has no start
+    assert await history(orchestrator, job_id) == ["queued", "assigned", "failed"]
+    async with orchestrator.sessions() as s:
+        attempt = await s.get(JobAttemptRow, (job_id, 1))
+    assert attempt is not None and (attempt.state, attempt.started_at) == ("failed", None)
+    assert (attempt.exit_code, attempt.reason) == (None, job.reason)
+    assert await claims_of(orchestrator, job_id) == 0
+
+
+async def test_a_start_failure_is_retried_elsewhere_only_when_exits_are(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    plain = await submitted(orchestrator, clock, retries=1)
+    asked = await submitted(orchestrator, clock, retries=1, retry_on_exit=True)
+    await placed(orchestrator, clock)
+    never = Report("ended", "exit", detail="the program 'trian.py' was not found")
+    for job_id in (plain, asked):
+        await say(orchestrator, clock, agent, job_id, never)
+    assert (await row(orchestrator, plain)).state == "failed"
+    retried = await row(orchestrator, asked)
+    assert retried.state == "queued"
+    assert retried.reason == "the program 'trian.py' was not found on a; retrying"
+
+
+async def test_a_reason_longer_than_its_column_is_cut_not_refused(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    job_id = await submitted(orchestrator, clock)
+    await placed(orchestrator, clock)
+    await say(orchestrator, clock, agent, job_id, STARTED)
+    said = Report("ended", "exit", exit_code=2, detail="x" * 1000)
+    assert await say(orchestrator, clock, agent, job_id, said) == "applied"
+    job = await row(orchestrator, job_id)
+    assert (job.state, len(job.reason)) == ("failed", 1000)
+
+
 async def test_cancel_is_immediate_when_queued_marked_when_out_and_idempotent(
     orchestrator: Orchestrator, clock: ManualClock
 ) -> None:

@@ -4,6 +4,7 @@ bound, and the jobs a killed agent left behind."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -13,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from chiffon.agent.runner import Assignment, JobRun, Ladder, end_orphans
+from chiffon.agent.runner import (
+    Assignment,
+    CannotStart,
+    JobRun,
+    Ladder,
+    end_orphans,
+    why_not_started,
+)
 from tests.procs import alive
 from tests.services import eventually
 
@@ -94,10 +102,69 @@ async def test_output_past_the_bound_is_dropped_and_counted_never_blocking(tmp_p
     assert "dropped" in ended.detail  # type: ignore[attr-defined]
 
 
-async def test_a_program_that_does_not_exist_is_an_error_at_start(tmp_path: Path) -> None:
-    runner = JobRun(job("/no/such/program"), attempt_dir=tmp_path / "a")
-    with pytest.raises(FileNotFoundError):
+def _files(tmp_path: Path) -> None:
+    """A script that is not executable, one whose #! line names nothing, a plain file."""
+    (tmp_path / "noexec.sh").write_text("echo hi\n")
+    (tmp_path / "badline.sh").write_text("#!/no/such/interpreter\necho hi\n")
+    (tmp_path / "badline.sh").chmod(0o755)
+    (tmp_path / "a-file").write_text("")
+
+
+@pytest.mark.parametrize(
+    ("command", "workdir", "says"),
+    [
+        (["/no/such/program"], None, "the program '/no/such/program' was not found"),
+        (["no-such-program-x"], None, "the program 'no-such-program-x' was not found"),
+        (["true"], "/nonexistent/dir", "the folder /nonexistent/dir does not exist"),
+        (["true"], "{tmp}/a-file", "the workdir {tmp}/a-file is not a folder"),
+        (["{tmp}/noexec.sh"], None, "the program '{tmp}/noexec.sh' is not executable"),
+        (["./noexec.sh"], "{tmp}", "the program './noexec.sh' is not executable"),
+        (["{tmp}"], None, "the program '{tmp}' is a folder"),
+        (["./badline.sh"], "{tmp}",
+         "the interpreter on the first line of './badline.sh' was not found"),
+    ],
+)  # fmt: skip
+async def test_a_job_that_cannot_start_says_why_in_words_and_has_no_exit_code(
+    tmp_path: Path, command: list[str], workdir: str | None, says: str
+) -> None:
+    _files(tmp_path)
+    tmp = str(tmp_path)
+    a = job(*(c.format(tmp=tmp) for c in command),
+            workdir=None if workdir is None else workdir.format(tmp=tmp))  # fmt: skip
+    runner = JobRun(a, attempt_dir=tmp_path / "a")
+    with pytest.raises(CannotStart) as raised:
         await runner.start()
+    assert str(raised.value) == says.format(tmp=tmp)
+    assert runner.pid is None and not (runner.attempt_dir / "state.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root enters every folder")
+async def test_a_folder_the_agents_user_may_not_enter_is_named(tmp_path: Path) -> None:
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o600)
+    with pytest.raises(CannotStart, match=f"the agent's user may not enter the folder {shut}"):
+        await JobRun(job("true", workdir=str(shut)), attempt_dir=tmp_path / "a").start()
+
+
+def test_a_start_failure_is_classified_by_what_failed() -> None:
+    """The folder vanishing between the check and the start, and the rarer errors."""
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory", Path("/gone/dir"))
+    assert why_not_started(gone, "true", Path("/gone/dir"), {}) == (
+        "the folder /gone/dir does not exist"
+    )
+    odd = OSError(errno.ENOEXEC, "Exec format error", "./x")
+    assert why_not_started(odd, "./x", Path("/"), {}) == (
+        "the program './x' is not in a format that can run"
+    )
+    busy = OSError(errno.ETXTBSY, "Text file busy", "./x")
+    assert why_not_started(busy, "./x", Path("/"), {}) == (
+        "the program './x' could not be started (Text file busy)"
+    )
+    long = Path("/" + "d" * 4000)  # one name longer than a folder's name may be
+    too_long = FileNotFoundError(errno.ENAMETOOLONG, "File name too long", long)
+    said = why_not_started(too_long, "true", long, {})
+    assert said.startswith("the folder /ddd") and said.endswith("(File name too long)")
+    assert len(said) < 300  # the path cut in the middle
 
 
 async def test_a_restarted_agent_ends_the_jobs_it_left_and_only_those(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ ALLOWED = {
     ("assigned", "queued"),
     ("assigned", "lost"),
     ("assigned", "cancelled"),
+    ("assigned", "failed"),
     ("running", "succeeded"),
     ("running", "failed"),
     ("running", "timed_out"),
@@ -84,10 +85,23 @@ def test_a_plain_submission_takes_the_defaults() -> None:
         ({"command": ["x"], "requirements": {"gpu": 1}}, "Extra inputs are not permitted"),
         ({"command": ["x"], "timeout_seconds": 0}, "greater than 0"),
         ({"command": ["x"], "retries": 11}, "less than or equal to 10"),
-        ({"command": ["x"], "workdir": "relative/dir"}, "should match pattern"),
+        (
+            {"command": ["x"], "workdir": "relative/dir"},
+            "workdir must be an absolute path on the desktop, not 'relative/dir'",
+        ),
+        ({"command": ["x"], "workdir": "/a\x00b"}, "workdir may not hold a NUL character"),
+        ({"command": ["x"], "workdir": ""}, "at least 1 character"),
         ({"command": ["x"], "shell": True}, "Extra inputs are not permitted"),
     ],
 )
 def test_bad_submissions_are_refused_with_what_was_wrong(body: dict[str, Any], says: str) -> None:
     with pytest.raises(ValidationError, match=says):
         JobSubmit.model_validate(body)
+
+
+def test_the_document_keeps_the_workdir_rule_the_words_say() -> None:
+    """The server says "absolute path" in words, and the schema still says it as a
+    pattern: every rule the server applies stays in the OpenAPI document."""
+    workdir = JobSubmit.model_json_schema()["properties"]["workdir"]["anyOf"][0]
+    assert workdir["pattern"] == "^/[^\\x00]*$"
+    assert (workdir["minLength"], workdir["maxLength"]) == (1, 4096)

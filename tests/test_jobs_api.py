@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -96,8 +97,10 @@ async def test_a_submission_reads_the_registry_again_only_when_its_last_read_say
         ({"command": ["x"], "requirements": {"cpu_cores": -1}}, "cpu_cores"),
         ({"command": ["x"], "env": {"NOT A NAME": "1"}}, "is not a variable name"),
         ({"command": ["x"], "gpus": 1}, "Extra inputs are not permitted"),
+        ({"command": ["x"], "workdir": "proj"},
+         "body.workdir: workdir must be an absolute path on the desktop, not 'proj'"),
     ],
-)
+)  # fmt: skip
 async def test_bad_submissions_get_a_422_and_store_nothing(
     orchestrator: Orchestrator, body: dict[str, Any], says: str
 ) -> None:
@@ -158,3 +161,92 @@ async def test_a_job_followed_through_the_agents_routes_to_its_exit_code(
     [attempt] = shown["attempts"]
     assert (attempt["gpu_uuids"], attempt["exit_code"]) == (["GPU-a-0"], 3)
     assert [e["to_state"] for e in shown["events"]] == ["queued", "assigned", "running", "failed"]
+
+
+SECRET_VALUE = "hunter2-not-for-the-api"
+
+
+async def test_a_job_shows_its_folder_timeout_and_start_and_only_the_names_of_its_env(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    credential = await issue(orchestrator, agent)
+    spec = {
+        "command": ["python", "train.py"],
+        "workdir": "/home/me/proj",
+        "timeout_seconds": 7200,
+        "env": {"WANDB_API_KEY": SECRET_VALUE, "EPOCHS": "3"},
+    }
+    log_path = "/home/me/.local/state/chiffon/jobs/x-1/output.log"
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        api_client(orchestrator, bearer(credential)) as desk,
+    ):
+        accepted = await user.post("/api/v1/jobs", json=spec)
+        job_id = accepted.json()["job"]["job_id"]
+        queued = (await user.get(f"/api/v1/jobs/{job_id}")).json()
+        await orchestrator.dispatcher.tick()
+        started_at = clock.advance(5)
+        url = f"/api/v1/agents/{agent}/attempts/{job_id}/1"
+        said = await desk.post(url, json={"kind": "started", "log_path": log_path})
+        assert said.json()["verdict"] == "applied", said.text
+        clock.advance(5)
+        views = [await user.get("/api/v1/jobs"), await user.get(f"/api/v1/jobs/{job_id}"),
+                 await user.post(f"/api/v1/jobs/{job_id}/cancel")]  # fmt: skip
+    for resp in (accepted, *views):
+        assert resp.status_code in (200, 201) and SECRET_VALUE not in resp.text, resp.text
+    [listed], shown, cancelled = (r.json() for r in views)
+    assert queued["started_at"] is None and queued["attempts"] == []
+    for job in (accepted.json()["job"], queued, listed, shown, cancelled):
+        assert job["env_names"] == ["EPOCHS", "WANDB_API_KEY"]  # sorted, names only
+        assert (job["workdir"], job["timeout_seconds"]) == ("/home/me/proj", 7200)
+        assert "env" not in job
+    for job in (listed, shown, cancelled):
+        assert _at(job["started_at"]) == started_at
+    [attempt] = shown["attempts"]
+    assert _at(attempt["started_at"]) == started_at
+    assert (attempt["log_path"], attempt["log_bytes_cut"]) == (log_path, 0)
+
+
+async def test_a_job_without_a_folder_timeout_or_env_shows_them_empty(
+    orchestrator: Orchestrator,
+) -> None:
+    async with api_client(orchestrator, API_HEADERS) as user:
+        job = (await user.post("/api/v1/jobs", json={"command": ["id"]})).json()["job"]
+    assert (job["workdir"], job["timeout_seconds"], job["env_names"]) == (None, None, [])
+
+
+async def test_an_attempt_says_how_much_of_its_output_is_no_longer_kept(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """The agent skipped output far behind (its first chunk is at 5 MB), then the
+    orchestrator dropped all but a tail: the cut is where the oldest kept byte is, as
+    the logs route says too. An older agent says no log path."""
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    credential = await issue(orchestrator, agent)
+    chunk, first = b"y" * 32768, 5_000_000
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        api_client(orchestrator, bearer(credential)) as desk,
+    ):
+        job_id = (await user.post("/api/v1/jobs", json={"command": ["x"]})).json()["job"]["job_id"]
+        await orchestrator.dispatcher.tick()
+        url = f"/api/v1/agents/{agent}/attempts/{job_id}/1"
+        await desk.post(url, json={"kind": "started"})  # an agent older than log paths
+        await desk.post(f"{url}/log?offset={first}", content=chunk)
+        [attempt] = (await user.get(f"/api/v1/jobs/{job_id}")).json()["attempts"]
+        assert (attempt["log_path"], attempt["log_bytes_cut"]) == (None, first)
+        tail = orchestrator.settings.job_log_tail_bytes
+        for n in range(1, tail // len(chunk) + 8):
+            at = first + n * len(chunk)
+            verdict = await orchestrator.ship_log(agent, uuid.UUID(job_id), 1, at, chunk)
+            assert verdict == "applied"
+        [attempt] = (await user.get(f"/api/v1/jobs/{job_id}")).json()["attempts"]
+        oldest = (await user.get(f"/api/v1/jobs/{job_id}/logs?offset=0&limit=1")).json()
+    assert attempt["log_bytes_cut"] == oldest["offset"] > first
+    end = first + (tail // len(chunk) + 8) * len(chunk)
+    assert end - tail - len(chunk) < attempt["log_bytes_cut"] <= end - tail
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_run_streams_the_output_and_exits_with_the_jobs_own_code(fleet: Fleet) -
     env = json.loads(done.stdout)
     job_id = env["CHIFFON_JOB_ID"]
     assert f"job {job_id} queued" in done.stderr
-    assert "running on desk-2x24g" in done.stderr  # the only desktop that accepts jobs
+    # The only desktop that accepts jobs ("ran on" when it was over at the first look).
+    assert re.search("(running|ran) on desk-2x24g", done.stderr), done.stderr
     # It sees only its GPU (the best fit: the one with less free VRAM that still fits).
     assert env["CUDA_VISIBLE_DEVICES"] == env["NVIDIA_VISIBLE_DEVICES"] == GPU0
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CHIFFON_ATTEMPT"] == "1"
@@ -165,10 +167,40 @@ def test_bad_input_is_one_line_and_exit_2(fleet: Fleet) -> None:
         (["run", "--env", "1BAD=x", "--", "true"], "is not a variable name"),
         (["jobs", "--state", "sleeping"], "--state must be one of"),
         (["jobs", "show", str(uuid.uuid4())], "no job"),
+        (["run", "--workdir", "proj", "--", "true"], "must be an absolute path on the desktop"),
     ]:
         done = chiffon(fleet, *args)
         assert done.returncode == 2, (args, done.stderr)
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_job_that_cannot_start_fails_saying_why_and_where_without_a_made_up_code(
+    fleet: Fleet,
+) -> None:
+    done = chiffon(fleet, "run", "--workdir", "/nonexistent/dir", "--", "true")
+    assert done.returncode == 1, done.stderr + fleet.logs()
+    assert "the folder /nonexistent/dir does not exist on desk-2x24g" in done.stderr
+    assert "127" not in done.stderr and "Errno" not in done.stderr
+    with client(fleet) as c:
+        job_id = c.submit(["no-such-program-x", "--epochs", "3"]).job.job_id
+        job = c.wait(job_id, timeout_seconds=30)
+    assert (job.state, job.exit_code) == ("failed", None)
+    assert job.reason == "the program 'no-such-program-x' was not found on desk-2x24g"
+    assert job.attempts[0].started_at is None and job.started_at is None
+
+
+def test_a_job_shows_where_its_whole_log_is_on_the_desktop(fleet: Fleet) -> None:
+    with client(fleet) as c:
+        job_id = c.submit(["sh", "-c", "echo all of it"], env={"TOKEN": "s3cret"},
+                          timeout_seconds=60).job.job_id  # fmt: skip
+        job = c.wait(job_id, timeout_seconds=30)
+    assert job.state == "succeeded" and job.started_at is not None
+    assert (job.env_names, job.timeout_seconds, job.workdir) == (["TOKEN"], 60, None)
+    [attempt] = job.attempts
+    jobs_dir = fleet.tmp / "desk-2x24g" / "state" / "jobs"
+    assert attempt.log_path == str((jobs_dir / f"{job_id}-1" / "output.log").absolute())
+    assert Path(attempt.log_path).read_text() == "all of it\n"
+    assert attempt.log_bytes_cut == 0
 
 
 def test_a_killed_agent_finds_its_job_ends_it_and_the_job_runs_again(fleet: Fleet) -> None:
@@ -300,3 +332,210 @@ def test_a_silent_job_past_its_timeout_exits_124_and_says_where_it_ran(fleet: Fl
     assert "running on desk-2x24g" in done.stderr  # said when placed, not at first output
     assert "timed_out: ran past its timeout of 1 s" in done.stderr
     assert "timed_out: timed_out" not in done.stderr
+
+
+# 100,000 numbered lines as fast as Python writes them: 5.3 MB, more than the tail the
+# orchestrator keeps (1 MiB) and than the agent lets its shipping fall behind (4 MiB).
+LINE_BYTES = len(f"line {0:06d} {'x' * 40}\n")
+NUMBERED = "import sys\nfor i in range(100_000):\n    sys.stdout.write(f'line {i:06d} ' + 'x' * 40 + '\\n')"  # noqa: E501
+
+
+def test_run_prints_every_line_in_order_or_says_how_many_bytes_it_skipped(fleet: Fleet) -> None:
+    """`chiffon run` showed 84,085 to 94,749 of 100,001 lines, began mid-line and spliced
+    lines, and said nothing. Now every line it prints is whole and in order, and every
+    byte it does not print is counted on stderr, with where the whole log is."""
+    done = chiffon(fleet, "run", "--", sys.executable, "-c", NUMBERED, timeout=240)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines.pop() == "", "the output ends with the job's last newline"
+    numbers = []
+    for line in lines:
+        assert re.fullmatch(r"line \d{6} x{40}", line), f"a spliced or cut line: {line!r}"
+        numbers.append(int(line[5:11]))
+    assert numbers == sorted(set(numbers)), "in order, none twice"
+    said = re.findall(r"chiffon: ([\d,]+) bytes of output skipped", done.stderr)
+    skipped = sum(int(n.replace(",", "")) for n in said)
+    assert skipped == (100_000 - len(numbers)) * LINE_BYTES, done.stderr
+    if skipped:
+        job = re.search(r"job (\S+) queued", done.stderr)
+        assert job is not None
+        path = fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{job[1]}-1" / "output.log"
+        assert f"the whole log is on desk-2x24g at {path}" in done.stderr, done.stderr
+    # `chiffon logs` afterwards: the kept tail, from a whole line, with the same notice.
+    job_id = re.search(r"job (\S+) queued", done.stderr)
+    assert job_id is not None
+    logs = chiffon(fleet, "logs", job_id[1])
+    kept = logs.stdout.split("\n")[:-1]
+    assert kept and kept[-1].startswith("line 099999 ")
+    assert all(re.fullmatch(r"line \d{6} x{40}", line) for line in kept), "whole lines only"
+    cut = 100_000 - len(kept)
+    assert f"chiffon: {cut * LINE_BYTES:,} bytes of output skipped" in logs.stderr
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_run_cancels_its_job_and_goes_on_from_where_it_was(
+    fleet: Fleet, sig: signal.Signals
+) -> None:
+    """Ctrl-C replayed the whole output; SIGTERM and SIGHUP (a closed terminal) left the
+    job running for ever. Each now cancels it, as srun does, and says so."""
+    script = "for i in 1 2 3; do echo step $i; done; sleep 300"
+    proc = subprocess.Popen(
+        [*CHIFFON, "run", "--name", f"steps-{sig.name}", "--", "sh", "-c", script],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen = [proc.stdout.readline() for _ in range(3)]
+        assert seen == ["step 1\n", "step 2\n", "step 3\n"]
+        proc.send_signal(sig)
+        rest, err = proc.communicate(timeout=30)
+        assert rest == "", "nothing printed twice"
+        said = "Ctrl-C" if sig == signal.SIGINT else sig.name
+        assert f"{said}: cancelling job" in err, err
+        assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
+        with client(fleet) as c:
+            [job] = [j for j in c.jobs() if j.name == f"steps-{sig.name}"]
+            wait_for("the cancel", lambda: c.get(job.job_id).state == "cancelled", fleet, 30)
+        assert not _processes_of(str(job.job_id))
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_the_python_client_cancels_its_job_when_its_program_is_killed(fleet: Fleet) -> None:
+    """A Python program blocked in `Client.run()` and sent SIGTERM left its job queued
+    for ever (here it could never be placed: 8 GPUs)."""
+    program = (
+        "import sys\nfrom chiffon.client import Client\n"
+        "with Client(sys.argv[1]) as c:\n"
+        "    c.run(['true'], gpus=8, name='killed-client', on_reason=lambda j: print(j.reason, flush=True))\n"  # noqa: E501
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, fleet.api],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        reason = proc.stdout.readline()  # why it waits, through the callback
+        assert "8 GPUs" in reason or "GPU" in reason, reason
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        assert "cancelling job" in err and "no registered agent could ever hold" in err, err
+        with client(fleet) as c:
+            [job] = [j for j in c.jobs() if j.name == "killed-client"]
+            assert job.state == "cancelled"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_client_run_says_why_and_gives_up_when_asked_to(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README's snippet on a machine without room blocked for ever, silently."""
+    reasons: list[str] = []
+    with client(fleet) as c, pytest.raises(TimeoutError, match=r"is still queued: .+"):
+        c.run(["true"], gpus=1, vram_gb=100, wait_seconds=3, name="never-fits",
+              on_reason=lambda j: reasons.append(j.reason))  # fmt: skip
+    assert "no registered agent could ever hold" in caplog.text
+    assert reasons and "closest is desk-2x24g" in reasons[0]
+    with client(fleet) as c:
+        [job] = [j for j in c.jobs() if j.name == "never-fits"]
+        assert job.state == "cancelled", "given up on: cancelled, not left queued"
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_logs_on_a_terminal_obey_no_control_sequence_but_a_pipe_gets_every_byte(
+    fleet: Fleet,
+) -> None:
+    hostile = "printf '\\033[32mok\\033[0m \\033]52;c;cHduZWQ=\\007\\033]0;t\\007\\033[2J end\\n'"
+    with client(fleet) as c:
+        job_id = c.submit(["sh", "-c", hostile]).job.job_id
+        assert c.wait(job_id, timeout_seconds=30).state == "succeeded"
+    raw = "\x1b[32mok\x1b[0m \x1b]52;c;cHduZWQ=\x07\x1b]0;t\x07\x1b[2J end\n"
+    assert chiffon(fleet, "logs", str(job_id)).stdout == raw  # piped: byte-exact
+    on_tty = _on_a_terminal(fleet, "logs", str(job_id))
+    assert "\x1b[32mok\x1b[0m" in on_tty and "\\x1b]52;c;cHduZWQ=\\x07" in on_tty
+    assert "\x07" not in on_tty and "\x1b]" not in on_tty and "\x1b[2J" not in on_tty
+    assert raw.replace("\n", "\r\n") in _on_a_terminal(fleet, "logs", "--raw", str(job_id))
+
+
+def _on_a_terminal(fleet: Fleet, *args: str) -> str:
+    """What a command writes when its stdout is a terminal (a pseudo-terminal here)."""
+    import pty
+
+    main, side = pty.openpty()
+    proc = subprocess.Popen(
+        [*CHIFFON, *args],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+        stdout=side, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(side)
+    out = b""
+    try:
+        while chunk := _read_pty(main):
+            out += chunk
+    finally:
+        proc.wait(30)
+        os.close(main)
+    return out.decode()
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the other side closed
+        return b""
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_jobs_and_jobs_show_say_what_a_user_needs(fleet: Fleet) -> None:
+    done = chiffon(fleet, "run", "--name", "quoted", "--workdir", "/tmp", "--timeout", "1h",
+                   "--env", "SECRET_TOKEN=hunter2", "--",
+                   "sh", "-c", "echo hello from $CHIFFON_JOB_ID; exit 3")  # fmt: skip
+    assert done.returncode == 3
+    assert re.search("(running|ran) on desk-2x24g", done.stderr), done.stderr
+    assert "attempt 1" not in done.stderr, "a first attempt is not announced as a retry"
+    job_id = re.search(r"job (\S+) queued", done.stderr)
+    assert job_id is not None
+    shown = chiffon(fleet, "jobs", "show", job_id[1]).stdout
+    assert "sh -c 'echo hello from $CHIFFON_JOB_ID; exit 3'" in shown
+    assert "/tmp" in shown and "3600s" in shown and "SECRET_TOKEN" in shown
+    assert "hunter2" not in shown
+    log = fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{job_id[1]}-1" / "output.log"
+    assert f"whole log at {log}" in shown
+    table = chiffon(fleet, "jobs", "--limit", "5").stdout
+    assert "AGE" in table and "RUNTIME" in table
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_logs_of_a_queued_job_say_it_is_queued_and_why(fleet: Fleet) -> None:
+    with client(fleet) as c:
+        job_id = c.submit(["true"], gpus=4, name="queued-logs").job.job_id
+        try:
+            wait_for("a reason", lambda: bool(c.get(job_id).reason), fleet, 10)
+            done = chiffon(fleet, "logs", str(job_id))
+            assert done.returncode == 0 and done.stdout == ""
+            assert f"job {job_id} is queued: " in done.stderr
+            assert c.get(job_id).reason in done.stderr
+        finally:
+            c.cancel(job_id)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_a_relative_workdir_is_refused_in_words(fleet: Fleet) -> None:
+    done = chiffon(fleet, "run", "--workdir", "proj", "--", "true")
+    assert done.returncode == 2
+    said = done.stderr.strip()
+    assert said.startswith("error: --workdir must be an absolute path on the desktop"), said
+    assert len(said.splitlines()) == 1
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_a_debug_flag_after_the_double_dash_is_the_jobs(fleet: Fleet) -> None:
+    done = chiffon(fleet, "run", "--", "echo", "--debug")
+    assert done.returncode == 0 and done.stdout == "--debug\n", done.stderr

@@ -131,6 +131,43 @@ def test_the_reason_names_the_nearest_miss_and_who_cannot_take_jobs() -> None:
     )
 
 
+def test_an_agent_that_runs_as_root_says_so_and_the_fix_in_the_reason() -> None:
+    """`chiffon up` as root: its agent refuses jobs (heartbeat `jobs_withheld: root`), and
+    the job that waits says why and what to do, not "1 does not accept jobs"."""
+    root = dataclasses.replace(agent("vm-1"), accepts_jobs=False, withheld="root")
+    assert place(Requirements(), [root]) == Miss(
+        "no online agent that accepts jobs has room; the only agent runs as root and "
+        "refuses jobs: restart it with `chiffon up --allow-root-jobs` "
+        "(or `chiffon agent --allow-root-jobs`)"
+    )
+    gone = agent("gone", online=False)
+    assert "; the only online agent runs as root and refuses jobs: restart it with" in (
+        Fleet([root, gone]).place(Requirements(gpus=1)).reason  # type: ignore[union-attr]
+    )
+
+
+def test_agents_that_refuse_jobs_are_counted_by_the_reason_their_heartbeats_give() -> None:
+    def refusing(name: str, why: str | None) -> Candidate:
+        return dataclasses.replace(agent(name), accepts_jobs=False, withheld=why)
+
+    fleet = [
+        agent("small", gpu(0, 8, 2.0)),
+        refusing("a", "owner_active"),
+        refusing("b", "owner_active"),
+        refusing("c", "never"),
+        refusing("d", "root"),
+        refusing("e", None),  # an agent that does not say why
+    ]
+    assert place(Requirements(gpus=1, vram_gb=4), fleet) == Miss(
+        "no online agent that accepts jobs has 1 GPU with 4 GB free: closest is small GPU 0 "
+        "with 2.0 GB; 1 runs as root and refuses jobs: restart it with "
+        "`chiffon up --allow-root-jobs` (or `chiffon agent --allow-root-jobs`); "
+        "2 do not accept jobs (their owners are using them); "
+        "1 does not accept jobs (its owner did not opt in: accept_jobs); "
+        "1 does not accept jobs"
+    )
+
+
 @pytest.mark.parametrize(
     ("want", "reason"),
     [

@@ -153,11 +153,35 @@ async def test_an_agent_running_as_root_refuses_jobs_unless_allowed(
     assert orch.said(allowed) == ["started", "exit"]
 
 
-async def test_a_program_that_cannot_start_fails_with_127(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("payload", "detail"),
+    [
+        ({"command": ["/no/such/program"]}, "the program '/no/such/program' was not found"),
+        ({"command": ["no-such-program-x"]}, "the program 'no-such-program-x' was not found"),
+        ({"workdir": "/nonexistent/dir"}, "the folder /nonexistent/dir does not exist"),
+        # said in what a report may hold (no control characters)
+        ({"workdir": "/no/such\ndir"}, "the folder /no/such dir does not exist"),
+    ],
+)
+async def test_a_program_that_cannot_start_ends_without_an_exit_code_and_says_why(
+    tmp_path: Path, payload: dict[str, Any], detail: str
+) -> None:
     orch, job = Orchestrator(), uuid.uuid4()
-    await loop(tmp_path, orch).handle(*order(job, command=["/no/such/program"]))
-    [(_, _, said)] = orch.reports
-    assert (said["outcome"], said["exit_code"]) == ("exit", 127)
+    await loop(tmp_path, orch).handle(*order(job, **payload))
+    [(_, _, said)] = orch.reports  # no "started": it never ran
+    assert (said["outcome"], said["exit_code"], said["detail"]) == ("exit", None, detail)
+    assert "signal" not in said
+
+
+async def test_the_start_report_says_where_the_whole_output_is(tmp_path: Path) -> None:
+    orch, job = Orchestrator(), uuid.uuid4()
+    await loop(tmp_path, orch).handle(*order(job, command=["sh", "-c", "echo kept"]))
+    await orch.until(job, 2)
+    started = orch.reports[0][2]
+    assert started["kind"] == "started"
+    log_path = Path(started["log_path"])
+    assert log_path.is_absolute() and log_path == tmp_path / "jobs" / f"{job}-1" / "output.log"
+    assert await asyncio.to_thread(log_path.read_text) == "kept\n"
 
 
 async def test_a_cancel_order_ends_the_attempt_and_it_reports_cancelled(tmp_path: Path) -> None:

@@ -79,6 +79,9 @@ async def test_reports_move_the_job_and_a_stale_one_is_answered_so(
         ({"kind": "started", "detail": "a\x1b[31m"}, "detail"),
         ({"kind": "usage", "vram_gb": {"GPU-a-0": -1}}, "vram_gb"),
         ({"kind": "usage", "vram_gb": {f"GPU-{i}": 1 for i in range(65)}}, "vram_gb"),
+        ({"kind": "started", "log_path": "jobs/x-1/output.log"}, "log_path"),
+        ({"kind": "started", "log_path": "/jobs/x-1/\x1b[2Joutput.log"}, "log_path"),
+        ({"kind": "started", "log_path": "/" + "d" * 4096}, "log_path"),
     ],
 )
 async def test_bad_reports_are_refused_with_a_detail(
@@ -112,3 +115,13 @@ async def test_only_the_agent_itself_may_ask_for_its_orders_or_report(
 async def _waiting(orch: Orchestrator, agent_id: uuid.UUID) -> bool:
     """The agent's long-poll has found nothing and waits to be woken."""
     return agent_id in orch._orders_ready
+
+
+def test_the_agent_bounds_what_it_reports_as_the_orchestrator_does() -> None:
+    """The agent does not load pydantic: its own copies of the report's bounds agree."""
+    from chiffon.agent import work
+    from chiffon.api.routes_work import AttemptReport
+
+    schema = AttemptReport.model_json_schema()["properties"]
+    assert schema["detail"]["maxLength"] == work.DETAIL_MAX_CHARS
+    assert schema["log_path"]["anyOf"][0]["maxLength"] == work.LOG_PATH_MAX_CHARS

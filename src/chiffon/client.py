@@ -1,24 +1,28 @@
-"""A small typed client of Chiffon's jobs API, the one `chiffon run`, `chiffon jobs` and
-`chiffon logs` use.
+"""A small typed client of Chiffon's API, the one every `chiffon` command uses.
 
     from chiffon.client import Client
 
     with Client() as chiffon:  # CHIFFON_ORCHESTRATOR_URL and CHIFFON_API_TOKEN, or `chiffon up`'s
-        job = chiffon.submit(["python", "train.py"], gpus=1, vram_gb=8, cpu_cores=2)
-        print(chiffon.wait(job.job_id).state)
+        job = chiffon.run(["python", "train.py"], gpus=1, vram_gb=8, timeout_seconds=3600)
+        print(job.state, job.exit_code)
 
 Errors are `ChiffonError`: `status` is the HTTP status (None when the orchestrator could
-not be reached) and `detail` what it said.
+not be reached) and `detail` what it said. Its words go to the `chiffon.client` logger:
+a submission no agent could ever hold is a warning, a change of why a job waits is info.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 import httpx
@@ -36,6 +40,14 @@ from chiffon.schemas.jobs import (
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 LOG_WAIT_SECONDS = 20.0  # one long-poll while following a log
+# As much as the API gives at once: a reader of fast output keeps up with fewer requests
+# (the orchestrator keeps only a tail of each log).
+LOG_READ_BYTES = 1024 * 1024
+# After a skip, output is resumed at the next line's start, looked for this far: a reader
+# never sees half a line glued to another (output without newlines is resumed as it is).
+_LINE_SEARCH_BYTES = 64 * 1024
+
+log = logging.getLogger("chiffon.client")
 
 
 class ChiffonError(Exception):
@@ -45,6 +57,60 @@ class ChiffonError(Exception):
         super().__init__(detail if status is None else f"{detail} (HTTP {status})")
         self.detail = detail
         self.status = status
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) reached a program while it waited on a job.
+    A BaseException, as KeyboardInterrupt is: no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """While inside, SIGINT, SIGTERM and SIGHUP raise `Interrupted` (as `srun` treats
+    them: the job is to be cancelled), and the handlers are put back after. What it yields
+    shields a block (a submission in flight) until it ends: a signal meanwhile is raised
+    right after it, so a job is never created without its id being known. Outside the
+    main thread, signals cannot be caught: nothing changes."""
+    shielded, pending = [False], [0]
+
+    def shield() -> contextlib.AbstractContextManager[None]:
+        return _Shield(shielded, pending)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield shield
+        return
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if shielded[0]:
+            pending[0] = pending[0] or signum
+            return
+        raise Interrupted(signum)
+
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.signal(s, on_signal) for s in caught}
+    try:
+        yield shield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+class _Shield(contextlib.AbstractContextManager[None]):
+    def __init__(self, shielded: list[bool], pending: list[int]) -> None:
+        self._shielded, self._pending = shielded, pending
+
+    def __enter__(self) -> None:
+        self._shielded[0] = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._shielded[0] = False
+        if self._pending[0] and exc[0] is None:
+            signum, self._pending[0] = self._pending[0], 0
+            raise Interrupted(signum)
 
 
 def default_token(data_dir: Path | None = None) -> str | None:
@@ -58,6 +124,80 @@ def default_token(data_dir: Path | None = None) -> str | None:
         return (where.expanduser() / "api_token").read_text().strip() or None
     except OSError:
         return None
+
+
+class LogCursor:
+    """Where a reader of a job's output stands: the attempt, the byte offset read up to,
+    and the end of a line read but not yet handed out (`pending`). A reader interrupted
+    and resumed goes on from here, not from the start."""
+
+    def __init__(self, attempt: int | None = None, offset: int = 0) -> None:
+        self.attempt = attempt
+        self.offset = offset
+        self.pending = ""  # the last line read, not yet ended: it ends with the next piece
+        self.resync = False  # bytes were skipped: drop the rest of the line they cut
+        self.dropped = 0  # bytes dropped so far looking for that line's end
+
+    def take(self, piece: JobLog) -> JobLog | None:
+        """What of `piece` (read from `self.offset`) to hand out: whole lines only, so
+        that a skip never glues half a line to another; None when nothing."""
+        skipped = max(0, piece.offset - self.offset)  # dropped before it could be read
+        if skipped and self.pending:  # the line it cut is left out, counted
+            skipped += len(self.pending.encode())
+            self.pending = ""
+        self.attempt, self.offset = piece.attempt, piece.next_offset
+        self.resync = self.resync or skipped > 0
+        text = self.pending + piece.data
+        start = piece.offset - len(self.pending.encode())
+        cut = self._drop_cut_line(text)
+        text, start = text[len(cut) :], start + len(cut.encode())
+        self.pending = "" if piece.done else _unended(text)
+        text = text[: len(text) - len(self.pending)]
+        dropped = len(cut.encode()) + skipped
+        if not text and not dropped:
+            return None
+        size = len(text.encode())
+        return piece.model_copy(
+            update={
+                "data": text,
+                "offset": start,
+                "next_offset": start + size,
+                "skipped_bytes": dropped,
+            }
+        )
+
+    def flush(self, piece: JobLog) -> JobLog | None:
+        """The pending line, handed out as it is (the reader stops here)."""
+        if not self.pending:
+            return None
+        text, self.pending = self.pending, ""
+        start = self.offset - len(text.encode())
+        return piece.model_copy(
+            update={"data": text, "offset": start, "next_offset": self.offset, "skipped_bytes": 0}
+        )
+
+    def _drop_cut_line(self, text: str) -> str:
+        """After a skip: the rest of the line it cut, looked for over at most
+        `_LINE_SEARCH_BYTES` (output without newlines is resumed as it is)."""
+        if not self.resync or not text:
+            return ""
+        newline = text.find("\n")
+        cut = text if newline < 0 else text[: newline + 1]
+        self.dropped += len(cut.encode())
+        if self.dropped > _LINE_SEARCH_BYTES:
+            self.resync, self.dropped = False, 0
+            return ""
+        if newline >= 0:
+            self.resync, self.dropped = False, 0
+        return cut
+
+
+def _unended(text: str) -> str:
+    """The end of `text` after its last newline or carriage return (a progress bar
+    redraws its line with one), unless that is longer than `_LINE_SEARCH_BYTES`."""
+    last = max(text.rfind("\n"), text.rfind("\r"))
+    rest = text[last + 1 :]
+    return "" if len(rest) > _LINE_SEARCH_BYTES // 4 else rest
 
 
 class Client:
@@ -119,6 +259,32 @@ class Client:
         body = JobSubmit.model_validate(spec).model_dump(mode="json", exclude_none=True)
         return JobAccepted.model_validate(self._send("POST", "/jobs", json=body))
 
+    def run(
+        self,
+        command: Sequence[str],
+        *,
+        wait_seconds: float | None = None,
+        on_reason: Callable[[JobView], None] | None = None,
+        **spec: Any,
+    ) -> JobDetail:
+        """Submit `command` (the arguments of `submit`), wait for it to end and return
+        it, as `srun` does: interrupted (Ctrl-C, SIGTERM, SIGHUP) or out of
+        `wait_seconds`, it cancels the job and raises (`Interrupted`, `TimeoutError`)."""
+        with interruptible() as shield:
+            with shield():
+                accepted = self.submit(command, **spec)
+            job = accepted.job
+            if accepted.warning:
+                log.warning("job %s: %s", job.job_id, accepted.warning)
+            try:
+                return self.wait(job.job_id, timeout_seconds=wait_seconds, on_reason=on_reason)
+            except (Interrupted, KeyboardInterrupt, TimeoutError) as exc:
+                what = "ran out of time" if isinstance(exc, TimeoutError) else f"got {exc!r}"
+                log.warning("%s: cancelling job %s", what, job.job_id)
+                with contextlib.suppress(ChiffonError):
+                    self.cancel(job.job_id)
+                raise
+
     def get(self, job_id: uuid.UUID | str) -> JobDetail:
         """The job with its attempts and events."""
         return JobDetail.model_validate(self._send("GET", f"/jobs/{job_id}"))
@@ -139,17 +305,32 @@ class Client:
         """Cancel (idempotent): at once when queued, after the grace period when running."""
         return JobView.model_validate(self._send("POST", f"/jobs/{job_id}/cancel"))
 
-    def wait(self, job_id: uuid.UUID | str, *, timeout_seconds: float | None = None) -> JobDetail:
+    def wait(
+        self,
+        job_id: uuid.UUID | str,
+        *,
+        timeout_seconds: float | None = None,
+        on_reason: Callable[[JobView], None] | None = None,
+    ) -> JobDetail:
         """The job once it has ended (succeeded, failed, cancelled, timed_out or lost);
-        `TimeoutError` after `timeout_seconds`."""
+        `TimeoutError` (saying why it still waits) after `timeout_seconds`. Each time
+        the reason it waits changes, `on_reason(job)` is called (default: logged)."""
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-        pause = 0.1
+        pause, said = 0.1, ""
         while True:
             job = self.get(job_id)
             if job.state in TERMINAL:
                 return job
+            waits = job.reason if job.state == "queued" else f"{job.state}"
+            if waits and waits != said:
+                said = waits
+                if on_reason is not None:
+                    on_reason(job)
+                else:
+                    log.info("job %s %s: %s", job.job_id, job.state, job.reason or "")
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} is still {job.state}")
+                why = f": {job.reason}" if job.reason and job.reason != job.state else ""
+                raise TimeoutError(f"job {job_id} is still {job.state}{why}")
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
 
@@ -162,8 +343,9 @@ class Client:
         wait_seconds: float = 0.0,
     ) -> JobLog:
         """One piece of an attempt's output from `offset` (the current attempt unless
-        given), waiting up to `wait_seconds` for some when there is none yet."""
-        params: dict[str, Any] = {"offset": offset, "wait": wait_seconds}
+        given), waiting up to `wait_seconds` for some when there is none yet. `offset`
+        of the answer past the one asked: the bytes between are no longer kept."""
+        params: dict[str, Any] = {"offset": offset, "wait": wait_seconds, "limit": LOG_READ_BYTES}
         if attempt:  # attempt 0 (never placed) reads as the current one
             params["attempt"] = attempt
         answer = self._send(
@@ -171,34 +353,68 @@ class Client:
         )
         return JobLog.model_validate(answer)
 
-    def logs(self, job_id: uuid.UUID | str, *, follow: bool = False) -> Iterator[JobLog]:
-        """The job's output, piece by piece; with `follow`, as it is written, through
-        every attempt, until the job ends."""
-        attempt, offset = None, 0
+    def logs(
+        self, job_id: uuid.UUID | str, *, follow: bool = False, cursor: LogCursor | None = None
+    ) -> Iterator[JobLog]:
+        """The job's output, piece by piece, in order, in whole lines while more may come;
+        with `follow`, as it is written, through every attempt, until the job ends. A
+        piece's `skipped_bytes` counts output before it that the orchestrator no longer
+        kept (it keeps a tail): those bytes and the rest of the line they cut are left
+        out, never silently. Give a `cursor` to go on later from where a reader stopped."""
+        at = cursor or LogCursor()
         while True:
-            piece = self.log(job_id, attempt=attempt, offset=offset,
+            piece = self.log(job_id, attempt=at.attempt, offset=at.offset,
                              wait_seconds=LOG_WAIT_SECONDS if follow else 0.0)  # fmt: skip
-            if piece.data:
-                yield piece
-            attempt, offset = piece.attempt, piece.next_offset
-            if not follow and (not piece.data or piece.done):
+            empty = piece.next_offset == piece.offset
+            if (out := at.take(piece)) is not None:
+                yield out
+            if not follow and (empty or piece.done):
+                if (rest := at.flush(piece)) is not None:
+                    yield rest
                 return
             if piece.done:  # this attempt is over: the job ended, or is placed again
                 job = self.get(job_id)
                 if job.state in TERMINAL and job.attempt <= piece.attempt:
                     return
                 if job.attempt > piece.attempt:
-                    attempt, offset = piece.attempt + 1, 0
+                    at.attempt, at.offset = piece.attempt + 1, 0
                 else:
                     time.sleep(0.5)  # queued again, not yet placed
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        """GET any endpoint of the API (`/agents`, `/fleet/summary`...) as parsed JSON;
+        parameters that are None are left out."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return self._send("GET", path, params=query)
+
+    def delete(self, path: str) -> None:
+        self._send("DELETE", path)
+
+    def resolve_agent(self, ref: str) -> str:
+        """An agent id from a UUID, a unique id prefix (as `chiffon agents` shows) or a
+        name; `LookupError` when none or several match."""
+        try:
+            return str(uuid.UUID(ref))
+        except ValueError:
+            pass
+        agents = self.get_json("/agents")
+        hits = [a for a in agents if a["agent_id"].startswith(ref.lower()) or a["name"] == ref]
+        if len(hits) == 1:
+            return str(hits[0]["agent_id"])
+        if not hits:
+            raise LookupError(f"no agent has the id, id prefix or name {ref!r}")
+        raise LookupError(f"{ref!r} matches {len(hits)} agents; give more of the id")
 
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ChiffonError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from None
+            raise ChiffonError(
+                f"cannot reach the orchestrator at {self.url} ({type(exc).__name__}); "
+                "is it running?"
+            ) from None
         if resp.is_success:
-            return resp.json()
+            return resp.json() if resp.content else None
         try:
             detail = resp.json().get("detail")
         except ValueError:

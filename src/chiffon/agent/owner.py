@@ -39,7 +39,7 @@ _TIME = re.compile(r"^([01]?\d|2[0-4]):([0-5]\d)$")
 # Each reason in the owner's words (an order refused, a job vacated, `chiffon probe`).
 SAID = {
     "never": "this desktop does not accept jobs",
-    "root": "the agent runs as root, and runs jobs as root only when started to",
+    "root": "the agent runs as root, and runs jobs as root only with --allow-root-jobs",
     "outside_schedule": "outside the owner's schedule",
     "owner_active": "the desktop's owner is using it",
     "owner_unknown": "the owner's idle time is unknown here (and no schedule is set)",

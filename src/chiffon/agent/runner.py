@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -73,6 +75,12 @@ class Ladder:
     checkpoint: str = "SIGUSR1"
     grace_seconds: float = 30.0
     kill_seconds: float = 3.0
+
+
+class CannotStart(Exception):
+    """The attempt's process could not be started (its program or its folder is not
+    there): why, in words that "on <desktop>" can follow. It never ran, so it has no exit
+    code."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,24 +165,34 @@ class JobRun:
         )
 
     async def start(self) -> None:
-        """Start the process; `OSError` (no such program, a workdir that is not there)
-        is raised to the caller, who reports the attempt refused."""
+        """Start the process. `CannotStart` says why it could not be (no such program, a
+        workdir that is not there); the caller reports the attempt failed, with no exit
+        code."""
         a = self.assignment
-        self.attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         workdir = Path(a.workdir) if a.workdir else self.attempt_dir / "work"
-        if not a.workdir:  # a fresh directory per attempt; a given one must exist
-            workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:  # a fresh directory per attempt; a given one must exist
+            self.attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not a.workdir:
+                workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:  # the agent's own disk: full, read-only
+            shown = _shown(self.attempt_dir)
+            raise CannotStart(f"the agent could not make {shown} ({exc.strerror or exc})") from exc
+        if a.workdir and (why := folder_problem(workdir)) is not None:
+            raise CannotStart(why)
         env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder)
         self._started = time.monotonic()
-        self._process = await asyncio.create_subprocess_exec(
-            *a.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=workdir,
-            env=env,
-            start_new_session=True,  # its own process group: signals reach all it starts
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *a.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=workdir,
+                env=env,
+                start_new_session=True,  # its own process group: signals reach all it starts
+            )
+        except OSError as exc:
+            raise CannotStart(why_not_started(exc, a.command[0], workdir, env)) from exc
         _write_state(self.attempt_dir, self._process.pid, a)
 
     async def wait(self) -> Ended:
@@ -288,6 +306,56 @@ class JobRun:
             log_bytes_dropped=dropped,
             detail="; ".join(d for d in (self._why, cut) if d),
         )
+
+
+def folder_problem(workdir: Path) -> str | None:
+    """What keeps a job from starting in `workdir`, in words; None when nothing does."""
+    shown = _shown(workdir)
+    try:
+        if not workdir.exists():
+            return f"the folder {shown} does not exist"
+        if not workdir.is_dir():
+            return f"the workdir {shown} is not a folder"
+    except OSError as exc:  # a name too long, a loop of links
+        return f"the folder {shown} cannot be used ({exc.strerror or exc})"
+    if not os.access(workdir, os.X_OK):
+        return f"the agent's user may not enter the folder {shown}"
+    return None
+
+
+def why_not_started(exc: OSError, program: str, workdir: Path, env: Mapping[str, str]) -> str:
+    """Why starting `program` in `workdir` failed with `exc`, in words (never a made-up
+    exit code: it never ran)."""
+    if exc.filename is not None and str(exc.filename) == str(workdir):  # chdir failed
+        return folder_problem(workdir) or f"the folder {_shown(workdir)} cannot be entered"
+    named = f"the program {_shown(program)!r}"
+    found = _program_path(program, workdir, env)
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        if found is not None and found.is_file():  # there: what its #! line names is not
+            return f"the interpreter on the first line of {_shown(program)!r} was not found"
+        return f"{named} was not found"
+    if exc.errno == errno.EACCES:
+        if found is not None and found.is_dir():
+            return f"{named} is a folder"
+        return f"{named} is not executable"
+    if exc.errno == errno.ENOEXEC:
+        return f"{named} is not in a format that can run"
+    return f"{named} could not be started ({exc.strerror or exc})"
+
+
+def _shown(path: Path | str, most: int = 200) -> str:
+    """A path as a report shows it: a long one cut in the middle."""
+    text = str(path)
+    return text if len(text) <= most else f"{text[: most // 2]}...{text[-(most // 2) :]}"
+
+
+def _program_path(program: str, workdir: Path, env: Mapping[str, str]) -> Path | None:
+    """Where `program` is, as the start looked for it: a path (relative to `workdir`), or
+    an executable file on the job's PATH."""
+    if "/" in program:
+        return workdir / program
+    found = shutil.which(program, path=env.get("PATH", ""))
+    return None if found is None else Path(found)
 
 
 def end_strays(a: Assignment) -> int:

@@ -211,6 +211,29 @@ def _lower_names(value: Any) -> list[str]:
     return [name.lower() for name in _names(value)]
 
 
+def _gpus(value: Any) -> list[str]:
+    """GPUs by index or UUID: `[1]` or `[0, GPU-5d1c...]` in YAML (an index is a number
+    there), `0,GPU-5d1c...` in the environment. Kept as text, an index as its digits,
+    which is how `agent.owner` compares them."""
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = [value]  # `reserve_gpus: 1`: one GPU
+    wrong = "must be a list of GPU indexes (0, 1) or UUIDs"
+    if not isinstance(value, list | tuple):
+        raise ValueError(wrong)
+    gpus = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | str) or not str(item).strip():
+            raise ValueError(wrong)
+        if isinstance(item, int) and item < 0:
+            raise ValueError(f"{item} is not a GPU index (they start at 0)")
+        gpus.append(str(item).strip())
+    if len(gpus) > _MOST_ENTRIES:
+        raise ValueError(f"must be at most {_MOST_ENTRIES} entries")
+    return gpus
+
+
 def _uuid(value: Any) -> UUID:
     if isinstance(value, UUID):
         return value
@@ -332,7 +355,7 @@ class AgentSettings:
     # keeps, programs that clear Chiffon off the GPU they use, and what the owner's return
     # clears (every GPU, or only those their programs use).
     schedule: str | None = field(default=None, metadata=_check(_optional(_schedule)))
-    reserve_gpus: list[str] = field(default_factory=list, metadata=_check(_names))
+    reserve_gpus: list[str] = field(default_factory=list, metadata=_check(_gpus))
     exclusive_apps: list[str] = field(default_factory=list, metadata=_check(_lower_names))
     on_owner_return: str = field(
         default="vacate_all", metadata=_check(_one_of("vacate_all", "vacate_used_gpus"))

@@ -31,7 +31,7 @@ import psutil
 from chiffon.agent.bounded import in_daemon_thread
 from chiffon.agent.owner import SAID, Decision, GpuSeen, OwnerPolicy, decide, parse_schedule
 from chiffon.agent.report import GpuReading, Snapshot
-from chiffon.agent.runner import Assignment, Ended, JobRun, Ladder, end_orphans
+from chiffon.agent.runner import Assignment, CannotStart, Ended, JobRun, Ladder, end_orphans
 from chiffon.backoff import Backoff
 from chiffon.schemas.limits import clean_text
 from chiffon.transport.base import TransportError
@@ -54,6 +54,10 @@ LOG_SHIP_INTERVAL_SECONDS = 0.25  # a line reaches `chiffon logs -f` within abou
 # Output further behind than this is skipped (it stays in the log file on the desktop):
 # the orchestrator keeps only a tail anyway.
 LOG_MOST_BEHIND_BYTES = 4 * 1024 * 1024
+# The longest log path a start report carries (schemas.jobs.LOG_PATH_MAX_CHARS: the agent
+# does not load pydantic); a longer one is left out of the report.
+LOG_PATH_MAX_CHARS = 4096
+DETAIL_MAX_CHARS = 1000  # a report's `detail` (api.routes_work.AttemptReport)
 POLL_WAIT_SECONDS = 25.0
 # How often a running attempt asks whether it is still the job's current one: a desktop
 # cut off long enough to be judged offline finds, once back, that its job was placed again
@@ -476,8 +480,10 @@ class WorkLoop:
                      ladder=self.settings.ladder)  # fmt: skip
         try:
             await run.start()
-        except OSError as exc:  # no such program, a workdir that is not there: its failure
-            await self._say_end(key, _ended("exit", f"cannot start: {exc}", exit_code=127))
+        except (CannotStart, OSError) as exc:  # no such program, a workdir that is not
+            # there: it fails without an exit code (it never ran); the orchestrator adds where
+            why = str(exc) if isinstance(exc, CannotStart) else f"it could not be started ({exc})"
+            await self._say_end(key, _ended("exit", why))
             return True
         self._runs[key] = run
         self._spawn(self._follow(key, run))
@@ -511,7 +517,7 @@ class WorkLoop:
         shipping = asyncio.create_task(self._ship(key, run))
         watching = asyncio.create_task(self._watch(key, run))
         try:
-            verdict = await self._say(*key, {"kind": "started"})
+            verdict = await self._say(*key, _started(run))
             if verdict == "stale":  # placed again elsewhere meanwhile: end this one
                 await self._not_current(key, run)
             ended = await run.wait()
@@ -619,7 +625,20 @@ def _read_at(path: Path, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
+def _started(run: JobRun) -> dict[str, Any]:
+    """The start's report: with where the attempt's whole output is on this desktop, when
+    the orchestrator would take the path (an absolute one, of printable characters, within
+    its bound); else without it, as an older agent says it."""
+    said: dict[str, Any] = {"kind": "started"}
+    path = str(run.log_path.absolute())
+    if len(path) <= LOG_PATH_MAX_CHARS and clean_text(path) == path:
+        said["log_path"] = path
+    return said
+
+
 def _ended(outcome: str, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
+    # within what the orchestrator takes (a path in it may hold any character but NUL)
+    detail = clean_text(detail)[:DETAIL_MAX_CHARS]
     return {"kind": "ended", "outcome": outcome, "exit_code": exit_code, "detail": detail}
 
 

@@ -55,8 +55,8 @@ async def list_jobs(
     """Jobs, newest first."""
     rows = await repo.list_jobs(session, state=state, agent_id=agent_id, limit=limit)
     names = await repo.agent_names(session, agent_ids=[row.agent_id for row in rows])
-    gpus = await repo.current_gpus(session, jobs=rows)
-    return [views.job(row, names, gpus) for row in rows]
+    current = await repo.current_attempts(session, jobs=rows)
+    return [views.job(row, names, current) for row in rows]
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses=_ERRORS)
@@ -66,7 +66,8 @@ async def show(job_id: JobIdDep, session: SessionDep) -> JobDetail:
     attempts, events = await repo.history(session, job_id=job_id)
     ids = [job.agent_id, *(a.agent_id for a in attempts)]
     names = await repo.agent_names(session, agent_ids=ids)
-    return views.job_detail(job, attempts, events, names)
+    cut = await repo.log_bytes_cut(session, job_id=job_id)
+    return views.job_detail(job, attempts, events, names, cut)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=_ERRORS)
@@ -102,7 +103,7 @@ async def logs(
 async def _view(session: AsyncSession, job_id: uuid.UUID) -> JobView:
     job = await _job(session, job_id)
     names = await repo.agent_names(session, agent_ids=[job.agent_id])
-    return views.job(job, names, await repo.current_gpus(session, jobs=[job]))
+    return views.job(job, names, await repo.current_attempts(session, jobs=[job]))
 
 
 async def _job(session: AsyncSession, job_id: uuid.UUID) -> JobRow:

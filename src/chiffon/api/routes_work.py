@@ -21,6 +21,7 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas import limits
 from chiffon.schemas.api import ErrorDetail
 from chiffon.schemas.heartbeat import RejectedMessage
+from chiffon.schemas.jobs import LOG_PATH_MAX_CHARS
 from chiffon.transport.auth import ProofUnavailableError
 
 router = APIRouter(prefix="/api/v1", tags=["work"])
@@ -35,6 +36,15 @@ class Orders(BaseModel):
     orders: list[SignedOrder]
 
 
+# Absolute, and printable as the rest of a report's text (limits.TEXT_PATTERN's characters).
+LogPath = Annotated[
+    str,
+    Field(
+        min_length=2,
+        max_length=LOG_PATH_MAX_CHARS,
+        pattern=f"^/{limits.TEXT_PATTERN.removeprefix('^')}",
+    ),
+]
 GpuId = Annotated[str, Field(min_length=1, max_length=160, pattern=limits.TEXT_PATTERN)]
 VramByGpu = Annotated[
     dict[GpuId, Annotated[float, Field(ge=0, le=limits.GPU_GB_MAX)]], Field(max_length=64)
@@ -48,7 +58,11 @@ class AttemptReport(BaseModel):
 
     kind: Literal["started", "ended", "usage", "alive"]
     outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"] | None = None
-    exit_code: Annotated[int, Field(ge=-255, le=255)] | None = None
+    exit_code: Annotated[int, Field(ge=-255, le=255)] | None = Field(
+        None,
+        description="ended, outcome `exit`: the exit status; null with no `signal`: the "
+        "program never started (`detail` says why)",
+    )
     signal: Annotated[int, Field(ge=1, le=128)] | None = None
     detail: Annotated[str, Field(max_length=1000, pattern=limits.TEXT_PATTERN)] = ""
     runtime_seconds: Annotated[float, Field(ge=0, le=1e9)] | None = None
@@ -56,6 +70,11 @@ class AttemptReport(BaseModel):
         None, description="usage: VRAM its processes hold now, by GPU id"
     )
     peak_vram_gb: VramByGpu | None = Field(None, description="ended: the most they held")
+    log_path: LogPath | None = Field(
+        None,
+        description="started: the absolute path of the attempt's whole output on the "
+        "desktop (older agents leave it out)",
+    )
 
 
 class AttemptVerdict(BaseModel):
@@ -126,7 +145,9 @@ async def attempt_report(
     if said.kind == "ended" and said.outcome is None:
         raise HTTPException(422, "outcome: an ended attempt says how it ended")
     vram = said.vram_gb if said.kind == "usage" else said.peak_vram_gb
-    report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail, vram)
+    log_path = said.log_path if said.kind == "started" else None
+    report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail, vram,
+                    log_path)  # fmt: skip
     verdict = await orchestrator.report_attempt(agent_id, job_id, attempt, report)
     return AttemptVerdict(verdict=verdict)
 

@@ -18,7 +18,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from chiffon.cli.common import CliError, console, err_console, plain, setup_logging
+from chiffon.cli.common import (
+    DEBUG_HELP,
+    CliError,
+    console,
+    err_console,
+    plain,
+    setup_logging,
+)
 from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
@@ -122,24 +129,29 @@ def probe(
     config: Path = CONFIG_OPTION,
 ) -> None:
     """One snapshot of this machine: CPU, memory and every GPU the agent can see."""
-    import uuid
-
-    from chiffon.agent.work import WorkLoop
-
     settings = load(config, {"gpu_detection_timeout_seconds": gpu_timeout}).settings
     collector = new_collector(settings)
     try:
-        res = collector.collect()
+        res = decided(settings, collector.collect())
     finally:
         collector.close()
-    # What the agent would decide now under this policy (no job runs: all use is foreign).
-    seeing = WorkLoop(work_settings(settings), agent_id=uuid.uuid4(), secret="-",
-                      channel=_NoChannel(), fresh=_no_fresh)  # fmt: skip
-    res = seeing.observe(res)
     if as_json:
         typer.echo(json.dumps(res.as_json(), indent=2))
     else:
         console.print(resources_table(res, collector.owner_idle_unknown_because))
+
+
+def decided(settings: AgentSettings, res: Snapshot) -> Snapshot:
+    """`res` with what the agent would decide now under its owner's policy, per GPU and
+    for the desktop (`jobs_withheld`: `root` when it runs as root and may not run jobs as
+    root). No job runs: all use is foreign."""
+    import uuid
+
+    from chiffon.agent.work import WorkLoop
+
+    seeing = WorkLoop(work_settings(settings), agent_id=uuid.uuid4(), secret="-",
+                      channel=_NoChannel(), fresh=_no_fresh)  # fmt: skip
+    return seeing.observe(res)
 
 
 class _NoChannel:
@@ -453,6 +465,7 @@ def agent(
         False, "--print-config", help="Show the effective settings and where each came from."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run the agent: a heartbeat at start (registration), then every interval; with
     --accept-jobs it also runs jobs."""
@@ -480,7 +493,7 @@ def agent(
     if show_config:
         print_config(loaded)
         return
-    setup_logging(verbose)
+    setup_logging(verbose, debug=debug or None)
     _warn_secrets_in_argv(enroll_token, amqp_url)
     settings = loaded.settings
     identity = identity_of(settings)

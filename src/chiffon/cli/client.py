@@ -1,16 +1,17 @@
-"""A small client of the orchestrator's REST API, for the read commands."""
+"""Where the commands find the orchestrator and its token, and the one client they use."""
 
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import httpx
+from chiffon.cli.common import EXIT_FAILED, EXIT_USAGE, CliError
 
-from chiffon.cli.common import EXIT_USAGE, CliError
+if TYPE_CHECKING:  # imported on use: httpx stays out of the agent's process
+    from chiffon.client import ChiffonError, Client
 
 DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8700"
 
@@ -53,61 +54,32 @@ def api_token() -> str | None:
     return default_token(data_dir())
 
 
-class ApiClient:
-    def __init__(self, base_url: str, *, timeout_seconds: float = 5.0) -> None:
-        self.base_url = base_url
-        token = api_token()
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url, timeout=timeout_seconds, headers=headers)
+@contextmanager
+def connect(url: str | None) -> Iterator[Client]:
+    """The one HTTP client of every command (`chiffon.client.Client`), whose errors are one
+    line: a refusal the user can fix (a 4xx, an unknown agent or job) is a usage error
+    (exit 2); an unreachable or failing orchestrator exit 1."""
+    from chiffon.client import ChiffonError, Client
 
-    def close(self) -> None:
-        self._http.close()
-
-    def get(self, path: str, **params: Any) -> Any:
-        query = {k: v for k, v in params.items() if v is not None}
-        return self._check(lambda: self._http.get(f"/api/v1{path}", params=query))
-
-    def delete(self, path: str) -> None:
-        self._check(lambda: self._http.delete(f"/api/v1{path}"))
-
-    def _check(self, send: Callable[[], httpx.Response]) -> Any:
-        try:
-            resp = send()
-        except httpx.HTTPError as exc:
-            raise CliError(
-                f"cannot reach the orchestrator at {self.base_url} ({type(exc).__name__}); "
-                "is it running? (set CHIFFON_ORCHESTRATOR_URL or --orchestrator-url)"
-            ) from None
-        if resp.status_code == 401:
-            raise CliError(
-                f"{_detail(resp)} (HTTP 401): set CHIFFON_API_TOKEN to the orchestrator's API "
-                "token (`chiffon up` keeps it in ~/.chiffon/api_token)"
-            )
-        if resp.status_code >= 400:
-            # A request the orchestrator found wrong is the user's to fix (usage); a 5xx
-            # is the orchestrator's failure.
-            code = EXIT_USAGE if resp.status_code < 500 else 1
-            raise CliError(f"{_detail(resp)} (HTTP {resp.status_code})", code=code)
-        return resp.json() if resp.content else None
-
-    def resolve(self, ref: str) -> str:
-        """An agent id from a UUID, a unique id prefix (as `chiffon agents` shows) or a name."""
-        try:
-            return str(uuid.UUID(ref))
-        except ValueError:
-            pass
-        agents = self.get("/agents")
-        hits = [a for a in agents if a["agent_id"].startswith(ref.lower()) or a["name"] == ref]
-        if len(hits) == 1:
-            return str(hits[0]["agent_id"])
-        if not hits:
-            raise CliError(f"no agent has the id, id prefix or name {ref!r}", code=EXIT_USAGE)
-        raise CliError(f"{ref!r} matches {len(hits)} agents; give more of the id", code=EXIT_USAGE)
-
-
-def _detail(resp: httpx.Response) -> str:
+    c = Client(orchestrator_url(url), token=api_token())
     try:
-        detail = resp.json().get("detail")
-    except ValueError:
-        detail = None
-    return str(detail) if detail else resp.reason_phrase
+        yield c
+    except ChiffonError as exc:
+        raise cli_error(exc) from None
+    except LookupError as exc:
+        raise CliError(str(exc.args[0]), code=EXIT_USAGE) from None
+    finally:
+        c.close()
+
+
+def cli_error(exc: ChiffonError) -> CliError:
+    if exc.status is None:
+        return CliError(f"{exc} (set CHIFFON_ORCHESTRATOR_URL or --orchestrator-url)")
+    if exc.status == 401:
+        return CliError(
+            f"{exc}: set CHIFFON_API_TOKEN to the orchestrator's API token "
+            "(`chiffon up` keeps it in ~/.chiffon/api_token)"
+        )
+    # A request the orchestrator found wrong is the user's to fix (usage); a 5xx is the
+    # orchestrator's failure.
+    return CliError(str(exc), code=EXIT_USAGE if exc.status < 500 else EXIT_FAILED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -20,7 +21,7 @@ from chiffon.schemas.limits import clean_text
 from chiffon.schemas.metrics import BOUNDS, Bound
 
 if TYPE_CHECKING:
-    from chiffon.cli.client import ApiClient
+    from chiffon.client import Client
 
 URL_OPTION = typer.Option(
     None,
@@ -44,11 +45,11 @@ def _selector(items: list[str] | None) -> list[str] | None:
 agents_app = typer.Typer(help="List agents (default) or manage one.", no_args_is_help=False)
 
 
-def api_client(url: str | None) -> ApiClient:
+def connect(url: str | None) -> contextlib.AbstractContextManager[Client]:
     """Imported on use: httpx stays out of the agent's process, which shares this CLI."""
-    from chiffon.cli.client import ApiClient, orchestrator_url
+    from chiffon.cli.client import connect as connect_to
 
-    return ApiClient(orchestrator_url(url))
+    return connect_to(url)
 
 
 def ago(seconds: float | None) -> str:
@@ -208,10 +209,24 @@ def agents(
         raise CliError(f"-o/--output must be wide, not {output!r}", code=EXIT_USAGE)
     wide = output == "wide"
     labels = _selector(selector)
-    client = api_client(url)
+    with connect(url) as client:
+        _list_agents(client, status, pool, labels, as_json=as_json, wide=wide,
+                     watch=watch, interval=interval)  # fmt: skip
 
+
+def _list_agents(
+    client: Client,
+    status: str | None,
+    pool: str | None,
+    labels: list[str] | None,
+    *,
+    as_json: bool,
+    wide: bool,
+    watch: bool,
+    interval: float,
+) -> None:
     def fetch() -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = client.get(
+        result: list[dict[str, Any]] = client.get_json(
             "/agents", status=status, pool_name=pool, label=labels
         )
         return result
@@ -236,9 +251,9 @@ def agents(
 
 def _act_on(url: str | None, agent: str, path: str, done: str) -> None:
     """DELETE `path` for one agent (id, id prefix or name), then say `done`."""
-    client = api_client(url)
-    agent_id = client.resolve(agent)
-    client.delete(path.format(id=agent_id))
+    with connect(url) as client:
+        agent_id = client.resolve_agent(agent)
+        client.delete(path.format(id=agent_id))
     console.print(done.format(id=agent_id), highlight=False)
 
 
@@ -284,7 +299,7 @@ def unban(
     )  # fmt: skip
 
 
-def _none_listed(client: ApiClient, status: str | None, pool: str | None) -> Text:
+def _none_listed(client: Client, status: str | None, pool: str | None) -> Text:
     """Why the list is empty: nothing registered, or nothing matching the filters."""
     if status is None and pool is None:
         return plain("no agents registered yet")
@@ -292,13 +307,13 @@ def _none_listed(client: ApiClient, status: str | None, pool: str | None) -> Tex
         return plain(unknown)
     what = " ".join(x for x in (status, "agents") if x)
     where = f" in pool {pool!r}" if pool else ""
-    total = len(client.get("/agents"))
+    total = len(client.get_json("/agents"))
     return plain(f"no {what}{where} ({total} registered in all)")
 
 
-def _unknown_pool(client: ApiClient, pool: str) -> str | None:
+def _unknown_pool(client: Client, pool: str) -> str | None:
     """A sentence naming the pools there are, when `pool` is not one of them."""
-    pools = [p["pool_name"] for p in client.get("/fleet/summary")["pools"]]
+    pools = [p["pool_name"] for p in client.get_json("/fleet/summary")["pools"]]
     if pool in pools:
         return None
     return f"no agent is in pool {pool!r} (pools: {', '.join(pools) or 'none yet'})"
@@ -333,11 +348,11 @@ def closest(rows: list[dict[str, Any]], wanted: dict[str, float]) -> str | None:
 
 
 def _why_none(
-    client: ApiClient, pool: str | None, labels: list[str] | None, wanted: dict[str, float]
+    client: Client, pool: str | None, labels: list[str] | None, wanted: dict[str, float]
 ) -> str:
     if pool is not None and (unknown := _unknown_pool(client, pool)):
         return unknown
-    candidates = client.get("/agents/available-capacity", pool_name=pool, label=labels)
+    candidates = client.get_json("/agents/available-capacity", pool_name=pool, label=labels)
     if labels and not candidates:
         return f"no online agent has the labels {', '.join(labels)}"
     near = closest(candidates, wanted)
@@ -386,9 +401,20 @@ def capacity(
     Exit status 3 when no agent can take the work (so a script can wait on it), 2 for a
     usage error, 1 when the orchestrator cannot be asked.
     """
-    client = api_client(url)
+    with connect(url) as client:
+        _capacity(client, agent, selector, pool, as_json, bounds)
+
+
+def _capacity(
+    client: Client,
+    agent: str | None,
+    selector: list[str] | None,
+    pool: str | None,
+    as_json: bool,
+    bounds: dict[str, float | None],
+) -> None:
     if agent is not None:
-        one = client.get(f"/agents/{client.resolve(agent)}/capacity")
+        one = client.get_json(f"/agents/{client.resolve_agent(agent)}/capacity")
         if as_json:
             _print_json(one)
         else:
@@ -396,7 +422,7 @@ def capacity(
         return
     wanted = {name: value for name, value in bounds.items() if value is not None}
     labels = _selector(selector)
-    rows = client.get("/agents/available-capacity", **wanted, pool_name=pool, label=labels)
+    rows = client.get_json("/agents/available-capacity", **wanted, pool_name=pool, label=labels)
     if as_json:
         _print_json(rows)
     elif rows:
@@ -414,13 +440,13 @@ def events(
     url: str = URL_OPTION,
 ) -> None:
     """Status history, newest first: when agents went online or offline, and why."""
-    client = api_client(url)
-    agent_id = None if agent is None else client.resolve(agent)
-    rows = client.get("/events", agent_id=agent_id, limit=limit)
-    if as_json:
-        _print_json(rows)
-        return
-    names = {a["agent_id"]: a["name"] for a in client.get("/agents")}
+    with connect(url) as client:
+        agent_id = None if agent is None else client.resolve_agent(agent)
+        rows = client.get_json("/events", agent_id=agent_id, limit=limit)
+        if as_json:
+            _print_json(rows)
+            return
+        names = {a["agent_id"]: a["name"] for a in client.get_json("/agents")}
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("WHEN", "AGENT", "FROM", "TO", "WHY"):
         table.add_column(column, no_wrap=True)
@@ -439,7 +465,8 @@ def events(
 
 def status(as_json: bool = JSON_OPTION, url: str = URL_OPTION) -> None:
     """The fleet at a glance, like `ray status`: agents, cores, GPUs and VRAM by pool."""
-    summary = api_client(url).get("/fleet/summary")
+    with connect(url) as client:
+        summary = client.get_json("/fleet/summary")
     if as_json:
         _print_json(summary)
         return

@@ -8,12 +8,15 @@ pipe gets only the job's output; it exits with the job's exit status.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shlex
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +27,13 @@ from rich.text import Text
 from chiffon.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, console, err_console, plain
 
 if TYPE_CHECKING:
-    from chiffon.client import Client
-    from chiffon.schemas.jobs import JobAccepted, JobDetail, JobView
+    from chiffon.client import Client, LogCursor
+    from chiffon.schemas.jobs import JobAccepted, JobAttempt, JobDetail, JobLog, JobView
+
+Shield = Callable[[], AbstractContextManager[None]]
+RAW_OPTION = typer.Option(
+    False, "--raw", help="Write the job's output as it is, control sequences included."
+)
 
 URL_OPTION = typer.Option(
     None,
@@ -62,24 +70,11 @@ def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
     return found
 
 
-@contextmanager
-def client(url: str | None) -> Iterator[Client]:
-    """A client whose errors are one line: a refusal the user can fix is a usage error
-    (exit 2), an unreachable or failing orchestrator exit 1."""
-    from chiffon.cli.client import orchestrator_url
-    from chiffon.client import ChiffonError, Client
+def client(url: str | None) -> AbstractContextManager[Client]:
+    """The one client every command uses: its errors are one line (cli.client.connect)."""
+    from chiffon.cli.client import connect
 
-    c = Client(orchestrator_url(url))
-    try:
-        yield c
-    except ChiffonError as exc:
-        if exc.status == 401:
-            raise CliError(f"{exc}: set CHIFFON_API_TOKEN to the orchestrator's API token "
-                           "(`chiffon up` keeps it in ~/.chiffon/api_token)") from None  # fmt: skip
-        code = EXIT_USAGE if exc.status is not None and exc.status < 500 else EXIT_FAILED
-        raise CliError(str(exc), code=code) from None
-    finally:
-        c.close()
+    return connect(url)
 
 
 def resolve(c: Client, ref: str) -> uuid.UUID:
@@ -98,7 +93,9 @@ def resolve(c: Client, ref: str) -> uuid.UUID:
 
 def say(message: str) -> None:
     """Chiffon's own words during `run`: on stderr, the job's output owns stdout."""
-    err_console.print(Text.assemble(("chiffon: ", "dim"), plain(message)), highlight=False)
+    line = Text.assemble(("chiffon: ", "dim"), plain(message))
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        err_console.print(line, highlight=False, soft_wrap=True)
 
 
 def where(job: JobDetail | JobView) -> str:
@@ -135,12 +132,16 @@ def run(
         False, "--spread", help="The most free VRAM first (default: the best fit)."
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Print the job id and return."),
+    raw: bool = RAW_OPTION,
     url: str = URL_OPTION,
 ) -> None:
     """Run a command once on a desktop with room for it; follow its output to its exit.
+    Ctrl-C, SIGTERM or SIGHUP (the terminal closed) cancels the job, as with srun.
 
     Example: chiffon run --gpus 1 --vram 8 --cores 2 -- python train.py --epochs 3
     """
+    from chiffon.client import Interrupted, interruptible
+
     spec = {
         "gpus": gpus, "vram_gb": vram, "cpu_cores": cores, "memory_gb": memory, "pool": pool,
         "labels": _pairs(label, "--label"), "gpu_vendor": gpu_vendor, "name": name,
@@ -148,29 +149,61 @@ def run(
         "retry_on_exit": retry_on_exit, "policy": "spread" if spread else "best_fit",
         "timeout_seconds": parse_duration(timeout, "--timeout") if timeout else None,
     }  # fmt: skip
-    with client(url) as c:
-        accepted = _submit(c, command, spec)
+    with client(url) as c, interruptible() as shield:
+        accepted, signum = None, 0
+        try:
+            with shield():  # a signal now waits for the job's id, so it can be cancelled
+                accepted = _submit(c, command, spec)
+        except Interrupted as exc:
+            signum = exc.signum
+        if accepted is None:
+            raise typer.Exit(128 + signum)
         job = accepted.job
         if accepted.warning:
             err_console.print(f"warning: {accepted.warning}", highlight=False, style="yellow")
-        if detach:
+        if detach and not signum:
             typer.echo(job.job_id)
             return
         say(f"job {job.job_id} queued")
+        out = Output(c, job.job_id, raw=raw)
         try:
-            final = follow(c, job.job_id)
-        except KeyboardInterrupt:
-            say(f"Ctrl-C: cancelling job {job.job_id} (it gets its grace period to end)")
-            c.cancel(job.job_id)
-            try:
-                final = follow(c, job.job_id, placed=True)
-            except KeyboardInterrupt:
-                say("left it to end by itself (cancelled)")
-                raise typer.Exit(EXIT_CANCELLED) from None
+            if signum:
+                raise Interrupted(signum)
+            final = follow(c, job.job_id, out, shield)
+        except Interrupted as exc:
+            final = _cancel(c, job.job_id, exc.signum, out, shield)
     if final.state != "succeeded":
         why = "" if final.reason in ("", final.state) else f": {final.reason}"
         say(f"job {final.job_id} {final.state}{why}")
     raise typer.Exit(exit_status(final))
+
+
+def _cancel(c: Client, job_id: uuid.UUID, signum: int, out: Output, shield: Shield) -> JobDetail:
+    """Cancel the job on a signal, as srun does. After Ctrl-C, go on showing its output
+    until it has ended (a second Ctrl-C leaves it to end alone); after SIGTERM or SIGHUP
+    (the terminal is gone), exit at once with 128 + the signal."""
+    from chiffon.client import Interrupted
+
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    say(f"{name}: cancelling job {job_id} (it gets its grace period to end)")
+    c.cancel(job_id)
+    if signum != signal.SIGINT:
+        raise typer.Exit(128 + signum)
+    try:
+        return follow(c, job_id, out, shield)
+    except Interrupted:
+        say("left it to end by itself (cancelled)")
+        raise typer.Exit(EXIT_CANCELLED) from None
+
+
+# The command line's words for the fields of a job (a refusal names the flag to fix).
+_FLAGS = {
+    "workdir": "--workdir", "timeout_seconds": "--timeout", "name": "--name", "env": "--env",
+    "command": "the command", "retries": "--retries", "requirements.gpus": "--gpus",
+    "requirements.vram_gb": "--vram", "requirements.cpu_cores": "--cores",
+    "requirements.memory_gb": "--memory", "requirements.pool": "--pool",
+    "requirements.labels": "--label", "requirements.gpu_vendor": "--gpu-vendor",
+}  # fmt: skip
 
 
 def _submit(c: Client, command: list[str], spec: dict[str, Any]) -> JobAccepted:
@@ -180,31 +213,81 @@ def _submit(c: Client, command: list[str], spec: dict[str, Any]) -> JobAccepted:
         return c.submit(command, **spec)
     except ValidationError as exc:  # checked here before it is sent, as the server would
         first = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "job"
-        raise CliError(f"{field}: {first['msg']}", code=EXIT_USAGE) from None
+        field = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "job"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        flag = _FLAGS.get(field, field)
+        name = field.rpartition(".")[2]
+        said = flag + message[len(name) :] if message.startswith(f"{name} ") else None
+        raise CliError(said or f"{flag}: {message}", code=EXIT_USAGE) from None
 
 
-def follow(c: Client, job_id: uuid.UUID, *, placed: bool = False) -> JobDetail:
-    """Say why it waits and where it lands, write its output as it comes, and return the
-    job once it has ended."""
-    said_reason, landed = "", 0
-    while not placed:
+class Output:
+    """Where `run` and `logs` write a job's output: stdout, byte for byte when it is a
+    pipe or a file, made harmless for a terminal (cli/terminal.py) unless `raw`. Bytes the
+    orchestrator no longer kept are said on stderr with their count and where the whole
+    log is. `cursor` is what has been written: a reader interrupted goes on from there."""
+
+    def __init__(self, c: Client, job_id: uuid.UUID, *, raw: bool = False) -> None:
+        from chiffon.cli.terminal import TerminalSafe
+        from chiffon.client import LogCursor
+
+        self._client, self._job_id = c, job_id
+        self._safe = None if raw or not sys.stdout.isatty() else TerminalSafe()
+        self.cursor = LogCursor()
+
+    def write(self, piece: JobLog) -> None:
+        if piece.skipped_bytes:
+            self._skipped(piece)
+        data = piece.data if self._safe is None else self._safe.feed(piece.data)
+        sys.stdout.buffer.write(data.encode())
+        sys.stdout.flush()
+        self.cursor.attempt, self.cursor.offset = piece.attempt, piece.next_offset
+
+    def close(self) -> None:
+        """Write what the terminal filter held back (an unfinished escape sequence)."""
+        if self._safe is not None and (rest := self._safe.flush()):
+            sys.stdout.buffer.write(rest.encode())
+            sys.stdout.flush()
+
+    def resume(self) -> LogCursor:
+        """A reading cursor from what has been written."""
+        from chiffon.client import LogCursor
+
+        return LogCursor(self.cursor.attempt, self.cursor.offset)
+
+    def _skipped(self, piece: JobLog) -> None:
+        job = self._client.get(self._job_id)
+        attempt = next((a for a in job.attempts if a.attempt == piece.attempt), None)
+        desktop = attempt and (attempt.agent_name or str(attempt.agent_id)[:8])
+        path = getattr(attempt, "log_path", None)
+        where = f"on {desktop} at {path}" if path else f"on {desktop or 'its desktop'}"
+        say(f"{piece.skipped_bytes:,} bytes of output skipped: the orchestrator keeps only "
+            f"the newest part of a log; the whole log is {where}")  # fmt: skip
+
+
+def follow(c: Client, job_id: uuid.UUID, out: Output, shield: Shield) -> JobDetail:
+    """Say why it waits and where it lands, write its output as it comes (from where `out`
+    stopped), and return the job once it has ended."""
+    said_reason, landed = "", out.cursor.attempt or 0
+    while not landed:
         job = c.get(job_id)
         if job.state != "queued":
-            if job.state in ("assigned", "running"):
-                say(f"running on {where(job)}")
+            if job.agent_id is not None:  # placed (and maybe already over: a quick job)
+                say(f"{'running' if job.state in ('assigned', 'running') else 'ran'} "
+                    f"on {where(job)}")  # fmt: skip
                 landed = job.attempt
             break
         if job.reason and job.reason != said_reason:
             say(f"waiting: {job.reason}")
             said_reason = job.reason
         time.sleep(0.2)
-    for piece in c.logs(job_id, follow=True):
-        if piece.attempt > landed and not placed:  # placed again: a retry
-            landed = piece.attempt
-            say(f"attempt {piece.attempt} running on {where(c.get(job_id))}")
-        sys.stdout.write(piece.data)
-        sys.stdout.flush()
+    for piece in c.logs(job_id, follow=True, cursor=out.resume()):
+        with shield():  # a signal waits until the piece is written and counted
+            if piece.attempt > max(landed, 1):  # placed again: a retry
+                say(f"placed again: attempt {piece.attempt} running on {where(c.get(job_id))}")
+            landed = max(landed, piece.attempt)
+            out.write(piece)
+    out.close()
     return c.wait(job_id)
 
 
@@ -219,14 +302,21 @@ def _age(at: datetime | None, until: datetime | None = None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _runtime(j: JobView) -> str:
+    """How long its current attempt has run (to its end, or until now)."""
+    if j.started_at is None:
+        return ""
+    return _age(j.started_at, j.ended_at)
+
+
 def jobs_table(rows: list[JobView]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("JOB", "NAME", "STATE", "AGENT", "AGE", "EXIT", "REASON"):
+    for column in ("JOB", "NAME", "STATE", "AGENT", "AGE", "RUNTIME", "EXIT", "REASON"):
         table.add_column(column, overflow="fold" if column == "REASON" else "ellipsis")
     for j in rows:
         table.add_row(
             str(j.job_id)[:8], plain(j.name or ""), j.state, plain(j.agent_name or ""),
-            _age(j.submitted_at, j.ended_at), "" if j.exit_code is None else str(j.exit_code),
+            _age(j.submitted_at), _runtime(j), "" if j.exit_code is None else str(j.exit_code),
             plain(j.reason),
         )  # fmt: skip
     return table
@@ -259,9 +349,8 @@ def jobs(
 
 
 def _agent_id(url: str | None, ref: str) -> str:
-    from chiffon.cli.client import ApiClient, orchestrator_url
-
-    return ApiClient(orchestrator_url(url)).resolve(ref)
+    with client(url) as c:
+        return c.resolve_agent(ref)
 
 
 @jobs_app.command("show")
@@ -279,10 +368,7 @@ def show(
     console.print(detail_table(detail))
 
 
-def detail_table(j: JobDetail) -> Table:
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column("what", style="bold")
-    table.add_column("value", overflow="fold")
+def _wants(j: JobDetail) -> str:
     r = j.requirements
     wants = [f"{r.gpus} GPU" + ("s" if r.gpus > 1 else "")
              + (f" x {r.vram_gb:g} GB free" if r.vram_gb else "")] if r.gpus else []  # fmt: skip
@@ -290,13 +376,37 @@ def detail_table(j: JobDetail) -> Table:
     wants += [f"{r.memory_gb:g} GB memory"] if r.memory_gb else []
     wants += [f"pool {r.pool}"] if r.pool else []
     wants += [f"{k}={v}" for k, v in r.labels.items()]
+    return ", ".join(wants) or "nothing in particular"
+
+
+def _attempt_line(a: JobAttempt) -> str:
+    how = a.state if a.reason in ("", a.state) else f"{a.state}, {a.reason}"
+    gpus = f" GPUs {', '.join(a.gpu_uuids)}" if a.gpu_uuids else ""
+    peak = a.peak_vram_gb or {}
+    most = f"; peak VRAM {', '.join(f'{g} {gb:g} GB' for g, gb in peak.items())}" if peak else ""
+    line = f"{a.agent_name or a.agent_id}{gpus}: {how}{most}"
+    if a.log_path:
+        cut = f" ({a.log_bytes_cut:,} bytes at its start no longer kept here)"
+        line += f"; whole log at {a.log_path}" + (cut if a.log_bytes_cut else "")
+    return line.strip()
+
+
+def detail_table(j: JobDetail) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
     active = j.state in ("queued", "assigned", "running")
     rows = [
-        ("job", str(j.job_id)), ("name", j.name or ""), ("command", " ".join(j.command)),
+        ("job", str(j.job_id)), ("name", j.name or ""), ("command", shlex.join(j.command)),
+        ("workdir", j.workdir or ""),
+        ("timeout", f"{j.timeout_seconds:g}s" if j.timeout_seconds else ""),
+        ("env", ", ".join(j.env_names)),
         ("state", j.state + (" (cancel asked)" if j.cancel_requested and active else "")),
         ("waits because" if j.state == "queued" else "reason", j.reason),
-        ("needs", ", ".join(wants) or "nothing in particular"),
+        ("needs", _wants(j)),
         ("on", where(j) if j.agent_id else ""),
+        ("submitted", f"{j.submitted_at:%Y-%m-%d %H:%M:%S} ({_age(j.submitted_at)} ago)"),
+        ("ran for", _runtime(j)),
         ("exit code", "" if j.exit_code is None else str(j.exit_code)),
         ("taken back", f"{j.preemptions}x by a desktop's owner (no retry used)"
                        if j.preemptions else ""),
@@ -305,14 +415,7 @@ def detail_table(j: JobDetail) -> Table:
         if value:
             table.add_row(what, plain(value))
     for a in j.attempts:
-        how = a.state if a.reason in ("", a.state) else f"{a.state}, {a.reason}"
-        gpus = f" GPUs {', '.join(a.gpu_uuids)}" if a.gpu_uuids else ""
-        peak = a.peak_vram_gb or {}
-        most = (
-            f"; peak VRAM {', '.join(f'{g} {gb:g} GB' for g, gb in peak.items())}" if peak else ""
-        )
-        line = f"{a.agent_name or a.agent_id}{gpus}: {how}{most}"
-        table.add_row(f"attempt {a.attempt}", plain(line.strip()))
+        table.add_row(f"attempt {a.attempt}", plain(_attempt_line(a)))
     for e in j.events:
         table.add_row(e.at.strftime("%H:%M:%S"),
                       plain(f"{e.from_state or '-'} -> {e.to_state}: {e.reason}"))  # fmt: skip
@@ -337,18 +440,25 @@ def cancel(
 def logs(
     job: str = typer.Argument(..., help="The job (id or id prefix)."),
     follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing as it runs."),
+    raw: bool = RAW_OPTION,
     url: str = URL_OPTION,
 ) -> None:
     """A job's output (stdout and stderr as they interleaved); the tail the orchestrator
-    keeps, the whole log stays on the desktop."""
+    keeps, the whole log stays on the desktop (`jobs show` says where)."""
     with client(url) as c:
         job_id = resolve(c, job)
+        found = c.get(job_id)
+        if found.state == "queued" and found.attempt == 0:
+            then = ("waiting for it to start (Ctrl-C stops reading; the job stays queued)"
+                    if follow_ else "no output yet (`chiffon logs -f` waits for it)")  # fmt: skip
+            say(f"job {job_id} is queued: {found.reason or 'not yet placed'}; {then}")
+        out = Output(c, job_id, raw=raw)
         try:
             for piece in c.logs(job_id, follow=follow_):
-                sys.stdout.write(piece.data)
-                sys.stdout.flush()
+                out.write(piece)
         except KeyboardInterrupt:
             pass
+        out.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ import typer
 
 from chiffon import __version__
 from chiffon.cli import agent_cmd, fleet_cmd, jobs_cmd, orchestrator_cmd, simulate_cmd, up_cmd
-from chiffon.cli.common import CliError, fail
+from chiffon.cli.common import CliError, fail, set_debug
 
 app = typer.Typer(
     name="chiffon",
@@ -58,9 +58,12 @@ def usage_error(exc: typer.TyperException) -> int:
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv
+    # `--debug` anywhere on chiffon's own part of the line; after `--` it is the job's.
+    own = sys.argv[: sys.argv.index("--")] if "--" in sys.argv else sys.argv
+    debug = "--debug" in own
     if debug:
-        sys.argv.remove("--debug")
+        sys.argv.remove("--debug")  # the first one: chiffon's own
+    set_debug(debug)  # and logging prints tracebacks (cli.common.setup_logging)
     try:
         result = app(standalone_mode=False, prog_name="chiffon")
     except CliError as exc:

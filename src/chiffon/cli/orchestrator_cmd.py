@@ -107,9 +107,12 @@ async def serve(
         await orchestrator.engine.dispose()
         raise CliError(f"cannot reach the registry database: {one_line(exc)}") from None
     app = create_app(orchestrator, manage_lifecycle=False)
+    # log_config=None: uvicorn's errors go through our logging (one line a failure outside
+    # --debug: cli.common.setup_logging), not through handlers of its own.
     config = uvicorn.Config(
-        app, log_level=log_level, access_log=False, http=_request_deadline_protocol()
-    )
+        app, log_level=log_level, access_log=False, http=_request_deadline_protocol(),
+        log_config=None,
+    )  # fmt: skip
     started: list[Companion] = []
     try:
         for companion in companions:

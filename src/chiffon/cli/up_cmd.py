@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING
 import typer
 from rich.text import Text
 
-from chiffon.cli.common import CliError, console, one_line, setup_logging
+from chiffon.cli.common import DEBUG_HELP, CliError, console, one_line, setup_logging
 from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
@@ -148,18 +148,21 @@ def up(
         help="Run jobs submitted with the API token on this machine, as this user.",
     ),
     allow_root_jobs: bool = typer.Option(
-        False, "--allow-root-jobs", help="Run jobs even when started as root."
+        False,
+        "--allow-root-jobs",
+        help="Run jobs as root when started as root (without it, a root `up` runs no job).",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Start everything on this machine: orchestrator, API, dashboard and its own agent."""
-    from chiffon.cli.agent_cmd import identity_of, load, new_collector, resources_table
+    from chiffon.cli.agent_cmd import decided, identity_of, load, new_collector, resources_table
     from chiffon.cli.orchestrator_cmd import bind, build_settings, serve
     from chiffon.cli.secrets import resolve_secrets
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.persistence import db
 
-    setup_logging(verbose)
+    setup_logging(verbose, debug=debug or None)
     settings = build_settings(host=host, port=port, data_dir=data_dir)
     lock = lock_data_dir(settings.data_dir)  # held until this process exits
     # Embedded on purpose: `up` needs no database server, whatever the environment says.
@@ -176,7 +179,7 @@ def up(
     _migrate(url)
     identity = identity_of(agent_settings)
     collector = new_collector(agent_settings)
-    snapshot = collector.collect()
+    snapshot = decided(agent_settings, collector.collect())  # "New jobs": as its agent says
     api = f"http://{settings.host}:{settings.port}"
     token = settings.api_token.get_secret_value()
     # The token rides in the fragment, which the browser never sends; the page keeps it in
@@ -204,7 +207,8 @@ def up(
         )
     elif agent_settings.accept_jobs != "never":
         console.print(
-            "It does not run jobs: started as root (--allow-root-jobs to run them as root).",
+            "It does not run jobs: it was started as root. To run them as root, restart it "
+            "with `chiffon up --allow-root-jobs`; or start it as another user.",
             highlight=False,
         )
     hint = _join_hint(settings.host, settings.port, settings.enroll_token.get_secret_value())

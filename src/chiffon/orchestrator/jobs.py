@@ -42,6 +42,8 @@ class Report:
     detail: str = ""
     # VRAM its processes hold, by GPU id: now ("usage"), or at most ("ended")
     vram_gb: Mapping[str, float] | None = None
+    # "started": where the attempt's whole output is on the desktop (older agents omit it)
+    log_path: str | None = None
 
 
 async def submit(
@@ -90,15 +92,15 @@ async def report(
             return "stale"
         if said.kind == "started":
             if job.state == "assigned":
-                await _start(session, job, now)
+                await _start(session, job, now, log_path=said.log_path)
             return "applied"
         if said.kind == "usage":
             await _record_use(session, job, said.vram_gb or {})
             return "applied"
         if said.kind == "alive":
             return "applied"
-        if job.state == "assigned":  # ended before its start was heard: it did start
-            await _start(session, job, now)
+        if job.state == "assigned" and not never_ran(said):  # ended before its start was
+            await _start(session, job, now)  # heard: it did start
         await _end(session, job, said, now)
         return "applied"
 
@@ -148,7 +150,8 @@ async def log_piece(
     if not done:
         data = data[: utf8_complete(data)]
     return JobLog(job_id=job_id, attempt=n, offset=start, next_offset=start + len(data),
-                  data=data.decode(errors="replace"), done=done)  # fmt: skip
+                  data=data.decode(errors="replace"), done=done,
+                  skipped_bytes=max(0, start - offset))  # fmt: skip
 
 
 def utf8_complete(data: bytes) -> int:
@@ -294,16 +297,21 @@ async def _record_use(session: AsyncSession, job: JobRow, vram_gb: Mapping[str, 
             claim.used_gb = vram_gb.get(claim.resource.removeprefix("gpu:"), 0.0)
 
 
-async def _start(session: AsyncSession, job: JobRow, now: datetime) -> None:
+async def _start(
+    session: AsyncSession, job: JobRow, now: datetime, *, log_path: str | None = None
+) -> None:
     session.add(repo.move(job, "running", reason="started", now=now))
-    await session.execute(_attempt(job, job.attempt).values(state="running", started_at=now))
+    await session.execute(
+        _attempt(job, job.attempt).values(state="running", started_at=now, log_path=log_path)
+    )
 
 
 async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) -> None:
     """End the attempt as `said`, release its claims, and move the job on: to its final
     state, or back to the queue when the attempt was refused, or lost or failed with a
     retry left."""
-    to_state, reason = _next_state(job, said)
+    where = await _agent_named(session, job.agent_id) if never_ran(said) else ""
+    to_state, reason = _next_state(job, said, where)
     attempt = job.attempt
     if said.outcome == "preempted":
         job.preemptions += 1
@@ -326,7 +334,21 @@ async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) 
         job.ended_at, job.exit_code = now, said.exit_code
 
 
-def _next_state(job: JobRow, said: Report) -> tuple[str, str]:
+def never_ran(said: Report) -> bool:
+    """An attempt that exited with neither a code nor a signal: its program could not be
+    started (the detail says why: no such program, no such folder)."""
+    return said.outcome == "exit" and said.exit_code is None and said.signal is None
+
+
+async def _agent_named(session: AsyncSession, agent_id: uuid.UUID | None) -> str:
+    """The agent as a user knows it: its registered name, else its id."""
+    stmt = select(AgentRow.name).where(AgentRow.agent_id == agent_id)
+    name = None if agent_id is None else await session.scalar(stmt)
+    return name or str(agent_id)
+
+
+def _next_state(job: JobRow, said: Report, where: str = "") -> tuple[str, str]:
+    """The job's next state, and why. `where`: the agent's name (for a start failure)."""
     retries_left = job.retries_used < int(job.spec.get("retries", 0))
     detail = f": {said.detail}" if said.detail else ""
     if said.outcome == "refused":
@@ -341,10 +363,14 @@ def _next_state(job: JobRow, said: Report) -> tuple[str, str]:
         return str(said.outcome), said.detail or str(said.outcome)
     if said.exit_code == 0:
         return "succeeded", "exited 0"
-    how = f"exited {said.exit_code}" if said.signal is None else f"killed by signal {said.signal}"
+    how = f"exited {said.exit_code}{detail}"
+    if said.signal is not None:
+        how = f"killed by signal {said.signal}{detail}"
+    elif never_ran(said):  # no made-up exit code: say why, and where
+        how = f"{said.detail or 'it could not be started'} on {where}"
     if job.spec.get("retry_on_exit") and retries_left:
-        return "queued", f"{how}{detail}; retrying"
-    return "failed", f"{how}{detail}"
+        return "queued", f"{how}; retrying"
+    return "failed", how
 
 
 def _attempt_state(said: Report) -> str:

@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import itertools
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,6 +96,9 @@ class Candidate:
     gpus: tuple[GpuLedger, ...] = ()
     # Its reliability record: offline events and preemptions over the last 7 days.
     setbacks: int = 0
+    # Why its desktop takes no new job now, as its heartbeat says (`jobs_withheld`:
+    # `root`, `never`, `owner_active`...; docs/owner.md); None: welcome, or not said.
+    withheld: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,17 +416,23 @@ def _host_fits(want: Requirements, c: Candidate) -> bool:
 
 def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
     """ "no online agent that accepts jobs has 1 GPU with 8 GB free: closest is render-02
-    GPU 0 with 6.1 GB; 2 agents offline; 1 does not accept jobs"."""
+    GPU 0 with 6.1 GB; 2 agents offline; 1 does not accept jobs (its owner is using it)".
+
+    Agents that take no job are counted by the reason their heartbeats give, in words; the
+    one a new user meets first says its fix: "the only agent runs as root and refuses
+    jobs: restart it with `chiffon up --allow-root-jobs` ..."."""
     offline = sum(1 for c in candidates if not c.online)
-    refusing = sum(1 for c in candidates if c.online and not c.accepts_jobs)
+    online = len(candidates) - offline
+    refusing = Counter(c.withheld for c in candidates if c.online and not c.accepts_jobs)
     avoided = sum(1 for c in candidates if c.online and c.agent_id in want.avoid)
     parts = [f"no online agent that accepts jobs{_where(want)} has {_asked(want)}"]
     if (near := _nearest(want, closest(want, candidates))) is not None:
         parts[0] += f": closest is {near}"
     if offline:
         parts.append(f"{offline} agent{'s' if offline != 1 else ''} offline")
-    if refusing:
-        parts.append(f"{refusing} {'does' if refusing == 1 else 'do'} not accept jobs")
+    only = "the only online agent" if offline else "the only agent"
+    for reason, count in sorted(refusing.items(), key=_root_first):
+        parts.append(_refusing(reason, count, only if count == online == 1 else None))
     if avoided:
         parts.append(f"{avoided} avoided (its owner took this job back lately)")
     held = sorted(g.withheld for c in candidates if c.online and c.accepts_jobs
@@ -431,6 +441,40 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
         reasons = ", ".join(sorted(set(held)))
         parts.append(f"{len(held)} GPU{'s' if len(held) != 1 else ''} withheld ({reasons})")
     return "; ".join(parts)
+
+
+# Why online agents take no job, by the reason their heartbeats give (`Candidate.withheld`),
+# for one agent and for several. Root is the one a new user meets first (`chiffon up` as
+# root), so it says the fix.
+_REFUSING: dict[str | None, tuple[str, str]] = {
+    "never": (" (its owner did not opt in: accept_jobs)", " (their owners did not opt in)"),
+    "outside_schedule": (" (outside its owner's schedule)", " (outside their owners' schedules)"),
+    "owner_active": (" (its owner is using it)", " (their owners are using them)"),
+    "owner_unknown": (
+        " (its owner's idle time is unknown, and no schedule is set)",
+        " (their owners' idle time is unknown, and no schedule is set)",
+    ),
+}
+_ROOT_FIX = "`chiffon up --allow-root-jobs` (or `chiffon agent --allow-root-jobs`)"
+
+
+def _root_first(item: tuple[str | None, int]) -> tuple[bool, bool, int, str]:
+    """Root first (it says its fix), reasons not said last, the most common first."""
+    reason, count = item
+    return (reason != "root", reason is None, -count, str(reason))
+
+
+def _refusing(reason: str | None, count: int, only: str | None) -> str:
+    """ "1 does not accept jobs (its owner is using it)"; "the only agent runs as root and
+    refuses jobs: restart it with `chiffon up --allow-root-jobs` ..." (`only`: how to
+    name the one agent there is, when it is the one refusing)."""
+    one = count == 1
+    if reason == "root":
+        who = only or str(count)
+        verbs = "runs as root and refuses" if one else "run as root and refuse"
+        return f"{who} {verbs} jobs: restart {'it' if one else 'them'} with {_ROOT_FIX}"
+    why = _REFUSING.get(reason, ("", ""))[0 if one else 1]
+    return f"{count} {'does' if one else 'do'} not accept jobs{why}"
 
 
 def never_fits(want: Requirements) -> str:

@@ -140,6 +140,7 @@ def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) 
         gpus=tuple(_ledger(g, by_gpu.get(repo.gpu_resource(gpu_id(g)), [])) for g in
                    metrics.get("gpus", [])),
         setbacks=setbacks,
+        withheld=metrics.get("jobs_withheld"),
     )  # fmt: skip
 
 

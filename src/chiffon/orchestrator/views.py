@@ -9,6 +9,7 @@ from uuid import UUID
 
 from sqlalchemy import Row
 
+from chiffon.persistence.jobs import Current
 from chiffon.persistence.models import (
     AgentEventRow,
     AgentRow,
@@ -85,8 +86,12 @@ def event(row: AgentEventRow) -> AgentEvent:
 def job(
     row: JobRow,
     names: Mapping[UUID, str] | None = None,
-    gpus: Mapping[UUID, list[str]] | None = None,
+    current: Mapping[UUID, Current] | None = None,
 ) -> JobView:
+    """`current`: its current attempt, when it has one out or ended on one
+    (`persistence.jobs.current_attempts`). Of its environment, only the names."""
+    now = (current or {}).get(row.job_id) if row.agent_id else None
+    spec = row.spec
     return JobView(
         job_id=row.job_id,
         name=row.name,
@@ -96,14 +101,18 @@ def job(
         preemptions=row.preemptions or 0,
         agent_id=row.agent_id,
         agent_name=(names or {}).get(row.agent_id) if row.agent_id else None,
-        gpu_uuids=(gpus or {}).get(row.job_id, []) if row.agent_id else [],
+        gpu_uuids=now.gpu_uuids if now else [],
         cancel_requested=row.cancel_requested_at is not None,
-        command=row.spec["command"],
-        requirements=row.spec.get("requirements", {}),
+        command=spec["command"],
+        requirements=spec.get("requirements", {}),
         submitted_at=row.submitted_at,
         updated_at=row.updated_at,
+        started_at=now.started_at if now else None,
         ended_at=row.ended_at,
         exit_code=row.exit_code,
+        workdir=spec.get("workdir"),
+        timeout_seconds=spec.get("timeout_seconds"),
+        env_names=sorted(spec.get("env") or {}),
     )
 
 
@@ -112,18 +121,34 @@ def job_detail(
     attempts: Sequence[JobAttemptRow],
     events: Sequence[JobEventRow],
     names: Mapping[UUID, str],
+    log_bytes_cut: Mapping[int, int] | None = None,
 ) -> JobDetail:
-    held = [a.gpu_uuids for a in attempts if a.attempt == row.attempt]
-    current = {row.job_id: held[0]} if held else {}
+    """`log_bytes_cut`: by attempt, the bytes at the start of its output no longer kept
+    (`persistence.jobs.log_bytes_cut`; absent: none)."""
+    held = [Current(list(a.gpu_uuids), a.started_at) for a in attempts if a.attempt == row.attempt]
     return JobDetail(
-        **job(row, names, current).model_dump(),
-        attempts=[
-            JobAttempt.model_validate(a, from_attributes=True).model_copy(
-                update={"agent_name": names.get(a.agent_id)}
-            )
-            for a in attempts
-        ],
+        **job(row, names, {row.job_id: held[0]} if held else {}).model_dump(),
+        attempts=[attempt(a, names, (log_bytes_cut or {}).get(a.attempt, 0)) for a in attempts],
         events=[JobEvent.model_validate(e, from_attributes=True) for e in events],
+    )
+
+
+def attempt(row: JobAttemptRow, names: Mapping[UUID, str], log_bytes_cut: int) -> JobAttempt:
+    return JobAttempt(
+        attempt=row.attempt,
+        agent_id=row.agent_id,
+        agent_name=names.get(row.agent_id),
+        state=row.state,
+        gpu_uuids=row.gpu_uuids,
+        assigned_at=row.assigned_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        exit_code=row.exit_code,
+        signal=row.signal,
+        reason=row.reason,
+        peak_vram_gb=row.peak_vram_gb,
+        log_path=row.log_path,
+        log_bytes_cut=log_bytes_cut,
     )
 
 

@@ -41,6 +41,7 @@ from chiffon.persistence.models import (
 from chiffon.schemas.jobs import check_move
 
 HOST = "host"
+REASON_MAX_CHARS = 1000  # jobs.reason, job_events.reason, job_attempts.reason
 # Rows a whole-table read takes at a time: at 10,000 agents one read in one go held the
 # event loop (and the API and ingest beside it) for about half a second.
 STREAM_ROWS = 500
@@ -267,8 +268,10 @@ def _chunks(ids: Sequence[uuid.UUID], size: int = 1000) -> list[Sequence[uuid.UU
 
 
 def move(job: JobRow, to_state: str, *, reason: str, now: datetime) -> JobEventRow:
-    """Change a job's state along the table; the event to add beside it."""
+    """Change a job's state along the table; the event to add beside it. The reason is
+    cut to what its columns hold (an agent's words, a long path in them)."""
     check_move(job.state, to_state)
+    reason = reason[:REASON_MAX_CHARS]
     event = JobEventRow(job_id=job.job_id, at=now, attempt=job.attempt, from_state=job.state,
                         to_state=to_state, reason=reason)  # fmt: skip
     job.state, job.reason, job.updated_at = to_state, reason, now
@@ -505,22 +508,45 @@ async def agent_names(
     return {agent_id: name for agent_id, name in (await session.execute(stmt)).all()}
 
 
-async def current_gpus(
+@dataclass(frozen=True, slots=True)
+class Current:
+    """What a job's view shows of its current attempt."""
+
+    gpu_uuids: list[str]
+    started_at: datetime | None
+
+
+async def current_attempts(
     session: AsyncSession, *, jobs: Sequence[JobRow]
-) -> dict[uuid.UUID, list[str]]:
-    """The GPUs each job's current attempt holds (jobs with an attempt out)."""
+) -> dict[uuid.UUID, Current]:
+    """Each job's current attempt (jobs with an attempt out, or that ended on one): the
+    GPUs it holds, and when it started running."""
     out = [j for j in jobs if j.agent_id is not None and j.attempt > 0]
-    if not out:
-        return {}
-    stmt = select(JobAttemptRow.job_id, JobAttemptRow.attempt, JobAttemptRow.gpu_uuids).where(
-        JobAttemptRow.job_id.in_([j.job_id for j in out])
-    )
     current = {j.job_id: j.attempt for j in out}
-    return {
-        job_id: list(gpus)
-        for job_id, attempt, gpus in (await session.execute(stmt)).all()
-        if current.get(job_id) == attempt
-    }
+    found: dict[uuid.UUID, Current] = {}
+    for chunk in _chunks(list(current)):
+        stmt = select(
+            JobAttemptRow.job_id,
+            JobAttemptRow.attempt,
+            JobAttemptRow.gpu_uuids,
+            JobAttemptRow.started_at,
+        ).where(JobAttemptRow.job_id.in_(chunk))
+        for job_id, attempt, gpus, started_at in (await session.execute(stmt)).all():
+            if current.get(job_id) == attempt:
+                found[job_id] = Current(list(gpus), started_at)
+    return found
+
+
+async def log_bytes_cut(session: AsyncSession, *, job_id: uuid.UUID) -> dict[int, int]:
+    """For each attempt of the job with output kept, how many bytes at the start of its
+    log are not kept (the offset of its oldest kept chunk: the orchestrator keeps a tail,
+    and an agent may skip output far behind). Attempts absent: nothing kept."""
+    stmt = (
+        select(JobLogRow.attempt, func.min(JobLogRow.offset))
+        .where(JobLogRow.job_id == job_id)
+        .group_by(JobLogRow.attempt)
+    )
+    return {attempt: int(first) for attempt, first in (await session.execute(stmt)).all()}
 
 
 # Migration 0012's triggers notify this channel (PostgreSQL only) when jobs are queued

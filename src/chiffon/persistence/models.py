@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
+from chiffon.schemas.jobs import LOG_PATH_MAX_CHARS
 from chiffon.schemas.metrics import HISTORY, REGISTRY, Metric
 
 
@@ -254,6 +255,8 @@ class JobAttemptRow(Base):
     reason: Mapped[str] = mapped_column(String(1000), default="")
     # The most VRAM its processes held, by GPU id, when the agent could see them.
     peak_vram_gb: Mapped[dict[str, float] | None] = mapped_column(JsonDocument)
+    # Where its whole output is on the desktop, as the agent said in its start report.
+    log_path: Mapped[str | None] = mapped_column(String(LOG_PATH_MAX_CHARS))
 
 
 class JobClaimRow(Base):

@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from chiffon.schemas import limits
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
@@ -35,8 +36,8 @@ MOVES: dict[str, frozenset[str]] = {
     # placed (claims written), or cancelled before it ever ran
     "queued": frozenset({"assigned", "cancelled"}),
     # started; handed back (the agent refused it, or lost it, with retries left); out of
-    # retries; cancelled
-    "assigned": frozenset({"running", "queued", "lost", "cancelled"}),
+    # retries; cancelled; its program could not be started (it never ran)
+    "assigned": frozenset({"running", "queued", "lost", "cancelled", "failed"}),
     # ended one way or another; or back to the queue (lost, or a non-zero exit with
     # `retry_on_exit`, while retries remain)
     "running": frozenset({"succeeded", "failed", "timed_out", "cancelled", "lost", "queued"}),
@@ -91,6 +92,21 @@ EnvName = Annotated[
     ),
 ]
 EnvValue = Annotated[str, Field(max_length=ENV_VALUE_MAX_CHARS, pattern=r"^[^\x00]*$")]
+WORKDIR_MAX_CHARS = 4096
+LOG_PATH_MAX_CHARS = 4096  # an attempt's log on the desktop, as its agent says it
+# The user's own words for the pattern below (`JobSubmit._workdir`); the pattern stays in
+# the schema, so the document says every rule the server applies.
+WORKDIR_NOT_ABSOLUTE = "workdir must be an absolute path on the desktop"
+Workdir = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=WORKDIR_MAX_CHARS,
+        pattern=r"^/[^\x00]*$",
+        description="the folder the job starts in, an absolute path on the desktop "
+        "(default: a fresh folder per attempt)",
+    ),
+]
 
 
 class JobRequirements(BaseModel):
@@ -144,9 +160,7 @@ class JobSubmit(BaseModel):
             json_schema_extra={"additionalProperties": False},  # only names the pattern allows
         ),
     ] = {}
-    workdir: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")] | None = (
-        None
-    )
+    workdir: Workdir | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=TIMEOUT_MAX_SECONDS)] | None = None
     retries: Annotated[int, Field(ge=0, le=RETRIES_MAX), INTEGRAL] = 0
     retry_on_exit: bool = False
@@ -172,9 +186,25 @@ class JobSubmit(BaseModel):
                 raise ValueError(f"env: {name} is set by the agent for every job")
         return env
 
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _workdir(cls, workdir: object) -> object:
+        """Say in words what the pattern says: a relative path (`proj`) would mean nothing
+        on a desktop whose agent runs elsewhere."""
+        if isinstance(workdir, str) and workdir and not workdir.startswith("/"):
+            raise PydanticCustomError(
+                "workdir_not_absolute",
+                "{rule}, not {given}",
+                {"rule": WORKDIR_NOT_ABSOLUTE, "given": repr(workdir[:64])},
+            )
+        if isinstance(workdir, str) and "\x00" in workdir:
+            raise PydanticCustomError("workdir_nul", "workdir may not hold a NUL character")
+        return workdir
+
 
 class JobView(BaseModel):
-    """One job as the API shows it."""
+    """One job as the API shows it. Never the values of its `env` (they may be secrets):
+    only their names."""
 
     job_id: UUID
     name: str | None
@@ -192,8 +222,20 @@ class JobView(BaseModel):
     requirements: JobRequirements
     submitted_at: datetime
     updated_at: datetime
+    started_at: datetime | None = Field(
+        None, description="when the current attempt started running (null: it has not)"
+    )
     ended_at: datetime | None
-    exit_code: int | None
+    exit_code: int | None = Field(
+        description="the program's exit status (null: it never ran, or a signal ended it)"
+    )
+    workdir: str | None = Field(
+        None, description="the folder it starts in on the desktop (null: a fresh one)"
+    )
+    timeout_seconds: float | None = None
+    env_names: list[str] = Field(
+        [], description="the names of the variables it was given, sorted; never their values"
+    )
 
 
 class JobAttempt(BaseModel):
@@ -210,6 +252,16 @@ class JobAttempt(BaseModel):
     reason: str
     peak_vram_gb: dict[str, float] | None = Field(
         None, description="the most VRAM its processes held, by GPU (when the agent could see)"
+    )
+    log_path: str | None = Field(
+        None,
+        description="where its whole output is on the desktop, as the agent said when it "
+        "started it (null: not said)",
+    )
+    log_bytes_cut: int = Field(
+        0,
+        description="how many bytes at the start of its output the orchestrator no longer "
+        "keeps (it keeps a tail; the whole log stays at `log_path`)",
     )
 
 
@@ -245,3 +297,9 @@ class JobLog(BaseModel):
     next_offset: int = Field(description="ask from here for what follows")
     data: str = Field(description="UTF-8, undecodable bytes replaced; never half a character")
     done: bool = Field(description="the attempt has ended: nothing more will come")
+    skipped_bytes: int = Field(
+        0,
+        ge=0,
+        description="bytes between the offset asked for and `offset` that are no longer "
+        "kept (the orchestrator keeps a tail; the whole log stays on the desktop)",
+    )

@@ -65,7 +65,8 @@ class InMemoryWork:
 
         vram = said.get("vram_gb") if said["kind"] == "usage" else said.get("peak_vram_gb")
         report = Report(said["kind"], said.get("outcome"), said.get("exit_code"),
-                        said.get("signal"), str(said.get("detail", ""))[:1000], vram)  # fmt: skip
+                        said.get("signal"), str(said.get("detail", ""))[:1000], vram,
+                        said.get("log_path") if said["kind"] == "started" else None)  # fmt: skip
         try:
             return await self._orchestrator.report_attempt(self._agent_id, job_id, attempt, report)
         except Exception as exc:

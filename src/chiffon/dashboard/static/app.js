@@ -37,7 +37,7 @@ async function api(path) {
   if (token) headers.Authorization = `Bearer ${token}`;
   const response = await fetch(API + path, { headers, cache: "no-store" });
   if (response.status === 401) {
-    showLogin(token ? "That API token was refused." : "This orchestrator needs its API token.");
+    showLogin(token ? "That API token was refused." : NEEDS_TOKEN);
     const error = new Error(token ? "the API token was refused" : "an API token is needed");
     error.auth = true;  // the orchestrator answered: it is not unreachable
     throw error;
@@ -45,6 +45,10 @@ async function api(path) {
   if (!response.ok) throw new Error(`HTTP ${response.status} on ${path}`);
   return response.json();
 }
+
+const NEEDS_TOKEN = "This orchestrator needs its API token: open the address `chiffon up` printed "
+  + "(it carries the token after #token=), or paste the token here: the orchestrator's "
+  + "CHIFFON_API_TOKEN, or the contents of ~/.chiffon/api_token.";
 
 function showLogin(message) {
   const form = document.getElementById("login");
@@ -82,6 +86,14 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const fmt = (x, digits = 1) => (x === null || x === undefined ? "?" : Number(x).toFixed(digits));
+// "1 job", "2 jobs"; a whole number bare, a fraction to one decimal ("1.5 cores").
+const plural = (n, word) => `${Number.isInteger(n) ? n : fmt(n)} ${word}${n === 1 ? "" : "s"}`;
+
+// An argv as a shell would need it typed, as Python's shlex.join writes it: a word of only
+// safe characters stays bare, any other is single-quoted (a ' inside written '"'"').
+const SHELL_SAFE = /^[\w@%+=:,./-]+$/;
+const shellQuote = (word) => (SHELL_SAFE.test(word) ? word : `'${word.replaceAll("'", `'"'"'`)}'`);
+const shellJoin = (argv) => argv.map(shellQuote).join(" ");
 
 function ago(seconds) {
   if (seconds === null || seconds === undefined) return "never";
@@ -99,17 +111,23 @@ function ageNow(agent) {
 
 // ---- connection status -------------------------------------------------------------
 
+// What is on screen while requests fail: the last good data, or none at all yet.
+function dataOnScreen(lastOk) {
+  if (lastOk) return `showing data from ${lastOk}`;
+  return state.authError ? "no data loaded yet: enter the token below" : "no data could be loaded yet";
+}
+
 function showConnection() {
   const conn = $("#conn");
   const since = state.lastOkAt ? (Date.now() - state.lastOkAt) / 1000 : null;
-  const lastOk = state.lastOkAt ? new Date(state.lastOkAt).toLocaleTimeString() : "never";
+  const lastOk = state.lastOkAt ? new Date(state.lastOkAt).toLocaleTimeString() : null;
   document.body.dataset.conn = state.error ? "down" : "up";
   if (state.error && state.authError) {
     conn.dataset.state = "down";
-    conn.textContent = `Orchestrator reachable, but ${state.error}; showing data from ${lastOk}`;
+    conn.textContent = `Orchestrator reachable, but ${state.error}; ${dataOnScreen(lastOk)}`;
   } else if (state.error) {
     conn.dataset.state = "down";
-    conn.textContent = `Orchestrator unreachable (${state.error}); showing data from ${lastOk}`;
+    conn.textContent = `Orchestrator unreachable (${state.error}); ${dataOnScreen(lastOk)}`;
   } else if (since === null) {
     conn.dataset.state = "loading";
     conn.textContent = "connecting…";
@@ -273,11 +291,22 @@ function statusBadge(status) {
   return el("span", { class: "badge unknown", title: "the orchestrator cannot be reached" }, `${status}?`);
 }
 
+// What the jobs on a desktop hold, naming only what they reserved: "1 job holds 4.0 GB
+// VRAM, 2 cores", "2 jobs running, hold nothing reserved" (no VRAM on a desktop without GPU).
+function heldText(claims) {
+  const parts = [];
+  if (claims.vram_gb > 0) parts.push(`${fmt(claims.vram_gb)} GB VRAM`);
+  if (claims.cpu_cores > 0) parts.push(plural(claims.cpu_cores, "core"));
+  if (claims.memory_gb > 0) parts.push(`${fmt(claims.memory_gb)} GB memory`);
+  const verb = claims.jobs === 1 ? "holds" : "hold";
+  if (!parts.length) return `${plural(claims.jobs, "job")} running, ${verb} nothing reserved`;
+  return `${plural(claims.jobs, "job")} ${verb} ${parts.join(", ")}`;
+}
+
 function agentRow(agent) {
   const m = metrics(agent);
   const claims = held(agent);
-  const jobs = claims && claims.jobs ? el("div", { class: "muted held", "data-jobs": claims.jobs },
-    `${claims.jobs} job${claims.jobs > 1 ? "s" : ""} hold ${fmt(claims.vram_gb)} GB VRAM, ${claims.cpu_cores} cores`) : "";
+  const jobs = claims && claims.jobs ? el("div", { class: "muted held", "data-jobs": claims.jobs }, heldText(claims)) : "";
   return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
     el("td", { class: "name" }, el("a", { href: `#/agents/${agent.agent_id}` }, el("bdi", {}, agent.name))),
     el("td", { class: "name" }, el("bdi", {}, agent.pool_name)),
@@ -510,7 +539,7 @@ async function loadJobs() {
     el("td", {}, jobLink(j)), el("td", { class: "name" }, el("bdi", {}, j.name ?? "")),
     el("td", {}, jobBadge(j.state), j.preemptions ? el("div", { class: "muted", "data-preemptions": j.preemptions }, `taken back ${j.preemptions}×`) : ""),
     el("td", { class: "name" }, agentCell(j)),
-    el("td", { class: "command" }, j.command.join(" ")),
+    el("td", { class: "command" }, shellJoin(j.command)),
     el("td", {}, new Date(j.submitted_at).toLocaleString()),
     el("td", { class: "num" }, j.exit_code ?? ""), el("td", {}, j.reason))));
   $("#jobs-shown").textContent = `${jobs.length} jobs, newest first`;
@@ -524,6 +553,10 @@ async function loadJob(jobId) {
     card("agent", "On", agentCell(job)), card("gpus", "GPUs", job.gpu_uuids.join(", ") || "none"),
     card("exit", "Exit code", job.exit_code ?? "–"), card("attempt", "Attempt", job.attempt),
     card("preemptions", "Taken back", job.preemptions ? `${job.preemptions}× (no retry used)` : "never"));
+  // textContent: a command is shown as the characters it is, never read as HTML
+  $("#job-command").textContent = shellJoin(job.command);
+  $("#job-workdir").textContent = job.workdir ?? "";
+  for (const node of document.querySelectorAll("#job-run [data-workdir]")) node.hidden = !job.workdir;
   const why = job.state === "queued" ? "Waits: " : ACTIVE.includes(job.state) ? "" : "Ended: ";
   $("#job-reason").textContent = job.reason ? why + job.reason : "";
   $("#job-attempts tbody").replaceChildren(...job.attempts.map((a) => el("tr", { "data-attempt": a.attempt },
