@@ -539,3 +539,28 @@ def test_a_relative_workdir_is_refused_in_words(fleet: Fleet) -> None:
 def test_a_debug_flag_after_the_double_dash_is_the_jobs(fleet: Fleet) -> None:
     done = chiffon(fleet, "run", "--", "echo", "--debug")
     assert done.returncode == 0 and done.stdout == "--debug\n", done.stderr
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_ctrl_c_twice_at_once_is_still_one_clean_cancel(fleet: Fleet) -> None:
+    """`timeout -s INT` signals chiffon and then its process group: two SIGINTs at once.
+    The second landed while the cancel was being sent and printed a traceback."""
+    proc = subprocess.Popen(
+        [*CHIFFON, "run", "--name", "twice", "--", "sh", "-c", "echo started; sleep 300"],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+        for pause in (0.0, 0.005, 0.01, 0.02):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(pause)
+        _, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, err
+        assert proc.returncode == 130, err
+        assert err.count("running on") == 1, err
+        with client(fleet) as c:
+            [job] = [j for j in c.jobs() if j.name == "twice"]
+            wait_for("the cancel", lambda: c.get(job.job_id).state == "cancelled", fleet, 30)
+    finally:
+        stop(proc)

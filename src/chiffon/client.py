@@ -314,14 +314,15 @@ class Client:
     ) -> JobDetail:
         """The job once it has ended (succeeded, failed, cancelled, timed_out or lost);
         `TimeoutError` (saying why it still waits) after `timeout_seconds`. Each time
-        the reason it waits changes, `on_reason(job)` is called (default: logged)."""
+        the reason it waits in the queue changes, `on_reason(job)` is called (default:
+        logged at INFO)."""
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         pause, said = 0.1, ""
         while True:
             job = self.get(job_id)
             if job.state in TERMINAL:
                 return job
-            waits = job.reason if job.state == "queued" else f"{job.state}"
+            waits = job.reason if job.state == "queued" else ""
             if waits and waits != said:
                 said = waits
                 if on_reason is not None:

@@ -180,19 +180,24 @@ def run(
 
 def _cancel(c: Client, job_id: uuid.UUID, signum: int, out: Output, shield: Shield) -> JobDetail:
     """Cancel the job on a signal, as srun does. After Ctrl-C, go on showing its output
-    until it has ended (a second Ctrl-C leaves it to end alone); after SIGTERM or SIGHUP
-    (the terminal is gone), exit at once with 128 + the signal."""
+    until it has ended (a second Ctrl-C stops showing it; the cancel stands); after
+    SIGTERM or SIGHUP (the terminal is gone), exit at once with 128 + the signal. More
+    signals while the cancel is being sent wait for it."""
     from chiffon.client import Interrupted
 
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     say(f"{name}: cancelling job {job_id} (it gets its grace period to end)")
-    c.cancel(job_id)
+    try:
+        with shield():
+            c.cancel(job_id)
+    except Interrupted as again:
+        signum = signum if signum != signal.SIGINT else again.signum
     if signum != signal.SIGINT:
         raise typer.Exit(128 + signum)
     try:
         return follow(c, job_id, out, shield)
     except Interrupted:
-        say("left it to end by itself (cancelled)")
+        say(f"stopped showing job {job_id}; it is cancelled and ends within its grace period")
         raise typer.Exit(EXIT_CANCELLED) from None
 
 
@@ -234,6 +239,7 @@ class Output:
         self._client, self._job_id = c, job_id
         self._safe = None if raw or not sys.stdout.isatty() else TerminalSafe()
         self.cursor = LogCursor()
+        self.landed = 0  # the attempt whose placement was said
 
     def write(self, piece: JobLog) -> None:
         if piece.skipped_bytes:
@@ -265,17 +271,22 @@ class Output:
             f"the newest part of a log; the whole log is {where}")  # fmt: skip
 
 
+def _how_placed(job: JobDetail) -> str:
+    if job.state in ("assigned", "running"):
+        return "running"
+    return "ran" if job.started_at is not None else "placed"  # over at the first look
+
+
 def follow(c: Client, job_id: uuid.UUID, out: Output, shield: Shield) -> JobDetail:
     """Say why it waits and where it lands, write its output as it comes (from where `out`
     stopped), and return the job once it has ended."""
-    said_reason, landed = "", out.cursor.attempt or 0
-    while not landed:
+    said_reason = ""
+    while not out.landed:
         job = c.get(job_id)
         if job.state != "queued":
             if job.agent_id is not None:  # placed (and maybe already over: a quick job)
-                say(f"{'running' if job.state in ('assigned', 'running') else 'ran'} "
-                    f"on {where(job)}")  # fmt: skip
-                landed = job.attempt
+                say(f"{_how_placed(job)} on {where(job)}")
+                out.landed = job.attempt
             break
         if job.reason and job.reason != said_reason:
             say(f"waiting: {job.reason}")
@@ -283,9 +294,9 @@ def follow(c: Client, job_id: uuid.UUID, out: Output, shield: Shield) -> JobDeta
         time.sleep(0.2)
     for piece in c.logs(job_id, follow=True, cursor=out.resume()):
         with shield():  # a signal waits until the piece is written and counted
-            if piece.attempt > max(landed, 1):  # placed again: a retry
+            if piece.attempt > max(out.landed, 1):  # placed again: a retry
                 say(f"placed again: attempt {piece.attempt} running on {where(c.get(job_id))}")
-            landed = max(landed, piece.attempt)
+            out.landed = max(out.landed, piece.attempt)
             out.write(piece)
     out.close()
     return c.wait(job_id)
