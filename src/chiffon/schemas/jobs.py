@@ -147,8 +147,19 @@ class JobSubmit(BaseModel):
             min_length=1,
             max_length=ARGV_MAX_ITEMS,
             description="argv: the program, then its arguments; no shell",
-            # the program's name may not be empty (JSON Schema 2020-12, as OpenAPI 3.1)
-            json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]},
+            # The program's name may not be empty (JSON Schema 2020-12, as OpenAPI 3.1).
+            # `items` no longer applies to an item `prefixItems` describes: the program's
+            # entry repeats every rule of `Arg` (a NUL in its name read as valid).
+            json_schema_extra={
+                "prefixItems": [
+                    {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": ARG_MAX_CHARS,
+                        "pattern": r"^[^\x00]*$",
+                    }
+                ]
+            },
         ),
     ]
     name: ShortText | None = None
