@@ -379,7 +379,10 @@ def test_a_signal_to_run_cancels_its_job_and_goes_on_from_where_it_was(
 ) -> None:
     """Ctrl-C replayed the whole output; SIGTERM and SIGHUP (a closed terminal) left the
     job running for ever. Each now cancels it, as srun does, and says so."""
-    script = "for i in 1 2 3; do echo step $i; done; sleep 300"
+    # On SIGTERM (the cancel) the job prints three more steps: after Ctrl-C, `run` shows
+    # them, following on from where it was, each once.
+    script = ("trap 'for i in 4 5 6; do echo step $i; done; exit 0' TERM; "
+              "for i in 1 2 3; do echo step $i; done; sleep 300 & wait")  # fmt: skip
     proc = subprocess.Popen(
         [*CHIFFON, "run", "--name", f"steps-{sig.name}", "--", "sh", "-c", script],
         env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
@@ -391,7 +394,8 @@ def test_a_signal_to_run_cancels_its_job_and_goes_on_from_where_it_was(
         assert seen == ["step 1\n", "step 2\n", "step 3\n"]
         proc.send_signal(sig)
         rest, err = proc.communicate(timeout=30)
-        assert rest == "", "nothing printed twice"
+        # Ctrl-C: on from where it was, nothing twice; SIGTERM, SIGHUP: gone at once.
+        assert rest == ("step 4\nstep 5\nstep 6\n" if sig == signal.SIGINT else ""), err
         said = "Ctrl-C" if sig == signal.SIGINT else sig.name
         assert f"{said}: cancelling job" in err, err
         assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
@@ -564,3 +568,78 @@ def test_ctrl_c_twice_at_once_is_still_one_clean_cancel(fleet: Fleet) -> None:
             wait_for("the cancel", lambda: c.get(job.job_id).state == "cancelled", fleet, 30)
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_under_nohup_a_hangup_leaves_the_job_running(fleet: Fleet) -> None:
+    """`nohup chiffon run ...` asks for the job to outlive the terminal: a SIGHUP the
+    program ignores is left ignored."""
+    proc = subprocess.Popen(
+        ["nohup", *CHIFFON, "run", "--name", "nohup", "--", "sh", "-c", "echo up; sleep 300"],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None, "still following its job"
+        with client(fleet) as c:
+            [job] = [j for j in c.jobs() if j.name == "nohup"]
+            assert c.get(job.job_id).state == "running"
+        proc.send_signal(signal.SIGTERM)  # a signal it does not ignore still cancels
+        proc.communicate(timeout=30)
+        assert proc.returncode == 143
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_a_line_not_yet_ended_is_shown_within_a_second(fleet: Fleet) -> None:
+    """A prompt or a row of dots is shown while the job still runs, not held back."""
+    script = "printf 'Epoch 1 ...'; sleep 300"
+    proc = subprocess.Popen(
+        [*CHIFFON, "run", "--name", "unended", "--", "sh", "-c", script],
+        env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        seen, deadline = b"", time.monotonic() + 15
+        while b"Epoch 1 ..." not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.read() or b""
+            time.sleep(0.1)
+        assert seen == b"Epoch 1 ...", seen
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_client_run_cancels_a_job_whose_submit_a_signal_interrupted(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal while the submit is in flight waits for the job's id; then the job is
+    cancelled. A second signal while the cancel is sent does not stop the cancel."""
+    from chiffon.client import Interrupted
+
+    with client(fleet) as c:
+        submit, cancel = c.submit, c.cancel
+
+        def submit_then_signal(*args: object, **kwargs: object) -> object:
+            accepted = submit(*args, **kwargs)  # type: ignore[arg-type]
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives before the answer is used
+            return accepted
+
+        def cancel_twice(job_id: uuid.UUID | str) -> object:
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal, mid-cancel
+            return cancel(job_id)
+
+        monkeypatch.setattr(c, "submit", submit_then_signal)
+        monkeypatch.setattr(c, "cancel", cancel_twice)
+        with pytest.raises(Interrupted):
+            c.run(["sleep", "300"], name="signalled-submit")
+        [job] = [j for j in c.jobs() if j.name == "signalled-submit"]
+        wait_for("the cancel", lambda: c.get(job.job_id).state == "cancelled", fleet, 30)

@@ -43,6 +43,8 @@ LOG_WAIT_SECONDS = 20.0  # one long-poll while following a log
 # As much as the API gives at once: a reader of fast output keeps up with fewer requests
 # (the orchestrator keeps only a tail of each log).
 LOG_READ_BYTES = 1024 * 1024
+# A line not yet ended (a prompt, dots) is held this long for its end, then shown.
+PENDING_WAIT_SECONDS = 0.5
 # After a skip, output is resumed at the next line's start, looked for this far: a reader
 # never sees half a line glued to another (output without newlines is resumed as it is).
 _LINE_SEARCH_BYTES = 64 * 1024
@@ -59,9 +61,13 @@ class ChiffonError(Exception):
         self.status = status
 
 
-class Interrupted(BaseException):
-    """A signal (SIGINT, SIGTERM, SIGHUP) reached a program while it waited on a job.
-    A BaseException, as KeyboardInterrupt is: no `except Exception` swallows it."""
+class LookupFailed(ChiffonError):
+    """No agent or job matches what was asked for, or several do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM, SIGHUP) reached a program while it waited on a job. A
+    KeyboardInterrupt: `except KeyboardInterrupt` catches it, `except Exception` not."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -90,7 +96,11 @@ def interruptible() -> Iterator[Callable[[], contextlib.AbstractContextManager[N
             return
         raise Interrupted(signum)
 
-    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # Not a signal the program ignores (nohup ignores SIGHUP: the job outlives the
+    # terminal, as the user asked); SIGHUP does not exist on Windows.
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    caught = [s for n in names if (s := getattr(signal, n, None)) is not None]
+    caught = [s for s in caught if signal.getsignal(s) is not signal.SIG_IGN]
     before = {s: signal.signal(s, on_signal) for s in caught}
     try:
         yield shield
@@ -148,20 +158,21 @@ class LogCursor:
         self.attempt, self.offset = piece.attempt, piece.next_offset
         self.resync = self.resync or skipped > 0
         text = self.pending + piece.data
-        start = piece.offset - len(self.pending.encode())
         cut = self._drop_cut_line(text)
-        text, start = text[len(cut) :], start + len(cut.encode())
+        text = text[len(cut) :]
         self.pending = "" if piece.done else _unended(text)
         text = text[: len(text) - len(self.pending)]
         dropped = len(cut.encode()) + skipped
         if not text and not dropped:
             return None
-        size = len(text.encode())
+        # Byte offsets from the server's, less the pending line (which holds no U+FFFD, so
+        # its length in bytes is exact): a reader resumed from `next_offset` loses nothing.
+        end = piece.next_offset - len(self.pending.encode())
         return piece.model_copy(
             update={
                 "data": text,
-                "offset": start,
-                "next_offset": start + size,
+                "offset": max(0, end - len(text.encode())),
+                "next_offset": end,
                 "skipped_bytes": dropped,
             }
         )
@@ -194,10 +205,12 @@ class LogCursor:
 
 def _unended(text: str) -> str:
     """The end of `text` after its last newline or carriage return (a progress bar
-    redraws its line with one), unless that is longer than `_LINE_SEARCH_BYTES`."""
+    redraws its line with one): held until the line ends or `PENDING_WAIT_SECONDS` pass.
+    Not held when long, or when it holds U+FFFD (an undecodable byte: its length in
+    bytes is not known here)."""
     last = max(text.rfind("\n"), text.rfind("\r"))
     rest = text[last + 1 :]
-    return "" if len(rest) > _LINE_SEARCH_BYTES // 4 else rest
+    return "" if len(rest) > _LINE_SEARCH_BYTES // 4 or "\ufffd" in rest else rest
 
 
 class Client:
@@ -271,18 +284,21 @@ class Client:
         it, as `srun` does: interrupted (Ctrl-C, SIGTERM, SIGHUP) or out of
         `wait_seconds`, it cancels the job and raises (`Interrupted`, `TimeoutError`)."""
         with interruptible() as shield:
-            with shield():
-                accepted = self.submit(command, **spec)
-            job = accepted.job
-            if accepted.warning:
-                log.warning("job %s: %s", job.job_id, accepted.warning)
+            accepted: JobAccepted | None = None
             try:
-                return self.wait(job.job_id, timeout_seconds=wait_seconds, on_reason=on_reason)
-            except (Interrupted, KeyboardInterrupt, TimeoutError) as exc:
-                what = "ran out of time" if isinstance(exc, TimeoutError) else f"got {exc!r}"
-                log.warning("%s: cancelling job %s", what, job.job_id)
-                with contextlib.suppress(ChiffonError):
-                    self.cancel(job.job_id)
+                with shield():  # a signal meanwhile waits for the job's id
+                    accepted = self.submit(command, **spec)
+                if accepted.warning:
+                    log.warning("job %s: %s", accepted.job.job_id, accepted.warning)
+                return self.wait(
+                    accepted.job.job_id, timeout_seconds=wait_seconds, on_reason=on_reason
+                )
+            except (KeyboardInterrupt, TimeoutError) as exc:
+                if accepted is not None:
+                    what = "ran out of time" if isinstance(exc, TimeoutError) else f"got {exc!r}"
+                    log.warning("%s: cancelling job %s", what, accepted.job.job_id)
+                    with contextlib.suppress(ChiffonError, KeyboardInterrupt), shield():
+                        self.cancel(accepted.job.job_id)
                 raise
 
     def get(self, job_id: uuid.UUID | str) -> JobDetail:
@@ -364,9 +380,13 @@ class Client:
         out, never silently. Give a `cursor` to go on later from where a reader stopped."""
         at = cursor or LogCursor()
         while True:
-            piece = self.log(job_id, attempt=at.attempt, offset=at.offset,
-                             wait_seconds=LOG_WAIT_SECONDS if follow else 0.0)  # fmt: skip
+            wait = (PENDING_WAIT_SECONDS if at.pending else LOG_WAIT_SECONDS) if follow else 0.0
+            piece = self.log(job_id, attempt=at.attempt, offset=at.offset, wait_seconds=wait)
             empty = piece.next_offset == piece.offset
+            if empty and at.pending and not piece.done:  # the line did not end: show it
+                if (rest := at.flush(piece)) is not None:
+                    yield rest
+                continue
             if (out := at.take(piece)) is not None:
                 yield out
             if not follow and (empty or piece.done):
@@ -393,7 +413,7 @@ class Client:
 
     def resolve_agent(self, ref: str) -> str:
         """An agent id from a UUID, a unique id prefix (as `chiffon agents` shows) or a
-        name; `LookupError` when none or several match."""
+        name; `LookupFailed` when none or several match."""
         try:
             return str(uuid.UUID(ref))
         except ValueError:
@@ -403,8 +423,8 @@ class Client:
         if len(hits) == 1:
             return str(hits[0]["agent_id"])
         if not hits:
-            raise LookupError(f"no agent has the id, id prefix or name {ref!r}")
-        raise LookupError(f"{ref!r} matches {len(hits)} agents; give more of the id")
+            raise LookupFailed(f"no agent has the id, id prefix or name {ref!r}")
+        raise LookupFailed(f"{ref!r} matches {len(hits)} agents; give more of the id")
 
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

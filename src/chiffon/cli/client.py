@@ -59,15 +59,15 @@ def connect(url: str | None) -> Iterator[Client]:
     """The one HTTP client of every command (`chiffon.client.Client`), whose errors are one
     line: a refusal the user can fix (a 4xx, an unknown agent or job) is a usage error
     (exit 2); an unreachable or failing orchestrator exit 1."""
-    from chiffon.client import ChiffonError, Client
+    from chiffon.client import ChiffonError, Client, LookupFailed
 
     c = Client(orchestrator_url(url), token=api_token())
     try:
         yield c
+    except LookupFailed as exc:
+        raise CliError(exc.detail, code=EXIT_USAGE) from None
     except ChiffonError as exc:
         raise cli_error(exc) from None
-    except LookupError as exc:
-        raise CliError(str(exc.args[0]), code=EXIT_USAGE) from None
     finally:
         c.close()
 

@@ -219,8 +219,12 @@ class OncePerFailure(logging.StreamHandler[TextIO]):
 
 
 def _failure_class(record: logging.LogRecord) -> tuple[str, int, str, str]:
-    first = next(iter(record.getMessage().splitlines()), "")
     exc = record.exc_info[0] if record.exc_info and record.exc_info[0] else None
+    # A failure with an exception is grouped by what the code said (its format string:
+    # "thread %s failed" for every thread that died) and the exception's type; a message
+    # without one by its words.
+    said = str(record.msg) if exc is not None else record.getMessage()
+    first = next(iter(said.splitlines()), "")
     return (record.name, record.levelno, first, exc.__qualname__ if exc else "")
 
 

@@ -240,11 +240,16 @@ class Output:
         self._safe = None if raw or not sys.stdout.isatty() else TerminalSafe()
         self.cursor = LogCursor()
         self.landed = 0  # the attempt whose placement was said
+        self._line_open = False  # what was written ends inside a line
 
     def write(self, piece: JobLog) -> None:
         if piece.skipped_bytes:
+            if self._line_open:  # a line shown before the skip is ended, not glued on
+                sys.stdout.buffer.write(b"\n")
             self._skipped(piece)
         data = piece.data if self._safe is None else self._safe.feed(piece.data)
+        if data:
+            self._line_open = not data.endswith(("\n", "\r"))
         sys.stdout.buffer.write(data.encode())
         sys.stdout.flush()
         self.cursor.attempt, self.cursor.offset = piece.attempt, piece.next_offset
@@ -268,7 +273,7 @@ class Output:
         path = getattr(attempt, "log_path", None)
         where = f"on {desktop} at {path}" if path else f"on {desktop or 'its desktop'}"
         say(f"{piece.skipped_bytes:,} bytes of output skipped: the orchestrator keeps only "
-            f"the newest part of a log; the whole log is {where}")  # fmt: skip
+            f"part of a log; the whole log is {where}")  # fmt: skip
 
 
 def _how_placed(job: JobDetail) -> str:
