@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -97,6 +98,21 @@ class GpuReading:
         check_not_above(self.vram_free_gb, self.vram_total_gb, f"gpus[{self.index}].vram")
 
 
+_REFUSAL_REASON = re.compile(limits.REFUSAL_REASON_PATTERN)
+
+
+def _check_refusals(counts: Mapping[str, int]) -> None:
+    if len(counts) > limits.ORDERS_REFUSED_MAX:
+        raise ValueError(f"orders_refused: more than {limits.ORDERS_REFUSED_MAX} reasons")
+    for reason, count in counts.items():
+        if not _REFUSAL_REASON.fullmatch(reason):
+            raise ValueError(f"orders_refused: {reason!r} is not a reason")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError(f"orders_refused[{reason}]: {count!r} is not a whole number")
+        if not 0 <= count <= limits.REFUSALS_MAX:
+            raise ValueError(f"orders_refused[{reason}]: {count} is out of range")
+
+
 _SNAPSHOT_RANGES = {
     "cpu_load_1min": (0, limits.LOAD_MAX),
     "cpu_load_5min": (0, limits.LOAD_MAX),
@@ -142,10 +158,13 @@ class Snapshot:
     owner_idle_seconds: float | None = None
     # Why no new job lands here now (agent.owner), None: welcome (GPUs say their own).
     jobs_withheld: Withheld | None = None
+    # The orders refused since the agent started, by reason (set by the work loop).
+    orders_refused: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_ranges(self, _SNAPSHOT_RANGES)
         check_resources(self)
+        _check_refusals(self.orders_refused)
         if len(self.probe_errors) > limits.PROBE_ERRORS_MAX:
             raise ValueError(f"probe_errors: more than {limits.PROBE_ERRORS_MAX}")
         for key, error in self.probe_errors.items():

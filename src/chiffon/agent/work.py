@@ -5,7 +5,8 @@ drives the HTTP long-poll), and reports and ships output through a `WorkChannel`
 transport can feed it.
 
 The orchestrator's word is checked like any input (docs/jobs.md, "Orders to an agent"):
-an order that fails verification is counted and dropped; an assignment's fields are
+an order that fails verification, or is for an attempt already started, is dropped, logged
+and counted by reason (the counts travel in every heartbeat); an assignment's fields are
 bounded before anything runs; an attempt starts at most once (`AttemptLedger`).
 """
 
@@ -82,6 +83,15 @@ ENDED_KEPT_SECONDS = 3600.0
 REPEAT_PAUSE_SECONDS = 1.0
 # In an attempt's directory once the orchestrator heard how it ended (`WorkLoop.recover`).
 REPORTED = "reported"
+# In an attempt's directory: the newest `issued_at` of its order seen, kept across restarts,
+# so that the orchestrator saying the order again is known for a duplicate (`_in_hand`).
+ISSUED = "issued_at"
+# Each refused order is counted by reason (`WorkLoop.refused`, in every heartbeat as
+# `orders_refused`) and logged as a warning, but for a `duplicate`: an assignment in hand
+# that the orchestrator said again (it says each pending order until it hears back, signed
+# afresh with a newer `issued_at`, which only the holder of the key can make), logged at
+# DEBUG. docs/security.md, "Orders an agent refuses".
+DUPLICATE = "duplicate"
 
 
 class WorkChannel(Protocol):
@@ -156,7 +166,8 @@ class WorkLoop:
         self._used: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
         self._peak: dict[tuple[uuid.UUID, int], dict[str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.refused: Counter[str] = Counter()  # orders dropped, by reason
+        self.refused: Counter[str] = Counter()  # orders refused, by reason
+        self._issued: dict[tuple[uuid.UUID, int], float] = {}  # see ISSUED
         self.owner_idle_seconds: float | None = None  # as last seen (probes.owner)
         self._raw: Snapshot | None = None  # the last snapshot observed, as read
         self._seen: list[GpuSeen] = []  # its GPUs as the decision takes them
@@ -232,8 +243,7 @@ class WorkLoop:
                 max_age_seconds=self.settings.max_order_age_seconds,
             )
         except OrderRefused as exc:
-            self.refused[exc.reason] += 1
-            log.warning("order refused: %s", exc)
+            self._refuse(exc.reason, _detail(exc))
             return False
         if order.kind == "assign":
             return await self._assign(order)
@@ -293,7 +303,8 @@ class WorkLoop:
         self._enforce()
         gpus = [dataclasses.replace(g, withheld=self.decision.withheld(gpu_key(g))) for g in gpus]
         return dataclasses.replace(snapshot, gpus=gpus, jobs_withheld=self.decision.desktop,
-                                   owner_idle_seconds=self.owner_idle_seconds)  # fmt: skip
+                                   owner_idle_seconds=self.owner_idle_seconds,
+                                   orders_refused=dict(sorted(self.refused.items())))  # fmt: skip
 
     def _whose(
         self, pid: int, groups: Mapping[int, tuple[uuid.UUID, int]]
@@ -459,20 +470,23 @@ class WorkLoop:
             await asyncio.wait(set(self._tasks))
 
     async def _assign(self, order: Order) -> bool:
-        try:
-            attempt_dir = self._ledger.claim(order.job_id, order.attempt)
-        except OrderRefused as exc:  # delivered twice, replayed, or older than one started
-            self.refused[exc.reason] += 1
-            return False
         key = (order.job_id, order.attempt)
+        try:
+            attempt_dir = self._ledger.claim(*key)
+        except OrderRefused as exc:  # said again, replayed, or older than one started
+            self._refuse(*self._in_hand(order, exc))
+            return False
         self._claimed.add(key)
+        self._note_issued(key, order.issued_at)
         why_not = await self._why_not(order)
         try:
             assignment = assignment_from(order)
         except ValueError as exc:
+            self._refuse("unusable", f"attempt {order.attempt} of {order.job_id}: {exc}")
             why_not = why_not or f"unusable assignment: {exc}"
             assignment = None
         if why_not is not None or assignment is None:
+            log.info("attempt %s of %s declined: %s", order.attempt, order.job_id, why_not)
             await self._say_end(key, _ended("refused", why_not or ""))
             return True
         run = JobRun(assignment, attempt_dir=attempt_dir, grace_seconds=self.settings.grace_seconds,
@@ -488,6 +502,36 @@ class WorkLoop:
         self._runs[key] = run
         self._spawn(self._follow(key, run))
         return True
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        """Count one refused order and say so (see DUPLICATE)."""
+        self.refused[reason] += 1
+        level = logging.DEBUG if reason == DUPLICATE else logging.WARNING
+        log.log(level, "order refused: %s: %s", reason, detail)
+
+    def _in_hand(self, order: Order, exc: OrderRefused) -> tuple[str, str]:
+        """Why the ledger refused an assignment, as (reason, detail): `superseded` when a
+        later attempt of the job was started here and this one never was (a late or
+        replayed order); `duplicate` when this attempt was started here and its order was
+        signed again since (see DUPLICATE); else `replayed`: a copy of an order already
+        delivered, no newer than it (or one a previous run took and did not note)."""
+        key = (order.job_id, order.attempt)
+        attempt_dir = self._ledger.attempt_dir(*key)
+        if not attempt_dir.is_dir():
+            return "superseded", _detail(exc)
+        seen = self._issued.get(key)
+        if seen is None:
+            seen = _read_issued(attempt_dir / ISSUED)
+        where = f"attempt {order.attempt} of {order.job_id} was started here"
+        if seen is not None and order.issued_at > seen:
+            self._note_issued(key, order.issued_at)
+            return DUPLICATE, f"{where}; the orchestrator said its order again"
+        return "replayed", f"{where}; this copy of its order is no newer than one delivered"
+
+    def _note_issued(self, key: tuple[uuid.UUID, int], issued_at: float) -> None:
+        self._issued[key] = issued_at
+        with contextlib.suppress(OSError):
+            (self._ledger.attempt_dir(*key) / ISSUED).write_text(repr(issued_at))
 
     async def _why_not(self, order: Order) -> str | None:
         """Why this desktop cannot honour the assignment now, if it cannot: the decision
@@ -608,6 +652,17 @@ async def _finish(shipping: asyncio.Task[None], run: JobRun) -> None:
     run.output.set()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(shipping), 30)
+
+
+def _detail(exc: OrderRefused) -> str:
+    return str(exc).removeprefix(f"{exc.reason}: ")
+
+
+def _read_issued(path: Path) -> float | None:
+    try:
+        return float(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _attempt_of(name: str) -> tuple[uuid.UUID, int] | None:

@@ -17,7 +17,12 @@ from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +32,7 @@ from chiffon.persistence.models import AgentRow
 BYTES_PER_GB = 1e9  # GB on the wire are 10^9 bytes (docs/protocol.md)
 AGENT_LABELS = ("agent_id", "name", "pool")
 GPU_LABELS = (*AGENT_LABELS, "gpu", "uuid")
+REFUSAL_LABELS = (*AGENT_LABELS, "reason")
 
 _COLUMNS = (
     AgentRow.agent_id,
@@ -76,6 +82,12 @@ _AGENT_GAUGES = (
     ("mem_free", "chiffon_agent_memory_free_bytes", "Memory available without swapping"),
     ("mem", "chiffon_agent_memory_bytes", "Total memory"),
 )
+# The heartbeat's `orders_refused`: counted by the agent since it started, so it falls back
+# to 0 when the agent restarts (a counter reset, which rate() and increase() allow for).
+_ORDERS_REFUSED = (
+    "chiffon_agent_orders_refused",
+    "Orders the agent refused since it started, by reason (docs/security.md)",
+)
 _GPU_GAUGES = (
     ("free", "chiffon_gpu_memory_free_bytes", "Free VRAM of one GPU"),
     ("total", "chiffon_gpu_memory_total_bytes", "Total VRAM of one GPU"),
@@ -100,17 +112,20 @@ class _FleetCollector(Collector):
         gpu = _families(_GPU_GAUGES, GPU_LABELS)
         agent_info = InfoMetricFamily("chiffon_agent", "An agent's attributes", labels=AGENT_LABELS)
         gpu_info = InfoMetricFamily("chiffon_gpu", "A GPU's model", labels=GPU_LABELS)
+        refused = CounterMetricFamily(*_ORDERS_REFUSED, labels=REFUSAL_LABELS)
         for row in fleet.rows:
             labels = [str(row.agent_id), row.name, row.pool_name]
             metrics = row.resource_metrics or {}
             _agent_samples(agent, labels, row, fleet.now)
             attributes = {"agent_type": row.agent_type, "version": row.agent_version or ""}
             agent_info.add_metric(labels, {**attributes, "gpu_type": metrics.get("gpu_type", "")})
+            for reason, count in (metrics.get("orders_refused") or {}).items():
+                refused.add_metric([*labels, reason], float(count))
             for g in metrics.get("gpus", []):
                 gpu_labels = [*labels, str(g.get("index")), str(g.get("uuid") or "")]
                 _gpu_samples(gpu, gpu_labels, g)
                 gpu_info.add_metric(gpu_labels, {"model": str(g.get("name") or "")})
-        yield from (*agent.values(), agent_info, *gpu.values(), gpu_info)
+        yield from (*agent.values(), agent_info, refused, *gpu.values(), gpu_info)
         yield GaugeMetricFamily("chiffon_fleet_agents", "Agents registered", value=fleet.total)
         yield GaugeMetricFamily(
             "chiffon_fleet_agents_exported",

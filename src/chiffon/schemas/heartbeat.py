@@ -43,6 +43,7 @@ ShortText = Annotated[SafeText, Field(min_length=1, max_length=limits.TEXT_MAX_C
 LabelKey = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")]
 LabelValue = Annotated[SafeText, Field(max_length=limits.TEXT_MAX_CHARS)]
 Tag = Annotated[SafeText, Field(max_length=128)]
+RefusalReason = Annotated[str, Field(pattern=limits.REFUSAL_REASON_PATTERN)]
 # Stored in UTC: PostgreSQL refuses the offsets past +-15:59 that ISO 8601 allows.
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(limits.utc)]
 
@@ -118,6 +119,14 @@ class Resources(_Strict):
     )
     jobs_withheld: limits.Withheld | None = Field(
         None, description="why no new job lands on this desktop now; null: welcome"
+    )
+    orders_refused: Annotated[
+        dict[RefusalReason, Annotated[int, Field(ge=0, le=limits.REFUSALS_MAX)]],
+        Field(max_length=limits.ORDERS_REFUSED_MAX),
+    ] = Field(
+        {},
+        description="orders the agent refused since it started, by reason (docs/security.md); "
+        "empty: none, or an agent too old to say",
     )
 
     @model_validator(mode="after")

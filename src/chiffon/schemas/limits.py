@@ -39,6 +39,11 @@ GPUS_MAX = 64
 PROBE_ERRORS_MAX = 32
 IDLE_SECONDS_MAX = 10 * 366 * 86400  # ten years: longer is a broken clock
 COLLECTION_MS_MAX = 600_000.0
+# The orders an agent refused since it started, by reason (`orders_refused`): a reason is
+# a short word (agent.work names them), counted up to a number no agent reaches.
+ORDERS_REFUSED_MAX = 16
+REFUSAL_REASON_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+REFUSALS_MAX = 2**62
 SLACK = 1e-6  # float sums may overshoot a total by rounding
 # An aggregate is a sum of per-GPU numbers each rounded to the MB by the agent.
 AGGREGATE_SLACK_GB = 0.001

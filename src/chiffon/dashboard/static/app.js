@@ -216,6 +216,12 @@ function ownerText(agent) {
   return idle >= 60 ? `owner idle ${Math.round(idle / 60)} min` : "owner active";
 }
 
+// The orders the agent refused since it started, by reason (docs/security.md).
+function refusedText(counts) {
+  const seen = Object.entries(counts || {}).filter(([, n]) => n > 0);
+  return seen.length ? seen.map(([reason, n]) => `${reason} ${n}`).join(", ") : "none";
+}
+
 function foreignText(g) {
   if (g.foreign_processes === null || g.foreign_processes === undefined) return "unknown";
   if (!g.foreign_processes) return "none";
@@ -365,6 +371,7 @@ function renderAgent(agent) {
     fact("labels", "Labels", labels || "none"),
     fact("owner", "Owner", ownerText(agent)),
     fact("reliability", "Last 7 days", `${agent.reliability?.offline_events_7d ?? 0} offline, ${agent.reliability?.preemptions_7d ?? 0} taken back`),
+    fact("refused", "Orders refused", refusedText(m.orders_refused)),
   );
   renderGpus(m, {});
 }
