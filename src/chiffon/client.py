@@ -257,7 +257,12 @@ class Client:
     ) -> JobAccepted:
         """Queue `command` (an argv list) to run once where it fits. `vram_gb` is free
         memory on each GPU; giving it without `gpus` asks for one GPU. The answer's
-        `warning` is set when no registered agent could ever hold the job."""
+        `warning` is set when no registered agent could ever hold the job.
+
+        Sent with a new `Idempotency-Key`, and sent again with the same key (twice at
+        most) when no answer came or the orchestrator was unavailable (502, 503, 504):
+        a submission whose reply was lost had created its job, and the orchestrator
+        answers the retry with that job instead of creating a second."""
         wanted: dict[str, Any] = {"vram_gb": vram_gb, "cpu_cores": cpu_cores,
                                   "memory_gb": memory_gb, "labels": dict(labels or {}),
                                   "pool": pool, "gpu_vendor": gpu_vendor}  # fmt: skip
@@ -270,7 +275,19 @@ class Client:
             "requirements": JobRequirements.model_validate(wanted).model_dump(mode="json"),
         }  # fmt: skip
         body = JobSubmit.model_validate(spec).model_dump(mode="json", exclude_none=True)
-        return JobAccepted.model_validate(self._send("POST", "/jobs", json=body))
+        headers = {"Idempotency-Key": str(uuid.uuid4())}  # this call's, the same each try
+        retries_left, pause_seconds = 2, 0.5  # a restarted orchestrator, a failover: seconds
+        while True:
+            try:
+                return JobAccepted.model_validate(
+                    self._send("POST", "/jobs", json=body, headers=headers)
+                )
+            except ChiffonError as exc:
+                if not retries_left or exc.status not in (None, 502, 503, 504):
+                    raise
+                log.info("submission not answered (%s); sending it again with its key", exc)
+            time.sleep(pause_seconds)
+            retries_left, pause_seconds = retries_left - 1, pause_seconds * 2
 
     def run(
         self,

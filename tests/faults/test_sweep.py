@@ -19,7 +19,9 @@ async def test_8_a_silent_majority_is_marked_offline_and_reported_as_a_network_e
     fleet = [f.message(name=f"desk-{i}") for i in range(4)]
     for msg in fleet:
         await orchestrator.ingest(f.raw(msg))
-    clock.advance(orchestrator.settings.heartbeat_timeout_seconds + 1)  # past start-up grace
+    liveness = orchestrator.settings
+    grace = liveness.heartbeat_interval_seconds + liveness.heartbeat_timeout_seconds
+    clock.advance(grace + 1)  # past start-up grace
     await orchestrator.ingest(f.raw(f.message(fleet[0].agent_id)))  # one still beats
     with caplog.at_level(logging.WARNING):
         gone = await orchestrator.sweeper.sweep_once()

@@ -218,7 +218,9 @@ async def test_orchestrator_that_cannot_hear_its_broker_marks_no_one_offline(
     asks the orchestrator's receivers whether they hear at every sweep."""
     beating = f.message()
     assert await orchestrator.ingest(f.raw(beating)) == "applied"
-    clock.advance(orchestrator.settings.heartbeat_timeout_seconds + 1)  # past start-up grace
+    liveness = orchestrator.settings
+    grace = liveness.heartbeat_interval_seconds + liveness.heartbeat_timeout_seconds
+    clock.advance(grace + 1)  # past start-up grace
     consumer = RabbitConsumer(f"amqp://guest:guest@127.0.0.1:{free_port()}/", orchestrator)
     orchestrator.add_receiver(consumer)
     await consumer.start()
@@ -232,5 +234,5 @@ async def test_orchestrator_that_cannot_hear_its_broker_marks_no_one_offline(
     # Without that receiver the same silence is judged (after the grace of hearing again):
     # the check above could fail.
     assert await orchestrator.sweeper.sweep_once() == []
-    clock.advance(orchestrator.settings.heartbeat_timeout_seconds + 1)
+    clock.advance(grace + 1)
     assert await orchestrator.sweeper.sweep_once() == [str(beating.agent_id)]

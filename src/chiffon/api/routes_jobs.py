@@ -10,14 +10,15 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
 from chiffon.api.deps import JobIdDep, OrchestratorDep, SessionDep
 from chiffon.orchestrator import views
+from chiffon.orchestrator.jobs import KeyReusedError
 from chiffon.persistence import jobs as repo
-from chiffon.persistence.models import JobRow
+from chiffon.persistence.models import IDEMPOTENCY_KEY_MAX_CHARS, JobRow
 from chiffon.schemas.api import ErrorDetail
 from chiffon.schemas.jobs import (
     JobAccepted,
@@ -36,12 +37,40 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/jobs", status_code=201, response_model=JobAccepted, responses=_ERRORS)
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX_CHARS,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="A key of the client's (a UUID, say), new for each job it means to "
+        "submit. Sent again within a day with the same submission (a retry after a lost "
+        "reply), the answer is that first submission's job, and nothing is created; "
+        "with another submission, 409.",
+    ),
+]
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobAccepted,
+    responses={**_ERRORS, 409: {"model": ErrorDetail}},
+)
 async def submit(
-    spec: JobSubmit, orchestrator: OrchestratorDep, session: SessionDep
+    spec: JobSubmit,
+    orchestrator: OrchestratorDep,
+    session: SessionDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
-    """Queue a command to run once on a desktop that has room for it."""
-    job_id, warning = await orchestrator.submit_job(spec)
+    """Queue a command to run once on a desktop that has room for it. With an
+    `Idempotency-Key` already given in the last day, the job it created (the same 201),
+    and no other."""
+    try:
+        job_id, warning = await orchestrator.submit_job(spec, idempotency_key=idempotency_key)
+    except KeyReusedError as exc:
+        raise HTTPException(409, str(exc)) from None
     return JobAccepted(job=await _view(session, job_id), warning=warning)
 
 

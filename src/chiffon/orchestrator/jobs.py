@@ -12,13 +12,17 @@ that was placed again elsewhere).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Update, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.persistence import jobs as repo
@@ -26,8 +30,26 @@ from chiffon.persistence.models import AgentRow, JobAttemptRow, JobClaimRow, Job
 from chiffon.schemas.jobs import TERMINAL, JobLog, JobSubmit
 from chiffon.transport.orders import Order
 
+log = logging.getLogger(__name__)
 Verdict = Literal["applied", "stale", "unknown_job"]
 Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"]
+
+
+# How long a submission's `Idempotency-Key` is remembered: a client retrying a lost reply
+# does so within seconds; a day covers a laptop that slept through it.
+IDEMPOTENCY_KEY_SECONDS = 24 * 3600
+
+
+class KeyReusedError(Exception):
+    """An idempotency key given again with another submission than the one it created
+    `job_id` for."""
+
+    def __init__(self, key: str, job_id: uuid.UUID) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was given in the last day with another submission "
+            f"(job {job_id}); use a new key for a new job"
+        )
+        self.key, self.job_id = key, job_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +69,83 @@ class Report:
 
 
 async def submit(
-    sessions: async_sessionmaker[AsyncSession], spec: JobSubmit, *, now: datetime
+    sessions: async_sessionmaker[AsyncSession],
+    spec: JobSubmit,
+    *,
+    now: datetime,
+    idempotency_key: str | None = None,
 ) -> uuid.UUID:
+    """Queue a job; its id. With an `idempotency_key` given within the last
+    `IDEMPOTENCY_KEY_SECONDS`, the job that key created, and nothing is created (a client
+    whose reply was lost sends its submission again with the same key): `KeyReusedError`
+    when that key came with another submission."""
+    document = spec.model_dump(mode="json")
+    if idempotency_key is None:
+        return await _create(sessions, document, now=now)
+    digest = _digest(document)
+    since = now - timedelta(seconds=IDEMPOTENCY_KEY_SECONDS)
+    if (first := await _keyed_job(sessions, idempotency_key, digest, since)) is not None:
+        return first
+    try:
+        return await _create(sessions, document, now=now, key=(idempotency_key, digest, since))
+    except IntegrityError:  # a submission with the key committed first, beside this one
+        if (first := await _keyed_job(sessions, idempotency_key, digest, since)) is None:
+            raise
+        return first
+
+
+async def _create(
+    sessions: async_sessionmaker[AsyncSession],
+    document: dict[str, Any],
+    *,
+    now: datetime,
+    key: tuple[str, str, datetime] | None = None,
+) -> uuid.UUID:
+    """A new queued job, and with `key` (the key, the submission's digest, the oldest
+    time a key is remembered from) the key's row, in the same transaction."""
     job_id = uuid.uuid4()
     async with sessions.begin() as session:
+        if key is not None:
+            idempotency_key, digest, since = key
+            # Expired but not pruned yet: forgotten, so the key may be used afresh.
+            await repo.forget_idempotency_keys(session, before=since, key=idempotency_key)
+            await repo.add_idempotency_key(
+                session, key=idempotency_key, job_id=job_id, request_sha256=digest, now=now
+            )
         await repo.add_job(
-            session, job_id=job_id, name=spec.name, spec=spec.model_dump(mode="json"), now=now
+            session, job_id=job_id, name=document.get("name"), spec=document, now=now
         )
     return job_id
+
+
+async def _keyed_job(
+    sessions: async_sessionmaker[AsyncSession], key: str, digest: str, since: datetime
+) -> uuid.UUID | None:
+    """The job `key` created since `since`; None when it created none."""
+    async with sessions() as session:
+        row = await repo.idempotency_key(session, key=key, since=since)
+    if row is None:
+        return None
+    if row.request_sha256 != digest:
+        raise KeyReusedError(key, row.job_id)
+    log.info("idempotency key %r given again: job %s, nothing created", key, row.job_id)
+    return row.job_id
+
+
+def _digest(document: dict[str, Any]) -> str:
+    """SHA-256 of the submission as validated, in canonical JSON: two bodies that say the
+    same (keys in another order, a default written out) have the same digest."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def forget_idempotency_keys(
+    sessions: async_sessionmaker[AsyncSession], *, now: datetime
+) -> int:
+    """Delete the idempotency keys older than `IDEMPOTENCY_KEY_SECONDS`; how many."""
+    before = now - timedelta(seconds=IDEMPOTENCY_KEY_SECONDS)
+    async with sessions.begin() as session:
+        return await repo.forget_idempotency_keys(session, before=before)
 
 
 async def cancel(

@@ -1,8 +1,11 @@
 """The offline sweep: agents silent for longer than the timeout are marked offline.
 
-An orchestrator that could not hear anyone (it just started, or its broker link was down)
-must not conclude that everyone died: `grant_grace` gives every agent one full timeout from
-that moment before the sweep may judge it.
+An orchestrator that could not hear anyone (it just started, its broker link was down, or
+the database refused the writes that record what it heard) must not conclude that everyone
+died: `grant_grace` gives every agent a full heartbeat interval plus its timeout of fresh
+hearing from that moment before the sweep may judge it (Nomad resets its heartbeat TTLs
+after a leader change the same way). The interval covers a heartbeat the agent had queued
+or is backing off to send again; the timeout is the ordinary one.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Above this share of the online fleet going silent in one sweep, say so loudly.
 MASS_OFFLINE_FRACTION = 0.5
+NO_ONE = datetime(1, 1, 1, tzinfo=UTC)  # the cutoff of a sweep in grace: no one is heard before
 
 
 class Sweeper:
@@ -34,6 +38,7 @@ class Sweeper:
         metrics: OrchestratorMetrics,
         *,
         timeout_seconds: float,
+        interval_seconds: float = 0.0,
         hearing: Callable[[], bool] = lambda: True,
         went_offline: Callable[[], None] = lambda: None,
     ) -> None:
@@ -43,20 +48,30 @@ class Sweeper:
         self._clock = clock
         self._metrics = metrics
         self._timeout = timedelta(seconds=timeout_seconds)
-        self._not_before: datetime = clock.now() + self._timeout
+        # The agents' heartbeat interval plus the timeout: what grace gives every agent.
+        self._grace = timedelta(seconds=interval_seconds + timeout_seconds)
+        self._not_before: datetime = clock.now() + self._grace
         self._deaf = False
+        self._away = False  # the registry was unreachable: grace once it takes a write
         # When a sweep last ran to the end while the orchestrator could hear (monotonic):
         # past a few intervals the registry's statuses are stale (`stale_seconds`).
         self.last_completed = time.monotonic()
 
     def grant_grace(self) -> None:
-        """Judge no one before one full timeout from now (start, reconnect)."""
-        self._not_before = self._clock.now() + self._timeout
+        """Judge no one before one interval plus timeout from now (start, reconnect)."""
+        self._not_before = self._clock.now() + self._grace
         self._deaf = False
+
+    def database_failed(self) -> None:
+        """The registry could not be reached (a heartbeat's write, a credential read, the
+        sweep's own): what agents said may be going unwritten, so no one is judged until
+        the database takes a sweep's write again, and from then every agent gets its full
+        grace."""
+        self._away = True
 
     def _listen(self) -> bool:
         """Whether the orchestrator can hear now. While a receiver cannot, silence proves
-        nothing: judge no one; once it can again, every agent gets one full timeout."""
+        nothing: judge no one; once it can again, every agent gets its full grace."""
         deaf = not self._hearing()
         if self._deaf and not deaf:
             self.grant_grace()
@@ -71,18 +86,28 @@ class Sweeper:
         return behind if behind > 3 * interval_seconds else None
 
     async def sweep_once(self) -> list[str]:
-        """One sweep; returns the ids marked offline."""
+        """One sweep; returns the ids marked offline. One that fails (the database is
+        away) counts as `database_failed`."""
+        try:
+            return await self._sweep()
+        except Exception:
+            self._away = True
+            raise
+
+    async def _sweep(self) -> list[str]:
         if not self._listen():
             return await self._refresh_counts([])
+        if self._away:  # back from a failed write: the grace runs from this sweep, whose
+            self._away = False  # write fails (and is away again) while the database does
+            self.grant_grace()
         now = self._clock.now()
-        if now < self._not_before:  # in grace: nothing to judge, yet the sweep keeps up
-            await self._refresh_counts([])
-            self.last_completed = time.monotonic()
-            return []
+        # In grace the sweep still writes, judging no one: a sweep completes only when the
+        # registry takes its writes (`stale_seconds`), in grace or not.
+        cutoff = now - self._timeout if now >= self._not_before else NO_ONE
         started = time.perf_counter()
         async with self._sessions.begin() as session:
             before = await registry.count_by_status(session)
-            gone = await registry.mark_silent_offline(session, cutoff=now - self._timeout, now=now)
+            gone = await registry.mark_silent_offline(session, cutoff=cutoff, now=now)
             await registry.add_events(
                 session,
                 events=[

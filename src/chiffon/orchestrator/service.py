@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chiffon.orchestrator import jobs
-from chiffon.orchestrator.batcher import IngestBatcher
+from chiffon.orchestrator.batcher import IngestBatcher, IngestUnavailableError
 from chiffon.orchestrator.clock import Clock, SystemClock
 from chiffon.orchestrator.credentials import CredentialStore
 from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
@@ -100,6 +100,7 @@ class Orchestrator:
             self.clock,
             self.metrics,
             timeout_seconds=settings.heartbeat_timeout_seconds,
+            interval_seconds=settings.heartbeat_interval_seconds,
             hearing=self.hearing,
             went_offline=lambda: self.dispatcher.wake(),
         )
@@ -262,10 +263,15 @@ class Orchestrator:
             checks[receiver.name] = "hearing" if receiver.hearing else "not hearing"
         return checks
 
-    async def submit_job(self, spec: JobSubmit) -> tuple[UUID, str | None]:
+    async def submit_job(
+        self, spec: JobSubmit, *, idempotency_key: str | None = None
+    ) -> tuple[UUID, str | None]:
         """Queue a job and wake the dispatcher; with a warning when no registered agent
-        could ever hold it (it is kept: a bigger desktop may join)."""
-        job_id = await jobs.submit(self.sessions, spec, now=self.clock.now())
+        could ever hold it (it is kept: a bigger desktop may join). A key given in the
+        last day returns its job and creates none (`jobs.submit`)."""
+        job_id = await jobs.submit(
+            self.sessions, spec, now=self.clock.now(), idempotency_key=idempotency_key
+        )
         self.dispatcher.wake()
         want = requirements(spec.model_dump(mode="json"))
         return job_id, None if await self._could_ever_hold(want) else never_fits(want)
@@ -387,7 +393,9 @@ class Orchestrator:
             ready.set()
 
     async def prune_job_logs(self) -> int:
-        """Drop the logs of jobs that ended longer ago than the retention."""
+        """Drop the logs of jobs that ended longer ago than the retention (and forget the
+        idempotency keys older than a day)."""
+        await jobs.forget_idempotency_keys(self.sessions, now=self.clock.now())
         cutoff = self.clock.now() - timedelta(seconds=self.settings.job_log_retention_seconds)
         async with self.sessions.begin() as session:
             return await jobs_repo.prune_logs(session, ended_before=cutoff)
@@ -418,11 +426,17 @@ class Orchestrator:
     def receive(self, message: AgentMessage) -> asyncio.Future[Outcome]:
         """Stamp receipt time now and queue; resolves once the write has committed. A
         goodbye (`offline`) wakes the dispatcher once written: that agent's jobs are
-        placed again now."""
+        placed again now. A write that failed for the database tells the sweep
+        (`Sweeper.database_failed`): what went unwritten proves no silence."""
         done = self.batcher.submit_nowait(Received(message, self.clock.now()))
+        done.add_done_callback(self._written)
         if message.kind == "offline":
             done.add_done_callback(lambda _: self.dispatcher.wake())
         return done
+
+    def _written(self, done: asyncio.Future[Outcome]) -> None:
+        if not done.cancelled() and isinstance(done.exception(), IngestUnavailableError):
+            self.sweeper.database_failed()
 
     async def check_bearer(self, agent_id: UUID, bearer: str | None) -> None:
         """Refuse (`RejectedMessage`, counted) a bearer that is not `agent_id`'s secret:
@@ -432,6 +446,9 @@ class Orchestrator:
             await self.credentials.check_bearer(agent_id, bearer)
         except RejectedMessage as exc:
             self.reject(exc.reason)
+            raise
+        except (OSError, DBAPIError):  # the registry is away: this beat goes unwritten
+            self.sweeper.database_failed()
             raise
 
     async def admit(
@@ -458,6 +475,7 @@ class Orchestrator:
             self.reject(exc.reason)
             raise
         except (OSError, DBAPIError) as exc:
+            self.sweeper.database_failed()
             raise ProofUnavailableError(str(exc)) from exc
         return message
 

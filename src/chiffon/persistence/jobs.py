@@ -35,6 +35,7 @@ from chiffon.persistence.models import (
     JobAttemptRow,
     JobClaimRow,
     JobEventRow,
+    JobIdempotencyKeyRow,
     JobLogRow,
     JobRow,
 )
@@ -71,6 +72,38 @@ async def add_job(
     session.add(JobEventRow(job_id=job_id, at=now, attempt=0, from_state=None,
                             to_state="queued", reason="submitted"))  # fmt: skip
     return job
+
+
+async def add_idempotency_key(
+    session: AsyncSession, *, key: str, job_id: uuid.UUID, request_sha256: str, now: datetime
+) -> None:
+    """Remember that `key` created `job_id`. Its primary key refuses a second row for the
+    key at commit (IntegrityError), even from a transaction running beside this one."""
+    session.add(JobIdempotencyKeyRow(
+        key=key, job_id=job_id, request_sha256=request_sha256, created_at=now
+    ))  # fmt: skip
+
+
+async def idempotency_key(
+    session: AsyncSession, *, key: str, since: datetime
+) -> JobIdempotencyKeyRow | None:
+    """The row of `key` if it was given at or after `since` (an older one is forgotten,
+    whether or not it was pruned yet)."""
+    stmt = select(JobIdempotencyKeyRow).where(
+        JobIdempotencyKeyRow.key == key, JobIdempotencyKeyRow.created_at >= since
+    )
+    return (await session.scalars(stmt)).one_or_none()
+
+
+async def forget_idempotency_keys(
+    session: AsyncSession, *, before: datetime, key: str | None = None
+) -> int:
+    """Delete the keys given before `before` (only `key`, when given); how many."""
+    stmt = delete(JobIdempotencyKeyRow).where(JobIdempotencyKeyRow.created_at < before)
+    if key is not None:
+        stmt = stmt.where(JobIdempotencyKeyRow.key == key)
+    result = await session.execute(stmt)
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def queued(session: AsyncSession, *, limit: int) -> list[tuple[uuid.UUID, dict[str, Any]]]:

@@ -303,3 +303,24 @@ class JobLogRow(Base):
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+# An `Idempotency-Key` header's longest value (the API refuses longer ones).
+IDEMPOTENCY_KEY_MAX_CHARS = 128
+
+
+class JobIdempotencyKeyRow(Base):
+    """A submission's idempotency key and the job it created: the same key given again
+    within a day returns that job and creates none (`orchestrator.jobs.submit`). The key
+    is the primary key, so two submissions racing with one key create one job; rows
+    older than a day are deleted with the job logs' pruning."""
+
+    __tablename__ = "job_idempotency_keys"
+    __table_args__ = (Index("ix_job_idempotency_keys_created", "created_at"),)
+
+    key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_MAX_CHARS), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    # SHA-256 of the submission as validated (canonical JSON): the same key with another
+    # submission is refused, not answered with a job that is not what was asked for.
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
