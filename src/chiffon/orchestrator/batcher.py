@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -45,8 +46,11 @@ class IngestBatcher:
         max_batch: int = 500,
         max_delay_seconds: float = 0.02,
         retry_backoff_seconds: float = 0.5,
+        unavailable: Callable[[], None] | None = None,
     ) -> None:
+        """`unavailable`: told once per batch the database could not take."""
         self._sessions = sessions
+        self._on_unavailable = unavailable
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay = max_delay_seconds
@@ -149,6 +153,8 @@ class IngestBatcher:
         self.healthy = False
         self._metrics.ingest_errors.inc()
         log.warning("ingest batch of %d failed, will be retried: %s", len(batch), exc)
+        if self._on_unavailable is not None:
+            self._on_unavailable()
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_exception(IngestUnavailableError(str(exc)))

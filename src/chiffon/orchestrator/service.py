@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chiffon.orchestrator import jobs
-from chiffon.orchestrator.batcher import IngestBatcher, IngestUnavailableError
+from chiffon.orchestrator.batcher import IngestBatcher
 from chiffon.orchestrator.clock import Clock, SystemClock
 from chiffon.orchestrator.credentials import CredentialStore
 from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
@@ -93,6 +93,8 @@ class Orchestrator:
             self.metrics,
             max_batch=settings.ingest_batch_size,
             max_delay_seconds=settings.ingest_batch_delay_ms / 1000,
+            # What went unwritten proves no silence: the sweep waits for the database.
+            unavailable=lambda: self.sweeper.database_failed(),
         )
         self.receivers: list[Receiver] = list(_receivers_from(settings, self))
         self.sweeper = Sweeper(
@@ -426,17 +428,11 @@ class Orchestrator:
     def receive(self, message: AgentMessage) -> asyncio.Future[Outcome]:
         """Stamp receipt time now and queue; resolves once the write has committed. A
         goodbye (`offline`) wakes the dispatcher once written: that agent's jobs are
-        placed again now. A write that failed for the database tells the sweep
-        (`Sweeper.database_failed`): what went unwritten proves no silence."""
+        placed again now."""
         done = self.batcher.submit_nowait(Received(message, self.clock.now()))
-        done.add_done_callback(self._written)
         if message.kind == "offline":
             done.add_done_callback(lambda _: self.dispatcher.wake())
         return done
-
-    def _written(self, done: asyncio.Future[Outcome]) -> None:
-        if not done.cancelled() and isinstance(done.exception(), IngestUnavailableError):
-            self.sweeper.database_failed()
 
     async def check_bearer(self, agent_id: UUID, bearer: str | None) -> None:
         """Refuse (`RejectedMessage`, counted) a bearer that is not `agent_id`'s secret:
