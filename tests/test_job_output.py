@@ -80,3 +80,36 @@ def test_a_colour_cut_between_two_pieces_stays_a_colour() -> None:
     assert safe.feed("a\x1b[3") == "a"
     assert safe.feed("2mgreen") == "\x1b[32mgreen"
     assert safe.feed("\x1b") == "" and safe.flush() == "\\x1b"
+
+
+def test_a_signal_raises_once_and_the_ones_after_it_wait_until_rearmed() -> None:
+    import signal
+
+    import pytest
+
+    from chiffon.client import Interrupted, Signals
+
+    signals = Signals()
+    with pytest.raises(Interrupted) as first:
+        signals.on_signal(signal.SIGINT, None)
+    assert first.value.signum == signal.SIGINT
+    signals.on_signal(signal.SIGINT, None)  # `timeout -s INT`'s second: held, not raised
+    signals.on_signal(signal.SIGHUP, None)  # the terminal went: it outranks Ctrl-C
+    signals.on_signal(signal.SIGINT, None)
+    assert signals.rearm() == signal.SIGHUP
+    with pytest.raises(Interrupted):
+        signals.on_signal(signal.SIGTERM, None)  # armed again
+
+
+def test_a_signal_during_a_shielded_block_is_raised_after_it() -> None:
+    import signal
+
+    import pytest
+
+    from chiffon.client import Interrupted, Signals
+
+    signals, done = Signals(), []
+    with pytest.raises(Interrupted) as raised, signals.shield():
+        signals.on_signal(signal.SIGTERM, None)
+        done.append("the submission finished")
+    assert done and raised.value.signum == signal.SIGTERM

@@ -74,53 +74,64 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def interruptible() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
-    """While inside, SIGINT, SIGTERM and SIGHUP raise `Interrupted` (as `srun` treats
-    them: the job is to be cancelled), and the handlers are put back after. What it yields
-    shields a block (a submission in flight) until it ends: a signal meanwhile is raised
-    right after it, so a job is never created without its id being known. Outside the
-    main thread, signals cannot be caught: nothing changes."""
-    shielded, pending = [False], [0]
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP while a program waits on a job (`interruptible`).
 
-    def shield() -> contextlib.AbstractContextManager[None]:
-        return _Shield(shielded, pending)
+    A signal raises `Interrupted`, then holds: the ones after it wait (`pending`) until
+    the program `rearm`s, so what a signal starts (cancelling the job) is never cut short
+    by the next (`timeout -s INT` signals a program and then its process group: two at
+    once). `shield()` holds them over a block (a submission in flight) and raises the one
+    that came meanwhile right after it, so a job is never created without its id known."""
 
-    if threading.current_thread() is not threading.main_thread():
-        yield shield
-        return
+    def __init__(self) -> None:
+        self.held = False
+        self.pending = 0
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if shielded[0]:
-            pending[0] = pending[0] or signum
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.held:
+            # SIGTERM or SIGHUP (the terminal is gone) outranks a Ctrl-C.
+            if not self.pending or self.pending == signal.SIGINT:
+                self.pending = signum
             return
+        self.held = True
         raise Interrupted(signum)
 
-    # Not a signal the program ignores (nohup ignores SIGHUP: the job outlives the
-    # terminal, as the user asked); SIGHUP does not exist on Windows.
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        self.held = True
+        try:
+            yield
+        finally:
+            signum = self.rearm()
+        if signum:
+            self.held = True
+            raise Interrupted(signum)
+
+    def rearm(self) -> int:
+        """Let the next signal raise again; the one that came while held (0: none)."""
+        signum, self.pending, self.held = self.pending, 0, False
+        return signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Signals]:
+    """While inside, SIGINT, SIGTERM and SIGHUP raise `Interrupted` (as `srun` treats
+    them: the job is to be cancelled), as `Signals` says; the handlers are put back after.
+    A signal the program ignores stays ignored (nohup ignores SIGHUP: the job is to outlive
+    the terminal); outside the main thread, signals cannot be caught: nothing changes."""
+    signals = Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    names = ("SIGINT", "SIGTERM", "SIGHUP")  # SIGHUP does not exist on Windows
     caught = [s for n in names if (s := getattr(signal, n, None)) is not None]
     caught = [s for s in caught if signal.getsignal(s) is not signal.SIG_IGN]
-    before = {s: signal.signal(s, on_signal) for s in caught}
+    before = {s: signal.signal(s, signals.on_signal) for s in caught}
     try:
-        yield shield
+        yield signals
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-
-
-class _Shield(contextlib.AbstractContextManager[None]):
-    def __init__(self, shielded: list[bool], pending: list[int]) -> None:
-        self._shielded, self._pending = shielded, pending
-
-    def __enter__(self) -> None:
-        self._shielded[0] = True
-
-    def __exit__(self, *exc: object) -> None:
-        self._shielded[0] = False
-        if self._pending[0] and exc[0] is None:
-            signum, self._pending[0] = self._pending[0], 0
-            raise Interrupted(signum)
 
 
 def default_token(data_dir: Path | None = None) -> str | None:
@@ -275,13 +286,16 @@ class Client:
             "requirements": JobRequirements.model_validate(wanted).model_dump(mode="json"),
         }  # fmt: skip
         body = JobSubmit.model_validate(spec).model_dump(mode="json", exclude_none=True)
-        headers = {"Idempotency-Key": str(uuid.uuid4())}  # this call's, the same each try
-        retries_left, pause_seconds = 2, 0.5  # a restarted orchestrator, a failover: seconds
+        return JobAccepted.model_validate(self._submit_once(body))
+
+    def _submit_once(self, body: dict[str, Any]) -> Any:
+        """POST the job with a key of this call's own, again with the same key while no
+        answer comes (a restarted orchestrator, a failover: seconds)."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        retries_left, pause_seconds = 2, 0.5
         while True:
             try:
-                return JobAccepted.model_validate(
-                    self._send("POST", "/jobs", json=body, headers=headers)
-                )
+                return self._send("POST", "/jobs", json=body, headers=headers)
             except ChiffonError as exc:
                 if not retries_left or exc.status not in (None, 502, 503, 504):
                     raise
@@ -300,10 +314,10 @@ class Client:
         """Submit `command` (the arguments of `submit`), wait for it to end and return
         it, as `srun` does: interrupted (Ctrl-C, SIGTERM, SIGHUP) or out of
         `wait_seconds`, it cancels the job and raises (`Interrupted`, `TimeoutError`)."""
-        with interruptible() as shield:
+        with interruptible() as signals:
             accepted: JobAccepted | None = None
             try:
-                with shield():  # a signal meanwhile waits for the job's id
+                with signals.shield():  # a signal meanwhile waits for the job's id
                     accepted = self.submit(command, **spec)
                 if accepted.warning:
                     log.warning("job %s: %s", accepted.job.job_id, accepted.warning)
@@ -314,7 +328,7 @@ class Client:
                 if accepted is not None:
                     what = "ran out of time" if isinstance(exc, TimeoutError) else f"got {exc!r}"
                     log.warning("%s: cancelling job %s", what, accepted.job.job_id)
-                    with contextlib.suppress(ChiffonError, KeyboardInterrupt), shield():
+                    with contextlib.suppress(ChiffonError):  # more signals are held
                         self.cancel(accepted.job.job_id)
                 raise
 

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -27,10 +26,9 @@ from rich.text import Text
 from chiffon.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, console, err_console, plain
 
 if TYPE_CHECKING:
-    from chiffon.client import Client, LogCursor
+    from chiffon.client import Client, LogCursor, Signals
     from chiffon.schemas.jobs import JobAccepted, JobAttempt, JobDetail, JobLog, JobView
 
-Shield = Callable[[], AbstractContextManager[None]]
 RAW_OPTION = typer.Option(
     False, "--raw", help="Write the job's output as it is, control sequences included."
 )
@@ -149,15 +147,8 @@ def run(
         "retry_on_exit": retry_on_exit, "policy": "spread" if spread else "best_fit",
         "timeout_seconds": parse_duration(timeout, "--timeout") if timeout else None,
     }  # fmt: skip
-    with client(url) as c, interruptible() as shield:
-        accepted, signum = None, 0
-        try:
-            with shield():  # a signal now waits for the job's id, so it can be cancelled
-                accepted = _submit(c, command, spec)
-        except Interrupted as exc:
-            signum = exc.signum
-        if accepted is None:
-            raise typer.Exit(128 + signum)
+    with client(url) as c, interruptible() as signals:
+        accepted, signum = _submit_shielded(c, command, spec, signals)
         job = accepted.job
         if accepted.warning:
             err_console.print(f"warning: {accepted.warning}", highlight=False, style="yellow")
@@ -169,33 +160,49 @@ def run(
         try:
             if signum:
                 raise Interrupted(signum)
-            final = follow(c, job.job_id, out, shield)
+            final = follow(c, job.job_id, out, signals)
         except Interrupted as exc:
-            final = _cancel(c, job.job_id, exc.signum, out, shield)
+            final = _cancel(c, job.job_id, exc.signum, out, signals)
     if final.state != "succeeded":
         why = "" if final.reason in ("", final.state) else f": {final.reason}"
         say(f"job {final.job_id} {final.state}{why}")
     raise typer.Exit(exit_status(final))
 
 
-def _cancel(c: Client, job_id: uuid.UUID, signum: int, out: Output, shield: Shield) -> JobDetail:
-    """Cancel the job on a signal, as srun does. After Ctrl-C, go on showing its output
-    until it has ended (a second Ctrl-C stops showing it; the cancel stands); after
-    SIGTERM or SIGHUP (the terminal is gone), exit at once with 128 + the signal. More
-    signals while the cancel is being sent wait for it."""
+def _submit_shielded(
+    c: Client, command: list[str], spec: dict[str, Any], signals: Signals
+) -> tuple[JobAccepted, int]:
+    """Submit; a signal meanwhile waits for the job's id (so it can be cancelled) and is
+    returned with it (0: none)."""
+    from chiffon.client import Interrupted
+
+    accepted = None
+    try:
+        with signals.shield():
+            accepted = _submit(c, command, spec)
+    except Interrupted as exc:
+        if accepted is None:  # not submitted
+            raise typer.Exit(128 + exc.signum) from None
+        return accepted, exc.signum
+    return accepted, 0
+
+
+def _cancel(c: Client, job_id: uuid.UUID, signum: int, out: Output, signals: Signals) -> JobDetail:
+    """Cancel the job on a signal, as srun does (more signals are held meanwhile). After
+    Ctrl-C, go on showing its output until it has ended (a second Ctrl-C stops showing
+    it; the cancel stands); after SIGTERM or SIGHUP (the terminal is gone), exit at once
+    with 128 + the signal."""
     from chiffon.client import Interrupted
 
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     say(f"{name}: cancelling job {job_id} (it gets its grace period to end)")
-    try:
-        with shield():
-            c.cancel(job_id)
-    except Interrupted as again:
-        signum = signum if signum != signal.SIGINT else again.signum
+    c.cancel(job_id)
+    if (later := signals.rearm()) not in (0, signal.SIGINT):  # SIGTERM, SIGHUP outrank it
+        signum = later
     if signum != signal.SIGINT:
         raise typer.Exit(128 + signum)
     try:
-        return follow(c, job_id, out, shield)
+        return follow(c, job_id, out, signals)
     except Interrupted:
         say(f"stopped showing job {job_id}; it is cancelled and ends within its grace period")
         raise typer.Exit(EXIT_CANCELLED) from None
@@ -282,7 +289,7 @@ def _how_placed(job: JobDetail) -> str:
     return "ran" if job.started_at is not None else "placed"  # over at the first look
 
 
-def follow(c: Client, job_id: uuid.UUID, out: Output, shield: Shield) -> JobDetail:
+def follow(c: Client, job_id: uuid.UUID, out: Output, signals: Signals) -> JobDetail:
     """Say why it waits and where it lands, write its output as it comes (from where `out`
     stopped), and return the job once it has ended."""
     said_reason = ""
@@ -298,7 +305,7 @@ def follow(c: Client, job_id: uuid.UUID, out: Output, shield: Shield) -> JobDeta
             said_reason = job.reason
         time.sleep(0.2)
     for piece in c.logs(job_id, follow=True, cursor=out.resume()):
-        with shield():  # a signal waits until the piece is written and counted
+        with signals.shield():  # a signal waits until the piece is written and counted
             if piece.attempt > max(out.landed, 1):  # placed again: a retry
                 say(f"placed again: attempt {piece.attempt} running on {where(c.get(job_id))}")
             out.landed = max(out.landed, piece.attempt)
