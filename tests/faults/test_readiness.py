@@ -44,7 +44,15 @@ def disk_full(postgres_url: str) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def _fill(conn: psycopg.Connection, full: bool) -> None:
+async def _fill(conn: psycopg.Connection, full: bool) -> None:
+    """Create or drop the trigger off the event loop: the orchestrator under test shares
+    the loop, and a transaction of its (a dispatcher's read) that holds a lock on the
+    table must be able to finish while the DDL waits for it (in the loop, they waited for
+    each other: the test hung for its whole timeout under load)."""
+    await asyncio.to_thread(_ddl, conn, full)
+
+
+def _ddl(conn: psycopg.Connection, full: bool) -> None:
     if full:
         conn.execute(
             "CREATE TRIGGER chiffon_test_disk_full BEFORE INSERT OR UPDATE ON agent_registry "
@@ -94,7 +102,7 @@ async def test_9_a_registry_that_cannot_be_written_is_not_ready_and_says_it_is_s
         summary = (await api.get("/api/v1/fleet/summary")).json()
         assert summary["registry_stale_seconds"] is None
 
-        _fill(disk_full, True)
+        await _fill(disk_full, True)
         refused = await api.post(url, content=f.raw(f.message(agent)), headers=auth)
         assert refused.status_code == 503  # not durable: the agent keeps it and retries
         await _ready(api, 503)
@@ -108,7 +116,7 @@ async def test_9_a_registry_that_cannot_be_written_is_not_ready_and_says_it_is_s
         summary = (await api.get("/api/v1/fleet/summary")).json()
         assert summary["registry_stale_seconds"] > 0.6
 
-        _fill(disk_full, False)
+        await _fill(disk_full, False)
         back = await api.post(url, content=f.raw(f.message(agent)), headers=auth)
         assert back.status_code == 200
         await _ready(api, 200)
