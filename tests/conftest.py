@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+import uvicorn
 from sqlalchemy.engine import make_url
 
 from chiffon.api.app import create_app
@@ -20,7 +22,8 @@ from chiffon.persistence import db
 from chiffon.persistence.models import Base
 from tests.auth import API_TOKEN, ENROLL_TOKEN, SECRET_KEY
 from tests.private_services import PrivatePostgres, PrivateRabbit
-from tests.services import POSTGRES_ADMIN_URL, listening_pids, need
+from tests.procs import free_port
+from tests.services import POSTGRES_ADMIN_URL, eventually, listening_pids, need
 
 
 @contextmanager
@@ -103,6 +106,26 @@ async def api_client(
         transport=httpx.ASGITransport(app=app), base_url="http://chiffon", headers=headers
     ) as client:
         yield client
+
+
+@asynccontextmanager
+async def serving(orchestrator: Orchestrator) -> AsyncIterator[str]:
+    """The orchestrator's API on a real socket, in this event loop (a blocking client
+    runs in a thread); its base URL."""
+    port = free_port()
+    app = create_app(orchestrator, manage_lifecycle=False)
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    await eventually(started)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.fixture

@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from chiffon.api.app import create_app
 from chiffon.client import Client
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import jobs as jobs_repo
 from tests.auth import API_HEADERS, API_TOKEN
-from tests.conftest import api_client
-from tests.procs import free_port
-from tests.services import eventually
+from tests.conftest import api_client, serving
 
 TRAIN = {"command": ["python", "train.py"], "name": "train", "requirements": {"gpus": 1}}
 DAY_SECONDS = 24 * 3600
@@ -186,25 +182,6 @@ async def test_many_submissions_with_one_key_at_once_create_one_job_on_postgresq
         assert {a.status_code for a in answers} == {201}
         ids = {a.json()["job"]["job_id"] for a in answers}
         assert len(ids) == 1 and await job_ids(api) == list(ids)
-
-
-@contextlib.asynccontextmanager
-async def serving(orchestrator: Orchestrator) -> AsyncIterator[str]:
-    """The API on a real socket, in this event loop (a blocking client runs in a thread)."""
-    port = free_port()
-    app = create_app(orchestrator, manage_lifecycle=False)
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    await eventually(started)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_a_client_whose_reply_was_lost_gets_its_job_back_not_a_second(

@@ -6,7 +6,6 @@ what is counted must be the same."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,9 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import uvicorn
 
-from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.transport.auth import Credentials
@@ -26,7 +23,7 @@ from chiffon.transport.memory import InMemoryPublisher
 from chiffon.transport.rabbitmq.publisher import RabbitPublisher
 from tests import factories as f
 from tests.auth import keyring
-from tests.procs import free_port
+from tests.conftest import serving
 from tests.rabbitmq.helpers import agent_row, consuming, sample, scratch_topology
 from tests.services import AMQP_URL, eventually, need
 
@@ -39,25 +36,6 @@ def clock() -> ManualClock:
     return ManualClock(datetime.now(UTC))
 
 
-@contextlib.asynccontextmanager
-async def _serving(orchestrator: Orchestrator) -> AsyncIterator[str]:
-    """The API on a real socket, in this event loop."""
-    port = free_port()
-    app = create_app(orchestrator, manage_lifecycle=False)
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    await eventually(started)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 @pytest.fixture(params=["memory", "http", "amqp"])
 async def connect(
     request: pytest.FixtureRequest, orchestrator: Orchestrator
@@ -66,7 +44,7 @@ async def connect(
     if request.param == "memory":
         yield lambda creds: InMemoryPublisher(orchestrator.ingest, credential=creds)
     elif request.param == "http":
-        async with _serving(orchestrator) as url:
+        async with serving(orchestrator) as url:
             yield lambda creds: HttpPublisher(url, timeout_seconds=5, credential=creds)
     else:
         need("RabbitMQ", "127.0.0.1", 5672)
