@@ -19,6 +19,9 @@ TOKENS_ENV = {
     "CHIFFON_API_TOKEN": API_TOKEN,
     "CHIFFON_ENROLL_TOKEN": ENROLL_TOKEN,
     "CHIFFON_SECRET_KEY": SECRET_KEY,
+    # Their agents enroll with the shared token and run jobs at once; the approval step
+    # itself is tested in tests/test_agent_trust.py and tests/test_cli_trust.py.
+    "CHIFFON_AUTO_APPROVE": "1",
 }
 
 

@@ -161,8 +161,10 @@ def fleet_on(
     liveness: dict[str, str] | None = None,
     *,
     sqlite: bool = False,
+    orchestrator_env: dict[str, str] | None = None,
 ) -> Iterator[Fleet]:
-    """An orchestrator on a fresh PostgreSQL database (or, with `sqlite`, a SQLite file)."""
+    """An orchestrator on a fresh PostgreSQL database (or, with `sqlite`, a SQLite file);
+    `orchestrator_env` over the test tokens' settings."""
     liveness = liveness or LIVENESS_ENV
     with ExitStack() as stack:
         if sqlite:
@@ -177,6 +179,7 @@ def fleet_on(
             **liveness,
             **TOKENS_ENV,
             "CHIFFON_DATABASE_URL": database_url,
+            **(orchestrator_env or {}),
         }
         args = ["--port", str(port)] + (["--amqp-url", amqp_url] if amqp_url else [])
         fleet = Fleet(api, tmp, {}, stack, {})

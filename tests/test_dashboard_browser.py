@@ -686,3 +686,39 @@ def test_the_owners_side_shows_per_agent_and_per_gpu(page: object) -> None:
         "0 offline, 0 taken back"
     )
     shot(page, "agent-owner.png")
+
+
+def test_a_suspect_agent_is_shown_held_with_its_reason(
+    page: object, fleet: tuple[str, Beater]
+) -> None:
+    """Issue 34, item 3: two runs beating with one secret quarantine the agent, and the
+    page says so where the owner's side is shown, and why on its own page."""
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    url, _ = fleet
+    agent_id = uuid.uuid4()
+    auth = bearer(enroll(url, agent_id))
+    runs = [uuid.uuid4(), uuid.uuid4()]
+    outcomes = []
+    try:
+        for n, run in enumerate([runs[0], runs[1], runs[0]]):
+            msg = f.message(agent_id, name="twice-run", boot_id=run, seq=n + 1)
+            got = httpx.post(f"{url}/api/v1/agents/{agent_id}/heartbeat", content=f.raw(msg),
+                             headers=auth, timeout=5)  # fmt: skip
+            outcomes.append(got.json().get("outcome"))
+            time.sleep(0.05)  # each sent after the one before
+        assert outcomes == ["applied", "applied", "suspect"]
+        page.goto(PAGE)
+        held = page.locator(f"#agents tbody tr[data-agent-id='{agent_id}'] [data-owner]")
+        expect(held).to_have_text("suspect: quarantined")
+        expect(held).to_have_attribute("data-hold", "suspect")
+        page.click(f"#agents tbody tr[data-agent-id='{agent_id}'] a")
+        expect(page.locator("#agent-facts [data-k='hold'] .v")).to_contain_text(
+            "boot ids alternate"
+        )
+        shot(page, "agent-suspect.png")
+    finally:
+        headers = {"authorization": f"Bearer {API_TOKEN}"}
+        httpx.delete(f"{url}/api/v1/agents/{agent_id}/credential", headers=headers, timeout=5)
+        httpx.delete(f"{url}/api/v1/agents/{agent_id}", headers=headers, timeout=5)

@@ -442,6 +442,10 @@ class Client:
     def delete(self, path: str) -> None:
         self._send("DELETE", path)
 
+    def post_json(self, path: str, body: Any = None) -> Any:
+        """POST to any endpoint of the API (admin actions); its answer as parsed JSON."""
+        return self._send("POST", path, json=body)
+
     def resolve_agent(self, ref: str) -> str:
         """An agent id from a UUID, a unique id prefix (as `chiffon agents` shows) or a
         name; `LookupFailed` when none or several match."""

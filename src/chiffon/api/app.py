@@ -21,7 +21,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import ClientDisconnect
 
 from chiffon import __version__
-from chiffon.api import routes_agents, routes_fleet, routes_ingest, routes_jobs, routes_work
+from chiffon.api import (
+    routes_agents,
+    routes_fleet,
+    routes_ingest,
+    routes_jobs,
+    routes_tokens,
+    routes_work,
+)
 from chiffon.api.auth import ApiTokenDep
 from chiffon.api.body_limit import BodyLimit
 from chiffon.api.headers import DashboardHeaders
@@ -130,6 +137,7 @@ def create_app(
     app.include_router(routes_fleet.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_work.router)
+    app.include_router(routes_tokens.router)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -65,22 +66,38 @@ async def require_api_token(
     raise unauthorized("invalid API token")
 
 
-async def require_enroll_token(orchestrator: OrchestratorDep, credentials: BearerDep) -> None:
-    """401 unless the request carries the enrollment token (or the API token)."""
+@dataclass(frozen=True, slots=True)
+class EnrollGrant:
+    """What an enrollment presented: the API token or an approving token make the agent
+    approved at once; a made token (`chiffon tokens create`) is spent when the agent's
+    credential is written, in that transaction."""
+
+    approved: bool
+    made_token_sha256: str | None = None
+
+
+async def require_enroll_token(
+    orchestrator: OrchestratorDep, credentials: BearerDep
+) -> EnrollGrant:
+    """401 unless the request carries the enrollment token, a token made by `chiffon
+    tokens create` (checked, not yet spent), or the API token."""
     settings = orchestrator.settings
     presented = "" if credentials is None else credentials.credentials
-    if not (
-        token_matches(presented, settings.enroll_token)
-        or token_matches(presented, settings.api_token)
-    ):
-        orchestrator.metrics.enrollments.labels("bad_token").inc()
-        log.warning(
-            "enrollment refused: %s enrollment token", "no" if credentials is None else "a wrong"
-        )
-        if credentials is None:
-            raise unauthorized("missing Authorization: Bearer <CHIFFON_ENROLL_TOKEN>")
-        raise unauthorized("invalid enrollment token")
+    if token_matches(presented, settings.api_token):
+        return EnrollGrant(approved=True)
+    if token_matches(presented, settings.enroll_token):
+        return EnrollGrant(approved=settings.auto_approve)
+    if presented and (made := await orchestrator.credentials.made_token(presented)) is not None:
+        return EnrollGrant(approved=made.approves or settings.auto_approve,
+                           made_token_sha256=made.token_sha256)  # fmt: skip
+    orchestrator.metrics.enrollments.labels("bad_token").inc()
+    log.warning(
+        "enrollment refused: %s enrollment token", "no" if credentials is None else "a wrong"
+    )
+    if credentials is None:
+        raise unauthorized("missing Authorization: Bearer <CHIFFON_ENROLL_TOKEN>")
+    raise unauthorized("invalid, used up or expired enrollment token")
 
 
 ApiTokenDep = Depends(require_api_token)
-EnrollTokenDep = Depends(require_enroll_token)
+EnrollGrantDep = Annotated[EnrollGrant, Depends(require_enroll_token)]

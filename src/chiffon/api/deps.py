@@ -54,5 +54,12 @@ async def parse_job_id(
     return _path_uuid("job_id", job_id)
 
 
+async def parse_token_id(
+    token_id: Annotated[str, Path(json_schema_extra=UUID_TEXT, description="the token's id")],
+) -> uuid.UUID:
+    return _path_uuid("token_id", token_id)
+
+
 AgentIdDep = Annotated[uuid.UUID, Depends(parse_agent_id)]
+TokenIdDep = Annotated[uuid.UUID, Depends(parse_token_id)]
 JobIdDep = Annotated[uuid.UUID, Depends(parse_job_id)]

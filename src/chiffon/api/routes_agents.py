@@ -16,7 +16,14 @@ from chiffon.persistence import jobs as jobs_repo
 from chiffon.persistence import registry
 from chiffon.persistence.registry import CapacityFilter
 from chiffon.schemas import limits
-from chiffon.schemas.api import AgentCapacity, AgentEvent, AgentRecord, AgentStatus, ErrorDetail
+from chiffon.schemas.api import (
+    AgentCapacity,
+    AgentEvent,
+    AgentRecord,
+    AgentStatus,
+    ErrorDetail,
+    RotatedSecret,
+)
 from chiffon.schemas.metrics import BOUNDS
 
 log = logging.getLogger(__name__)
@@ -166,6 +173,41 @@ async def lift_ban(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Respo
         raise HTTPException(404, f"agent {agent_id} is not banned")
     log.warning("ban of agent %s lifted; it may enroll again", agent_id)
     return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/approve", status_code=204, responses=_NOT_FOUND)
+async def approve(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Response:
+    """Let an enrolled agent take jobs (agents enrolled with the plain enrollment token wait
+    for this, unless CHIFFON_AUTO_APPROVE is set)."""
+    if not await orchestrator.credentials.trust(agent_id, approve=True, clear=False):
+        raise HTTPException(404, f"agent {agent_id} holds no active credential")
+    log.warning("agent %s approved: it may take jobs", agent_id)
+    orchestrator.dispatcher.wake()
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/clear", status_code=204, responses=_NOT_FOUND)
+async def clear(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> Response:
+    """Lift a `suspect` quarantine: the admin judged both senders to be the agent (it was
+    run twice). To shut a thief out, rotate its secret instead (`POST .../rotate`)."""
+    if not await orchestrator.credentials.trust(agent_id, approve=False, clear=True):
+        raise HTTPException(404, f"agent {agent_id} holds no active credential")
+    log.warning("agent %s cleared of suspicion: it may take jobs", agent_id)
+    orchestrator.dispatcher.wake()
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/rotate", response_model=RotatedSecret, responses=_NOT_FOUND)
+async def rotate(agent_id: AgentIdDep, orchestrator: OrchestratorDep) -> RotatedSecret:
+    """A new secret for the agent, shown once: the old one is refused from now on, on every
+    orchestrator, and a suspicion is cleared (whoever copied the old one is shut out). Put
+    it in the agent's state directory (`chiffon agents rotate` does, on that desktop) and
+    restart the agent."""
+    credential = await orchestrator.credentials.rotate(agent_id)
+    if credential is None:
+        raise HTTPException(404, f"agent {agent_id} holds no active credential")
+    log.warning("secret of agent %s rotated: the old one is refused", agent_id)
+    return RotatedSecret(agent_id=agent_id, secret=credential.secret)
 
 
 @router.get("/events", response_model=list[AgentEvent])

@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import ValidationError
 
-from chiffon.api.auth import EnrollTokenDep, bearer_token, unauthorized
+from chiffon.api.auth import EnrollGrantDep, bearer_token, unauthorized
 from chiffon.api.deps import AgentIdDep, OrchestratorDep
 from chiffon.orchestrator.batcher import IngestUnavailableError
-from chiffon.orchestrator.credentials import AlreadyEnrolledError, BannedError
+from chiffon.orchestrator.credentials import AlreadyEnrolledError, BannedError, TokenSpentError
 from chiffon.schemas.api import EnrollRequest, EnrollResponse, ErrorDetail, IngestResult
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage
 from chiffon.transport.auth import Bearer, ProofUnavailableError
@@ -103,14 +103,18 @@ async def goodbye(
     "/enroll",
     response_model=EnrollResponse,
     responses={code: {"model": ErrorDetail} for code in (400, 401, 403, 409, 413, 422, 503)},
-    dependencies=[EnrollTokenDep],
     openapi_extra=_body("EnrollRequest"),
 )
-async def enroll(request: Request, orchestrator: OrchestratorDep) -> EnrollResponse:
-    """A new agent's secret, in exchange for the enrollment token (`CHIFFON_ENROLL_TOKEN`).
+async def enroll(
+    request: Request, orchestrator: OrchestratorDep, grant: EnrollGrantDep
+) -> EnrollResponse:
+    """A new agent's secret, in exchange for the enrollment token (`CHIFFON_ENROLL_TOKEN`,
+    or one made by `chiffon tokens create`, whose use this spends).
 
     Once per agent: an agent that holds a credential must be revoked first
     (`chiffon agents revoke AGENT_ID`), so no one can take over another agent's identity.
+    The agent takes no jobs until an admin approves it (`chiffon agents approve`), unless
+    the token approves (the API token, an approving made token, or CHIFFON_AUTO_APPROVE).
     The body is read only after the token is checked (a body parameter would be read
     first).
     """
@@ -121,7 +125,12 @@ async def enroll(request: Request, orchestrator: OrchestratorDep) -> EnrollRespo
     outcomes = orchestrator.metrics.enrollments
     client = request.client.host if request.client else "?"
     try:
-        credential = await orchestrator.credentials.issue(body.agent_id)
+        credential = await orchestrator.credentials.issue(
+            body.agent_id, approved=grant.approved, token_sha256=grant.made_token_sha256
+        )
+    except TokenSpentError:
+        outcomes.labels("bad_token").inc()
+        raise unauthorized("invalid, used up or expired enrollment token") from None
     except BannedError:
         outcomes.labels("banned").inc()
         log.warning("enrollment of revoked agent %s from %s refused", body.agent_id, client)
@@ -142,8 +151,19 @@ async def enroll(request: Request, orchestrator: OrchestratorDep) -> EnrollRespo
             f"{body.agent_id}`",
         ) from None
     outcomes.labels("issued").inc()
-    log.info("enrolled agent %s from %s", body.agent_id, client)
-    return EnrollResponse(agent_id=credential.agent_id, secret=credential.secret)
+    if grant.approved:
+        log.info("enrolled agent %s from %s", body.agent_id, client)
+    else:
+        log.warning(
+            "enrolled agent %s from %s: pending, it takes no jobs until an admin runs "
+            "`chiffon agents approve %s`",
+            body.agent_id,
+            client,
+            body.agent_id,
+        )
+    return EnrollResponse(
+        agent_id=credential.agent_id, secret=credential.secret, approved=grant.approved
+    )
 
 
 def _problems(exc: ValidationError) -> list[str]:

@@ -292,6 +292,12 @@ async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) ->
     except IdentityError as exc:
         raise CliError(str(exc), code=2) from None
     console.print(f"enrolled; the agent's secret is kept in {path} (mode 0600)", highlight=False)
+    if not credential.approved:
+        console.print(
+            f"pending: this desktop takes no jobs until an admin runs `chiffon agents approve "
+            f"{identity.agent_id}`",
+            highlight=False,
+        )
     return credential
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -106,7 +108,10 @@ def _reliability(agent: dict[str, Any]) -> str:
     return f"{r.get('offline_events_7d', 0)} off, {r.get('preemptions_7d', 0)} taken back"
 
 
-def _status(status: str) -> Text:
+def _status(status: str, hold: str | None = None) -> Text:
+    """online, offline; an admin's hold beside it (`online, pending`), in yellow."""
+    if hold:
+        return Text(clean_text(f"{status}, {hold}"), style="yellow")
     return Text(clean_text(status), style="green" if status == "online" else "red")
 
 
@@ -114,7 +119,7 @@ def _status(status: str) -> Text:
 # (an operator needs the name, the status and the GPUs), and `-o wide` shows them all.
 _AGENT_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | Text]], ...] = (
     ("NAME", lambda a: plain(a["name"])),
-    ("STATUS", lambda a: _status(a["status"])),
+    ("STATUS", lambda a: _status(a["status"], a.get("hold"))),
     ("GPUS (free/total)", lambda a: _gpus(a["resource_metrics"].get("gpus", []))),
     ("OWNER", owner),
     ("LAST SEEN", lambda a: ago(a["age_seconds"])),
@@ -249,12 +254,93 @@ def _list_agents(
                 pass
 
 
-def _act_on(url: str | None, agent: str, path: str, done: str) -> None:
-    """DELETE `path` for one agent (id, id prefix or name), then say `done`."""
+def _act_on(url: str | None, agent: str, path: str, done: str, method: str = "DELETE") -> None:
+    """DELETE (or POST) `path` for one agent (id, id prefix or name), then say `done`."""
     with connect(url) as client:
         agent_id = client.resolve_agent(agent)
-        client.delete(path.format(id=agent_id))
+        if method == "POST":
+            client.post_json(path.format(id=agent_id))
+        else:
+            client.delete(path.format(id=agent_id))
     console.print(done.format(id=agent_id), highlight=False)
+
+
+@agents_app.command("approve")
+def approve(
+    agent: str = typer.Argument(..., help="The pending agent (id, id prefix or name)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Let an enrolled agent take jobs. A desktop enrolled with the enrollment token waits
+    for this (`chiffon agents` shows it `pending`), unless CHIFFON_AUTO_APPROVE is set."""
+    _act_on(url, agent, "/agents/{id}/approve", "approved {id}: it may take jobs", "POST")
+
+
+@agents_app.command("clear")
+def clear(
+    agent: str = typer.Argument(..., help="The suspect agent (id, id prefix or name)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Lift a `suspect` quarantine once you know both senders were the agent (it was run
+    twice). If its secret may have been copied, `chiffon agents rotate` it instead."""
+    _act_on(
+        url, agent, "/agents/{id}/clear",
+        "cleared {id}: it may take jobs again", "POST",
+    )  # fmt: skip
+
+
+def local_secret_file(agent_id: str) -> Path | None:
+    """This machine's agent's secret file (CHIFFON_STATE_DIR or ~/.chiffon), when that
+    agent is `agent_id`."""
+    from chiffon.agent.identity import ID_FILE, SECRET_FILE
+    from chiffon.agent.settings import DEFAULT_STATE_DIR
+
+    state_dir = Path(os.environ.get("CHIFFON_STATE_DIR") or DEFAULT_STATE_DIR)
+    try:
+        kept = (state_dir / ID_FILE).read_text().strip()
+    except OSError:
+        return None
+    return state_dir / SECRET_FILE if kept == agent_id else None
+
+
+@agents_app.command("rotate")
+def rotate(
+    agent: str = typer.Argument(..., help="The agent (id, id prefix or name)."),
+    secret_file: Path = typer.Option(
+        None,
+        "--secret-file",
+        help="Write the new secret here (mode 0600) instead of printing it; default: this "
+        "machine's agent's own file when AGENT is this machine's agent.",
+    ),
+    url: str = URL_OPTION,
+) -> None:
+    """Give an agent a new secret: the old one, and whoever copied it, is refused from now
+    on, and a `suspect` quarantine is lifted. Run on the desktop, it writes the new secret
+    where the agent keeps it; restart the agent then."""
+    from chiffon.agent.identity import IdentityError, write_private
+
+    with connect(url) as client:
+        agent_id = client.resolve_agent(agent)
+        answer = client.post_json(f"/agents/{agent_id}/rotate")
+    target = secret_file or local_secret_file(agent_id)
+    if target is None:
+        console.print(
+            f"rotated the secret of {agent_id}; its old one is refused from now on. Put this "
+            f"new secret in the agent's state directory as `agent_secret` (mode 0600), then "
+            f"restart the agent:\n{answer['secret']}",
+            highlight=False,
+        )
+        return
+    try:
+        write_private(target, answer["secret"])
+    except OSError as exc:
+        raise CliError(f"cannot write the new secret to {target}: {exc.strerror}") from None
+    except IdentityError as exc:
+        raise CliError(str(exc)) from None
+    console.print(
+        f"rotated the secret of {agent_id}; the new one is in {target} (mode 0600) and the "
+        "old one is refused from now on: restart the agent",
+        highlight=False,
+    )
 
 
 @agents_app.command("revoke")

@@ -7,7 +7,15 @@ import sys
 import typer
 
 from chiffon import __version__
-from chiffon.cli import agent_cmd, fleet_cmd, jobs_cmd, orchestrator_cmd, simulate_cmd, up_cmd
+from chiffon.cli import (
+    agent_cmd,
+    fleet_cmd,
+    jobs_cmd,
+    orchestrator_cmd,
+    simulate_cmd,
+    tokens_cmd,
+    up_cmd,
+)
 from chiffon.cli.common import CliError, fail, set_debug
 
 app = typer.Typer(
@@ -24,6 +32,7 @@ jobs_cmd.register(app)
 agent_cmd.register(app)
 orchestrator_cmd.register(app)
 simulate_cmd.register(app)
+tokens_cmd.register(app)
 
 
 def _version(value: bool) -> None:

@@ -121,7 +121,8 @@ def _join_hint(host: str, port: int, enroll_token: str) -> str:
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     return (
         f"To add another desktop, run there:\n  CHIFFON_ENROLL_TOKEN={enroll_token} chiffon "
-        f"agent --orchestrator-url http://{shown}:{port} --transport http"
+        f"agent --orchestrator-url http://{shown}:{port} --transport http\nthen approve it "
+        "here: chiffon agents approve <its name>"
     )
 
 

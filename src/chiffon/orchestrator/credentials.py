@@ -36,6 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
 from chiffon.persistence import credentials as repo
+from chiffon.persistence import registry
+from chiffon.persistence.models import EnrollTokenRow
 from chiffon.schemas.heartbeat import RejectedMessage
 from chiffon.transport.auth import (
     AgentCredential,
@@ -63,6 +65,10 @@ class AlreadyEnrolledError(RuntimeError):
 
 class BannedError(AlreadyEnrolledError):
     """The agent's credential was revoked: it may not enroll until the ban is lifted."""
+
+
+class TokenSpentError(RuntimeError):
+    """The made enrollment token ran out of uses or expired meanwhile."""
 
 
 def key_id(server_key: bytes) -> str:
@@ -125,13 +131,25 @@ class CredentialStore:
         self._waiting: dict[uuid.UUID, asyncio.Future[_Known | None]] = {}
         self._loader: asyncio.Task[None] | None = None
 
-    async def issue(self, agent_id: uuid.UUID) -> AgentCredential:
+    async def issue(
+        self, agent_id: uuid.UUID, *, approved: bool = True, token_sha256: str | None = None
+    ) -> AgentCredential:
         """A new secret for an agent without one; `AlreadyEnrolledError` when it holds one,
-        `BannedError` when its credential was revoked and the ban not lifted."""
-        row, credential = new_credential(self._server_key, agent_id, self._clock.now())
+        `BannedError` when its credential was revoked and the ban not lifted,
+        `TokenSpentError` when the made token `token_sha256` (spent in the same
+        transaction) has no use left. Not `approved`: it takes no jobs until an admin
+        approves it."""
+        now = self._clock.now()
+        row, credential = new_credential(self._server_key, agent_id, now)
+        row["approved_at"] = now if approved else None
         try:
             async with self._sessions.begin() as session:
+                if token_sha256 is not None and (
+                    await repo.use_enroll_token(session, token_sha256=token_sha256, now=now) is None
+                ):
+                    raise TokenSpentError("the enrollment token is used up or expired")
                 await repo.add_credential(session, row=row)
+                await registry.sync_holds(session, agent_ids=[agent_id], now=now)
         except IntegrityError:
             async with self._sessions() as session:
                 held = await repo.get_credential(session, agent_id=agent_id)
@@ -148,6 +166,61 @@ class CredentialStore:
             await repo.delete_credential(session, agent_id=agent_id)
         self._forget(agent_id)
         return await self.issue(agent_id)
+
+    async def rotate(self, agent_id: uuid.UUID) -> AgentCredential | None:
+        """A new secret in place of the agent's (the old one is refused from now on, on
+        every orchestrator), its approval kept and any suspicion cleared; None when it holds
+        no credential that is not revoked."""
+        now = self._clock.now()
+        row, credential = new_credential(self._server_key, agent_id, now)
+        async with self._sessions.begin() as session:
+            held = await repo.get_credential(session, agent_id=agent_id)
+            if held is None or held.revoked_at is not None:
+                return None
+            row["approved_at"] = held.approved_at
+            await repo.delete_credential(session, agent_id=agent_id)
+            await repo.add_credential(session, row=row)
+            await registry.sync_holds(session, agent_ids=[agent_id], now=now)
+        self._forget(agent_id)
+        return credential
+
+    async def trust(self, agent_id: uuid.UUID, *, approve: bool, clear: bool) -> bool:
+        """Approve the agent and/or clear its suspicion: it takes jobs again (the scheduler
+        reads its row again at once). Whether it holds a credential that is not revoked."""
+        now = self._clock.now()
+        async with self._sessions.begin() as session:
+            held = await repo.set_trust(
+                session, agent_id=agent_id, approved_at=now if approve else None, clear=clear
+            )
+            await registry.sync_holds(session, agent_ids=[agent_id], now=now)
+        return held
+
+    async def made_token(self, token: str) -> EnrollTokenRow | None:
+        """The made enrollment token `token` is, if it is unexpired with uses left (not
+        spent here: `issue` spends it)."""
+        async with self._sessions() as session:
+            return await repo.find_enroll_token(
+                session, token_sha256=secret_digest(token), now=self._clock.now()
+            )
+
+    async def make_token(
+        self, *, uses: int | None, expires_at: datetime | None, approves: bool, note: str
+    ) -> tuple[str, uuid.UUID]:
+        """A new enrollment token (shown once: only its SHA-256 is kept) and its id."""
+        token = "chiffon-enroll-" + secrets.token_urlsafe(24)
+        token_id = uuid.uuid4()
+        row = {
+            "token_id": token_id,
+            "token_sha256": secret_digest(token),
+            "uses_left": uses,
+            "expires_at": expires_at,
+            "approves": approves,
+            "note": note,
+            "created_at": self._clock.now(),
+        }
+        async with self._sessions.begin() as session:
+            await repo.add_enroll_token(session, row=row)
+        return token, token_id
 
     async def revoke(self, agent_id: uuid.UUID) -> bool:
         """Ban the agent's credential: its messages are refused, and it cannot enroll again

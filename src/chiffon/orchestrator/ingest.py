@@ -9,20 +9,22 @@ schedule, so history costs ingest nothing.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chiffon.persistence import registry
+from chiffon.persistence import credentials, registry
 from chiffon.persistence.registry import Ordering, StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, Resources
 from chiffon.schemas.metrics import REGISTRY
 
-Outcome = Literal["applied", "stale", "unknown_agent"]
+log = logging.getLogger(__name__)
+Outcome = Literal["applied", "stale", "unknown_agent", "suspect"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,37 @@ def is_newer(item: Received, last: Ordering) -> bool:
     return last.sent_at is None or sent_at(item) > last.sent_at
 
 
+def two_streams(item: Received, last: Ordering) -> str | None:
+    """Why `item` shows that two processes send as this agent (a copied secret, or the
+    agent run twice), or None. Neither happens to one agent process, however its messages
+    are delayed, repeated or reordered:
+
+    - a message from the run before the last one, sent after the last one's latest: the
+      old run still beats (two boot ids alternating);
+    - a lower sequence number of the same run sent later than the higher one was, by more
+      than `OVERLAP_MARGIN` (the send times are bounded by receipt, which can move a send
+      time later by the agent's clock skew, never by this much between two heartbeats of
+      one run): two senders counting the same run's numbers.
+    """
+    message, when = item.message, sent_at(item)
+    if last.sent_at is None or last.boot_id is None:
+        return None
+    if message.boot_id != last.boot_id:
+        if message.boot_id == last.prev_boot_id and when > last.sent_at:
+            return (
+                f"boot ids alternate: run {message.boot_id} beats again after run "
+                f"{last.boot_id} began"
+            )
+        return None
+    if last.seq is not None and message.seq < last.seq and when > last.sent_at + OVERLAP_MARGIN:
+        return f"sequence numbers overlap: seq {message.seq} sent after seq {last.seq} of one run"
+    return None
+
+
+# See `two_streams`: more than any clamp by receipt moves one heartbeat past the next.
+OVERLAP_MARGIN = timedelta(seconds=5)
+
+
 def metric_columns(resources: Resources) -> dict[str, Any]:
     """The typed columns the capacity query filters on (`schemas.metrics.REGISTRY`), read
     from the message, and the JSON itself as the validated model: Chiffon's engines write it
@@ -64,15 +97,26 @@ def sent_at(item: Received) -> datetime:
     return min(item.message.sent_at, item.received_at)
 
 
-def _ordering_columns(item: Received) -> dict[str, Any]:
+def _ordering(item: Received, last: Ordering | None, status: str) -> Ordering:
+    """Where the agent's stream stands once `item` is applied after `last`."""
+    message = item.message
+    if last is None or last.boot_id == message.boot_id:
+        prev = None if last is None else last.prev_boot_id
+    else:
+        prev = last.boot_id
+    return Ordering(status, message.boot_id, message.seq, sent_at(item), prev)
+
+
+def _ordering_columns(ordering: Ordering) -> dict[str, Any]:
     return {
-        "last_boot_id": item.message.boot_id,
-        "last_seq": item.message.seq,
-        "last_sent_at": sent_at(item),
+        "last_boot_id": ordering.boot_id,
+        "last_seq": ordering.seq,
+        "last_sent_at": ordering.sent_at,
+        "prev_boot_id": ordering.prev_boot_id,
     }
 
 
-def _heartbeat_row(item: Received) -> dict[str, Any]:
+def _heartbeat_row(item: Received, ordering: Ordering) -> dict[str, Any]:
     msg = item.message
     assert msg.resources is not None  # the schema guarantees it for heartbeats
     return {
@@ -90,7 +134,7 @@ def _heartbeat_row(item: Received) -> dict[str, Any]:
         "created_at": item.received_at,
         "updated_at": item.received_at,
         **metric_columns(msg.resources),
-        **_ordering_columns(item),
+        **_ordering_columns(ordering),
     }
 
 
@@ -102,33 +146,49 @@ class _BatchPlan:
     upserts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     goodbyes: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     events: list[StatusEvent] = field(default_factory=list)
+    suspects: dict[uuid.UUID, str] = field(default_factory=dict)  # agent -> why
 
     def take(self, item: Received) -> Outcome:
         msg = item.message
         last = self.state.get(msg.agent_id)
         if last is None and msg.kind == "offline":
             return "unknown_agent"
+        if last is not None and (why := two_streams(item, last)) is not None:
+            self._suspect(item, last, why)
+            return "suspect"
         if last is not None and not is_newer(item, last):
             return "stale"
         new_status = "online" if msg.kind == "heartbeat" else "offline"
         if last is None or last.status != new_status:
             self._event(item, last, new_status)
-        self.state[msg.agent_id] = Ordering(new_status, msg.boot_id, msg.seq, sent_at(item))
+        ordering = self.state[msg.agent_id] = _ordering(item, last, new_status)
         if msg.kind == "heartbeat":
-            self.upserts[msg.agent_id] = _heartbeat_row(item)
+            self.upserts[msg.agent_id] = _heartbeat_row(item, ordering)
             self.goodbyes.pop(msg.agent_id, None)
         elif msg.agent_id in self.upserts:
             row = self.upserts[msg.agent_id]
-            row.update(status="offline", updated_at=item.received_at, **_ordering_columns(item))
+            row.update(status="offline", updated_at=item.received_at, **_ordering_columns(ordering))
         else:
             self.goodbyes[msg.agent_id] = {
                 "agent_id": msg.agent_id,
                 "updated_at": item.received_at,
-                "boot_id": msg.boot_id,
-                "seq": msg.seq,
-                "sent_at": sent_at(item),
+                "boot_id": ordering.boot_id,
+                "seq": ordering.seq,
+                "sent_at": ordering.sent_at,
+                "prev_boot_id": ordering.prev_boot_id,
             }
         return "applied"
+
+    def _suspect(self, item: Received, last: Ordering, why: str) -> None:
+        """Quarantine the agent (once a batch): the message is not applied, since which
+        of the two senders is the agent cannot be told."""
+        agent_id = item.message.agent_id
+        if agent_id in self.suspects:
+            return
+        self.suspects[agent_id] = why
+        self.events.append(
+            StatusEvent(agent_id, item.received_at, last.status, "suspect", why.split(":")[0])
+        )
 
     def _event(self, item: Received, last: Ordering | None, to_status: str) -> None:
         if last is None:
@@ -153,5 +213,20 @@ async def apply_batch(session: AsyncSession, items: Sequence[Received]) -> list[
     outcomes = [plan.take(item) for item in items]
     await registry.upsert_agents(session, rows=list(plan.upserts.values()))
     await registry.mark_offline(session, rows=list(plan.goodbyes.values()))
+    now = max(item.received_at for item in items) if items else None
+    if plan.suspects and now is not None:
+        for agent_id, why in plan.suspects.items():
+            if await credentials.mark_suspect(session, agent_id=agent_id, reason=why, at=now):
+                log.warning(
+                    "agent %s quarantined: its secret seems used from two places (%s); it "
+                    "takes no new job until `chiffon agents clear` or `chiffon agents rotate`",
+                    agent_id,
+                    why,
+                )
+    registered = [e.agent_id for e in plan.events if e.reason == "registered"]
+    if now is not None and (registered or plan.suspects):
+        # A new row takes its credential's hold (pending approval, suspect); a suspect one
+        # is held from this transaction on.
+        await registry.sync_holds(session, agent_ids=[*registered, *plan.suspects], now=now)
     await registry.add_events(session, events=plan.events)
     return outcomes

@@ -448,6 +448,15 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
 # root), so it says the fix.
 _REFUSING: dict[str | None, tuple[str, str]] = {
     "never": (" (its owner did not opt in: accept_jobs)", " (their owners did not opt in)"),
+    # An admin's hold (docs/security.md), not the owner's policy.
+    "pending": (
+        " (enrolled, waiting for an admin: chiffon agents approve ID)",
+        " (enrolled, waiting for an admin: chiffon agents approve ID)",
+    ),
+    "suspect": (
+        " (quarantined, its secret seems copied: chiffon agents clear or rotate ID)",
+        " (quarantined, their secrets seem copied: chiffon agents clear or rotate ID)",
+    ),
     "outside_schedule": (" (outside its owner's schedule)", " (outside their owners' schedules)"),
     "owner_active": (" (its owner is using it)", " (their owners are using them)"),
     "owner_unknown": (

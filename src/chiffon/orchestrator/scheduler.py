@@ -132,7 +132,8 @@ def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) 
         agent_id=str(row.agent_id),
         name=row.name,
         online=row.status == "online",
-        accepts_jobs=bool(row.accepts_jobs),
+        # An admin's hold (pending approval, suspect) outranks the owner's yes.
+        accepts_jobs=bool(row.accepts_jobs) and row.hold is None,
         pool_name=row.pool_name,
         labels=row.labels or {},
         cpu_cores_available=cores,
@@ -140,7 +141,7 @@ def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) 
         gpus=tuple(_ledger(g, by_gpu.get(repo.gpu_resource(gpu_id(g)), [])) for g in
                    metrics.get("gpus", [])),
         setbacks=setbacks,
-        withheld=metrics.get("jobs_withheld"),
+        withheld=row.hold or metrics.get("jobs_withheld"),
     )  # fmt: skip
 
 

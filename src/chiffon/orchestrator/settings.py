@@ -43,6 +43,11 @@ class OrchestratorSettings(BaseSettings):
     enroll_token: SecretStr | None = Field(
         None, description="What a new agent presents once to get its own secret"
     )
+    auto_approve: bool = Field(
+        False,
+        description="Agents enrolled with the enrollment token take jobs at once, without an "
+        "admin's `chiffon agents approve` (labs where everyone holding the token is trusted)",
+    )
     secret_key: SecretStr | None = Field(
         None, description="Server key agent secrets are derived from; unset: ephemeral"
     )

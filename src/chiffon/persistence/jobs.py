@@ -141,6 +141,7 @@ _CANDIDATE_COLUMNS = (
     AgentRow.name,
     AgentRow.status,
     AgentRow.accepts_jobs,
+    AgentRow.hold,
     AgentRow.pool_name,
     AgentRow.labels,
     AgentRow.cpu_cores_available,

@@ -134,8 +134,17 @@ class AgentRow(_RegistryMetrics, Base):  # type: ignore[misc]
 
     # The typed copies of the numbers (schemas.metrics.REGISTRY) come from _RegistryMetrics.
 
+    # Why it takes no new jobs whatever it reports: 'pending' (enrolled, not yet approved
+    # by an admin) or 'suspect' (its secret seems to be used from two places), with the
+    # reason. A copy of its credential's state for placement (orchestrator.trust).
+    hold: Mapped[str | None] = mapped_column(String(16))
+    hold_reason: Mapped[str | None] = mapped_column(String(255))
+
     # Ordering of the agent's own messages (see schemas.heartbeat.AgentMessage).
     last_boot_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # The run before the last one: a message from it after the last one's began means two
+    # processes beat with one secret (orchestrator.ingest).
+    prev_boot_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     last_seq: Mapped[int | None] = mapped_column(BigInteger)
     last_sent_at: Mapped[datetime | None]
 
@@ -199,6 +208,27 @@ class AgentCredentialRow(Base):
     created_at: Mapped[datetime]
     # Set by a revocation: the id is banned (refused, cannot enroll) until it is lifted.
     revoked_at: Mapped[datetime | None]
+    # When an admin approved it (or enrollment did: `chiffon up`'s own agent, a
+    # pre-approving token, CHIFFON_AUTO_APPROVE); until then it takes no jobs.
+    approved_at: Mapped[datetime | None]
+    # Set when its secret seemed to be used from two places: no new jobs until cleared.
+    suspect_at: Mapped[datetime | None]
+    suspect_reason: Mapped[str | None] = mapped_column(String(255))
+
+
+class EnrollTokenRow(Base):
+    """An enrollment token made by `chiffon tokens create`: limited in uses, in time, or
+    both, beside the one CHIFFON_ENROLL_TOKEN. Only its SHA-256 is kept."""
+
+    __tablename__ = "enroll_tokens"
+
+    token_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    uses_left: Mapped[int | None] = mapped_column(Integer)  # None: no limit
+    expires_at: Mapped[datetime | None]
+    approves: Mapped[bool] = mapped_column(Boolean, default=False)  # agents enrolled are
+    note: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime]
 
 
 class JobRow(Base):

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Uuid,
     any_,
     bindparam,
+    case,
     delete,
     exists,
     func,
@@ -59,6 +60,7 @@ class Ordering:
     boot_id: uuid.UUID | None
     seq: int | None
     sent_at: datetime | None
+    prev_boot_id: uuid.UUID | None = None  # the run before `boot_id`'s
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ _ORDERING_COLUMNS = (
     _agents.c.last_boot_id,
     _agents.c.last_seq,
     _agents.c.last_sent_at,
+    _agents.c.prev_boot_id,
 )
 _LOCK_ORDERINGS_ANY = (
     select(*_ORDERING_COLUMNS)
@@ -113,7 +116,8 @@ async def lock_orderings(
     return {row[0]: Ordering(*row[1:]) for row in rows}
 
 
-_UPSERT_KEEP = frozenset({"agent_id", "created_at"})
+# `hold` is the credential's (`sync_holds`), never a heartbeat's to overwrite.
+_UPSERT_KEEP = frozenset({"agent_id", "created_at", "hold", "hold_reason"})
 
 
 @functools.cache  # built once, not for every ingest batch
@@ -172,10 +176,38 @@ async def mark_offline(session: AsyncSession, *, rows: Sequence[dict[str, Any]])
             last_boot_id=bindparam("b_boot_id"),
             last_seq=bindparam("b_seq"),
             last_sent_at=bindparam("b_sent_at"),
+            prev_boot_id=bindparam("b_prev_boot_id"),
         )
     )
     # Bind names must differ from column names in an executemany UPDATE.
     await session.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in rows])
+
+
+async def sync_holds(
+    session: AsyncSession, *, agent_ids: Sequence[uuid.UUID], now: datetime
+) -> None:
+    """Copy the agents' credential state into the registry rows placement reads: 'suspect'
+    (with its reason) before 'pending' (not yet approved); an agent without a credential
+    (one run in the orchestrator's own process) holds nothing. A row it changes is stamped
+    `now`, so the scheduler's cache reads it again."""
+    if not agent_ids:
+        return
+    cred = Base.metadata.tables["agent_credentials"]
+    mine = cred.c.agent_id == _agents.c.agent_id
+    suspect = select(cred.c.suspect_reason).where(mine, cred.c.suspect_at.is_not(None))
+    pending = select(cred.c.agent_id).where(mine, cred.c.approved_at.is_(None))
+    hold = case((exists(suspect), "suspect"), (exists(pending), "pending"), else_=None)
+    reason = case(
+        (exists(suspect), suspect.scalar_subquery()),
+        (exists(pending), "waiting for an admin to approve it (chiffon agents approve)"),
+        else_=None,
+    )
+    stmt = (
+        update(_agents)
+        .where(_agents.c.agent_id.in_(list(agent_ids)))
+        .values(hold=hold, hold_reason=reason, updated_at=now)
+    )
+    await session.execute(stmt)
 
 
 async def add_events(session: AsyncSession, *, events: Sequence[StatusEvent]) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from chiffon.schemas.heartbeat import GpuInfo
+from chiffon.schemas.jobs import INTEGRAL
+from chiffon.schemas.limits import TEXT_PATTERN
 from chiffon.schemas.metrics import HISTORY, REGISTRY, Metric
 
 AgentStatus = Literal["online", "offline"]
+AgentHold = Literal["pending", "suspect"]
 
 
 def _metric_fields(metrics: tuple[Metric, ...]) -> dict[str, Any]:
@@ -130,6 +133,12 @@ class AgentRecord(BaseModel):
     accepts_jobs: bool = Field(
         False, description="new jobs may land there now (its owner's policy; docs/jobs.md)"
     )
+    hold: AgentHold | None = Field(
+        None,
+        description="why it takes no new jobs whatever it reports: 'pending' (enrolled, not "
+        "yet approved by an admin), 'suspect' (its secret seems used from two places)",
+    )
+    hold_reason: str | None = None
     last_heartbeat_at: datetime | None
     age_seconds: float | None
     resource_metrics: dict[str, Any]
@@ -142,7 +151,7 @@ class AgentEvent(BaseModel):
     agent_id: UUID
     at: datetime
     from_status: AgentStatus | None
-    to_status: AgentStatus | Literal["deregistered"]
+    to_status: AgentStatus | Literal["deregistered", "suspect"]
     reason: str
 
 
@@ -150,7 +159,10 @@ class IngestResult(BaseModel):
     """What happened to one accepted message."""
 
     agent_id: UUID
-    outcome: Literal["applied", "stale", "unknown_agent"]
+    outcome: Literal["applied", "stale", "unknown_agent", "suspect"] = Field(
+        description="suspect: not applied, the agent's secret seems used from two places "
+        "(docs/security.md)"
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -236,6 +248,46 @@ class EnrollRequest(BaseModel):
 
 class EnrollResponse(BaseModel):
     """The agent's own secret: shown once, kept by the agent (mode 0600), never again here."""
+
+    agent_id: UUID
+    secret: str
+    approved: bool = Field(
+        True, description="false: it takes no jobs until an admin runs `chiffon agents approve`"
+    )
+
+
+class TokenCreate(BaseModel):
+    """An enrollment token to make: limited in uses, in time, or both."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    uses: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = Field(
+        None, description="enrollments it allows"
+    )
+    expires_seconds: float | None = Field(
+        None, gt=0, le=366 * 86400, description="it expires this long after it is made"
+    )
+    approves: bool = Field(False, description="agents enrolled with it take jobs at once")
+    note: str = Field("", max_length=255, pattern=TEXT_PATTERN)
+
+
+class TokenInfo(BaseModel):
+    """A made enrollment token, without the token itself (only its SHA-256 is kept)."""
+
+    token_id: UUID
+    uses_left: int | None
+    expires_at: datetime | None
+    approves: bool
+    note: str
+    created_at: datetime
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="shown once; give it to the desktop as CHIFFON_ENROLL_TOKEN")
+
+
+class RotatedSecret(BaseModel):
+    """An agent's new secret: shown once. Its old one is refused from now on."""
 
     agent_id: UUID
     secret: str

@@ -45,6 +45,8 @@ class AgentCredential:
 
     agent_id: uuid.UUID
     secret: str = field(repr=False)
+    # False: enrolled, but it takes no jobs until an admin approves it.
+    approved: bool = field(default=True, compare=False)
 
     @property
     def bearer(self) -> str:

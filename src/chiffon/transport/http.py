@@ -281,7 +281,8 @@ async def enroll(
         raise EnrollmentRefusedError(f"enrollment refused: HTTP {resp.status}: {resp.detail()}")
     try:
         answer = resp.json()
-        return AgentCredential(uuid.UUID(answer["agent_id"]), str(answer["secret"]))
+        approved = answer.get("approved", True) is not False
+        return AgentCredential(uuid.UUID(answer["agent_id"]), str(answer["secret"]), approved)
     except (ValueError, KeyError, TypeError) as exc:
         raise TransportError(f"enrollment answer is not understood: {exc}") from None
 

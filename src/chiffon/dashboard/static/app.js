@@ -206,9 +206,14 @@ const WITHHELD = {
 };
 const withheldText = (reason) => WITHHELD[reason] ?? reason;
 
+// An admin's hold outranks the owner's policy (docs/security.md): no new job lands there.
+const HOLD = { pending: "pending: waiting for an admin to approve it", suspect: "suspect: quarantined" };
+const holdText = (agent) => HOLD[agent.hold] ?? agent.hold;
+
 // The owner's side of a desktop: active, idle for N min, outside the schedule.
 function ownerText(agent) {
   const m = metrics(agent);
+  if (agent.hold) return holdText(agent);
   if (m.jobs_withheld) return withheldText(m.jobs_withheld);
   if (!agent.accepts_jobs) return "takes no jobs";
   const idle = m.owner_idle_seconds;
@@ -316,7 +321,7 @@ function agentRow(agent) {
   return el("tr", { class: agent.status, "data-agent-id": agent.agent_id, "data-status": agent.status },
     el("td", { class: "name" }, el("a", { href: `#/agents/${agent.agent_id}` }, el("bdi", {}, agent.name))),
     el("td", { class: "name" }, el("bdi", {}, agent.pool_name)),
-    el("td", {}, statusBadge(agent.status), el("div", { class: "muted owner", "data-owner": "" }, ownerText(agent))),
+    el("td", {}, statusBadge(agent.status), el("div", { class: agent.hold ? "owner held-by-admin" : "muted owner", "data-owner": "", "data-hold": agent.hold ?? "" }, ownerText(agent))),
     el("td", { class: "num age" }, ago(ageNow(agent))),
     el("td", { class: "num" }, `${free(agent, "cpu_cores_available") ?? "?"} / ${m.cpu_cores_physical ?? "?"}`),
     el("td", { class: "num" }, `${fmt(free(agent, "memory_available_gb"))} / ${fmt(m.memory_total_gb)} GB`),
@@ -372,6 +377,7 @@ function renderAgent(agent) {
     fact("owner", "Owner", ownerText(agent)),
     fact("reliability", "Last 7 days", `${agent.reliability?.offline_events_7d ?? 0} offline, ${agent.reliability?.preemptions_7d ?? 0} taken back`),
     fact("refused", "Orders refused", refusedText(m.orders_refused)),
+    fact("hold", "Hold", agent.hold ? `${holdText(agent)} (${agent.hold_reason ?? ""})` : "none"),
   );
   renderGpus(m, {});
 }
