@@ -293,6 +293,44 @@ def test_an_order_forged_by_someone_on_the_broker_runs_nothing(
     assert not (fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{forged.job_id}-1").exists()
 
 
+@pytest.mark.parametrize("fleet", ["postgresql-amqp"], indirect=True)
+def test_a_broker_user_reads_no_order_and_cannot_take_the_agents_queue(fleet: Fleet) -> None:
+    """Issue 34, item 1, on the real broker with the shared credential: a queue bound to
+    `orders.#` receives copies of every order, sealed (no command, no environment); the
+    agent's queue has a name no one can guess, so declaring the guessable one first
+    (exclusive, as a squatter did) takes nothing from the agent, whose jobs are still
+    pushed to it at once."""
+    url, agent = fleet.agent_env["CHIFFON_AMQP_URL"], fleet.agent_id("desk-2x24g")
+
+    async def eavesdrop() -> tuple[list[bytes], float, str]:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            squat = await channel.declare_queue(f"chiffon.orders.{agent}", exclusive=True)
+            spy = await channel.declare_queue(exclusive=True)
+            await spy.bind("chiffon", "orders.#")
+            await squat.bind("chiffon", f"orders.{agent}")
+            with client(fleet) as c:
+                started = time.monotonic()
+                job_id = await asyncio.to_thread(
+                    c.submit, ["sh", "-c", "echo $S3_SECRET_KEY"],
+                    env={"S3_SECRET_KEY": "hunter2-s3cr3t"},
+                )  # fmt: skip
+                job = await asyncio.to_thread(c.wait, job_id.job.job_id, timeout_seconds=10)
+                took = time.monotonic() - started
+            copies = []
+            while (message := await spy.get(fail=False, no_ack=True)) is not None:
+                copies.append(message.body)
+            return copies, took, job.state
+
+    copies, took, state = asyncio.run(eavesdrop())
+    assert state == "succeeded" and took < 5, (state, took)
+    assert copies, "the spy's queue received no copy: nothing was tested"
+    for body in copies:
+        assert body.startswith(b"c1.")
+        assert b"hunter2" not in body and b"S3_SECRET_KEY" not in body and b"echo" not in body
+
+
 async def _publish(url: str, agent: uuid.UUID, body: bytes, signature: str) -> None:
     connection = await aio_pika.connect(url)
     async with connection:

@@ -36,7 +36,7 @@ from chiffon.schemas.heartbeat import Resources
 from chiffon.schemas.jobs import JobDetail, JobSubmit
 from chiffon.transport.auth import SIGNATURE_VERSION
 from chiffon.transport.memory import InMemoryPublisher, InMemoryWork
-from chiffon.transport.orders import MAX_ORDER_BYTES, Order, encode, order_key
+from chiffon.transport.orders import MAX_ORDER_BYTES, Order, encode, order_key, seal
 from tests import factories as f
 from tests.auth import API_HEADERS, issue
 from tests.conftest import api_client
@@ -262,6 +262,12 @@ def _ten_minutes_old(job: uuid.UUID) -> tuple[bytes, str]:
 
 
 def _not_an_order(job: uuid.UUID) -> tuple[bytes, str]:
+    doc = json.dumps({"v": 1, "kind": "assign", "job_id": str(job)}).encode()
+    return sign_bytes(seal(doc, order_key(SECRET)))
+
+
+def _not_sealed(job: uuid.UUID) -> tuple[bytes, str]:
+    """Signed, but in plain text: the orchestrator seals every order to its agent."""
     return sign_bytes(json.dumps({"v": 1, "kind": "assign", "job_id": str(job)}).encode())
 
 
@@ -277,6 +283,7 @@ def _too_large(job: uuid.UUID) -> tuple[bytes, str]:
         (_for_another_agent, "not_mine"),
         (_ten_minutes_old, "stale"),
         (_not_an_order, "malformed"),
+        (_not_sealed, "bad_seal"),
         (_too_large, "too_large"),
     ],
 )

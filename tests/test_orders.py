@@ -3,6 +3,8 @@ does nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import uuid
 from pathlib import Path
@@ -17,6 +19,7 @@ from chiffon.transport.orders import (
     OrderRefused,
     encode,
     order_key,
+    seal,
     verify,
 )
 
@@ -71,10 +74,36 @@ def test_a_heartbeat_signature_never_passes_for_an_order() -> None:
 
 def test_a_tampered_body_fails_its_signature() -> None:
     body, signature = encode(assign(), KEY)
-    doc = json.loads(body)
-    doc["payload"]["command"] = ["rm", "-rf", "/"]
+    flipped = body[:-5] + (b"A" if body[-5:-4] != b"A" else b"B") + body[-4:]
     with pytest.raises(OrderRefused, match="bad_signature"):
-        check(json.dumps(doc, separators=(",", ":")).encode(), signature)
+        check(flipped, signature)
+
+
+def test_an_order_on_the_wire_reveals_nothing_of_its_command_or_environment() -> None:
+    """Issue 34, item 1: any broker user can bind a queue to `orders.#` and copy every
+    order; what it gets is sealed to the agent, and two orders of one content differ."""
+    secret_env = {"command": ["python", "train.py"], "env": {"S3_SECRET_KEY": "hunter2-xyz"}}
+    order = Order("assign", AGENT, JOB, 1, NOW, secret_env)
+    body, signature = encode(order, KEY)
+    assert body.startswith(b"c1.") and body.isascii()
+    for word in (b"train.py", b"S3_SECRET_KEY", b"hunter2", b"assign", str(JOB).encode()):
+        assert word not in body
+    assert encode(order, KEY)[0] != body  # a fresh nonce each time
+    assert check(body, signature) == order
+
+
+def test_a_signed_order_that_is_not_sealed_to_the_agent_is_refused() -> None:
+    """A signature alone does not make a body readable: the orchestrator seals every
+    order; one signed in plain text (an older orchestrator, a forged downgrade) is refused,
+    as is one sealed under another agent's key but signed with this one's."""
+    plain = json.dumps({"v": 1, "kind": "assign", "agent_id": str(AGENT), "job_id": str(JOB),
+                        "attempt": 1, "issued_at": NOW, "payload": {}}).encode()  # fmt: skip
+    signed = "v1=" + hmac.new(KEY, plain, hashlib.sha256).hexdigest()
+    with pytest.raises(OrderRefused, match="bad_seal"):
+        check(plain, signed)
+    other = seal(b"{}", OTHER_KEY)
+    with pytest.raises(OrderRefused, match="bad_seal"):
+        check(other, "v1=" + hmac.new(KEY, other, hashlib.sha256).hexdigest())
 
 
 def test_an_attempt_starts_at_most_once_and_never_behind_a_later_one(tmp_path: Path) -> None:

@@ -4,11 +4,12 @@ most once, refusals reported with their reason, cancel, stale verdicts, and reco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -400,3 +401,52 @@ async def test_when_idle_welcomes_jobs_only_while_the_owner_is_away(tmp_path: Pa
     await work.handle(*order(job))  # an order already on its way when the owner came back
     [(_, _, said)] = orch.reports
     assert said["outcome"] == "refused" and "idle time is unknown" in said["detail"]
+
+
+class Asks:
+    """An order source that records how long each ask may be held."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.asked = asyncio.Event()
+
+    async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+        self.waits.append(wait_seconds)
+        self.asked.set()
+        await asyncio.sleep(0.01)
+        return []
+
+    async def until(self, check: Callable[[], bool], seconds: float = 3.0) -> None:
+        async with asyncio.timeout(seconds):
+            while not check():
+                self.asked.clear()
+                await self.asked.wait()
+
+
+async def test_while_its_queue_is_not_consumed_the_agent_long_polls_over_http(
+    tmp_path: Path,
+) -> None:
+    """Issue 34, item 1: a queue the broker refuses (or a broker away) must not leave
+    orders waiting for the next 30 s ask: the agent long-polls at once, and goes back to
+    the pushed rhythm once its queue is consumed; a queue lost during the 30 s pause ends
+    the pause within a second."""
+    from chiffon.agent.work import POLL_WAIT_SECONDS
+
+    work, asks, consumed = loop(tmp_path, Orchestrator()), Asks(), asyncio.Event()
+    polling = asyncio.create_task(
+        work.poll(asks, wait_seconds=0, pause_seconds=30, pushed=consumed)  # type: ignore[arg-type]
+    )
+    try:
+        await asks.until(lambda: len(asks.waits) >= 3)
+        assert set(asks.waits) == {POLL_WAIT_SECONDS}, asks.waits  # no pause between
+        consumed.set()
+        await asks.until(lambda: asks.waits[-1] == 0)
+        before = len(asks.waits)
+        await asyncio.sleep(1.2)
+        assert len(asks.waits) == before  # pushed: the next ask is 30 s away
+        consumed.clear()  # the broker dropped the queue
+        await asks.until(lambda: asks.waits[-1] == POLL_WAIT_SECONDS)
+    finally:
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling

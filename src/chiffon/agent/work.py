@@ -139,6 +139,15 @@ class WorkSettings:
         )
 
 
+async def _pause(seconds: float, pushed: asyncio.Event | None) -> None:
+    """`seconds`, or less: until orders stop being pushed (checked each second)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if pushed is not None and not pushed.is_set():
+            return
+        await asyncio.sleep(min(left, 1.0))
+
+
 class WorkLoop:
     def __init__(
         self,
@@ -435,15 +444,21 @@ class WorkLoop:
         *,
         wait_seconds: float = POLL_WAIT_SECONDS,
         pause_seconds: float = 0.0,
+        pushed: asyncio.Event | None = None,
     ) -> None:
         """Ask `source` for orders (each ask held up to `wait_seconds`, asked again after
         `pause_seconds`) and act on each, until cancelled; while the orchestrator cannot be
-        reached, ask again with backoff."""
+        reached, ask again with backoff. `pushed`: set while orders are pushed to the agent
+        (its RabbitMQ queue is consumed); while it is not, ask as an agent without a
+        broker does (a long-poll, no pause)."""
         backoff, failures = Backoff(0.5, max_seconds=15.0), 0
         while True:
             self._heard.clear()
+            alone = pushed is not None and not pushed.is_set()
             try:
-                delivered = await source.orders(wait_seconds=wait_seconds)
+                delivered = await source.orders(
+                    wait_seconds=POLL_WAIT_SECONDS if alone else wait_seconds
+                )
             except TransportError as exc:
                 failures += 1
                 delay = backoff.delay(failures)
@@ -458,8 +473,8 @@ class WorkLoop:
                 # once a report has been heard (or after a pause), not at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._heard.wait(), REPEAT_PAUSE_SECONDS)
-            if pause_seconds:
-                await asyncio.sleep(pause_seconds)
+            if pause_seconds and not alone:
+                await _pause(pause_seconds, pushed)
 
     async def stop(self) -> None:
         """The agent is stopping: end every attempt (each reports itself lost, so its job

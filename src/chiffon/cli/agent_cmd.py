@@ -381,8 +381,12 @@ def order_tasks(
         return [asyncio.create_task(work.poll(channel), name="chiffon-orders")]
     from chiffon.transport.rabbitmq.orders import consume_orders
 
-    pushed = consume_orders(settings.amqp_url, credential.agent_id, work.handle)
-    polled = work.poll(channel, wait_seconds=0, pause_seconds=PUSHED_POLL_PAUSE_SECONDS)
+    # While its queue is not consumed (the broker is away, or refuses it), orders come
+    # over the HTTP long-poll at once, not at the next 30 s ask.
+    consumed = asyncio.Event()
+    pushed = consume_orders(settings.amqp_url, credential.agent_id, work.handle, ready=consumed)
+    polled = work.poll(channel, wait_seconds=0, pause_seconds=PUSHED_POLL_PAUSE_SECONDS,
+                       pushed=consumed)  # fmt: skip
     return [asyncio.create_task(pushed, name="chiffon-orders-amqp"),
             asyncio.create_task(polled, name="chiffon-orders")]  # fmt: skip
 

@@ -8,20 +8,31 @@ so no heartbeat signature can pass for an order, nor one agent's order for anoth
 Whoever can publish to the broker or reach the agent, without the agent's secret, cannot
 make it run anything.
 
-The agent checks, in order: the size, the signature, that the order is addressed to it,
-that it is fresh (`issued_at` within `max_age_seconds` of its clock), and its fields. A
-replay inside that window does nothing either: an attempt is started at most once
-(`AttemptLedger`), and cancel and kill are idempotent.
+The JSON is also encrypted to the agent (`c1.<base64url(nonce || ChaCha20-Poly1305
+ciphertext)>`, with a key derived from the signing key under its own label), then
+signed: an order names a command and an environment (a job's
+secrets among them), and every order travels through a broker that any of its users can
+bind a queue to. Only the agent's secret opens it. Why both: the signature is checked
+before a byte is parsed, as before; the encryption is what keeps the content private
+(docs/security.md, "Orders over the broker").
+
+The agent checks, in order: the size, the signature, that it decrypts for this agent,
+that the order is addressed to it, that it is fresh (`issued_at` within
+`max_age_seconds` of its clock), and its fields. A replay inside that window does nothing
+either: an attempt is started at most once (`AttemptLedger`), and cancel and kill are
+idempotent.
 
 Free of pydantic: the agent imports it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import math
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +45,9 @@ OrderKind = Literal["assign", "cancel", "kill"]
 KINDS: frozenset[str] = frozenset({"assign", "cancel", "kill"})
 MAX_ORDER_BYTES = 256 * 1024
 _ORDER_LABEL = b"chiffon order signing key v1"
+_SEALING_LABEL = b"chiffon order sealing key v1"
+SEALED = b"c1."  # an encrypted body's prefix (version 1)
+_NONCE_BYTES = 12
 
 
 _BY_INDEX = "index-"
@@ -73,10 +87,41 @@ def order_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), _ORDER_LABEL, hashlib.sha256).digest()
 
 
+def _aead(key: bytes) -> Any:
+    """ChaCha20-Poly1305 under the sealing key derived from the agent's order key (imported
+    here: an agent that is never sent an order never loads it)."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305(hmac.new(key, _SEALING_LABEL, hashlib.sha256).digest())
+
+
+def seal(plain: bytes, key: bytes) -> bytes:
+    """`plain` encrypted to the agent: `c1.` and base64url(nonce || ciphertext and tag),
+    ASCII so that it travels as a JSON string too."""
+    nonce = os.urandom(_NONCE_BYTES)
+    sealed = _aead(key).encrypt(nonce, plain, None)
+    return SEALED + base64.urlsafe_b64encode(nonce + sealed)
+
+
+def unseal(body: bytes, key: bytes) -> bytes:
+    """The order's JSON from a sealed body; `OrderRefused('bad_seal')` when it is not
+    sealed to this agent (or not sealed at all)."""
+    from cryptography.exceptions import InvalidTag
+
+    if not body.startswith(SEALED):
+        raise OrderRefused("bad_seal", "the order is not encrypted to this agent")
+    try:
+        raw = base64.urlsafe_b64decode(body[len(SEALED) :])
+        nonce, sealed = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
+        return bytes(_aead(key).decrypt(nonce, sealed, None))
+    except (InvalidTag, ValueError) as exc:
+        raise OrderRefused("bad_seal", f"does not open with this agent's key ({exc!r})") from None
+
+
 def encode(order: Order, key: bytes) -> tuple[bytes, str]:
-    """The body and its signature under the agent's `order_key`, as the orchestrator
-    sends them."""
-    body = json.dumps(
+    """The body, encrypted to the agent, and its signature under the agent's
+    `order_key`, as the orchestrator sends them."""
+    plain = json.dumps(
         {
             "v": 1,
             "kind": order.kind,
@@ -89,6 +134,7 @@ def encode(order: Order, key: bytes) -> tuple[bytes, str]:
         separators=(",", ":"),
         allow_nan=False,
     ).encode()
+    body = seal(plain, key)
     return body, SIGNATURE_VERSION + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
@@ -109,7 +155,7 @@ def verify(
     given = (signature or "").encode(errors="replace")
     if not hmac.compare_digest(expected.encode(), given):
         raise OrderRefused("bad_signature", "not signed with this agent's key")
-    order = _parse(body)
+    order = _parse(unseal(body, key))
     if order.agent_id != agent_id:
         raise OrderRefused("not_mine", f"addressed to {order.agent_id}")
     age = now - order.issued_at

@@ -2,21 +2,25 @@
 `chiffon` exchange with the routing key `orders.<agent_id>`; the agent consumes them from a
 queue of its own, bound to that key.
 
-The queue is exclusive (only the agent's connection may consume it, or even declare it)
-and goes with the connection; its orders expire after `ORDER_TTL_SECONDS` (an order is
-refused by the agent after 5 minutes anyway). An order published while the agent has no
-queue is lost, and found again: what an agent must be told is derived from the jobs'
-state, and the agent asks for it over HTTP at start and every so often
+The queue is exclusive (only the agent's connection may consume it, or even declare it),
+has a name no one can guess (`orders_queue`), and goes with the connection; its orders
+expire after `ORDER_TTL_SECONDS` (an order is refused by the agent after 5 minutes
+anyway). An order published while the agent has no queue is lost, and found again: what
+an agent must be told is derived from the jobs' state, and the agent asks for it over
+HTTP at start, every so often, and all the time while it has no queue
 (`agent.work.WorkLoop.poll`).
 
 Whoever can publish to the broker can put anything in the queue, and the agent runs
-nothing that is not signed with its own key (`transport.orders.verify`).
+nothing that is not signed with its own key (`transport.orders.verify`). Whoever can bind
+a queue to the exchange receives copies of the orders, sealed to their agent: it reads
+nothing of them (`transport.orders.seal`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -39,7 +43,10 @@ def orders_key(agent_id: uuid.UUID) -> str:
 
 
 def orders_queue(agent_id: uuid.UUID) -> str:
-    return f"chiffon.orders.{agent_id}"
+    """A name no one can guess, hence take first: a broker user who declared the agent's
+    queue before it (exclusive) made the agent fail with RESOURCE_LOCKED and received its
+    orders. A new one for each connection (the queue goes with it)."""
+    return f"chiffon.orders.{agent_id}.{secrets.token_hex(8)}"
 
 
 class OrderSender:
@@ -146,7 +153,11 @@ async def consume_orders_of(
         except Exception as exc:
             failures += 1
             delay = backoff.delay(failures)
-            log.warning("orders: cannot consume (%s); again in %.1f s", describe(exc), delay)
+            log.warning(
+                "orders: cannot consume (%s); again in %.1f s, meanwhile they come over HTTP",
+                describe(exc),
+                delay,
+            )
             await asyncio.sleep(delay)
         finally:
             if ready is not None:
