@@ -173,9 +173,9 @@ async def _drain(url: str, batch: int) -> tuple[int, int]:
                                      clock=lambda: datetime.now(UTC))  # fmt: skip
         passes += 1
         placed += len(result.placed)
-        if not result.placed and not result.waiting and await _queued(sessions) == 0:
+        if not result.placed and not result.waits and await _queued(sessions) == 0:
             break  # nothing queued
-        if not result.placed and result.waiting:
+        if not result.placed and result.waits:
             break  # what is left does not fit
     await engine.dispose()
     return placed, passes

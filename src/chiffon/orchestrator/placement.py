@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -162,6 +162,16 @@ def _key(p: Placement, want: Requirements) -> tuple[float, float, str]:
 Entry = tuple[float, str, str]  # a GPU in the index: (available GB, agent id, GPU id)
 
 
+@dataclass(slots=True)
+class _Kept:
+    """A requirement's kept miss (`Fleet.known_miss`)."""
+
+    want: Requirements
+    policy: Policy
+    miss: Miss
+    held_by: frozenset[str]  # agents left out that could hold it; none: a miss over all
+
+
 class Fleet:
     """The candidates of one scheduling pass, indexed so that placing a one-GPU job
     (nearly every job) visits a few agents, not all of them: every offered GPU of every
@@ -171,8 +181,12 @@ class Fleet:
     (a lower bound of its agent's score) passes the best score found: the same answer as
     `place` over every candidate (`tests/test_placement.py` holds them equal). Spread,
     several GPUs and CPU-only jobs take `place` over every candidate. A requirement that
-    missed misses again until capacity grows, which within a pass it does not: the miss
-    is kept (`missed`) and said again without a search.
+    missed misses again until an agent changes so that it fits there: the miss is kept
+    (`known_miss`), across passes while the scheduler keeps the fleet, and said again
+    without a search; an agent that changed is tried against each kept miss, and those
+    it could now hold are forgotten (HTCondor's autoclusters, Kubernetes' unschedulable
+    queue). A miss with agents left out (`exclude`) that could hold it holds while they
+    are left out.
 
     A queue holds few shapes of job, so the walk goes through a view of the index per
     host requirement (cores, memory, pool, labels, desktops to avoid): only the GPUs of
@@ -190,7 +204,7 @@ class Fleet:
         self.lane: int | None = None
         self.candidates: dict[str, Candidate] = {}
         self._gpus: list[Entry] = []  # (available GB, agent id, GPU id)
-        self._missed: dict[tuple[object, ...], Miss] = {}
+        self._missed: dict[tuple[object, ...], _Kept] = {}
         self._cores: list[float] = []  # free cores of each agent that takes jobs, sorted
         # host requirement -> (a job with it, the index's entries whose host has room)
         self._views: dict[tuple[object, ...], tuple[Requirements, list[Entry]]] = {}
@@ -214,7 +228,7 @@ class Fleet:
         read again under its lock (it may have more: the misses kept are forgotten)."""
         old = self.candidates.get(c.agent_id)
         if not placed and c != old:
-            self._missed.clear()
+            self._forget_misses_held_by(c)
         gone, new = self._entries(old) if old is not None else [], self._entries(c)
         _remove(self._gpus, gone)
         self.candidates[c.agent_id] = c
@@ -237,6 +251,14 @@ class Fleet:
             else:
                 bisect.insort(self._cores, cores)
 
+    def _forget_misses_held_by(self, c: Candidate) -> None:
+        """An agent changed (not by a placement, which only takes room): the kept misses it
+        could now hold are forgotten; the others still miss everywhere else unchanged."""
+        self._missed = {
+            memo: kept for memo, kept in self._missed.items()
+            if _fit(kept.want, c, kept.policy) is None
+        }  # fmt: skip
+
     def drop(self, agent_id: str) -> None:
         old = self.candidates.get(agent_id)
         if old is not None:
@@ -251,9 +273,8 @@ class Fleet:
         exclude: frozenset[str] = frozenset(),
     ) -> Placement | Miss:
         """`place(want, candidates not in exclude, policy)`, faster."""
-        memo = (policy, *_memo_key(want))
-        if memo in self._missed:  # a miss over all agents is a miss over fewer
-            return self._missed[memo]
+        if (known := self.known_miss(want, policy, exclude=exclude)) is not None:
+            return known  # a miss over all agents is a miss over fewer
         if want.gpus == 1 and policy == "best_fit":
             found = self._walk(want, exclude)
             choice: Placement | Miss = (
@@ -262,16 +283,25 @@ class Fleet:
         else:
             pool = [c for c in self.candidates.values() if c.agent_id not in exclude]
             choice = place(want, pool, policy)
-        if isinstance(choice, Miss) and not any(
-            _fit(want, self.candidates[a], policy) for a in exclude if a in self.candidates
-        ):  # none of those left out fits either: a miss over all agents, kept
-            self._missed[memo] = choice
+        if isinstance(choice, Miss):
+            # Kept with those left out that could hold it (none: a miss over all agents).
+            fleet = self.candidates
+            held_by = frozenset(a for a in exclude if a in fleet and _fit(want, fleet[a], policy))
+            self._missed[(policy, *_memo_key(want))] = _Kept(want, policy, choice, held_by)
         return choice
 
-    def known_miss(self, want: Requirements, policy: Policy = "best_fit") -> Miss | None:
-        """The miss kept for this requirement, if it missed in this pass and no agent has
-        had more room since: it misses again, whatever is excluded."""
-        return self._missed.get((policy, *_memo_key(want)))
+    def known_miss(
+        self,
+        want: Requirements,
+        policy: Policy = "best_fit",
+        *,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Miss | None:
+        """The miss kept for this requirement, said as when it missed: no agent has changed
+        since so that it fits there, and the agents left out then that could hold it are
+        left out now too."""
+        kept = self._missed.get((policy, *_memo_key(want)))
+        return kept.miss if kept is not None and kept.held_by <= exclude else None
 
     def _walk(self, want: Requirements, exclude: frozenset[str]) -> Placement | None:
         if self.lane is not None:
@@ -400,11 +430,19 @@ def still_fits(want: Requirements, c: Candidate, gpu_uuids: Sequence[str]) -> bo
     return _eligible(want, c) and _host_fits(want, c)
 
 
-def closest(want: Requirements, candidates: Sequence[Candidate]) -> Candidate | None:
+def closest(
+    want: Requirements,
+    candidates: Sequence[Candidate],
+    could_hold: Callable[[Candidate], bool] | None = None,
+) -> Candidate | None:
     """The eligible agent that misses `want` by the least (summed shortfalls, each as a
-    fraction of what was asked); None when no agent is eligible at all."""
+    fraction of what was asked); None when no agent is eligible at all. `could_hold`: the
+    closest of those it says yes to, asked from the closest on (it may be costly)."""
     eligible = [c for c in candidates if _eligible(want, c)]
-    return min(eligible, key=lambda c: (_shortfall(want, c), c.name), default=None)
+    if could_hold is None:
+        return min(eligible, key=lambda c: (_shortfall(want, c), c.name), default=None)
+    eligible.sort(key=lambda c: (_shortfall(want, c), c.name))
+    return next((c for c in eligible if could_hold(c)), None)
 
 
 def _host_fits(want: Requirements, c: Candidate) -> bool:

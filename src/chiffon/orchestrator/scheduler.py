@@ -4,10 +4,14 @@ The orchestrator runs it in a loop (`Dispatcher`); docs/jobs.md describes it.
 
 One pass:
 
-1. read the oldest queued jobs' ids, and bring the picture of the fleet (every agent and
-   its live claims as placement's `Candidate`s) up to date: the agents changed since the
-   last pass, or all of them every 10 s (`FleetCache`);
-2. the jobs in submission order, `BATCH` (32) to a transaction: lock those still queued
+1. read the queue grouped by shape (`repo.queued_shapes`: one row per requirements,
+   policy and timeout, however many jobs), and bring the picture of the fleet (every
+   agent and its live claims as placement's `Candidate`s) up to date: the agents changed
+   since the last pass, or all of them every 10 s (`FleetCache`). A shape that missed
+   (in this pass or an earlier one: the picture keeps its misses) and that no agent has
+   changed since so that it fits there is not read job by job (`_Queue`);
+2. the jobs of the other shapes in submission order, read `PAGE` at a time, `BATCH` (32)
+   to a transaction, at most `limit` a pass: lock those still queued
    (one statement; `SKIP LOCKED` on PostgreSQL: jobs another orchestrator is placing are
    skipped, never waited for); choose for each with the pass's `Fleet`, in memory, each
    choice promised there before the next job is chosen for; then take the chosen agents'
@@ -15,7 +19,11 @@ One pass:
    orchestrator holds), read their rows and claims again (what another orchestrator or
    a finished job changed meanwhile included) and write each choice that still fits there
    (`placement.still_fits`), in the order chosen. A job whose agent was skipped or no
-   longer has room is chosen for again in the next batch, up to three times a pass.
+   longer has room is chosen for again in the next batch, up to three times a pass. A job
+   whose shape missed meanwhile is not locked to miss again, and the next pages leave
+   that shape out;
+3. give the queued jobs of each shape that missed the reason it missed, one statement a
+   shape (`_say_why`), so that a job never read one by one says why it waits too.
 
 Two placements on one agent are thus decided one after the other: a lock per agent,
 not serializable transactions, because the conflict is always on one known agent and a
@@ -25,21 +33,25 @@ the other's batch: each places elsewhere, or again a moment later. Ingest never 
 the placement lock, nor placement the registry row's: neither waits for the other.
 
 A job that does not fit keeps waiting with the reason naming the nearest miss, and later,
-smaller jobs may pass it (backfill). So that a large job is not passed forever, the oldest
-job that has waited `starvation_seconds` reserves the agent closest to fitting it: no
-later job is placed there in that pass, so what frees up there is left for it.
+smaller jobs may pass it (backfill), however many wait ahead of them: a pass costs the
+shapes queued and the jobs it can place, not the jobs that cannot be placed. So that a
+large job is not passed forever, the oldest job that has waited `starvation_seconds`
+reserves the agent closest to fitting it (read or not: its shape's oldest submission
+stands for it): no later job is placed there in that pass, so what frees up there is
+left for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,6 +70,7 @@ from chiffon.orchestrator.placement import (
     GpuLedger,
     Miss,
     Placement,
+    Policy,
     Requirements,
     closest,
     place,
@@ -78,12 +91,30 @@ CONTENDED_SECONDS = 10.0
 # choosing for 32 jobs, or reading 1,000 changed agents, held it for up to 0.5 s at once.
 YIELD_EVERY_JOBS = 8
 YIELD_EVERY_AGENTS = 64
+PAGE = 500  # queued jobs read at a time
+SKIP_MAX = 1000  # shapes a page's statement leaves out by name; those past it are read
+# The jobs of a shape told its reason are told a newer one (a bulk update of them all) no
+# sooner than this, nor than one second per REASON_ROWS_PER_SECOND of them (capped): the
+# nearest miss a reason names moves with the heartbeats, and rewriting 20,000 rows took
+# PostgreSQL 0.75-1 s. A job told nothing yet, or something else (handed back), is told
+# at the pass.
+REASON_SECONDS = 10.0
+REASON_ROWS_PER_SECOND = 1000
+REASON_MAX_SECONDS = 300.0
 
 
 @dataclass
 class PassResult:
     placed: dict[uuid.UUID, Placement] = field(default_factory=dict)
-    waiting: dict[uuid.UUID, str] = field(default_factory=dict)  # job -> why
+    waiting: dict[uuid.UUID, str] = field(default_factory=dict)  # job -> why, those read
+    # Queued jobs of shapes that missed before the pass and still did after it, not read
+    # one by one (as the queue was grouped when the pass began).
+    blocked: int = 0
+
+    @property
+    def waits(self) -> bool:
+        """Whether the pass left a job waiting for room."""
+        return bool(self.waiting) or self.blocked > 0
 
 
 # A job without a timeout, or with one at least this long, is long: it goes to the most
@@ -105,6 +136,19 @@ def requirements(spec: dict[str, Any], avoid: frozenset[str] = frozenset()) -> R
         labels=dict(r.get("labels", {})),
         gpu_vendor=r.get("gpu_vendor"),
     )
+
+
+def shape_want(shape: repo.Shape) -> tuple[Requirements, Policy]:
+    """What a job of this shape asks for (with no desktop to avoid), as `requirements`
+    reads it from the job's spec, and its policy."""
+    wanted, policy, timeout = shape
+    spec = {"requirements": json.loads(wanted) if wanted else {},
+            "timeout_seconds": float(timeout) if timeout else None}  # fmt: skip
+    return requirements(spec), _policy(policy or "best_fit")
+
+
+def _policy(value: object) -> Policy:
+    return "spread" if value == "spread" else "best_fit"
 
 
 def gpu_id(gpu: dict[str, Any]) -> str:
@@ -181,35 +225,27 @@ async def schedule_once(
     clock: Callable[[], datetime] | None = None,
     cache: FleetCache | None = None,
 ) -> PassResult:
-    """One pass over the queue, `batch` jobs a transaction (see the module's text). A job
-    is not placed again on a desktop whose owner took it back in the last
-    `avoid_seconds`. `cache`: the fleet as the last pass left it (default: read whole).
+    """One pass over the queue, `batch` jobs a transaction, choosing for at most `limit`
+    jobs (see the module's text). A job is not placed again on a desktop whose owner took
+    it back in the last `avoid_seconds`. `cache`: the fleet as the last pass left it,
+    with the misses it keeps (default: read whole, nothing known to miss).
     An attempt's `assigned_at` is read from `clock` (default: `now`)
     once the claims it was checked against are read, so that the attempts' times are a
     true history of the claims (bench/dispatch.py checks them)."""
     cache = cache or FleetCache()
+    avoided_since = now - timedelta(seconds=avoid_seconds)
     async with sessions() as session:
-        queued = await repo.queued(session, limit=limit)
-        if not queued:
+        shapes = await repo.queued_shapes(session, avoided_since=avoided_since)
+        if not shapes:
             return PassResult()
         fleet = await cache.read(session, now)
-        since = now - timedelta(seconds=avoid_seconds)
-        taken = await repo.taken_back(session, job_ids=[j for j, _ in queued], since=since)
-    one_pass = _Pass(fleet, taken, now, clock or (lambda: now), starvation_seconds)
-    specs = dict(queued)
-    pending, tries = [j for j, _ in queued], Counter[uuid.UUID]()
+    one_pass = _Pass(fleet, {}, now, clock or (lambda: now), starvation_seconds)
+    queue = _Queue(sessions, one_pass, shapes, avoided_since)
+    tries = Counter[uuid.UUID]()
     looked, seen = one_pass.clock(), fleet.others_seen
     try:
-        while pending:
-            # A job whose shape already missed in this pass is not locked to miss again:
-            # with the fleet full and the queue long, a pass then costs what can be placed.
-            ids: list[uuid.UUID] = []
-            while pending and len(ids) < batch:
-                job_id = pending.pop(0)
-                if (miss := one_pass.known_miss(job_id, specs[job_id])) is not None:
-                    one_pass.result.waiting[job_id] = miss.reason
-                else:
-                    ids.append(job_id)
+        while queue.chosen_for < limit:
+            ids = await queue.take(min(batch, limit - queue.chosen_for))
             if not ids:
                 break
             async with sessions.begin() as session:
@@ -221,17 +257,121 @@ async def schedule_once(
             # Another orchestrator is placing on the agents chosen here: first read again
             # those it placed on since we last looked.
             tries.update(again)
-            pending = [j for j in again if tries[j] < RETRIES_PER_JOB] + pending
+            queue.again([j for j in again if tries[j] < RETRIES_PER_JOB])
             if one_pass.busy or fleet.others_seen > seen:
                 cache.contended()  # not when only a heartbeat took the room
             seen = fleet.others_seen
             async with sessions() as session:
                 since, looked = looked - RECENT_MARGIN, one_pass.clock()
                 await cache.refresh(session, await repo.agents_placed_on(session, since=since))
+        await _say_why(sessions, one_pass, queue, cache)
     except BaseException:
         cache.forget()  # promises may be left in it that were never written
         raise
     return one_pass.result
+
+
+class _Queue:
+    """A pass's queue: its shapes as the pass began (`repo.queued_shapes`), and the jobs of
+    those not known to miss, read in submission order a page at a time. A shape known to
+    miss (`Fleet.known_miss`, with the agents the pass leaves out) is left out of each
+    page's statement, so 20,000 jobs that cannot be placed cost one row of the grouping,
+    not 20,000 rows read and passed over, and a job behind them is reached at once."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        one_pass: _Pass,
+        shapes: list[repo.QueuedShape],
+        avoided_since: datetime,
+    ) -> None:
+        self._sessions, self._pass, self.avoided_since = sessions, one_pass, avoided_since
+        self.shapes = shapes
+        self.wants = {s.shape: shape_want(s.shape) for s in shapes}
+        missed = {shape for shape, (want, policy) in self.wants.items()
+                  if one_pass.fleet.known_miss(want, policy) is not None}  # fmt: skip
+        self.unread = set(missed)  # left out of every page read so far
+        live = [s for s in shapes if s.avoided or s.shape not in missed]
+        start = min((s.oldest for s in live), default=None)
+        self._after = None if start is None else (start, uuid.UUID(int=0))
+        self._ahead: deque[repo.Queued] = deque()
+        self._read: dict[uuid.UUID, repo.Queued] = {}
+        self.chosen_for = 0
+        blocked = [s for s in shapes if s.shape in missed and not s.avoided]
+        if blocked:  # its oldest job stands for it in the starvation guard (`_Pass.reach`)
+            oldest = min(blocked, key=lambda s: s.oldest)
+            one_pass.unread_oldest = (oldest.oldest, self.wants[oldest.shape][0])
+
+    async def take(self, most: int) -> list[uuid.UUID]:
+        """The next jobs to choose for, at most `most`; those of shapes known to miss by
+        now wait with its reason, not locked to miss again."""
+        ids: list[uuid.UUID] = []
+        while len(ids) < most and (job := await self._next()) is not None:
+            self._pass.reach(job.submitted_at)
+            if (miss := self._pass.known_miss(job.job_id, job.spec)) is not None:
+                self._pass.result.waiting[job.job_id] = miss.reason
+            else:
+                ids.append(job.job_id)
+        self.chosen_for += len(ids)
+        return ids
+
+    def again(self, job_ids: list[uuid.UUID]) -> None:
+        """These jobs are chosen for again next, in this order (counted once in `limit`)."""
+        self._ahead.extendleft(reversed([self._read[j] for j in job_ids]))
+        self.chosen_for -= len(job_ids)
+
+    async def _next(self) -> repo.Queued | None:
+        if not self._ahead and self._after is not None:
+            await self._read_page()
+        return self._ahead.popleft() if self._ahead else None
+
+    async def _read_page(self) -> None:
+        assert self._after is not None
+        skip = self._skip()
+        self.unread &= set(skip)
+        async with self._sessions() as session:
+            page = await repo.queued(session, after=self._after, limit=PAGE, skip=skip,
+                                     avoided_since=self.avoided_since)  # fmt: skip
+            ids = [job.job_id for job in page]
+            taken = await repo.taken_back(session, job_ids=ids, since=self.avoided_since)
+        self._pass.taken.update(taken)
+        self._ahead.extend(page)
+        self._read.update((job.job_id, job) for job in page)
+        last = page[-1] if len(page) == PAGE else None  # a shorter page: the queue's end
+        self._after = None if last is None else (last.submitted_at, last.job_id)
+
+    def _skip(self) -> list[repo.Shape]:
+        """The shapes known to miss now, those with the most jobs first."""
+        known = [s for s in sorted(self.shapes, key=lambda s: -s.jobs)
+                 if self._pass.shape_misses(*self.wants[s.shape]) is not None]  # fmt: skip
+        return list(dict.fromkeys(s.shape for s in known))[:SKIP_MAX]
+
+
+async def _say_why(
+    sessions: async_sessionmaker[AsyncSession], one_pass: _Pass, queue: _Queue, cache: FleetCache
+) -> None:
+    """Give the queued jobs of each shape that missed the reason it missed (those taken
+    back lately have their own, said when each is read), one statement for each group of
+    jobs told something else: not yet told (new, handed back), or told another reason,
+    unless that reason was written to them lately (`FleetCache.told_lately`)."""
+    told: list[tuple[repo.QueuedShape, str]] = []
+    for group in queue.shapes:
+        miss = one_pass.shape_misses(*queue.wants[group.shape])
+        if miss is None or group.avoided:
+            continue
+        if group.shape in queue.unread:
+            one_pass.result.blocked += group.jobs
+        said = miss.reason[: repo.REASON_MAX_CHARS]
+        if group.reason != said and not cache.told_lately(group.shape, group.reason, group.jobs):
+            told.append((group, said))
+    if not told:
+        return
+    async with sessions.begin() as session:
+        for group, said in told:
+            await repo.say_why(session, shape=group.shape, was=group.reason, reason=said,
+                               now=one_pass.now, avoided_since=queue.avoided_since)  # fmt: skip
+    for group, said in told:
+        cache.told(group.shape, said)
 
 
 class FleetCache:
@@ -244,7 +384,12 @@ class FleetCache:
     read again), and everything every `full_read_seconds` (agents removed, reliability
     records). At 10,000 agents a full read costs about 0.5 s of CPU; an
     empty change set, one query. Staleness costs choices, never correctness: every choice
-    is checked again under the chosen agent's lock before it is written."""
+    is checked again under the chosen agent's lock before it is written.
+
+    The picture keeps the misses of the shapes of job that fitted nowhere
+    (`placement.Fleet.known_miss`) until an agent read again could hold one, and until
+    the next full read, which starts without them: each shape is tried again at least
+    every `full_read_seconds`, and its reason (as it was when it missed) said anew."""
 
     def __init__(
         self,
@@ -260,6 +405,8 @@ class FleetCache:
         self._lane: int | None = None
         self._rng = random.Random()
         self._seen: dict[uuid.UUID, datetime] = {}  # agent -> its latest change read
+        # (shape, reason) -> when that reason was written to the shape's waiting jobs
+        self._told: dict[tuple[repo.Shape, str], float] = {}
 
     def forget(self) -> None:
         self._fleet = None
@@ -334,6 +481,20 @@ class FleetCache:
     def _stale(self) -> bool:
         return self._monotonic() - self._full_at >= self.full_read_seconds
 
+    def told(self, shape: repo.Shape, reason: str) -> None:
+        """`reason` was written to the waiting jobs of `shape` (`_say_why`)."""
+        now = self._monotonic()
+        self._told = {k: at for k, at in self._told.items() if now - at < REASON_MAX_SECONDS}
+        self._told[(shape, reason)] = now
+
+    def told_lately(self, shape: repo.Shape, reason: str, jobs: int) -> bool:
+        """Whether `reason` was written to these `jobs` waiting jobs of `shape` too lately
+        to write a newer one to them all: within `REASON_SECONDS`, or a second per
+        `REASON_ROWS_PER_SECOND` of them (at most `REASON_MAX_SECONDS`)."""
+        at = self._told.get((shape, reason))
+        wait = min(max(REASON_SECONDS, jobs / REASON_ROWS_PER_SECOND), REASON_MAX_SECONDS)
+        return at is not None and self._monotonic() - at < wait
+
 
 @dataclass
 class _Pass:
@@ -345,6 +506,14 @@ class _Pass:
     reserved: set[str] = field(default_factory=set)
     busy: set[str] = field(default_factory=set)  # agents another transaction held: skipped
     result: PassResult = field(default_factory=PassResult)
+    # The oldest job of the shapes not read (known to miss), by its submission: the
+    # starvation guard's candidate once the walk passes it (`reach`).
+    unread_oldest: tuple[datetime, Requirements] | None = None
+
+    @property
+    def excluded(self) -> frozenset[str]:
+        """The agents left out of the rest of the pass."""
+        return frozenset(self.reserved | self.busy)
 
     def want(self, job: JobRow) -> Requirements:
         return self._want(job.job_id, job.spec)
@@ -353,8 +522,20 @@ class _Pass:
         return requirements(spec, frozenset(str(a) for a in self.taken.get(job_id, ())))
 
     def known_miss(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Miss | None:
-        """The pass's kept miss for this job's shape (`Fleet.known_miss`)."""
-        return self.fleet.known_miss(self._want(job_id, spec), spec.get("policy", "best_fit"))
+        """The kept miss for this job's shape (`Fleet.known_miss`)."""
+        return self.shape_misses(self._want(job_id, spec), _policy(spec.get("policy")))
+
+    def shape_misses(self, want: Requirements, policy: Policy) -> Miss | None:
+        """The kept miss for this requirement, with the agents the pass leaves out now."""
+        return self.fleet.known_miss(want, policy, exclude=self.excluded)
+
+    def reach(self, submitted_at: datetime) -> None:
+        """The walk reached a job submitted at `submitted_at`: a job not read that is older
+        (`unread_oldest`) is guarded against starvation now, as if it had been read."""
+        if self.unread_oldest is not None and submitted_at > self.unread_oldest[0]:
+            oldest, want = self.unread_oldest
+            self.unread_oldest = None
+            self._guard(oldest, want)
 
     async def batch(self, session: AsyncSession, jobs: Sequence[JobRow]) -> list[uuid.UUID]:
         """Choose for each job in memory, each choice promised before the next, then
@@ -365,7 +546,7 @@ class _Pass:
                 await asyncio.sleep(0)  # the API and ingest share this event loop
             want = self.want(job)
             policy = job.spec.get("policy", "best_fit")
-            choice = self.fleet.place(want, policy, exclude=frozenset(self.reserved | self.busy))
+            choice = self.fleet.place(want, policy, exclude=self.excluded)
             if isinstance(choice, Miss):
                 self.missed(job, want, choice)
                 continue
@@ -387,11 +568,24 @@ class _Pass:
         self.result.waiting[job.job_id] = miss.reason
         if job.reason != miss.reason:
             job.reason, job.updated_at = miss.reason, self.now
-        waited = (self.now - job.submitted_at).total_seconds()
-        if not self.reserved and waited >= self.starvation_seconds:
-            nearest = closest(want, list(self.fleet.candidates.values()))
-            if nearest is not None:
-                self.reserved.add(nearest.agent_id)
+        self._guard(job.submitted_at, want)
+
+    def _guard(self, submitted_at: datetime, want: Requirements) -> None:
+        """A job submitted at `submitted_at` misses: if it is the first such job to have
+        waited `starvation_seconds`, the agent closest to fitting it is reserved, among
+        those whose whole hardware could hold it (room freed on the others would never
+        be enough: reserving one for a job that asks more than any desktop has stopped
+        all placement there)."""
+        waited = (self.now - submitted_at).total_seconds()
+        if self.reserved or waited < self.starvation_seconds:
+            return
+        rows = self.fleet.rows
+
+        def could_hold(c: Candidate) -> bool:
+            return could_ever_hold(want, [rows[uuid.UUID(c.agent_id)]])
+
+        if (nearest := closest(want, list(self.fleet.candidates.values()), could_hold)) is not None:
+            self.reserved.add(nearest.agent_id)
 
 
 class _PassFleet(Fleet):
@@ -513,7 +707,7 @@ class Dispatcher:
     """The scheduler's loop: a pass when woken (a job submitted, an attempt ended) and at
     least every `interval_seconds` (capacity seen in a heartbeat, an agent back online),
     after losing the attempts of agents gone offline (`orchestrator.jobs.lose_offline`).
-    A pass that placed work is followed at once by the next: a pass reads at most
+    A pass that placed work is followed at once by the next: a pass chooses for at most
     `limit` queued jobs, and a longer queue must not wait out the interval between them.
     Tests call `tick()` with a manual clock."""
 

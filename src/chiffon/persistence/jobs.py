@@ -14,16 +14,21 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Integer,
     Row,
+    Select,
     Uuid,
     bindparam,
     delete,
     func,
     insert,
+    or_,
     select,
     text,
+    tuple_,
     union_all,
+    update,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -106,15 +111,126 @@ async def forget_idempotency_keys(
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-async def queued(session: AsyncSession, *, limit: int) -> list[tuple[uuid.UUID, dict[str, Any]]]:
-    """The oldest queued jobs' ids and specs, in submission order (nothing locked)."""
+# A queued job's shape: what placement reads of its spec, as the database writes it out
+# (its requirements as JSON text, its policy, its timeout; "" where absent). Jobs of one
+# shape fit, or miss, alike; the scheduler groups the queue by it (`queued_shapes`).
+Shape = tuple[str, str, str]
+_SHAPE_KEYS = ("requirements", "policy", "timeout_seconds")
+
+
+def _shape_columns() -> list[ColumnElement[str]]:
+    # PostgreSQL writes jsonb out in one canonical form, SQLite JSON as stored: either way
+    # the same expression gives the same text for the same spec, and one shape may show as
+    # several (labels in another order), never two shapes as one.
+    return [func.coalesce(JobRow.spec[key].as_string(), "") for key in _SHAPE_KEYS]
+
+
+def _taken_back_since(since: datetime) -> Select[Any]:
+    """The jobs a desktop's owner took back since `since` (`taken_back`)."""
+    return select(JobAttemptRow.job_id).where(
+        JobAttemptRow.state == "preempted", JobAttemptRow.ended_at >= since
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedShape:
+    """Queued jobs of one shape and one reason (`queued_shapes`)."""
+
+    shape: Shape
+    reason: str
+    avoided: bool  # taken back lately (`taken_back`): each has its own desktops to avoid
+    jobs: int
+    oldest: datetime  # the oldest one's submission
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    job_id: uuid.UUID
+    submitted_at: datetime
+    spec: dict[str, Any]
+
+
+async def queued_shapes(session: AsyncSession, *, avoided_since: datetime) -> list[QueuedShape]:
+    """The queue grouped by shape, reason and whether a desktop's owner took the job back
+    since `avoided_since`, in one statement: the database groups, so 20,000 jobs of one
+    shape with one reason come back as one row."""
+    shape = _shape_columns()
+    taken = _taken_back_since(avoided_since).distinct().subquery()
+    avoided = taken.c.job_id.is_not(None)
+    counts = (func.count().label("jobs"), func.min(JobRow.submitted_at).label("oldest"))
     stmt = (
-        select(JobRow.job_id, JobRow.spec)
+        select(*shape, JobRow.reason, avoided.label("avoided"), *counts)
+        .select_from(JobRow)
+        .outerjoin(taken, taken.c.job_id == JobRow.job_id)
         .where(JobRow.state == "queued")
+        .group_by(*shape, JobRow.reason, avoided)
+    )
+    return [
+        QueuedShape((r[0], r[1], r[2]), r.reason, bool(r.avoided), int(r.jobs), r.oldest)
+        for r in (await session.execute(stmt)).all()
+    ]
+
+
+async def queued(
+    session: AsyncSession,
+    *,
+    after: tuple[datetime, uuid.UUID],
+    limit: int,
+    skip: Sequence[Shape] = (),
+    avoided_since: datetime | None = None,
+) -> list[Queued]:
+    """The next queued jobs after `after` (submitted_at, job_id) in submission order,
+    nothing locked; none of a shape in `skip` but those taken back since `avoided_since`
+    (their own desktops to avoid make them a shape of their own)."""
+    at, job_id = after
+    stmt = (
+        select(JobRow.job_id, JobRow.submitted_at, JobRow.spec)
+        .where(
+            JobRow.state == "queued",
+            JobRow.submitted_at >= at,  # the index's range; the line below is the cursor
+            or_(JobRow.submitted_at > at, JobRow.job_id > job_id),
+        )
         .order_by(JobRow.submitted_at, JobRow.job_id)
         .limit(limit)
     )
-    return [(row.job_id, row.spec) for row in (await session.execute(stmt)).all()]
+    if skip:
+        kept: ColumnElement[bool] = tuple_(*_shape_columns()).not_in(skip)
+        if avoided_since is not None:
+            kept = or_(kept, JobRow.job_id.in_(_taken_back_since(avoided_since)))
+        stmt = stmt.where(kept)
+    return [Queued(r.job_id, r.submitted_at, r.spec) for r in (await session.execute(stmt)).all()]
+
+
+async def say_why(
+    session: AsyncSession,
+    *,
+    shape: Shape,
+    was: str,
+    reason: str,
+    now: datetime,
+    avoided_since: datetime,
+) -> int:
+    """Give the queued jobs of `shape` whose reason is `was` the reason they wait now, in
+    one statement, but not those taken back since `avoided_since` (each its own). On
+    PostgreSQL a job another transaction holds is skipped, not waited for: it is being
+    placed. How many were written."""
+    reason = reason[:REASON_MAX_CHARS]
+    which = select(JobRow.job_id).where(
+        JobRow.state == "queued",
+        JobRow.reason == was,
+        *(column == value for column, value in zip(_shape_columns(), shape, strict=True)),
+        JobRow.job_id.not_in(_taken_back_since(avoided_since)),
+    )
+    if _postgres(session):
+        which = which.with_for_update(skip_locked=True)
+    stmt = (
+        update(JobRow)
+        .where(JobRow.job_id.in_(which))
+        .values(reason=reason, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    result = await session.execute(stmt)
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def take_queued(session: AsyncSession, *, job_id: uuid.UUID) -> JobRow | None:
