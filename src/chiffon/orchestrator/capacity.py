@@ -145,6 +145,8 @@ class _CandidateRow:
     def __getattr__(self, name: str) -> Any:
         if name == "accepts_jobs":
             return getattr(self._row, name, False)
+        if name == "hold":  # an admin's hold changes no number
+            return getattr(self._row, name, None)
         if name == "labels":
             return getattr(self._row, name, {})
         return getattr(self._row, name)
