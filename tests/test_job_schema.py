@@ -33,12 +33,16 @@ ALLOWED = {
     ("running", "cancelled"),
     ("running", "lost"),
     ("running", "queued"),
-}
+    # an attempt judged lost whose saved outcome is heard later (issue 34, item 6)
+    *((state, late) for state in ("queued", "lost")
+      for late in ("succeeded", "failed", "timed_out", "cancelled")),
+}  # fmt: skip
 
 
 def test_the_table_covers_every_state_and_ends_only_in_terminal_ones() -> None:
     assert set(MOVES) == set(STATES)
-    assert {s for s in STATES if not MOVES[s]} == TERMINAL
+    # `lost` is final but for the one way back: the attempt's own outcome, heard late.
+    assert {s for s in STATES if not MOVES[s]} == TERMINAL - {"lost"}
 
 
 @pytest.mark.parametrize(("source", "target"), list(itertools.product(STATES, STATES)))

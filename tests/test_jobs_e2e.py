@@ -241,6 +241,27 @@ def test_an_orchestrator_restart_loses_nothing(fleet: Fleet) -> None:
         assert "".join(p.data for p in c.logs(job_id)) == "before\nafter\n"
 
 
+@pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
+def test_a_job_that_ends_while_the_orchestrator_is_away_keeps_its_outcome(fleet: Fleet) -> None:
+    """Issue 34, item 5: the orchestrator is stopped for 30 s while the job ends (the
+    agent gave up after 7 tries in 22 s and the job stayed `running` for ever). The
+    agent saves the end and says it until heard: the job succeeds, on its first attempt."""
+    with client(fleet) as c:
+        job_id = c.submit(["sh", "-c", "sleep 2; echo done"]).job.job_id
+        wait_for("the job to run", lambda: c.get(job_id).state == "running", fleet, 30)
+        assert fleet.orchestrator is not None
+        stop(fleet.orchestrator)
+        attempt_dir = fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{job_id}-1"
+        time.sleep(30)
+        saved = json.loads((attempt_dir / "ended.json").read_text())
+        assert (saved["outcome"], saved["exit_code"]) == ("exit", 0)
+        assert not (attempt_dir / "reported").exists()
+        fleet.start_orchestrator()
+        job = c.wait(job_id, timeout_seconds=60)
+        assert (job.state, job.attempt) == ("succeeded", 1), (job, fleet.logs())
+        wait_for("the end marked heard", (attempt_dir / "reported").exists, fleet, 10)
+
+
 def test_the_api_refuses_jobs_without_the_token(fleet: Fleet) -> None:
     done = run_cli("run", "--", "true", env={"CHIFFON_ORCHESTRATOR_URL": fleet.api,
                                               "CHIFFON_API_TOKEN": "wrong"})  # fmt: skip

@@ -113,6 +113,20 @@ def _check_refusals(counts: Mapping[str, int]) -> None:
             raise ValueError(f"orders_refused[{reason}]: {count} is out of range")
 
 
+ATTEMPTS_HELD_MAX = limits.ATTEMPTS_HELD_MAX
+_HELD = re.compile(limits.ATTEMPT_HELD_PATTERN)
+
+
+def _check_held(held: list[str] | None) -> None:
+    if held is None:
+        return
+    if len(held) > limits.ATTEMPTS_HELD_MAX:
+        raise ValueError(f"attempts_held: more than {limits.ATTEMPTS_HELD_MAX}")
+    for item in held:
+        if not isinstance(item, str) or not _HELD.fullmatch(item):
+            raise ValueError(f"attempts_held: {item!r} is not job_id/attempt")
+
+
 _SNAPSHOT_RANGES = {
     "cpu_load_1min": (0, limits.LOAD_MAX),
     "cpu_load_5min": (0, limits.LOAD_MAX),
@@ -160,11 +174,15 @@ class Snapshot:
     jobs_withheld: Withheld | None = None
     # The orders refused since the agent started, by reason (set by the work loop).
     orders_refused: dict[str, int] = field(default_factory=dict)
+    # The attempts it holds, `job_id/attempt`: running, or ended and not yet heard (set by
+    # the work loop; None: it runs no work loop, the orchestrator reconciles nothing).
+    attempts_held: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_ranges(self, _SNAPSHOT_RANGES)
         check_resources(self)
         _check_refusals(self.orders_refused)
+        _check_held(self.attempts_held)
         if len(self.probe_errors) > limits.PROBE_ERRORS_MAX:
             raise ValueError(f"probe_errors: more than {limits.PROBE_ERRORS_MAX}")
         for key, error in self.probe_errors.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -30,8 +31,9 @@ from typing import Any, Protocol
 import psutil
 
 from chiffon.agent.bounded import in_daemon_thread
+from chiffon.agent.identity import write_private
 from chiffon.agent.owner import SAID, Decision, GpuSeen, OwnerPolicy, decide, parse_schedule
-from chiffon.agent.report import GpuReading, Snapshot
+from chiffon.agent.report import ATTEMPTS_HELD_MAX, GpuReading, Snapshot
 from chiffon.agent.runner import Assignment, CannotStart, Ended, JobRun, Ladder, end_orphans
 from chiffon.backoff import Backoff
 from chiffon.schemas.limits import clean_text
@@ -83,6 +85,16 @@ ENDED_KEPT_SECONDS = 3600.0
 REPEAT_PAUSE_SECONDS = 1.0
 # In an attempt's directory once the orchestrator heard how it ended (`WorkLoop.recover`).
 REPORTED = "reported"
+# In an attempt's directory: how it ended, written before it is said (the outbox), so that
+# an end the orchestrator did not hear is said again, across restarts, until it is heard.
+ENDED = "ended.json"
+# The longest wait between two tries of saying an attempt's end (it is tried until heard);
+# a stopping agent tries this many times, then leaves it for its next start.
+END_RETRY_MAX_SECONDS = 30.0
+STOPPING_TRIES = 3
+# At start, how long the ends a previous run left unheard may hold it up (they are said
+# on, in the background, when the orchestrator is away).
+RECOVER_WAIT_SECONDS = 5.0
 # In an attempt's directory: the newest `issued_at` of its order seen, kept across restarts,
 # so that the orchestrator saying the order again is known for a duplicate (`_in_hand`).
 ISSUED = "issued_at"
@@ -189,6 +201,9 @@ class WorkLoop:
         self.killed_leftovers = 0  # processes of ended jobs ended by the hygiene check
         self._guard_reads_idle = False
         self._heard = asyncio.Event()  # set when a report reached the orchestrator
+        self._unheard: set[tuple[uuid.UUID, int]] = set()  # ends saved, not yet heard
+        self.end_retry_max_seconds = END_RETRY_MAX_SECONDS
+        self._stopping = False
         # While jobs run, the GPUs are read afresh only when the policy looks at what runs
         # on them (a GPU read is cheap with NVML, a process or two with nvidia-smi).
         self._watches_gpus = bool(self.policy.exclusive_apps) or (
@@ -223,21 +238,66 @@ class WorkLoop:
         orphans = await asyncio.to_thread(
             end_orphans, self.settings.jobs_dir, grace_seconds=self.settings.grace_seconds
         )
+        ended: dict[tuple[uuid.UUID, int], dict[str, Any]] = {}
         for o in orphans:
             detail = "the agent restarted" + (" and ended it" if o.was_running else "")
-            await self._say_end((uuid.UUID(o.job_id), o.attempt), _ended("lost", detail))
+            ended[(uuid.UUID(o.job_id), o.attempt)] = _ended("lost", detail)
         for attempt_dir in taken:
             key = _attempt_of(attempt_dir.name)
             if key is None or key in self._claimed or (attempt_dir / REPORTED).exists():
                 continue
-            said = _ended("lost", "the agent restarted before its end was said")
-            await self._say_end(key, said)
+            # The outcome saved before a restart wins; else it ended unseen.
+            lost = _ended("lost", "the agent restarted before its end was said")
+            ended[key] = _read_saved(attempt_dir / ENDED) or ended.get(key) or lost
+        # Each said until heard; the start waits for them a moment only (they go on).
+        saying = [self._spawn(self._say_end(key, said)) for key, said in ended.items()]
+        if saying:
+            await asyncio.wait(saying, timeout=RECOVER_WAIT_SECONDS)
 
     async def _say_end(self, key: tuple[uuid.UUID, int], said: dict[str, Any]) -> None:
-        """Say how an attempt ended; once heard, its directory is marked so."""
-        if await self._say(*key, said) != "unreported":
-            with contextlib.suppress(OSError):
-                (self._ledger.attempt_dir(*key) / REPORTED).touch()
+        """Say how an attempt ended, saved first (`ENDED`), and again with backoff until
+        the orchestrator hears it (a stopping agent tries a few times: its next start says
+        it again); once heard, its directory is marked so."""
+        attempt_dir = self._ledger.attempt_dir(*key)
+        if key not in self._unheard:
+            await self._save_end(key, said)
+        most = self.end_retry_max_seconds
+        backoff, tries = Backoff(min(0.5, most), max_seconds=most), 0
+        while True:
+            try:
+                await self._channel.report(*key, said)
+                break
+            except TransportError as exc:
+                tries += 1
+                if self._stopping and tries >= STOPPING_TRIES:
+                    return  # said again at the next start
+                if tries == 1 or tries % 10 == 0:
+                    log.warning(
+                        "the end of attempt %s of %s is not heard yet (%s); saying it again "
+                        "until it is (%d tries)", key[1], key[0], exc, tries,
+                    )  # fmt: skip
+                await asyncio.sleep(backoff.delay(tries))
+        self._heard.set()
+        self._unheard.discard(key)
+        with contextlib.suppress(OSError):
+            (attempt_dir / REPORTED).touch()
+
+    async def _save_end(self, key: tuple[uuid.UUID, int], said: dict[str, Any]) -> None:
+        """The outbox: the end written in the attempt's directory (0600), held until heard."""
+        self._unheard.add(key)
+        path = self._ledger.attempt_dir(*key) / ENDED
+        try:
+            await asyncio.to_thread(write_private, path, json.dumps(said))
+        except OSError as exc:
+            log.warning("the end of attempt %s of %s is not saved: %s", key[1], key[0], exc)
+
+    @property
+    def held(self) -> list[str]:
+        """The attempts this agent holds, as `job_id/attempt`: running, or ended with the
+        end not yet heard (every heartbeat carries them: the orchestrator ends what is out
+        on this desktop and not among them)."""
+        keys = set(self._runs) | self._unheard
+        return sorted(f"{job_id}/{attempt}" for job_id, attempt in keys)
 
     async def handle(self, body: bytes, signature: str | None) -> bool:
         """One delivered order; whether it was news (an attempt started or refused, an end
@@ -313,7 +373,8 @@ class WorkLoop:
         gpus = [dataclasses.replace(g, withheld=self.decision.withheld(gpu_key(g))) for g in gpus]
         return dataclasses.replace(snapshot, gpus=gpus, jobs_withheld=self.decision.desktop,
                                    owner_idle_seconds=self.owner_idle_seconds,
-                                   orders_refused=dict(sorted(self.refused.items())))  # fmt: skip
+                                   orders_refused=dict(sorted(self.refused.items())),
+                                   attempts_held=self.held[:ATTEMPTS_HELD_MAX])  # fmt: skip
 
     def _whose(
         self, pid: int, groups: Mapping[int, tuple[uuid.UUID, int]]
@@ -387,10 +448,11 @@ class WorkLoop:
             and why in ("owner_active", "outside_schedule")
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _say_once(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> None:
         """A usage report, worth no retry: when it fails, the next observation sends it
@@ -479,6 +541,7 @@ class WorkLoop:
     async def stop(self) -> None:
         """The agent is stopping: end every attempt (each reports itself lost, so its job
         is placed again while it has retries) and wait."""
+        self._stopping = True
         runs = list(self._runs.values())
         await asyncio.gather(*(run.end("lost", "the agent stopped") for run in runs))
         if self._tasks:
@@ -581,10 +644,11 @@ class WorkLoop:
                 await self._not_current(key, run)
             ended = await run.wait()
             watching.cancel()
-            await _finish(shipping, run)  # all its output is shipped before its end is said
             said = _ended_from(ended)
             if self._peak.get(key):  # its processes were seen holding VRAM
                 said["peak_vram_gb"] = self._peak[key]
+            await self._save_end(key, said)  # kept from now, whatever comes
+            await _finish(shipping, run)  # all its output is shipped before its end is said
             await self._say_end(key, said)
         finally:
             shipping.cancel()
@@ -636,7 +700,9 @@ class WorkLoop:
                 verdict = await self._channel.ship_log(*key, sent, chunk)
             except TransportError as exc:
                 failures += 1
-                if ended and failures >= 3:  # do not hold the end's report for ever
+                # Until heard, as its end (saved already) is: only a stopping agent leaves
+                # the rest on the desktop, where the whole log stays.
+                if ended and self._stopping and failures >= STOPPING_TRIES:
                     log.warning("output of attempt %s of %s not shipped: %s", *key[::-1], exc)
                     return
                 await asyncio.sleep(backoff.delay(failures))
@@ -678,6 +744,15 @@ def _read_issued(path: Path) -> float | None:
         return float(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _read_saved(path: Path) -> dict[str, Any] | None:
+    """An attempt's saved end (`ENDED`), or None when there is none or it is unreadable."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("kind") == "ended" else None
 
 
 def _attempt_of(name: str) -> tuple[uuid.UUID, int] | None:

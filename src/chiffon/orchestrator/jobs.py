@@ -180,6 +180,8 @@ async def report(
             return "unknown_job"
         current = job.attempt == attempt and job.agent_id == agent_id
         if not current or job.state not in ("assigned", "running"):
+            if said.kind == "ended" and await _late_end(session, job, agent_id, attempt, said, now):
+                return "applied"
             return "stale"
         if said.kind == "started":
             if job.state == "assigned":
@@ -474,3 +476,93 @@ def _attempt(job: JobRow, attempt: int) -> Update:
     return update(JobAttemptRow).where(
         JobAttemptRow.job_id == job.job_id, JobAttemptRow.attempt == attempt
     )
+
+
+# An attempt placed less than this before an agent's latest heartbeat was sent may be
+# missing from it only because its order had not arrived yet (the snapshot was taken
+# first, or the heartbeat was delivered late): `lose_forgotten` leaves it alone.
+FORGOTTEN_MARGIN = timedelta(seconds=30)
+
+
+async def lose_forgotten(
+    sessions: async_sessionmaker[AsyncSession], *, now: datetime
+) -> list[uuid.UUID]:
+    """End as lost every attempt out on an online agent whose heartbeats list what it holds
+    (`attempts_held`: running, or ended and not yet heard) and no longer list it: the agent
+    lost it without a word (killed before it saved anything, its directory gone). Its job
+    is placed again while it has retries. An attempt whose end the agent saved is listed
+    until its end is heard, so it keeps its outcome (docs/reliability.md). Returns the
+    jobs moved."""
+    async with sessions() as session:
+        stmt = (
+            select(JobRow.job_id, JobRow.attempt, JobRow.agent_id, JobAttemptRow.assigned_at,
+                   AgentRow.last_sent_at, AgentRow.resource_metrics)
+            .join(JobAttemptRow, (JobAttemptRow.job_id == JobRow.job_id)
+                  & (JobAttemptRow.attempt == JobRow.attempt))
+            .join(AgentRow, AgentRow.agent_id == JobRow.agent_id)
+            .where(JobRow.state.in_(("assigned", "running")), AgentRow.status == "online")
+        )  # fmt: skip
+        rows = (await session.execute(stmt)).all()
+    forgotten = [
+        (row.job_id, row.attempt, row.agent_id)
+        for row in rows
+        if _forgotten(
+            row.job_id, row.attempt, row.assigned_at, row.last_sent_at, row.resource_metrics
+        )
+    ]
+    moved: list[uuid.UUID] = []
+    for job_id, attempt, agent_id in forgotten:
+        said = Report("ended", "lost", detail="its desktop no longer has it")
+        async with sessions.begin() as session:
+            job = await _locked(session, job_id)
+            if job is None or (job.attempt, job.agent_id) != (attempt, agent_id):
+                continue
+            if job.state in ("assigned", "running"):
+                log.warning("attempt %s of %s is no longer held by its agent %s: lost",
+                            attempt, job_id, agent_id)  # fmt: skip
+                await _end(session, job, said, now)
+                moved.append(job_id)
+    return moved
+
+
+def _forgotten(
+    job_id: uuid.UUID,
+    attempt: int,
+    assigned_at: datetime | None,
+    heard_sent_at: datetime | None,
+    metrics: Mapping[str, Any] | None,
+) -> bool:
+    held = (metrics or {}).get("attempts_held")
+    if not isinstance(held, list) or assigned_at is None or heard_sent_at is None:
+        return False  # an agent that does not say what it holds is not judged by it
+    if heard_sent_at < assigned_at + FORGOTTEN_MARGIN:
+        return False
+    return f"{job_id}/{attempt}" not in held
+
+
+async def _late_end(
+    session: AsyncSession, job: JobRow, agent_id: uuid.UUID, attempt: int, said: Report,
+    now: datetime,
+) -> bool:  # fmt: skip
+    """The saved outcome of an attempt judged `lost` (its desktop went silent while the
+    database or the orchestrator was away, then its agent's outbox said how it ended):
+    the outcome wins while the job has placed no later attempt. Its retry is given back.
+    Whether it applied."""
+    if job.attempt != attempt or job.state not in ("queued", "lost"):
+        return False
+    row = await session.get(JobAttemptRow, (job.job_id, attempt))
+    if row is None or row.agent_id != agent_id or row.state != "lost":
+        return False
+    if job.state == "queued":
+        job.retries_used = max(0, job.retries_used - 1)
+    to_state, reason = _next_state(job, said)
+    if to_state not in ("succeeded", "failed", "timed_out", "cancelled"):
+        return False  # a retry it asks for is already under way
+    session.add(repo.move(job, to_state, reason=f"{reason} (heard after it was judged lost)",
+                          now=now))  # fmt: skip
+    await session.execute(
+        _attempt(job, attempt).values(state=to_state, exit_code=said.exit_code,
+                                      signal=said.signal, reason=reason[:1000])
+    )  # fmt: skip
+    job.agent_id, job.ended_at, job.exit_code = agent_id, now, said.exit_code
+    return True

@@ -61,7 +61,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
-from chiffon.orchestrator.jobs import lose_offline
+from chiffon.orchestrator.jobs import lose_forgotten, lose_offline
 from chiffon.orchestrator.placement import (
     LANES,
     Candidate,
@@ -738,6 +738,7 @@ class Dispatcher:
     async def tick(self) -> PassResult:
         now = self._clock.now()
         await lose_offline(self._sessions, now=now)
+        await lose_forgotten(self._sessions, now=now)
         result = await schedule_once(self._sessions, now=now, limit=self._limit,
                                      starvation_seconds=self._starvation,
                                      avoid_seconds=self._avoid, clock=self._clock.now,

@@ -129,6 +129,18 @@ class Resources(_Strict):
         "empty: none, or an agent too old to say",
     )
 
+    attempts_held: (
+        Annotated[
+            list[Annotated[str, Field(pattern=limits.ATTEMPT_HELD_PATTERN)]],
+            Field(max_length=limits.ATTEMPTS_HELD_MAX),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="the attempts the agent holds, job_id/attempt: running, or ended and not "
+        "yet heard; the orchestrator ends what is out there and not listed. null: not said",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         check_resources(self)

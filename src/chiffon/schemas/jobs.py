@@ -32,6 +32,7 @@ Policy = Literal["best_fit", "spread"]
 
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "timed_out", "lost"})
 
+LATE_ENDS: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 MOVES: dict[str, frozenset[str]] = {
     # placed (claims written), or cancelled before it ever ran
     "queued": frozenset({"assigned", "cancelled"}),
@@ -42,7 +43,12 @@ MOVES: dict[str, frozenset[str]] = {
     # `retry_on_exit`, while retries remain)
     "running": frozenset({"succeeded", "failed", "timed_out", "cancelled", "lost", "queued"}),
     **{state: frozenset() for state in TERMINAL},
+    # An attempt judged lost whose agent then says how it really ended (its saved outcome,
+    # heard after an outage): that outcome wins, while no later attempt was placed.
+    "lost": LATE_ENDS,
 }
+# Waiting to be placed again after a lost attempt, the same late end wins too.
+MOVES["queued"] = MOVES["queued"] | LATE_ENDS
 
 
 class IllegalMove(ValueError):

@@ -44,6 +44,11 @@ COLLECTION_MS_MAX = 600_000.0
 ORDERS_REFUSED_MAX = 16
 REFUSAL_REASON_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 REFUSALS_MAX = 2**62
+# The attempts an agent holds, in each heartbeat (`attempts_held`): `job_id/attempt`.
+ATTEMPTS_HELD_MAX = 256
+ATTEMPT_HELD_PATTERN = (
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[1-9][0-9]{0,8}$"
+)
 SLACK = 1e-6  # float sums may overshoot a total by rounding
 # An aggregate is a sum of per-GPU numbers each rounded to the MB by the agent.
 AGGREGATE_SLACK_GB = 0.001
