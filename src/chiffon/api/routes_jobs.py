@@ -7,16 +7,20 @@ it waits and says why (docs/jobs.md).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep
+from chiffon.api.auth import UNAUTHORIZED, ApiTokenDep, BearerDep
 from chiffon.api.deps import JobIdDep, OrchestratorDep, SessionDep
 from chiffon.orchestrator import views
 from chiffon.orchestrator.jobs import KeyReusedError
+from chiffon.orchestrator.longpoll import TooManyLongPolls
+from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import IDEMPOTENCY_KEY_MAX_CHARS, JobRow
 from chiffon.schemas.api import ErrorDetail
@@ -108,10 +112,21 @@ async def cancel(job_id: JobIdDep, orchestrator: OrchestratorDep, session: Sessi
     return await _view(session, job_id)
 
 
-@router.get("/jobs/{job_id}/logs", response_model=JobLog, responses=_ERRORS)
+_TOO_MANY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorDetail,
+        "description": "this token already holds `CHIFFON_LONG_POLLS_PER_TOKEN` log "
+        "long-polls open; ask again after `Retry-After` seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    }
+}
+
+
+@router.get("/jobs/{job_id}/logs", response_model=JobLog, responses={**_ERRORS, **_TOO_MANY})
 async def logs(
     job_id: JobIdDep,
     orchestrator: OrchestratorDep,
+    credentials: BearerDep,
     attempt: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1024 * 1024)] = 256 * 1024,
@@ -120,13 +135,28 @@ async def logs(
     ] = 0,
 ) -> JobLog:
     """The job's output from `offset` (its current attempt unless `attempt` is given).
-    Follow it by asking again from `next_offset` with `wait` until `done`."""
-    log = await orchestrator.read_log(
-        job_id, attempt=attempt, offset=offset, limit=limit, wait_seconds=wait
-    )
+    Follow it by asking again from `next_offset` with `wait` until `done`. A token holds
+    at most `CHIFFON_LONG_POLLS_PER_TOKEN` requests with `wait` open at once (429 past
+    it)."""
+    token = "" if credentials is None else credentials.credentials  # checked by the router
+    with _long_poll(orchestrator, token) if wait > 0 else nullcontext():
+        log = await orchestrator.read_log(
+            job_id, attempt=attempt, offset=offset, limit=limit, wait_seconds=wait
+        )
     if log is None:
         raise HTTPException(404, f"no job {job_id}")
     return log
+
+
+def _long_poll(orchestrator: Orchestrator, token: str) -> AbstractContextManager[None]:
+    """One of the token's long-poll slots (the token known by its digest only), or 429
+    before anything is read."""
+    try:
+        return orchestrator.long_polls.slot(hashlib.sha256(token.encode()).hexdigest())
+    except TooManyLongPolls as exc:
+        raise HTTPException(
+            429, str(exc), headers={"Retry-After": str(exc.retry_after_seconds)}
+        ) from None
 
 
 async def _view(session: AsyncSession, job_id: uuid.UUID) -> JobView:

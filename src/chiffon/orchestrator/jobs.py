@@ -2,7 +2,9 @@
 desktop (docs/jobs.md says the same for people).
 
 Every state change goes through `persistence.jobs.move` (the table in `schemas.jobs`), and
-an attempt's claims are released in the transaction that ends it.
+an attempt's claims are released in the transaction that ends it. What changes what a
+log follower reads (a chunk, an attempt's end, a cancel while queued) is announced in its
+transaction too (`persistence.jobs.announce_log`).
 
 Fencing: a report names its attempt. One that is not the job's current attempt on that
 agent, or that comes after the job ended, changes nothing and is answered `stale`, so
@@ -160,6 +162,7 @@ async def cancel(
         if job.state == "queued":
             session.add(repo.move(job, "cancelled", reason="cancelled while queued", now=now))
             job.ended_at = now
+            await repo.announce_log(session, job_id=job_id)  # its followers are done
         elif job.state not in TERMINAL and job.cancel_requested_at is None:
             job.cancel_requested_at = job.updated_at = now
         return job.state
@@ -220,6 +223,7 @@ async def ship_log(
             return "stale"
         await repo.append_log(session, job_id=job_id, attempt=attempt, offset=offset,
                               data=data, tail_bytes=tail_bytes)  # fmt: skip
+        await repo.announce_log(session, job_id=job_id)
         return "applied"
 
 
@@ -425,6 +429,7 @@ async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) 
         job.agent_id = None
     else:
         job.ended_at, job.exit_code = now, said.exit_code
+    await repo.announce_log(session, job_id=job.job_id)  # the attempt's followers are done
 
 
 def never_ran(said: Report) -> bool:
@@ -565,4 +570,5 @@ async def _late_end(
                                       signal=said.signal, reason=reason[:1000])
     )  # fmt: skip
     job.agent_id, job.ended_at, job.exit_code = agent_id, now, said.exit_code
+    await repo.announce_log(session, job_id=job.job_id)
     return True

@@ -720,9 +720,11 @@ class Dispatcher:
         starvation_seconds: float = 300.0,
         avoid_seconds: float = 1800.0,
         placed_on: Callable[[uuid.UUID], None] = lambda _agent_id: None,
+        lost: Callable[[uuid.UUID], None] = lambda _job_id: None,
         limit: int = 1000,
     ) -> None:
         self._placed_on = placed_on  # told of each agent a pass placed an attempt on
+        self._lost = lost  # told of each job whose attempt a pass lost or handed back
         self._limit = limit
         self._sessions = sessions
         self._clock = clock
@@ -737,8 +739,10 @@ class Dispatcher:
 
     async def tick(self) -> PassResult:
         now = self._clock.now()
-        await lose_offline(self._sessions, now=now)
-        await lose_forgotten(self._sessions, now=now)
+        for job_id in await lose_offline(self._sessions, now=now):
+            self._lost(job_id)
+        for job_id in await lose_forgotten(self._sessions, now=now):
+            self._lost(job_id)
         result = await schedule_once(self._sessions, now=now, limit=self._limit,
                                      starvation_seconds=self._starvation,
                                      avoid_seconds=self._avoid, clock=self._clock.now,

@@ -10,9 +10,9 @@ import time
 from collections.abc import Sequence
 from contextlib import suppress
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
-from weakref import WeakValueDictionary
 
 from sqlalchemy import Row, text
 from sqlalchemy.exc import DBAPIError
@@ -25,6 +25,7 @@ from chiffon.orchestrator.credentials import CredentialStore
 from chiffon.orchestrator.history import HistoryPruner, HistoryRecorder
 from chiffon.orchestrator.ingest import Outcome, Received
 from chiffon.orchestrator.liveness import Sweeper
+from chiffon.orchestrator.longpoll import Bells, LongPolls, SharedReads
 from chiffon.orchestrator.metrics import OrchestratorMetrics
 from chiffon.orchestrator.periodic import run_every
 from chiffon.orchestrator.placement import Requirements, never_fits
@@ -55,6 +56,7 @@ LOG_PRUNE_INTERVAL_SECONDS = 300.0
 PUSHES_AT_ONCE = 4  # order pushes reading the database at once (Orchestrator._push)
 HARDWARE_READ_SECONDS = 10.0  # a submission's "could any agent ever hold it" reads this old
 CORE_POOL_SIZE = 4  # connections of ingest, the sweep and the scheduler (PostgreSQL)
+READER_POOL_SIZE = 4  # connections of the job-log readers (and as many more at a burst)
 
 
 class Orchestrator:
@@ -87,6 +89,16 @@ class Orchestrator:
             self._core_engine = create_engine(settings.effective_database_url,
                                               pool_size=CORE_POOL_SIZE, max_overflow=2)  # fmt: skip
             self.core_sessions = session_factory(self._core_engine)
+        # Log readers too (both engines): a burst of followers woken at once, or reading
+        # slowly, waits for its own connections, never for the ones of a submission, a
+        # report or a heartbeat (on SQLite ingest shares the API's pool).
+        self._reader_engine: AsyncEngine | None = None
+        self.reader_sessions = self.sessions
+        if engine is None and _file_or_server(self.engine):
+            self._reader_engine = create_engine(settings.effective_database_url,
+                                                pool_size=READER_POOL_SIZE,
+                                                max_overflow=READER_POOL_SIZE)  # fmt: skip
+            self.reader_sessions = session_factory(self._reader_engine)
         self.metrics = OrchestratorMetrics()
         self.batcher = IngestBatcher(
             self.core_sessions,
@@ -122,14 +134,17 @@ class Orchestrator:
         self.pruner = HistoryPruner(self.sessions, self.clock, settings.history_tiers)
         # Jobs: the loop placing queued jobs (docs/jobs.md).
         self.dispatcher = Dispatcher(self.core_sessions, self.clock, placed_on=self._tell,
+                                     lost=self._log_changed,
                                      avoid_seconds=settings.preempt_avoid_seconds)  # fmt: skip
         self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
         self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
         self._pushes: set[asyncio.Task[None]] = set()
         self._pushing: set[UUID] = set()  # agents with a push waiting for its turn
         self._push_slots = asyncio.Semaphore(PUSHES_AT_ONCE)
-        # A reader following a job's log waits here; an event lives while someone waits.
-        self._log_ready: WeakValueDictionary[UUID, asyncio.Event] = WeakValueDictionary()
+        # A reader following a job's log waits on its bell, bounded per API token.
+        self._log_bells = Bells()
+        self._log_reads: SharedReads[JobLog | None] = SharedReads()
+        self.long_polls = LongPolls(settings.long_polls_per_token)
         self._tasks: list[asyncio.Task[None]] = []
         self._hardware: Sequence[Row[Any]] = ()  # the registry as `could_ever_hold` reads it
         self._hardware_at = -math.inf
@@ -159,6 +174,9 @@ class Orchestrator:
                     self.credentials.follow_changes(lambda: credential_changes(self.engine)),
                     name="chiffon-credential-changes",
                 )
+            )
+            self._tasks.append(
+                asyncio.create_task(self._follow_log_notices(), name="chiffon-log-notices")
             )
         self.sweeping = sweep
         if sweep:
@@ -207,6 +225,31 @@ class Orchestrator:
                 log.debug("cannot listen for queue changes: %s", exc)
             await asyncio.sleep(retry_seconds)
 
+    async def _follow_log_notices(self, *, retry_seconds: float = 1.0) -> None:
+        """Ring a job's bell at each notice that its log changed (PostgreSQL), whichever
+        orchestrator stored the chunk or ended the attempt. At each (re)connection every
+        bell rings: a notice sent while this one was not listening is lost, so its
+        followers read once more. While it cannot listen, a follower hears this
+        orchestrator's own changes, and another's at the end of its wait."""
+        while True:
+            try:
+                async with jobs_repo.log_changes(self.engine) as changes:
+                    self._log_bells.ring_all()
+                    async for payload in changes:
+                        self._log_notice(payload)
+                    raise ConnectionError("the notices ended")
+            except Exception as exc:  # the database is away: followers wait out their time
+                log.debug("cannot listen for job-log changes: %s", exc)
+            await asyncio.sleep(retry_seconds)
+
+    def _log_notice(self, payload: str) -> None:
+        try:
+            job_id = UUID(payload)
+        except ValueError:  # someone else's NOTIFY on the channel
+            log.debug("a job-log notice that names no job: %r", payload[:100])
+            return
+        self._log_bells.ring(job_id)
+
     def begin_stop(self) -> None:
         """A stop was asked (SIGTERM): from now on this process can no longer hear agents,
         so it judges no one silent and places nothing (another orchestrator, or this one
@@ -215,12 +258,14 @@ class Orchestrator:
         for task in self._tasks:
             if task.get_name() in ("chiffon-sweep", "chiffon-dispatch"):
                 task.cancel()
-        for ready in (*self._orders_ready.values(), *self._log_ready.values()):
+        for ready in self._orders_ready.values():
             ready.set()
+        self._log_bells.ring_all()
 
     async def stop(self) -> None:
         """Receivers first (their messages in hand commit and are acked), then the loops,
-        the last batch and the database."""
+        the last batch and the database. Long-polls still open answer now."""
+        self.begin_stop()
         for receiver in self.receivers:
             await receiver.stop()
         for task in self._tasks:
@@ -234,8 +279,9 @@ class Orchestrator:
             await self.order_sender.close()
         await self.batcher.stop()
         await self.engine.dispose()
-        if self._core_engine is not None:
-            await self._core_engine.dispose()
+        for own in (self._core_engine, self._reader_engine):
+            if own is not None:
+                await own.dispose()
 
     def registry_stale_seconds(self) -> float | None:
         """Seconds since the offline sweep last completed, when it is behind (the database
@@ -292,8 +338,11 @@ class Orchestrator:
         return could_ever_hold(want, self._hardware)
 
     async def cancel_job(self, job_id: UUID) -> str | None:
-        """`jobs.cancel`, and the agent running it is told at once."""
+        """`jobs.cancel`, and the agent running it is told at once (a queued job's log
+        followers too: it is over)."""
         state = await jobs.cancel(self.sessions, job_id, now=self.clock.now())
+        if state is not None:
+            self._log_changed(job_id)
         if state in ("assigned", "running"):
             async with self.sessions() as session:
                 job = await session.get(JobRow, job_id)
@@ -373,26 +422,34 @@ class Orchestrator:
         self, job_id: UUID, *, attempt: int | None, offset: int, limit: int, wait_seconds: float
     ) -> JobLog | None:
         """Output of the job's attempt (its current one by default) from `offset`; when
-        there is none yet and the attempt still runs, wait up to `wait_seconds` for some
-        (woken by this orchestrator's chunks, re-asking the database each second). None
-        when there is no such job."""
+        there is none yet and the attempt still runs, wait up to `wait_seconds` for some.
+        Waiting asks the database nothing: the job's bell wakes it (a chunk, the attempt's
+        end, a cancel; on PostgreSQL from any orchestrator), and then it reads again, one
+        read for all the followers asking the same. Reads go through connections of their
+        own (`READER_POOL_SIZE`). None when there is no such job."""
         deadline = time.monotonic() + min(wait_seconds, self.settings.long_poll_max_seconds)
-        ready = self._log_ready.setdefault(job_id, asyncio.Event())
+        bell = self._log_bells.bell(job_id)
+        key = (job_id, attempt, offset, limit)
+        read = partial(self._read_log_once, job_id, attempt, offset, limit)
         while True:
-            ready.clear()
-            async with self.sessions() as session:
-                log = await jobs.log_piece(
-                    session, job_id=job_id, attempt=attempt, offset=offset, limit=limit
-                )
+            seen, log = await self._log_reads.read(key, bell, read)
             left = deadline - time.monotonic()
             if log is None or log.data or log.done or left <= 0 or self.closing:
                 return log
-            with suppress(TimeoutError):
-                await asyncio.wait_for(ready.wait(), min(left, 1.0))
+            await bell.wait(seen, left)
+
+    async def _read_log_once(
+        self, job_id: UUID, attempt: int | None, offset: int, limit: int
+    ) -> JobLog | None:
+        async with self.reader_sessions() as session:
+            return await jobs.log_piece(
+                session, job_id=job_id, attempt=attempt, offset=offset, limit=limit
+            )
 
     def _log_changed(self, job_id: UUID) -> None:
-        if (ready := self._log_ready.get(job_id)) is not None:
-            ready.set()
+        """This orchestrator committed a change to the job's log: its followers here read
+        again (on PostgreSQL the notice of it wakes those of every orchestrator)."""
+        self._log_bells.ring(job_id)
 
     async def prune_job_logs(self) -> int:
         """Drop the logs of jobs that ended longer ago than the retention (and forget the
@@ -493,6 +550,12 @@ class Orchestrator:
         """
         proof: Proof = IN_PROCESS if signature is None else Signature(signature)
         return await self.receive(await self.admit(raw, proof))
+
+
+def _file_or_server(engine: AsyncEngine) -> bool:
+    """Whether a second engine on the same URL reaches the same database (not so for an
+    in-memory SQLite one)."""
+    return engine.dialect.name != "sqlite" or engine.url.database not in (None, "", ":memory:")
 
 
 def _check_path(message: AgentMessage, agent_id: UUID, kind: MessageKind | None) -> None:

@@ -95,6 +95,10 @@ class OrchestratorSettings(BaseSettings):
     # The longest an agent's order poll or a log follower is held open (a proxy in front
     # may close idle requests sooner): each asks again at once.
     long_poll_max_seconds: float = Field(30, gt=0, le=30)
+    # Log follows (`GET /jobs/{id}/logs` with `wait`) one API token may hold open at once;
+    # past it, 429 with Retry-After. A waiting follower asks the database nothing, but
+    # each chunk of its job wakes it to read: this bounds what one token's readers cost.
+    long_polls_per_token: int = Field(64, ge=1, le=100_000)
     # Jobs' output: the tail kept per attempt, and for how long after the job ended.
     job_log_tail_bytes: int = Field(1024 * 1024, ge=4096, le=1024**3)
     job_log_retention_seconds: float = Field(7 * 86400, ge=0, le=5 * 366 * 86400)

@@ -709,3 +709,24 @@ def queue_changes(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncItera
     """LISTEN for queue changes: an iterator of notices (the table that changed), which
     raises when the connection is lost."""
     return notices(engine, QUEUE_CHANNEL)
+
+
+# The job-log channel (PostgreSQL only): its payload is a job id, notified in the
+# transaction that stores a chunk of the job's output or ends its attempt (or cancels it
+# while queued), so that every orchestrator's log followers of that job wake once it is
+# committed, and ask the database nothing until then. No trigger: the code that changes
+# what a follower would read says so.
+LOG_CHANNEL = "chiffon_job_logs"
+
+
+async def announce_log(session: AsyncSession, *, job_id: uuid.UUID) -> None:
+    """Notify `LOG_CHANNEL` of `job_id` at this transaction's commit (nothing on SQLite,
+    whose one orchestrator wakes its own followers)."""
+    if _postgres(session):
+        await session.execute(select(func.pg_notify(LOG_CHANNEL, str(job_id))))
+
+
+def log_changes(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+    """LISTEN for job-log changes: an iterator of job ids, which raises when the
+    connection is lost."""
+    return notices(engine, LOG_CHANNEL)
