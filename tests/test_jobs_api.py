@@ -13,6 +13,7 @@ import pytest
 
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
+from chiffon.transport.orders import order_key, verify
 from tests.auth import API_HEADERS, bearer, issue
 from tests.conftest import api_client
 from tests.jobfleet import desktop
@@ -152,7 +153,11 @@ async def test_a_job_followed_through_the_agents_routes_to_its_exit_code(
         })).json()["job"]["job_id"]  # fmt: skip
         await orchestrator.dispatcher.tick()
         [order] = (await desk.get(f"/api/v1/agents/{agent}/orders")).json()["orders"]
-        assert f'"job_id":"{job_id}"' in order["body"]
+        assert order["body"].startswith("c1.") and job_id not in order["body"]  # sealed
+        key = order_key(credential.secret)
+        opened = verify(order["body"].encode(), order["signature"], key=key, agent_id=agent,
+                        now=clock.now().timestamp())  # fmt: skip
+        assert (str(opened.job_id), opened.kind) == (job_id, "assign")
         url = f"/api/v1/agents/{agent}/attempts/{job_id}/1"
         await desk.post(url, json={"kind": "started"})
         await desk.post(url, json={"kind": "ended", "outcome": "exit", "exit_code": 3})
