@@ -55,6 +55,10 @@ class Bells:
         """The job's bell; keep it while waiting on it."""
         return self._bells.setdefault(job_id, Bell())
 
+    def __contains__(self, key: UUID) -> bool:
+        """Whether someone holds the bell of `key` (waits on it, or is about to)."""
+        return key in self._bells
+
     def ring(self, job_id: UUID) -> None:
         if (bell := self._bells.get(job_id)) is not None:
             bell.ring()

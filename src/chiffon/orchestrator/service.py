@@ -136,7 +136,10 @@ class Orchestrator:
         self.dispatcher = Dispatcher(self.core_sessions, self.clock, placed_on=self._tell,
                                      lost=self._log_changed,
                                      avoid_seconds=settings.preempt_avoid_seconds)  # fmt: skip
-        self._orders_ready: dict[UUID, asyncio.Event] = {}  # an agent's long-poll waits here
+        # An agent's order long-poll waits on its bell: rung when this orchestrator places
+        # or cancels there and, on PostgreSQL, at the database's notice (migration 0016).
+        self._order_bells = Bells()
+        self.order_notices = False  # whether those notices are heard now
         self.order_sender = _order_sender(settings)  # RabbitMQ: orders pushed to the agent
         self._pushes: set[asyncio.Task[None]] = set()
         self._pushing: set[UUID] = set()  # agents with a push waiting for its turn
@@ -177,6 +180,9 @@ class Orchestrator:
             )
             self._tasks.append(
                 asyncio.create_task(self._follow_log_notices(), name="chiffon-log-notices")
+            )
+            self._tasks.append(
+                asyncio.create_task(self._follow_order_notices(), name="chiffon-order-notices")
             )
         self.sweeping = sweep
         if sweep:
@@ -236,19 +242,29 @@ class Orchestrator:
                 async with jobs_repo.log_changes(self.engine) as changes:
                     self._log_bells.ring_all()
                     async for payload in changes:
-                        self._log_notice(payload)
+                        _ring_named(self._log_bells, payload, "job-log")
                     raise ConnectionError("the notices ended")
             except Exception as exc:  # the database is away: followers wait out their time
                 log.debug("cannot listen for job-log changes: %s", exc)
             await asyncio.sleep(retry_seconds)
 
-    def _log_notice(self, payload: str) -> None:
-        try:
-            job_id = UUID(payload)
-        except ValueError:  # someone else's NOTIFY on the channel
-            log.debug("a job-log notice that names no job: %r", payload[:100])
-            return
-        self._log_bells.ring(job_id)
+    async def _follow_order_notices(self, *, retry_seconds: float = 1.0) -> None:
+        """Ring an agent's order bell at each notice that a job was placed on it or a
+        cancel asked there (PostgreSQL, any orchestrator). At each (re)connection every
+        bell rings; while it cannot listen, a waiting poll asks again every second."""
+        while True:
+            try:
+                async with jobs_repo.order_changes(self.engine) as changes:
+                    self.order_notices = True
+                    self._order_bells.ring_all()
+                    async for payload in changes:
+                        _ring_named(self._order_bells, payload, "order")
+                    raise ConnectionError("the notices ended")
+            except Exception as exc:  # the database is away: polls ask each second meanwhile
+                log.debug("cannot listen for order changes: %s", exc)
+            finally:
+                self.order_notices = False
+            await asyncio.sleep(retry_seconds)
 
     def begin_stop(self) -> None:
         """A stop was asked (SIGTERM): from now on this process can no longer hear agents,
@@ -258,8 +274,7 @@ class Orchestrator:
         for task in self._tasks:
             if task.get_name() in ("chiffon-sweep", "chiffon-dispatch"):
                 task.cancel()
-        for ready in self._orders_ready.values():
-            ready.set()
+        self._order_bells.ring_all()
         self._log_bells.ring_all()
 
     async def stop(self) -> None:
@@ -353,8 +368,7 @@ class Orchestrator:
     def _tell(self, agent_id: UUID) -> None:
         """There may be an order for `agent_id`: wake its long-poll, and over RabbitMQ
         push what it must be told to its queue."""
-        if (ready := self._orders_ready.get(agent_id)) is not None:
-            ready.set()
+        self._order_bells.ring(agent_id)
         if self.order_sender is not None and not self.closing and agent_id not in self._pushing:
             self._pushing.add(agent_id)  # one push an agent at a time: it says all that is due
             push = asyncio.create_task(self._push(agent_id), name="chiffon-push-orders")
@@ -379,19 +393,20 @@ class Orchestrator:
             await self.order_sender.send(agent_id, orders)
 
     async def wait_orders(self, agent_id: UUID, *, wait_seconds: float) -> list[tuple[bytes, str]]:
-        """`orders_for`, waiting up to `wait_seconds` for one when there is none: woken when
-        this orchestrator places or cancels a job there, and asking the database again each
-        second for what another orchestrator sharing it decided."""
+        """`orders_for`, waiting up to `wait_seconds` for one when there is none, asking
+        the database nothing meanwhile: woken by the agent's bell (this orchestrator's
+        placements and cancels, and on PostgreSQL every orchestrator's, by notice). Where
+        notices are not heard (SQLite, a lost listening connection) it asks again every
+        second, for what another orchestrator sharing the database decided."""
         deadline = time.monotonic() + min(wait_seconds, self.settings.long_poll_max_seconds)
-        ready = self._orders_ready.setdefault(agent_id, asyncio.Event())
+        bell = self._order_bells.bell(agent_id)
         while True:
-            ready.clear()
+            seen = bell.rings
             orders = await self.orders_for(agent_id)
             left = deadline - time.monotonic()
             if orders or left <= 0 or self.closing:
                 return orders
-            with suppress(TimeoutError):
-                await asyncio.wait_for(ready.wait(), min(left, 1.0))
+            await bell.wait(seen, left if self.order_notices else min(left, 1.0))
 
     async def report_attempt(
         self, agent_id: UUID, job_id: UUID, attempt: int, said: jobs.Report
@@ -618,3 +633,12 @@ def _server_key(settings: OrchestratorSettings) -> bytes:
         return settings.secret_key.get_secret_value().encode()
     log.debug("no CHIFFON_SECRET_KEY: agent credentials last only as long as this process")
     return secrets.token_bytes(32)
+
+
+def _ring_named(bells: Bells, payload: str, what: str) -> None:
+    """Ring the bell a notice names (a UUID); a payload that names none is someone else's
+    NOTIFY on the channel."""
+    try:
+        bells.ring(UUID(payload))
+    except ValueError:
+        log.debug("%s notice that names nothing: %r", what, payload[:100])

@@ -726,6 +726,17 @@ async def announce_log(session: AsyncSession, *, job_id: uuid.UUID) -> None:
         await session.execute(select(func.pg_notify(LOG_CHANNEL, str(job_id))))
 
 
+# Migration 0016's trigger notifies this channel with an agent's id when a job is placed
+# on it or a cancel is asked of a job out there (PostgreSQL only).
+ORDERS_CHANNEL = "chiffon_orders"
+
+
+def order_changes(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+    """LISTEN for agents with new orders: an iterator of agent ids, which raises when the
+    connection is lost."""
+    return notices(engine, ORDERS_CHANNEL)
+
+
 def log_changes(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncIterator[str]]:
     """LISTEN for job-log changes: an iterator of job ids, which raises when the
     connection is lost."""
