@@ -291,3 +291,36 @@ async def test_a_ring_while_a_reader_reads_is_not_missed() -> None:
     await asyncio.sleep(0.05)
     bell.ring()
     await asyncio.wait_for(waiter, 1)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_client_past_its_tokens_bound_reads_on_without_waiting_instead_of_failing(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """`chiffon logs -f` and `Client.log` told 429 read once without waiting and pause as
+    `Retry-After` says, rather than end with an error."""
+    from chiffon.client import Client
+    from tests.conftest import serving
+
+    agent, job_id = await running_job(orchestrator, clock)
+    path = f"/api/v1/jobs/{job_id}/logs"
+    async with serving(orchestrator) as url, api_client(orchestrator, READER) as reader:
+        held = [  # the token's every long-poll slot taken
+            asyncio.create_task(reader.get(path, params={"wait": 20, "limit": 1000 + n}))
+            for n in range(PER_TOKEN)
+        ]
+        await orchestrator.ship_log(agent, job_id, 1, 0, b"first\n")
+        await asyncio.wait_for(asyncio.gather(*held), 5)
+        held = [
+            asyncio.create_task(reader.get(path, params={"wait": 20, "offset": 6, "limit": 9 + n}))
+            for n in range(PER_TOKEN)
+        ]
+        await asyncio.sleep(0.3)
+        with Client(url, token=READ_TOKEN) as c:
+            piece = await asyncio.to_thread(c.log, job_id, offset=0, wait_seconds=10)
+            assert piece.data == "first\n"  # read at once, no 429
+            started = time.monotonic()
+            quiet = await asyncio.to_thread(c.log, job_id, offset=6, wait_seconds=10)
+            assert quiet.data == "" and 0.5 <= time.monotonic() - started < 8
+        await orchestrator.ship_log(agent, job_id, 1, 6, b"second\n")
+        await asyncio.wait_for(asyncio.gather(*held), 5)

@@ -55,10 +55,13 @@ log = logging.getLogger("chiffon.client")
 class ChiffonError(Exception):
     """The orchestrator refused (`status`, its `detail`), or could not be reached."""
 
-    def __init__(self, detail: str, status: int | None = None) -> None:
+    def __init__(
+        self, detail: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(detail if status is None else f"{detail} (HTTP {status})")
         self.detail = detail
         self.status = status
+        self.retry_after = retry_after  # seconds, as a 429 or 503 says (`Retry-After`)
 
 
 class LookupFailed(ChiffonError):
@@ -396,9 +399,20 @@ class Client:
         params: dict[str, Any] = {"offset": offset, "wait": wait_seconds, "limit": LOG_READ_BYTES}
         if attempt:  # attempt 0 (never placed) reads as the current one
             params["attempt"] = attempt
-        answer = self._send(
-            "GET", f"/jobs/{job_id}/logs", params=params, timeout=wait_seconds + self._timeout
-        )
+        try:
+            answer = self._send(
+                "GET", f"/jobs/{job_id}/logs", params=params, timeout=wait_seconds + self._timeout
+            )
+        except ChiffonError as exc:
+            if exc.status != 429 or not wait_seconds:
+                raise
+            # This token holds as many long-polls as the orchestrator allows: read without
+            # waiting (not bounded), and when nothing is new, pause as it asks.
+            answer = self._send("GET", f"/jobs/{job_id}/logs", params={**params, "wait": 0})
+            piece = JobLog.model_validate(answer)
+            if not piece.data and not piece.done:
+                time.sleep(min(wait_seconds, exc.retry_after or 1.0))
+            return piece
         return JobLog.model_validate(answer)
 
     def logs(
@@ -475,4 +489,13 @@ class Client:
             detail = resp.json().get("detail")
         except ValueError:
             detail = None
-        raise ChiffonError(str(detail or resp.reason_phrase), resp.status_code)
+        raise ChiffonError(str(detail or resp.reason_phrase), resp.status_code,
+                           _seconds(resp.headers.get("retry-after")))  # fmt: skip
+
+
+def _seconds(header: str | None) -> float | None:
+    """`Retry-After` as seconds (the HTTP-date form is not used by Chiffon)."""
+    try:
+        return None if header is None else max(0.0, float(header))
+    except ValueError:
+        return None
