@@ -7,8 +7,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, suppress
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -231,39 +231,48 @@ class Orchestrator:
                 log.debug("cannot listen for queue changes: %s", exc)
             await asyncio.sleep(retry_seconds)
 
-    async def _follow_log_notices(self, *, retry_seconds: float = 1.0) -> None:
+    async def _follow_log_notices(self) -> None:
         """Ring a job's bell at each notice that its log changed (PostgreSQL), whichever
-        orchestrator stored the chunk or ended the attempt. At each (re)connection every
-        bell rings: a notice sent while this one was not listening is lost, so its
-        followers read once more. While it cannot listen, a follower hears this
-        orchestrator's own changes, and another's at the end of its wait."""
-        while True:
-            try:
-                async with jobs_repo.log_changes(self.engine) as changes:
-                    self._log_bells.ring_all()
-                    async for payload in changes:
-                        _ring_named(self._log_bells, payload, "job-log")
-                    raise ConnectionError("the notices ended")
-            except Exception as exc:  # the database is away: followers wait out their time
-                log.debug("cannot listen for job-log changes: %s", exc)
-            await asyncio.sleep(retry_seconds)
+        orchestrator stored the chunk or ended the attempt. While it cannot listen, a
+        follower hears this orchestrator's own changes, and another's at the end of its
+        wait."""
+        await self._ring_at_notices(jobs_repo.log_changes, self._log_bells, "job-log")
 
-    async def _follow_order_notices(self, *, retry_seconds: float = 1.0) -> None:
+    async def _follow_order_notices(self) -> None:
         """Ring an agent's order bell at each notice that a job was placed on it or a
-        cancel asked there (PostgreSQL, any orchestrator). At each (re)connection every
-        bell rings; while it cannot listen, a waiting poll asks again every second."""
+        cancel asked there (PostgreSQL, any orchestrator); while it cannot listen, a
+        waiting poll asks again every second (`order_notices` says which)."""
+
+        def hearing(now: bool) -> None:
+            self.order_notices = now
+
+        await self._ring_at_notices(jobs_repo.order_changes, self._order_bells, "order",
+                                    hearing=hearing)  # fmt: skip
+
+    async def _ring_at_notices(
+        self,
+        listen: Callable[[AsyncEngine], AbstractAsyncContextManager[AsyncIterator[str]]],
+        bells: Bells,
+        what: str,
+        *,
+        hearing: Callable[[bool], None] = lambda _: None,
+        retry_seconds: float = 1.0,
+    ) -> None:
+        """Until cancelled: ring the bell each notice names. At each (re)connection every
+        bell rings: a notice sent while this one was not listening is lost, so its
+        waiters read once more. `hearing` is told when notices start and stop."""
         while True:
             try:
-                async with jobs_repo.order_changes(self.engine) as changes:
-                    self.order_notices = True
-                    self._order_bells.ring_all()
+                async with listen(self.engine) as changes:
+                    hearing(True)
+                    bells.ring_all()
                     async for payload in changes:
-                        _ring_named(self._order_bells, payload, "order")
+                        _ring_named(bells, payload, what)
                     raise ConnectionError("the notices ended")
-            except Exception as exc:  # the database is away: polls ask each second meanwhile
-                log.debug("cannot listen for order changes: %s", exc)
+            except Exception as exc:  # the database is away: waiters fall back meanwhile
+                log.debug("cannot listen for %s changes: %s", what, exc)
             finally:
-                self.order_notices = False
+                hearing(False)
             await asyncio.sleep(retry_seconds)
 
     def begin_stop(self) -> None:
