@@ -273,7 +273,10 @@ def issue_credentials(
 
     now = datetime.now(UTC)
     issued = [new_credential(SECRET_KEY.encode(), agent_id, now) for agent_id in agent_ids]
-    return [row for row, _ in issued], {cred.agent_id: cred for _, cred in issued}
+    # Approved, as an admin's enrollment leaves them: the benchmark's own desktops.
+    return [{**row, "approved_at": now} for row, _ in issued], {
+        cred.agent_id: cred for _, cred in issued
+    }
 
 
 def insert_credentials(database_url: str, rows: list[dict[str, Any]]) -> None:
