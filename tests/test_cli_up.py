@@ -109,6 +109,7 @@ def test_up_serves_the_api_with_this_machine_registered(tmp_path: Path) -> None:
     log = next(tmp_path.glob("up-*.log")).read_text()
     assert f"http://127.0.0.1:{port}/#token={token_file.read_text().strip()}" in log
     assert "chiffon agent --orchestrator-url" in log and "CHIFFON_ENROLL_TOKEN=" in log
+    assert "then approve each here: chiffon agents approve <its name>" in log  # pending
     assert "--enroll-token" not in log  # never a secret in argv
     assert "Traceback" not in log
 

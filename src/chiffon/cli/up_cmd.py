@@ -116,7 +116,8 @@ def _join_hint(host: str, port: int, enroll_token: str) -> str:
             "Other desktops cannot reach 127.0.0.1: restart with --host 0.0.0.0 and an API "
             "token (CHIFFON_API_TOKEN), then on each of them run:\n  "
             f"CHIFFON_ENROLL_TOKEN={enroll_token} chiffon agent "
-            f"--orchestrator-url http://{socket.gethostname()}:{port} --transport http"
+            f"--orchestrator-url http://{socket.gethostname()}:{port} --transport http\n"
+            "then approve each here: chiffon agents approve <its name>"
         )
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     return (
