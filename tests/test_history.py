@@ -315,7 +315,8 @@ async def test_history_off_records_nothing(database_url: str, tmp_path: Path) ->
     orch = Orchestrator(settings, clock=ManualClock())
     try:
         await orch.start()  # with its periodic tasks: no recorder, no pruner
-        listeners = {"chiffon-credential-changes", "chiffon-queue-notices"}
+        listeners = {"chiffon-credential-changes", "chiffon-queue-notices",
+                     "chiffon-log-notices", "chiffon-order-notices"}  # fmt: skip
         names = {t.get_name() for t in orch._tasks} - listeners
         assert names == {"chiffon-sweep", "chiffon-dispatch", "chiffon-log-prune"}
         assert await orch.recorder.record_once() == {}
