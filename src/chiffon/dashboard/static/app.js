@@ -37,7 +37,11 @@ async function api(path) {
   if (token) headers.Authorization = `Bearer ${token}`;
   const response = await fetch(API + path, { headers, cache: "no-store" });
   if (response.status === 401) {
-    showLogin(token ? "That API token was refused." : NEEDS_TOKEN);
+    // A refusal of a token already replaced (a request sent before the user gave a new
+    // one, answered after) says nothing about the new one: no login form for it.
+    if (token === sessionStorage.getItem(TOKEN_KEY)) {
+      showLogin(token ? "That API token was refused." : NEEDS_TOKEN);
+    }
     const error = new Error(token ? "the API token was refused" : "an API token is needed");
     error.auth = true;  // the orchestrator answered: it is not unreachable
     throw error;
