@@ -151,18 +151,23 @@ async def enroll(
             f"{body.agent_id}`",
         ) from None
     outcomes.labels("issued").inc()
-    if grant.approved:
-        log.info("enrolled agent %s from %s", body.agent_id, client)
-    else:
-        log.warning(
-            "enrolled agent %s from %s: pending, it takes no jobs until an admin runs "
-            "`chiffon agents approve %s`",
-            body.agent_id,
-            client,
-            body.agent_id,
-        )
+    _say_enrolled(body.agent_id, client, approved=grant.approved)
     return EnrollResponse(
         agent_id=credential.agent_id, secret=credential.secret, approved=grant.approved
+    )
+
+
+def _say_enrolled(agent_id: object, client: str, *, approved: bool) -> None:
+    """One log line per enrollment; a pending agent's says what the admin must run."""
+    if approved:
+        log.info("enrolled agent %s from %s", agent_id, client)
+        return
+    log.warning(
+        "enrolled agent %s from %s: pending, it takes no jobs until an admin runs "
+        "`chiffon agents approve %s`",
+        agent_id,
+        client,
+        agent_id,
     )
 
 
