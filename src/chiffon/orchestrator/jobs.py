@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import AgentRow, JobAttemptRow, JobClaimRow, JobRow
-from chiffon.schemas.jobs import TERMINAL, JobLog, JobSubmit
+from chiffon.schemas.jobs import LATE_ENDS, TERMINAL, JobLog, JobSubmit
 from chiffon.transport.orders import Order
 
 log = logging.getLogger(__name__)
@@ -561,7 +561,7 @@ async def _late_end(
     if job.state == "queued":
         job.retries_used = max(0, job.retries_used - 1)
     to_state, reason = _next_state(job, said)
-    if to_state not in ("succeeded", "failed", "timed_out", "cancelled"):
+    if to_state not in LATE_ENDS:
         return False  # a retry it asks for is already under way
     session.add(repo.move(job, to_state, reason=f"{reason} (heard after it was judged lost)",
                           now=now))  # fmt: skip

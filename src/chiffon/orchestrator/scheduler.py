@@ -703,6 +703,11 @@ def _claim_key(c: repo.Claimed) -> tuple[object, object, str]:
     return (getattr(c, "job_id", None), getattr(c, "attempt", None), c.resource)
 
 
+# How often the dispatcher looks for attempts their agent no longer holds
+# (`jobs.lose_forgotten`): well inside its 30 s margin, and not at every pass.
+FORGOTTEN_CHECK_SECONDS = 5.0
+
+
 class Dispatcher:
     """The scheduler's loop: a pass when woken (a job submitted, an attempt ended) and at
     least every `interval_seconds` (capacity seen in a heartbeat, an agent back online),
@@ -733,6 +738,7 @@ class Dispatcher:
         self._avoid = avoid_seconds
         self._woken = asyncio.Event()
         self.cache = FleetCache()
+        self._forgotten_due = -math.inf  # the next look for attempts no agent holds
 
     def wake(self) -> None:
         self._woken.set()
@@ -741,8 +747,10 @@ class Dispatcher:
         now = self._clock.now()
         for job_id in await lose_offline(self._sessions, now=now):
             self._lost(job_id)
-        for job_id in await lose_forgotten(self._sessions, now=now):
-            self._lost(job_id)
+        if time.monotonic() >= self._forgotten_due:  # reads every busy agent's heartbeat:
+            self._forgotten_due = time.monotonic() + FORGOTTEN_CHECK_SECONDS  # not each pass
+            for job_id in await lose_forgotten(self._sessions, now=now):
+                self._lost(job_id)
         result = await schedule_once(self._sessions, now=now, limit=self._limit,
                                      starvation_seconds=self._starvation,
                                      avoid_seconds=self._avoid, clock=self._clock.now,
