@@ -1,59 +1,14 @@
-"""A job on the wire: what a submission may hold, and the state table walked pair by pair."""
+"""A job on the wire: what a submission may hold (the state table: test_dispatch_contract)."""
 
 from __future__ import annotations
 
-import itertools
 import math
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from chiffon.schemas.jobs import (
-    MOVES,
-    TERMINAL,
-    IllegalMove,
-    JobState,
-    JobSubmit,
-    check_move,
-)
-
-STATES = get_args(JobState)
-ALLOWED = {
-    ("queued", "assigned"),
-    ("queued", "cancelled"),
-    ("assigned", "running"),
-    ("assigned", "queued"),
-    ("assigned", "lost"),
-    ("assigned", "cancelled"),
-    ("assigned", "failed"),
-    ("running", "succeeded"),
-    ("running", "failed"),
-    ("running", "timed_out"),
-    ("running", "cancelled"),
-    ("running", "lost"),
-    ("running", "queued"),
-    # an attempt judged lost whose saved outcome is heard later (issue 34, item 6)
-    *((state, late) for state in ("queued", "lost")
-      for late in ("succeeded", "failed", "timed_out", "cancelled")),
-}  # fmt: skip
-
-
-def test_the_table_covers_every_state_and_ends_only_in_terminal_ones() -> None:
-    assert set(MOVES) == set(STATES)
-    # `lost` is final but for the one way back: the attempt's own outcome, heard late.
-    assert {s for s in STATES if not MOVES[s]} == TERMINAL - {"lost"}
-
-
-@pytest.mark.parametrize(("source", "target"), list(itertools.product(STATES, STATES)))
-def test_every_pair_of_states_is_allowed_or_refused_as_the_table_says(
-    source: str, target: str
-) -> None:
-    if (source, target) in ALLOWED:
-        check_move(source, target)
-    else:
-        with pytest.raises(IllegalMove, match=f"from {source} to {target}"):
-            check_move(source, target)
+from chiffon.schemas.jobs import JobSubmit
 
 
 def test_vram_without_a_gpu_count_asks_for_one_gpu() -> None:

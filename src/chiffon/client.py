@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
+from chiffon.schemas.dispatch import TERMINAL
 from chiffon.schemas.jobs import (
-    TERMINAL,
     JobAccepted,
     JobDetail,
     JobLog,

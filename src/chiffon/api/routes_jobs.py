@@ -24,11 +24,11 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import IDEMPOTENCY_KEY_MAX_CHARS, JobRow
 from chiffon.schemas.api import ErrorDetail
+from chiffon.schemas.dispatch import JobState
 from chiffon.schemas.jobs import (
     JobAccepted,
     JobDetail,
     JobLog,
-    JobState,
     JobSubmit,
     JobView,
 )

@@ -9,16 +9,15 @@ them.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chiffon.api.auth import bearer_token, unauthorized
 from chiffon.api.deps import AgentIdDep, JobIdDep, OrchestratorDep
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.service import Orchestrator
-from chiffon.schemas import limits
+from chiffon.schemas import dispatch, limits
 from chiffon.schemas.api import ErrorDetail
 from chiffon.schemas.heartbeat import RejectedMessage
 from chiffon.schemas.jobs import LOG_PATH_MAX_CHARS
@@ -56,15 +55,19 @@ class AttemptReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kind: Literal["started", "ended", "usage", "alive"]
-    outcome: Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"] | None = None
-    exit_code: Annotated[int, Field(ge=-255, le=255)] | None = Field(
+    kind: dispatch.ReportKind
+    outcome: dispatch.Outcome | None = None
+    exit_code: (
+        Annotated[int, Field(ge=dispatch.EXIT_CODE_MIN, le=dispatch.EXIT_CODE_MAX)] | None
+    ) = Field(
         None,
         description="ended, outcome `exit`: the exit status; null with no `signal`: the "
         "program never started (`detail` says why)",
     )
-    signal: Annotated[int, Field(ge=1, le=128)] | None = None
-    detail: Annotated[str, Field(max_length=1000, pattern=limits.TEXT_PATTERN)] = ""
+    signal: Annotated[int, Field(ge=dispatch.SIGNAL_MIN, le=dispatch.SIGNAL_MAX)] | None = None
+    detail: Annotated[
+        str, Field(max_length=dispatch.DETAIL_MAX_CHARS, pattern=limits.TEXT_PATTERN)
+    ] = ""
     runtime_seconds: Annotated[float, Field(ge=0, le=1e9)] | None = None
     vram_gb: VramByGpu | None = Field(
         None, description="usage: VRAM its processes hold now, by GPU id"
@@ -78,7 +81,7 @@ class AttemptReport(BaseModel):
 
 
 class AttemptVerdict(BaseModel):
-    verdict: Literal["applied", "stale", "unknown_job"] = Field(
+    verdict: dispatch.Verdict = Field(
         description="stale: not the job's current attempt on this agent; end it"
     )
 
@@ -144,10 +147,7 @@ async def attempt_report(
         raise HTTPException(422, f"{where}: {first['msg']}") from None
     if said.kind == "ended" and said.outcome is None:
         raise HTTPException(422, "outcome: an ended attempt says how it ended")
-    vram = said.vram_gb if said.kind == "usage" else said.peak_vram_gb
-    log_path = said.log_path if said.kind == "started" else None
-    report = Report(said.kind, said.outcome, said.exit_code, said.signal, said.detail, vram,
-                    log_path)  # fmt: skip
+    report = dispatch.report_from(said.model_dump())
     verdict = await orchestrator.report_attempt(agent_id, job_id, attempt, report)
     return AttemptVerdict(verdict=verdict)
 

@@ -1,8 +1,10 @@
 """A job's life on the orchestrator: submit, cancel, the agent's reports and output, a lost
 desktop (docs/jobs.md says the same for people).
 
-Every state change goes through `persistence.jobs.move` (the table in `schemas.jobs`), and
-an attempt's claims are released in the transaction that ends it. What changes what a
+This module decides, by the contract's tables (`schemas.dispatch`: the moves, who makes
+them, what an outcome does); `persistence.jobs` is the one writer of job, attempt, claim
+and event rows, and every state change there goes through `check_move`. An attempt's
+claims are released in the transaction that ends it. What changes what a
 log follower reads (a chunk, an attempt's end, a cancel while queued) is announced in its
 transaction too (`persistence.jobs.announce_log`).
 
@@ -19,22 +21,33 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import Update, delete, or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chiffon.orchestrator.jobspec import JobSpec
 from chiffon.persistence import jobs as repo
-from chiffon.persistence.models import AgentRow, JobAttemptRow, JobClaimRow, JobRow
-from chiffon.schemas.jobs import LATE_ENDS, TERMINAL, JobLog, JobSubmit
+from chiffon.persistence.models import AgentRow, JobAttemptRow, JobRow
+from chiffon.schemas.dispatch import (
+    LATE_ENDS,
+    OUT,
+    Mover,
+    Outcome,
+    Report,
+    Verdict,
+    attempt_ended,
+    is_out,
+    is_terminal,
+    next_state,
+    spends_retry,
+)
+from chiffon.schemas.jobs import JobLog, JobSubmit
 from chiffon.transport.orders import Order
 
 log = logging.getLogger(__name__)
-Verdict = Literal["applied", "stale", "unknown_job"]
-Outcome = Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"]
 
 
 # How long a submission's `Idempotency-Key` is remembered: a client retrying a lost reply
@@ -52,22 +65,6 @@ class KeyReusedError(Exception):
             f"(job {job_id}); use a new key for a new job"
         )
         self.key, self.job_id = key, job_id
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """What an agent says of one attempt: it started, or it ended (and how)."""
-
-    # "alive": only whether the attempt is still current (the answer says)
-    kind: Literal["started", "ended", "usage", "alive"]
-    outcome: Outcome | None = None  # for "ended"
-    exit_code: int | None = None
-    signal: int | None = None
-    detail: str = ""
-    # VRAM its processes hold, by GPU id: now ("usage"), or at most ("ended")
-    vram_gb: Mapping[str, float] | None = None
-    # "started": where the attempt's whole output is on the desktop (older agents omit it)
-    log_path: str | None = None
 
 
 async def submit(
@@ -160,11 +157,9 @@ async def cancel(
         if job is None:
             return None
         if job.state == "queued":
-            session.add(repo.move(job, "cancelled", reason="cancelled while queued", now=now))
-            job.ended_at = now
-            await repo.announce_log(session, job_id=job_id)  # its followers are done
-        elif job.state not in TERMINAL and job.cancel_requested_at is None:
-            job.cancel_requested_at = job.updated_at = now
+            await repo.cancel_queued(session, job=job, now=now)
+        elif not is_terminal(job.state) and job.cancel_requested_at is None:
+            repo.request_cancel(job, now=now)
         return job.state
 
 
@@ -182,7 +177,7 @@ async def report(
         if job is None:
             return "unknown_job"
         current = job.attempt == attempt and job.agent_id == agent_id
-        if not current or job.state not in ("assigned", "running"):
+        if not current or not is_out(job.state):
             if said.kind == "ended" and await _late_end(session, job, agent_id, attempt, said, now):
                 return "applied"
             return "stale"
@@ -195,7 +190,7 @@ async def report(
             return "applied"
         if said.kind == "alive":
             return "applied"
-        if job.state == "assigned" and not never_ran(said):  # ended before its start was
+        if job.state == "assigned" and not said.never_ran():  # ended before its start was
             await _start(session, job, now)  # heard: it did start
         await _end(session, job, said, now)
         return "applied"
@@ -219,7 +214,7 @@ async def ship_log(
             return "unknown_job"
         if job.attempt != attempt or job.agent_id != agent_id:
             return "stale"
-        if job.state not in ("assigned", "running"):
+        if not is_out(job.state):
             return "stale"
         await repo.append_log(session, job_id=job_id, attempt=attempt, offset=offset,
                               data=data, tail_bytes=tail_bytes)  # fmt: skip
@@ -239,8 +234,8 @@ async def log_piece(
     n = job.attempt if attempt is None else attempt
     # Over: the job ended, or this is not its live attempt (one handed back when the job
     # was queued again, a later one, or one it never had).
-    live = n == job.attempt and (job.state in ("assigned", "running") or n == 0)
-    over = job.state in TERMINAL or not live
+    live = n == job.attempt and (is_out(job.state) or n == 0)
+    over = is_terminal(job.state) or not live
     start, data = await repo.read_log(session, job_id=job_id, attempt=n, offset=offset, limit=limit)
     end = await repo.log_end(session, job_id=job_id, attempt=n)
     done = over and start + len(data) >= end
@@ -275,7 +270,7 @@ async def pending_orders(
             JobAttemptRow,
             (JobAttemptRow.job_id == JobRow.job_id) & (JobAttemptRow.attempt == JobRow.attempt),
         )
-        .where(JobRow.agent_id == agent_id, JobRow.state.in_(("assigned", "running")))
+        .where(JobRow.agent_id == agent_id, JobRow.state.in_(OUT))
         .order_by(JobRow.updated_at, JobRow.job_id)
     )
     async with sessions() as session:
@@ -286,24 +281,9 @@ async def pending_orders(
         if job.cancel_requested_at is not None:
             orders.append(Order("cancel", agent_id, job.job_id, job.attempt, issued_at))
         elif job.state == "assigned":
-            payload = _assignment(job.spec, gpus)
+            payload = JobSpec.parse(job.spec).assignment(gpus)
             orders.append(Order("assign", agent_id, job.job_id, job.attempt, issued_at, payload))
     return orders
-
-
-def _assignment(spec: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
-    """What the agent runs: the submission's command and environment, and the GPUs it
-    was given (`agent.work.assignment_from` reads it back)."""
-    requirements = spec.get("requirements", {})
-    return {
-        "command": spec["command"],
-        "env": spec.get("env", {}),
-        "workdir": spec.get("workdir"),
-        "timeout_seconds": spec.get("timeout_seconds"),
-        "gpu_uuids": list(gpus),
-        "vram_gb": requirements.get("vram_gb", 0.0),
-        "gpu_vendor": requirements.get("gpu_vendor"),
-    }
 
 
 async def lose_offline(
@@ -317,7 +297,7 @@ async def lose_offline(
 
     A *running* attempt on an online agent that stopped accepting new jobs keeps running:
     the agent itself ends what it must, and says so."""
-    out = JobRow.state.in_(("assigned", "running"))
+    out = JobRow.state.in_(OUT)
     async with sessions() as session:
         gone = (
             select(JobRow.agent_id, AgentRow.status)
@@ -355,7 +335,7 @@ async def lose_agent(
     agent_id: uuid.UUID,
     now: datetime,
     why: str = "its desktop went offline",
-    states: tuple[str, ...] = ("assigned", "running"),
+    states: tuple[str, ...] = OUT,
     outcome: Outcome = "lost",
 ) -> list[uuid.UUID]:
     """End every attempt the agent has out in `states` as `outcome`: lost (it went
@@ -370,7 +350,7 @@ async def lose_agent(
         for job_id in ids:
             job = await _locked(session, job_id)
             if job is not None and job.state in states:
-                await _end(session, job, Report("ended", outcome, detail=why), now)
+                await _end(session, job, Report("ended", outcome, detail=why), now, by="sweep")
     return list(ids)
 
 
@@ -382,60 +362,34 @@ async def _locked(session: AsyncSession, job_id: uuid.UUID) -> JobRow | None:
 
 
 async def _record_use(session: AsyncSession, job: JobRow, vram_gb: Mapping[str, float]) -> None:
-    """How far the attempt has grown on each GPU it claims (its claims' `used_gb`): a job
-    that outgrew its claim holds what it uses (docs/jobs.md, the VRAM rule)."""
-    claims = await session.scalars(
-        select(JobClaimRow).where(
-            JobClaimRow.job_id == job.job_id, JobClaimRow.attempt == job.attempt
-        )
-    )
-    for claim in claims:
-        if claim.resource != repo.HOST:
-            claim.used_gb = vram_gb.get(claim.resource.removeprefix("gpu:"), 0.0)
+    """How far the attempt has grown on each GPU it claims: a job that outgrew its claim
+    holds what it uses (docs/jobs.md, the VRAM rule)."""
+    await repo.record_use(session, job_id=job.job_id, attempt=job.attempt, vram_gb=vram_gb)
 
 
 async def _start(
     session: AsyncSession, job: JobRow, now: datetime, *, log_path: str | None = None
 ) -> None:
-    session.add(repo.move(job, "running", reason="started", now=now))
-    await session.execute(
-        _attempt(job, job.attempt).values(state="running", started_at=now, log_path=log_path)
-    )
+    await repo.start_attempt(session, job=job, log_path=log_path, now=now)
 
 
-async def _end(session: AsyncSession, job: JobRow, said: Report, now: datetime) -> None:
+async def _end(
+    session: AsyncSession, job: JobRow, said: Report, now: datetime, *, by: Mover = "agent"
+) -> None:
     """End the attempt as `said`, release its claims, and move the job on: to its final
     state, or back to the queue when the attempt was refused, or lost or failed with a
-    retry left."""
-    where = await _agent_named(session, job.agent_id) if never_ran(said) else ""
-    to_state, reason = _next_state(job, said, where)
-    attempt = job.attempt
-    if said.outcome == "preempted":
-        job.preemptions += 1
-    elif to_state == "queued" and said.outcome != "refused":
-        job.retries_used += 1
-    session.add(repo.move(job, to_state, reason=reason, now=now))
-    await session.execute(
-        _attempt(job, attempt).values(
-            state=to_state if to_state != "queued" else _attempt_state(said),
-            ended_at=now, exit_code=said.exit_code, signal=said.signal, reason=reason[:1000],
-            peak_vram_gb=dict(said.vram_gb) if said.vram_gb else None,
-        )
+    retry left (the contract's table, `schemas.dispatch.next_state`)."""
+    assert said.outcome is not None
+    where = await _agent_named(session, job.agent_id) if said.never_ran() else ""
+    to_state = _next_state(job, said)
+    reason = _words(job, said, where, again=to_state == "queued")
+    await repo.end_attempt(
+        session, job=job, to_state=to_state, by=by, reason=reason, now=now,
+        attempt_state=attempt_ended(said.outcome, to_state), exit_code=said.exit_code,
+        signal=said.signal, peak_vram_gb=said.vram_gb,
+        spent_retry=spends_retry(said.outcome, to_state),
+        preempted=said.outcome == "preempted",
     )  # fmt: skip
-    await session.execute(
-        delete(JobClaimRow).where(JobClaimRow.job_id == job.job_id, JobClaimRow.attempt == attempt)
-    )
-    if to_state == "queued":
-        job.agent_id = None
-    else:
-        job.ended_at, job.exit_code = now, said.exit_code
-    await repo.announce_log(session, job_id=job.job_id)  # the attempt's followers are done
-
-
-def never_ran(said: Report) -> bool:
-    """An attempt that exited with neither a code nor a signal: its program could not be
-    started (the detail says why: no such program, no such folder)."""
-    return said.outcome == "exit" and said.exit_code is None and said.signal is None
 
 
 async def _agent_named(session: AsyncSession, agent_id: uuid.UUID | None) -> str:
@@ -445,42 +399,39 @@ async def _agent_named(session: AsyncSession, agent_id: uuid.UUID | None) -> str
     return name or str(agent_id)
 
 
-def _next_state(job: JobRow, said: Report, where: str = "") -> tuple[str, str]:
-    """The job's next state, and why. `where`: the agent's name (for a start failure)."""
-    retries_left = job.retries_used < int(job.spec.get("retries", 0))
+def _next_state(job: JobRow, said: Report, *, retries_used: int | None = None) -> str:
+    assert said.outcome is not None
+    spec = JobSpec.parse(job.spec)
+    used = job.retries_used if retries_used is None else retries_used
+    return next_state(said.outcome, said.exit_code, retries_left=spec.retries_left(used),
+                      retry_on_exit=spec.retry_on_exit)  # fmt: skip
+
+
+def _words(job: JobRow, said: Report, where: str = "", *, again: bool) -> str:
+    """Why the job moved, in a user's words. `where`: the agent's name (for a start
+    failure); `again`: it went back to the queue."""
     detail = f": {said.detail}" if said.detail else ""
-    if said.outcome == "refused":
-        return "queued", f"refused by {job.agent_id}{detail}; placed again"
-    if said.outcome == "preempted":  # the owner took the desktop back: no retry used
-        return "queued", f"attempt {job.attempt} {said.detail or 'preempted'}; placed again"
-    if said.outcome == "lost":
-        if retries_left:
-            return "queued", f"attempt {job.attempt} lost{detail}; retrying"
-        return "lost", f"attempt {job.attempt} lost{detail}"
-    if said.outcome in ("cancelled", "timed_out"):  # the state says which; the detail why
-        return str(said.outcome), said.detail or str(said.outcome)
+    retrying = "; retrying" if again else ""
+    match said.outcome:
+        case "refused":
+            return f"refused by {job.agent_id}{detail}; placed again"
+        case "preempted":  # the owner took the desktop back: no retry used
+            return f"attempt {job.attempt} {said.detail or 'preempted'}; placed again"
+        case "lost":
+            return f"attempt {job.attempt} lost{detail}{retrying}"
+        case "cancelled" | "timed_out":  # the state says which; the detail why
+            return said.detail or str(said.outcome)
     if said.exit_code == 0:
-        return "succeeded", "exited 0"
-    how = f"exited {said.exit_code}{detail}"
+        return "exited 0"
+    return f"{_how_exited(said, detail, where)}{retrying}"
+
+
+def _how_exited(said: Report, detail: str, where: str) -> str:
     if said.signal is not None:
-        how = f"killed by signal {said.signal}{detail}"
-    elif never_ran(said):  # no made-up exit code: say why, and where
-        how = f"{said.detail or 'it could not be started'} on {where}"
-    if job.spec.get("retry_on_exit") and retries_left:
-        return "queued", f"{how}; retrying"
-    return "failed", how
-
-
-def _attempt_state(said: Report) -> str:
-    """How an attempt handed back ended (its job is queued again): refused, lost,
-    preempted, failed."""
-    return "failed" if said.outcome == "exit" else str(said.outcome)
-
-
-def _attempt(job: JobRow, attempt: int) -> Update:
-    return update(JobAttemptRow).where(
-        JobAttemptRow.job_id == job.job_id, JobAttemptRow.attempt == attempt
-    )
+        return f"killed by signal {said.signal}{detail}"
+    if said.never_ran():  # no made-up exit code: say why, and where
+        return f"{said.detail or 'it could not be started'} on {where}"
+    return f"exited {said.exit_code}{detail}"
 
 
 # An attempt placed less than this before an agent's latest heartbeat was sent may be
@@ -505,7 +456,7 @@ async def lose_forgotten(
             .join(JobAttemptRow, (JobAttemptRow.job_id == JobRow.job_id)
                   & (JobAttemptRow.attempt == JobRow.attempt))
             .join(AgentRow, AgentRow.agent_id == JobRow.agent_id)
-            .where(JobRow.state.in_(("assigned", "running")), AgentRow.status == "online")
+            .where(JobRow.state.in_(OUT), AgentRow.status == "online")
         )  # fmt: skip
         rows = (await session.execute(stmt)).all()
     forgotten = [
@@ -522,10 +473,10 @@ async def lose_forgotten(
             job = await _locked(session, job_id)
             if job is None or (job.attempt, job.agent_id) != (attempt, agent_id):
                 continue
-            if job.state in ("assigned", "running"):
+            if is_out(job.state):
                 log.warning("attempt %s of %s is no longer held by its agent %s: lost",
                             attempt, job_id, agent_id)  # fmt: skip
-                await _end(session, job, said, now)
+                await _end(session, job, said, now, by="sweep")
                 moved.append(job_id)
     return moved
 
@@ -558,17 +509,14 @@ async def _late_end(
     row = await session.get(JobAttemptRow, (job.job_id, attempt))
     if row is None or row.agent_id != agent_id or row.state != "lost":
         return False
-    if job.state == "queued":
-        job.retries_used = max(0, job.retries_used - 1)
-    to_state, reason = _next_state(job, said)
+    given_back = job.retries_used - 1 if job.state == "queued" else job.retries_used
+    to_state = _next_state(job, said, retries_used=max(0, given_back))
     if to_state not in LATE_ENDS:
         return False  # a retry it asks for is already under way
-    session.add(repo.move(job, to_state, reason=f"{reason} (heard after it was judged lost)",
-                          now=now))  # fmt: skip
-    await session.execute(
-        _attempt(job, attempt).values(state=to_state, exit_code=said.exit_code,
-                                      signal=said.signal, reason=reason[:1000])
+    reason = _words(job, said, again=False)
+    await repo.late_end_attempt(
+        session, job=job, agent_id=agent_id, to_state=to_state, retries_used=max(0, given_back),
+        reason=f"{reason} (heard after it was judged lost)", attempt_reason=reason,
+        exit_code=said.exit_code, signal=said.signal, now=now,
     )  # fmt: skip
-    job.agent_id, job.ended_at, job.exit_code = agent_id, now, said.exit_code
-    await repo.announce_log(session, job_id=job.job_id)
     return True

@@ -38,6 +38,7 @@ from chiffon.persistence.db import check_schema, create_engine, session_factory
 from chiffon.persistence.models import JobRow
 from chiffon.persistence.registry import StatusEvent
 from chiffon.schemas.heartbeat import AgentMessage, MessageKind, RejectedMessage, parse_message
+from chiffon.schemas.dispatch import Report, Verdict
 from chiffon.schemas.jobs import JobLog, JobSubmit
 from chiffon.transport.auth import (
     IN_PROCESS,
@@ -418,8 +419,8 @@ class Orchestrator:
             await bell.wait(seen, left if self.order_notices else min(left, 1.0))
 
     async def report_attempt(
-        self, agent_id: UUID, job_id: UUID, attempt: int, said: jobs.Report
-    ) -> jobs.Verdict:
+        self, agent_id: UUID, job_id: UUID, attempt: int, said: Report
+    ) -> Verdict:
         """An agent's report of one attempt; an end frees capacity, so the dispatcher runs."""
         verdict = await jobs.report(
             self.sessions, agent_id=agent_id, job_id=job_id, attempt=attempt, said=said,
@@ -432,7 +433,7 @@ class Orchestrator:
 
     async def ship_log(
         self, agent_id: UUID, job_id: UUID, attempt: int, offset: int, data: bytes
-    ) -> jobs.Verdict:
+    ) -> Verdict:
         """A chunk of an attempt's output from its agent; readers following it wake."""
         verdict = await jobs.ship_log(
             self.sessions, agent_id=agent_id, job_id=job_id, attempt=attempt, offset=offset,

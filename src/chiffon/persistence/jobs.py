@@ -1,13 +1,15 @@
 """Repository functions over jobs, attempts and claims. Keyword-only, the session passed in.
 
-Used by `orchestrator.scheduler`, `orchestrator.jobs` and the jobs routes.
+The one writer of job, attempt, claim and event rows: a job's state changes only in
+`move` and `_assignment`, both along the contract's table (`schemas.dispatch.check_move`,
+with who moves it). `orchestrator.jobs` and the scheduler decide; they write through here.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,6 +20,7 @@ from sqlalchemy import (
     Integer,
     Row,
     Select,
+    Update,
     Uuid,
     bindparam,
     delete,
@@ -44,17 +47,14 @@ from chiffon.persistence.models import (
     JobLogRow,
     JobRow,
 )
-from chiffon.schemas.jobs import check_move
+from chiffon.schemas.dispatch import AttemptState, Mover, check_move
+from chiffon.schemas.dispatch import gpu_resource as gpu_resource
 
 HOST = "host"
 REASON_MAX_CHARS = 1000  # jobs.reason, job_events.reason, job_attempts.reason
 # Rows a whole-table read takes at a time: at 10,000 agents one read in one go held the
 # event loop (and the API and ingest beside it) for about half a second.
 STREAM_ROWS = 500
-
-
-def gpu_resource(gpu_id: str) -> str:
-    return f"gpu:{gpu_id}"
 
 
 def _postgres(session: AsyncSession) -> bool:
@@ -417,15 +417,104 @@ def _chunks(ids: Sequence[uuid.UUID], size: int = 1000) -> list[Sequence[uuid.UU
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def move(job: JobRow, to_state: str, *, reason: str, now: datetime) -> JobEventRow:
-    """Change a job's state along the table; the event to add beside it. The reason is
-    cut to what its columns hold (an agent's words, a long path in them)."""
-    check_move(job.state, to_state)
+def move(
+    job: JobRow, to_state: str, *, by: Mover | None = None, reason: str, now: datetime
+) -> JobEventRow:
+    """Change a job's state along the table (by `by`); the event to add beside it. The
+    reason is cut to what its columns hold (an agent's words, a long path in them)."""
+    check_move(job.state, to_state, by)
     reason = reason[:REASON_MAX_CHARS]
     event = JobEventRow(job_id=job.job_id, at=now, attempt=job.attempt, from_state=job.state,
                         to_state=to_state, reason=reason)  # fmt: skip
     job.state, job.reason, job.updated_at = to_state, reason, now
     return event
+
+
+def request_cancel(job: JobRow, *, now: datetime) -> None:
+    """Mark a job with an attempt out as to be cancelled: its agent is told, and ends it."""
+    job.cancel_requested_at = job.updated_at = now
+
+
+async def cancel_queued(session: AsyncSession, *, job: JobRow, now: datetime) -> None:
+    """Cancel a job that waits to be placed: it ends at once."""
+    session.add(move(job, "cancelled", by="user", reason="cancelled while queued", now=now))
+    job.ended_at = now
+    await announce_log(session, job_id=job.job_id)  # its followers are done
+
+
+async def start_attempt(
+    session: AsyncSession, *, job: JobRow, log_path: str | None, now: datetime
+) -> None:
+    """The job's current attempt started (its agent said so)."""
+    session.add(move(job, "running", by="agent", reason="started", now=now))
+    await session.execute(
+        _attempt(job.job_id, job.attempt).values(state="running", started_at=now, log_path=log_path)
+    )
+
+
+async def record_use(
+    session: AsyncSession, *, job_id: uuid.UUID, attempt: int, vram_gb: Mapping[str, float]
+) -> None:
+    """What an attempt's processes hold on each GPU it claims (its claims' `used_gb`)."""
+    claims = await session.scalars(
+        select(JobClaimRow).where(JobClaimRow.job_id == job_id, JobClaimRow.attempt == attempt)
+    )
+    for claim in claims:
+        if claim.resource != HOST:
+            claim.used_gb = vram_gb.get(claim.resource.removeprefix("gpu:"), 0.0)
+
+
+async def end_attempt(
+    session: AsyncSession, *, job: JobRow, to_state: str, attempt_state: AttemptState,
+    by: Mover, reason: str, exit_code: int | None, signal: int | None,
+    peak_vram_gb: Mapping[str, float] | None, spent_retry: bool, preempted: bool,
+    now: datetime,
+) -> None:  # fmt: skip
+    """End the job's current attempt as decided, release its claims, and move the job:
+    to `to_state`, or back to the queue (then no agent holds it)."""
+    attempt = job.attempt
+    job.preemptions += int(preempted)
+    job.retries_used += int(spent_retry)
+    session.add(move(job, to_state, by=by, reason=reason, now=now))
+    await session.execute(
+        _attempt(job.job_id, attempt).values(
+            state=attempt_state, ended_at=now, exit_code=exit_code, signal=signal,
+            reason=reason[:REASON_MAX_CHARS],
+            peak_vram_gb=dict(peak_vram_gb) if peak_vram_gb else None,
+        )
+    )  # fmt: skip
+    await session.execute(
+        delete(JobClaimRow).where(JobClaimRow.job_id == job.job_id, JobClaimRow.attempt == attempt)
+    )
+    if to_state == "queued":
+        job.agent_id = None
+    else:
+        job.ended_at, job.exit_code = now, exit_code
+    await announce_log(session, job_id=job.job_id)  # the attempt's followers are done
+
+
+async def late_end_attempt(
+    session: AsyncSession, *, job: JobRow, agent_id: uuid.UUID, to_state: str,
+    retries_used: int, reason: str, attempt_reason: str, exit_code: int | None,
+    signal: int | None, now: datetime,
+) -> None:  # fmt: skip
+    """End a job whose attempt was judged lost as its agent later said it ended."""
+    job.retries_used = retries_used
+    session.add(move(job, to_state, by="agent", reason=reason, now=now))
+    await session.execute(
+        _attempt(job.job_id, job.attempt).values(
+            state=to_state, exit_code=exit_code, signal=signal,
+            reason=attempt_reason[:REASON_MAX_CHARS],
+        )
+    )  # fmt: skip
+    job.agent_id, job.ended_at, job.exit_code = agent_id, now, exit_code
+    await announce_log(session, job_id=job.job_id)
+
+
+def _attempt(job_id: uuid.UUID, attempt: int) -> Update:
+    return update(JobAttemptRow).where(
+        JobAttemptRow.job_id == job_id, JobAttemptRow.attempt == attempt
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,7 +591,7 @@ def _assignment(p: Placing, now: datetime) -> tuple[dict[str, Any], dict[str, An
     where = f"{p.agent_name} ({p.agent_id})" if p.agent_name else str(p.agent_id)
     gpu_ids = f", GPUs {', '.join(gpu for gpu, _ in p.gpus)}" if p.gpus else ""
     reason = f"placed on {where}{gpu_ids}"
-    check_move(job.state, "assigned")
+    check_move(job.state, "assigned", "scheduler")
     event = {"job_id": job.job_id, "at": now, "attempt": job.attempt, "from_state": job.state,
              "to_state": "assigned", "reason": reason}  # fmt: skip
     job.state, job.reason, job.updated_at = "assigned", reason, now

@@ -1,8 +1,7 @@
-"""Jobs on the wire: what a user submits, and the states a job moves through.
+"""Jobs on the API: what a user submits, and what they read back (pydantic).
 
-The states are a table (`MOVES`), not scattered ifs: every write of a job's state goes
-through `check_move`, and a test walks every pair. docs/jobs.md describes the same for
-people.
+The states a job moves through, and their table, are the dispatch contract's
+(`schemas.dispatch`); docs/jobs.md describes the same for people.
 """
 
 from __future__ import annotations
@@ -23,41 +22,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from chiffon.schemas import limits
+from chiffon.schemas.dispatch import JobState
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
 
-JobState = Literal[
-    "queued", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"
-]
 Policy = Literal["best_fit", "spread"]
-
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "timed_out", "lost"})
-
-LATE_ENDS: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
-MOVES: dict[str, frozenset[str]] = {
-    # placed (claims written), or cancelled before it ever ran
-    "queued": frozenset({"assigned", "cancelled"}),
-    # started; handed back (the agent refused it, or lost it, with retries left); out of
-    # retries; cancelled; its program could not be started (it never ran)
-    "assigned": frozenset({"running", "queued", "lost", "cancelled", "failed"}),
-    # ended one way or another; or back to the queue (lost, or a non-zero exit with
-    # `retry_on_exit`, while retries remain)
-    "running": frozenset({"succeeded", "failed", "timed_out", "cancelled", "lost", "queued"}),
-    **{state: frozenset() for state in TERMINAL},
-    # An attempt judged lost whose agent then says how it really ended (its saved outcome,
-    # heard after an outage): that outcome wins, while no later attempt was placed.
-    "lost": LATE_ENDS,
-}
-# Waiting to be placed again after a lost attempt, the same late end wins too.
-MOVES["queued"] = MOVES["queued"] | LATE_ENDS
-
-
-class IllegalMove(ValueError):
-    """A state change the table does not allow: a bug, or a stale report."""
-
-
-def check_move(from_state: str, to_state: str) -> None:
-    if to_state not in MOVES.get(from_state, frozenset()):
-        raise IllegalMove(f"a job cannot go from {from_state} to {to_state}")
 
 
 ARGV_MAX_ITEMS = 1024

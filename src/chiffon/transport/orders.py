@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from chiffon.schemas.dispatch import gpu_id as gpu_id
+from chiffon.schemas.dispatch import visible_device as visible_device
 from chiffon.transport.auth import SIGNATURE_VERSION
 
 OrderKind = Literal["assign", "cancel", "kill"]
@@ -48,21 +50,6 @@ _ORDER_LABEL = b"chiffon order signing key v1"
 _SEALING_LABEL = b"chiffon order sealing key v1"
 SEALED = b"c1."  # an encrypted body's prefix (version 1)
 _NONCE_BYTES = 12
-
-
-_BY_INDEX = "index-"
-
-
-def gpu_id(uuid: str | None, index: int | None) -> str:
-    """A GPU's id in claims and orders: its UUID, else `index-N` (the scheduler and the
-    agent name GPUs the same way)."""
-    return uuid or f"{_BY_INDEX}{index}"
-
-
-def visible_device(gpu: str) -> str:
-    """What `CUDA_VISIBLE_DEVICES` takes for a GPU id: the UUID, or the index (with
-    `CUDA_DEVICE_ORDER=PCI_BUS_ID`, the index nvidia-smi shows)."""
-    return gpu.removeprefix(_BY_INDEX)
 
 
 class OrderRefused(ValueError):

@@ -1,0 +1,91 @@
+"""A stored job's submission, parsed once into a typed object.
+
+The API validated the submission (`schemas.jobs.JobSubmit`) and stored it as JSON in the
+job's row; everything on the orchestrator that reads it back (the scheduler, the outcome
+rule, the order to the agent, the views) reads this object, not the dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from chiffon.schemas.jobs import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Wants:
+    """What the job needs on one desktop (`schemas.jobs.JobRequirements`)."""
+
+    gpus: int = 0
+    vram_gb: float = 0.0  # free on each GPU
+    cpu_cores: float = 0.0
+    memory_gb: float = 0.0
+    pool: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    gpu_vendor: str | None = None
+
+    @classmethod
+    def parse(cls, stored: Mapping[str, Any]) -> Wants:
+        return cls(
+            gpus=int(stored.get("gpus", 0)),
+            vram_gb=float(stored.get("vram_gb", 0.0)),
+            cpu_cores=float(stored.get("cpu_cores", 0.0)),
+            memory_gb=float(stored.get("memory_gb", 0.0)),
+            pool=stored.get("pool"),
+            labels=dict(stored.get("labels") or {}),
+            gpu_vendor=stored.get("gpu_vendor"),
+        )
+
+    def stored(self) -> dict[str, Any]:
+        """As the API shows it (`JobView.requirements`)."""
+        return {
+            "gpus": self.gpus, "vram_gb": self.vram_gb, "cpu_cores": self.cpu_cores,
+            "memory_gb": self.memory_gb, "pool": self.pool, "labels": dict(self.labels),
+            "gpu_vendor": self.gpu_vendor,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A job's submission as stored (`JobRow.spec`)."""
+
+    command: tuple[str, ...]
+    wants: Wants = Wants()
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    timeout_seconds: float | None = None
+    retries: int = 0
+    retry_on_exit: bool = False
+    policy: Policy = "best_fit"
+
+    @classmethod
+    def parse(cls, stored: Mapping[str, Any]) -> JobSpec:
+        timeout = stored.get("timeout_seconds")
+        return cls(
+            command=tuple(stored["command"]),
+            wants=Wants.parse(stored.get("requirements") or {}),
+            env=dict(stored.get("env") or {}),
+            workdir=stored.get("workdir"),
+            timeout_seconds=None if timeout is None else float(timeout),
+            retries=int(stored.get("retries", 0)),
+            retry_on_exit=bool(stored.get("retry_on_exit", False)),
+            policy="spread" if stored.get("policy") == "spread" else "best_fit",
+        )
+
+    def retries_left(self, used: int) -> bool:
+        return used < self.retries
+
+    def assignment(self, gpus: list[str]) -> dict[str, Any]:
+        """What the agent runs: the command and environment, and the GPUs it was given
+        (`agent.work.assignment_from` reads it back)."""
+        return {
+            "command": list(self.command),
+            "env": dict(self.env),
+            "workdir": self.workdir,
+            "timeout_seconds": self.timeout_seconds,
+            "gpu_uuids": list(gpus),
+            "vram_gb": self.wants.vram_gb,
+            "gpu_vendor": self.wants.gpu_vendor,
+        }
