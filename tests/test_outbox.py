@@ -16,10 +16,10 @@ from sqlalchemy import select
 from chiffon.agent.work import ENDED, REPORTED
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.scheduler import schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import JobEventRow, JobRow
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from chiffon.transport.base import TransportError
 from tests import factories as f
@@ -118,6 +118,25 @@ async def test_a_late_outcome_changes_nothing_once_a_later_attempt_was_placed(
                        said=EXIT_0, now=clock.now())  # fmt: skip
     assert await late == "stale"
     assert (await job_of(orchestrator, job_id)).state == "assigned"
+
+
+async def test_a_late_outcome_that_asks_for_a_retry_changes_nothing_and_keeps_the_retry_used(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    agent = uuid.uuid4()
+    await beat(orchestrator, agent, clock, None)
+    spec = JobSubmit.model_validate({"command": ["x"], "retries": 1, "retry_on_exit": True})
+    job_id = await jobs.submit(orchestrator.sessions, spec, now=clock.now())
+    await schedule_once(orchestrator.sessions, now=clock.now())
+    await jobs.lose_agent(orchestrator.sessions, agent_id=agent, now=clock.now())
+    job = await job_of(orchestrator, job_id)
+    assert (job.state, job.retries_used) == ("queued", 1)
+    failed = Report("ended", "exit", exit_code=3)  # would be retried: the retry is under way
+    late = jobs.report(orchestrator.sessions, agent_id=agent, job_id=job_id, attempt=1,
+                       said=failed, now=clock.now())  # fmt: skip
+    assert await late == "stale"
+    job = await job_of(orchestrator, job_id)
+    assert (job.state, job.retries_used) == ("queued", 1)
 
 
 class Away(FakeOrchestrator):

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chiffon.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, console, err_console, plain
+from chiffon.schemas.dispatch import JOB_STATES, is_active, is_out
 
 if TYPE_CHECKING:
     from chiffon.client import Client, LogCursor, Signals
@@ -38,7 +39,6 @@ URL_OPTION = typer.Option(
     "--orchestrator-url",
     help="Default: env CHIFFON_ORCHESTRATOR_URL or http://127.0.0.1:8700.",
 )
-STATES = ("queued", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out", "lost")
 # `chiffon run`'s exit status when the job has none of its own (README, "Exit status").
 EXIT_CANCELLED = 130  # as a shell reports a command ended by Ctrl-C
 EXIT_TIMED_OUT = 124  # as timeout(1)
@@ -284,7 +284,7 @@ class Output:
 
 
 def _how_placed(job: JobDetail) -> str:
-    if job.state in ("assigned", "running"):
+    if is_out(job.state):
         return "running"
     return "ran" if job.started_at is not None else "placed"  # over at the first look
 
@@ -357,8 +357,8 @@ def jobs(
     """One row per job, newest first, like squeue."""
     if ctx.invoked_subcommand is not None:
         return
-    if state is not None and state not in STATES:
-        raise CliError(f"--state must be one of {', '.join(STATES)}, not {state!r}",
+    if state is not None and state not in JOB_STATES:
+        raise CliError(f"--state must be one of {', '.join(JOB_STATES)}, not {state!r}",
                        code=EXIT_USAGE)  # fmt: skip
     agent_id = _agent_id(url, agent) if agent else None
     with client(url) as c:
@@ -418,23 +418,7 @@ def detail_table(j: JobDetail) -> Table:
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
-    active = j.state in ("queued", "assigned", "running")
-    rows = [
-        ("job", str(j.job_id)), ("name", j.name or ""), ("command", shlex.join(j.command)),
-        ("workdir", j.workdir or ""),
-        ("timeout", f"{j.timeout_seconds:g}s" if j.timeout_seconds else ""),
-        ("env", ", ".join(j.env_names)),
-        ("state", j.state + (" (cancel asked)" if j.cancel_requested and active else "")),
-        ("waits because" if j.state == "queued" else "reason", j.reason),
-        ("needs", _wants(j)),
-        ("on", where(j) if j.agent_id else ""),
-        ("submitted", f"{j.submitted_at:%Y-%m-%d %H:%M:%S} ({_age(j.submitted_at)} ago)"),
-        ("ran for", _runtime(j)),
-        ("exit code", "" if j.exit_code is None else str(j.exit_code)),
-        ("taken back", f"{j.preemptions}x by a desktop's owner (no retry used)"
-                       if j.preemptions else ""),
-    ]  # fmt: skip
-    for what, value in rows:
+    for what, value in _detail_rows(j):
         if value:
             table.add_row(what, plain(value))
     for a in j.attempts:
@@ -445,6 +429,25 @@ def detail_table(j: JobDetail) -> Table:
     return table
 
 
+def _detail_rows(j: JobDetail) -> list[tuple[str, str]]:
+    cancel_asked = " (cancel asked)" if j.cancel_requested and is_active(j.state) else ""
+    return [
+        ("job", str(j.job_id)), ("name", j.name or ""), ("command", shlex.join(j.command)),
+        ("workdir", j.workdir or ""),
+        ("timeout", f"{j.timeout_seconds:g}s" if j.timeout_seconds else ""),
+        ("env", ", ".join(j.env_names)),
+        ("state", j.state + cancel_asked),
+        ("waits because" if j.state == "queued" else "reason", j.reason),
+        ("needs", _wants(j)),
+        ("on", where(j) if j.agent_id else ""),
+        ("submitted", f"{j.submitted_at:%Y-%m-%d %H:%M:%S} ({_age(j.submitted_at)} ago)"),
+        ("ran for", _runtime(j)),
+        ("exit code", "" if j.exit_code is None else str(j.exit_code)),
+        ("taken back", f"{j.preemptions}x by a desktop's owner (no retry used)"
+                       if j.preemptions else ""),
+    ]  # fmt: skip
+
+
 @jobs_app.command("cancel")
 def cancel(
     job: str = typer.Argument(..., help="The job (id or id prefix)."),
@@ -453,7 +456,7 @@ def cancel(
     """Cancel a job: at once when queued; a running one gets its grace period to end."""
     with client(url) as c:
         view = c.cancel(resolve(c, job))
-    if view.state in ("assigned", "running"):
+    if is_out(view.state):
         what = f"{view.state}; its desktop ends it now (SIGTERM, then SIGKILL after the grace)"
     else:
         what = view.state if view.state == "cancelled" else f"already {view.state}"

@@ -177,23 +177,26 @@ async def report(
         if job is None:
             return "unknown_job"
         current = job.attempt == attempt and job.agent_id == agent_id
-        if not current or not is_out(job.state):
-            if said.kind == "ended" and await _late_end(session, job, agent_id, attempt, said, now):
-                return "applied"
-            return "stale"
-        if said.kind == "started":
-            if job.state == "assigned":
-                await _start(session, job, now, log_path=said.log_path)
+        if current and is_out(job.state):
+            await _heard(session, job, said, now)
             return "applied"
-        if said.kind == "usage":
-            await _record_use(session, job, said.vram_gb or {})
+        if said.kind == "ended" and await _late_end(session, job, agent_id, attempt, said, now):
             return "applied"
-        if said.kind == "alive":
-            return "applied"
+        return "stale"
+
+
+async def _heard(session: AsyncSession, job: JobRow, said: Report, now: datetime) -> None:
+    """What the agent said of the job's current attempt, out on it."""
+    if said.kind == "started":
+        if job.state == "assigned":
+            await _start(session, job, now, log_path=said.log_path)
+    elif said.kind == "usage":
+        await _record_use(session, job, said.vram_gb or {})
+    elif said.kind == "ended":
         if job.state == "assigned" and not said.never_ran():  # ended before its start was
             await _start(session, job, now)  # heard: it did start
         await _end(session, job, said, now)
-        return "applied"
+    # "alive": only whether it is still current, which the verdict says
 
 
 async def ship_log(
