@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +26,10 @@ from chiffon.cli.common import (
 from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
-    from chiffon.agent.loop import AgentIdentity, AgentLoop
-    from chiffon.agent.probes.collect import Collector
+    from chiffon.agent.loop import AgentIdentity
     from chiffon.agent.report import GpuReading, Snapshot
     from chiffon.agent.settings import AgentSettings, LoadedSettings
-    from chiffon.agent.work import WorkChannel, WorkLoop, WorkSettings
     from chiffon.transport.auth import AgentCredential
-    from chiffon.transport.base import Publisher
-    from chiffon.transport.http import HttpWork
 
 CONFIG_OPTION = typer.Option(
     None, "--config", help="YAML file [~/.chiffon/agent.yml, else /etc/chiffon/agent.yml]."
@@ -129,6 +122,8 @@ def probe(
     config: Path = CONFIG_OPTION,
 ) -> None:
     """One snapshot of this machine: CPU, memory and every GPU the agent can see."""
+    from chiffon.agent.daemon import decided, new_collector
+
     settings = load(config, {"gpu_detection_timeout_seconds": gpu_timeout}).settings
     collector = new_collector(settings)
     try:
@@ -141,49 +136,14 @@ def probe(
         console.print(resources_table(res, collector.owner_idle_unknown_because))
 
 
-def decided(settings: AgentSettings, res: Snapshot) -> Snapshot:
-    """`res` with what the agent would decide now under its owner's policy, per GPU and
-    for the desktop (`jobs_withheld`: `root` when it runs as root and may not run jobs as
-    root). No job runs: all use is foreign."""
-    import uuid
-
-    from chiffon.agent.work import WorkLoop
-
-    seeing = WorkLoop(work_settings(settings), agent_id=uuid.uuid4(), secret="-",
-                      channel=_NoChannel(), fresh=_no_fresh)  # fmt: skip
-    return seeing.observe(res)
-
-
-class _NoChannel:
-    async def report(self, *_: Any) -> str:
-        raise AssertionError("probe reports nothing")
-
-    async def ship_log(self, *_: Any) -> str:
-        raise AssertionError("probe ships nothing")
-
-
-async def _no_fresh() -> Snapshot:
-    raise AssertionError("probe reads once")
-
-
 def identity_of(settings: AgentSettings) -> AgentIdentity:
-    from chiffon.agent.identity import IdentityError, default_name, load_or_create_agent_id
-    from chiffon.agent.loop import AgentIdentity
-    from chiffon.agent.work import may_run_jobs
+    from chiffon.agent import daemon
+    from chiffon.agent.identity import IdentityError
 
     try:
-        agent_id = load_or_create_agent_id(settings.state_dir, settings.agent_id)
+        return daemon.identity_of(settings)
     except IdentityError as exc:
         raise CliError(str(exc), code=2) from None
-    return AgentIdentity(
-        agent_id=agent_id,
-        name=settings.name or default_name(agent_id),
-        pool_name=settings.agent_pool_name,
-        labels=settings.labels,
-        capabilities=settings.capabilities,
-        specializations=settings.specializations,
-        accepts_jobs=may_run_jobs(work_settings(settings)),
-    )
 
 
 def print_config(loaded: LoadedSettings) -> None:
@@ -200,65 +160,6 @@ def print_config(loaded: LoadedSettings) -> None:
         table.add_row(key, json.dumps(value) if not isinstance(value, str) else value, origin)
     console.print(f"config file: {loaded.config_file or 'none found'}")
     console.print(table)
-
-
-def _install_signal_handlers(stop: Any) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop)
-        except (NotImplementedError, RuntimeError):  # Windows: no add_signal_handler
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
-
-
-def new_collector(settings: AgentSettings) -> Collector:
-    from chiffon.agent.probes.collect import Collector, default_gpu_probes
-    from chiffon.agent.probes.owner import read_owner_idle
-
-    timeout = settings.gpu_detection_timeout_seconds
-    return Collector(
-        default_gpu_probes(timeout_seconds=timeout),
-        timeout_seconds=timeout,
-        owner_idle=read_owner_idle,
-    )
-
-
-def locked(collector: Collector) -> Callable[[], Snapshot]:
-    """`collector.collect`, one pass at a time (the heartbeat and a job's pre-start check
-    both read the GPUs)."""
-    lock = threading.Lock()
-
-    def collect() -> Snapshot:
-        with lock:
-            return collector.collect()
-
-    return collect
-
-
-def new_agent_loop(
-    settings: AgentSettings,
-    identity: AgentIdentity,
-    publisher: Publisher,
-    collect: Callable[[], Snapshot],
-    work: WorkLoop | None = None,
-) -> AgentLoop:
-    """The heartbeat loop, collecting in a daemon thread so a hung driver cannot stall it;
-    with `work`, each snapshot says what VRAM the agent's jobs hold (`WorkLoop.observe`)."""
-    from chiffon.agent.bounded import in_daemon_thread
-    from chiffon.agent.loop import AgentLoop
-
-    async def snapshot() -> Snapshot:
-        taken = await in_daemon_thread(collect, name="chiffon-collect")
-        return taken if work is None else work.observe(taken)
-
-    return AgentLoop(
-        identity,
-        publisher,
-        snapshot,
-        accepts_jobs=None if work is None else work.accepting_now,
-        interval_seconds=settings.heartbeat_interval_seconds,
-        publish_timeout_seconds=settings.publish_timeout_seconds,
-    )
 
 
 async def obtain_credential(settings: AgentSettings, identity: AgentIdentity) -> AgentCredential:
@@ -321,115 +222,11 @@ async def _enroll(settings: AgentSettings, identity: AgentIdentity) -> AgentCred
         raise CliError(f"cannot enroll: {exc}") from None
 
 
-def work_settings(settings: AgentSettings) -> WorkSettings:
-    from chiffon.agent.runner import Ladder
-    from chiffon.agent.work import WorkSettings
-
-    return WorkSettings(
-        accept_jobs=settings.accept_jobs,
-        jobs_dir=settings.effective_jobs_dir,
-        allow_root=settings.allow_root_jobs,
-        grace_seconds=settings.job_grace_seconds,
-        idle_minutes=settings.idle_minutes,
-        schedule=settings.schedule,
-        reserve_gpus=tuple(settings.reserve_gpus),
-        exclusive_apps=tuple(settings.exclusive_apps),
-        on_owner_return=settings.on_owner_return,
-        report_process_names=settings.report_process_names,
-        cpu_jobs_on_return=settings.cpu_jobs_on_return,
-        ladder=Ladder(
-            settings.checkpoint_signal, settings.vacate_grace_seconds, settings.vacate_kill_seconds
-        ),
-    )
-
-
-def new_work_loop(
-    settings: WorkSettings,
-    credential: AgentCredential,
-    channel: WorkChannel,
-    collect: Callable[[], Snapshot],
-) -> WorkLoop:
-    """The loop that runs jobs, reading the GPUs afresh before each start."""
-    from chiffon.agent.bounded import in_daemon_thread
-    from chiffon.agent.work import WorkLoop
-
-    async def fresh() -> Snapshot:
-        return await in_daemon_thread(collect, name="chiffon-fresh")
-
-    return WorkLoop(
-        settings, agent_id=credential.agent_id, secret=credential.secret, channel=channel,
-        fresh=fresh,
-    )  # fmt: skip
-
-
-async def guard(work: WorkLoop, agent: AgentLoop) -> None:
-    """The owner's policy, decided every second (idle time read only for when_idle)."""
-    from chiffon.agent.probes.owner import read_owner_idle
-
-    when_idle = work.settings.accept_jobs == "when_idle"
-    await work.guard(read_owner_idle if when_idle else None, agent.nudge)
-
-
-def order_tasks(
-    settings: AgentSettings, credential: AgentCredential, work: WorkLoop, channel: HttpWork
-) -> list[asyncio.Task[None]]:
-    """How orders reach the agent: a long-poll over HTTP; over RabbitMQ, its own queue, and
-    an HTTP ask every 30 s for any published while it had none."""
-    from chiffon.agent.work import PUSHED_POLL_PAUSE_SECONDS
-
-    if settings.transport != "amqp":
-        return [asyncio.create_task(work.poll(channel), name="chiffon-orders")]
-    from chiffon.transport.rabbitmq.orders import consume_orders
-
-    # While its queue is not consumed (the broker is away, or refuses it), orders come
-    # over the HTTP long-poll at once, not at the next 30 s ask.
-    consumed = asyncio.Event()
-    pushed = consume_orders(settings.amqp_url, credential.agent_id, work.handle, ready=consumed)
-    polled = work.poll(channel, wait_seconds=0, pause_seconds=PUSHED_POLL_PAUSE_SECONDS,
-                       pushed=consumed)  # fmt: skip
-    return [asyncio.create_task(pushed, name="chiffon-orders-amqp"),
-            asyncio.create_task(polled, name="chiffon-orders")]  # fmt: skip
-
-
 async def run_agent(settings: AgentSettings, identity: AgentIdentity) -> None:
-    from chiffon.transport.factory import make_publisher
-    from chiffon.transport.http import HttpWork
+    from chiffon.agent import daemon
 
     credential = await obtain_credential(settings, identity)
-    collector = new_collector(settings)
-    collect = locked(collector)
-    publisher = make_publisher(
-        settings.transport,
-        amqp_url=settings.amqp_url,
-        orchestrator_url=settings.orchestrator_url,
-        timeout_seconds=settings.publish_timeout_seconds,
-        credential=credential,
-        message_ttl_seconds=settings.heartbeat_timeout_seconds,
-    )
-    # Reports and output go over HTTP whatever carries the heartbeats (enrollment does too).
-    channel = HttpWork(
-        settings.orchestrator_url, credential, timeout_seconds=settings.publish_timeout_seconds
-    )
-    work = new_work_loop(work_settings(settings), credential, channel, collect)
-    agent = new_agent_loop(settings, identity, publisher, collect, work)
-    stopping = asyncio.Event()
-    _install_signal_handlers(stopping.set)
-    tasks = [asyncio.create_task(agent.run(), name="chiffon-agent"),
-             asyncio.create_task(work.recover(), name="chiffon-recover")]  # fmt: skip
-    if identity.accepts_jobs:
-        tasks += order_tasks(settings, credential, work, channel)
-        tasks.append(asyncio.create_task(guard(work, agent), name="chiffon-owner"))
-    try:
-        await asyncio.wait([tasks[0], asyncio.create_task(stopping.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-    finally:
-        for task in tasks[2:]:
-            task.cancel()
-        await work.stop()  # its jobs end and say so before the goodbye
-        agent.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await channel.aclose()
-        collector.close()
+    await daemon.run_agent(settings, identity, credential)
 
 
 def agent(

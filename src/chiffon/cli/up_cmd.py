@@ -22,10 +22,10 @@ from chiffon.cli.common import DEBUG_HELP, CliError, console, one_line, setup_lo
 from chiffon.schemas.limits import clean_text
 
 if TYPE_CHECKING:
-    from chiffon.agent.loop import AgentIdentity, AgentLoop
+    from chiffon.agent.daemon import Daemon
+    from chiffon.agent.loop import AgentIdentity
     from chiffon.agent.probes.collect import Collector
     from chiffon.agent.settings import AgentSettings
-    from chiffon.agent.work import WorkLoop
     from chiffon.orchestrator.service import Orchestrator
     from chiffon.transport.auth import AgentCredential
 
@@ -33,38 +33,26 @@ STOP_TIMEOUT_SECONDS = 3.0
 
 
 class LocalAgent:
-    """This machine's agent, running inside the orchestrator's process."""
+    """This machine's agent, running inside the orchestrator's process (`agent.daemon`,
+    on the in-memory transport)."""
 
     def __init__(self, settings: AgentSettings, identity: AgentIdentity, collector: Collector):
         self._settings = settings
         self._identity = identity
         self._collector = collector
-        self._loop: AgentLoop | None = None
-        self._work: WorkLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._work_tasks: list[asyncio.Task[None]] = []
+        self._daemon: Daemon | None = None
 
     async def start(self, orchestrator: Orchestrator) -> None:
-        from chiffon.cli.agent_cmd import (
-            guard,
-            locked,
-            new_agent_loop,
-            new_work_loop,
-            work_settings,
-        )
+        from chiffon.agent.daemon import Daemon, polled
         from chiffon.transport.memory import InMemoryPublisher, InMemoryWork
 
         credential = await self._credential(orchestrator)
         publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
-        collect = locked(self._collector)
         channel = InMemoryWork(orchestrator, credential.agent_id)
-        self._work = new_work_loop(work_settings(self._settings), credential, channel, collect)
-        self._loop = new_agent_loop(self._settings, self._identity, publisher, collect, self._work)
-        self._task = asyncio.create_task(self._loop.run(), name="chiffon-local-agent")
-        self._work_tasks.append(asyncio.create_task(self._work.recover()))
-        if self._identity.accepts_jobs:
-            self._work_tasks.append(asyncio.create_task(self._work.poll(channel)))
-            self._work_tasks.append(asyncio.create_task(guard(self._work, self._loop)))
+        self._daemon = Daemon(self._settings, self._identity, credential, publisher=publisher,
+                              channel=channel, collector=self._collector,
+                              orders=polled(channel))  # fmt: skip
+        self._daemon.start()
 
     async def _credential(self, orchestrator: Orchestrator) -> AgentCredential:
         """This machine's agent is the orchestrator's own: it keeps its secret in the data
@@ -95,19 +83,8 @@ class LocalAgent:
 
     async def stop(self) -> None:
         """Say goodbye (the orchestrator marks this machine offline at once), then stop."""
-        if self._loop is None or self._task is None:
-            return
-        for task in self._work_tasks:
-            task.cancel()
-        if self._work is not None:
-            await self._work.stop()  # its jobs end, and say so, before the goodbye
-        self._loop.stop()
-        try:
-            await asyncio.wait_for(self._task, STOP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            pass  # the goodbye is best effort; the sweep judges an agent that did not say it
-        finally:
-            self._collector.close()
+        if self._daemon is not None:
+            await self._daemon.stop(goodbye_timeout_seconds=STOP_TIMEOUT_SECONDS)
 
 
 def _join_hint(host: str, port: int, enroll_token: str) -> str:
@@ -158,7 +135,8 @@ def up(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Start everything on this machine: orchestrator, API, dashboard and its own agent."""
-    from chiffon.cli.agent_cmd import decided, identity_of, load, new_collector, resources_table
+    from chiffon.agent.daemon import decided, new_collector
+    from chiffon.cli.agent_cmd import identity_of, load, resources_table
     from chiffon.cli.orchestrator_cmd import bind, build_settings, serve
     from chiffon.cli.secrets import resolve_secrets
     from chiffon.orchestrator.service import Orchestrator
