@@ -221,7 +221,7 @@ async def vacate_round(tmp: Path, script: str, grace: float, kill: float) -> tup
     await work.handle(
         *encode(Order("assign", agent_id, job, 1, time.time(), payload), order_key(secret))
     )
-    [run] = list(work._runs.values())
+    [run] = list(work.runs.values())
     driver.pid = run.pid or 0
     await _until_async(lambda: gpu.free_bytes < gpu.total_bytes)  # the job holds its memory
     await asyncio.sleep(1.0 + random.random())  # any phase of the agent's reading period

@@ -140,7 +140,7 @@ async def test_a_dirty_gpu_is_offered_again_only_once_its_memory_is_back(
     work = work_loop(tmp_path, orch, desk)
     job = uuid.uuid4()
     await work.handle(*order(job, command=[PY, "-c", ESCAPING_JOB], gpu_uuids=["GPU-0"]))
-    [run] = list(work._runs.values())
+    [run] = list(work.runs.values())
     await eventually(_true(lambda: bool(run.log_path.exists() and run.log_path.read_bytes())))
     escaped = int(run.log_path.read_text().split()[0])
     try:
@@ -214,7 +214,7 @@ async def test_cpu_jobs_may_be_suspended_instead_and_continue_once_the_owner_lea
     await work.handle(*order(gpu_job, command=SLEEPER, gpu_uuids=["GPU-0"]))
     await orch.until(cpu_job, 1)
     await orch.until(gpu_job, 1)
-    cpu = psutil.Process(work._runs[(cpu_job, 1)].pid)  # type: ignore[arg-type]
+    cpu = psutil.Process(work.runs[(cpu_job, 1)].pid)  # type: ignore[arg-type]
 
     idle[0] = 0.0  # the owner is back: the GPU job leaves, the CPU job is stopped
     await orch.until(gpu_job, 2)

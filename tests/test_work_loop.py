@@ -145,7 +145,7 @@ async def test_an_assignment_it_cannot_honour_goes_back_with_the_reason(
 async def test_an_agent_running_as_root_refuses_jobs_unless_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("chiffon.agent.work.os.geteuid", lambda: 0)
+    monkeypatch.setattr("chiffon.agent.guard.os.geteuid", lambda: 0)
     orch, job, allowed = Orchestrator(), uuid.uuid4(), uuid.uuid4()
     await loop(tmp_path, orch, allow_root=False).handle(*order(job))
     assert orch.reports[0][2]["detail"].startswith("the agent runs as root")
@@ -262,7 +262,7 @@ async def test_observe_counts_the_vram_of_its_jobs_processes_and_reports_the_pea
     script = "import subprocess; subprocess.run(['sleep', '30'])"
     await work.handle(*order(job, command=[sys.executable, "-c", script], gpu_uuids=["GPU-x"]))
     await orch.until(job, 1)
-    [(_, run)] = list(work._runs.items())
+    [(_, run)] = list(work.runs.items())
     child = await _child_of(run.pid)
 
     def snapshot(job_gb: float) -> Snapshot:

@@ -77,25 +77,9 @@ def decided(settings: AgentSettings, res: Snapshot) -> Snapshot:
     """`res` with what the agent would decide now under its owner's policy, per GPU and
     for the desktop (`jobs_withheld`: `root` when it runs as root and may not run jobs as
     root). No job runs: all use is foreign. `chiffon probe` and `chiffon up` show it."""
-    import uuid
+    from chiffon.agent.guard import read_only
 
-    from chiffon.agent.work import WorkLoop
-
-    seeing = WorkLoop(work_settings(settings), agent_id=uuid.uuid4(), secret="-",
-                      channel=_NoChannel(), fresh=_no_fresh)  # fmt: skip
-    return seeing.observe(res)
-
-
-class _NoChannel:
-    async def report(self, *_: Any) -> str:
-        raise AssertionError("probe reports nothing")
-
-    async def ship_log(self, *_: Any) -> str:
-        raise AssertionError("probe ships nothing")
-
-
-async def _no_fresh() -> Snapshot:
-    raise AssertionError("probe reads once")
+    return read_only(work_settings(settings), res)
 
 
 def work_settings(settings: AgentSettings) -> WorkSettings:

@@ -1,0 +1,124 @@
+"""One attempt, sequenced through its states (`agent.attempts`) with its hooks run at the
+named points (`agent.hooks`): starting (prestart hooks, then its process), running
+(poststart hooks, its start reported), ended (exited hooks: the end saved, its output
+shipped), reported (the end heard); the stop hooks always, last. The runner only
+sequences: every concern of an attempt is a hook."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from chiffon.agent.attempts import Attempt, AttemptTable
+from chiffon.agent.hooks import AttemptHook, HookParts
+from chiffon.agent.hooks.base import not_current
+from chiffon.agent.runner import CannotStart, Ended, JobRun
+from chiffon.backoff import Backoff
+from chiffon.schemas.limits import clean_text
+from chiffon.transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+# The longest log path a start report carries (schemas.jobs.LOG_PATH_MAX_CHARS: the agent
+# does not load pydantic); a longer one is left out of the report.
+LOG_PATH_MAX_CHARS = 4096
+DETAIL_MAX_CHARS = 1000  # a report's `detail` (api.routes_work.AttemptReport)
+START_REPORT_TRIES = 7
+
+
+class AttemptRunner:
+    def __init__(
+        self,
+        attempt: Attempt,
+        run: JobRun,
+        *,
+        table: AttemptTable,
+        parts: HookParts,
+        hooks: Sequence[type[AttemptHook]],
+    ) -> None:
+        self.attempt = attempt
+        self._table = table
+        self._parts = parts
+        self._hooks = [make(parts) for make in hooks]
+        attempt.run = run
+
+    async def start(self) -> bool:
+        """starting: the prestart hooks, then its process; whether it runs. One that could
+        not start is ended (`exit`, without a code: it never ran) and said."""
+        a = self.attempt
+        assert a.run is not None
+        self._table.move(a, "starting")
+        try:
+            for hook in self._hooks:
+                await hook.prestart(a)
+            await a.run.start()
+        except (CannotStart, OSError) as exc:  # no such program, a workdir that is not
+            # there: it fails without an exit code (it never ran); the orchestrator adds where
+            why = str(exc) if isinstance(exc, CannotStart) else f"it could not be started ({exc})"
+            await self._stop_hooks()
+            await self._parts.outbox.say(a, ended("exit", why))
+            return False
+        self._table.move(a, "running")
+        return True
+
+    async def follow(self) -> None:
+        """running, until its end is said (or the agent stops)."""
+        a = self.attempt
+        assert a.run is not None
+        try:
+            for hook in self._hooks:
+                await hook.poststart(a)
+            verdict = await self._say_started()
+            if verdict == "stale":  # placed again elsewhere meanwhile: end this one
+                await not_current(a)
+            said = ended_from(await a.run.wait())
+            for hook in self._hooks:
+                await hook.exited(a, said)
+            await self._parts.outbox.say(a, said)
+        finally:
+            await self._stop_hooks()
+
+    async def _stop_hooks(self) -> None:
+        for hook in self._hooks:
+            await hook.stop(self.attempt)
+
+    async def _say_started(self) -> str:
+        """Report, retrying a few times while the orchestrator cannot be reached; an end
+        that is never heard is found by the orchestrator (the attempt is lost)."""
+        a = self.attempt
+        assert a.run is not None
+        said = started(a.run)
+        backoff = Backoff(0.5, max_seconds=10.0)
+        for failures in range(1, START_REPORT_TRIES + 1):
+            try:
+                verdict = await self._parts.channel.report(*a.key, said)
+                self._parts.outbox.heard.set()
+                return verdict
+            except TransportError as exc:
+                log.warning("reporting attempt %s of %s failed: %s", a.number, a.job_id, exc)
+                await asyncio.sleep(backoff.delay(failures))
+        return "unreported"
+
+
+def started(run: JobRun) -> dict[str, Any]:
+    """The start's report: with where the attempt's whole output is on this desktop, when
+    the orchestrator would take the path (an absolute one, of printable characters, within
+    its bound); else without it, as an older agent says it."""
+    said: dict[str, Any] = {"kind": "started"}
+    path = str(run.log_path.absolute())
+    if len(path) <= LOG_PATH_MAX_CHARS and clean_text(path) == path:
+        said["log_path"] = path
+    return said
+
+
+def ended(outcome: str, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
+    # within what the orchestrator takes (a path in it may hold any character but NUL)
+    detail = clean_text(detail)[:DETAIL_MAX_CHARS]
+    return {"kind": "ended", "outcome": outcome, "exit_code": exit_code, "detail": detail}
+
+
+def ended_from(end: Ended) -> dict[str, Any]:
+    said = ended(end.reason, end.detail, exit_code=end.exit_code)
+    return {**said, "signal": end.signal, "runtime_seconds": end.runtime_seconds}

@@ -1,0 +1,20 @@
+"""The hooks every attempt runs, in order, at each named point (`hooks.base`).
+
+Adding one: a module beside these with an `AttemptHook` subclass, and one line here.
+"""
+
+from __future__ import annotations
+
+from chiffon.agent.hooks.alive import AliveCheck
+from chiffon.agent.hooks.base import AttemptHook, HookParts
+from chiffon.agent.hooks.gpu_hygiene import GpuHygieneHook
+from chiffon.agent.hooks.logs import LogShipping
+from chiffon.agent.hooks.outbox import SaveEnd
+from chiffon.agent.hooks.usage import PeakUsage
+
+# At `exited`, in this order: the alive check stops, the peak VRAM joins the end, the end
+# is saved (the outbox), the rest of the output is shipped; the end is said after.
+HOOKS: tuple[type[AttemptHook], ...] = (AliveCheck, PeakUsage, SaveEnd, LogShipping,
+                                        GpuHygieneHook)  # fmt: skip
+
+__all__ = ["HOOKS", "AttemptHook", "HookParts"]

@@ -1,0 +1,73 @@
+"""What an attempt hook is and what it is given (`agent.attempt_runner` sequences them).
+
+A hook is one concern of an attempt (its log shipped, its GPUs checked after it, its end
+saved), run at the attempt's named points, like the hooks of Nomad's task runner:
+
+- `prestart`: before its process starts (stage-in goes here); raising `CannotStart` ends
+  the attempt as failed to start, with that reason;
+- `poststart`: its process runs;
+- `exited`: its process ended; `said` is the end about to be said (a hook may add to it);
+- `stop`: always, last, whatever happened (cleanup).
+
+A new hook is one module with a subclass of `AttemptHook`, registered in
+`agent.hooks.HOOKS`; each attempt gets its own instance of every hook, so per-attempt
+state lives on the instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chiffon.agent.attempts import Attempt
+    from chiffon.agent.hygiene import GpuHygiene
+    from chiffon.agent.outbox import Outbox
+    from chiffon.agent.report import Snapshot
+    from chiffon.agent.work import WorkChannel, WorkSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HookParts:
+    """The parts of the agent a hook may use."""
+
+    settings: WorkSettings
+    channel: WorkChannel
+    outbox: Outbox
+    hygiene: GpuHygiene
+    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[None]]
+    last_reading: Callable[[], Snapshot | None]  # the machine as last read, before the start
+
+
+class AttemptHook:
+    """One concern of an attempt; each point is a no-op unless overridden."""
+
+    def __init__(self, parts: HookParts) -> None:
+        self.parts = parts
+
+    async def prestart(self, attempt: Attempt) -> None:
+        return None
+
+    async def poststart(self, attempt: Attempt) -> None:
+        return None
+
+    async def exited(self, attempt: Attempt, said: dict[str, Any]) -> None:
+        return None
+
+    async def stop(self, attempt: Attempt) -> None:
+        return None
+
+
+async def not_current(attempt: Attempt) -> None:
+    """The orchestrator says the attempt is no longer its job's current one: end it."""
+    log.warning("attempt %s of %s is no longer the job's current one here: ending it",
+                attempt.number, attempt.job_id)  # fmt: skip
+    if attempt.run is not None:
+        await attempt.run.end(
+            "lost", "no longer its job's current attempt (placed again elsewhere)"
+        )
