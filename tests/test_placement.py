@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import typing
 
 import pytest
 
+from chiffon.orchestrator.checks import GPU_CHECKS, HOST, Chain, Findings
 from chiffon.orchestrator.placement import (
     Candidate,
     Claim,
@@ -14,9 +16,11 @@ from chiffon.orchestrator.placement import (
     GpuLedger,
     Miss,
     Placement,
+    Policy,
     Requirements,
     place,
 )
+from chiffon.orchestrator.scorers import SCORERS
 
 
 def gpu(index: int, total: float, free: float, *, jobs_used: float | None = 0.0,
@@ -276,3 +280,70 @@ def test_a_miss_with_agents_left_out_is_kept_only_when_none_of_them_fits() -> No
     first = fleet.place(too_big, exclude=frozenset({"a"}))
     assert isinstance(first, Miss) and fleet.place(too_big) is first
     assert fleet.known_miss(too_big) is first and fleet.known_miss(fits_a) is None
+
+
+# -- the chain of checks and the scorers
+
+
+def test_each_check_of_the_chain_says_why_a_desktop_does_not_fit() -> None:
+    """The first check that fails names the reason, and the miss's sentence is what the
+    checks found: the headline's closest among those that passed who may take the job."""
+    want = Requirements(gpus=1, vram_gb=8, cpu_cores=2, pool_name="p", labels={"room": "a"},
+                        avoid=frozenset({"avoided"}))  # fmt: skip
+    room_a = {"room": "a"}
+    fleet = {
+        "offline": agent("offline", gpu(0, 24, 24), online=False, labels=room_a),
+        "refuses": agent("refuses", gpu(0, 24, 24), accepts=False, labels=room_a),
+        "avoided": agent("avoided", gpu(0, 24, 24), labels=room_a),
+        "pool": agent("pool", gpu(0, 24, 24), pool="q", labels=room_a),
+        "labels": agent("labels", gpu(0, 24, 24)),
+        "cores": agent("cores", gpu(0, 24, 24), cores=1, labels=room_a),
+        "gpus": agent("gpus", gpu(0, 24, 6), labels=room_a),
+        None: agent("fits", gpu(0, 24, 24), labels=room_a),
+    }
+    chain = Chain.of(want)
+    assert {why: chain.miss(c) for why, c in fleet.items()} == {why: why for why in fleet}
+    found = Findings.of(want, list(fleet.values()))
+    assert [c.name for c in found.eligible] == ["cores", "gpus", "fits"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_chain_leaves_out_only_the_checks_that_cannot_fail_for_the_job(seed: int) -> None:
+    rng = random.Random(seed)
+    fleet = _random_fleet(rng, 60)
+    for _ in range(100):
+        want = Requirements(
+            gpus=rng.choice([0, 1, 2]), vram_gb=rng.choice([0.0, 8.0]),
+            cpu_cores=rng.choice([0, 4]), memory_gb=rng.choice([0, 16]),
+            pool_name=rng.choice([None, "p"]), labels=rng.choice([{}, {"room": "a"}]),
+            gpu_vendor=rng.choice([None, "amd"]), avoid=frozenset(rng.sample(["a001", "a002"], 1)),
+        )  # fmt: skip
+        every = Chain(want, tuple(c.test for c in HOST), tuple(c.test for c in GPU_CHECKS),
+                      want.gpus > 0)  # fmt: skip
+        applying = Chain.of(want)
+        assert [applying.miss(c) for c in fleet] == [every.miss(c) for c in fleet]
+
+
+def test_every_policy_the_api_takes_has_a_scorer() -> None:
+    assert set(SCORERS) == set(typing.get_args(Policy))
+
+
+def test_a_new_policy_is_one_scorer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scorer that prefers the desktop with the most free cores, plugged in by name: the
+    checks, the ranking and the fleet's index take it as they take best fit and spread."""
+
+    class MostCores:
+        tightest_first = False
+
+        def gpu_key(self, g: GpuLedger) -> tuple[float, int]:
+            return (g.available_gb, g.index)
+
+        def score(self, left_gb: float, core_share: float) -> float:
+            return -core_share
+
+    monkeypatch.setitem(SCORERS, "most_cores", MostCores())  # type: ignore[arg-type]
+    fleet = [agent("few", gpu(0, 24, 9), cores=2), agent("many", gpu(0, 24, 24), cores=16)]
+    want = Requirements(gpus=1, vram_gb=8, cpu_cores=1)
+    for placed in (place(want, fleet, "most_cores"), Fleet(fleet).place(want, "most_cores")):  # type: ignore[arg-type]
+        assert isinstance(placed, Placement) and placed.agent_id == "many"
+    assert place(want, fleet).agent_id == "few"  # type: ignore[union-attr]

@@ -2,7 +2,7 @@
 
 The registry's columns hold what each agent *sees* free. While jobs run, some of that is
 promised (a job that has not yet grown into its claim), so the answer subtracts the live
-claims with the same rule placement uses (`placement.GpuLedger`; docs/jobs.md). Net is
+claims with the same rule placement uses (`ledger`; docs/jobs.md). Net is
 never more than seen, so the SQL filter on the seen numbers keeps every agent that may
 qualify; the agents holding claims are then recomputed and filtered again. When no agent
 in the SQL's answer holds a claim, that answer is the whole answer, in one query.
@@ -14,13 +14,11 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chiffon.orchestrator import views
-from chiffon.orchestrator.scheduler import candidate
+from chiffon.orchestrator import ledger, views
 from chiffon.persistence import jobs as repo
 from chiffon.persistence import registry
 from chiffon.persistence.models import JobClaimRow
@@ -43,10 +41,8 @@ async def available(
         return [views.capacity(row, now) for row in rows]
     if want.limit is not None:
         rows = await registry.find_capacity(session, want=dataclasses.replace(want, limit=None))
-    held = [row.agent_id for row in rows if row.claimed]
-    claims = await repo.claims_by_agent(session, agent_ids=held)
-    found = [net(row, claims.get(row.agent_id, []), now) for row in rows]
-    found = [c for c in found if meets(c, want)]
+    claims = await repo.claims_by_agent(session, agent_ids=[r.agent_id for r in rows if r.claimed])
+    found = [c for row in rows if meets(c := net(row, claims.get(row.agent_id, []), now), want)]
     found.sort(key=_best_first)
     return found[: want.limit] if want.limit else found
 
@@ -65,7 +61,17 @@ async def pool_totals(session: AsyncSession, *, now: datetime) -> list[PoolTotal
     claims = await repo.claims_by_agent(session)
     if not claims:
         return totals
-    less: dict[str, tuple[int, float]] = {}  # pool -> (cores, VRAM GB) promised beyond seen
+    less = await _promised_beyond_seen(session, claims, now)
+    return [_less(t, less[t.pool_name]) if t.status == "online" and t.pool_name in less else t
+            for t in totals]  # fmt: skip
+
+
+async def _promised_beyond_seen(
+    session: AsyncSession, claims: dict[uuid.UUID, list[JobClaimRow]], now: datetime
+) -> dict[str, tuple[int, float]]:
+    """Pool -> (cores, VRAM GB) its online agents' claims promise beyond what they see in
+    use."""
+    less: dict[str, tuple[int, float]] = {}
     for agent_id, held in claims.items():
         row = await registry.get_agent(session, agent_id=agent_id)
         if row is None or row.status != "online":
@@ -76,39 +82,43 @@ async def pool_totals(session: AsyncSession, *, now: datetime) -> list[PoolTotal
             cores + (seen.cpu_cores_available or 0) - (after.cpu_cores_available or 0),
             vram + (seen.gpu_vram_available_gb or 0.0) - (after.gpu_vram_available_gb or 0.0),
         )
-    return [
-        dataclasses.replace(
-            t,
-            cpu_cores_available=t.cpu_cores_available - less[t.pool_name][0],
-            gpu_vram_available_gb=round(t.gpu_vram_available_gb - less[t.pool_name][1], 3),
-        )
-        if t.status == "online" and t.pool_name in less
-        else t
-        for t in totals
-    ]
+    return less
+
+
+def _less(t: PoolTotals, less: tuple[int, float]) -> PoolTotals:
+    cores, vram = less
+    return dataclasses.replace(
+        t,
+        cpu_cores_available=t.cpu_cores_available - cores,
+        gpu_vram_available_gb=round(t.gpu_vram_available_gb - vram, 3),
+    )
 
 
 def net(row: Any, claims: Sequence[JobClaimRow], now: datetime) -> AgentCapacity:
-    """One agent's capacity with its claims taken off."""
+    """One agent's capacity with its claims taken off (`ledger`)."""
     seen = views.capacity(row, now)
     if not claims:
         return seen
-    c = candidate(cast("Row[Any]", _CandidateRow(row)), claims)
-    known = [g.available_gb for g in c.gpus if g.total_gb is not None and g.foreign_gb is not None]
-    totals = ClaimTotals(
+    gpus = ledger.gpu_ledgers((row.resource_metrics or {}).get("gpus", []), claims)
+    known = [g.available_gb for g in gpus if g.known]
+    cores = ledger.cores_left(row.cpu_cores_available, row.cpu_cores_physical, claims)
+    return seen.model_copy(
+        update={
+            "cpu_cores_available": None if cores is None else int(cores),  # whole cores
+            "memory_available_gb": ledger.memory_left(row.memory_available_gb, claims),
+            "gpu_vram_available_gb": round(sum(known), 3) if known else None,
+            "gpu_vram_available_max_gb": round(max(known), 3) if known else None,
+            "claims": _totals(claims),
+        }
+    )
+
+
+def _totals(claims: Sequence[JobClaimRow]) -> ClaimTotals:
+    return ClaimTotals(
         jobs=len({(x.job_id, x.attempt) for x in claims}),
         cpu_cores=sum(x.cpu_cores or 0.0 for x in claims),
         memory_gb=sum(x.memory_gb or 0.0 for x in claims),
         vram_gb=sum(x.vram_gb or 0.0 for x in claims),
-    )
-    return seen.model_copy(
-        update={
-            "cpu_cores_available": _whole(c.cpu_cores_available),
-            "memory_available_gb": c.memory_available_gb,
-            "gpu_vram_available_gb": round(sum(known), 3) if known else None,
-            "gpu_vram_available_max_gb": round(max(known), 3) if known else None,
-            "claims": totals,
-        }
     )
 
 
@@ -129,24 +139,3 @@ def _best_first(c: AgentCapacity) -> tuple[Any, ...]:
 
     return (*desc(c.gpu_vram_available_gb), *desc(c.cpu_cores_available),
             *desc(c.memory_available_gb), str(c.agent_id))  # fmt: skip
-
-
-def _whole(cores: float | None) -> int | None:
-    """Free cores are whole cores (the registry's column is an integer)."""
-    return None if cores is None else int(cores)
-
-
-class _CandidateRow:
-    """A capacity row as `scheduler.candidate` reads one (it wants a few more names)."""
-
-    def __init__(self, row: Row[Any] | Any) -> None:
-        self._row = row
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "accepts_jobs":
-            return getattr(self._row, name, False)
-        if name == "hold":  # an admin's hold changes no number
-            return getattr(self._row, name, None)
-        if name == "labels":
-            return getattr(self._row, name, {})
-        return getattr(self._row, name)

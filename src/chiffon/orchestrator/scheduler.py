@@ -60,14 +60,13 @@ from typing import Any
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chiffon.orchestrator import ledger
 from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.jobs import lose_forgotten, lose_offline
 from chiffon.orchestrator.placement import (
     LANES,
     Candidate,
-    Claim,
     Fleet,
-    GpuLedger,
     Miss,
     Placement,
     Policy,
@@ -76,9 +75,9 @@ from chiffon.orchestrator.placement import (
     place,
     still_fits,
 )
+from chiffon.orchestrator.scorers import policy_of
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import JobRow
-from chiffon.transport import orders
 
 log = logging.getLogger(__name__)
 RETRIES_PER_JOB = 3
@@ -148,30 +147,13 @@ def shape_want(shape: repo.Shape) -> tuple[Requirements, Policy]:
 
 
 def _policy(value: object) -> Policy:
-    return "spread" if value == "spread" else "best_fit"
-
-
-def gpu_id(gpu: dict[str, Any]) -> str:
-    """A reported GPU's id for claims and orders (`transport.orders.gpu_id`)."""
-    return orders.gpu_id(gpu.get("uuid"), gpu.get("index"))
+    return policy_of(value)
 
 
 def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) -> Candidate:
     """An agent's registry row and live claims as placement sees them: cores and memory
-    net of the host claims, each GPU's ledger with its claims."""
+    net of the host claims, each GPU's ledger with its claims (`ledger`)."""
     metrics: dict[str, Any] = row.resource_metrics or {}
-    host = [c for c in claims if c.resource == repo.HOST]
-    cores_claimed = sum(c.cpu_cores or 0.0 for c in host)
-    memory_claimed = sum(c.memory_gb or 0.0 for c in host)
-    cores = _net(row.cpu_cores_available, row.cpu_cores_physical, cores_claimed)
-    # Memory on the safe side, as VRAM without per-process numbers: a job may not yet have
-    # grown into its claim, so what it holds counts whole, beside what is seen in use.
-    seen_memory = row.memory_available_gb
-    memory = None if seen_memory is None else max(0.0, float(seen_memory) - memory_claimed)
-    by_gpu: dict[str, list[Claim]] = {}
-    for c in claims:
-        if c.resource != repo.HOST and c.vram_gb is not None:
-            by_gpu.setdefault(c.resource, []).append(Claim(c.vram_gb, c.used_gb))
     return Candidate(
         agent_id=str(row.agent_id),
         name=row.name,
@@ -180,37 +162,13 @@ def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) 
         accepts_jobs=bool(row.accepts_jobs) and row.hold is None,
         pool_name=row.pool_name,
         labels=row.labels or {},
-        cpu_cores_available=cores,
-        memory_available_gb=memory,
-        gpus=tuple(_ledger(g, by_gpu.get(repo.gpu_resource(gpu_id(g)), [])) for g in
-                   metrics.get("gpus", [])),
+        cpu_cores_available=ledger.cores_left(
+            row.cpu_cores_available, row.cpu_cores_physical, claims
+        ),
+        memory_available_gb=ledger.memory_left(row.memory_available_gb, claims),
+        gpus=ledger.gpu_ledgers(metrics.get("gpus", []), claims),
         setbacks=setbacks,
         withheld=row.hold or metrics.get("jobs_withheld"),
-    )  # fmt: skip
-
-
-def _net(available: float | None, total: float | None, claimed: float) -> float | None:
-    """What is free and not promised: the lower of what the agent sees free and what its
-    total leaves after the claims (a job's own use is in `available` already)."""
-    if available is None or total is None:
-        return None
-    return max(0.0, min(float(available), float(total) - claimed))
-
-
-def _ledger(gpu: dict[str, Any], claims: list[Claim]) -> GpuLedger:
-    reported = gpu.get("jobs_vram_used_gb")
-    # No claim on it: no job of ours can hold memory there. Claims but no per-process
-    # numbers: unknown, and the rule counts on the safe side.
-    jobs_used = reported if reported is not None else (None if claims else 0.0)
-    return GpuLedger(
-        uuid=gpu_id(gpu),
-        index=int(gpu.get("index", 0)),
-        vendor=str(gpu.get("vendor", "other")),
-        total_gb=gpu.get("vram_total_gb"),
-        free_gb=gpu.get("vram_free_gb"),
-        jobs_used_gb=jobs_used,
-        claims=tuple(claims),
-        withheld=gpu.get("withheld"),
     )
 
 
@@ -785,11 +743,7 @@ def could_ever_hold(want: Requirements, rows: Sequence[Row[Any]]) -> bool:
             pool_name=row.pool_name, labels=row.labels or {},
             cpu_cores_available=row.cpu_cores_physical,
             memory_available_gb=metrics.get("memory_total_gb"),
-            gpus=tuple(
-                GpuLedger(gpu_id(g), int(g.get("index", 0)), str(g.get("vendor", "other")),
-                          g.get("vram_total_gb"), g.get("vram_total_gb"))
-                for g in metrics.get("gpus", [])
-            ),
+            gpus=tuple(ledger.whole_gpu(g) for g in metrics.get("gpus", [])),
         )  # fmt: skip
         if isinstance(place(want, [whole]), Placement):
             return True
