@@ -56,7 +56,7 @@ async def test_a_waiting_poll_asks_nothing_and_another_orchestrators_placement_w
     try:
 
         async def listening() -> bool:
-            return orchestrator.order_notices and other.order_notices
+            return orchestrator.orders.notices and other.orders.notices
 
         await eventually(listening)
         with job_queries() as seen:

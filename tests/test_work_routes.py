@@ -114,7 +114,7 @@ async def test_only_the_agent_itself_may_ask_for_its_orders_or_report(
 
 async def _waiting(orch: Orchestrator, agent_id: uuid.UUID) -> bool:
     """The agent's long-poll has found nothing and waits to be woken."""
-    return agent_id in orch._order_bells
+    return orch.orders.waiting(agent_id)
 
 
 def test_the_agent_bounds_what_it_reports_as_the_orchestrator_does() -> None:

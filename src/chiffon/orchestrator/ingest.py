@@ -151,17 +151,30 @@ class _BatchPlan:
     def take(self, item: Received) -> Outcome:
         msg = item.message
         last = self.state.get(msg.agent_id)
-        if last is None and msg.kind == "offline":
-            return "unknown_agent"
-        if last is not None and (why := two_streams(item, last)) is not None:
-            self._suspect(item, last, why)
-            return "suspect"
-        if last is not None and not is_newer(item, last):
-            return "stale"
+        refused = self._refusal(item, last)
+        if refused is not None:
+            return refused
         new_status = "online" if msg.kind == "heartbeat" else "offline"
         if last is None or last.status != new_status:
             self._event(item, last, new_status)
         ordering = self.state[msg.agent_id] = _ordering(item, last, new_status)
+        self._write(item, ordering)
+        return "applied"
+
+    def _refusal(self, item: Received, last: Ordering | None) -> Outcome | None:
+        """Why the message is not applied (a goodbye from no one, two senders, an old
+        message), or None."""
+        if last is None:
+            return "unknown_agent" if item.message.kind == "offline" else None
+        if (why := two_streams(item, last)) is not None:
+            self._suspect(item, last, why)
+            return "suspect"
+        return None if is_newer(item, last) else "stale"
+
+    def _write(self, item: Received, ordering: Ordering) -> None:
+        """Plan the row the message writes: a heartbeat's upsert, or a goodbye (folded into
+        the agent's upsert in this batch, if any)."""
+        msg = item.message
         if msg.kind == "heartbeat":
             self.upserts[msg.agent_id] = _heartbeat_row(item, ordering)
             self.goodbyes.pop(msg.agent_id, None)
@@ -177,7 +190,6 @@ class _BatchPlan:
                 "sent_at": ordering.sent_at,
                 "prev_boot_id": ordering.prev_boot_id,
             }
-        return "applied"
 
     def _suspect(self, item: Received, last: Ordering, why: str) -> None:
         """Quarantine the agent (once a batch): the message is not applied, since which
@@ -213,20 +225,28 @@ async def apply_batch(session: AsyncSession, items: Sequence[Received]) -> list[
     outcomes = [plan.take(item) for item in items]
     await registry.upsert_agents(session, rows=list(plan.upserts.values()))
     await registry.mark_offline(session, rows=list(plan.goodbyes.values()))
-    now = max(item.received_at for item in items) if items else None
-    if plan.suspects and now is not None:
-        for agent_id, why in plan.suspects.items():
-            if await credentials.mark_suspect(session, agent_id=agent_id, reason=why, at=now):
-                log.warning(
-                    "agent %s quarantined: its secret seems used from two places (%s); it "
-                    "takes no new job until `chiffon agents clear` or `chiffon agents rotate`",
-                    agent_id,
-                    why,
-                )
-    registered = [e.agent_id for e in plan.events if e.reason == "registered"]
-    if now is not None and (registered or plan.suspects):
-        # A new row takes its credential's hold (pending approval, suspect); a suspect one
-        # is held from this transaction on.
-        await registry.sync_holds(session, agent_ids=[*registered, *plan.suspects], now=now)
+    if items:
+        now = max(item.received_at for item in items)
+        await _quarantine(session, plan.suspects, now)
+        await _hold(session, plan, now)
     await registry.add_events(session, events=plan.events)
     return outcomes
+
+
+async def _quarantine(session: AsyncSession, suspects: dict[uuid.UUID, str], now: datetime) -> None:
+    for agent_id, why in suspects.items():
+        if await credentials.mark_suspect(session, agent_id=agent_id, reason=why, at=now):
+            log.warning(
+                "agent %s quarantined: its secret seems used from two places (%s); it "
+                "takes no new job until `chiffon agents clear` or `chiffon agents rotate`",
+                agent_id,
+                why,
+            )
+
+
+async def _hold(session: AsyncSession, plan: _BatchPlan, now: datetime) -> None:
+    """A new row takes its credential's hold (pending approval, suspect); a suspect one
+    is held from this transaction on."""
+    registered = [e.agent_id for e in plan.events if e.reason == "registered"]
+    if registered or plan.suspects:
+        await registry.sync_holds(session, agent_ids=[*registered, *plan.suspects], now=now)

@@ -1,24 +1,32 @@
-"""What a log long-poll waits on without asking the database, and how many one caller may
+"""What a long-poll waits on without asking the database, and how many one caller may
 hold open.
 
 A follower of a job's output reads once, then waits on the job's `Bell` until something
 may have changed: a chunk stored, the attempt ended, the job cancelled while queued. This
 orchestrator rings the bell after its own commit; on PostgreSQL every orchestrator rings
-it at the database's notice (`persistence.jobs.LOG_CHANNEL`), whichever one received the
-change. Until then the follower costs no query, and when it rings, the followers asking
-for the same bytes share one read (`SharedReads`).
+it at the database's notice (`persistence.jobs.LOG_CHANNEL`, `ring_at_notices`), whichever
+one received the change. Until then the follower costs no query, and when it rings, the
+followers asking for the same bytes share one read (`SharedReads`). An agent's order
+long-poll waits on its own bell the same way (`orchestrator.delivery`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine, Hashable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager, suppress
 from functools import partial
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 from weakref import WeakValueDictionary
+
+log = logging.getLogger(__name__)
+
+# An iterator of a channel's notices (their payloads), which raises when its connection
+# is lost: `persistence.jobs.queue_changes` and its siblings, given their engine.
+Listen = Callable[[], AbstractAsyncContextManager[AsyncIterator[str]]]
 
 
 class Bell:
@@ -151,3 +159,59 @@ class LongPolls:
             self._open[caller] -= 1
             if self._open[caller] <= 0:
                 del self._open[caller]
+
+
+async def follow_notices(
+    listen: Listen,
+    each: Callable[[str], None],
+    what: str,
+    *,
+    hearing: Callable[[bool], None] = lambda _: None,
+    retry_seconds: float = 1.0,
+) -> None:
+    """Until cancelled: hand each notice's payload to `each`, and listen again
+    `retry_seconds` after the connection is lost (the database is away: the waiters fall
+    back on their own timeouts meanwhile). `hearing` is told when notices start and stop
+    being heard."""
+    while True:
+        try:
+            async with listen() as changes:
+                hearing(True)
+                async for payload in changes:
+                    each(payload)
+                raise ConnectionError("the notices ended")
+        except Exception as exc:  # the database is away: waiters fall back meanwhile
+            log.debug("cannot listen for %s changes: %s", what, exc)
+        finally:
+            hearing(False)
+        await asyncio.sleep(retry_seconds)
+
+
+async def ring_at_notices(
+    listen: Listen,
+    bells: Bells,
+    what: str,
+    *,
+    hearing: Callable[[bool], None] = lambda _: None,
+    retry_seconds: float = 1.0,
+) -> None:
+    """Until cancelled: ring the bell each notice names. At each (re)connection every
+    bell rings: a notice sent while this one was not listening is lost, so its waiters
+    read once more. `hearing` is told when notices start and stop."""
+
+    def heard(now: bool) -> None:
+        hearing(now)
+        if now:
+            bells.ring_all()
+
+    await follow_notices(listen, partial(_ring_named, bells, what), what, hearing=heard,
+                         retry_seconds=retry_seconds)  # fmt: skip
+
+
+def _ring_named(bells: Bells, what: str, payload: str) -> None:
+    """Ring the bell a notice names (a UUID); a payload that names none is someone else's
+    NOTIFY on the channel."""
+    try:
+        bells.ring(UUID(payload))
+    except ValueError:
+        log.debug("%s notice that names nothing: %r", what, payload[:100])

@@ -6,14 +6,13 @@ ingest, wait for commit), so it is a faithful twin for tests and for single-proc
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from chiffon.schemas.dispatch import DETAIL_MAX_CHARS, report_from
 from chiffon.transport.auth import Credentials, credential_for
-from chiffon.transport.base import IngestSink, Message, TransportError
-
-if TYPE_CHECKING:
-    from chiffon.orchestrator.service import Orchestrator
+from chiffon.transport.base import AgentDesk, IngestSink, Message, SignedOrder, TransportError
 
 
 class InMemoryPublisher:
@@ -50,30 +49,27 @@ class InMemoryWork:
     """The jobs channel of an agent inside its orchestrator's process (`chiffon up`): its
     orders, reports and output go straight to the orchestrator, still signed and fenced."""
 
-    def __init__(self, orchestrator: Orchestrator, agent_id: uuid.UUID) -> None:
-        self._orchestrator = orchestrator
+    def __init__(self, desk: AgentDesk, agent_id: uuid.UUID) -> None:
+        self._desk = desk
         self._agent_id = agent_id
 
-    async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+    async def orders(self, *, wait_seconds: float) -> list[SignedOrder]:
         try:
-            return await self._orchestrator.wait_orders(self._agent_id, wait_seconds=wait_seconds)
+            return await self._desk.wait_orders(self._agent_id, wait_seconds=wait_seconds)
         except Exception as exc:  # the database is away: the poller retries
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
 
     async def report(self, job_id: uuid.UUID, attempt: int, said: dict[str, Any]) -> str:
-        from chiffon.orchestrator.jobs import Report
-
-        vram = said.get("vram_gb") if said["kind"] == "usage" else said.get("peak_vram_gb")
-        report = Report(said["kind"], said.get("outcome"), said.get("exit_code"),
-                        said.get("signal"), str(said.get("detail", ""))[:1000], vram,
-                        said.get("log_path") if said["kind"] == "started" else None)  # fmt: skip
+        report = report_from(said)
+        # cut as HTTP bounds it (there a longer one is refused)
+        report = dataclasses.replace(report, detail=str(report.detail)[:DETAIL_MAX_CHARS])
         try:
-            return await self._orchestrator.report_attempt(self._agent_id, job_id, attempt, report)
+            return await self._desk.report_attempt(self._agent_id, job_id, attempt, report)
         except Exception as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
 
     async def ship_log(self, job_id: uuid.UUID, attempt: int, offset: int, data: bytes) -> str:
         try:
-            return await self._orchestrator.ship_log(self._agent_id, job_id, attempt, offset, data)
+            return await self._desk.ship_log(self._agent_id, job_id, attempt, offset, data)
         except Exception as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc

@@ -158,12 +158,7 @@ def _parse(body: bytes) -> Order:
         if not isinstance(doc, dict) or doc.get("v") != 1 or doc.get("kind") not in KINDS:
             raise ValueError("not an order of version 1")
         attempt, issued_at, payload = doc["attempt"], doc["issued_at"], doc.get("payload", {})
-        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
-            raise ValueError("attempt must be a positive integer")
-        if not isinstance(issued_at, int | float) or not math.isfinite(issued_at):
-            raise ValueError("issued_at must be a number")
-        if not isinstance(payload, dict):
-            raise ValueError("payload must be an object")
+        _check_fields(attempt, issued_at, payload)
         return Order(
             kind=doc["kind"],
             agent_id=uuid.UUID(doc["agent_id"]),
@@ -174,6 +169,16 @@ def _parse(body: bytes) -> Order:
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise OrderRefused("malformed", str(exc)) from None
+
+
+def _check_fields(attempt: object, issued_at: object, payload: object) -> None:
+    """`ValueError` naming the first of an order's fields that is not what it must be."""
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise ValueError("attempt must be a positive integer")
+    if not isinstance(issued_at, int | float) or not math.isfinite(issued_at):
+        raise ValueError("issued_at must be a number")
+    if not isinstance(payload, dict):
+        raise ValueError("payload must be an object")
 
 
 class AttemptLedger:
