@@ -170,15 +170,12 @@ class Fleet:
         old = self.candidates.get(c.agent_id)
         if not placed and c != old:
             self._forget_misses_held_by(c)
-        gone, new = _entries(old) if old is not None else [], _entries(c)
+        gone, new = _entries(old), _entries(c)
         self.candidates[c.agent_id] = c
         _reindex(self._gpus, gone, new)
         for host, view in self._views.values():
             _reindex(view, gone, new if host.host_miss(c) is None else [])
-        if old is not None and _takes_jobs(old):
-            _remove(self._cores, [old.cpu_cores_available or 0.0])
-        if _takes_jobs(c):
-            bisect.insort(self._cores, c.cpu_cores_available or 0.0)
+        _reindex(self._cores, _free_cores(old), _free_cores(c))
 
     def _forget_misses_held_by(self, c: Candidate) -> None:
         """An agent changed (not by a placement, which only takes room): the kept misses it
@@ -208,11 +205,14 @@ class Fleet:
             choice = _place(want, [c for c in self.candidates.values()
                                    if c.agent_id not in exclude], scorer)  # fmt: skip
         if isinstance(choice, Miss):
-            # Kept with those left out that could hold it (none: a miss over all agents).
-            fleet = self.candidates
-            held_by = frozenset(a for a in exclude if a in fleet and _fit(chain, fleet[a], scorer))
-            self._missed[(policy, *_memo_key(want))] = _Kept(chain, policy, choice, held_by)
+            self._keep(chain, policy, choice, exclude)
         return choice
+
+    def _keep(self, chain: Chain, policy: Policy, miss: Miss, exclude: Agents) -> None:
+        """A miss is kept with those left out that could hold it (none: a miss over all)."""
+        fleet, scorer = self.candidates, _scorer(policy)
+        held_by = frozenset(a for a in exclude if a in fleet and _fit(chain, fleet[a], scorer))
+        self._missed[(policy, *_memo_key(chain.want))] = _Kept(chain, policy, miss, held_by)
 
     def known_miss(
         self, want: Requirements, policy: Policy = "best_fit", *, exclude: Agents = NO_ONE
@@ -302,14 +302,19 @@ def _takes_jobs(c: Candidate) -> bool:
     return c.online and c.accepts_jobs
 
 
-def _entries(c: Candidate) -> list[Entry]:
+def _entries(c: Candidate | None) -> list[Entry]:
     """`c`'s GPUs in the index: those it offers, if it takes jobs."""
-    if not _takes_jobs(c):
+    if c is None or not _takes_jobs(c):
         return []
     return [(g.available_gb, c.agent_id, g.uuid) for g in c.gpus if g.withheld is None]
 
 
-def _reindex(index: list[Entry], gone: list[Entry], new: list[Entry]) -> None:
+def _free_cores(c: Candidate | None) -> list[float]:
+    """`c`'s free cores in the index of them, if it takes jobs."""
+    return [] if c is None or not _takes_jobs(c) else [c.cpu_cores_available or 0.0]
+
+
+def _reindex(index: list[_T], gone: list[_T], new: list[_T]) -> None:
     _remove(index, gone)
     for entry in new:
         bisect.insort(index, entry)

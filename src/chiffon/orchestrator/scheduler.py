@@ -249,13 +249,11 @@ class _Queue:
         missed = {shape for shape, (want, policy) in self.wants.items()
                   if one_pass.fleet.known_miss(want, policy) is not None}  # fmt: skip
         self.unread = set(missed)  # left out of every page read so far
-        live = [s for s in shapes if s.avoided or s.shape not in missed]
-        start = min((s.oldest for s in live), default=None)
-        self._after = None if start is None else (start, uuid.UUID(int=0))
+        read, blocked = _split(shapes, missed)
+        self._after = _from_oldest(read)
         self._ahead: deque[repo.Queued] = deque()
         self._read: dict[uuid.UUID, repo.Queued] = {}
         self.chosen_for = 0
-        blocked = [s for s in shapes if s.shape in missed and not s.avoided]
         if blocked:  # its oldest job stands for it in the starvation guard (`_Pass.reach`)
             oldest = min(blocked, key=lambda s: s.oldest)
             one_pass.unread_oldest = (oldest.oldest, self.wants[oldest.shape][0])
@@ -303,6 +301,24 @@ class _Queue:
         known = [s for s in sorted(self.shapes, key=lambda s: -s.jobs)
                  if self._pass.shape_misses(*self.wants[s.shape]) is not None]  # fmt: skip
         return list(dict.fromkeys(s.shape for s in known))[:SKIP_MAX]
+
+
+def _split(
+    shapes: list[repo.QueuedShape], missed: set[repo.Shape]
+) -> tuple[list[repo.QueuedShape], list[repo.QueuedShape]]:
+    """The shapes whose jobs are read, and those known to miss that are not (the jobs taken
+    back lately are read whatever their shape: each says a reason of its own)."""
+    read: list[repo.QueuedShape] = []
+    blocked: list[repo.QueuedShape] = []
+    for s in shapes:
+        (blocked if s.shape in missed and not s.avoided else read).append(s)
+    return read, blocked
+
+
+def _from_oldest(shapes: list[repo.QueuedShape]) -> tuple[datetime, uuid.UUID] | None:
+    """Where the reading of these shapes' jobs starts: at the oldest (None: no job)."""
+    start = min((s.oldest for s in shapes), default=None)
+    return None if start is None else (start, uuid.UUID(int=0))
 
 
 async def _say_why(
@@ -388,37 +404,46 @@ class FleetCache:
     async def read(self, session: AsyncSession, now: datetime) -> _PassFleet:
         fleet, read_at = self._fleet, self._read_at
         if fleet is None or read_at is None or self._stale():
-            held: dict[uuid.UUID, list[repo.Claimed]] = {
-                a: list(c) for a, c in (await repo.claims_by_agent(session)).items()
-            }
-            record = await repo.setbacks(session, now=now)
-            rows = {row.agent_id: row for row in await repo.agent_rows(session)}
-            # Built in a thread: a third of a second of CPU at 10,000 agents, during which
-            # the event loop (the API, ingest) would otherwise stand still.
-            fleet = await asyncio.to_thread(
-                _PassFleet, rows, held, {a: sum(n) for a, n in record.items()}
-            )
-            self._full_at = self._monotonic()
-            self._seen = {a: at for a, at in self._seen.items() if a in rows}  # not removed
+            fleet = await self._read_whole(session, now)
         else:
-            changed = await repo.agents_changed(session, since=read_at - CHANGES_MARGIN)
-            # An agent is not read again at every pass that the margin still covers its
-            # change (passes run back to back through a long queue, and each read 5 s of
-            # heartbeats again: 3,300 agents at 10,000), only when its latest change is
-            # newer than the one read, or stamped since the last pass began (it may have
-            # committed after that read; and equal stamps tell nothing apart). A change
-            # older than the margin is never returned, so older entries need no pruning.
-            fresh = {
-                a for a, at in changed.items()
-                if at >= read_at or a not in self._seen or at > self._seen[a]
-            }  # fmt: skip
-            await self._read(session, fleet, fresh)
-            self._seen.update((a, changed[a]) for a in fresh)
+            await self._read_changed(session, fleet, read_at)
         if self._monotonic() - self._contended_at >= CONTENDED_SECONDS:
             self._lane = None
         fleet.lane = self._lane
         self._fleet, self._read_at = fleet, now
         return fleet
+
+    async def _read_whole(self, session: AsyncSession, now: datetime) -> _PassFleet:
+        held: dict[uuid.UUID, list[repo.Claimed]] = {
+            a: list(c) for a, c in (await repo.claims_by_agent(session)).items()
+        }
+        record = await repo.setbacks(session, now=now)
+        rows = {row.agent_id: row for row in await repo.agent_rows(session)}
+        # Built in a thread: a third of a second of CPU at 10,000 agents, during which
+        # the event loop (the API, ingest) would otherwise stand still.
+        fleet = await asyncio.to_thread(
+            _PassFleet, rows, held, {a: sum(n) for a, n in record.items()}
+        )
+        self._full_at = self._monotonic()
+        self._seen = {a: at for a, at in self._seen.items() if a in rows}  # not removed
+        return fleet
+
+    async def _read_changed(
+        self, session: AsyncSession, fleet: _PassFleet, read_at: datetime
+    ) -> None:
+        changed = await repo.agents_changed(session, since=read_at - CHANGES_MARGIN)
+        # An agent is not read again at every pass that the margin still covers its
+        # change (passes run back to back through a long queue, and each read 5 s of
+        # heartbeats again: 3,300 agents at 10,000), only when its latest change is
+        # newer than the one read, or stamped since the last pass began (it may have
+        # committed after that read; and equal stamps tell nothing apart). A change
+        # older than the margin is never returned, so older entries need no pruning.
+        fresh = {
+            a for a, at in changed.items()
+            if at >= read_at or a not in self._seen or at > self._seen[a]
+        }  # fmt: skip
+        await self._read(session, fleet, fresh)
+        self._seen.update((a, changed[a]) for a in fresh)
 
     async def refresh(self, session: AsyncSession, agent_ids: set[uuid.UUID]) -> None:
         """Read these agents again (mid-pass: those another orchestrator placed on)."""
