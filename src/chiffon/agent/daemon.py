@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import threading
 from collections.abc import Callable, Coroutine
@@ -83,21 +84,17 @@ def decided(settings: AgentSettings, res: Snapshot) -> Snapshot:
 
 
 def work_settings(settings: AgentSettings) -> WorkSettings:
+    """The work loop's settings: the owner's rules handed over whole, and how jobs run."""
+    from chiffon.agent.owner import OwnerRules
     from chiffon.agent.runner import Ladder
     from chiffon.agent.work import WorkSettings
 
+    rules = {spec.name: getattr(settings, spec.name) for spec in dataclasses.fields(OwnerRules)}
     return WorkSettings(
-        accept_jobs=settings.accept_jobs,
+        **rules,
         jobs_dir=settings.effective_jobs_dir,
         allow_root=settings.allow_root_jobs,
         grace_seconds=settings.job_grace_seconds,
-        idle_minutes=settings.idle_minutes,
-        schedule=settings.schedule,
-        reserve_gpus=tuple(settings.reserve_gpus),
-        exclusive_apps=tuple(settings.exclusive_apps),
-        on_owner_return=settings.on_owner_return,
-        report_process_names=settings.report_process_names,
-        cpu_jobs_on_return=settings.cpu_jobs_on_return,
         ladder=Ladder(
             settings.checkpoint_signal, settings.vacate_grace_seconds, settings.vacate_kill_seconds
         ),

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
+from typing import Any
 
+from chiffon.agent.declare import Declared, boolean, gpus, lower_names, one_of, optional, seconds
+from chiffon.agent.declare import setting as _setting
 from chiffon.schemas.limits import Withheld
 
 # A job on a GPU withheld for one of these goes down the vacate ladder; `reserved`,
@@ -130,7 +133,7 @@ def _minute(text: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class OwnerPolicy:
-    """What the owner said in agent.yml (agent.settings checks each value)."""
+    """The owner's rules as the decision takes them (`OwnerRules.policy`)."""
 
     accept_jobs: str = "never"  # never | when_idle | always
     idle_minutes: float = 15.0
@@ -139,6 +142,95 @@ class OwnerPolicy:
     exclusive_apps: frozenset[str] = frozenset()  # program names, lower case
     on_owner_return: str = "vacate_all"  # RETURN_MODES
     report_process_names: bool = False
+
+    @classmethod
+    def of(cls, rules: OwnerRules) -> OwnerPolicy:
+        """The policy from the owner's rules: each field by its name, taken as the rule
+        says (`setting(take=...)`)."""
+        taking = {spec.name: spec.metadata.get("take") for spec in fields(rules)}
+        values = {}
+        for spec in fields(cls):
+            value, take = getattr(rules, spec.name), taking[spec.name]
+            values[spec.name] = value if take is None else take(value)
+        return cls(**values)
+
+
+POLICIES = ("never", "when_idle", "always")
+
+
+def _policy(value: Any) -> str:
+    """never | when_idle | always; true and false (a flag, the old boolean) are always and
+    never."""
+    if isinstance(value, str) and value.strip().lower() in POLICIES:
+        return value.strip().lower()
+    try:
+        return "always" if boolean(value) else "never"
+    except ValueError:
+        raise ValueError("must be never, when_idle or always (true or false)") from None
+
+
+def _schedule(value: Any) -> str:
+    """Checked here, kept as the owner wrote it (agent.owner.parse_schedule reads it)."""
+    if isinstance(value, list | tuple):
+        value = "; ".join(str(v) for v in value)
+    if not isinstance(value, str):
+        raise ValueError("must be windows like 'mon-fri 19:00-08:00; sat-sun all day'")
+    try:
+        return parse_schedule(value).text
+    except ScheduleError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _parsed(text: str | None) -> Schedule | None:
+    return None if text is None else parse_schedule(text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnerRules(Declared):
+    """The owner's rules (docs/owner.md), each declared once: name, type, default, check,
+    `CHIFFON_*` variable, help. `AgentSettings` reads them from agent.yml, the environment
+    and flags; the work loop gets them in its `WorkSettings`; the decision takes them as
+    an `OwnerPolicy`. A new rule is a field here, its place in `decide`, and its test."""
+
+    accept_jobs: str = _setting(
+        "never", _policy, env="CHIFFON_ACCEPT_JOBS",
+        help="Whether this desktop runs jobs (docs/jobs.md): never, when_idle (the owner "
+        "away idle_minutes) or always.",
+    )  # fmt: skip
+    idle_minutes: float = _setting(
+        15.0, seconds(1440), env="CHIFFON_IDLE_MINUTES",
+        help="With when_idle: minutes without the owner's input before jobs may run.",
+    )  # fmt: skip
+    schedule: str | None = _setting(
+        None, optional(_schedule), env="CHIFFON_SCHEDULE", take=_parsed,
+        help="When jobs may run, local time: 'mon-fri 19:00-08:00; sat-sun all day'.",
+    )  # fmt: skip
+    reserve_gpus: list[str] = _setting(  # noqa: RUF009 (a field: declare.setting)
+        factory=list, check=gpus, env="CHIFFON_RESERVE_GPUS", take=frozenset,
+        help="GPUs the owner keeps, by index or UUID.",
+    )  # fmt: skip
+    exclusive_apps: list[str] = _setting(  # noqa: RUF009 (a field: declare.setting)
+        factory=list, check=lower_names, env="CHIFFON_EXCLUSIVE_APPS", take=frozenset,
+        help="Programs that clear Chiffon off the GPU they use.",
+    )  # fmt: skip
+    on_owner_return: str = _setting(
+        "vacate_all", one_of(*RETURN_MODES), env="CHIFFON_ON_OWNER_RETURN",
+        help="What the owner's return clears: every GPU, or only those their programs use.",
+    )  # fmt: skip
+    # Never for GPU jobs: a stopped process keeps its VRAM.
+    cpu_jobs_on_return: str = _setting(
+        "vacate", one_of("vacate", "suspend"), env="CHIFFON_CPU_JOBS_ON_RETURN",
+        help="A CPU-only job when the owner comes back (or the schedule ends): vacated, or "
+        "stopped (SIGSTOP) and continued after.",
+    )  # fmt: skip
+    report_process_names: bool = _setting(
+        False, boolean, env="CHIFFON_REPORT_PROCESS_NAMES",
+        help="Names of the programs on the GPUs, in the heartbeat (counts and VRAM always are).",
+    )  # fmt: skip
+
+    @property
+    def policy(self) -> OwnerPolicy:
+        return OwnerPolicy.of(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,44 +271,51 @@ def decide(
     gpus: Sequence[GpuSeen],
     root_refused: bool = False,
 ) -> Decision:
-    in_schedule = policy.schedule is None or policy.schedule.contains(local)
     present: bool | None = None
     if policy.accept_jobs == "when_idle" and idle_seconds is not None:
         present = idle_seconds < policy.idle_minutes * 60
-    desktop: Withheld | None = None
-    if policy.accept_jobs == "never":
-        desktop = "never"
-    elif root_refused:
-        desktop = "root"
-    elif not in_schedule:
-        desktop = "outside_schedule"
-    elif policy.accept_jobs == "when_idle" and present is None and policy.schedule is None:
-        desktop = "owner_unknown"  # with a schedule, it alone decides (docs/owner.md)
-    elif present and policy.on_owner_return == "vacate_all":
-        desktop = "owner_active"
-    by_gpu: dict[str, Withheld | None] = {}
-    for gpu in gpus:
-        by_gpu[gpu.key] = _gpu_reason(policy, gpu, desktop, bool(present))
+    desktop = _desktop_reason(policy, local, present, root_refused)
+    by_gpu = {gpu.key: _gpu_reason(policy, gpu, desktop, bool(present)) for gpu in gpus}
     return Decision(desktop, by_gpu, present)
+
+
+def _desktop_reason(
+    policy: OwnerPolicy, local: datetime, present: bool | None, root_refused: bool
+) -> Withheld | None:
+    """The first desktop-wide reason that holds, in the order they are weighed."""
+    in_schedule = policy.schedule is None or policy.schedule.contains(local)
+    # with a schedule, it alone decides when the idle time is unknown (docs/owner.md)
+    unknown = policy.accept_jobs == "when_idle" and present is None and policy.schedule is None
+    rules: tuple[tuple[Withheld, bool], ...] = (
+        ("never", policy.accept_jobs == "never"),
+        ("root", root_refused),
+        ("outside_schedule", not in_schedule),
+        ("owner_unknown", unknown),
+        ("owner_active", bool(present) and policy.on_owner_return == "vacate_all"),
+    )
+    return next((reason for reason, holds in rules if holds), None)
 
 
 def _gpu_reason(
     policy: OwnerPolicy, gpu: GpuSeen, desktop: Withheld | None, present: bool
 ) -> Withheld | None:
-    if (
-        gpu.key in policy.reserve_gpus
-        or str(gpu.index) in policy.reserve_gpus
-        or (gpu.uuid is not None and gpu.uuid in policy.reserve_gpus)
-    ):
-        return "reserved"
-    if gpu.fault is not None:
-        return "unhealthy"
-    if desktop is not None:
-        return desktop
-    if gpu.foreign and policy.exclusive_apps.intersection(gpu.foreign):
-        return "exclusive_app"
-    if present and (gpu.foreign is None or len(gpu.foreign) > 0):
-        return "owner_active"  # vacate_used_gpus: the owner's programs use it (or may)
-    if gpu.dirty:
-        return "dirty"
-    return None
+    """The first reason that holds for one GPU, in the order they are weighed."""
+    foreign = gpu.foreign
+    rules: tuple[tuple[Withheld | None, bool], ...] = (
+        ("reserved", _reserved(policy, gpu)),
+        ("unhealthy", gpu.fault is not None),
+        (desktop, desktop is not None),
+        (
+            "exclusive_app",
+            bool(foreign) and bool(policy.exclusive_apps.intersection(foreign or ())),
+        ),
+        # vacate_used_gpus: the owner's programs use it (or may: the driver lists nothing)
+        ("owner_active", present and (foreign is None or len(foreign) > 0)),
+        ("dirty", gpu.dirty),
+    )
+    return next((reason for reason, holds in rules if holds), None)
+
+
+def _reserved(policy: OwnerPolicy, gpu: GpuSeen) -> bool:
+    names = {gpu.key, str(gpu.index)} | ({gpu.uuid} if gpu.uuid is not None else set())
+    return not names.isdisjoint(policy.reserve_gpus)

@@ -329,18 +329,21 @@ def why_not_started(exc: OSError, program: str, workdir: Path, env: Mapping[str,
     if exc.filename is not None and str(exc.filename) == str(workdir):  # chdir failed
         return folder_problem(workdir) or f"the folder {_shown(workdir)} cannot be entered"
     named = f"the program {_shown(program)!r}"
-    found = _program_path(program, workdir, env)
-    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        if found is not None and found.is_file():  # there: what its #! line names is not
-            return f"the interpreter on the first line of {_shown(program)!r} was not found"
-        return f"{named} was not found"
-    if exc.errno == errno.EACCES:
-        if found is not None and found.is_dir():
-            return f"{named} is a folder"
-        return f"{named} is not executable"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+        return _not_there(exc, program, named, _program_path(program, workdir, env))
     if exc.errno == errno.ENOEXEC:
         return f"{named} is not in a format that can run"
     return f"{named} could not be started ({exc.strerror or exc})"
+
+
+def _not_there(exc: OSError, program: str, named: str, found: Path | None) -> str:
+    """Not found (ENOENT, ENOTDIR) or not executable (EACCES), in words."""
+    if exc.errno == errno.EACCES:
+        is_folder = found is not None and found.is_dir()
+        return f"{named} is a folder" if is_folder else f"{named} is not executable"
+    if found is not None and found.is_file():  # there: what its #! line names is not
+        return f"the interpreter on the first line of {_shown(program)!r} was not found"
+    return f"{named} was not found"
 
 
 def _shown(path: Path | str, most: int = 200) -> str:

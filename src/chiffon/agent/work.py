@@ -38,7 +38,7 @@ from chiffon.agent.hooks import HOOKS, HookParts
 from chiffon.agent.hygiene import GpuHygiene, gpu_key
 from chiffon.agent.intake import OrderIntake, assignment_from
 from chiffon.agent.outbox import Outbox, read_saved
-from chiffon.agent.owner import SAID, Decision, OwnerPolicy, parse_schedule
+from chiffon.agent.owner import SAID, Decision, OwnerPolicy, OwnerRules
 from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
 from chiffon.agent.runner import JobRun, Ladder, end_orphans
@@ -90,36 +90,18 @@ class OrderSource(Protocol):
     async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class WorkSettings:
-    accept_jobs: str  # never, when_idle or always (agent.settings.POLICIES)
+@dataclass(frozen=True, kw_only=True)
+class WorkSettings(OwnerRules):
+    """What the work loop is told: the owner's rules (`agent.owner.OwnerRules`, declared
+    there once and handed over whole) and how jobs run here."""
+
     jobs_dir: Path
     allow_root: bool = False  # an agent running as root runs jobs only when told to
     grace_seconds: float = 10.0
     max_log_bytes: int = 64 * 1024 * 1024
     max_order_age_seconds: float = 300.0
     alive_check_seconds: float = ALIVE_CHECK_SECONDS
-    idle_minutes: float = 15.0  # with when_idle: the owner away this long
-    # The rest of the owner's policy (agent.owner.OwnerPolicy; docs/owner.md).
-    schedule: str | None = None
-    reserve_gpus: tuple[str, ...] = ()
-    exclusive_apps: tuple[str, ...] = ()
-    on_owner_return: str = "vacate_all"
-    report_process_names: bool = False
-    cpu_jobs_on_return: str = "vacate"  # or "suspend" (SIGSTOP, then SIGCONT)
     ladder: Ladder = Ladder()  # noqa: RUF009 (frozen, so one shared default is safe)
-
-    @property
-    def policy(self) -> OwnerPolicy:
-        return OwnerPolicy(
-            accept_jobs=self.accept_jobs,
-            idle_minutes=self.idle_minutes,
-            schedule=None if self.schedule is None else parse_schedule(self.schedule),
-            reserve_gpus=frozenset(self.reserve_gpus),
-            exclusive_apps=frozenset(a.lower() for a in self.exclusive_apps),
-            on_owner_return=self.on_owner_return,
-            report_process_names=self.report_process_names,
-        )
 
 
 async def _pause(seconds: float, pushed: asyncio.Event | None) -> None:
