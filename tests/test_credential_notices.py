@@ -179,7 +179,7 @@ async def test_a_lookup_that_crossed_a_change_answers_once_and_is_not_cached(
 
     def notice_meanwhile(_conn: object, _cursor: object, statement: str, *_: object) -> None:
         if "FROM agent_credentials" in statement:
-            store._forget(agent)  # as if the change notice arrived while the query ran
+            store.cache.forget(agent)  # as if the change notice arrived while the query ran
 
     sync_engine = orchestrator.engine.sync_engine
     event.listen(sync_engine, "before_cursor_execute", count)

@@ -121,15 +121,16 @@ class CredentialStore:
         self._clock = clock
         self._server_key = server_key
         self.key_id = key_id(server_key)
-        self._cache_seconds = cache_seconds
-        self._ttl = cache_seconds
-        self._cache: dict[uuid.UUID, _Known] = {}
-        # Bumped whenever entries are dropped: a lookup that was in flight meanwhile may
-        # have read the old row, so its answer is used once but not cached.
-        self._generation = 0
-        self.listening = False
-        self._waiting: dict[uuid.UUID, asyncio.Future[_Known | None]] = {}
-        self._loader: asyncio.Task[None] | None = None
+        self.cache = CredentialCache(sessions, server_key, cache_seconds=cache_seconds)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the cache hears the database's change notices now."""
+        return self.cache.listening
+
+    async def follow_changes(self, listen: Listen, *, retry_seconds: float = 1.0) -> None:
+        """`CredentialCache.follow_changes`."""
+        await self.cache.follow_changes(listen, retry_seconds=retry_seconds)
 
     async def issue(
         self, agent_id: uuid.UUID, *, approved: bool = True, token_sha256: str | None = None
@@ -156,7 +157,7 @@ class CredentialStore:
             if held is not None and held.revoked_at is not None:
                 raise BannedError(f"agent {agent_id} was revoked") from None
             raise AlreadyEnrolledError(f"agent {agent_id} is already enrolled") from None
-        self._forget(agent_id)
+        self.cache.forget(agent_id)
         return credential
 
     async def replace(self, agent_id: uuid.UUID) -> AgentCredential:
@@ -164,7 +165,7 @@ class CredentialStore:
         orchestrator runs in its own process (`chiffon up`), never over the API."""
         async with self._sessions.begin() as session:
             await repo.delete_credential(session, agent_id=agent_id)
-        self._forget(agent_id)
+        self.cache.forget(agent_id)
         return await self.issue(agent_id)
 
     async def rotate(self, agent_id: uuid.UUID) -> AgentCredential | None:
@@ -181,7 +182,7 @@ class CredentialStore:
             await repo.delete_credential(session, agent_id=agent_id)
             await repo.add_credential(session, row=row)
             await registry.sync_holds(session, agent_ids=[agent_id], now=now)
-        self._forget(agent_id)
+        self.cache.forget(agent_id)
         return credential
 
     async def trust(self, agent_id: uuid.UUID, *, approve: bool, clear: bool) -> bool:
@@ -227,21 +228,21 @@ class CredentialStore:
         until `lift_ban`. Whether it held an active one."""
         async with self._sessions.begin() as session:
             had = await repo.revoke_credential(session, agent_id=agent_id, at=self._clock.now())
-        self._forget(agent_id)
+        self.cache.forget(agent_id)
         return had
 
     async def lift_ban(self, agent_id: uuid.UUID) -> bool:
         """Let a revoked agent enroll again; whether it was banned."""
         async with self._sessions.begin() as session:
             was = await repo.delete_credential(session, agent_id=agent_id, banned_only=True)
-        self._forget(agent_id)
+        self.cache.forget(agent_id)
         return was
 
     async def check_bearer(self, agent_id: uuid.UUID, token: str | None) -> None:
         """`RejectedMessage` unless `token` is this agent's secret."""
         if not token:
             raise RejectedMessage("unauthenticated", "no agent credential (Authorization: Bearer)")
-        known = await self._known(agent_id)
+        known = await self.cache.known(agent_id)
         if not hmac.compare_digest(known.secret_sha256, secret_digest(token)):
             raise RejectedMessage("bad_credential", f"wrong credential for agent {agent_id}")
 
@@ -251,7 +252,7 @@ class CredentialStore:
         """`RejectedMessage` unless `signature` is this agent's HMAC of `body`."""
         if not signature:
             raise RejectedMessage("unauthenticated", "no x-chiffon-signature header")
-        known = await self._known(agent_id)
+        known = await self.cache.known(agent_id)
         if known.signing_key is None:
             raise RejectedMessage(
                 "bad_signature", f"agent {agent_id}'s credential was issued under another key"
@@ -262,14 +263,41 @@ class CredentialStore:
     async def order_key(self, agent_id: uuid.UUID) -> bytes:
         """The key this agent checks its orders with; `RejectedMessage` when it has none
         that this orchestrator can derive (not enrolled, revoked, another server key)."""
-        known = await self._known(agent_id)
+        known = await self.cache.known(agent_id)
         if known.order_key is None:
             raise RejectedMessage(
                 "bad_signature", f"agent {agent_id}'s credential was issued under another key"
             )
         return known.order_key
 
-    async def _known(self, agent_id: uuid.UUID) -> _Known:
+
+class CredentialCache:
+    """Agents' credentials as the checks read them: each read from the database at most
+    once a turn of the event loop (every lookup that missed in that turn shares one query),
+    then kept for `cache_seconds`, or for `LISTENING_CACHE_SECONDS` while the database's
+    change notices are heard (`follow_changes`) and drop what changed."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        server_key: bytes,
+        *,
+        cache_seconds: float,
+    ) -> None:
+        self._sessions = sessions
+        self._server_key = server_key
+        self.key_id = key_id(server_key)
+        self._cache_seconds = cache_seconds
+        self._ttl = cache_seconds
+        self._cache: dict[uuid.UUID, _Known] = {}
+        # Bumped whenever entries are dropped: a lookup that was in flight meanwhile may
+        # have read the old row, so its answer is used once but not cached.
+        self._generation = 0
+        self.listening = False
+        self._waiting: dict[uuid.UUID, asyncio.Future[_Known | None]] = {}
+        self._loader: asyncio.Task[None] | None = None
+
+    async def known(self, agent_id: uuid.UUID) -> _Known:
         cached = self._cache.get(agent_id)
         if cached is not None and time.monotonic() - cached.fetched_at < self._ttl:
             return cached
@@ -363,9 +391,9 @@ class CredentialStore:
         """Entries cached under the other regime may have changed unheard: forget them."""
         self.listening = listening
         self._ttl = LISTENING_CACHE_SECONDS if listening else self._cache_seconds
-        self._forget(None)
+        self.forget(None)
 
-    def _forget(self, agent_id: uuid.UUID | None) -> None:
+    def forget(self, agent_id: uuid.UUID | None) -> None:
         """Drop one agent's entry (None: every entry)."""
         self._generation += 1
         if agent_id is None:
@@ -375,10 +403,10 @@ class CredentialStore:
 
     def _forget_notice(self, notice: str) -> None:
         if notice == "*":
-            self._forget(None)
+            self.forget(None)
             return
         try:
-            self._forget(uuid.UUID(notice))
+            self.forget(uuid.UUID(notice))
         except ValueError:  # not ours: forget everything rather than keep something stale
             log.warning("credential change notice names no agent: %r", notice)
-            self._forget(None)
+            self.forget(None)
