@@ -13,9 +13,11 @@ import pytest
 
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
+from chiffon.orchestrator.delivery import OrderPost
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.schemas.jobs import JobSubmit
+from chiffon.transport.memory import InMemoryOrderPush
 from tests.auth import issue
 from tests.jobfleet import desktop
 from tests.services import eventually
@@ -73,3 +75,31 @@ async def test_a_waiting_poll_asks_nothing_and_another_orchestrators_placement_w
             assert time.monotonic() - placed < 2
     finally:
         await other.stop()
+
+
+async def test_a_placement_is_pushed_to_its_agent_once_however_often_it_is_told_meanwhile(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """Over a push transport (RabbitMQ's, here its in-memory twin) the agent is sent what
+    it must be told: one push for a burst of placements there, saying all that is due."""
+    push = InMemoryOrderPush()
+    post = OrderPost(orchestrator.sessions, clock, orchestrator.credentials.order_key,
+                     long_poll_max_seconds=30, push=push)  # fmt: skip
+    agent = await desktop(orchestrator, "a", (24.0, 24.0))
+    await issue(orchestrator, agent)
+    await submit(orchestrator, clock)
+    await orchestrator.dispatcher.tick()
+    for _ in range(5):
+        post.tell(agent)
+
+    async def pushed() -> bool:
+        return bool(push.sent)
+
+    await eventually(pushed)
+    await asyncio.sleep(0.2)  # any second push would have gone by now
+    assert list(push.sent) == [agent] and len(push.sent[agent]) == 1
+    await post.stop()
+    assert push.closed
+    post.tell(agent)  # stopped: nothing more is pushed
+    await asyncio.sleep(0.1)
+    assert len(push.sent[agent]) == 1

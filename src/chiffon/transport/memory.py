@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections import defaultdict
 from typing import Any
 
 from chiffon.schemas.dispatch import DETAIL_MAX_CHARS, report_from
@@ -73,3 +74,21 @@ class InMemoryWork:
             return await self._desk.ship_log(self._agent_id, job_id, attempt, offset, data)
         except Exception as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class InMemoryOrderPush:
+    """An `OrderPush` that keeps what it was given to push, by agent (tests: the
+    orchestrator's push without a broker)."""
+
+    def __init__(self) -> None:
+        self.sent: defaultdict[uuid.UUID, list[SignedOrder]] = defaultdict(list)
+        self.closed = False
+
+    async def send(self, agent_id: uuid.UUID, orders: list[SignedOrder]) -> bool:
+        if self.closed:
+            return False
+        self.sent[agent_id] += orders
+        return True
+
+    async def close(self) -> None:
+        self.closed = True
