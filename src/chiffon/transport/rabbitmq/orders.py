@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from chiffon.backoff import Backoff, describe
 from chiffon.transport.auth import SIGNATURE_HEADER
+from chiffon.transport.base import SignedOrder
 from chiffon.transport.rabbitmq.topology import EXCHANGE, close_quietly, declare_exchange
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ def orders_queue(agent_id: uuid.UUID) -> str:
 
 
 class OrderSender:
-    """The orchestrator's side: publish an agent's signed orders. Best effort: a failure
-    is logged and the connection reopened at the next send (the agent's poll finds what
-    was lost)."""
+    """The orchestrator's side, an `OrderPush`: publish an agent's signed orders. Best
+    effort: a failure is logged and the connection reopened at the next send (the agent's
+    poll finds what was lost)."""
 
     def __init__(self, amqp_url: str, *, exchange: str = EXCHANGE, timeout_seconds: float = 5):
         self._url = amqp_url
@@ -63,7 +64,7 @@ class OrderSender:
         self._opening = asyncio.Lock()
         self.sent = 0
 
-    async def send(self, agent_id: uuid.UUID, orders: list[tuple[bytes, str]]) -> bool:
+    async def send(self, agent_id: uuid.UUID, orders: list[SignedOrder]) -> bool:
         """Publish each (body, signature), on a new connection once more if the kept one
         failed (the broker restarted since); whether all went."""
         for last_try in (False, True):
