@@ -160,7 +160,7 @@ async def test_the_agent_says_an_end_until_it_is_heard_and_holds_it_meanwhile(
 ) -> None:
     orch = Away()
     work = loop(tmp_path, orch)
-    work.end_retry_max_seconds = 0.05  # the tries come quick; their number is the point
+    work.outbox.retry_max_seconds = 0.05  # the tries come quick; their number is the point
     job_id = uuid.uuid4()
     assert await work.handle(*order(job_id))
     attempt_dir = tmp_path / "jobs" / f"{job_id}-1"

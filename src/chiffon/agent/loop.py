@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from chiffon import __version__
 from chiffon.agent.report import Outgoing, Snapshot
@@ -44,6 +45,26 @@ class AgentIdentity:
     specializations: list[str] = field(default_factory=list)
     agent_version: str = __version__
     accepts_jobs: bool = False  # its owner opted in (and it may run them: not as root)
+
+
+# What every message says of its agent, from its identity.
+DESCRIBED = ("name", "pool_name", "agent_version", "labels", "capabilities", "specializations")
+
+
+def outgoing(
+    identity: AgentIdentity,
+    kind: MessageKind,
+    *,
+    boot_id: uuid.UUID,
+    seq: int,
+    resources: Snapshot | None,
+    accepts_jobs: bool,
+) -> Outgoing:
+    """One message of `identity`'s, sent now."""
+    described: dict[str, Any] = {name: getattr(identity, name) for name in DESCRIBED}
+    return Outgoing(kind=kind, agent_id=identity.agent_id, boot_id=boot_id, seq=seq,
+                    sent_at=datetime.now(UTC), resources=resources, accepts_jobs=accepts_jobs,
+                    **described)  # fmt: skip
 
 
 def beat_deadline(start: float, beat: int, interval_seconds: float, rng: random.Random) -> float:
@@ -108,22 +129,10 @@ class AgentLoop:
         self._wake.set()
 
     def message(self, kind: MessageKind, resources: Snapshot | None = None) -> Outgoing:
-        ident = self.identity
-        msg = Outgoing(
-            kind=kind,
-            agent_id=ident.agent_id,
-            boot_id=self.boot_id,
-            seq=self._seq,
-            sent_at=datetime.now(UTC),
-            name=ident.name,
-            pool_name=ident.pool_name,
-            agent_version=ident.agent_version,
-            labels=ident.labels,
-            capabilities=ident.capabilities,
-            specializations=ident.specializations,
-            resources=resources,
-            accepts_jobs=ident.accepts_jobs if self._accepts_jobs is None else self._accepts_jobs(),
-        )
+        ask = self._accepts_jobs
+        accepts = self.identity.accepts_jobs if ask is None else ask()
+        msg = outgoing(self.identity, kind, boot_id=self.boot_id, seq=self._seq,
+                       resources=resources, accepts_jobs=accepts)  # fmt: skip
         self._seq += 1
         return msg
 

@@ -44,15 +44,15 @@ def _check_ranges(obj: object, ranges: Mapping[str, tuple[float, float]]) -> Non
             raise ValueError(f"{name}: {value!r} is outside {low:g}..{high:g}")
 
 
+_GPU_GB = (0, limits.GPU_GB_MAX)
 _GPU_RANGES = {
     "index": (0, limits.GPU_INDEX_MAX),
-    "vram_total_gb": (0, limits.GPU_GB_MAX),
-    "vram_free_gb": (0, limits.GPU_GB_MAX),
+    **dict.fromkeys(("vram_total_gb", "vram_free_gb"), _GPU_GB),
     "utilization_percent": (0, limits.PERCENT_MAX),
     "temperature_c": (limits.TEMPERATURE_C_MIN, limits.TEMPERATURE_C_MAX),
-    "jobs_vram_used_gb": (0, limits.GPU_GB_MAX),
+    "jobs_vram_used_gb": _GPU_GB,
     "foreign_processes": (0, 1_000_000),
-    "foreign_vram_gb": (0, limits.GPU_GB_MAX),
+    "foreign_vram_gb": _GPU_GB,
 }
 
 
@@ -128,19 +128,15 @@ def _check_held(held: list[str] | None) -> None:
 
 
 _SNAPSHOT_RANGES = {
-    "cpu_load_1min": (0, limits.LOAD_MAX),
-    "cpu_load_5min": (0, limits.LOAD_MAX),
-    "cpu_load_15min": (0, limits.LOAD_MAX),
-    "cpu_cores_physical": (0, limits.CORES_MAX),
-    "cpu_cores_logical": (0, limits.CORES_MAX),
-    "cpu_cores_available": (0, limits.CORES_MAX),
+    **dict.fromkeys(("cpu_load_1min", "cpu_load_5min", "cpu_load_15min"), (0, limits.LOAD_MAX)),
+    **dict.fromkeys(
+        ("cpu_cores_physical", "cpu_cores_logical", "cpu_cores_available"), (0, limits.CORES_MAX)
+    ),
     "memory_percent": (0, limits.PERCENT_MAX),
-    "memory_available_gb": (0, limits.GB_MAX),
-    "memory_total_gb": (0, limits.GB_MAX),
+    **dict.fromkeys(("memory_available_gb", "memory_total_gb"), (0, limits.GB_MAX)),
     "gpu_count": (0, limits.GPUS_MAX),
-    "gpu_vram_total_gb": (0, limits.GB_MAX),
-    "gpu_vram_available_gb": (0, limits.GB_MAX),
-    "gpu_vram_available_max_gb": (0, limits.GPU_GB_MAX),
+    **dict.fromkeys(("gpu_vram_total_gb", "gpu_vram_available_gb"), (0, limits.GB_MAX)),
+    "gpu_vram_available_max_gb": _GPU_GB,
     "collection_ms": (0, limits.COLLECTION_MS_MAX),
     "owner_idle_seconds": (0, limits.IDLE_SECONDS_MAX),
 }

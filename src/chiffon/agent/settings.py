@@ -214,13 +214,11 @@ class AgentSettings(OwnerRules, AgentBasics):
         help="The signal a vacated job gets first, to checkpoint.",
     )  # fmt: skip
     vacate_grace_seconds: float = setting(
-        30.0, seconds(3600), env="CHIFFON_VACATE_GRACE",
-        help="Seconds from the checkpoint signal to SIGTERM.",
-    )  # fmt: skip
+        30.0, seconds(3600), env="CHIFFON_VACATE_GRACE", help="Checkpoint signal to SIGTERM, s."
+    )
     vacate_kill_seconds: float = setting(
-        3.0, seconds(600), env="CHIFFON_VACATE_KILL_GRACE",
-        help="Seconds from SIGTERM to SIGKILL when vacating.",
-    )  # fmt: skip
+        3.0, seconds(600), env="CHIFFON_VACATE_KILL_GRACE", help="SIGTERM to SIGKILL, s."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,12 +24,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from chiffon import __version__
 from chiffon.agent.identity import write_private
+from chiffon.agent.loop import AgentIdentity, outgoing
 from chiffon.agent.report import GpuReading, Outgoing, Snapshot
 from chiffon.agent.simwork import SimulatedWork
 from chiffon.schemas.limits import MessageKind
@@ -107,20 +106,7 @@ class VirtualAgent:
         busy = 0.3 if self.accepts_jobs else 1.2
         load = round(rng.uniform(0, hw.cores_physical * busy), 2)
         mem_free = round(hw.memory_total_gb * rng.uniform(0.1, 0.9), 2)
-        gpus = []
-        for i, (name, total) in enumerate(hw.gpus):
-            gpu_id = f"GPU-{self.agent_id.hex[:8]}-{i}"
-            held = sum(gb for ids, gb in self.running.values() if gpu_id in ids)
-            seen = total * (rng.uniform(0.9, 1.0) if self.accepts_jobs else rng.uniform(0.0, 1.0))
-            gpus.append(
-                GpuReading(
-                    index=i, uuid=gpu_id, name=name, vendor="nvidia", vram_total_gb=total,
-                    vram_free_gb=round(max(0.0, seen - held), 2),
-                    utilization_percent=round(rng.uniform(0, 100), 1),
-                    temperature_c=round(rng.uniform(30, 85), 1),
-                    jobs_vram_used_gb=round(held, 2) if self.accepts_jobs else None,
-                )
-            )  # fmt: skip
+        gpus = [self._gpu(i, name, total) for i, (name, total) in enumerate(hw.gpus)]
         free = [g.vram_free_gb or 0.0 for g in gpus]
         return Snapshot(
             cpu_load_1min=load,
@@ -141,22 +127,25 @@ class VirtualAgent:
             collection_ms=round(rng.uniform(0.1, 0.5), 3),
         )
 
+    def _gpu(self, i: int, name: str, total: float) -> GpuReading:
+        rng = self.rng
+        gpu_id = f"GPU-{self.agent_id.hex[:8]}-{i}"
+        held = sum(gb for ids, gb in self.running.values() if gpu_id in ids)
+        seen = total * (rng.uniform(0.9, 1.0) if self.accepts_jobs else rng.uniform(0.0, 1.0))
+        return GpuReading(
+            index=i, uuid=gpu_id, name=name, vendor="nvidia", vram_total_gb=total,
+            vram_free_gb=round(max(0.0, seen - held), 2),
+            utilization_percent=round(rng.uniform(0, 100), 1),
+            temperature_c=round(rng.uniform(30, 85), 1),
+            jobs_vram_used_gb=round(held, 2) if self.accepts_jobs else None,
+        )  # fmt: skip
+
     def message(self, kind: MessageKind = "heartbeat") -> Outgoing:
-        msg = Outgoing(
-            kind=kind,
-            agent_id=self.agent_id,
-            boot_id=self.boot_id,
-            seq=self.seq,
-            sent_at=datetime.now(UTC),
-            name=self.name,
-            pool_name=POOL_NAME,
-            agent_version=__version__,
-            labels={"simulated": "true"},
-            capabilities=[],
-            specializations=[],
-            resources=self.resources() if kind == "heartbeat" else None,
-            accepts_jobs=self.accepts_jobs,
-        )
+        identity = AgentIdentity(self.agent_id, self.name, POOL_NAME,
+                                 labels={"simulated": "true"})  # fmt: skip
+        msg = outgoing(identity, kind, boot_id=self.boot_id, seq=self.seq,
+                       resources=self.resources() if kind == "heartbeat" else None,
+                       accepts_jobs=self.accepts_jobs)  # fmt: skip
         self.seq += 1
         return msg
 

@@ -126,17 +126,8 @@ class SimulatedWork:
         gpus = tuple(str(g) for g in order.payload.get("gpu_uuids", []))
         vram_gb = float(order.payload.get("vram_gb") or 0)
         agent.running[(order.job_id, order.attempt)] = (gpus, vram_gb)
-        started = time.monotonic()
         try:
-            await self._say(agent, order, {"kind": "started"})
-            if dies:
-                await asyncio.sleep(seconds * self._rng.random())
-                self._die(agent)
-                return
-            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - started)))
-            said = {"kind": "ended", "outcome": "exit", "exit_code": exit_code}
-            await self._say(agent, order, said)
-            self.counts["succeeded" if exit_code == 0 else "failed"] += 1
+            await self._attempt(agent, order, seconds, exit_code, dies=dies)
         except asyncio.CancelledError:
             if agent.stopped or self._closing:
                 raise  # its agent died, or the simulation ends: nothing more is said
@@ -146,6 +137,21 @@ class SimulatedWork:
             self.counts["cancelled"] += 1
         finally:
             agent.running.pop((order.job_id, order.attempt), None)
+
+    async def _attempt(
+        self, agent: VirtualAgent, order: Order, seconds: float, exit_code: int, *, dies: bool
+    ) -> None:
+        """Started, then `seconds` later ended with `exit_code` (or its agent dies midway)."""
+        started = time.monotonic()
+        await self._say(agent, order, {"kind": "started"})
+        if dies:
+            await asyncio.sleep(seconds * self._rng.random())
+            self._die(agent)
+            return
+        await asyncio.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        said = {"kind": "ended", "outcome": "exit", "exit_code": exit_code}
+        await self._say(agent, order, said)
+        self.counts["succeeded" if exit_code == 0 else "failed"] += 1
 
     async def _poll(self) -> None:
         """As a real agent does over RabbitMQ, each agent also asks over HTTP every

@@ -38,7 +38,7 @@ from chiffon.agent.hooks import HOOKS, HookParts
 from chiffon.agent.hygiene import GpuHygiene, gpu_key
 from chiffon.agent.intake import OrderIntake, assignment_from
 from chiffon.agent.outbox import Outbox, read_saved
-from chiffon.agent.owner import SAID, Decision, OwnerPolicy, OwnerRules
+from chiffon.agent.owner import SAID, Decision, OwnerRules
 from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
 from chiffon.agent.runner import JobRun, Ladder, end_orphans
@@ -133,6 +133,7 @@ class WorkLoop:
         self.outbox = Outbox(self.attempts, channel)
         self.hygiene = GpuHygiene()
         self.owner = OwnerGuard(settings, local_time=local_time)
+        self.refused = self.intake.refused  # orders refused, by reason
         self._channel = channel
         self._fresh = fresh
         self._tasks: set[asyncio.Task[None]] = set()
@@ -144,10 +145,6 @@ class WorkLoop:
     # What the heartbeat and the tests see.
 
     @property
-    def policy(self) -> OwnerPolicy:
-        return self.owner.policy
-
-    @property
     def decision(self) -> Decision:
         return self.owner.decision
 
@@ -156,21 +153,9 @@ class WorkLoop:
         return self.owner.idle_seconds
 
     @property
-    def refused(self) -> Any:
-        """Orders refused, by reason (a Counter)."""
-        return self.intake.refused
-
-    @property
     def killed_leftovers(self) -> int:
+        """Processes of ended jobs ended by the hygiene check."""
         return self.hygiene.killed_leftovers
-
-    @property
-    def end_retry_max_seconds(self) -> float:
-        return self.outbox.retry_max_seconds
-
-    @end_retry_max_seconds.setter
-    def end_retry_max_seconds(self, seconds: float) -> None:
-        self.outbox.retry_max_seconds = seconds
 
     @property
     def runs(self) -> dict[Key, JobRun]:
@@ -268,7 +253,7 @@ class WorkLoop:
         self._raw = snapshot
         if not self.owner.reads_idle:  # else the guard's reading (every second) stands
             self.owner.idle_seconds = snapshot.owner_idle_seconds
-        reading = read(snapshot, self._jobs(), show_names=self.policy.report_process_names)
+        reading = read(snapshot, self._jobs(), show_names=self.owner.policy.report_process_names)
         self._tidy(reading)
         self._record_use(reading.used)
         self.owner.decide(reading.seen)

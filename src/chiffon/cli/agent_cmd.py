@@ -304,6 +304,11 @@ def agent(
     _warn_secrets_in_argv(enroll_token, amqp_url)
     settings = loaded.settings
     identity = identity_of(settings)
+    _say_start(settings, identity)
+    asyncio.run(run_agent(settings, identity))
+
+
+def _say_start(settings: AgentSettings, identity: AgentIdentity) -> None:
     where = settings.orchestrator_url if settings.transport == "http" else "RabbitMQ"
     console.print(
         f"Chiffon agent {identity.name} ({identity.agent_id}) -> {where} "
@@ -326,7 +331,6 @@ def agent(
             "run jobs as root anyway)",
             highlight=False,
         )
-    asyncio.run(run_agent(settings, identity))
 
 
 def _warn_secrets_in_argv(enroll_token: str | None, amqp_url: str | None) -> None:

@@ -7,24 +7,15 @@ from __future__ import annotations
 import asyncio
 
 from chiffon.agent.attempts import Attempt
-from chiffon.agent.hooks.base import AttemptHook, not_current
+from chiffon.agent.hooks.base import TaskHook, not_current
 from chiffon.transport.base import TransportError
 
 
-class AliveCheck(AttemptHook):
-    _task: asyncio.Task[None] | None = None
-
-    async def poststart(self, attempt: Attempt) -> None:
-        self._task = asyncio.create_task(self._watch(attempt))
-
+class AliveCheck(TaskHook):
     async def exited(self, attempt: Attempt, said: object) -> None:
         await self.stop(attempt)
 
-    async def stop(self, attempt: Attempt) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _watch(self, attempt: Attempt) -> None:
+    async def beside(self, attempt: Attempt) -> None:
         run = attempt.run
         assert run is not None
         while not run.finished.is_set():

@@ -71,3 +71,19 @@ async def not_current(attempt: Attempt) -> None:
         await attempt.run.end(
             "lost", "no longer its job's current attempt (placed again elsewhere)"
         )
+
+
+class TaskHook(AttemptHook):
+    """A hook that runs `beside(attempt)` as a task from poststart, cancelled at stop."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def beside(self, attempt: Attempt) -> None:
+        raise NotImplementedError
+
+    async def poststart(self, attempt: Attempt) -> None:
+        self._task = asyncio.create_task(self.beside(attempt))
+
+    async def stop(self, attempt: Attempt) -> None:
+        if self._task is not None:
+            self._task.cancel()

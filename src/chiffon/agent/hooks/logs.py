@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chiffon.agent.attempts import Attempt
-from chiffon.agent.hooks.base import AttemptHook, not_current
+from chiffon.agent.hooks.base import TaskHook, not_current
 from chiffon.agent.runner import JobRun
 from chiffon.backoff import Backoff
 from chiffon.transport.base import TransportError
@@ -27,12 +27,7 @@ FINISH_SECONDS = 30.0
 STOPPING_TRIES = 3
 
 
-class LogShipping(AttemptHook):
-    _task: asyncio.Task[None] | None = None
-
-    async def poststart(self, attempt: Attempt) -> None:
-        self._task = asyncio.create_task(self._ship(attempt))
-
+class LogShipping(TaskHook):
     async def exited(self, attempt: Attempt, said: dict[str, Any]) -> None:
         """All its output is shipped before its end is said."""
         if self._task is None or attempt.run is None:
@@ -41,11 +36,7 @@ class LogShipping(AttemptHook):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._task), FINISH_SECONDS)
 
-    async def stop(self, attempt: Attempt) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _ship(self, attempt: Attempt) -> None:
+    async def beside(self, attempt: Attempt) -> None:
         run = attempt.run
         assert run is not None
         sent, failures, backoff = 0, 0, Backoff(0.25, max_seconds=5.0)

@@ -137,19 +137,27 @@ def gpu_aggregates(gpus: Sequence[GpuReading], *, failed: bool) -> dict[str, Any
     GPUs of unknown VRAM add nothing (a lower bound, never an invented number). With no
     GPU read at all: 0 when every backend answered, unknown when one failed.
     """
-    known = [g for g in gpus if g.vram_total_gb is not None]
-    free = [g.vram_free_gb for g in known if g.vram_free_gb is not None]
+    known, free = _vram(gpus)
     absent: float | None = None if failed or gpus else 0.0
     return {
         "gpus": list(gpus),
         "gpu_count": len(gpus),
         "gpu_type": gpu_type_of({g.vendor for g in gpus}),
-        "gpu_vram_total_gb": (
-            round(sum(g.vram_total_gb or 0.0 for g in known), 3) if known else absent
-        ),
-        "gpu_vram_available_gb": round(sum(free), 3) if free else absent,
+        "gpu_vram_total_gb": _sum(known, absent),
+        "gpu_vram_available_gb": _sum(free, absent),
         "gpu_vram_available_max_gb": max(free) if free else absent,
     }
+
+
+def _vram(gpus: Sequence[GpuReading]) -> tuple[list[float], list[float]]:
+    """The total VRAM of each GPU whose VRAM was read, and the free VRAM of those that say."""
+    read = [g for g in gpus if g.vram_total_gb is not None]
+    known = [g.vram_total_gb or 0.0 for g in read]
+    return known, [g.vram_free_gb for g in read if g.vram_free_gb is not None]
+
+
+def _sum(numbers: list[float], absent: float | None) -> float | None:
+    return round(sum(numbers), 3) if numbers else absent
 
 
 class Collector:
