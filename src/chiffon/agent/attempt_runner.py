@@ -16,6 +16,7 @@ from chiffon.agent.hooks import AttemptHook, HookParts
 from chiffon.agent.hooks.base import not_current
 from chiffon.agent.runner import CannotStart, Ended, JobRun
 from chiffon.backoff import Backoff
+from chiffon.schemas.dispatch import DETAIL_MAX_CHARS, Outcome
 from chiffon.schemas.limits import clean_text
 from chiffon.transport.base import TransportError
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 # The longest log path a start report carries (schemas.jobs.LOG_PATH_MAX_CHARS: the agent
 # does not load pydantic); a longer one is left out of the report.
 LOG_PATH_MAX_CHARS = 4096
-DETAIL_MAX_CHARS = 1000  # a report's `detail` (api.routes_work.AttemptReport)
 START_REPORT_TRIES = 7
 
 
@@ -113,7 +113,7 @@ def started(run: JobRun) -> dict[str, Any]:
     return said
 
 
-def ended(outcome: str, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
+def ended(outcome: Outcome, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
     # within what the orchestrator takes (a path in it may hold any character but NUL)
     detail = clean_text(detail)[:DETAIL_MAX_CHARS]
     return {"kind": "ended", "outcome": outcome, "exit_code": exit_code, "detail": detail}

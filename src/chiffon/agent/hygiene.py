@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterable
 
 from chiffon.agent.report import GpuReading
-from chiffon.transport.orders import gpu_id
+from chiffon.schemas.dispatch import gpu_id
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ DIRTY_SLACK_GB = 0.25
 
 
 def gpu_key(gpu: GpuReading) -> str:
-    """A GPU's id in claims and orders (`transport.orders.gpu_id`)."""
+    """A GPU's id in claims and orders (`schemas.dispatch.gpu_id`)."""
     return gpu_id(gpu.uuid, gpu.index)
 
 

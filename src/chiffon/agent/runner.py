@@ -35,15 +35,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import psutil
 
-from chiffon.transport.orders import visible_device
+from chiffon.schemas.dispatch import Outcome, visible_device
 
 log = logging.getLogger(__name__)
 
-Reason = Literal["exit", "cancelled", "timed_out", "refused", "lost", "preempted"]
 # The environment a job gets beyond what its user gave (docs/jobs.md).
 PASSED_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 READ_CHUNK_BYTES = 64 * 1024
@@ -87,7 +85,7 @@ class CannotStart(Exception):
 class Ended:
     """How an attempt ended. `exit_code` is None when a signal ended it (`signal`)."""
 
-    reason: Reason
+    reason: Outcome
     exit_code: int | None
     signal: int | None
     runtime_seconds: float
@@ -144,7 +142,7 @@ class JobRun:
         self._grace = grace_seconds
         self._inherited = os.environ if inherited_env is None else inherited_env
         self._process: asyncio.subprocess.Process | None = None
-        self._ending: Reason | None = None
+        self._ending: Outcome | None = None
         self._suspended = False
         self._why = ""
         self._started = 0.0
@@ -229,7 +227,7 @@ class JobRun:
     async def cancel(self) -> None:
         await self.end("cancelled")
 
-    async def end(self, why: Reason, detail: str = "") -> None:
+    async def end(self, why: Outcome, detail: str = "") -> None:
         """SIGTERM to the group, SIGKILL after the grace period; it ends as `why`."""
         process = self._process
         if process is None or process.returncode is not None or self._ending is not None:
