@@ -347,3 +347,15 @@ def test_a_new_policy_is_one_scorer(monkeypatch: pytest.MonkeyPatch) -> None:
     for placed in (place(want, fleet, "most_cores"), Fleet(fleet).place(want, "most_cores")):  # type: ignore[arg-type]
         assert isinstance(placed, Placement) and placed.agent_id == "many"
     assert place(want, fleet).agent_id == "few"  # type: ignore[union-attr]
+
+
+def test_a_desktop_is_counted_once_in_the_reason_by_the_first_check_it_fails() -> None:
+    """An avoided desktop that also refuses jobs counts as refusing; the GPUs withheld on
+    a desktop in another pool are not the job's concern."""
+    mine = dataclasses.replace(agent("mine", accepts=False), withheld="owner_active")
+    elsewhere = agent("elsewhere", dataclasses.replace(gpu(0, 24, 24), withheld="dirty"), pool="q")
+    want = Requirements(gpus=1, vram_gb=4, pool_name="p", avoid=frozenset({"mine"}))
+    assert place(want, [mine, elsewhere]) == Miss(
+        "no online agent that accepts jobs in pool 'p' has 1 GPU with 4 GB free; "
+        "1 does not accept jobs (its owner is using it)"
+    )

@@ -239,33 +239,39 @@ class Fleet:
         want, best = chain.want, cast("Placement | None", None)
         bar = math.inf  # the score to beat, once no other agent can win on its record
         least_share = self._least_core_share(want.cpu_cores)
-        for available, c in self._up_from_tightest(want, exclude, lane):
+        skip = set(exclude)  # left out, or seen already (at its tightest GPU with room)
+        for available, agent_id, _ in self._from_tightest(want):
+            if agent_id in skip:
+                continue
+            skip.add(agent_id)
+            if lane is not None and _lane_of(agent_id) != lane:
+                continue
             left = available - want.vram_gb
-            if scorer.score(left, least_share) > bar:
+            if bar < math.inf and scorer.score(left, least_share) > bar:
                 break  # no agent further on scores under it: its GPU leaves at least `left`
-            if scorer.score(left, core_share(want, c)) > bar:
+            c = self.candidates[agent_id]
+            if bar < math.inf and scorer.score(left, core_share(want, c)) > bar:
                 continue  # nor this one: this is its tightest GPU with room
-            fit = _fit_gpus(chain, c, scorer)  # the view's agents pass the host's checks
-            if fit is not None and (best is None or rank(fit, want) < rank(best, want)):
-                best = fit
-                if not want.long or best.setbacks == self._least_setbacks:
-                    bar = best.score
+            # the view's agents pass the host's checks
+            best, bar = self._better(_fit_gpus(chain, c, scorer), best, bar, want)
         return best
 
-    def _up_from_tightest(
-        self, want: Requirements, exclude: Agents, lane: int | None
-    ) -> Iterator[tuple[float, Candidate]]:
-        """The agents whose host has room for `want` (in `lane`, not left out), each once,
-        with its tightest GPU that has room for it, the tightest first."""
-        seen: set[str] = set()
+    def _better(
+        self, fit: Placement | None, best: Placement | None, bar: float, want: Requirements
+    ) -> tuple[Placement | None, float]:
+        """The better of `fit` and `best`, and the score to beat after it: the best's, once
+        no agent can win on its reliability record (always, but for a long job)."""
+        if fit is None or (best is not None and rank(fit, want) >= rank(best, want)):
+            return best, bar
+        if not want.long or fit.setbacks == self._least_setbacks:
+            return fit, fit.score
+        return fit, bar
+
+    def _from_tightest(self, want: Requirements) -> Iterator[Entry]:
+        """The GPUs of the agents whose host has room for `want` that have room for it too,
+        the tightest first."""
         view = self._view(want)
-        start = bisect.bisect_left(view, (want.vram_gb,))
-        for available, agent_id, _ in itertools.islice(view, start, None):
-            if agent_id in seen or agent_id in exclude:
-                continue
-            seen.add(agent_id)
-            if lane is None or _lane_of(agent_id) == lane:
-                yield available, self.candidates[agent_id]
+        return itertools.islice(view, bisect.bisect_left(view, (want.vram_gb,)), None)
 
     def _view(self, want: Requirements) -> list[Entry]:
         key = _host_key(want)
