@@ -14,9 +14,9 @@ from typing import Any
 from chiffon.agent.attempts import Attempt, AttemptTable
 from chiffon.agent.hooks import AttemptHook, HookParts
 from chiffon.agent.hooks.base import not_current
-from chiffon.agent.runner import CannotStart, Ended, JobRun
+from chiffon.agent.outbox import ended, ended_from
+from chiffon.agent.runner import CannotStart, JobRun
 from chiffon.backoff import Backoff
-from chiffon.schemas.dispatch import DETAIL_MAX_CHARS, Outcome
 from chiffon.schemas.limits import clean_text
 from chiffon.transport.base import TransportError
 
@@ -111,14 +111,3 @@ def started(run: JobRun) -> dict[str, Any]:
     if len(path) <= LOG_PATH_MAX_CHARS and clean_text(path) == path:
         said["log_path"] = path
     return said
-
-
-def ended(outcome: Outcome, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
-    # within what the orchestrator takes (a path in it may hold any character but NUL)
-    detail = clean_text(detail)[:DETAIL_MAX_CHARS]
-    return {"kind": "ended", "outcome": outcome, "exit_code": exit_code, "detail": detail}
-
-
-def ended_from(end: Ended) -> dict[str, Any]:
-    said = ended(end.reason, end.detail, exit_code=end.exit_code)
-    return {**said, "signal": end.signal, "runtime_seconds": end.runtime_seconds}

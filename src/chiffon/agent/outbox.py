@@ -9,12 +9,16 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 from chiffon.agent.attempts import ENDED, REPORTED, Attempt, AttemptTable
 from chiffon.agent.identity import write_private
+from chiffon.agent.runner import Ended, Orphan
 from chiffon.backoff import Backoff
+from chiffon.schemas.dispatch import DETAIL_MAX_CHARS, Outcome
+from chiffon.schemas.limits import clean_text
 from chiffon.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -82,3 +86,47 @@ def read_saved(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("kind") == "ended" else None
+
+
+def ended(outcome: Outcome, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
+    # within what the orchestrator takes (a path in it may hold any character but NUL)
+    detail = clean_text(detail)[:DETAIL_MAX_CHARS]
+    return {"kind": "ended", "outcome": outcome, "exit_code": exit_code, "detail": detail}
+
+
+def ended_from(end: Ended) -> dict[str, Any]:
+    said = ended(end.reason, end.detail, exit_code=end.exit_code)
+    return {**said, "signal": end.signal, "runtime_seconds": end.runtime_seconds}
+
+
+def unheard(
+    taken: Iterable[Path], orphans: Iterable[Orphan], table: AttemptTable
+) -> list[tuple[Attempt, dict[str, Any]]]:
+    """The attempts a previous run took (their directories, `taken`) whose end the
+    orchestrator never heard, each entered in `table` as accepted, with the end to say:
+    the one saved before a restart wins; else `lost`, as the processes it left (`orphans`,
+    ended at this start) say, or unseen."""
+    by_orphan = {
+        (uuid.UUID(o.job_id), o.attempt): ended(
+            "lost", "the agent restarted" + (" and ended it" if o.was_running else "")
+        )
+        for o in orphans
+    }
+    found = []
+    for attempt_dir in taken:
+        key = _attempt_of(attempt_dir.name)
+        if key is None or key in table or (attempt_dir / REPORTED).exists():
+            continue
+        lost = ended("lost", "the agent restarted before its end was said")
+        said = read_saved(attempt_dir / ENDED) or by_orphan.get(key) or lost
+        found.append((table.add(key, attempt_dir), said))
+    return found
+
+
+def _attempt_of(name: str) -> tuple[uuid.UUID, int] | None:
+    """(job, attempt) from an attempt directory's name, `<job_id>-<attempt>`."""
+    job_id, _, attempt = name.rpartition("-")
+    try:
+        return uuid.UUID(job_id), int(attempt)
+    except ValueError:
+        return None

@@ -30,14 +30,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from chiffon.agent.attempt_runner import AttemptRunner, ended
+from chiffon.agent.attempt_runner import AttemptRunner
 from chiffon.agent.attempts import ENDED, REPORTED, Attempt, AttemptTable
 from chiffon.agent.bounded import in_daemon_thread
 from chiffon.agent.guard import OwnerGuard, may_run_jobs
 from chiffon.agent.hooks import HOOKS, HookParts
 from chiffon.agent.hygiene import GpuHygiene, gpu_key
 from chiffon.agent.intake import OrderIntake, assignment_from
-from chiffon.agent.outbox import Outbox, read_saved
+from chiffon.agent.outbox import Outbox, ended, unheard
 from chiffon.agent.owner import SAID, Decision, OwnerRules
 from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
@@ -381,34 +381,16 @@ class WorkLoop:
         """At start: end what a previous run of this agent left running, and say so; and
         say `lost` for every attempt a previous run took whose end the orchestrator never
         heard (the agent was killed before it ran it, or before its end was said), so that
-        no attempt stays out on a desktop that no longer runs it."""
+        no attempt stays out on a desktop that no longer runs it (`outbox.unheard`)."""
         jobs_dir = self.settings.jobs_dir
         taken = [d for d in jobs_dir.glob("*-*") if d.is_dir()]
         orphans = await asyncio.to_thread(end_orphans, jobs_dir,
                                           grace_seconds=self.settings.grace_seconds)  # fmt: skip
-        ended_by_orphan = {
-            (uuid.UUID(o.job_id), o.attempt): ended(
-                "lost", "the agent restarted" + (" and ended it" if o.was_running else "")
-            )
-            for o in orphans
-        }
-        unheard = [self._unheard(d, ended_by_orphan) for d in taken]
+        ends = unheard(taken, orphans, self.attempts)
         # Each said until heard; the start waits for them a moment only (they go on).
-        saying = [self._spawn(self.outbox.say(a, said)) for a, said in filter(None, unheard)]
+        saying = [self._spawn(self.outbox.say(attempt, said)) for attempt, said in ends]
         if saying:
             await asyncio.wait(saying, timeout=RECOVER_WAIT_SECONDS)
-
-    def _unheard(
-        self, attempt_dir: Path, by_orphan: dict[Key, dict[str, Any]]
-    ) -> tuple[Attempt, dict[str, Any]] | None:
-        """A previous run's attempt whose end was not heard, and the end to say: the one
-        saved before a restart wins; else it ended unseen."""
-        key = _attempt_of(attempt_dir.name)
-        if key is None or key in self.attempts or (attempt_dir / REPORTED).exists():
-            return None
-        lost = ended("lost", "the agent restarted before its end was said")
-        said = read_saved(attempt_dir / ENDED) or by_orphan.get(key) or lost
-        return self.attempts.add(key, attempt_dir), said
 
     async def stop(self) -> None:
         """The agent is stopping: end every attempt (each reports itself lost, so its job
@@ -418,12 +400,3 @@ class WorkLoop:
         await asyncio.gather(*(run.end("lost", "the agent stopped") for run in runs))
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-
-
-def _attempt_of(name: str) -> Key | None:
-    """(job, attempt) from an attempt directory's name, `<job_id>-<attempt>`."""
-    job_id, _, attempt = name.rpartition("-")
-    try:
-        return uuid.UUID(job_id), int(attempt)
-    except ValueError:
-        return None
