@@ -9,6 +9,7 @@ from uuid import UUID
 
 from sqlalchemy import Row
 
+from chiffon.orchestrator.jobspec import JobSpec
 from chiffon.persistence.jobs import Current
 from chiffon.persistence.models import (
     AgentEventRow,
@@ -93,7 +94,7 @@ def job(
     """`current`: its current attempt, when it has one out or ended on one
     (`persistence.jobs.current_attempts`). Of its environment, only the names."""
     now = (current or {}).get(row.job_id) if row.agent_id else None
-    spec = row.spec
+    spec = JobSpec.parse(row.spec)
     return JobView(
         job_id=row.job_id,
         name=row.name,
@@ -105,16 +106,16 @@ def job(
         agent_name=(names or {}).get(row.agent_id) if row.agent_id else None,
         gpu_uuids=now.gpu_uuids if now else [],
         cancel_requested=row.cancel_requested_at is not None,
-        command=spec["command"],
-        requirements=spec.get("requirements", {}),
+        command=list(spec.command),
+        requirements=spec.wants.stored(),
         submitted_at=row.submitted_at,
         updated_at=row.updated_at,
         started_at=now.started_at if now else None,
         ended_at=row.ended_at,
         exit_code=row.exit_code,
-        workdir=spec.get("workdir"),
-        timeout_seconds=spec.get("timeout_seconds"),
-        env_names=sorted(spec.get("env") or {}),
+        workdir=spec.workdir,
+        timeout_seconds=spec.timeout_seconds,
+        env_names=sorted(spec.env),
     )
 
 
