@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -9,6 +10,7 @@ import pytest
 
 from chiffon.api.app import create_app
 from chiffon.orchestrator.service import Orchestrator
+from chiffon.schemas import dispatch
 from tests.auth import API_HEADERS
 
 
@@ -45,3 +47,20 @@ async def test_the_favicon_is_served_and_the_page_links_it(web: httpx.AsyncClien
     assert icon.headers["content-type"].startswith("image/")
     assert icon.content.startswith(b"\x00\x00\x01\x00")  # an ICO file's header
     assert '<link rel="icon" href="favicon.ico"' in (await web.get("/")).text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_page_reads_the_job_states_groupings_from_the_dispatch_contract(
+    web: httpx.AsyncClient,
+) -> None:
+    page = (await web.get("/")).text
+    assert page.index('<script src="dispatch.js">') < page.index('<script src="app.js">')
+    script = await web.get("/dispatch.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    body = script.text.split("Object.freeze(", 1)[1].rsplit(");", 1)[0]
+    groupings = json.loads(body)
+    assert groupings["active"] == list(dispatch.ACTIVE) and groupings["out"] == list(dispatch.OUT)
+    assert set(groupings["terminal"]) == dispatch.TERMINAL
+    app_js = (await web.get("/app.js")).text
+    assert '"assigned", "running"' not in app_js and "DISPATCH.out" in app_js

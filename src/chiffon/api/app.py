@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,7 +37,16 @@ from chiffon.api.methods import MethodNotAllowed
 from chiffon.dashboard import STATIC_DIR
 from chiffon.orchestrator.fleet_metrics import exposition, read_fleet
 from chiffon.orchestrator.service import Orchestrator
+from chiffon.schemas import dispatch
 
+# The dashboard reads the states' groupings from here (`/dispatch.js`, before app.js).
+DISPATCH_JS = (
+    "// Made from chiffon.schemas.dispatch: which job states are active, out, over.\n"
+    "const DISPATCH = Object.freeze("
+    + json.dumps({"states": list(dispatch.JOB_STATES), "active": list(dispatch.ACTIVE),
+                  "out": list(dispatch.OUT), "terminal": sorted(dispatch.TERMINAL)})
+    + ");\n"
+)  # fmt: skip
 SWAGGER = "/vendor/swagger-ui"  # swagger-ui-dist, vendored under the dashboard's files
 
 
@@ -182,6 +192,12 @@ def create_app(
             # off the event loop, so ingest and the sweep go on meanwhile.
             text += await asyncio.to_thread(exposition, fleet)
         return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/dispatch.js", include_in_schema=False)
+    async def dispatch_js() -> Response:
+        """The job states' groupings for the dashboard, from the dispatch contract, so the
+        page spells none of them itself."""
+        return Response(DISPATCH_JS, media_type="text/javascript")
 
     # Last: the dashboard's files answer every path the API does not.
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="dashboard")

@@ -15,7 +15,8 @@ const state = {
 };
 // The job page keeps at most this much of a job's output on screen (its tail).
 const LOG_KEEP_CHARS = 64 * 1024;
-const ACTIVE = ["queued", "assigned", "running"];
+// The states' groupings come from the orchestrator (/dispatch.js: the dispatch contract).
+const ACTIVE = DISPATCH.active;
 
 const TOKEN_KEY = "chiffon.token";
 
@@ -550,7 +551,7 @@ async function loadJobs() {
   select.value = chosen;
   const count = (states) => jobs.filter((j) => states.includes(j.state)).length;
   $("#job-counts").replaceChildren(
-    card("queued", "Queued", count(["queued"])), card("running", "Running", count(["assigned", "running"])),
+    card("queued", "Queued", count(["queued"])), card("running", "Running", count(DISPATCH.out)),
     card("finished", "Finished", jobs.length - count(ACTIVE)));
   $("#jobs tbody").replaceChildren(...jobs.map((j) => el("tr", { "data-job-id": j.job_id, "data-state": j.state },
     el("td", {}, jobLink(j)), el("td", { class: "name" }, el("bdi", {}, j.name ?? "")),
