@@ -92,7 +92,7 @@ async def test_room_made_by_an_attempt_ended_elsewhere_is_used_at_once(
     await asyncio.sleep(1)
     assert await state(serving, second) == "queued"
     # The first ends, reported to the orchestrator that does not place.
-    for said in (Report("started"), Report("ended", "succeeded", exit_code=0)):
+    for said in (Report("started"), Report("ended", "exit", exit_code=0)):
         assert await serving.report_attempt(agent, first, 1, said) == "applied"
     await eventually(lambda: _is(serving, second, "assigned"), within_seconds=5)
 

@@ -118,10 +118,11 @@ async def _waiting(orch: Orchestrator, agent_id: uuid.UUID) -> bool:
 
 
 def test_the_agent_bounds_what_it_reports_as_the_orchestrator_does() -> None:
-    """The agent does not load pydantic: its own copies of the report's bounds agree."""
-    from chiffon.agent import work
+    """The agent does not load pydantic: the report's bounds it applies (the dispatch
+    contract's) are the ones the orchestrator validates with."""
+    from chiffon.agent import attempt_runner, outbox
     from chiffon.api.routes_work import AttemptReport
 
     schema = AttemptReport.model_json_schema()["properties"]
-    assert schema["detail"]["maxLength"] == work.DETAIL_MAX_CHARS
-    assert schema["log_path"]["anyOf"][0]["maxLength"] == work.LOG_PATH_MAX_CHARS
+    assert schema["detail"]["maxLength"] == outbox.DETAIL_MAX_CHARS
+    assert schema["log_path"]["anyOf"][0]["maxLength"] == attempt_runner.LOG_PATH_MAX_CHARS

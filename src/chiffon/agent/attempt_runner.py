@@ -17,14 +17,12 @@ from chiffon.agent.hooks.base import not_current
 from chiffon.agent.outbox import ended, ended_from
 from chiffon.agent.runner import CannotStart, JobRun
 from chiffon.backoff import Backoff
+from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS
 from chiffon.schemas.limits import clean_text
 from chiffon.transport.base import TransportError
 
 log = logging.getLogger(__name__)
 
-# The longest log path a start report carries (schemas.jobs.LOG_PATH_MAX_CHARS: the agent
-# does not load pydantic); a longer one is left out of the report.
-LOG_PATH_MAX_CHARS = 4096
 START_REPORT_TRIES = 7
 
 
@@ -108,6 +106,6 @@ def started(run: JobRun) -> dict[str, Any]:
     its bound); else without it, as an older agent says it."""
     said: dict[str, Any] = {"kind": "started"}
     path = str(run.log_path.absolute())
-    if len(path) <= LOG_PATH_MAX_CHARS and clean_text(path) == path:
+    if len(path) <= LOG_PATH_MAX_CHARS and clean_text(path) == path:  # else left out
         said["log_path"] = path
     return said

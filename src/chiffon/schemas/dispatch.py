@@ -173,6 +173,7 @@ def spends_retry(outcome: Outcome, to_state: str) -> bool:
 ReportKind = Literal["started", "ended", "usage", "alive"]
 REPORT_KINDS: tuple[ReportKind, ...] = get_args(ReportKind)
 DETAIL_MAX_CHARS = 1000
+LOG_PATH_MAX_CHARS = 4096  # an attempt's log on the desktop, as its agent says it
 EXIT_CODE_MIN, EXIT_CODE_MAX = -255, 255
 SIGNAL_MIN, SIGNAL_MAX = 1, 128
 # Verdicts on a report: applied; stale (not the job's current attempt on this agent: end

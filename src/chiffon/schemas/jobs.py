@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from chiffon.schemas import limits
+from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS as LOG_PATH_MAX_CHARS
 from chiffon.schemas.dispatch import JobState
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
 
@@ -67,7 +68,6 @@ EnvName = Annotated[
 ]
 EnvValue = Annotated[str, Field(max_length=ENV_VALUE_MAX_CHARS, pattern=r"^[^\x00]*$")]
 WORKDIR_MAX_CHARS = 4096
-LOG_PATH_MAX_CHARS = 4096  # an attempt's log on the desktop, as its agent says it
 # The user's own words for the pattern below (`JobSubmit._workdir`); the pattern stays in
 # the schema, so the document says every rule the server applies.
 WORKDIR_NOT_ABSOLUTE = "workdir must be an absolute path on the desktop"
