@@ -43,10 +43,10 @@ from tests.auth import API_HEADERS, API_TOKEN, ENROLL_TOKEN, SECRET_KEY
 from tests.jobfleet import desktop
 
 from chiffon.api.app import create_app
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import db
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 
 QUIET_WITHIN_SECONDS = 25.0  # under the pools' 30 s: the followers still wait after it

@@ -13,10 +13,10 @@ from sqlalchemy import select
 
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.scheduler import Dispatcher, schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import JobAttemptRow, JobClaimRow, JobEventRow, JobRow
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from chiffon.schemas.limits import RejectedMessage
 from chiffon.transport.orders import Order, order_key, verify

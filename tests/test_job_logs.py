@@ -10,8 +10,9 @@ import uuid
 
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report, utf8_complete
+from chiffon.orchestrator.jobs import utf8_complete
 from chiffon.orchestrator.service import Orchestrator
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from tests.auth import API_HEADERS, bearer, issue
 from tests.conftest import api_client

@@ -19,10 +19,10 @@ from sqlalchemy.engine import Engine
 
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.longpoll import Bell
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobLog, JobSubmit
 from tests import factories as f
 from tests.auth import API_HEADERS

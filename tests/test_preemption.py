@@ -9,10 +9,10 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.scheduler import PassResult, schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import AgentEventRow, JobAttemptRow
+from chiffon.schemas.dispatch import Report
 from tests.jobfleet import desktop
 from tests.test_job_lifecycle import STARTED, placed, row, say, submitted
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence.models import Base, JobRow
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from tests.auth import SECRET_KEY
 from tests.jobfleet import desktop

@@ -24,12 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.batcher import IngestUnavailableError
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.liveness import Sweeper
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.orchestrator.settings import OrchestratorSettings
 from chiffon.persistence import registry
 from chiffon.persistence.models import JobRow
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
 from tests.conftest import fresh_postgres_database
