@@ -237,7 +237,9 @@ class Fleet:
         and stopping once a GPU's own leftover (with the least core share any agent could
         add: a lower bound of its agent's score) passes the best score found."""
         want, best = chain.want, cast("Placement | None", None)
-        bar = math.inf  # the score to beat, once no other agent can win on its record
+        # The score to beat, once no other agent can win on its record: the walk's scorer
+        # scores the leftover plus the core share (`Scorer.tightest_first`).
+        bar = math.inf
         least_share = self._least_core_share(want.cpu_cores)
         skip = set(exclude)  # left out, or seen already (at its tightest GPU with room)
         for available, agent_id, _ in self._from_tightest(want):
@@ -247,10 +249,10 @@ class Fleet:
             if lane is not None and _lane_of(agent_id) != lane:
                 continue
             left = available - want.vram_gb
-            if bar < math.inf and scorer.score(left, least_share) > bar:
+            if left + least_share > bar:
                 break  # no agent further on scores under it: its GPU leaves at least `left`
             c = self.candidates[agent_id]
-            if bar < math.inf and scorer.score(left, core_share(want, c)) > bar:
+            if left + core_share(want, c) > bar:
                 continue  # nor this one: this is its tightest GPU with room
             # the view's agents pass the host's checks
             best, bar = self._better(_fit_gpus(chain, c, scorer), best, bar, want)

@@ -34,9 +34,11 @@ class Scorer(Protocol):
     `gpu_key` orders the usable GPUs of one desktop: the job takes the first. `score`
     ranks a desktop (lower wins) from what the GPUs taken would have left (the sum over
     them of available minus asked, GB) and the share of its free cores left. A scorer
-    that takes the tightest GPU first and whose score never falls as either grows says
-    `tightest_first`: the fleet's index (`placement.Fleet`) then finds its best one-GPU
-    placement by walking up from the tightest GPU with room, not over every desktop."""
+    that takes the tightest GPU first and scores the leftover plus the core share, as
+    best fit does, says `tightest_first`: the fleet's index (`placement.Fleet`) then
+    finds its best one-GPU placement by walking up from the tightest GPU with room, and
+    stops once that sum passes the best score found, not visiting every desktop. Any
+    other scorer is asked about every desktop that passes the checks."""
 
     @property
     def tightest_first(self) -> bool: ...
