@@ -63,6 +63,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chiffon.orchestrator import ledger
 from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.jobs import lose_forgotten, lose_offline
+from chiffon.orchestrator.jobspec import Wants
 from chiffon.orchestrator.placement import (
     LANES,
     Candidate,
@@ -122,19 +123,16 @@ LONG_JOB_SECONDS = 3600.0
 
 
 def requirements(spec: dict[str, Any], avoid: frozenset[str] = frozenset()) -> Requirements:
-    r = spec.get("requirements", {})
+    """What a stored job spec asks of a desktop (its requirements, as `jobspec.Wants`
+    reads them), with the desktops to avoid."""
+    r = Wants.parse(spec.get("requirements") or {})
     timeout = spec.get("timeout_seconds")
     return Requirements(
         avoid=avoid,
         long=timeout is None or float(timeout) >= LONG_JOB_SECONDS,
-        gpus=int(r.get("gpus", 0)),
-        vram_gb=float(r.get("vram_gb", 0.0)),
-        cpu_cores=float(r.get("cpu_cores", 0.0)),
-        memory_gb=float(r.get("memory_gb", 0.0)),
-        pool_name=r.get("pool"),
-        labels=dict(r.get("labels", {})),
-        gpu_vendor=r.get("gpu_vendor"),
-    )
+        gpus=r.gpus, vram_gb=r.vram_gb, cpu_cores=r.cpu_cores, memory_gb=r.memory_gb,
+        pool_name=r.pool, labels=r.labels, gpu_vendor=r.gpu_vendor,
+    )  # fmt: skip
 
 
 def shape_want(shape: repo.Shape) -> tuple[Requirements, Policy]:
