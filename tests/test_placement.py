@@ -94,7 +94,7 @@ def test_best_fit_picks_the_tightest_gpus_on_an_agent_and_enough_of_them() -> No
 
 
 def test_only_online_agents_that_accept_jobs_in_the_pool_with_the_labels() -> None:
-    want = Requirements(gpus=1, vram_gb=1, pool_name="lab", labels={"room": "b12"})
+    want = Requirements(gpus=1, vram_gb=1, pool="lab", labels={"room": "b12"})
     fleet = [
         agent("off", gpu(0, 8, 8), online=False, pool="lab", labels={"room": "b12"}),
         agent("owner-says-no", gpu(0, 8, 8), accepts=False, pool="lab", labels={"room": "b12"}),
@@ -181,7 +181,7 @@ def test_agents_that_refuse_jobs_are_counted_by_the_reason_their_heartbeats_give
             "closest is a (2 free cores, 16.0 GB free memory)",
         ),
         (
-            Requirements(gpus=2, vram_gb=4, pool_name="studio"),
+            Requirements(gpus=2, vram_gb=4, pool="studio"),
             "no online agent that accepts jobs in pool 'studio' has 2 GPUs with 4 GB free",
         ),
     ],
@@ -220,7 +220,7 @@ def test_the_fleet_index_places_as_place_does_job_after_job(seed: int) -> None:
     for _ in range(150):
         want = Requirements(
             gpus=rng.choice([1, 1, 1, 2, 0]), vram_gb=rng.choice([0.0, 4.0, 8.0, 12.0, 20.0]),
-            cpu_cores=rng.choice([0, 1, 4]), pool_name=rng.choice([None, "p"]),
+            cpu_cores=rng.choice([0, 1, 4]), pool=rng.choice([None, "p"]),
             labels=rng.choice([{}, {"room": "a"}]), gpu_vendor=rng.choice([None, "nvidia"]),
             avoid=frozenset(rng.sample(sorted(candidates), 2)), long=rng.random() < 0.5,
         )  # fmt: skip
@@ -288,7 +288,7 @@ def test_a_miss_with_agents_left_out_is_kept_only_when_none_of_them_fits() -> No
 def test_each_check_of_the_chain_says_why_a_desktop_does_not_fit() -> None:
     """The first check that fails names the reason, and the miss's sentence is what the
     checks found: the headline's closest among those that passed who may take the job."""
-    want = Requirements(gpus=1, vram_gb=8, cpu_cores=2, pool_name="p", labels={"room": "a"},
+    want = Requirements(gpus=1, vram_gb=8, cpu_cores=2, pool="p", labels={"room": "a"},
                         avoid=frozenset({"avoided"}))  # fmt: skip
     room_a = {"room": "a"}
     fleet = {
@@ -315,7 +315,7 @@ def test_a_chain_leaves_out_only_the_checks_that_cannot_fail_for_the_job(seed: i
         want = Requirements(
             gpus=rng.choice([0, 1, 2]), vram_gb=rng.choice([0.0, 8.0]),
             cpu_cores=rng.choice([0, 4]), memory_gb=rng.choice([0, 16]),
-            pool_name=rng.choice([None, "p"]), labels=rng.choice([{}, {"room": "a"}]),
+            pool=rng.choice([None, "p"]), labels=rng.choice([{}, {"room": "a"}]),
             gpu_vendor=rng.choice([None, "amd"]), avoid=frozenset(rng.sample(["a001", "a002"], 1)),
         )  # fmt: skip
         every = Chain(want, tuple(c.test for c in HOST), tuple(c.test for c in GPU_CHECKS),
@@ -354,7 +354,7 @@ def test_a_desktop_is_counted_once_in_the_reason_by_the_first_check_it_fails() -
     a desktop in another pool are not the job's concern."""
     mine = dataclasses.replace(agent("mine", accepts=False), withheld="owner_active")
     elsewhere = agent("elsewhere", dataclasses.replace(gpu(0, 24, 24), withheld="dirty"), pool="q")
-    want = Requirements(gpus=1, vram_gb=4, pool_name="p", avoid=frozenset({"mine"}))
+    want = Requirements(gpus=1, vram_gb=4, pool="p", avoid=frozenset({"mine"}))
     assert place(want, [mine, elsewhere]) == Miss(
         "no online agent that accepts jobs in pool 'p' has 1 GPU with 4 GB free; "
         "1 does not accept jobs (its owner is using it)"

@@ -13,27 +13,30 @@ with when it applies); a check of one GPU is a function `(want, gpu) -> reason |
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+from chiffon.orchestrator.jobspec import Wants
 from chiffon.orchestrator.ledger import Candidate, GpuLedger
 
 
 @dataclass(frozen=True, slots=True)
-class Requirements:
-    gpus: int = 0
-    vram_gb: float = 0.0  # on each assigned GPU
-    cpu_cores: float = 0.0
-    memory_gb: float = 0.0
-    pool_name: str | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-    gpu_vendor: str | None = None
+class Requirements(Wants):
+    """What a job asks of one desktop (its spec's `Wants`), and what the scheduler adds."""
+
     # Desktops whose owner took this job back lately: not placed there again for a while.
     avoid: frozenset[str] = frozenset()
     # A long job (no timeout, or one of an hour or more) goes to the most reliable desktop
     # that fits, before the tightest fit.
     long: bool = False
+
+    @classmethod
+    def of(cls, wants: Wants, *, avoid: frozenset[str], long: bool) -> Requirements:
+        return cls(**{name: getattr(wants, name) for name in _ASKED}, avoid=avoid, long=long)
+
+
+_ASKED = tuple(f.name for f in fields(Wants))
 
 
 class Test(Protocol):
@@ -95,7 +98,7 @@ def not_avoided(want: Requirements, c: Candidate) -> str | None:
 
 
 def in_pool(want: Requirements, c: Candidate) -> str | None:
-    return POOL if want.pool_name is not None and c.pool_name != want.pool_name else None
+    return POOL if want.pool is not None and c.pool_name != want.pool else None
 
 
 def labelled(want: Requirements, c: Candidate) -> str | None:
@@ -136,7 +139,7 @@ ELIGIBILITY: tuple[Check, ...] = (
     Check(online),
     Check(accepting),
     Check(not_avoided, lambda want: bool(want.avoid)),
-    Check(in_pool, lambda want: want.pool_name is not None),
+    Check(in_pool, lambda want: want.pool is not None),
     Check(labelled, lambda want: bool(want.labels)),
 )
 # ... and the host's room: the fleet's index keeps a view of the agents passing these.

@@ -101,7 +101,7 @@ def never_fits(want: Requirements) -> str:
 
 
 def _where(want: Requirements) -> str:
-    where = f" in pool {want.pool_name!r}" if want.pool_name else ""
+    where = f" in pool {want.pool!r}" if want.pool else ""
     if want.labels:
         where += " with " + ", ".join(f"{k}={v}" for k, v in sorted(want.labels.items()))
     return where

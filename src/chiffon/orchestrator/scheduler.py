@@ -125,14 +125,9 @@ LONG_JOB_SECONDS = 3600.0
 def requirements(spec: dict[str, Any], avoid: frozenset[str] = frozenset()) -> Requirements:
     """What a stored job spec asks of a desktop (its requirements, as `jobspec.Wants`
     reads them), with the desktops to avoid."""
-    r = Wants.parse(spec.get("requirements") or {})
     timeout = spec.get("timeout_seconds")
-    return Requirements(
-        avoid=avoid,
-        long=timeout is None or float(timeout) >= LONG_JOB_SECONDS,
-        gpus=r.gpus, vram_gb=r.vram_gb, cpu_cores=r.cpu_cores, memory_gb=r.memory_gb,
-        pool_name=r.pool, labels=r.labels, gpu_vendor=r.gpu_vendor,
-    )  # fmt: skip
+    long = timeout is None or float(timeout) >= LONG_JOB_SECONDS
+    return Requirements.of(Wants.parse(spec.get("requirements") or {}), avoid=avoid, long=long)
 
 
 def shape_want(shape: repo.Shape) -> tuple[Requirements, Policy]:
