@@ -136,11 +136,7 @@ def shape_want(shape: repo.Shape) -> tuple[Requirements, Policy]:
     wanted, policy, timeout = shape
     spec = {"requirements": json.loads(wanted) if wanted else {},
             "timeout_seconds": float(timeout) if timeout else None}  # fmt: skip
-    return requirements(spec), _policy(policy or "best_fit")
-
-
-def _policy(value: object) -> Policy:
-    return policy_of(value)
+    return requirements(spec), policy_of(policy)
 
 
 def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) -> Candidate:
@@ -499,7 +495,7 @@ class _Pass:
 
     def known_miss(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Miss | None:
         """The kept miss for this job's shape (`Fleet.known_miss`)."""
-        return self.shape_misses(self._want(job_id, spec), _policy(spec.get("policy")))
+        return self.shape_misses(self._want(job_id, spec), policy_of(spec.get("policy")))
 
     def shape_misses(self, want: Requirements, policy: Policy) -> Miss | None:
         """The kept miss for this requirement, with the agents the pass leaves out now."""
