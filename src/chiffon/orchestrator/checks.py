@@ -1,10 +1,11 @@
 """Placement's feasibility checks: what a job asks, and a chain of checks that each say why
 a desktop cannot give it, in a word.
 
-A desktop fits when every check of `CHAIN` passes; the first that fails names why it does
-not (Nomad's feasibility checkers, `scheduler/feasible/`; GPUStack's filter chain). The
-same chain decides a placement (`placement`) and explains a miss (`Findings`, then
-`reasons.why_not`): "why it waits" is what filtering found, not a second explanation.
+A desktop fits when every check of the job's `Chain` passes (`HOST`, then enough GPUs that
+pass `GPU_CHECKS`); the first that fails names why it does not (Nomad's feasibility
+checkers, `scheduler/feasible/`; GPUStack's filter chain). The same chain decides a
+placement (`placement`) and explains a miss (`Findings`, then `reasons.why_not`): "why it
+waits" is what filtering found, not a second explanation.
 
 A new check is a function `(want, desktop) -> reason | None` placed in the chain (`HOST`,
 with when it applies); a check of one GPU is a function `(want, gpu) -> reason | None` in
@@ -197,11 +198,6 @@ class Chain:
             else:
                 usable.append(g)
         return usable
-
-
-def first_miss(want: Requirements, c: Candidate, checks: Sequence[Check] = HOST) -> str | None:
-    """Why `c` cannot take `want`, by `checks` alone (`Chain.miss`, for one desktop)."""
-    return Chain.of(want, checks, gpus=False).miss(c)
 
 
 @dataclass(slots=True)

@@ -65,7 +65,7 @@ def place(
 ) -> Placement | Miss:
     """The best agent and GPUs for `want`, or why there is none.
 
-    Every desktop that passes the chain of checks (`checks.CHAIN`) is scored by the
+    Every desktop that passes the job's chain of checks (`checks.Chain`) is scored by the
     policy's scorer (`scorers`: best fit, the default, or spread), and the placements are
     ranked (`scorers.rank`: the reliability record first for a long job); a miss says
     what the checks found (`reasons.why_not`).
