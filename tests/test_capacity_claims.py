@@ -9,9 +9,9 @@ from typing import Any
 
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence.models import JobRow
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
 from tests.auth import API_HEADERS

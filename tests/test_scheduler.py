@@ -15,11 +15,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from chiffon.orchestrator import jobs, placement
 from chiffon.orchestrator.clock import ManualClock
-from chiffon.orchestrator.jobs import Report
 from chiffon.orchestrator.scheduler import FleetCache, PassResult, schedule_once
 from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import AgentRow, JobClaimRow, JobEventRow, JobRow
+from chiffon.schemas.dispatch import Report
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
 from tests.jobfleet import desktop

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from chiffon.schemas.jobs import Policy
+
+POLICIES: tuple[str, ...] = get_args(Policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,7 @@ class JobSpec:
             timeout_seconds=None if timeout is None else float(timeout),
             retries=int(stored.get("retries", 0)),
             retry_on_exit=bool(stored.get("retry_on_exit", False)),
-            policy="spread" if stored.get("policy") == "spread" else "best_fit",
+            policy=_policy(stored.get("policy")),
         )
 
     def retries_left(self, used: int) -> bool:
@@ -89,3 +91,9 @@ class JobSpec:
             "vram_gb": self.wants.vram_gb,
             "gpu_vendor": self.wants.gpu_vendor,
         }
+
+
+def _policy(name: object) -> Policy:
+    """The stored policy's name; one no longer known (a job queued before an upgrade that
+    dropped it) is placed best fit."""
+    return name if name in POLICIES else "best_fit"  # type: ignore[return-value]

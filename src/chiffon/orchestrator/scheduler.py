@@ -188,34 +188,60 @@ async def schedule_once(
         fleet = await cache.read(session, now)
     one_pass = _Pass(fleet, {}, now, clock or (lambda: now), starvation_seconds)
     queue = _Queue(sessions, one_pass, shapes, avoided_since)
-    tries = Counter[uuid.UUID]()
-    looked, seen = one_pass.clock(), fleet.others_seen
     try:
-        while queue.chosen_for < limit:
-            ids = await queue.take(min(batch, limit - queue.chosen_for))
-            if not ids:
-                break
-            async with sessions.begin() as session:
-                jobs = await repo.take_queued_many(session, job_ids=ids)
-                again = await one_pass.batch(session, jobs)
-            if not again:
-                continue
-            # Chosen for again in the next batch, each up to RETRIES_PER_JOB times a pass.
-            # Another orchestrator is placing on the agents chosen here: first read again
-            # those it placed on since we last looked.
-            tries.update(again)
-            queue.again([j for j in again if tries[j] < RETRIES_PER_JOB])
-            if one_pass.busy or fleet.others_seen > seen:
-                cache.contended()  # not when only a heartbeat took the room
-            seen = fleet.others_seen
-            async with sessions() as session:
-                since, looked = looked - RECENT_MARGIN, one_pass.clock()
-                await cache.refresh(session, await repo.agents_placed_on(session, since=since))
+        await _drain(sessions, one_pass, queue, _Contention(cache, fleet, one_pass.clock()),
+                     limit=limit, batch=batch)  # fmt: skip
         await _say_why(sessions, one_pass, queue, cache)
     except BaseException:
         cache.forget()  # promises may be left in it that were never written
         raise
     return one_pass.result
+
+
+async def _drain(
+    sessions: async_sessionmaker[AsyncSession], one_pass: _Pass, queue: _Queue,
+    contention: _Contention, *, limit: int, batch: int,
+) -> None:  # fmt: skip
+    """Choose for the queue's jobs, `batch` a transaction, until `limit` were chosen for
+    or none is left to take."""
+    while queue.chosen_for < limit:
+        ids = await queue.take(min(batch, limit - queue.chosen_for))
+        if not ids:
+            return
+        async with sessions.begin() as session:
+            jobs = await repo.take_queued_many(session, job_ids=ids)
+            again = await one_pass.batch(session, jobs)
+        if again:
+            await contention.choose_again(sessions, one_pass, queue, again)
+
+
+@dataclass
+class _Contention:
+    """Jobs chosen for again in the next batch, each up to RETRIES_PER_JOB times a pass:
+    another orchestrator is placing on the agents chosen for them."""
+
+    cache: FleetCache
+    fleet: _PassFleet
+    looked: datetime  # when this pass last read the agents others placed on
+    seen: int = 0
+    tries: Counter[uuid.UUID] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.seen = self.fleet.others_seen
+
+    async def choose_again(
+        self, sessions: async_sessionmaker[AsyncSession], one_pass: _Pass, queue: _Queue,
+        again: list[uuid.UUID],
+    ) -> None:  # fmt: skip
+        self.tries.update(again)
+        queue.again([j for j in again if self.tries[j] < RETRIES_PER_JOB])
+        if one_pass.busy or self.fleet.others_seen > self.seen:
+            self.cache.contended()  # not when only a heartbeat took the room
+        self.seen = self.fleet.others_seen
+        # First read again the agents others placed on since we last looked.
+        async with sessions() as session:
+            since, self.looked = self.looked - RECENT_MARGIN, one_pass.clock()
+            await self.cache.refresh(session, await repo.agents_placed_on(session, since=since))
 
 
 class _Queue:
@@ -622,9 +648,12 @@ class _PassFleet(Fleet):
         self.drop(str(agent_id))
 
 
+_Choice = tuple[JobRow, Requirements, Placement]  # a job, what it asks, where it goes
+
+
 async def _claim(
     session: AsyncSession,
-    chosen: dict[uuid.UUID, list[tuple[JobRow, Requirements, Placement]]],
+    chosen: dict[uuid.UUID, list[_Choice]],
     fleet: _PassFleet,
     clock: Callable[[], datetime],
 ) -> tuple[dict[uuid.UUID, Placement], list[uuid.UUID], list[uuid.UUID]]:
@@ -641,34 +670,57 @@ async def _claim(
     registered: set[uuid.UUID] = set()
     if missing := [a for a in agent_ids if a not in rows]:
         registered = await repo.registered(session, agent_ids=missing)
-    placed: dict[uuid.UUID, Placement] = {}
-    placings: list[repo.Placing] = []
-    again: list[uuid.UUID] = []
-    busy: list[uuid.UUID] = []
+    batch = _Written()
     for agent_id in agent_ids:
         row = rows.get(agent_id)
         if row is None:  # held by another transaction, or it left the registry
-            if agent_id in registered:
-                fleet.unpromise(agent_id)
-                busy.append(agent_id)
-            else:
-                fleet.gone(agent_id)
-            again += [job.job_id for job, _, _ in chosen[agent_id]]
-            continue
-        fresh = fleet.read(row, claims.get(agent_id, []))
-        for job, want, choice in chosen[agent_id]:
+            batch.left_out(agent_id, chosen[agent_id], fleet, held=agent_id in registered)
+        else:
+            batch.write(row, chosen[agent_id], fleet, claims.get(agent_id, []))
+    await repo.assign_many(session, batch.placings, now=stamp)
+    return batch.placed, batch.again, batch.busy
+
+
+@dataclass
+class _Written:
+    """What `_claim` writes of a batch, and what it leaves for the next."""
+
+    placed: dict[uuid.UUID, Placement] = field(default_factory=dict)
+    placings: list[repo.Placing] = field(default_factory=list)
+    again: list[uuid.UUID] = field(default_factory=list)  # jobs to choose for again
+    busy: list[uuid.UUID] = field(default_factory=list)  # agents another pass is placing on
+
+    def left_out(
+        self, agent_id: uuid.UUID, choices: list[_Choice], fleet: _PassFleet, *, held: bool
+    ) -> None:
+        """The agent's row could not be locked: another transaction holds it (`held`), or
+        it left the registry."""
+        if held:
+            fleet.unpromise(agent_id)
+            self.busy.append(agent_id)
+        else:
+            fleet.gone(agent_id)
+        self.again += [job.job_id for job, _, _ in choices]
+
+    def write(
+        self, row: Row[Any], choices: list[_Choice], fleet: _PassFleet,
+        claims: Sequence[repo.Claimed],
+    ) -> None:  # fmt: skip
+        """Each choice that still fits the agent as read again, in the order chosen."""
+        agent_id = row.agent_id
+        fresh = fleet.read(row, claims)
+        for job, want, choice in choices:
             if not still_fits(want, fresh, choice.gpu_uuids):
-                again.append(job.job_id)
+                self.again.append(job.job_id)
                 continue
             gpus = [(gpu, want.vram_gb) for gpu in choice.gpu_uuids]
-            placing = repo.Placing(job, agent_id, gpus, want.cpu_cores, want.memory_gb, row.name)
             fresh = fleet.wrote(agent_id, repo.claim_rows(
                 job_id=job.job_id, attempt=job.attempt + 1, agent_id=agent_id, gpus=gpus,
                 cpu_cores=want.cpu_cores, memory_gb=want.memory_gb))  # fmt: skip
-            placings.append(placing)
-            placed[job.job_id] = choice
-    await repo.assign_many(session, placings, now=stamp)
-    return placed, again, busy
+            self.placings.append(
+                repo.Placing(job, agent_id, gpus, want.cpu_cores, want.memory_gb, row.name)
+            )
+            self.placed[job.job_id] = choice
 
 
 def _claim_key(c: repo.Claimed) -> tuple[object, object, str]:
