@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from chiffon.schemas.dispatch import TERMINAL
+from chiffon.schemas.dispatch import is_terminal
 from chiffon.schemas.jobs import (
     JobAccepted,
     JobDetail,
@@ -161,6 +161,17 @@ class LogCursor:
         self.pending = ""  # the last line read, not yet ended: it ends with the next piece
         self.resync = False  # bytes were skipped: drop the rest of the line they cut
         self.dropped = 0  # bytes dropped so far looking for that line's end
+
+    def read(self, piece: JobLog, *, follow: bool) -> tuple[list[JobLog], bool]:
+        """What to hand out of `piece` (whole lines while more may come), and whether a
+        reader that does not `follow` is done."""
+        empty = piece.next_offset == piece.offset
+        if empty and self.pending and not piece.done:  # the line did not end: show it
+            return list(_some(self.flush(piece))), False
+        shown = list(_some(self.take(piece)))
+        if not follow and (empty or piece.done):
+            return shown + list(_some(self.flush(piece))), True
+        return shown, False
 
     def take(self, piece: JobLog) -> JobLog | None:
         """What of `piece` (read from `self.offset`) to hand out: whole lines only, so
@@ -370,15 +381,9 @@ class Client:
         pause, said = 0.1, ""
         while True:
             job = self.get(job_id)
-            if job.state in TERMINAL:
+            if is_terminal(job.state):
                 return job
-            waits = job.reason if job.state == "queued" else ""
-            if waits and waits != said:
-                said = waits
-                if on_reason is not None:
-                    on_reason(job)
-                else:
-                    log.info("job %s %s: %s", job.job_id, job.state, job.reason or "")
+            said = _tell_reason(job, said, on_reason)
             if deadline is not None and time.monotonic() >= deadline:
                 why = f": {job.reason}" if job.reason and job.reason != job.state else ""
                 raise TimeoutError(f"job {job_id} is still {job.state}{why}")
@@ -427,25 +432,22 @@ class Client:
         while True:
             wait = (PENDING_WAIT_SECONDS if at.pending else LOG_WAIT_SECONDS) if follow else 0.0
             piece = self.log(job_id, attempt=at.attempt, offset=at.offset, wait_seconds=wait)
-            empty = piece.next_offset == piece.offset
-            if empty and at.pending and not piece.done:  # the line did not end: show it
-                if (rest := at.flush(piece)) is not None:
-                    yield rest
-                continue
-            if (out := at.take(piece)) is not None:
-                yield out
-            if not follow and (empty or piece.done):
-                if (rest := at.flush(piece)) is not None:
-                    yield rest
+            shown, finished = at.read(piece, follow=follow)
+            yield from shown
+            if finished or (piece.done and self._attempt_over(job_id, piece, at)):
                 return
-            if piece.done:  # this attempt is over: the job ended, or is placed again
-                job = self.get(job_id)
-                if job.state in TERMINAL and job.attempt <= piece.attempt:
-                    return
-                if job.attempt > piece.attempt:
-                    at.attempt, at.offset = piece.attempt + 1, 0
-                else:
-                    time.sleep(0.5)  # queued again, not yet placed
+
+    def _attempt_over(self, job_id: uuid.UUID | str, piece: JobLog, at: LogCursor) -> bool:
+        """The attempt `piece` was read from is over: whether the job is too (else `at`
+        moves to the next attempt, or waits for the job to be placed again)."""
+        job = self.get(job_id)
+        if is_terminal(job.state) and job.attempt <= piece.attempt:
+            return True
+        if job.attempt > piece.attempt:
+            at.attempt, at.offset = piece.attempt + 1, 0
+        else:
+            time.sleep(0.5)  # queued again, not yet placed
+        return False
 
     def get_json(self, path: str, **params: Any) -> Any:
         """GET any endpoint of the API (`/agents`, `/fleet/summary`...) as parsed JSON;
@@ -499,3 +501,20 @@ def _seconds(header: str | None) -> float | None:
         return None if header is None else max(0.0, float(header))
     except ValueError:
         return None
+
+
+def _some(piece: JobLog | None) -> Iterator[JobLog]:
+    if piece is not None:
+        yield piece
+
+
+def _tell_reason(job: JobView, said: str, on_reason: Callable[[JobView], None] | None) -> str:
+    """Say why a queued job waits when that changed since `said`; what is said now."""
+    waits = job.reason if job.state == "queued" else ""
+    if not waits or waits == said:
+        return said
+    if on_reason is not None:
+        on_reason(job)
+    else:
+        log.info("job %s %s: %s", job.job_id, job.state, job.reason or "")
+    return waits
