@@ -19,6 +19,7 @@ from chiffon.schemas.dispatch import (
     TERMINAL,
     IllegalMove,
     JobState,
+    Work,
     check_move,
     ended,
     is_active,
@@ -141,3 +142,23 @@ def test_a_report_round_trips_through_its_payload() -> None:
     assert not said.never_ran() and report_from(ended("exit", "gone")).never_ran()
     begun = report_from(started("/home/u/.chiffon/jobs/a-1/output.log"))
     assert begun.kind == "started" and begun.log_path.endswith("output.log")  # type: ignore[union-attr]
+
+
+def test_the_work_an_order_carries_round_trips_and_is_checked_on_arrival() -> None:
+    work = Work(("python", "train.py"), {"SEED": "1"}, "/data", 60.0, ("GPU-1",), 8.0, "nvidia")
+    assert Work.from_payload(work.payload()) == work
+    good = work.payload()
+    for field, bad, says in [
+        ("command", "rm -rf /", "command must be a list"),
+        ("command", [], "command is empty"),
+        ("command", ["x"] * 1025, "at most 1024"),
+        ("env", {"A": 1}, "env must map names to strings"),
+        ("workdir", "relative", "workdir must be an absolute path"),
+        ("timeout_seconds", 0, "timeout_seconds must be a positive number"),
+        ("timeout_seconds", float("inf"), "timeout_seconds must be a positive number"),
+        ("vram_gb", -1, "vram_gb must be a positive number"),
+        ("vram_gb", "8", "vram_gb must be a positive number"),
+        ("gpu_uuids", ["a\x00"], "gpu_uuids must hold strings without NUL"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            Work.from_payload({**good, field: bad})

@@ -10,11 +10,11 @@ import contextlib
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from chiffon.agent.runner import Assignment
+from chiffon.schemas.dispatch import Work
 from chiffon.transport.orders import AttemptLedger, Order, OrderRefused, order_key, verify
 
 # Refusals are logged as the work loop's, as they always were (log filters name it).
@@ -114,50 +114,12 @@ def _read_issued(path: Path) -> float | None:
         return None
 
 
-def assignment_from(order: Order) -> Assignment:
-    """The order's payload as an `Assignment`, every field checked (`ValueError`)."""
-    p = order.payload
-    command = _strings(p.get("command"), "command", most=1024)
-    if not command or not command[0]:
-        raise ValueError("command is empty")
-    env, workdir = _env(p.get("env", {})), _workdir(p.get("workdir"))
-    timeout = _timeout(p.get("timeout_seconds"))
-    vendor = p.get("gpu_vendor")
+def assignment_from(order: Order, work: Work | None = None) -> Assignment:
+    """The order's payload as an `Assignment`, every field checked (`ValueError`; the
+    contract's decoder, `schemas.dispatch.Work.from_payload`, unless given decoded)."""
+    w = work or Work.from_payload(order.payload)
     return Assignment(
-        job_id=str(order.job_id),
-        attempt=order.attempt,
-        command=command,
-        env=env,
-        workdir=workdir,
-        gpu_uuids=_strings(p.get("gpu_uuids", []), "gpu_uuids", most=64),
-        gpu_vendor=vendor if isinstance(vendor, str) else None,
-        timeout_seconds=timeout,
-    )
-
-
-def _env(env: Any) -> Mapping[str, str]:
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and "\x00" not in k + v for k, v in env.items()
-    ):
-        raise ValueError("env must map names to strings")
-    return env
-
-
-def _workdir(workdir: Any) -> str | None:
-    if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
-        raise ValueError("workdir must be an absolute path")
-    return workdir
-
-
-def _timeout(timeout: Any) -> float | None:
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise ValueError("timeout_seconds must be a positive number")
-    return None if timeout is None else float(timeout)
-
-
-def _strings(value: object, name: str, *, most: int) -> Sequence[str]:
-    if not isinstance(value, list) or len(value) > most:
-        raise ValueError(f"{name} must be a list of at most {most} strings")
-    if not all(isinstance(v, str) and "\x00" not in v for v in value):
-        raise ValueError(f"{name} must hold strings without NUL")
-    return tuple(value)
+        job_id=str(order.job_id), attempt=order.attempt, command=w.command, env=w.env,
+        workdir=w.workdir, gpu_uuids=w.gpu_uuids, gpu_vendor=w.gpu_vendor,
+        timeout_seconds=w.timeout_seconds,
+    )  # fmt: skip

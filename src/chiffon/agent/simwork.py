@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chiffon.agent.work import PUSHED_POLL_PAUSE_SECONDS
+from chiffon.schemas.dispatch import Work
 from chiffon.transport.base import TransportError
 from chiffon.transport.http import HttpClient, HttpWork
 from chiffon.transport.orders import Order, OrderRefused, order_key, verify
@@ -117,15 +118,14 @@ class SimulatedWork:
             run.cancel()
 
     async def _run(self, agent: VirtualAgent, order: Order) -> None:
-        env: dict[str, Any] = order.payload.get("env") or {}
+        work = Work.from_payload(order.payload)  # the real orchestrator's: well formed
+        env = work.env
         seconds = _number(env.get("SIMULATE_SECONDS"))
         if seconds is None:
             seconds = self._rng.uniform(*self.plan.seconds)
         exit_code = int(_number(env.get("SIMULATE_EXIT")) or 0)
         dies = self._rng.random() < self.plan.die_fraction
-        gpus = tuple(str(g) for g in order.payload.get("gpu_uuids", []))
-        vram_gb = float(order.payload.get("vram_gb") or 0)
-        agent.running[(order.job_id, order.attempt)] = (gpus, vram_gb)
+        agent.running[(order.job_id, order.attempt)] = (work.gpu_uuids, work.vram_gb)
         try:
             await self._attempt(agent, order, seconds, exit_code, dies=dies)
         except asyncio.CancelledError:

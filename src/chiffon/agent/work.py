@@ -43,6 +43,7 @@ from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
 from chiffon.agent.runner import JobRun, Ladder, end_orphans
 from chiffon.backoff import Backoff
+from chiffon.schemas.dispatch import Work
 from chiffon.transport.base import TransportError
 from chiffon.transport.orders import Order
 
@@ -200,17 +201,15 @@ class WorkLoop:
         if attempt_dir is None:  # said again, replayed, or older than one started
             return False
         attempt = self.attempts.add((order.job_id, order.attempt), attempt_dir)
-        why_not = await self._why_not(order)
-        try:
-            assignment = assignment_from(order)
-        except ValueError as exc:
-            self.intake.refuse("unusable", f"attempt {order.attempt} of {order.job_id}: {exc}")
-            why_not = why_not or f"unusable assignment: {exc}"
+        work, unusable = self._decode(order)
+        why_not = await self._why_not(work) or unusable
         if why_not is not None:
             log.info("attempt %s of %s declined: %s", order.attempt, order.job_id, why_not)
             await self.outbox.say(attempt, ended("refused", why_not))
             return True
-        run = JobRun(assignment, attempt_dir=attempt_dir, grace_seconds=self.settings.grace_seconds,
+        assert work is not None  # an unusable one was refused above
+        run = JobRun(assignment_from(order, work), attempt_dir=attempt_dir,
+                     grace_seconds=self.settings.grace_seconds,
                      max_log_bytes=self.settings.max_log_bytes,
                      ladder=self.settings.ladder)  # fmt: skip
         runner = AttemptRunner(attempt, run, table=self.attempts, parts=self._parts, hooks=HOOKS)
@@ -218,18 +217,26 @@ class WorkLoop:
             self._spawn(runner.follow())
         return True
 
-    async def _why_not(self, order: Order) -> str | None:
+    def _decode(self, order: Order) -> tuple[Work | None, str | None]:
+        """The assignment's payload, or why it is unusable (refused, and counted)."""
+        try:
+            return Work.from_payload(order.payload), None
+        except ValueError as exc:
+            self.intake.refuse("unusable", f"attempt {order.attempt} of {order.job_id}: {exc}")
+            return None, f"unusable assignment: {exc}"
+
+    async def _why_not(self, work: Work | None) -> str | None:
         """Why this desktop cannot honour the assignment now, if it cannot: the decision
         on a fresh reading (`agent.owner`), then the VRAM each of its GPUs has free."""
         if not may_run_jobs(self.settings):
             return self.owner.why_not_desktop()
-        gpus = [str(g) for g in order.payload.get("gpu_uuids", [])]
+        gpus = list(work.gpu_uuids) if work else []
         snapshot = await self._fresh() if gpus or self._raw is None else self._raw
         self.observe(snapshot)
         why = self.owner.why_not_desktop()
         if why is not None:
             return why
-        wanted = float(order.payload.get("vram_gb", 0) or 0)
+        wanted = work.vram_gb if work else 0.0
         free = {gpu_key(g): g.vram_free_gb for g in snapshot.gpus}
         return next((w for g in gpus if (w := self._why_not_on(g, free, wanted))), None)
 

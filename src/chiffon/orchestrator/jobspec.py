@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
+from chiffon.schemas.dispatch import Work
 from chiffon.schemas.jobs import Policy
 
 POLICIES: tuple[str, ...] = get_args(Policy)
@@ -80,17 +81,11 @@ class JobSpec:
         return used < self.retries
 
     def assignment(self, gpus: list[str]) -> dict[str, Any]:
-        """What the agent runs: the command and environment, and the GPUs it was given
-        (`agent.work.assignment_from` reads it back)."""
-        return {
-            "command": list(self.command),
-            "env": dict(self.env),
-            "workdir": self.workdir,
-            "timeout_seconds": self.timeout_seconds,
-            "gpu_uuids": list(gpus),
-            "vram_gb": self.wants.vram_gb,
-            "gpu_vendor": self.wants.gpu_vendor,
-        }
+        """The payload of the order that runs it on `gpus` (`schemas.dispatch.Work`)."""
+        work = Work(command=self.command, env=self.env, workdir=self.workdir,
+                    timeout_seconds=self.timeout_seconds, gpu_uuids=tuple(gpus),
+                    vram_gb=self.wants.vram_gb, gpu_vendor=self.wants.gpu_vendor)  # fmt: skip
+        return work.payload()
 
 
 def _policy(name: object) -> Policy:

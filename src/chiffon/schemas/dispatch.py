@@ -14,9 +14,12 @@ data and the agent read them from here (docs/architecture.md says where a new on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
+
+from chiffon.schemas import limits
 
 # --- Job states -------------------------------------------------------------------------
 
@@ -166,6 +169,81 @@ def attempt_ended(outcome: Outcome, job_state: str) -> AttemptState:
 def spends_retry(outcome: Outcome, to_state: str) -> bool:
     """Whether going back to the queue after `outcome` uses one of the job's retries."""
     return to_state == "queued" and ENDINGS[outcome].retry != "never"
+
+
+# --- What an order to run an attempt carries --------------------------------------------
+
+COMMAND_MAX_ITEMS = 1024  # the submission's argv (`schemas.jobs.JobSubmit.command`)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """The payload of an `assign` order: what the agent runs, on which GPUs. Encoded by
+    the orchestrator from the job's stored spec (`payload`), decoded by the agent with
+    every field checked (`from_payload`): the orchestrator's word is input too."""
+
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    workdir: str | None = None
+    timeout_seconds: float | None = None
+    gpu_uuids: tuple[str, ...] = ()
+    vram_gb: float = 0.0  # asked on each GPU: the agent checks it is still free
+    gpu_vendor: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "command": list(self.command), "env": dict(self.env), "workdir": self.workdir,
+            "timeout_seconds": self.timeout_seconds, "gpu_uuids": list(self.gpu_uuids),
+            "vram_gb": self.vram_gb, "gpu_vendor": self.gpu_vendor,
+        }  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, p: Mapping[str, Any]) -> Work:
+        """`ValueError` naming the first field that is unusable."""
+        command = _strings(p.get("command"), "command", most=COMMAND_MAX_ITEMS)
+        if not command or not command[0]:
+            raise ValueError("command is empty")
+        vendor = p.get("gpu_vendor")
+        return cls(
+            command=command,
+            env=_env(p.get("env", {})),
+            workdir=_workdir(p.get("workdir")),
+            timeout_seconds=_positive(p.get("timeout_seconds"), "timeout_seconds"),
+            gpu_uuids=_strings(p.get("gpu_uuids", []), "gpu_uuids", most=limits.GPUS_MAX),
+            vram_gb=_positive(p.get("vram_gb"), "vram_gb", zero=True) or 0.0,
+            gpu_vendor=vendor if isinstance(vendor, str) else None,
+        )
+
+
+def _env(env: Any) -> Mapping[str, str]:
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "\x00" not in k + v for k, v in env.items()
+    ):
+        raise ValueError("env must map names to strings")
+    return env
+
+
+def _workdir(workdir: Any) -> str | None:
+    if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
+        raise ValueError("workdir must be an absolute path")
+    return workdir
+
+
+def _positive(value: Any, name: str, *, zero: bool = False) -> float | None:
+    if value is None:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a positive number")
+    return float(value)
+
+
+def _strings(value: object, name: str, *, most: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > most:
+        raise ValueError(f"{name} must be a list of at most {most} strings")
+    if not all(isinstance(v, str) and "\x00" not in v for v in value):
+        raise ValueError(f"{name} must hold strings without NUL")
+    return tuple(value)
 
 
 # --- What an agent reports of an attempt ------------------------------------------------
