@@ -20,6 +20,7 @@ from chiffon.schemas.dispatch import (
     IllegalMove,
     JobState,
     Work,
+    alive,
     check_move,
     ended,
     is_active,
@@ -29,6 +30,7 @@ from chiffon.schemas.dispatch import (
     report_from,
     spends_retry,
     started,
+    usage,
 )
 
 STATES = get_args(JobState)
@@ -162,3 +164,13 @@ def test_the_work_an_order_carries_round_trips_and_is_checked_on_arrival() -> No
     ]:
         with pytest.raises(ValueError, match=says):
             Work.from_payload({**good, field: bad})
+
+
+def test_a_start_report_carries_only_a_log_path_the_orchestrator_takes() -> None:
+    assert started("/home/u/jobs/a-1/output.log")["log_path"] == "/home/u/jobs/a-1/output.log"
+    for refused in ("jobs/a-1/output.log", "/" + "d" * 4096, "/a\x1b[2J/output.log", None):
+        assert started(refused) == {"kind": "started"}, refused
+    assert report_from(usage({"GPU-1": 2.0})).vram_gb == {"GPU-1": 2.0}
+    assert report_from(alive()).kind == "alive"
+    assert "signal" not in ended("exit", "no such program")  # never started: no signal
+    assert report_from(ended("exit", "", signal=9)).signal == 9

@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from chiffon.agent.attempts import Attempt, AttemptTable
 from chiffon.agent.hooks import AttemptHook, HookParts
 from chiffon.agent.hooks.base import not_current
-from chiffon.agent.outbox import ended, ended_from
+from chiffon.agent.outbox import ended_from
 from chiffon.agent.runner import CannotStart, JobRun
 from chiffon.backoff import Backoff
-from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS
-from chiffon.schemas.limits import clean_text
+from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS as LOG_PATH_MAX_CHARS
+from chiffon.schemas.dispatch import ended, started
 from chiffon.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class AttemptRunner:
         that is never heard is found by the orchestrator (the attempt is lost)."""
         a = self.attempt
         assert a.run is not None
-        said = started(a.run)
+        said = started(str(a.run.log_path.absolute()))
         backoff = Backoff(0.5, max_seconds=10.0)
         for failures in range(1, START_REPORT_TRIES + 1):
             try:
@@ -98,14 +97,3 @@ class AttemptRunner:
                 log.warning("reporting attempt %s of %s failed: %s", a.number, a.job_id, exc)
                 await asyncio.sleep(backoff.delay(failures))
         return "unreported"
-
-
-def started(run: JobRun) -> dict[str, Any]:
-    """The start's report: with where the attempt's whole output is on this desktop, when
-    the orchestrator would take the path (an absolute one, of printable characters, within
-    its bound); else without it, as an older agent says it."""
-    said: dict[str, Any] = {"kind": "started"}
-    path = str(run.log_path.absolute())
-    if len(path) <= LOG_PATH_MAX_CHARS and clean_text(path) == path:  # else left out
-        said["log_path"] = path
-    return said

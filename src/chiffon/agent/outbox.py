@@ -17,8 +17,8 @@ from chiffon.agent.attempts import ENDED, REPORTED, Attempt, AttemptTable
 from chiffon.agent.identity import write_private
 from chiffon.agent.runner import Ended, Orphan
 from chiffon.backoff import Backoff
-from chiffon.schemas.dispatch import DETAIL_MAX_CHARS, Outcome
-from chiffon.schemas.limits import clean_text
+from chiffon.schemas.dispatch import DETAIL_MAX_CHARS as DETAIL_MAX_CHARS
+from chiffon.schemas.dispatch import ended
 from chiffon.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -88,15 +88,10 @@ def read_saved(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and doc.get("kind") == "ended" else None
 
 
-def ended(outcome: Outcome, detail: str, *, exit_code: int | None = None) -> dict[str, Any]:
-    # within what the orchestrator takes (a path in it may hold any character but NUL)
-    detail = clean_text(detail)[:DETAIL_MAX_CHARS]
-    return {"kind": "ended", "outcome": outcome, "exit_code": exit_code, "detail": detail}
-
-
 def ended_from(end: Ended) -> dict[str, Any]:
-    said = ended(end.reason, end.detail, exit_code=end.exit_code)
-    return {**said, "signal": end.signal, "runtime_seconds": end.runtime_seconds}
+    """The end report of an attempt's process (`schemas.dispatch.ended`)."""
+    return ended(end.reason, end.detail, exit_code=end.exit_code, signal=end.signal,
+                 runtime_seconds=end.runtime_seconds)  # fmt: skip
 
 
 def unheard(

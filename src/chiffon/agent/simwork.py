@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chiffon.agent.work import PUSHED_POLL_PAUSE_SECONDS
-from chiffon.schemas.dispatch import Work
+from chiffon.schemas import dispatch
+from chiffon.schemas.dispatch import Work, ended
 from chiffon.transport.base import TransportError
 from chiffon.transport.http import HttpClient, HttpWork
 from chiffon.transport.orders import Order, OrderRefused, order_key, verify
@@ -132,7 +133,7 @@ class SimulatedWork:
             if agent.stopped or self._closing:
                 raise  # its agent died, or the simulation ends: nothing more is said
             with contextlib.suppress(asyncio.CancelledError):
-                said = {"kind": "ended", "outcome": "cancelled", "detail": "cancelled"}
+                said = ended("cancelled", "cancelled")
                 await asyncio.shield(self._say(agent, order, said))
             self.counts["cancelled"] += 1
         finally:
@@ -143,13 +144,13 @@ class SimulatedWork:
     ) -> None:
         """Started, then `seconds` later ended with `exit_code` (or its agent dies midway)."""
         started = time.monotonic()
-        await self._say(agent, order, {"kind": "started"})
+        await self._say(agent, order, dispatch.started())
         if dies:
             await asyncio.sleep(seconds * self._rng.random())
             self._die(agent)
             return
         await asyncio.sleep(max(0.0, seconds - (time.monotonic() - started)))
-        said = {"kind": "ended", "outcome": "exit", "exit_code": exit_code}
+        said = ended("exit", "", exit_code=exit_code)
         await self._say(agent, order, said)
         self.counts["succeeded" if exit_code == 0 else "failed"] += 1
 

@@ -37,13 +37,13 @@ from chiffon.agent.guard import OwnerGuard, may_run_jobs
 from chiffon.agent.hooks import HOOKS, HookParts
 from chiffon.agent.hygiene import GpuHygiene, gpu_key
 from chiffon.agent.intake import OrderIntake, assignment_from
-from chiffon.agent.outbox import Outbox, ended, unheard
+from chiffon.agent.outbox import Outbox, unheard
 from chiffon.agent.owner import SAID, Decision, OwnerRules
 from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
 from chiffon.agent.runner import JobRun, Ladder, end_orphans
 from chiffon.backoff import Backoff
-from chiffon.schemas.dispatch import Work
+from chiffon.schemas.dispatch import Work, ended, usage
 from chiffon.transport.base import TransportError
 from chiffon.transport.orders import Order
 
@@ -291,7 +291,7 @@ class WorkLoop:
                 attempt.peak[held_on] = max(attempt.peak.get(held_on, 0.0), gb)
             if now != attempt.used:
                 attempt.used = now
-                self._spawn(self._say_once(attempt, {"kind": "usage", "vram_gb": now}))
+                self._spawn(self._say_once(attempt, usage(now)))
 
     async def _say_once(self, attempt: Attempt, said: dict[str, Any]) -> None:
         """A usage report, worth no retry: when it fails, the next observation sends it

@@ -280,9 +280,25 @@ class Report:
         return self.outcome == "exit" and self.exit_code is None and self.signal is None
 
 
-def started(log_path: str) -> dict[str, Any]:
-    """The payload of a "started" report."""
-    return {"kind": "started", "log_path": log_path}
+def started(log_path: str | None = None) -> dict[str, Any]:
+    """The payload of a "started" report: with where the attempt's whole output is on the
+    desktop when the orchestrator would take the path (an absolute one, of printable
+    characters, within its bound); else without it, as an older agent says it."""
+    said: dict[str, Any] = {"kind": "started"}
+    path = log_path or ""
+    if path.startswith("/") and len(path) <= LOG_PATH_MAX_CHARS and limits.clean_text(path) == path:
+        said["log_path"] = path
+    return said
+
+
+def usage(vram_gb: Mapping[str, float]) -> dict[str, Any]:
+    """The payload of a "usage" report: the VRAM the attempt's processes hold now."""
+    return {"kind": "usage", "vram_gb": dict(vram_gb)}
+
+
+def alive() -> dict[str, Any]:
+    """The payload of an "alive" report: only whether the attempt is still current."""
+    return {"kind": "alive"}
 
 
 def ended(
@@ -294,11 +310,14 @@ def ended(
     runtime_seconds: float | None = None,
     peak_vram_gb: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The payload of an "ended" report; the detail is cut to its bound."""
+    """The payload of an "ended" report; the detail made what the orchestrator takes (a
+    path in it may hold any character but NUL) and cut to its bound."""
     payload: dict[str, Any] = {
-        "kind": "ended", "outcome": outcome, "exit_code": exit_code, "signal": signal,
-        "detail": detail[:DETAIL_MAX_CHARS],
+        "kind": "ended", "outcome": outcome, "exit_code": exit_code,
+        "detail": limits.clean_text(detail)[:DETAIL_MAX_CHARS],
     }  # fmt: skip
+    if signal is not None:
+        payload["signal"] = signal
     if runtime_seconds is not None:
         payload["runtime_seconds"] = runtime_seconds
     if peak_vram_gb:

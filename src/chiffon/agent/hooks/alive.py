@@ -8,6 +8,7 @@ import asyncio
 
 from chiffon.agent.attempts import Attempt
 from chiffon.agent.hooks.base import TaskHook, not_current
+from chiffon.schemas.dispatch import alive
 from chiffon.transport.base import TransportError
 
 
@@ -21,7 +22,7 @@ class AliveCheck(TaskHook):
         while not run.finished.is_set():
             await asyncio.sleep(self.parts.settings.alive_check_seconds)
             try:
-                verdict = await self.parts.channel.report(*attempt.key, {"kind": "alive"})
+                verdict = await self.parts.channel.report(*attempt.key, alive())
             except TransportError:
                 continue  # cut off: the orchestrator judges; we ask again
             if verdict in ("stale", "unknown_job"):
