@@ -6,6 +6,7 @@ leftovers are ended and its GPU is offered again only once clean."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -169,6 +170,21 @@ async def test_a_dirty_gpu_is_offered_again_only_once_its_memory_is_back(
     finally:
         if alive(escaped):
             os.kill(escaped, 9)
+    await work.stop()
+
+
+async def test_two_gpus_with_one_id_are_cleaned_once_and_the_reading_goes_on(
+    tmp_path: Path,
+) -> None:
+    """No UUID and the same index (an NVIDIA card without its driver beside an AMD card,
+    numbered per vendor): both read as `index-0`. Cleaning it once must not fail the
+    second reading of it (it raised KeyError, and the owner's guard died with it)."""
+    work = work_loop(tmp_path, Orchestrator(), Desk())
+    snap = Desk().snapshot()
+    twins = [dataclasses.replace(g, uuid=None, index=0) for g in snap.gpus]
+    work.hygiene.dirt["index-0"] = 0.0  # an attempt there just ended
+    seen = work.observe(dataclasses.replace(snap, gpus=twins))
+    assert [g.withheld for g in seen.gpus] == [None, None] and work.hygiene.dirt == {}
     await work.stop()
 
 

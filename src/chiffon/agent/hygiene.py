@@ -40,6 +40,9 @@ def held_back(now: float | None, before: float | None) -> bool:
     return now is not None and before is not None and now > before + DIRTY_SLACK_GB
 
 
+_NOT_DIRTY = object()
+
+
 class GpuHygiene:
     def __init__(self) -> None:
         # GPU id -> the memory no listed process holds, as read before each job's start
@@ -57,8 +60,10 @@ class GpuHygiene:
             self.dirt[gpu] = self.before.get(gpu)
 
     def clean(self, gpu: str) -> None:
-        del self.dirt[gpu]
-        log.info("GPU %s is clean again", gpu)
+        # Two GPUs may share an id (no UUID, the same index from two vendors' numbering):
+        # the second reading of it finds it clean already.
+        if self.dirt.pop(gpu, _NOT_DIRTY) is not _NOT_DIRTY:
+            log.info("GPU %s is clean again", gpu)
 
     def end_leftover(self, pid: int, gpu: str, attempt: tuple[object, int]) -> None:
         log.warning("process %s of ended attempt %s of %s still holds memory on %s: ending it",
