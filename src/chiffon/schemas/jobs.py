@@ -23,13 +23,12 @@ from pydantic_core import PydanticCustomError
 
 from chiffon.schemas import limits
 from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS as LOG_PATH_MAX_CHARS
-from chiffon.schemas.dispatch import JobState
+from chiffon.schemas.dispatch import COMMAND_MAX_ITEMS, JobState
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
 
 Policy = Literal["best_fit", "spread"]
 
 
-ARGV_MAX_ITEMS = 1024
 ARG_MAX_CHARS = 8192
 ARGV_MAX_CHARS = 64 * 1024
 ENV_MAX_ITEMS = 256
@@ -119,7 +118,7 @@ class JobSubmit(BaseModel):
         list[Arg],
         Field(
             min_length=1,
-            max_length=ARGV_MAX_ITEMS,
+            max_length=COMMAND_MAX_ITEMS,
             description="argv: the program, then its arguments; no shell",
             # The program's name may not be empty (JSON Schema 2020-12, as OpenAPI 3.1).
             # `items` no longer applies to an item `prefixItems` describes: the program's
