@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from chiffon.orchestrator import jobs
 from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.delivery import OrderDelivery
+from chiffon.orchestrator.jobspec import JobSpec
 from chiffon.orchestrator.longpoll import Bells, SharedReads, ring_at_notices
 from chiffon.orchestrator.placement import Requirements, never_fits
 from chiffon.orchestrator.scheduler import could_ever_hold, requirements
@@ -71,7 +72,7 @@ class JobDesk:
             self._sessions, spec, now=self._clock.now(), idempotency_key=idempotency_key
         )
         self._wake()
-        want = requirements(spec.model_dump(mode="json"))
+        want = requirements(JobSpec.parse(spec.model_dump(mode="json")))
         held = await self._hardware.could_ever_hold(want)
         return job_id, None if held else never_fits(want)
 

@@ -63,7 +63,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chiffon.orchestrator import ledger
 from chiffon.orchestrator.clock import Clock
 from chiffon.orchestrator.jobs import lose_forgotten, lose_offline
-from chiffon.orchestrator.jobspec import Wants
+from chiffon.orchestrator.jobspec import JobSpec, Wants
 from chiffon.orchestrator.placement import (
     LANES,
     Candidate,
@@ -122,21 +122,23 @@ class PassResult:
 LONG_JOB_SECONDS = 3600.0
 
 
-def requirements(spec: dict[str, Any], avoid: frozenset[str] = frozenset()) -> Requirements:
-    """What a stored job spec asks of a desktop (its requirements, as `jobspec.Wants`
-    reads them), with the desktops to avoid."""
-    timeout = spec.get("timeout_seconds")
-    long = timeout is None or float(timeout) >= LONG_JOB_SECONDS
-    return Requirements.of(Wants.parse(spec.get("requirements") or {}), avoid=avoid, long=long)
+def requirements(spec: JobSpec, avoid: frozenset[str] = frozenset()) -> Requirements:
+    """What a job asks of a desktop (its parsed spec's wants), with the desktops to
+    avoid."""
+    return Requirements.of(spec.wants, avoid=avoid, long=_long(spec.timeout_seconds))
+
+
+def _long(timeout_seconds: float | None) -> bool:
+    return timeout_seconds is None or timeout_seconds >= LONG_JOB_SECONDS
 
 
 def shape_want(shape: repo.Shape) -> tuple[Requirements, Policy]:
     """What a job of this shape asks for (with no desktop to avoid), as `requirements`
     reads it from the job's spec, and its policy."""
     wanted, policy, timeout = shape
-    spec = {"requirements": json.loads(wanted) if wanted else {},
-            "timeout_seconds": float(timeout) if timeout else None}  # fmt: skip
-    return requirements(spec), policy_of(policy)
+    wants = Wants.parse(json.loads(wanted) if wanted else {})
+    long = _long(float(timeout) if timeout else None)
+    return Requirements.of(wants, avoid=frozenset(), long=long), policy_of(policy)
 
 
 def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) -> Candidate:
@@ -514,14 +516,15 @@ class _Pass:
         return frozenset(self.reserved | self.busy)
 
     def want(self, job: JobRow) -> Requirements:
-        return self._want(job.job_id, job.spec)
+        return self._want(job.job_id, JobSpec.parse(job.spec))
 
-    def _want(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Requirements:
+    def _want(self, job_id: uuid.UUID, spec: JobSpec) -> Requirements:
         return requirements(spec, frozenset(str(a) for a in self.taken.get(job_id, ())))
 
-    def known_miss(self, job_id: uuid.UUID, spec: dict[str, Any]) -> Miss | None:
+    def known_miss(self, job_id: uuid.UUID, stored: dict[str, Any]) -> Miss | None:
         """The kept miss for this job's shape (`Fleet.known_miss`)."""
-        return self.shape_misses(self._want(job_id, spec), policy_of(spec.get("policy")))
+        spec = JobSpec.parse(stored)
+        return self.shape_misses(self._want(job_id, spec), spec.policy)
 
     def shape_misses(self, want: Requirements, policy: Policy) -> Miss | None:
         """The kept miss for this requirement, with the agents the pass leaves out now."""
@@ -542,9 +545,9 @@ class _Pass:
         for n, job in enumerate(jobs):
             if n and n % YIELD_EVERY_JOBS == 0:
                 await asyncio.sleep(0)  # the API and ingest share this event loop
-            want = self.want(job)
-            policy = job.spec.get("policy", "best_fit")
-            choice = self.fleet.place(want, policy, exclude=self.excluded)
+            spec = JobSpec.parse(job.spec)
+            want = self._want(job.job_id, spec)
+            choice = self.fleet.place(want, spec.policy, exclude=self.excluded)
             if isinstance(choice, Miss):
                 self.missed(job, want, choice)
                 continue
