@@ -119,10 +119,12 @@ async def _waiting(orch: Orchestrator, agent_id: uuid.UUID) -> bool:
 
 def test_the_agent_bounds_what_it_reports_as_the_orchestrator_does() -> None:
     """The agent does not load pydantic: the report's bounds it applies (the dispatch
-    contract's) are the ones the orchestrator validates with."""
-    from chiffon.agent import attempt_runner, outbox
+    contract's encoders, `started` and `ended`) are the ones the orchestrator validates
+    with."""
     from chiffon.api.routes_work import AttemptReport
+    from chiffon.schemas import dispatch
 
     schema = AttemptReport.model_json_schema()["properties"]
-    assert schema["detail"]["maxLength"] == outbox.DETAIL_MAX_CHARS
-    assert schema["log_path"]["anyOf"][0]["maxLength"] == attempt_runner.LOG_PATH_MAX_CHARS
+    assert schema["detail"]["maxLength"] == dispatch.DETAIL_MAX_CHARS
+    assert schema["log_path"]["anyOf"][0]["maxLength"] == dispatch.LOG_PATH_MAX_CHARS
+    assert len(dispatch.ended("exit", "x" * 5000)["detail"]) == dispatch.DETAIL_MAX_CHARS

@@ -16,7 +16,6 @@ from chiffon.agent.hooks.base import not_current
 from chiffon.agent.outbox import ended_from
 from chiffon.agent.runner import CannotStart, JobRun
 from chiffon.backoff import Backoff
-from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS as LOG_PATH_MAX_CHARS
 from chiffon.schemas.dispatch import ended, started
 from chiffon.transport.base import TransportError
 

@@ -17,7 +17,6 @@ from chiffon.agent.attempts import ENDED, REPORTED, Attempt, AttemptTable
 from chiffon.agent.identity import write_private
 from chiffon.agent.runner import Ended, Orphan
 from chiffon.backoff import Backoff
-from chiffon.schemas.dispatch import DETAIL_MAX_CHARS as DETAIL_MAX_CHARS
 from chiffon.schemas.dispatch import ended
 from chiffon.transport.base import TransportError
 

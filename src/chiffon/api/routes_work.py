@@ -20,7 +20,6 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas import dispatch, limits
 from chiffon.schemas.api import ErrorDetail
 from chiffon.schemas.heartbeat import RejectedMessage
-from chiffon.schemas.jobs import LOG_PATH_MAX_CHARS
 from chiffon.transport.auth import ProofUnavailableError
 
 router = APIRouter(prefix="/api/v1", tags=["work"])
@@ -40,7 +39,7 @@ LogPath = Annotated[
     str,
     Field(
         min_length=2,
-        max_length=LOG_PATH_MAX_CHARS,
+        max_length=dispatch.LOG_PATH_MAX_CHARS,
         pattern=f"^/{limits.TEXT_PATTERN.removeprefix('^')}",
     ),
 ]

@@ -47,8 +47,7 @@ from chiffon.persistence.models import (
     JobLogRow,
     JobRow,
 )
-from chiffon.schemas.dispatch import AttemptState, Mover, check_move
-from chiffon.schemas.dispatch import gpu_resource as gpu_resource
+from chiffon.schemas.dispatch import AttemptState, Mover, check_move, gpu_resource
 
 HOST = "host"
 REASON_MAX_CHARS = 1000  # jobs.reason, job_events.reason, job_attempts.reason

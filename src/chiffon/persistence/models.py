@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
-from chiffon.schemas.jobs import LOG_PATH_MAX_CHARS
+from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS
 from chiffon.schemas.metrics import HISTORY, REGISTRY, Metric
 
 

@@ -23,7 +23,6 @@ from pydantic_core import PydanticCustomError
 
 from chiffon.schemas import limits
 from chiffon.schemas.dispatch import COMMAND_MAX_ITEMS, JobState
-from chiffon.schemas.dispatch import LOG_PATH_MAX_CHARS as LOG_PATH_MAX_CHARS
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
 
 Policy = Literal["best_fit", "spread"]

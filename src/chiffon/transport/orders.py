@@ -39,8 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from chiffon.schemas.dispatch import gpu_id as gpu_id
-from chiffon.schemas.dispatch import visible_device as visible_device
 from chiffon.transport.auth import SIGNATURE_VERSION
 
 OrderKind = Literal["assign", "cancel", "kill"]
