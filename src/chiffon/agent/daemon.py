@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import signal
 import threading
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chiffon.agent.bounded import in_daemon_thread
@@ -24,10 +26,13 @@ from chiffon.agent.loop import AgentIdentity, AgentLoop
 if TYPE_CHECKING:
     from chiffon.agent.probes.collect import Collector
     from chiffon.agent.report import Snapshot
+    from chiffon.agent.sandbox import Sandbox
     from chiffon.agent.settings import AgentSettings
     from chiffon.agent.work import OrderSource, WorkChannel, WorkLoop, WorkSettings
     from chiffon.transport.auth import AgentCredential
     from chiffon.transport.base import Publisher
+
+log = logging.getLogger(__name__)
 
 # How orders reach a work loop: the tasks that feed it (a long-poll, a pushed queue).
 OrderFeeds = Callable[["WorkLoop"], list[Coroutine[Any, Any, None]]]
@@ -125,6 +130,23 @@ def new_agent_loop(
     )
 
 
+def started_sandbox(settings: AgentSettings) -> Sandbox:
+    """This desktop's sandbox, each mechanism tried (`agent.sandbox`); the agent's own
+    files (its state, its jobs, its configuration) hidden from jobs."""
+    from chiffon.agent.sandbox import Sandbox, SandboxConfig
+
+    hide = [settings.state_dir, settings.effective_jobs_dir]
+    config = SandboxConfig(
+        hide=hide, expose=[Path(p) for p in settings.job_paths], job_user=settings.job_user,
+        require=settings.require_sandbox, jobs_max_memory_gb=settings.jobs_max_memory_gb,
+        jobs_max_cores=settings.jobs_max_cores, max_processes=settings.job_max_processes,
+    )  # fmt: skip
+    sandbox = Sandbox(config)
+    found = sandbox.start()
+    log.info("sandbox: %s", found.report())
+    return sandbox
+
+
 def new_work_loop(
     settings: AgentSettings,
     credential: AgentCredential,
@@ -139,7 +161,7 @@ def new_work_loop(
 
     return WorkLoop(
         work_settings(settings), agent_id=credential.agent_id, secret=credential.secret,
-        channel=channel, fresh=fresh,
+        channel=channel, fresh=fresh, sandbox=started_sandbox(settings),
     )  # fmt: skip
 
 

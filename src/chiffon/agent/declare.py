@@ -24,6 +24,23 @@ Check = Callable[[Any], Any]
 
 
 def seconds(most: float) -> Check:
+    """A number of seconds, above 0 and at most `most`."""
+    return positive(most)
+
+
+def count(most: int) -> Check:
+    """A whole number from 1 to `most`."""
+
+    def check(value: Any) -> int:
+        number = positive(most)(value)
+        if number != int(number):
+            raise ValueError("must be a whole number")
+        return int(number)
+
+    return check
+
+
+def positive(most: float) -> Check:
     def check(value: Any) -> float:
         # bool is an int to Python, but `interval: yes` in YAML is a mistake, not 1 second.
         if isinstance(value, bool) or not isinstance(value, int | float | str):

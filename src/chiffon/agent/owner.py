@@ -27,7 +27,19 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from chiffon.agent.declare import Declared, boolean, gpus, lower_names, one_of, optional, seconds
+from chiffon.agent.declare import (
+    Declared,
+    boolean,
+    count,
+    gpus,
+    lower_names,
+    one_of,
+    optional,
+    positive,
+    seconds,
+    strings,
+    text,
+)
 from chiffon.agent.declare import setting as _setting
 from chiffon.schemas.limits import Withheld
 
@@ -226,6 +238,44 @@ class OwnerRules(Declared):
     report_process_names: bool = _setting(
         False, boolean, env="CHIFFON_REPORT_PROCESS_NAMES",
         help="Names of the programs on the GPUs, in the heartbeat (counts and VRAM always are).",
+    )  # fmt: skip
+    # The sandbox each job runs in (agent.sandbox, docs/security.md).
+    require_sandbox: bool = _setting(
+        False, boolean, env="CHIFFON_REQUIRE_SANDBOX",
+        help="Refuse jobs unless every protection of the sandbox is in force here (a "
+        "control group or PID namespace, a memory limit, the homes hidden).",
+    )  # fmt: skip
+    jobs_max_memory_gb: float | None = _setting(
+        None, optional(positive(1 << 20)), env="CHIFFON_JOBS_MAX_MEMORY_GB",
+        help="Memory all jobs together may use, GB. Unset: 90% of the desktop's.",
+    )  # fmt: skip
+    jobs_max_cores: float | None = _setting(
+        None, optional(positive(4096)), env="CHIFFON_JOBS_MAX_CORES",
+        help="CPU cores all jobs together may use. Unset: no ceiling (jobs still yield: "
+        "the lowest CPU weight, nice 19).",
+    )  # fmt: skip
+    job_max_processes: int = _setting(
+        4096, count(1 << 22), env="CHIFFON_JOB_MAX_PROCESSES",
+        help="Processes and threads one job may have at once.",
+    )  # fmt: skip
+    job_disk_cap_gb: float = _setting(
+        50.0, positive(1 << 20), env="CHIFFON_JOB_DISK_CAP_GB",
+        help="Disk one attempt's folder (its work and its /tmp) may use, GB; past it the "
+        "job is ended.",
+    )  # fmt: skip
+    keep_attempt_files_seconds: float | None = _setting(
+        3600.0, optional(seconds(30 * 86400)), env="CHIFFON_KEEP_ATTEMPT_FILES",
+        help="How long an ended attempt's files (its work, its /tmp, its whole log) stay "
+        "once its end is heard, seconds; null: removed at once.",
+    )  # fmt: skip
+    job_user: str = _setting(
+        "chiffon-job", text(32), env="CHIFFON_JOB_USER",
+        help="An agent run as root runs jobs as this unprivileged user (made if missing).",
+    )  # fmt: skip
+    job_paths: list[str] = _setting(  # noqa: RUF009 (a field: declare.setting)
+        factory=list, check=strings, env="CHIFFON_JOB_PATHS", take=tuple,
+        help="Paths every job may read (read-only), though under a hidden folder: a "
+        "dataset, a conda install. Comma separated.",
     )  # fmt: skip
 
     @property

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import psutil
 
+from chiffon.agent.sandbox import AttemptUnit, SandboxError, parse_report
 from chiffon.schemas.dispatch import Outcome, visible_device
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,10 @@ class JobRun:
         grace_seconds: float = 10.0,
         inherited_env: Mapping[str, str] | None = None,
         ladder: Ladder = Ladder(),
+        unit: AttemptUnit | None = None,
     ) -> None:
         self.assignment = assignment
+        self.unit = unit  # its contained unit (agent.sandbox); None: a process group only
         self.ladder = ladder
         self.attempt_dir = attempt_dir
         self.log_path = attempt_dir / "output.log"
@@ -178,20 +181,53 @@ class JobRun:
         if a.workdir and (why := folder_problem(workdir)) is not None:
             raise CannotStart(why)
         env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder)
+        argv, passed = list(a.command), ()
+        if self.unit is not None:
+            argv, passed = self._in_unit(self.unit, workdir, env)
         self._started = time.monotonic()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *a.command,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=workdir,
                 env=env,
                 start_new_session=True,  # its own process group: signals reach all it starts
+                pass_fds=passed,
             )
         except OSError as exc:
             raise CannotStart(why_not_started(exc, a.command[0], workdir, env)) from exc
+        if self.unit is not None:
+            await self._check_started(self.unit, workdir, env)
         _write_state(self.attempt_dir, self._process.pid, a)
+
+    def _in_unit(
+        self, unit: AttemptUnit, workdir: Path, env: dict[str, str]
+    ) -> tuple[list[str], tuple[int, ...]]:
+        """The launcher's argv (`agent.sandbox`): the job in its unit, its folder bound."""
+        try:
+            unit.prepare(self.attempt_dir, workdir, given_workdir=bool(self.assignment.workdir))
+            argv, fd = unit.command(self.assignment.command, cwd=workdir,
+                                    attempt_dir=self.attempt_dir, binds=[workdir])  # fmt: skip
+        except (SandboxError, OSError) as exc:
+            raise CannotStart(f"its sandbox could not be made ({exc})") from exc
+        if unit.sandbox.namespaces:  # the owner's home is hidden: its own /tmp is its home
+            env.update(HOME="/tmp", TMPDIR="/tmp")
+        return argv, (fd,)
+
+    async def _check_started(self, unit: AttemptUnit, workdir: Path, env: dict[str, str]) -> None:
+        """Whether the launcher got the job's program running; if not, why (it never ran)."""
+        assert self._process is not None
+        said = await unit.started(self._process.pid)
+        if said is None:
+            return
+        await self._exit()
+        await asyncio.to_thread(unit.close)
+        problem = parse_report(said)
+        if isinstance(problem, OSError):
+            raise CannotStart(why_not_started(problem, self.assignment.command[0], workdir, env))
+        raise CannotStart(problem)
 
     async def wait(self) -> Ended:
         """Copy its output to the log until it ends (or its timeout), then say how."""
@@ -208,7 +244,7 @@ class JobRun:
         # its process group, and any process that left the group but still carries the
         # attempt in its environment.
         _signal_group(process.pid, signal.SIGKILL)
-        strays = await asyncio.to_thread(end_strays, self.assignment)
+        strays = await asyncio.to_thread(self._end_strays)
         try:  # one that also cleared its environment may still hold the pipe: not for ever
             await asyncio.wait_for(asyncio.shield(copying), OUTPUT_DRAIN_SECONDS)
         except TimeoutError:
@@ -219,10 +255,19 @@ class JobRun:
         if strays:
             log.warning("attempt %s of %s: ended %d process(es) it left outside its group",
                         self.assignment.attempt, self.assignment.job_id, strays)  # fmt: skip
+        if self.unit is not None:
+            if (oom := self.unit.out_of_memory()) is not None:
+                self._why = "; ".join(d for d in (oom, self._why) if d)
+            await asyncio.to_thread(self.unit.close)
         (self.attempt_dir / "state.json").unlink(missing_ok=True)
         self.finished.set()
         self.output.set()
         return self._ended(process.returncode)
+
+    def _end_strays(self) -> int:
+        """What is left of the job once its process exited: its unit's processes (or,
+        without a unit, those of this user whose environment names the attempt)."""
+        return self.unit.kill() if self.unit is not None else end_strays(self.assignment)
 
     async def cancel(self) -> None:
         await self.end("cancelled")
@@ -245,14 +290,21 @@ class JobRun:
         return self._suspended
 
     def suspend(self) -> None:
-        """SIGSTOP to the group (CPU-only jobs: a stopped process keeps its GPU memory)."""
+        """Freeze its unit, or SIGSTOP its group without one (CPU-only jobs: a stopped
+        process keeps its GPU memory)."""
         if self._process is not None and self._process.returncode is None and not self.ending:
-            _signal_group(self._process.pid, signal.SIGSTOP)
+            if self.unit is not None:  # the whole unit, whatever left the group
+                self.unit.freeze(True)
+            else:
+                _signal_group(self._process.pid, signal.SIGSTOP)
             self._suspended = True
 
     def resume(self) -> None:
         if self._process is not None and self._suspended:
-            _signal_group(self._process.pid, signal.SIGCONT)
+            if self.unit is not None:
+                self.unit.freeze(False)
+            else:
+                _signal_group(self._process.pid, signal.SIGCONT)
             self._suspended = False
 
     async def vacate(self, detail: str) -> None:

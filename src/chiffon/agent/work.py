@@ -35,6 +35,7 @@ from chiffon.agent.attempts import ENDED, REPORTED, Attempt, AttemptTable
 from chiffon.agent.bounded import in_daemon_thread
 from chiffon.agent.guard import OwnerGuard, may_run_jobs
 from chiffon.agent.hooks import HOOKS, HookParts
+from chiffon.agent.hooks.disk import remove_old
 from chiffon.agent.hygiene import GpuHygiene, gpu_key
 from chiffon.agent.intake import OrderIntake, assignment_from
 from chiffon.agent.outbox import Outbox, unheard
@@ -42,6 +43,7 @@ from chiffon.agent.owner import SAID, Decision, OwnerRules
 from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
 from chiffon.agent.runner import JobRun, Ladder, end_orphans
+from chiffon.agent.sandbox import AttemptUnit, Sandbox
 from chiffon.backoff import Backoff
 from chiffon.schemas.dispatch import Work, ended, usage
 from chiffon.transport.base import TransportError
@@ -125,8 +127,10 @@ class WorkLoop:
         fresh: Fresh,
         clock: Callable[[], float] = time.time,
         local_time: Callable[[], datetime] = lambda: datetime.now().astimezone(),
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.settings = settings
+        self.sandbox = sandbox  # where each attempt is contained (agent.sandbox)
         self.intake = OrderIntake(settings.jobs_dir, agent_id=agent_id, secret=secret,
                                   max_order_age_seconds=settings.max_order_age_seconds,
                                   clock=clock)  # fmt: skip
@@ -211,11 +215,20 @@ class WorkLoop:
         run = JobRun(assignment_from(order, work), attempt_dir=attempt_dir,
                      grace_seconds=self.settings.grace_seconds,
                      max_log_bytes=self.settings.max_log_bytes,
-                     ladder=self.settings.ladder)  # fmt: skip
+                     ladder=self.settings.ladder, unit=self._unit(order, work))  # fmt: skip
         runner = AttemptRunner(attempt, run, table=self.attempts, parts=self._parts, hooks=HOOKS)
         if await runner.start():
             self._spawn(runner.follow())
         return True
+
+    def _unit(self, order: Order, work: Work) -> AttemptUnit | None:
+        """The attempt's contained unit, bounded by its claims; its GPUs by index."""
+        if self.sandbox is None:
+            return None
+        wanted = set(work.gpu_uuids)
+        gpus = [g.index for g in (self._raw.gpus if self._raw else ()) if gpu_key(g) in wanted]
+        return self.sandbox.unit(f"{order.job_id}-{order.attempt}",
+                                 memory_gb=getattr(work, "memory_gb", 0.0), gpus=gpus)  # fmt: skip
 
     def _decode(self, order: Order) -> tuple[Work | None, str | None]:
         """The assignment's payload, or why it is unusable (refused, and counted)."""
@@ -230,6 +243,8 @@ class WorkLoop:
         on a fresh reading (`agent.owner`), then the VRAM each of its GPUs has free."""
         if not may_run_jobs(self.settings):
             return self.owner.why_not_desktop()
+        if self.sandbox is not None and (why := self.sandbox.protections.refusal()):
+            return why
         gpus = list(work.gpu_uuids) if work else []
         snapshot = await self._fresh() if gpus or self._raw is None else self._raw
         self.observe(snapshot)
@@ -393,6 +408,12 @@ class WorkLoop:
         taken = [d for d in jobs_dir.glob("*-*") if d.is_dir()]
         orphans = await asyncio.to_thread(end_orphans, jobs_dir,
                                           grace_seconds=self.settings.grace_seconds)  # fmt: skip
+        await asyncio.to_thread(remove_old, jobs_dir, self.settings.keep_attempt_files_seconds,
+                                time.time())  # fmt: skip
+        if self.sandbox is not None:  # whatever its files say (a job may delete them)
+            swept = await asyncio.to_thread(self.sandbox.sweep)
+            if swept:
+                log.warning("ended %d job unit(s) a previous run of the agent left", swept)
         ends = unheard(taken, orphans, self.attempts)
         # Each said until heard; the start waits for them a moment only (they go on).
         saying = [self._spawn(self.outbox.say(attempt, said)) for attempt, said in ends]
