@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -13,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from chiffon.api.app import create_app
 from chiffon.orchestrator.clock import ManualClock
 from chiffon.orchestrator.service import Orchestrator
-from chiffon.schemas.heartbeat import Resources
+from chiffon.schemas.heartbeat import Resources, Sandbox
 from chiffon.schemas.metrics import REGISTRY
 from tests import factories as f
 from tests.auth import API_HEADERS, ENROLL_TOKEN, bearer, issue
@@ -352,3 +353,36 @@ async def test_no_database_connection_free_within_the_pool_timeout_is_a_503(
     resp = await api.get("/api/v1/jobs")
     assert resp.status_code == 503
     assert resp.json() == {"detail": "registry database unavailable: TimeoutError"}
+
+
+async def test_a_heartbeats_sandbox_is_kept_and_served_and_a_bad_one_refused_and_counted(
+    api: httpx.AsyncClient, orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """The desktop's job sandbox rides in `resources` (an older agent's heartbeat has none);
+    /agents and /agents/{id} serve it; a bad one (an unknown `processes`, too many or too
+    long why lines, a flag that is not a boolean) is a counted rejection, not stored."""
+    agent, older = uuid.uuid4(), uuid.uuid4()
+    auth = bearer(await issue(orchestrator, agent))
+    said = {"processes": "pidns", "memory_limit": False, "home_hidden": True,
+            "devices_hidden": True, "why": ["cgroup v2 memory controller not delegated"],
+            "required": True}  # fmt: skip
+    res = f.resources().model_copy(update={"sandbox": Sandbox.model_validate(said)})
+    url = f"/api/v1/agents/{agent}/heartbeat"
+    beat = f.message(agent, seq=1, sent_at=clock.now(), res=res)
+    assert (await api.post(url, content=f.raw(beat), headers=auth)).status_code == 200
+    await orchestrator.receive(f.message(older, name="older"))
+    one = (await api.get(f"/api/v1/agents/{agent}")).json()
+    assert one["sandbox"] == said and one["resource_metrics"]["sandbox"] == said
+    listed = {a["agent_id"]: a for a in (await api.get("/api/v1/agents")).json()}
+    assert listed[str(agent)]["sandbox"] == said and listed[str(older)]["sandbox"] is None
+    bad = [{"processes": "docker"}, {"why": ["x"] * 9}, {"why": ["x" * 201]},
+           {"memory_limit": "yes"}, {"why": ["\x1b[2J"]}]  # fmt: skip
+    for seq, change in enumerate(bad, start=2):
+        body = json.loads(f.raw(f.message(agent, seq=seq, sent_at=clock.now(), res=res)))
+        body["resources"]["sandbox"].update(change)
+        refused = await api.post(url, content=json.dumps(body).encode(), headers=auth)
+        assert refused.status_code == 422, (change, refused.text)
+        assert refused.json()["detail"].startswith("invalid: resources.sandbox"), refused.text
+    metrics = (await api.get("/metrics")).text
+    assert f'chiffon_messages_rejected_total{{reason="invalid"}} {len(bad)}.0' in metrics
+    assert (await api.get(f"/api/v1/agents/{agent}")).json()["sandbox"] == said

@@ -11,10 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from chiffon.schemas.heartbeat import Sandbox
 from tests import factories as f
 from tests.auth import bearer, enroll
 from tests.procs import free_port, orchestrator_process, run_cli
 
+FULL_SANDBOX = {"processes": "cgroup", "memory_limit": True, "home_hidden": True,
+                "devices_hidden": True, "why": [], "required": False}  # fmt: skip
 RICH = uuid.UUID("11111111-0000-0000-0000-000000000001")
 SMALL = uuid.UUID("22222222-0000-0000-0000-000000000002")
 
@@ -36,6 +39,8 @@ def fleet_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ]
         for agent, name, res in beats:
             labels = {"room": "b12", "os": "linux"} if name == "rich" else {"os": "linux"}
+            if name == "rich":  # its job sandbox is full; small's agent is too old to say
+                res = res.model_copy(update={"sandbox": Sandbox.model_validate(FULL_SANDBOX)})
             body = f.raw(f.message(agent, name=name, res=res).model_copy(update={"labels": labels}))
             resp = httpx.post(
                 f"{url}/api/v1/agents/{agent}/heartbeat",
@@ -306,3 +311,21 @@ def test_agents_show_the_owners_side_and_wide_shows_the_reliability_record(
     assert "20.0/24.0 GB (owner_active)" in rows["at-desk"] and " active " in rows["at-desk"]
     assert "away 30m" in rows["away"] and "(owner_active)" not in rows["away"]
     assert all("0 off, 0 taken back" in row for row in rows.values())
+
+
+def test_wide_agents_show_the_sandbox_and_run_can_require_it(fleet_url: str) -> None:
+    wide = run_cli("agents", "-o", "wide", "--orchestrator-url", fleet_url)
+    assert wide.returncode == 0, wide.stderr
+    assert "SANDBOX" in wide.stdout.splitlines()[0]
+    rows = {line.split()[0]: line for line in wide.stdout.splitlines()[1:]}
+    assert rows["rich"].rstrip().endswith("cgroup+mem+home+dev")
+    assert rows["small"].rstrip().endswith(" -")
+    url = ["--orchestrator-url", fleet_url]
+    done = run_cli("run", "--detach", "--require-sandbox", "--gpus", "1", "--vram", "100", *url,
+                   "--", "true")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    shown = json.loads(run_cli("jobs", "show", job_id, "--json", *url).stdout)
+    assert shown["requirements"]["require_sandbox"] is True
+    assert "a full sandbox" in run_cli("jobs", "show", job_id, *url).stdout
+    assert run_cli("jobs", "cancel", job_id, *url).returncode == 0

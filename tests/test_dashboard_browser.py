@@ -19,7 +19,7 @@ import httpx
 import psycopg
 import pytest
 
-from chiffon.schemas.heartbeat import GpuInfo, Resources
+from chiffon.schemas.heartbeat import GpuInfo, Resources, Sandbox
 from tests import factories as f
 from tests.auth import API_TOKEN, bearer, enroll
 from tests.procs import orchestrator_process
@@ -86,7 +86,16 @@ def resources_at(agent: SimAgent, tick: int) -> Resources:
 # The owner's side (docs/owner.md): render-01's owner is away and plays a game on GPU 1;
 # render-02's owner is at the keyboard.
 OWNER: dict[str, dict[str, object]] = {
-    "render-01": {"owner_idle_seconds": 1800.0},
+    # and its job sandbox lacks a memory limit (docs/protocol.md), saying why
+    "render-01": {
+        "owner_idle_seconds": 1800.0,
+        "sandbox": Sandbox(
+            processes="pidns",
+            home_hidden=True,
+            devices_hidden=True,
+            why=["cgroup v2 memory controller not delegated"],
+        ),
+    },
     "render-02": {"owner_idle_seconds": 3.0, "jobs_withheld": "owner_active"},
 }
 OWNER_GPUS: dict[tuple[str, int], dict[str, object]] = {
@@ -685,6 +694,9 @@ def test_the_owners_side_shows_per_agent_and_per_gpu(page: object) -> None:
     expect(page.locator("#agent-facts [data-k='reliability'] .v")).to_have_text(
         "0 offline, 0 taken back"
     )
+    sandbox = page.locator("#agent-facts [data-k='sandbox']")
+    expect(sandbox.locator(".v")).to_have_text("pidns+home+dev (no memory limit)")
+    expect(sandbox.locator("ul.why li")).to_have_text(["cgroup v2 memory controller not delegated"])
     shot(page, "agent-owner.png")
 
 

@@ -8,6 +8,7 @@ from typing import get_args
 
 import pytest
 
+from chiffon.orchestrator.jobspec import JobSpec
 from chiffon.schemas.dispatch import (
     ACTIVE,
     ATTEMPT_MOVES,
@@ -164,6 +165,25 @@ def test_the_work_an_order_carries_round_trips_and_is_checked_on_arrival() -> No
     ]:
         with pytest.raises(ValueError, match=says):
             Work.from_payload({**good, field: bad})
+
+
+def test_the_work_carries_the_memory_and_cores_claims_absent_from_older_orchestrators() -> None:
+    """The host claims travel with the order (the agent's sandbox may hold the job to
+    them); an order from an orchestrator that did not send them asks none."""
+    work = Work(("python", "train.py"), {}, None, None, (), 0.0, None, memory_gb=16.0, cores=2.5)
+    payload = work.payload()
+    assert (payload["memory_gb"], payload["cores"]) == (16.0, 2.5)
+    assert Work.from_payload(payload) == work
+    older = {k: v for k, v in payload.items() if k not in ("memory_gb", "cores")}
+    assert (Work.from_payload(older).memory_gb, Work.from_payload(older).cores) == (0.0, 0.0)
+    assert Work.from_payload({**payload, "memory_gb": None, "cores": 0}).memory_gb == 0.0
+    for field in ("memory_gb", "cores"):
+        for bad in (-1, "8", True, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{field} must be a positive number"):
+                Work.from_payload({**payload, field: bad})
+    # the orchestrator encodes them from the job's spec
+    spec = JobSpec.parse({"command": ["x"], "requirements": {"cpu_cores": 3, "memory_gb": 12}})
+    assert Work.from_payload(spec.assignment([])) == Work(("x",), {}, memory_gb=12.0, cores=3.0)
 
 
 def test_a_start_report_carries_only_a_log_path_the_orchestrator_takes() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from chiffon.orchestrator.jobspec import JobSpec
 from chiffon.schemas.jobs import JobSubmit
 
 
@@ -20,6 +21,18 @@ def test_a_plain_submission_takes_the_defaults() -> None:
     job = JobSubmit.model_validate({"command": ["python", "train.py", "--epochs", "3"]})
     assert job.requirements.gpus == 0 and job.retries == 0 and job.policy == "best_fit"
     assert job.command[0] == "python" and job.env == {} and job.timeout_seconds is None
+    assert job.requirements.require_sandbox is False
+
+
+def test_a_job_may_require_the_sandbox_and_its_parsed_spec_says_so() -> None:
+    job = JobSubmit.model_validate({"command": ["x"], "requirements": {"require_sandbox": True}})
+    wants = JobSpec.parse(job.model_dump()).wants
+    assert wants.require_sandbox is True and wants.stored()["require_sandbox"] is True
+    # a job stored before the field existed asks for none
+    assert (
+        JobSpec.parse({"command": ["x"], "requirements": {"gpus": 1}}).wants.require_sandbox
+        is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,6 +64,8 @@ def test_a_plain_submission_takes_the_defaults() -> None:
         ({"command": ["x"], "workdir": "/a\x00b"}, "workdir may not hold a NUL character"),
         ({"command": ["x"], "workdir": ""}, "at least 1 character"),
         ({"command": ["x"], "shell": True}, "Extra inputs are not permitted"),
+        ({"command": ["x"], "requirements": {"require_sandbox": "yes"}}, "valid boolean"),
+        ({"command": ["x"], "requirements": {"require_sandbox": 1}}, "valid boolean"),
     ],
 )
 def test_bad_submissions_are_refused_with_what_was_wrong(body: dict[str, Any], says: str) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import types
 import typing
+import uuid
 
 import pytest
 
@@ -20,6 +22,8 @@ from chiffon.orchestrator.placement import (
     Requirements,
     place,
 )
+from chiffon.orchestrator.reasons import closest
+from chiffon.orchestrator.scheduler import could_ever_hold
 from chiffon.orchestrator.scorers import SCORERS
 
 
@@ -208,8 +212,22 @@ def _random_fleet(rng: random.Random, agents: int) -> list[Candidate]:
         c = agent(f"a{n:03d}", *gpus, online=rng.random() > 0.1, accepts=rng.random() > 0.1,
                   cores=rng.choice([2, 8, 16]), pool=rng.choice(["p", "q"]),
                   labels={"room": rng.choice(["a", "b"])})  # fmt: skip
-        fleet.append(dataclasses.replace(c, setbacks=rng.choice([0, 0, 0, 1, 3])))
+        fleet.append(dataclasses.replace(c, setbacks=rng.choice([0, 0, 0, 1, 3]),
+                                         sandbox=rng.choice(_SANDBOXES)))  # fmt: skip
     return fleet
+
+
+# What heartbeats say of a desktop's sandbox: full twice, and each way of not being full.
+FULL = {"processes": "cgroup", "memory_limit": True, "home_hidden": True, "devices_hidden": True,
+        "why": [], "required": False}  # fmt: skip
+_SANDBOXES = [
+    None,
+    FULL,
+    {**FULL, "processes": "pidns", "devices_hidden": False},
+    {**FULL, "processes": "subreaper"},
+    {**FULL, "memory_limit": False, "why": ["no cgroup v2"]},
+    {**FULL, "home_hidden": False},
+]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -223,6 +241,7 @@ def test_the_fleet_index_places_as_place_does_job_after_job(seed: int) -> None:
             cpu_cores=rng.choice([0, 1, 4]), pool=rng.choice([None, "p"]),
             labels=rng.choice([{}, {"room": "a"}]), gpu_vendor=rng.choice([None, "nvidia"]),
             avoid=frozenset(rng.sample(sorted(candidates), 2)), long=rng.random() < 0.5,
+            require_sandbox=rng.random() < 0.3,
         )  # fmt: skip
         policy = rng.choice(["best_fit", "best_fit", "spread"])
         expected = place(want, list(candidates.values()), policy)  # type: ignore[arg-type]
@@ -317,6 +336,7 @@ def test_a_chain_leaves_out_only_the_checks_that_cannot_fail_for_the_job(seed: i
             cpu_cores=rng.choice([0, 4]), memory_gb=rng.choice([0, 16]),
             pool=rng.choice([None, "p"]), labels=rng.choice([{}, {"room": "a"}]),
             gpu_vendor=rng.choice([None, "amd"]), avoid=frozenset(rng.sample(["a001", "a002"], 1)),
+            require_sandbox=rng.random() < 0.5,
         )  # fmt: skip
         every = Chain(want, tuple(c.test for c in HOST), tuple(c.test for c in GPU_CHECKS),
                       want.gpus > 0)  # fmt: skip
@@ -358,4 +378,82 @@ def test_a_desktop_is_counted_once_in_the_reason_by_the_first_check_it_fails() -
     assert place(want, [mine, elsewhere]) == Miss(
         "no online agent that accepts jobs in pool 'p' has 1 GPU with 4 GB free; "
         "1 does not accept jobs (its owner is using it)"
+    )
+
+
+# -- the sandbox (--require-sandbox)
+
+
+def test_a_job_that_requires_the_sandbox_lands_only_where_it_is_full() -> None:
+    """Full: processes contained (cgroup or pidns), memory capped, the owner's home hidden;
+    hidden devices are not asked. A desktop that says nothing (an older agent) is not."""
+    fleet = [
+        dataclasses.replace(agent(name, gpu(0, 24, free)), sandbox=sandbox)
+        for name, free, sandbox in [
+            ("silent", 8, None),
+            ("subreaper", 8, {**FULL, "processes": "subreaper"}),
+            ("no-memory-limit", 8, {**FULL, "memory_limit": False}),
+            ("home-shown", 8, {**FULL, "home_hidden": False}),
+            ("pidns", 20, {**FULL, "processes": "pidns", "devices_hidden": False}),
+            ("cgroup", 24, FULL),
+        ]
+    ]
+    want = Requirements(gpus=1, vram_gb=4, require_sandbox=True)
+    placed = place(want, fleet)
+    assert isinstance(placed, Placement) and placed.agent_id == "pidns"  # the tightest full
+    assert place(dataclasses.replace(want, require_sandbox=False), fleet).agent_id == "home-shown"  # type: ignore[union-attr]
+    chain = Chain.of(want)
+    assert [chain.miss(c) for c in fleet] == ["sandbox"] * 4 + [None, None]
+    # the same through the fleet's index, whose views and kept misses tell the two apart
+    index = Fleet(fleet)
+    assert index.place(dataclasses.replace(want, require_sandbox=False)).agent_id == "home-shown"  # type: ignore[union-attr]
+    assert index.place(want) == place(want, fleet)
+
+
+def test_a_desktop_not_sandboxed_is_counted_in_the_reason_with_what_it_lacks_and_why() -> None:
+    lacking = dataclasses.replace(
+        agent("render-01", gpu(0, 24, 24)),
+        sandbox={**FULL, "processes": "pidns", "memory_limit": False,
+                 "why": ["cgroup v2 memory controller not delegated to this user"]},
+    )  # fmt: skip
+    want = Requirements(gpus=1, vram_gb=8, require_sandbox=True)
+    assert place(want, [lacking]) == Miss(
+        "no online agent that accepts jobs and is fully sandboxed has 1 GPU with 8 GB free; "
+        "1 not sandboxed (no memory limit: cgroup v2 memory controller not delegated to this "
+        "user)"
+    )
+    several = [
+        lacking,
+        dataclasses.replace(agent("old"), sandbox=None),
+        dataclasses.replace(agent("bare"), sandbox={"processes": "none"}),
+        dataclasses.replace(agent("nomem"), sandbox={**FULL, "memory_limit": False}),
+        dataclasses.replace(agent("small", gpu(0, 8, 6)), sandbox=FULL),
+    ]
+    assert place(want, several) == Miss(
+        "no online agent that accepts jobs and is fully sandboxed has 1 GPU with 8 GB free: "
+        "closest is small GPU 0 with 6.0 GB; 4 not sandboxed (2 no memory limit, 1 no sandbox "
+        "reported, 1 processes not contained, no memory limit, home not hidden)"
+    )
+    # the reservation of a starving job's closest agent never picks one it cannot run on
+    assert closest(want, several).name == "small"  # type: ignore[union-attr]
+
+
+def test_the_hardware_that_could_ever_hold_a_job_does_not_count_the_sandbox() -> None:
+    """Its owner can set the sandbox up later: a job that requires it is not warned about
+    as if no desktop's hardware could hold it."""
+    row = types.SimpleNamespace(
+        agent_id=uuid.uuid4(), name="a", pool_name="p", labels={}, cpu_cores_physical=8,
+        resource_metrics={"memory_total_gb": 32, "sandbox": None,
+                          "gpus": [{"index": 0, "uuid": "GPU-0", "vendor": "nvidia",
+                                    "vram_total_gb": 24, "vram_free_gb": 1}]},
+    )  # fmt: skip
+    assert could_ever_hold(Requirements(gpus=1, vram_gb=20, require_sandbox=True), [row])  # type: ignore[list-item]
+
+
+def test_a_desktop_whose_owner_requires_a_sandbox_it_lacks_says_so_in_the_reason() -> None:
+    refusing = dataclasses.replace(agent("strict", accepts=False), withheld="unsandboxed")
+    assert place(Requirements(cpu_cores=1), [refusing, agent("busy", cores=0)]) == Miss(
+        "no online agent that accepts jobs has 1 free cores: closest is busy (0 free cores); "
+        "1 does not accept jobs (its owner requires a sandbox it cannot fully enforce: "
+        "chiffon probe says why)"
     )

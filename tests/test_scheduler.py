@@ -20,6 +20,7 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import AgentRow, JobClaimRow, JobEventRow, JobRow
 from chiffon.schemas.dispatch import Report
+from chiffon.schemas.heartbeat import Sandbox
 from chiffon.schemas.jobs import JobSubmit
 from tests import factories as f
 from tests.jobfleet import desktop
@@ -343,3 +344,34 @@ async def test_placement_and_ingest_never_wait_for_each_other(
     async with orchestrator.sessions() as s:
         row = await s.get(AgentRow, small)
     assert row is not None and row.updated_at == clock.now()
+
+
+async def test_a_job_that_requires_the_sandbox_is_placed_only_where_the_heartbeat_says_full(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    """The desktop's sandbox as its last heartbeat said it (`resources.sandbox`) is read by
+    placement: a `require_sandbox` job passes the tightest fit that is not sandboxed, and
+    waits, saying why, when no full one has room."""
+    full = {"processes": "cgroup", "memory_limit": True, "home_hidden": True}
+    for name, gpu, sandbox in [
+        ("bare", (10.0, 10.0), None),
+        ("no-limit", (12.0, 12.0), {**full, "memory_limit": False, "why": ["no cgroup v2"]}),
+        ("boxed", (24.0, 24.0), full),
+    ]:
+        res = f.resources(gpus_free_total=[gpu], load_1min=0.0)
+        gpus = [g.model_copy(update={"uuid": f"GPU-{name}-{g.index}"}) for g in res.gpus]
+        res = res.model_copy(update={"gpus": gpus, "sandbox": sandbox and Sandbox.model_validate(sandbox)})
+        msg = f.message(uuid.uuid4(), name=name, res=res)
+        assert await orchestrator.receive(msg.model_copy(update={"accepts_jobs": True}))
+    anywhere = await submit(orchestrator, clock, gpus=1, vram_gb=8)
+    boxed = await submit(orchestrator, clock, gpus=1, vram_gb=8, require_sandbox=True)
+    result = await one_pass(orchestrator, clock)
+    assert result.placed[anywhere].gpu_uuids == ("GPU-bare-0",)
+    assert result.placed[boxed].gpu_uuids == ("GPU-boxed-0",)
+    waits = await submit(orchestrator, clock, gpus=1, vram_gb=20, require_sandbox=True)
+    await one_pass(orchestrator, clock)
+    assert (await job(orchestrator, waits)).reason == (
+        "no online agent that accepts jobs and is fully sandboxed has 1 GPU with 20 GB free: "
+        "closest is boxed GPU 0 with 16.0 GB; 2 not sandboxed (1 no memory limit, "
+        "1 no sandbox reported)"
+    )

@@ -272,6 +272,7 @@ class Client:
         pool: str | None = None,
         labels: Mapping[str, str] | None = None,
         gpu_vendor: str | None = None,
+        require_sandbox: bool = False,
         name: str | None = None,
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
@@ -281,7 +282,8 @@ class Client:
         policy: Policy = "best_fit",
     ) -> JobAccepted:
         """Queue `command` (an argv list) to run once where it fits. `vram_gb` is free
-        memory on each GPU; giving it without `gpus` asks for one GPU. The answer's
+        memory on each GPU; giving it without `gpus` asks for one GPU; `require_sandbox`:
+        only a desktop whose job sandbox is full (docs/jobs.md). The answer's
         `warning` is set when no registered agent could ever hold the job.
 
         Sent with a new `Idempotency-Key`, and sent again with the same key (twice at
@@ -290,7 +292,8 @@ class Client:
         answers the retry with that job instead of creating a second."""
         wanted: dict[str, Any] = {"vram_gb": vram_gb, "cpu_cores": cpu_cores,
                                   "memory_gb": memory_gb, "labels": dict(labels or {}),
-                                  "pool": pool, "gpu_vendor": gpu_vendor}  # fmt: skip
+                                  "pool": pool, "gpu_vendor": gpu_vendor,
+                                  "require_sandbox": require_sandbox}  # fmt: skip
         if gpus is not None:
             wanted["gpus"] = gpus
         spec = {

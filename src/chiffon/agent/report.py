@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from chiffon.schemas import limits
+from chiffon.schemas import limits, sandbox
 from chiffon.schemas.limits import (
     GpuType,
     GpuVendor,
@@ -173,12 +173,18 @@ class Snapshot:
     # The attempts it holds, `job_id/attempt`: running, or ended and not yet heard (set by
     # the work loop; None: it runs no work loop, the orchestrator reconciles nothing).
     attempts_held: list[str] | None = None
+    # The protections this desktop's job sandbox enforces (`schemas.sandbox`: processes,
+    # memory_limit, home_hidden, devices_hidden, why, required), set by the caller that
+    # knows them (the daemon); None: not said, and `--require-sandbox` jobs go elsewhere.
+    sandbox: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_ranges(self, _SNAPSHOT_RANGES)
         check_resources(self)
         _check_refusals(self.orders_refused)
         _check_held(self.attempts_held)
+        if self.sandbox is not None:
+            sandbox.check(self.sandbox)
         if len(self.probe_errors) > limits.PROBE_ERRORS_MAX:
             raise ValueError(f"probe_errors: more than {limits.PROBE_ERRORS_MAX}")
         for key, error in self.probe_errors.items():
@@ -191,6 +197,8 @@ class Snapshot:
             del gpu["processes"]
             if gpu["foreign_names"] is not None:
                 gpu["foreign_names"] = list(gpu["foreign_names"])
+        if self.sandbox is not None:  # its keys in the contract's order, as pydantic writes
+            doc["sandbox"] = sandbox.check(self.sandbox)
         return doc
 
 

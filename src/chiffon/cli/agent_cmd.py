@@ -74,6 +74,17 @@ def _decision(withheld: str | None) -> str:
     return "jobs welcome" if withheld is None else f"no new jobs: {SAID[withheld]}"
 
 
+def _sandbox(said: dict[str, Any]) -> str:
+    """`cgroup+mem+home+dev`, or what is missing and why; and whether its owner requires
+    it (then jobs are refused here unless it is full)."""
+    from chiffon.schemas.sandbox import explained, is_full
+
+    line = explained(said)
+    if said.get("required"):
+        line += "; required: " + ("jobs run" if is_full(said) else "jobs are refused")
+    return line
+
+
 def resources_table(res: Snapshot, owner_unknown_because: str | None = None) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, show_header=False)
     table.add_column("what", style="bold")
@@ -112,6 +123,8 @@ def resources_table(res: Snapshot, owner_unknown_because: str | None = None) -> 
         table.add_row(Text(f"probe {clean_text(name)}", style="red"), plain(error))
     table.add_row("Owner", plain(_idle(res.owner_idle_seconds, owner_unknown_because)))
     table.add_row("New jobs", plain(_decision(res.jobs_withheld)))
+    if res.sandbox is not None:  # set by whoever checked the sandbox (the daemon's reading)
+        table.add_row("Sandbox", plain(_sandbox(res.sandbox)))
     table.add_row("Collected in", f"{_num(res.collection_ms, '{:.2f}')} ms")
     return table
 

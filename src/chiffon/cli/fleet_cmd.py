@@ -21,6 +21,8 @@ from rich.text import Text
 from chiffon.cli.common import EXIT_NO_CAPACITY, EXIT_USAGE, CliError, console, plain
 from chiffon.schemas.limits import clean_text
 from chiffon.schemas.metrics import BOUNDS, Bound
+from chiffon.schemas.sandbox import gaps as sandbox_gaps
+from chiffon.schemas.sandbox import summary as sandbox_summary
 
 if TYPE_CHECKING:
     from chiffon.client import Client
@@ -83,6 +85,7 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
 _OWNER_SAYS = {
     "never": "no jobs",
     "root": "no jobs (root)",
+    "unsandboxed": "no jobs (sandbox)",
     "owner_active": "active",
     "owner_unknown": "unknown",
     "outside_schedule": "off schedule",
@@ -108,6 +111,14 @@ def _reliability(agent: dict[str, Any]) -> str:
     return f"{r.get('offline_events_7d', 0)} off, {r.get('preemptions_7d', 0)} taken back"
 
 
+def sandbox(agent: dict[str, Any]) -> Text:
+    """Its job sandbox in a word (`cgroup+mem+home+dev`, `pidns+home`, `none`; `-`: not
+    said; `!`: its owner requires it), green when `--require-sandbox` jobs may land there."""
+    said = agent.get("sandbox") or agent["resource_metrics"].get("sandbox")
+    full = not sandbox_gaps(said)
+    return Text(clean_text(sandbox_summary(said)), style="green" if full else "")
+
+
 def _status(status: str, hold: str | None = None) -> Text:
     """online, offline; an admin's hold beside it (`online, pending`), in yellow."""
     if hold:
@@ -130,6 +141,7 @@ _AGENT_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | Text]], ...] =
     ("TYPE", lambda a: plain(a["resource_metrics"].get("gpu_type", "?"))),
     ("ID", lambda a: plain(a["agent_id"][:8])),
     ("7 DAYS", _reliability),
+    ("SANDBOX", sandbox),
 )
 
 

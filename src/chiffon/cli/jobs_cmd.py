@@ -118,6 +118,12 @@ def run(
     pool: str = typer.Option(None, "--pool", help="Only agents in this pool."),
     label: list[str] = typer.Option(None, "--label", help="KEY=VALUE the agent has; repeatable."),
     gpu_vendor: str = typer.Option(None, "--gpu-vendor", help="nvidia, amd, intel or apple."),
+    require_sandbox: bool = typer.Option(
+        False,
+        "--require-sandbox",
+        help="Only a desktop whose job sandbox is full: processes contained, memory capped, "
+        "the owner's home hidden.",
+    ),
     timeout: str = typer.Option(None, "--timeout", help="End it after this long: 90s, 30m, 2h."),
     retries: int = typer.Option(0, "--retries", min=0, help="Times to run it again if lost."),
     retry_on_exit: bool = typer.Option(
@@ -143,6 +149,7 @@ def run(
     spec = {
         "gpus": gpus, "vram_gb": vram, "cpu_cores": cores, "memory_gb": memory, "pool": pool,
         "labels": _pairs(label, "--label"), "gpu_vendor": gpu_vendor, "name": name,
+        "require_sandbox": require_sandbox,
         "env": _pairs(env, "--env"), "workdir": workdir, "retries": retries,
         "retry_on_exit": retry_on_exit, "policy": "spread" if spread else "best_fit",
         "timeout_seconds": parse_duration(timeout, "--timeout") if timeout else None,
@@ -215,6 +222,7 @@ _FLAGS = {
     "requirements.vram_gb": "--vram", "requirements.cpu_cores": "--cores",
     "requirements.memory_gb": "--memory", "requirements.pool": "--pool",
     "requirements.labels": "--label", "requirements.gpu_vendor": "--gpu-vendor",
+    "requirements.require_sandbox": "--require-sandbox",
 }  # fmt: skip
 
 
@@ -399,6 +407,7 @@ def _wants(j: JobDetail) -> str:
     wants += [f"{r.memory_gb:g} GB memory"] if r.memory_gb else []
     wants += [f"pool {r.pool}"] if r.pool else []
     wants += [f"{k}={v}" for k, v in r.labels.items()]
+    wants += ["a full sandbox"] if r.require_sandbox else []
     return ", ".join(wants) or "nothing in particular"
 
 

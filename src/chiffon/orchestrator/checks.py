@@ -20,6 +20,7 @@ from typing import Protocol
 
 from chiffon.orchestrator.jobspec import Wants
 from chiffon.orchestrator.ledger import Candidate, GpuLedger
+from chiffon.schemas import sandbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ REFUSES = "refuses"  # the desktop takes no job now (`Candidate.withheld` says w
 AVOIDED = "avoided"  # its owner took this job back lately
 POOL = "pool"
 LABELS = "labels"
+SANDBOX = "sandbox"  # the job requires a full sandbox; the desktop's is not (or not said)
 CORES = "cores"
 MEMORY = "memory"
 GPUS = "gpus"  # fewer GPUs pass `GPU_CHECKS` than the job asks
@@ -106,6 +108,12 @@ def labelled(want: Requirements, c: Candidate) -> str | None:
     if want.labels and any(c.labels.get(k) != v for k, v in want.labels.items()):
         return LABELS
     return None
+
+
+def sandboxed(want: Requirements, c: Candidate) -> str | None:
+    """A job that requires the sandbox: only where its processes are contained, its memory
+    capped and the owner's home hidden (`schemas.sandbox.is_full`)."""
+    return SANDBOX if want.require_sandbox and not sandbox.is_full(c.sandbox) else None
 
 
 def cores(want: Requirements, c: Candidate) -> str | None:
@@ -142,6 +150,7 @@ ELIGIBILITY: tuple[Check, ...] = (
     Check(not_avoided, lambda want: bool(want.avoid)),
     Check(in_pool, lambda want: want.pool is not None),
     Check(labelled, lambda want: bool(want.labels)),
+    Check(sandboxed, lambda want: want.require_sandbox),
 )
 # ... and the host's room: the fleet's index keeps a view of the agents passing these.
 HOST: tuple[Check, ...] = (

@@ -28,6 +28,8 @@ class Wants:
     pool: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     gpu_vendor: str | None = None
+    # Only a desktop whose sandbox is full (`schemas.sandbox.is_full`).
+    require_sandbox: bool = False
 
     @classmethod
     def parse(cls, stored: Mapping[str, Any]) -> Wants:
@@ -39,6 +41,7 @@ class Wants:
             pool=stored.get("pool"),
             labels=dict(stored.get("labels") or {}),
             gpu_vendor=stored.get("gpu_vendor"),
+            require_sandbox=stored.get("require_sandbox") is True,
         )
 
     def stored(self) -> dict[str, Any]:
@@ -46,7 +49,7 @@ class Wants:
         return {
             "gpus": self.gpus, "vram_gb": self.vram_gb, "cpu_cores": self.cpu_cores,
             "memory_gb": self.memory_gb, "pool": self.pool, "labels": dict(self.labels),
-            "gpu_vendor": self.gpu_vendor,
+            "gpu_vendor": self.gpu_vendor, "require_sandbox": self.require_sandbox,
         }  # fmt: skip
 
 
@@ -84,7 +87,8 @@ class JobSpec:
         """The payload of the order that runs it on `gpus` (`schemas.dispatch.Work`)."""
         work = Work(command=self.command, env=self.env, workdir=self.workdir,
                     timeout_seconds=self.timeout_seconds, gpu_uuids=tuple(gpus),
-                    vram_gb=self.wants.vram_gb, gpu_vendor=self.wants.gpu_vendor)  # fmt: skip
+                    vram_gb=self.wants.vram_gb, gpu_vendor=self.wants.gpu_vendor,
+                    memory_gb=self.wants.memory_gb, cores=self.wants.cpu_cores)  # fmt: skip
         return work.payload()
 
 

@@ -103,6 +103,9 @@ class Candidate:
     # Why its desktop takes no new job now, as its heartbeat says (`jobs_withheld`:
     # `root`, `never`, `owner_active`...; docs/owner.md); None: welcome, or not said.
     withheld: str | None = None
+    # Its job sandbox as its heartbeat says it (`resources.sandbox`, `schemas.sandbox`);
+    # None: not said. Read only for a job that requires the sandbox.
+    sandbox: Mapping[str, Any] | None = None
 
 
 def gpu_id(gpu: Mapping[str, Any]) -> str:

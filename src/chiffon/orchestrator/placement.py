@@ -338,10 +338,10 @@ def _remove(index: list[_T], entries: list[_T]) -> None:
 def _host_key(want: Requirements) -> tuple[object, ...]:
     """What the host checks (`checks.HOST`) read of a job."""
     labels = tuple(sorted(want.labels.items()))
-    return (want.cpu_cores, want.memory_gb, want.pool, labels, want.avoid)
+    return (want.cpu_cores, want.memory_gb, want.pool, labels, want.avoid, want.require_sandbox)
 
 
 def _memo_key(want: Requirements) -> tuple[object, ...]:
     labels = tuple(sorted(want.labels.items()))
     return (want.gpus, want.vram_gb, want.cpu_cores, want.memory_gb, want.pool, labels,
-            want.gpu_vendor, want.avoid, want.long)  # fmt: skip
+            want.gpu_vendor, want.avoid, want.long, want.require_sandbox)  # fmt: skip

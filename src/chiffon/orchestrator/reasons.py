@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from chiffon.orchestrator import checks
 from chiffon.orchestrator.checks import Chain, Findings, Requirements
 from chiffon.orchestrator.ledger import Candidate
+from chiffon.schemas import sandbox
 
 
 def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
@@ -23,6 +24,8 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
     parts = [_headline(want, found), *_offline_and_refusing(found, len(candidates))]
     if avoided := found.count(checks.AVOIDED):
         parts.append(f"{avoided} avoided (its owner took this job back lately)")
+    if unsandboxed := found.rejected.get(checks.SANDBOX):
+        parts.append(not_sandboxed(unsandboxed))
     if held := sorted(found.withheld_gpus):
         reasons = ", ".join(sorted(set(held)))
         parts.append(f"{len(held)} GPU{_s(len(held))} withheld ({reasons})")
@@ -30,7 +33,8 @@ def why_not(want: Requirements, candidates: Sequence[Candidate]) -> str:
 
 
 def _headline(want: Requirements, found: Findings) -> str:
-    said = f"no online agent that accepts jobs{_where(want)} has {_asked(want)}"
+    full = " and is fully sandboxed" if want.require_sandbox else ""
+    said = f"no online agent that accepts jobs{full}{_where(want)} has {_asked(want)}"
     near = _nearest(want, _closest_of(Chain.of(want), found.eligible))
     return said if near is None else f"{said}: closest is {near}"
 
@@ -63,6 +67,11 @@ _REFUSING: dict[str | None, tuple[str, str]] = {
         " (quarantined, its secret seems copied: chiffon agents clear or rotate ID)",
         " (quarantined, their secrets seem copied: chiffon agents clear or rotate ID)",
     ),
+    # The owner requires the job sandbox (require_sandbox) and it is not full there.
+    "unsandboxed": (
+        " (its owner requires a sandbox it cannot fully enforce: chiffon probe says why)",
+        " (their owners require a sandbox they cannot fully enforce: chiffon probe says why)",
+    ),
     "outside_schedule": (" (outside its owner's schedule)", " (outside their owners' schedules)"),
     "owner_active": (" (its owner is using it)", " (their owners are using them)"),
     "owner_unknown": (
@@ -90,6 +99,20 @@ def _refusing(reason: str | None, count: int, only: str | None) -> str:
         return f"{who} {verbs} jobs: restart {'it' if one else 'them'} with {_ROOT_FIX}"
     why = _REFUSING.get(reason, ("", ""))[0 if one else 1]
     return f"{count} {'does' if one else 'do'} not accept jobs{why}"
+
+
+def not_sandboxed(agents: Sequence[Candidate]) -> str:
+    """ "1 not sandboxed (no memory limit: the memory controller is not delegated)"; for
+    several, how many lack what: "3 not sandboxed (2 no memory limit, 1 no sandbox
+    reported)". What each lacks is `schemas.sandbox.gaps`, the agent's why with it for one."""
+    if len(agents) == 1:
+        doc = agents[0].sandbox
+        missing = ", ".join(sandbox.gaps(doc))
+        why = [line for line in (doc or {}).get("why") or [] if line]
+        return f"1 not sandboxed ({missing}{': ' + '; '.join(why) if why else ''})"
+    lacks = Counter(", ".join(sandbox.gaps(c.sandbox)) for c in agents)
+    said = ", ".join(f"{n} {gap}" for gap, n in sorted(lacks.items(), key=lambda i: (-i[1], i[0])))
+    return f"{len(agents)} not sandboxed ({said})"
 
 
 def never_fits(want: Requirements) -> str:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -160,6 +161,7 @@ def candidate(row: Row[Any], claims: Sequence[repo.Claimed], setbacks: int = 0) 
         gpus=ledger.gpu_ledgers(metrics.get("gpus", []), claims),
         setbacks=setbacks,
         withheld=row.hold or metrics.get("jobs_withheld"),
+        sandbox=metrics.get("sandbox"),
     )
 
 
@@ -804,7 +806,8 @@ def could_ever_hold(want: Requirements, rows: Sequence[Row[Any]]) -> bool:
     """Whether any registered agent's hardware (whatever its status, load and claims)
     could hold `want`: its pool and labels, its GPUs' total VRAM, its physical cores and
     its total memory. A job none could hold is still accepted (a bigger desktop may
-    join), with a warning."""
+    join), with a warning. A sandbox is not hardware: its owner may set it up later."""
+    hardware = dataclasses.replace(want, require_sandbox=False)
     for row in rows:
         metrics: dict[str, Any] = row.resource_metrics or {}
         whole = Candidate(
@@ -814,6 +817,6 @@ def could_ever_hold(want: Requirements, rows: Sequence[Row[Any]]) -> bool:
             memory_available_gb=metrics.get("memory_total_gb"),
             gpus=tuple(ledger.whole_gpu(g) for g in metrics.get("gpus", [])),
         )  # fmt: skip
-        if isinstance(place(want, [whole]), Placement):
+        if isinstance(place(hardware, [whole]), Placement):
             return True
     return False

@@ -70,6 +70,7 @@ def record(row: AgentRow, now: datetime, setbacks: tuple[int, int] = (0, 0)) -> 
         last_heartbeat_at=row.last_heartbeat_at,
         age_seconds=_age(row.last_heartbeat_at, now),
         resource_metrics=row.resource_metrics,
+        sandbox=(row.resource_metrics or {}).get("sandbox"),
         reliability=Reliability(offline_events_7d=setbacks[0], preemptions_7d=setbacks[1]),
         created_at=row.created_at,
         updated_at=row.updated_at,

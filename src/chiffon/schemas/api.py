@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from chiffon.schemas.heartbeat import GpuInfo
+from chiffon.schemas.heartbeat import GpuInfo, Sandbox
 from chiffon.schemas.jobs import INTEGRAL
 from chiffon.schemas.limits import TEXT_PATTERN
 from chiffon.schemas.metrics import HISTORY, REGISTRY, Metric
@@ -142,6 +142,13 @@ class AgentRecord(BaseModel):
     last_heartbeat_at: datetime | None
     age_seconds: float | None
     resource_metrics: dict[str, Any]
+    sandbox: Sandbox | None = Field(
+        None,
+        description="the protections its job sandbox enforces, as its last heartbeat said "
+        "(`resource_metrics.sandbox`); null: not said (an older agent). `--require-sandbox` "
+        "jobs land only where processes are contained (cgroup, pidns), memory is capped and "
+        "the owner's home is hidden",
+    )
     reliability: Reliability = Reliability()
     created_at: datetime
     updated_at: datetime

@@ -189,12 +189,16 @@ class Work:
     gpu_uuids: tuple[str, ...] = ()
     vram_gb: float = 0.0  # asked on each GPU: the agent checks it is still free
     gpu_vendor: str | None = None
+    # The job's claims on the host (0: none asked): the agent may hold the job to them.
+    memory_gb: float = 0.0
+    cores: float = 0.0
 
     def payload(self) -> dict[str, Any]:
         return {
             "command": list(self.command), "env": dict(self.env), "workdir": self.workdir,
             "timeout_seconds": self.timeout_seconds, "gpu_uuids": list(self.gpu_uuids),
             "vram_gb": self.vram_gb, "gpu_vendor": self.gpu_vendor,
+            "memory_gb": self.memory_gb, "cores": self.cores,
         }  # fmt: skip
 
     @classmethod
@@ -212,6 +216,9 @@ class Work:
             gpu_uuids=_strings(p.get("gpu_uuids", []), "gpu_uuids", most=limits.GPUS_MAX),
             vram_gb=_positive(p.get("vram_gb"), "vram_gb", zero=True) or 0.0,
             gpu_vendor=vendor if isinstance(vendor, str) else None,
+            # absent (an older orchestrator): none asked
+            memory_gb=_positive(p.get("memory_gb"), "memory_gb", zero=True) or 0.0,
+            cores=_positive(p.get("cores"), "cores", zero=True) or 0.0,
         )
 
 

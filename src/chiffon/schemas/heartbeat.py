@@ -26,6 +26,8 @@ from chiffon.schemas.limits import GpuVendor as GpuVendor
 from chiffon.schemas.limits import MessageKind as MessageKind
 from chiffon.schemas.limits import RejectedMessage as RejectedMessage
 from chiffon.schemas.limits import check_not_above, check_resources
+from chiffon.schemas.sandbox import WHY_MAX, WHY_MAX_CHARS
+from chiffon.schemas.sandbox import Processes as SandboxProcesses
 
 # A heartbeat of a desktop with eight GPUs is about 2 KiB; anything past this is not ours.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -88,6 +90,26 @@ class GpuInfo(_Strict):
         return self
 
 
+class Sandbox(_Strict):
+    """Which protections the desktop's job sandbox enforces (`schemas.sandbox`; docs/
+    protocol.md). A `processes` value outside the vocabulary refuses the heartbeat."""
+
+    processes: SandboxProcesses = Field(
+        description="how a job's processes are kept together: cgroup, pidns (both ended "
+        "with the job), subreaper (found by parentage), none"
+    )
+    memory_limit: bool = Field(False, description="the job's memory is capped")
+    home_hidden: bool = Field(False, description="the owner's home is out of the job's sight")
+    devices_hidden: bool = Field(False, description="the GPUs not given to it are hidden")
+    why: Annotated[
+        list[Annotated[SafeText, Field(max_length=WHY_MAX_CHARS)]],
+        Field(max_length=WHY_MAX),
+    ] = Field([], description="why a protection is missing, one line each")
+    required: bool = Field(
+        False, description="its owner requires the sandbox: it refuses jobs unless it is full"
+    )
+
+
 class Resources(_Strict):
     """A snapshot of one desktop's capacity: the seeds' metric names plus per-GPU detail.
 
@@ -139,6 +161,11 @@ class Resources(_Strict):
         None,
         description="the attempts the agent holds, job_id/attempt: running, or ended and not "
         "yet heard; the orchestrator ends what is out there and not listed. null: not said",
+    )
+    sandbox: Sandbox | None = Field(
+        None,
+        description="the protections its job sandbox enforces; null: not said (an "
+        "older agent), and `--require-sandbox` jobs do not land there",
     )
 
     @model_validator(mode="after")

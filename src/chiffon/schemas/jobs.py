@@ -97,6 +97,11 @@ class JobRequirements(BaseModel):
         Field(max_length=32, json_schema_extra={"additionalProperties": False}),
     ] = {}
     gpu_vendor: limits.GpuVendor | None = None
+    require_sandbox: bool = Field(
+        False,
+        description="only a desktop whose job sandbox is full: its processes contained "
+        "(cgroup, pidns), its memory capped and the owner's home hidden (docs/jobs.md)",
+    )
 
     @model_validator(mode="before")
     @classmethod

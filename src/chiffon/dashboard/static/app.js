@@ -205,7 +205,7 @@ const metrics = (agent) => agent.resource_metrics || {};
 
 // Why no new job lands on a desktop or a GPU (the agent's `withheld`; docs/owner.md).
 const WITHHELD = {
-  never: "takes no jobs", root: "takes no jobs (agent runs as root)", outside_schedule: "outside the owner's schedule",
+  never: "takes no jobs", root: "takes no jobs (agent runs as root)", unsandboxed: "takes no jobs (sandbox required, not full)", outside_schedule: "outside the owner's schedule",
   owner_active: "owner active", owner_unknown: "owner's idle time unknown", reserved: "reserved by the owner",
   unhealthy: "unhealthy", exclusive_app: "owner's exclusive app", dirty: "dirty: memory not back yet",
 };
@@ -230,6 +230,33 @@ function ownerText(agent) {
 function refusedText(counts) {
   const seen = Object.entries(counts || {}).filter(([, n]) => n > 0);
   return seen.length ? seen.map(([reason, n]) => `${reason} ${n}`).join(", ") : "none";
+}
+
+// The desktop's job sandbox (its heartbeat's `sandbox`; docs/protocol.md): what it enforces
+// in a word (cgroup+mem+home+dev), what keeps it from being full, and the agent's why lines.
+// Full (what `chiffon run --require-sandbox` asks): processes contained, memory capped, home hidden.
+const CONTAINED = ["cgroup", "pidns"];
+function sandboxGaps(s) {
+  if (!s) return ["not reported"];
+  return [
+    CONTAINED.includes(s.processes) ? "" : "processes not contained",
+    s.memory_limit ? "" : "no memory limit",
+    s.home_hidden ? "" : "home not hidden",
+  ].filter(Boolean);
+}
+function sandboxText(s) {
+  if (!s) return "not reported";
+  const words = [CONTAINED.includes(s.processes) ? s.processes : "", s.memory_limit ? "mem" : "",
+    s.home_hidden ? "home" : "", s.devices_hidden ? "dev" : ""].filter(Boolean);
+  const gaps = sandboxGaps(s);
+  const required = s.required ? "; required by its owner" : "";
+  return `${words.join("+") || "none"}${gaps.length ? ` (${gaps.join(", ")})` : " (full)"}${required}`;
+}
+function sandboxFact(s) {
+  const node = card("sandbox", "Sandbox", sandboxText(s));
+  const why = ((s && s.why) || []).filter(Boolean);
+  if (why.length) node.append(el("ul", { class: "why" }, ...why.map((line) => el("li", {}, el("bdi", {}, line)))));
+  return node;
 }
 
 function foreignText(g) {
@@ -383,6 +410,7 @@ function renderAgent(agent) {
     fact("reliability", "Last 7 days", `${agent.reliability?.offline_events_7d ?? 0} offline, ${agent.reliability?.preemptions_7d ?? 0} taken back`),
     fact("refused", "Orders refused", refusedText(m.orders_refused)),
     fact("hold", "Hold", agent.hold ? `${holdText(agent)} (${agent.hold_reason ?? ""})` : "none"),
+    sandboxFact(agent.sandbox ?? m.sandbox),
   );
   renderGpus(m, {});
 }
