@@ -240,7 +240,7 @@ def test_up_as_root_says_it_runs_no_jobs_and_a_waiting_job_says_why_and_the_fix(
     )
     assert "the only agent runs as root and refuses jobs" in shown
     assert _banner_line(tmp_path, "New jobs").split(maxsplit=2)[2] == (
-        "no new jobs: the agent runs as root, and runs jobs as root only with --allow-root-jobs"
+        "no new jobs: the agent runs as root, and runs jobs only with --allow-root-jobs"
     )
     assert "restart it with `chiffon up --allow-root-jobs`" in _banner_line(tmp_path, "It does")
 

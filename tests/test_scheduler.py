@@ -360,7 +360,9 @@ async def test_a_job_that_requires_the_sandbox_is_placed_only_where_the_heartbea
     ]:
         res = f.resources(gpus_free_total=[gpu], load_1min=0.0)
         gpus = [g.model_copy(update={"uuid": f"GPU-{name}-{g.index}"}) for g in res.gpus]
-        res = res.model_copy(update={"gpus": gpus, "sandbox": sandbox and Sandbox.model_validate(sandbox)})
+        res = res.model_copy(
+            update={"gpus": gpus, "sandbox": sandbox and Sandbox.model_validate(sandbox)}
+        )
         msg = f.message(uuid.uuid4(), name=name, res=res)
         assert await orchestrator.receive(msg.model_copy(update={"accepts_jobs": True}))
     anywhere = await submit(orchestrator, clock, gpus=1, vram_gb=8)

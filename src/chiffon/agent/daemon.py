@@ -79,13 +79,15 @@ def locked(collector: Collector) -> Callable[[], Snapshot]:
     return collect
 
 
-def decided(settings: AgentSettings, res: Snapshot) -> Snapshot:
+def decided(settings: AgentSettings, res: Snapshot, *, sandbox: bool = True) -> Snapshot:
     """`res` with what the agent would decide now under its owner's policy, per GPU and
     for the desktop (`jobs_withheld`: `root` when it runs as root and may not run jobs as
-    root). No job runs: all use is foreign. `chiffon probe` and `chiffon up` show it."""
+    root), and the sandbox this desktop gives jobs (each mechanism tried). No job runs:
+    all use is foreign. `chiffon probe` and `chiffon up` show it."""
     from chiffon.agent.guard import read_only
 
-    return read_only(work_settings(settings), res)
+    found = started_sandbox(settings).protections.report() if sandbox else None
+    return read_only(work_settings(settings), res, found)
 
 
 def work_settings(settings: AgentSettings) -> WorkSettings:

@@ -18,6 +18,7 @@ from chiffon.agent.owner import SAID, Decision, GpuSeen, OwnerPolicy, decide
 from chiffon.agent.reading import read
 from chiffon.agent.report import Snapshot
 from chiffon.agent.runner import JobRun
+from chiffon.schemas.sandbox import is_full
 
 if TYPE_CHECKING:
     from chiffon.agent.work import WorkSettings
@@ -49,6 +50,7 @@ class OwnerGuard:
         self.idle_seconds: float | None = None  # the owner's, as last seen (probes.owner)
         self.reads_idle = False  # the guard's loop reads the idle time (else each snapshot)
         self.seen: Sequence[GpuSeen] = []
+        self.unsandboxed = False  # the owner requires the sandbox; it is incomplete here
         # While jobs run, the GPUs are read afresh only when the policy looks at what runs
         # on them (a GPU read is cheap with NVML, a process or two with nvidia-smi).
         self.watches_gpus = bool(self.policy.exclusive_apps) or (
@@ -66,6 +68,7 @@ class OwnerGuard:
             idle_seconds=self.idle_seconds,
             gpus=self.seen,
             root_refused=self.settings.accept_jobs != "never" and not may_run_jobs(self.settings),
+            unsandboxed=self.unsandboxed,
         )
         return self.decision
 
@@ -127,13 +130,17 @@ def _resume(key: Key, run: JobRun) -> None:
         run.resume()
 
 
-def read_only(settings: WorkSettings, snapshot: Snapshot) -> Snapshot:
+def read_only(
+    settings: WorkSettings, snapshot: Snapshot, sandbox: dict[str, Any] | None = None
+) -> Snapshot:
     """`snapshot` with what the agent would decide now under its owner's policy, per GPU and
     for the desktop, with no job running (all use is foreign): a reading and a decision,
-    nothing acted on (`chiffon probe`)."""
+    nothing acted on (`chiffon probe`); with the sandbox as found (`agent.sandbox`)."""
     guard = OwnerGuard(settings)
     guard.idle_seconds = snapshot.owner_idle_seconds
+    if sandbox is not None:
+        guard.unsandboxed = bool(sandbox.get("required")) and not is_full(sandbox)
     reading = read(snapshot, show_names=guard.policy.report_process_names)
     guard.decide(reading.seen)
     return dataclasses.replace(guard.annotate(reading.snapshot), orders_refused={},
-                               attempts_held=[])  # fmt: skip
+                               attempts_held=[], sandbox=sandbox)  # fmt: skip

@@ -10,7 +10,8 @@ in `VACATING`.
 Reasons, in the order they are weighed (the first that holds is the one given):
 
 - desktop-wide: `never` (the owner did not opt in), `root` (the agent runs as root without
-  `allow_root_jobs`), `outside_schedule`, `owner_active` (with `when_idle`: the owner used
+  `allow_root_jobs`), `unsandboxed` (the owner set `require_sandbox` and a protection is
+  missing here), `outside_schedule`, `owner_active` (with `when_idle`: the owner used
   the desktop within `idle_minutes`), `owner_unknown` (with `when_idle`, no idle time and
   no schedule to fall back on);
 - per GPU: `reserved` (kept by the owner), `unhealthy` (the driver reports it failing),
@@ -54,7 +55,8 @@ _TIME = re.compile(r"^([01]?\d|2[0-4]):([0-5]\d)$")
 # Each reason in the owner's words (an order refused, a job vacated, `chiffon probe`).
 SAID = {
     "never": "this desktop does not accept jobs",
-    "root": "the agent runs as root, and runs jobs as root only with --allow-root-jobs",
+    "root": "the agent runs as root, and runs jobs only with --allow-root-jobs",
+    "unsandboxed": "the owner requires the sandbox, and it is not complete here",
     "outside_schedule": "outside the owner's schedule",
     "owner_active": "the desktop's owner is using it",
     "owner_unknown": "the owner's idle time is unknown here (and no schedule is set)",
@@ -320,18 +322,20 @@ def decide(
     idle_seconds: float | None,
     gpus: Sequence[GpuSeen],
     root_refused: bool = False,
+    unsandboxed: bool = False,
 ) -> Decision:
     present: bool | None = None
     if policy.accept_jobs == "when_idle" and idle_seconds is not None:
         present = idle_seconds < policy.idle_minutes * 60
-    desktop = _desktop_reason(policy, local, present, root_refused)
+    desktop = _desktop_reason(policy, local, present, root_refused, unsandboxed)
     by_gpu = {gpu.key: _gpu_reason(policy, gpu, desktop, bool(present)) for gpu in gpus}
     return Decision(desktop, by_gpu, present)
 
 
 def _desktop_reason(
-    policy: OwnerPolicy, local: datetime, present: bool | None, root_refused: bool
-) -> Withheld | None:
+    policy: OwnerPolicy, local: datetime, present: bool | None, root_refused: bool,
+    unsandboxed: bool,
+) -> Withheld | None:  # fmt: skip
     """The first desktop-wide reason that holds, in the order they are weighed."""
     in_schedule = policy.schedule is None or policy.schedule.contains(local)
     # with a schedule, it alone decides when the idle time is unknown (docs/owner.md)
@@ -339,6 +343,7 @@ def _desktop_reason(
     rules: tuple[tuple[Withheld, bool], ...] = (
         ("never", policy.accept_jobs == "never"),
         ("root", root_refused),
+        ("unsandboxed", unsandboxed),
         ("outside_schedule", not in_schedule),
         ("owner_unknown", unknown),
         ("owner_active", bool(present) and policy.on_owner_return == "vacate_all"),

@@ -31,6 +31,7 @@ class Jobs:
     groups: Mapping[int, Key] = field(default_factory=dict)
     ended: Collection[Key] = ()
     dirt: Mapping[str, float | None] = field(default_factory=dict)
+    members: Mapping[int, Key] = field(default_factory=dict)  # pid: its unit's attempt
 
 
 @dataclass(slots=True)
@@ -96,9 +97,12 @@ def _sort(pid: int, gb: float, gid: str, jobs: Jobs, reading: Reading, seen: _Gp
 
 
 def whose(pid: int, jobs: Jobs) -> Key | None:
-    """The attempt a GPU process belongs to: by its process group, else by the attempt its
+    """The attempt a GPU process belongs to: by its unit (agent.sandbox: whatever it
+    started, wherever it went), else by its process group, else by the attempt its
     environment names (a process that left the group, `setsid`, still carries it), if
     that attempt is one of this agent's, running or ended."""
+    if pid in jobs.members:
+        return jobs.members[pid]
     group = _group_of(pid)
     if group is not None and group in jobs.groups:
         return jobs.groups[group]

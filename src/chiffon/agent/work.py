@@ -138,6 +138,9 @@ class WorkLoop:
         self.outbox = Outbox(self.attempts, channel)
         self.hygiene = GpuHygiene()
         self.owner = OwnerGuard(settings, local_time=local_time)
+        if sandbox is not None and sandbox.protections.refusal() is not None:
+            self.owner.unsandboxed = True
+            self.owner.decide()
         self.refused = self.intake.refused  # orders refused, by reason
         self._channel = channel
         self._fresh = fresh
@@ -284,7 +287,9 @@ class WorkLoop:
 
     def _jobs(self) -> Jobs:
         groups = {run.pid: key for key, run in self.runs.items() if run.pid is not None}
-        return Jobs(groups, self.attempts.ended_keys(), dict(self.hygiene.dirt))
+        members = {pid: key for key, run in self.runs.items() if run.unit is not None
+                   for pid in run.unit.pids()}  # fmt: skip
+        return Jobs(groups, self.attempts.ended_keys(), dict(self.hygiene.dirt), members)
 
     def _tidy(self, reading: Reading) -> None:
         for pid, gpu, key in reading.leftovers:
@@ -293,9 +298,11 @@ class WorkLoop:
             self.hygiene.clean(gpu)
 
     def _as_sent(self, snapshot: Snapshot) -> Snapshot:
+        sandbox = None if self.sandbox is None else self.sandbox.protections.report()
         return dataclasses.replace(self.owner.annotate(snapshot),
                                    orders_refused=dict(sorted(self.refused.items())),
-                                   attempts_held=self.held[:ATTEMPTS_HELD_MAX])  # fmt: skip
+                                   attempts_held=self.held[:ATTEMPTS_HELD_MAX],
+                                   sandbox=sandbox)  # fmt: skip
 
     def _record_use(self, used: dict[Key, dict[str, float]]) -> None:
         for key, now in used.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,7 +279,8 @@ def agent(
     allow_root_jobs: bool = typer.Option(
         None,
         "--allow-root-jobs",
-        help="Run jobs even though the agent runs as root [off]; env CHIFFON_ALLOW_ROOT_JOBS.",
+        help="Run jobs though the agent runs as root, as the unprivileged job_user "
+        "(chiffon-job) [off]; env CHIFFON_ALLOW_ROOT_JOBS.",
         show_default=False,
     ),
     show_config: bool = typer.Option(
@@ -335,13 +337,14 @@ def _say_start(settings: AgentSettings, identity: AgentIdentity) -> None:
             else ""
         )
         console.print(
-            f"accepting jobs{when}: they run as this user, in {settings.effective_jobs_dir}",
+            f"accepting jobs{when}: they run as {_job_user(settings)}, each in its sandbox, in "
+            f"{settings.effective_jobs_dir}",
             highlight=False,
         )
     elif settings.accept_jobs != "never":
         err_console.print(
             "warning: not accepting jobs: the agent runs as root (add --allow-root-jobs to "
-            "run jobs as root anyway)",
+            f"run them as the unprivileged user {settings.job_user})",
             highlight=False,
         )
 
@@ -369,3 +372,9 @@ def _warn_secrets_in_argv(enroll_token: str | None, amqp_url: str | None) -> Non
 def register(app: typer.Typer) -> None:
     app.command()(probe)
     app.command()(agent)
+
+
+def _job_user(settings: AgentSettings) -> str:
+    """Who jobs run as: the agent's own user, or, for a root agent, its `job_user`."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return f"the unprivileged user {settings.job_user}" if root else "this user"

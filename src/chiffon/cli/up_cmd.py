@@ -129,7 +129,8 @@ def up(
     allow_root_jobs: bool = typer.Option(
         False,
         "--allow-root-jobs",
-        help="Run jobs as root when started as root (without it, a root `up` runs no job).",
+        help="Run jobs when started as root, as the unprivileged user chiffon-job (without "
+        "it, a root `up` runs no job).",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),

@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 GpuVendor = Literal["nvidia", "amd", "intel", "other"]
 # Why no new job lands on a desktop, or on one of its GPUs (agent.owner; docs/owner.md).
 Withheld = Literal[
-    "never", "root", "outside_schedule", "owner_active", "owner_unknown",
+    "never", "root", "unsandboxed", "outside_schedule", "owner_active", "owner_unknown",
     "reserved", "unhealthy", "exclusive_app", "dirty",
 ]  # fmt: skip
 FOREIGN_NAMES_MAX = 32

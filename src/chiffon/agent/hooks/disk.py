@@ -55,15 +55,19 @@ class RemoveFiles(AttemptHook):
         if attempt.state != "reported":  # said again at the next start: kept until then
             return
         keep = self.parts.settings.keep_attempt_files_seconds
-        if keep:
-            self.parts.spawn(_later(keep, attempt.directory))
+        if keep:  # a timer, not a task the agent waits for (a restart: `remove_old`)
+            asyncio.get_running_loop().call_later(keep, _remove_soon, attempt.directory)
         else:
             await asyncio.to_thread(remove_files, attempt.directory)
 
 
-async def _later(seconds: float, folder: Path) -> None:
-    await asyncio.sleep(seconds)
-    await asyncio.to_thread(remove_files, folder)
+_REMOVING: set[asyncio.Task[None]] = set()
+
+
+def _remove_soon(folder: Path) -> None:
+    task = asyncio.ensure_future(asyncio.to_thread(remove_files, folder))
+    _REMOVING.add(task)
+    task.add_done_callback(_REMOVING.discard)
 
 
 def remove_old(jobs_dir: Path, keep_seconds: float | None, now: float) -> int:

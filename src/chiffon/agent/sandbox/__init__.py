@@ -36,6 +36,7 @@ import psutil
 
 from chiffon.agent.sandbox import jail
 from chiffon.agent.sandbox.cgroups import CgroupError, Limits, Tree, Unit, tree_here
+from chiffon.schemas.sandbox import is_full
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class Protections:
 
     @property
     def complete(self) -> bool:
-        return self.processes in ("cgroup", "pidns") and self.memory_limit and self.home_hidden
+        """Every protection `require_sandbox` asks for (`schemas.sandbox.is_full`)."""
+        return is_full(self.report())
 
     def report(self) -> dict[str, Any]:
         return {
