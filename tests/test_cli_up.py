@@ -258,3 +258,44 @@ def test_up_told_to_run_no_jobs_says_so_and_a_waiting_job_says_why(tmp_path: Pat
     assert _banner_line(tmp_path, "New jobs").split(maxsplit=2)[2] == (
         "no new jobs: this desktop does not accept jobs"
     )
+
+
+@pytest.fixture
+def home_outside_tmp() -> Iterator[Path]:
+    """A HOME outside /tmp (a job's /tmp is its own anyway): the data directory is then
+    hidden only by the sandbox's list, as on a desktop where it sits under /home."""
+    home = Path("/var/tmp") / f"chiffon-up-{time.monotonic_ns()}"
+    home.mkdir(mode=0o700)
+    yield home
+    subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs its job as chiffon-job: needs root (as CI)")
+def test_a_job_under_up_cannot_read_the_data_directory_or_the_agent(home_outside_tmp: Path) -> None:
+    """Issue 37: under `chiffon up` a job read the API token, the enrollment token and the
+    signing key from the data directory and rewrote chiffon.db. Now the job runs as the
+    unprivileged job user, in its sandbox, and sees none of it; the agent's heartbeat says
+    which protections it had, and `chiffon agents -o wide` shows them."""
+    home, port = home_outside_tmp, free_port()
+    data = home / ".chiffon"
+    TOKEN_HOME.append(home)
+    with chiffon_up(home, port, "--allow-root-jobs"):
+        [agent] = wait_agent_online(port)
+        assert agent["sandbox"]["processes"] == "cgroup", agent["sandbox"]
+        env = {"HOME": str(home), "CHIFFON_API_TOKEN": ""}
+        url = ("--orchestrator-url", f"http://127.0.0.1:{port}")
+        wide = run_cli("agents", "-o", "wide", *url, env=env)
+        assert "cgroup+mem+home+dev" in wide.stdout, wide.stdout + wide.stderr
+        script = (
+            f"id -un; echo data=$(ls -A {data}); cat {data}/api_token {data}/signing_key; "
+            f"echo x >> {data}/chiffon.db; ls /proc | grep -c '^[0-9]'"
+        )
+        done = run_cli("run", *url, "--", "sh", "-c", script, env=env, timeout=60)
+    token = (data / "api_token").read_text().strip()
+    assert token not in done.stdout + done.stderr
+    lines = done.stdout.split()
+    assert lines and lines[0] == "chiffon-job", done.stdout + done.stderr
+    # the data directory is a read-only cover holding only the way to the job's own folder
+    assert lines[1] == "data=jobs"
+    assert "Read-only file system" in done.stdout + done.stderr
+    assert int(lines[-1]) <= 4  # only the job's own processes, not the agent's

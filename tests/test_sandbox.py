@@ -452,3 +452,31 @@ def test_cgroup_v2_core_on_this_kernel() -> None:
     finally:
         unit.remove()
         tree.root.rmdir()
+
+
+def test_the_ceiling_for_all_jobs_is_set_on_their_group(
+    data_dir: Path, bounded: dict[str, Path]
+) -> None:
+    _sandbox(data_dir, bounded, jobs_max_memory_gb=0.5, jobs_max_cores=1.5)
+    jobs = {c: g / "jobs" for c, g in bounded.items()}
+    assert int((jobs["memory"] / "memory.limit_in_bytes").read_text()) == GB // 2
+    assert (jobs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "150000"
+    assert (jobs["cpu"] / "cpu.cfs_period_us").read_text().strip() == "100000"
+
+
+def test_an_owner_who_requires_the_sandbox_withholds_an_incomplete_desktop(tmp_path: Path) -> None:
+    from chiffon.agent.guard import read_only
+    from chiffon.agent.report import Snapshot
+    from chiffon.agent.work import WorkSettings
+    from tests.test_agent_report import snapshot_fields
+
+    def snapshot() -> Snapshot:
+        return Snapshot(**snapshot_fields())
+
+    settings = WorkSettings(jobs_dir=tmp_path, accept_jobs="always", allow_root=True)
+    missing = {"processes": "pidns", "memory_limit": False, "home_hidden": True,
+               "devices_hidden": True, "required": True, "why": ["no memory limit"]}  # fmt: skip
+    assert read_only(settings, snapshot(), missing).jobs_withheld == "unsandboxed"
+    full = {**missing, "memory_limit": True}
+    assert read_only(settings, snapshot(), full).jobs_withheld is None
+    assert read_only(settings, snapshot(), {**missing, "required": False}).jobs_withheld is None

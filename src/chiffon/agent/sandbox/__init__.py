@@ -231,8 +231,8 @@ class Sandbox:
         return AttemptUnit(self, name, memory_gb=memory_gb, gpus=tuple(gpus))
 
     def hidden_paths(self) -> list[str]:
-        wanted = [*HOMES, *CHIFFON_DIRS, *(str(p) for p in self.config.hide)]
-        return _dedupe(p for p in wanted if os.path.isdir(p))
+        wanted = [*HOMES, *CHIFFON_DIRS, *(os.path.abspath(p) for p in self.config.hide)]
+        return _outermost(p for p in wanted if os.path.isdir(p))
 
     @property
     def tree(self) -> Tree | None:
@@ -325,9 +325,25 @@ class AttemptUnit:
             mounts += [{"source": str(p), "target": str(p), "writable": True} for p in binds]
             mounts += [{"source": str(p), "target": str(p), "writable": False}
                        for p in _exposed(sandbox.config.expose)]  # fmt: skip
-            plan.update(hide=sandbox.hidden_paths(), binds=mounts, cover_file=str(cover),
+            hide = [*sandbox.hidden_paths(), *self._closed_to_job_user(binds)]
+            plan.update(hide=_outermost(hide), binds=mounts, cover_file=str(cover),
                         cover=self._covered_nodes())  # fmt: skip
         return [*_launcher(), json.dumps(plan), "--", *argv], write
+
+    def _closed_to_job_user(self, folders: Sequence[Path]) -> list[str]:
+        """Folders above the job's own that its user may not pass through (a 0700 data
+        directory's parent): covered too, so its own folder is reached through the cover."""
+        user = self.sandbox.user
+        if user is None:
+            return []
+        closed = []
+        for folder in folders:
+            for above in Path(os.path.abspath(folder)).parents:
+                with contextlib.suppress(OSError):
+                    st = above.stat()
+                    if st.st_uid != user.uid and not st.st_mode & 0o001 and str(above) != "/":
+                        closed.append(str(above))
+        return closed
 
     async def started(self, launcher_pid: int) -> dict[str, Any] | None:
         """After the launcher started: None once the job's program runs, or what went
@@ -405,6 +421,15 @@ def _descendants(pid: int | None) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """Each folder once, without those inside another listed (hidden with it)."""
+    kept: list[str] = []
+    for p in sorted(set(paths), key=len):
+        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(p)
+    return kept
 
 
 def _dedupe(paths: Iterable[str]) -> list[str]:

@@ -138,7 +138,10 @@ def _make_view(plan: dict) -> None:
     cover_fd = os.open(cover, os.O_PATH | os.O_CLOEXEC) if cover else None
     for bind in [b for b in binds if b[1] == "/tmp"]:
         _bind(*bind)
-    hidden = [h for h in plan.get("hide", []) if os.path.isdir(h) and not _under(h, "/tmp")]
+    hidden: list[str] = []
+    for folder in sorted(plan.get("hide", []), key=len):  # one inside another goes with it
+        if os.path.isdir(folder) and not any(_under(folder, h) for h in [*hidden, "/tmp"]):
+            hidden.append(folder)
     for folder in hidden:
         _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
     for bind in [b for b in binds if b[1] != "/tmp"]:
