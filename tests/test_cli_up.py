@@ -264,7 +264,7 @@ def test_up_told_to_run_no_jobs_says_so_and_a_waiting_job_says_why(tmp_path: Pat
 def home_outside_tmp() -> Iterator[Path]:
     """A HOME outside /tmp (a job's /tmp is its own anyway): the data directory is then
     hidden only by the sandbox's list, as on a desktop where it sits under /home."""
-    home = Path("/var/tmp") / f"chiffon-up-{time.monotonic_ns()}"
+    home = Path("/var/lib") / f"chiffon-test-up-{time.monotonic_ns()}"
     home.mkdir(mode=0o700)
     yield home
     subprocess.run(["rm", "-rf", str(home)], check=False)

@@ -102,7 +102,7 @@ def bounded() -> Iterator[dict[str, Path]]:
 def data_dir() -> Iterator[Path]:
     """The agent's state directory with its secret and policy, outside /tmp (a job's /tmp
     is its own anyway) and outside /root, where a desktop keeps it under a home."""
-    d = Path("/var/tmp") / f"chiffon-agent-{uuid.uuid4().hex[:8]}"
+    d = Path("/var/lib") / f"chiffon-test-agent-{uuid.uuid4().hex[:8]}"
     (d / "jobs").mkdir(parents=True)
     (d / "agent_secret").write_text("s3cret-agent")
     (d / "agent.yml").write_text("reserve_gpus: [1]\n")
@@ -295,12 +295,14 @@ def test_disk_use_is_counted_in_blocks(tmp_path: Path) -> None:
     assert 150_000 <= used_bytes(tmp_path) < 200_000
 
 
-async def test_two_jobs_have_their_own_tmp(data_dir: Path) -> None:
+async def test_two_jobs_have_their_own_tmp_var_tmp_and_shared_memory(data_dir: Path) -> None:
     sandbox = _sandbox(data_dir)
-    _, first = await _run(sandbox, data_dir, "echo one > /tmp/note; ls /tmp", job="a")
-    _, second = await _run(sandbox, data_dir, "ls /tmp; cat /tmp/note 2>&1", job="b")
-    assert "note" in first
-    assert "No such file" in second
+    write = "echo 1 > /tmp/t; echo 2 > /var/tmp/v; echo 3 > /dev/shm/s; cat /tmp/t /var/tmp/v"
+    _, first = await _run(sandbox, data_dir, f"{write} /dev/shm/s", job="a")
+    read = "cat /tmp/t /var/tmp/v /dev/shm/s 2>&1 | grep -c 'No such file'"
+    _, second = await _run(sandbox, data_dir, read, job="b")
+    assert first.split() == ["1", "2", "1", "2", "3"] or first.split() == ["1", "2", "3"]
+    assert second.split() == ["3"]  # none of the three is there for the next job
 
 
 async def test_a_suspended_unit_is_frozen_and_resumes(data_dir: Path) -> None:
@@ -326,7 +328,7 @@ async def test_gpus_not_assigned_cannot_be_opened(data_dir: Path) -> None:
     """Device nodes made for the test with NVIDIA's major (195): the job was given GPU 0.
     No driver is here, so the open of its own GPU fails with ENXIO (allowed, no device);
     the others are covered (EACCES), and refused by the devices cgroup (EPERM) beneath."""
-    dev = Path("/var/tmp") / f"chiffon-dev-{uuid.uuid4().hex[:8]}"
+    dev = Path("/var/lib") / f"chiffon-test-dev-{uuid.uuid4().hex[:8]}"
     dev.mkdir()
     try:
         for minor in (0, 1, 2):
@@ -399,10 +401,12 @@ def test_the_user_namespace_path_as_an_ordinary_user(data_dir: Path) -> None:
     shutil.copy(jail.__file__, launcher)
     data_dir.chmod(0o755)
     launcher.chmod(0o644)
+    hide = ["/root", "/home", "/sys/fs/cgroup"]
     plan = {"agent_pid": 0, "report_fd": 3, "nice": 19, "userns": True, "pidns": True,
-            "hide": ["/root", "/home"], "binds": [], "cwd": "/", "cgroups": []}  # fmt: skip
+            "hide": hide, "binds": [], "cwd": "/", "cgroups": []}  # fmt: skip
     script = (
-        "id -u; ls /proc | grep -c '^[0-9]'; ls -A /root | wc -l; (setsid sleep 600 &); echo ok"
+        "id -u; ls /proc | grep -c '^[0-9]'; ls -A /root /sys/fs/cgroup | grep -c .; "
+        "(setsid sleep 600 &); echo ok"
     )
     wrapper = (
         "import os, subprocess, sys, json\n"
@@ -421,7 +425,8 @@ def test_the_user_namespace_path_as_an_ordinary_user(data_dir: Path) -> None:
     )  # fmt: skip
     lines = done.stdout.split()
     code, uid, seen, in_root, said = lines[:5]
-    assert (code, uid, in_root, said) == ("0", "65534", "0", "ok"), done.stdout + done.stderr
+    # `ls` says only the two folders' names: both are empty covers
+    assert (code, uid, in_root, said) == ("0", "65534", "2", "ok"), done.stdout + done.stderr
     assert int(seen) <= 4  # PID 1, sh, ls, grep: nothing else of the desktop
     assert not [
         p

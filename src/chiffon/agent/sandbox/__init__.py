@@ -46,6 +46,7 @@ MEMORY_MARGIN_MIN_BYTES = 256 * 1024**2
 JOBS_MEMORY_SHARE = 0.9  # of the desktop's memory, for all jobs, unless the owner sets it
 HOMES = ("/home", "/root", "/run/user")
 CHIFFON_DIRS = ("/etc/chiffon", "/var/lib/chiffon")
+CGROUPS = "/sys/fs/cgroup"
 NICE = 19
 NVIDIA_MAJOR = 195
 TRIAL_SECONDS = 10.0
@@ -232,6 +233,8 @@ class Sandbox:
 
     def hidden_paths(self) -> list[str]:
         wanted = [*HOMES, *CHIFFON_DIRS, *(os.path.abspath(p) for p in self.config.hide)]
+        if self.user is None:  # the job is the agent's user: the groups the agent made
+            wanted.append(CGROUPS)  # (and their limits) are out of its sight
         return _outermost(p for p in wanted if os.path.isdir(p))
 
     @property
@@ -321,7 +324,8 @@ class AttemptUnit:
             if not cover.exists():
                 cover.touch(mode=0o000)
                 cover.chmod(0o000)
-            mounts = [{"source": str(attempt_dir / "tmp"), "target": "/tmp", "writable": True}]
+            mounts = [{"source": str(attempt_dir / "tmp"), "target": tmp, "writable": True}
+                      for tmp in jail.PRIVATE_TMP if os.path.isdir(tmp)]  # fmt: skip
             mounts += [{"source": str(p), "target": str(p), "writable": True} for p in binds]
             mounts += [{"source": str(p), "target": str(p), "writable": False}
                        for p in _exposed(sandbox.config.expose)]  # fmt: skip

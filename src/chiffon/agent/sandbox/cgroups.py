@@ -368,9 +368,13 @@ class V2Tree(Tree):
 
 
 class V2Unit(Unit):
+    """`<attempt>` holds the limits; its processes live in the leaf `<attempt>/job`, so a
+    job run as the agent's own user cannot reach (nor raise) its limits from inside."""
+
     def __init__(self, tree: V2Tree, name: str) -> None:
         self.tree, self.name = tree, name
         self.dir = tree.root / name
+        self.leaf = self.dir / "job"
 
     def create(self, limits: Limits) -> list[str]:
         try:
@@ -392,25 +396,31 @@ class V2Unit(Unit):
             _write(self.dir / "cpu.weight", str(LOWEST_WEIGHT_V2))
             if _read(self.dir / "cpu.weight") == str(LOWEST_WEIGHT_V2):
                 took.append("cpu_weight")
+        try:
+            self.leaf.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CgroupError(f"cannot make the group {self.leaf} ({exc.strerror})") from exc
         return took  # devices: v2 needs a BPF program; the mount namespace covers them
 
     def procs_files(self) -> list[str]:
-        return [str(self.dir / "cgroup.procs")]
+        return [str(self.leaf / "cgroup.procs")]
 
     def pids(self) -> list[int]:
-        with contextlib.suppress(OSError):
-            return [int(p) for p in _read(self.dir / "cgroup.procs").split()]
-        return []
+        found: list[int] = []
+        for group in (self.dir, self.leaf):
+            with contextlib.suppress(OSError):
+                found += [int(p) for p in _read(group / "cgroup.procs").split()]
+        return found
 
     def freeze(self, frozen: bool) -> None:
         _write(self.dir / "cgroup.freeze", "1" if frozen else "0")
 
     def kill(self) -> bool:
-        procs = self.dir / "cgroup.procs"
+        procs = self.leaf / "cgroup.procs"
         if (self.dir / "cgroup.kill").exists():  # Linux 5.14: the kernel kills them all
             with contextlib.suppress(CgroupError):
                 _write(self.dir / "cgroup.kill", "1")
-                if _wait_empty([procs]):
+                if _wait_empty([procs, self.dir / "cgroup.procs"]):
                     return True
         for _ in range(20):
             with contextlib.suppress(CgroupError):
@@ -431,8 +441,9 @@ class V2Unit(Unit):
         return 0
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            _rmdir(self.dir)
+        for group in (self.leaf, self.dir):
+            with contextlib.suppress(FileNotFoundError):
+                _rmdir(group)
 
 
 def tree_here(name: str = JOBS_GROUP) -> Tree:

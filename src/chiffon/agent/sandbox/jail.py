@@ -12,7 +12,8 @@ order, before any of the job's code runs:
 4. its child, PID 1 of the new namespace, makes the mount namespace the job sees: `/proc`
    for the namespace (no other process of the desktop is visible), the owner's homes and
    the agent's data directories hidden under empty read-only tmpfs, the job's own folders
-   bound back in, a private `/tmp`, the GPU device nodes not assigned covered;
+   bound back in, a private `/tmp` and `/var/tmp` (its attempt's folder) and `/dev/shm`,
+   the GPU device nodes not assigned covered; an IPC namespace of its own;
 5. the job runs as PID 2, with `PR_SET_NO_NEW_PRIVS` (a setuid program cannot raise it)
    and, run as root, as the unprivileged user named in the plan.
 
@@ -36,6 +37,7 @@ import sys
 import warnings  # noqa: F401 (os.execvpe imports it late: before the mounts)
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -43,6 +45,7 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)  # fmt: skip
+PRIVATE_TMP = ("/tmp", "/var/tmp")  # both are the attempt's own tmp folder
 SETUP_FAILED = 125  # the launcher could not make the sandbox: the job never ran
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -86,7 +89,7 @@ def _die_with_parent(parent: int) -> None:
 def _enter_namespaces(plan: dict) -> None:
     uid, gid = os.getuid(), os.getgid()
     user = plan.get("userns", False)
-    flags = CLONE_NEWNS | CLONE_NEWPID | (CLONE_NEWUSER if user else 0)
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | (CLONE_NEWUSER if user else 0)
     _check(_libc.unshare(flags), "unshare")
     if user:  # this user is itself inside, with no other id mapped
         _write("/proc/self/setgroups", "deny")
@@ -128,6 +131,24 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
+def _outermost(folders: list[str]) -> list[str]:
+    """The folders to cover: those there, one inside another (or in a private tmp) skipped."""
+    hidden: list[str] = []
+    for folder in sorted(folders, key=len):
+        if os.path.isdir(folder) and not any(_under(folder, h) for h in [*hidden, *PRIVATE_TMP]):
+            hidden.append(folder)
+    return hidden
+
+
+def _cover_devices(cover_fd: int, nodes: list[str]) -> None:
+    """The GPU nodes not assigned: each under an unopenable, read-only file."""
+    for node in nodes:
+        if os.path.exists(node):
+            _mount(f"/proc/self/fd/{cover_fd}", node, None, MS_BIND)
+            _mount(None, node, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+    os.close(cover_fd)
+
+
 def _make_view(plan: dict) -> None:
     """The mount namespace the job sees (run by PID 1 of the new PID namespace): its own
     /tmp first, then the hidden folders covered, then its folders bound back in, then the
@@ -136,24 +157,19 @@ def _make_view(plan: dict) -> None:
     binds = _open_binds(plan)
     cover = plan.get("cover_file")
     cover_fd = os.open(cover, os.O_PATH | os.O_CLOEXEC) if cover else None
-    for bind in [b for b in binds if b[1] == "/tmp"]:
+    for bind in [b for b in binds if b[1] in PRIVATE_TMP]:
         _bind(*bind)
-    hidden: list[str] = []
-    for folder in sorted(plan.get("hide", []), key=len):  # one inside another goes with it
-        if os.path.isdir(folder) and not any(_under(folder, h) for h in [*hidden, "/tmp"]):
-            hidden.append(folder)
+    hidden = _outermost(plan.get("hide", []))
     for folder in hidden:
         _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-    for bind in [b for b in binds if b[1] != "/tmp"]:
+    for bind in [b for b in binds if b[1] not in PRIVATE_TMP]:
         _bind(*bind)
     for folder in hidden:  # the covers themselves: read-only from now on
         _mount(None, folder, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    if cover_fd is not None:  # the GPU nodes not assigned: an unopenable, read-only file
-        for node in plan.get("cover", []):
-            if os.path.exists(node):
-                _mount(f"/proc/self/fd/{cover_fd}", node, None, MS_BIND)
-                _mount(None, node, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-        os.close(cover_fd)
+    if cover_fd is not None:
+        _cover_devices(cover_fd, plan.get("cover", []))
+    if os.path.isdir("/dev/shm"):  # shared memory of its own (counted in its memory)
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
@@ -173,6 +189,7 @@ def _exec_job(plan: dict, command: list[str]) -> None:
     stage = "setup"
     try:
         _become_job_user(plan)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the user change, which clears it
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         stage = "chdir"
         os.chdir(plan["cwd"])
