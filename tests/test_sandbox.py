@@ -485,3 +485,26 @@ def test_an_owner_who_requires_the_sandbox_withholds_an_incomplete_desktop(tmp_p
     full = {**missing, "memory_limit": True}
     assert read_only(settings, snapshot(), full).jobs_withheld is None
     assert read_only(settings, snapshot(), {**missing, "required": False}).jobs_withheld is None
+
+
+async def test_a_gpu_process_is_the_jobs_by_its_unit_even_with_its_environment_cleared(
+    data_dir: Path,
+) -> None:
+    """GPU hygiene and the owner's policy take a GPU process for a job's by its unit: one
+    that left the group and cleared its environment is not taken for the owner's."""
+    from chiffon.agent.reading import Jobs, whose
+
+    sandbox = _sandbox(data_dir)
+    run = await _start(sandbox, data_dir, "(setsid env -i sleep 30 &); sleep 30")
+    try:
+        await asyncio.sleep(0.5)
+        assert run.unit is not None
+        [escaped] = [p for p in run.unit.pids() if psutil.Process(p).cmdline() == ["sleep", "30"]
+                     and "CHIFFON_JOB_ID" not in psutil.Process(p).environ()]  # fmt: skip
+        key = (uuid.uuid4(), 1)
+        assert whose(escaped, Jobs(groups={run.pid: key})) is None  # by group or env: lost
+        members = dict.fromkeys(run.unit.pids(), key)
+        assert whose(escaped, Jobs(groups={run.pid: key}, members=members)) == key
+    finally:
+        await run.cancel()
+        await run.wait()
