@@ -181,7 +181,7 @@ class JobRun:
         if a.workdir and (why := folder_problem(workdir)) is not None:
             raise CannotStart(why)
         env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder)
-        argv, passed = list(a.command), ()
+        argv, passed = list(a.command), tuple[int, ...]()
         if self.unit is not None:
             argv, passed = self._in_unit(self.unit, workdir, env)
         self._started = time.monotonic()

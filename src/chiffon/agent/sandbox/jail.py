@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import warnings  # noqa: F401 (os.execvpe imports it late: before the mounts)
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -49,6 +50,7 @@ PRIVATE_TMP = ("/tmp", "/var/tmp")  # both are the attempt's own tmp folder
 SETUP_FAILED = 125  # the launcher could not make the sandbox: the job never ran
 
 _libc = ctypes.CDLL(None, use_errno=True)
+Plan = dict[str, Any]  # what the agent tells the launcher (agent.sandbox)
 
 
 class SetupError(Exception):
@@ -65,10 +67,13 @@ def _prctl(option: int, value: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
 
 
+def _bytes(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    result = _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                         enc(data) if data else None)  # fmt: skip
+    result = _libc.mount(_bytes(source), _bytes(target), _bytes(fstype), ctypes.c_ulong(flags),
+                         _bytes(data or None))  # fmt: skip
     _check(result, f"mount {source or fstype} on {target}")
 
 
@@ -86,7 +91,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(SETUP_FAILED)
 
 
-def _enter_namespaces(plan: dict) -> None:
+def _enter_namespaces(plan: Plan) -> None:
     uid, gid = os.getuid(), os.getgid()
     user = plan.get("userns", False)
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | (CLONE_NEWUSER if user else 0)
@@ -109,7 +114,7 @@ def _bind_target(target: str, is_dir: bool) -> None:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
-def _open_binds(plan: dict) -> list[tuple[int, str, bool, bool]]:
+def _open_binds(plan: Plan) -> list[tuple[int, str, bool, bool]]:
     """Each bind's source opened now, before anything is hidden (never followed again)."""
     binds = []
     for bind in plan.get("binds", []):
@@ -149,7 +154,7 @@ def _cover_devices(cover_fd: int, nodes: list[str]) -> None:
     os.close(cover_fd)
 
 
-def _make_view(plan: dict) -> None:
+def _make_view(plan: Plan) -> None:
     """The mount namespace the job sees (run by PID 1 of the new PID namespace): its own
     /tmp first, then the hidden folders covered, then its folders bound back in, then the
     covers made read-only, then the GPU nodes not assigned covered, then /proc."""
@@ -173,7 +178,7 @@ def _make_view(plan: dict) -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def _become_job_user(plan: dict) -> None:
+def _become_job_user(plan: Plan) -> None:
     who = plan.get("user")
     if who is not None:  # started as root: the job runs as this unprivileged user
         os.setgroups([])
@@ -183,7 +188,7 @@ def _become_job_user(plan: dict) -> None:
             raise SetupError("could not give up root")
 
 
-def _exec_job(plan: dict, command: list[str]) -> None:
+def _exec_job(plan: Plan, command: list[str]) -> None:
     """In the job's own process: become what it runs as, then run it (never returns). Why
     it could not goes to the agent on the report pipe (closed by a successful exec)."""
     stage = "setup"
@@ -204,7 +209,7 @@ def _exec_job(plan: dict, command: list[str]) -> None:
     os._exit(SETUP_FAILED)
 
 
-def _report(plan: dict, stage: str, message: str, errno: int | None = None,
+def _report(plan: Plan, stage: str, message: str, errno: int | None = None,
             filename: object = None) -> None:  # fmt: skip
     """Say why the job did not start, on the report pipe."""
     said = {"stage": stage, "message": message, "errno": errno,
@@ -285,7 +290,7 @@ def _kill_children() -> None:
                 pass
 
 
-def _as_subreaper(plan: dict, command: list[str]) -> None:
+def _as_subreaper(plan: Plan, command: list[str]) -> None:
     global _CHILD
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     job = os.fork()
@@ -299,7 +304,7 @@ def _as_subreaper(plan: dict, command: list[str]) -> None:
     _end_as(status)
 
 
-def _as_namespace(plan: dict, command: list[str]) -> None:
+def _as_namespace(plan: Plan, command: list[str]) -> None:
     """The launcher outside forks PID 1, which makes the view and forks the job."""
     global _ROLE, _CHILD
     told, tell = os.pipe()  # PID 1 tells the launcher how the job ended
