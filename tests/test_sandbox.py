@@ -508,3 +508,26 @@ async def test_a_gpu_process_is_the_jobs_by_its_unit_even_with_its_environment_c
     finally:
         await run.cancel()
         await run.wait()
+
+
+async def test_an_agent_starting_ends_only_its_own_leftovers(data_dir: Path) -> None:
+    """Two agents on one desktop (each with its jobs folder): one's start sweeps its own
+    group for all jobs, never the other's running jobs."""
+    mine, theirs = (f"chiffon-jobs-test-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    sandbox = _sandbox(data_dir, group=mine)
+    run = await _start(sandbox, data_dir, "sleep 600")
+    try:
+        await asyncio.sleep(0.3)
+        assert run.unit is not None and run.unit.pids()
+        assert _sandbox(data_dir, group=theirs).sweep() == 0
+        assert run.unit.pids() and not run.ending
+        assert _sandbox(data_dir, group=mine).sweep() == 1
+        ended = await asyncio.wait_for(run.wait(), 30)
+        assert ended.signal == 9
+    finally:
+        await run.cancel()
+        for name in (mine, theirs):  # the test's groups for all jobs, empty now
+            tree = _sandbox(data_dir, group=name).tree
+            assert isinstance(tree, V1Tree)
+            for root in tree.roots.values():
+                _rmdir(root)

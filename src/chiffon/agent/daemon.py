@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import signal
 import threading
@@ -138,7 +139,10 @@ def started_sandbox(settings: AgentSettings) -> Sandbox:
     from chiffon.agent.sandbox import Sandbox, SandboxConfig
 
     hide = [settings.state_dir, settings.effective_jobs_dir]
+    # One group per agent (by its jobs folder): an agent's start ends only its own leftovers.
+    jobs = hashlib.sha256(str(settings.effective_jobs_dir.resolve()).encode()).hexdigest()
     config = SandboxConfig(
+        group=f"chiffon-jobs-{jobs[:12]}",
         hide=hide, expose=[Path(p) for p in settings.job_paths], job_user=settings.job_user,
         require=settings.require_sandbox, jobs_max_memory_gb=settings.jobs_max_memory_gb,
         jobs_max_cores=settings.jobs_max_cores, max_processes=settings.job_max_processes,

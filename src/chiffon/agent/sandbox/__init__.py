@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 from chiffon.agent.sandbox import jail
-from chiffon.agent.sandbox.cgroups import CgroupError, Limits, Tree, Unit, tree_here
+from chiffon.agent.sandbox.cgroups import JOBS_GROUP, CgroupError, Limits, Tree, Unit, tree_here
 from chiffon.schemas.sandbox import is_full
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class SandboxConfig:
     dev_dir: Path = Path("/dev")
     use_cgroups: bool = True
     use_namespaces: bool = True
+    group: str = JOBS_GROUP  # this agent's group for all its jobs (one per agent)
 
 
 @dataclass(slots=True)
@@ -147,7 +148,7 @@ class Sandbox:
             why.append("control groups are off (use_cgroups: false)")
             return
         try:
-            tree = self._tree or tree_here()
+            tree = self._tree or tree_here(self.config.group)
             trial = tree.unit(f"trial-{os.getpid()}")
             took = trial.create(Limits(memory_bytes=GB, pids=64, deny_devices=[(1, 3)]))
             trial.remove()
