@@ -531,3 +531,34 @@ async def test_an_agent_starting_ends_only_its_own_leftovers(data_dir: Path) -> 
             assert isinstance(tree, V1Tree)
             for root in tree.roots.values():
                 _rmdir(root)
+
+
+async def test_a_probe_beside_a_running_agent_leaves_its_jobs_a_restart_ends_them(
+    data_dir: Path,
+) -> None:
+    from chiffon.agent.daemon import decided, started_sandbox, swept
+    from chiffon.agent.report import Snapshot
+    from chiffon.agent.settings import AgentSettings
+    from tests.test_agent_report import snapshot_fields
+
+    settings = AgentSettings(state_dir=data_dir)
+    agent = swept(started_sandbox(settings))
+    run = JobRun(
+        Assignment(job_id="p", attempt=1, command=["sleep", "600"]),
+        attempt_dir=data_dir / "jobs" / "p-1",
+        unit=agent.unit("p-1", memory_gb=0),
+    )
+    await run.start()
+    try:
+        probed = decided(settings, Snapshot(**snapshot_fields()))  # `chiffon probe`
+        assert probed.sandbox is not None and probed.sandbox["processes"] == "cgroup"
+        assert run.unit is not None and run.unit.pids() and not run.ending
+        swept(started_sandbox(settings))  # the agent's next start
+        ended = await asyncio.wait_for(run.wait(), 30)
+        assert ended.signal == 9
+    finally:
+        await run.cancel()
+        tree = agent.tree
+        assert isinstance(tree, V1Tree)
+        for root in tree.roots.values():
+            _rmdir(root)

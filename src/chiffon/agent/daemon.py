@@ -153,6 +153,15 @@ def started_sandbox(settings: AgentSettings) -> Sandbox:
     return sandbox
 
 
+def swept(sandbox: Sandbox) -> Sandbox:
+    """The agent's own leftovers ended, before any job starts here, whatever a previous
+    run's files say (they may be gone). Never from `chiffon probe`: a probe beside a
+    running agent must not end its jobs."""
+    if ended := sandbox.sweep():
+        log.warning("ended %d job unit(s) a previous run of the agent left", ended)
+    return sandbox
+
+
 def new_work_loop(
     settings: AgentSettings,
     credential: AgentCredential,
@@ -167,7 +176,7 @@ def new_work_loop(
 
     return WorkLoop(
         work_settings(settings), agent_id=credential.agent_id, secret=credential.secret,
-        channel=channel, fresh=fresh, sandbox=started_sandbox(settings),
+        channel=channel, fresh=fresh, sandbox=swept(started_sandbox(settings)),
     )  # fmt: skip
 
 

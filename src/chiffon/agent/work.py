@@ -417,10 +417,6 @@ class WorkLoop:
                                           grace_seconds=self.settings.grace_seconds)  # fmt: skip
         await asyncio.to_thread(remove_old, jobs_dir, self.settings.keep_attempt_files_seconds,
                                 time.time())  # fmt: skip
-        if self.sandbox is not None:  # whatever its files say (a job may delete them)
-            swept = await asyncio.to_thread(self.sandbox.sweep)
-            if swept:
-                log.warning("ended %d job unit(s) a previous run of the agent left", swept)
         ends = unheard(taken, orphans, self.attempts)
         # Each said until heard; the start waits for them a moment only (they go on).
         saying = [self._spawn(self.outbox.say(attempt, said)) for attempt, said in ends]
