@@ -469,24 +469,6 @@ def test_the_ceiling_for_all_jobs_is_set_on_their_group(
     assert (jobs["cpu"] / "cpu.cfs_period_us").read_text().strip() == "100000"
 
 
-def test_an_owner_who_requires_the_sandbox_withholds_an_incomplete_desktop(tmp_path: Path) -> None:
-    from chiffon.agent.guard import read_only
-    from chiffon.agent.report import Snapshot
-    from chiffon.agent.work import WorkSettings
-    from tests.test_agent_report import snapshot_fields
-
-    def snapshot() -> Snapshot:
-        return Snapshot(**snapshot_fields())
-
-    settings = WorkSettings(jobs_dir=tmp_path, accept_jobs="always", allow_root=True)
-    missing = {"processes": "pidns", "memory_limit": False, "home_hidden": True,
-               "devices_hidden": True, "required": True, "why": ["no memory limit"]}  # fmt: skip
-    assert read_only(settings, snapshot(), missing).jobs_withheld == "unsandboxed"
-    full = {**missing, "memory_limit": True}
-    assert read_only(settings, snapshot(), full).jobs_withheld is None
-    assert read_only(settings, snapshot(), {**missing, "required": False}).jobs_withheld is None
-
-
 async def test_a_gpu_process_is_the_jobs_by_its_unit_even_with_its_environment_cleared(
     data_dir: Path,
 ) -> None:
