@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chiffon.agent.attempts import REPORTED, Attempt
-from chiffon.agent.hooks.disk import RemoveFiles, remove_old
+from chiffon.agent.hooks.disk import RemoveFiles, remove_files, remove_old, used_bytes
 
 
 @dataclass
@@ -76,3 +76,48 @@ def test_a_restarted_agent_removes_what_is_past_its_retention(tmp_path: Path) ->
     assert _left(old) == ["ended", "issued", REPORTED]
     assert "work" in _left(new)
     os.chmod(new / "work" / "locked", 0o700)
+
+
+def _nest(top: Path, depth: int) -> None:
+    """Folders `depth` deep under `top`, made through a dir fd (paths that long cannot
+    be named whole)."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", dir_fd=fd)
+            inner = os.open("a", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(b"z" * 100_000)
+    finally:
+        os.close(fd)
+
+
+def test_folders_thousands_deep_are_counted_and_removed(tmp_path: Path) -> None:
+    """A job nested 1,100 folders: the disk count raised RecursionError (the cap's check
+    died and the job wrote past it) and so did the removal (the files stayed, and the
+    agent's next start died in its sweep)."""
+    d = _attempt_dir(tmp_path)
+    _nest(d / "work", 1100)
+    assert used_bytes(d / "work") >= 1100 * 4096 + 100_000
+    remove_files(d)
+    assert _left(d) == ["ended", "issued", REPORTED]
+
+
+def test_empty_files_and_links_are_not_free(tmp_path: Path) -> None:
+    for i in range(2000):
+        (tmp_path / f"l{i}").symlink_to("/nowhere")
+    assert used_bytes(tmp_path) >= 2000 * 4096  # a block each, though they hold nothing
+
+
+def test_links_are_removed_never_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    d = _attempt_dir(tmp_path, "c-1")
+    (d / "work" / "escape").symlink_to(outside)
+    (d / "tmp" / "file-link").symlink_to(outside / "keep")
+    remove_files(d)
+    assert (outside / "keep").read_text() == "mine"
+    assert _left(d) == ["ended", "issued", REPORTED]

@@ -544,3 +544,55 @@ async def test_a_probe_beside_a_running_agent_leaves_its_jobs_a_restart_ends_the
         assert isinstance(tree, V1Tree)
         for root in tree.roots.values():
             _rmdir(root)
+
+
+@pytest.mark.parametrize("named", ["jobs", "jobs/victim-1/work", "", "/", "/tmp", "/proc/1"])
+async def test_a_workdir_that_would_uncover_a_hidden_folder_is_refused(
+    data_dir: Path, named: str
+) -> None:
+    """Found by an attack on this sandbox: a job named another job's folder (or the
+    agent's, or the desktop's /tmp) as its workdir, and the bind showed it what the cover
+    hid. Such a workdir is refused; the job never runs."""
+    (data_dir / "jobs" / "victim-1" / "work").mkdir(parents=True)
+    workdir = named if named.startswith("/") else str(data_dir / named)
+    sandbox = _sandbox(data_dir)
+    run = JobRun(
+        Assignment(job_id="w", attempt=1, command=["true"], workdir=workdir),
+        attempt_dir=data_dir / "jobs" / "w-1",
+        unit=sandbox.unit("w-1", memory_gb=0),
+    )
+    with pytest.raises(CannotStart, match="its sandbox could not be made \\(the workdir "):
+        await run.start()
+
+
+async def test_a_workdir_of_its_own_is_bound_in(data_dir: Path) -> None:
+    own = Path("/var/lib") / f"chiffon-test-project-{uuid.uuid4().hex[:8]}"
+    own.mkdir(mode=0o777)
+    own.chmod(0o777)
+    try:
+        sandbox = _sandbox(data_dir)
+        run = JobRun(
+            Assignment(job_id="o", attempt=1, command=["sh", "-c", "pwd; echo hi > out"],
+                       workdir=str(own)),
+            attempt_dir=data_dir / "jobs" / "o-1",
+            unit=sandbox.unit("o-1", memory_gb=0),
+        )  # fmt: skip
+        await run.start()
+        ended = await asyncio.wait_for(run.wait(), 30)
+        assert ended.exit_code == 0, run.log_path.read_text()
+        assert (own / "out").read_text() == "hi\n"
+    finally:
+        shutil.rmtree(own)
+
+
+@pytest.mark.skipif(not Path("/run/lock").is_dir(), reason="no /run/lock here")
+async def test_lock_files_are_the_jobs_own(data_dir: Path) -> None:
+    """Found by an attack: /run/lock, world-writable on disk, let one job leave data for
+    the next, outside its cap and never removed."""
+    marker = f"chiffon-left-{uuid.uuid4().hex[:8]}"
+    sandbox = _sandbox(data_dir)
+    _, first = await _run(sandbox, data_dir, f"echo x > /run/lock/{marker} && echo wrote", job="a")
+    _, second = await _run(sandbox, data_dir, f"ls /run/lock | grep -c {marker}", job="b")
+    assert first.split() == ["wrote"]
+    assert second.split() == ["0"]
+    assert not (Path("/run/lock") / marker).exists()

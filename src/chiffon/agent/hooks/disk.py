@@ -10,8 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import stat
+import subprocess
 from pathlib import Path
 
 from chiffon.agent.attempts import REPORTED, Attempt
@@ -20,18 +19,25 @@ from chiffon.agent.hooks.base import AttemptHook, TaskHook
 log = logging.getLogger(__name__)
 
 DISK_CHECK_SECONDS = 2.0
+BLOCK = 4096
 GB = 1024**3
+REMOVE_SECONDS = 600.0
 REMOVED = ("work", "tmp", "output.log", "covered-device", "state.json")
 
 
 def used_bytes(folder: Path) -> int:
-    """Bytes the files under `folder` take on disk (allocated blocks; links not followed)."""
-    total = 0
-    for root, dirs, files in os.walk(folder, onerror=lambda _e: None):
-        for name in dirs + files:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(root, name))
-                total += st.st_blocks * 512
+    """Bytes the files under `folder` take on disk: allocated blocks, each entry counted as
+    at least one block (so a million empty files or links are not free). Walked without
+    recursion (a job may nest folders thousands deep) and without following links."""
+    total, stack = 0, [str(folder)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    total += max(st.st_blocks * 512, BLOCK)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
     return total
 
 
@@ -41,7 +47,8 @@ class DiskCap(TaskHook):
         assert run is not None
         cap_gb = self.parts.settings.job_disk_cap_gb
         while not run.ending:
-            used = await asyncio.to_thread(used_bytes, attempt.directory)
+            used = await asyncio.to_thread(used_bytes, attempt.directory / "work")
+            used += await asyncio.to_thread(used_bytes, attempt.directory / "tmp")
             if used > cap_gb * GB:
                 log.warning("attempt %s of %s used %.3g GB of disk, past its cap of %g GB",
                             attempt.number, attempt.job_id, used / GB, cap_gb)  # fmt: skip
@@ -75,7 +82,7 @@ def remove_old(jobs_dir: Path, keep_seconds: float | None, now: float) -> int:
     (a previous run's timers are gone with it); how many attempts'."""
     removed = 0
     for marker in jobs_dir.glob(f"*/{REPORTED}"):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # (remove_files itself never raises)
             if now - marker.stat().st_mtime >= (keep_seconds or 0) and any(
                 (marker.parent / name).exists() for name in REMOVED
             ):
@@ -85,20 +92,21 @@ def remove_old(jobs_dir: Path, keep_seconds: float | None, now: float) -> int:
 
 
 def remove_files(folder: Path) -> None:
-    """The attempt's files, whatever modes its job left on them."""
-    for name in REMOVED:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, onerror=_writable_then_retry)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
-def _writable_then_retry(func, path, _exc) -> None:  # type: ignore[no-untyped-def]
-    with contextlib.suppress(OSError):
-        parent = os.path.dirname(path)
-        os.chmod(parent, stat.S_IRWXU)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, stat.S_IRWXU)
-        func(path)
+    """The attempt's files, whatever its job left there: modes taken away, folders nested
+    thousands deep (`rm`, which walks without recursion; links are removed, never
+    followed). A failure is logged, never raised: the agent goes on."""
+    paths = [str(folder / name) for name in REMOVED if os.path.lexists(folder / name)]
+    if not paths:
+        return
+    try:  # give the agent's user back the right to remove what the job locked
+        subprocess.run(["chmod", "-R", "u+rwX", "--", *paths], capture_output=True,
+                       timeout=REMOVE_SECONDS, check=False)  # fmt: skip
+        done = subprocess.run(["rm", "-rf", "--one-file-system", "--", *paths],
+                              capture_output=True, text=True, timeout=REMOVE_SECONDS,
+                              check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("the files of %s were not removed: %s", folder.name, exc)
+        return
+    if done.returncode != 0:
+        log.warning("the files of %s were not all removed: %s", folder.name,
+                    done.stderr.strip()[-300:])  # fmt: skip

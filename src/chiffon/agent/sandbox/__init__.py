@@ -47,6 +47,7 @@ JOBS_MEMORY_SHARE = 0.9  # of the desktop's memory, for all jobs, unless the own
 HOMES = ("/home", "/root", "/run/user")
 CHIFFON_DIRS = ("/etc/chiffon", "/var/lib/chiffon")
 CGROUPS = "/sys/fs/cgroup"
+KERNEL_DIRS = ("/proc", "/sys", "/dev")  # never a job's workdir
 NICE = 19
 NVIDIA_MAJOR = 195
 TRIAL_SECONDS = 10.0
@@ -233,10 +234,22 @@ class Sandbox:
         return AttemptUnit(self, name, memory_gb=memory_gb, gpus=tuple(gpus))
 
     def hidden_paths(self) -> list[str]:
-        wanted = [*HOMES, *CHIFFON_DIRS, *(os.path.abspath(p) for p in self.config.hide)]
-        if self.user is None:  # the job is the agent's user: the groups the agent made
-            wanted.append(CGROUPS)  # (and their limits) are out of its sight
+        # The control groups too: the agent's (and their limits, which a job run as the
+        # agent's user could write) and the other attempts' names, pids and use.
+        wanted = [*HOMES, *CHIFFON_DIRS, CGROUPS,
+                  *(os.path.realpath(p) for p in self.config.hide)]  # fmt: skip
         return _outermost(p for p in wanted if os.path.isdir(p))
+
+    def forbidden_workdir(self, workdir: Path) -> str | None:
+        """Why a workdir the submitter named may not be bound into a job's view, if so."""
+        real = os.path.realpath(workdir)
+        for folder in [*self.hidden_paths(), *KERNEL_DIRS]:
+            if _inside(real, folder) or (folder not in KERNEL_DIRS and _inside(folder, real)):
+                return f"the workdir {real} is in or holds {folder}, which jobs may not see"
+        for shared in jail.PRIVATE_TMP:  # a folder in it, yes; the desktop's own, whole, no
+            if _inside(shared, real):
+                return f"the workdir {real} holds {shared}, which each job has its own of"
+        return None
 
     @property
     def tree(self) -> Tree | None:
@@ -266,7 +279,12 @@ class AttemptUnit:
         return self.memory_bytes / GB if bounded and self.memory_bytes else None
 
     def prepare(self, attempt_dir: Path, workdir: Path, given_workdir: bool) -> None:
-        """Its group (limits read back), its private /tmp; the job user's folders."""
+        """Its group (limits read back), its private /tmp; the job user's folders. A given
+        workdir inside (or holding) a folder the sandbox hides is refused: bound back in,
+        it would show the job what the cover hides (another job's folder, the agent's
+        secret, the owner's home)."""
+        if given_workdir and (why := self.sandbox.forbidden_workdir(workdir)) is not None:
+            raise SandboxError(why)
         tmp = attempt_dir / "tmp"
         tmp.mkdir(mode=0o700, exist_ok=True)
         user = self.sandbox.user
@@ -294,10 +312,11 @@ class AttemptUnit:
             index = node.name.removeprefix("nvidia")
             if index.isdigit() and int(index) not in assigned:
                 nodes.append(str(node))
-        for node in sorted((dev / "dri").glob("renderD[0-9]*")):
-            index = node.name.removeprefix("renderD")
-            if index.isdigit() and int(index) - 128 not in assigned:
-                nodes.append(str(node))
+        for pattern, first in (("renderD", 128), ("card", 0)):
+            for node in sorted((dev / "dri").glob(f"{pattern}[0-9]*")):
+                index = node.name.removeprefix(pattern)
+                if index.isdigit() and int(index) - first not in assigned:
+                    nodes.append(str(node))
         if not assigned and (dev / "kfd").exists():
             nodes.append(str(dev / "kfd"))
         return nodes
@@ -428,11 +447,15 @@ def _descendants(pid: int | None) -> list[int]:
         return []
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def _outermost(paths: Iterable[str]) -> list[str]:
     """Each folder once, without those inside another listed (hidden with it)."""
     kept: list[str] = []
     for p in sorted(set(paths), key=len):
-        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
+        if not any(_inside(p, k) for k in kept):
             kept.append(p)
     return kept
 

@@ -47,6 +47,9 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)  # fmt: skip
 PRIVATE_TMP = ("/tmp", "/var/tmp")  # both are the attempt's own tmp folder
+# Other world-writable folders, each a tmpfs of the job's own (counted in its memory):
+# shared memory, and lock files no other job nor the owner sees.
+PRIVATE_TMPFS = (("/dev/shm", "mode=1777"), ("/run/lock", "mode=1777,size=1m"))
 SETUP_FAILED = 125  # the launcher could not make the sandbox: the job never ran
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -173,8 +176,9 @@ def _make_view(plan: Plan) -> None:
         _mount(None, folder, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     if cover_fd is not None:
         _cover_devices(cover_fd, plan.get("cover", []))
-    if os.path.isdir("/dev/shm"):  # shared memory of its own (counted in its memory)
-        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for folder, options in PRIVATE_TMPFS:  # world-writable folders: its own, small
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, options)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
