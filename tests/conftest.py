@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -159,3 +160,18 @@ async def orchestrator(
     await orch.start(sweep=False)
     yield orch
     await orch.stop()
+
+
+@pytest.fixture
+def job_visible_dir() -> Iterator[Path]:
+    """A folder a sandboxed job sees and may write (agent.sandbox): outside /tmp (each
+    job's /tmp is its own), outside the homes, open to the job user. For tests whose job
+    leaves a mark or waits for one that the test reads or makes."""
+    import shutil
+    import tempfile
+
+    base = Path("/var/lib") if os.access("/var/lib", os.W_OK) else Path.home()
+    folder = Path(tempfile.mkdtemp(prefix="chiffon-test-shared-", dir=base))
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -31,8 +31,10 @@ DESKS = {
 }
 
 
-def test_two_orchestrators_never_double_book_and_every_job_runs_once(tmp_path: Path) -> None:
-    ran = tmp_path / "ran.txt"
+def test_two_orchestrators_never_double_book_and_every_job_runs_once(
+    tmp_path: Path, job_visible_dir: Path
+) -> None:
+    ran = job_visible_dir / "ran.txt"  # each job appends a line: seen outside its sandbox
     with fleet_on("http", tmp_path, None) as fleet:
         # A second orchestrator on the same database, with the same keys.
         command, env = fleet.orchestrator_cmd

@@ -149,12 +149,14 @@ def test_an_exclusive_app_on_gpu_0_vacates_only_the_job_on_gpu_0(tmp_path: Path)
             c.cancel(job_id)
 
 
-def test_a_dirty_gpu_is_not_offered_until_it_is_clean(tmp_path: Path) -> None:
+def test_a_dirty_gpu_is_not_offered_until_it_is_clean(
+    tmp_path: Path, job_visible_dir: Path
+) -> None:
     rows = DESKTOPS["desk-8g"]
     assert rows is not None
     bin_dir = tmp_path / "desk-8g" / "bin"
     gpu = rows[0][1]
-    release = tmp_path / "release"
+    release = job_visible_dir / "release"  # made by the test, seen by the sandboxed job
     env = {**WHEN_IDLE, "CHIFFON_ACCEPT_JOBS": "always"}
     with (
         fleet_on("http", tmp_path, None, liveness=SLOW_BEATS) as fleet,
