@@ -149,7 +149,7 @@ def started_sandbox(settings: AgentSettings) -> Sandbox:
     )  # fmt: skip
     sandbox = Sandbox(config)
     found = sandbox.start()
-    log.info("sandbox: %s", found.report())
+    log.debug("sandbox: %s", found.report())
     return sandbox
 
 

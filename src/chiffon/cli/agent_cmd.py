@@ -337,7 +337,7 @@ def _say_start(settings: AgentSettings, identity: AgentIdentity) -> None:
             else ""
         )
         console.print(
-            f"accepting jobs{when}: they run as {_job_user(settings)}, each in its sandbox, in "
+            f"accepting jobs{when}: they run as {job_user(settings)}, each in its sandbox, in "
             f"{settings.effective_jobs_dir}",
             highlight=False,
         )
@@ -374,7 +374,8 @@ def register(app: typer.Typer) -> None:
     app.command()(agent)
 
 
-def _job_user(settings: AgentSettings) -> str:
-    """Who jobs run as: the agent's own user, or, for a root agent, its `job_user`."""
+def job_user(settings: AgentSettings) -> str:
+    """Who jobs run as, in words: the agent's own user, or, for a root agent, its
+    unprivileged `job_user`."""
     root = hasattr(os, "geteuid") and os.geteuid() == 0
     return f"the unprivileged user {settings.job_user}" if root else "this user"

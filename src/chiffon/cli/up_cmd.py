@@ -9,7 +9,6 @@ validation, same commit). No broker, no database server.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
 import socket
 from pathlib import Path
@@ -137,7 +136,7 @@ def up(
 ) -> None:
     """Start everything on this machine: orchestrator, API, dashboard and its own agent."""
     from chiffon.agent.daemon import decided, new_collector
-    from chiffon.cli.agent_cmd import identity_of, load, resources_table
+    from chiffon.cli.agent_cmd import identity_of, job_user, load, resources_table
     from chiffon.cli.orchestrator_cmd import bind, build_settings, serve
     from chiffon.cli.secrets import resolve_secrets
     from chiffon.orchestrator.service import Orchestrator
@@ -182,8 +181,8 @@ def up(
     console.print(resources_table(snapshot))
     if identity.accepts_jobs:
         console.print(
-            f"It runs jobs (chiffon run), as {getpass.getuser()}, in "
-            f"{agent_settings.effective_jobs_dir}; --no-accept-jobs turns that off.",
+            f"It runs jobs (chiffon run), as {job_user(agent_settings)}, each in its sandbox, "
+            f"in {agent_settings.effective_jobs_dir}; --no-accept-jobs turns that off.",
             highlight=False,
         )
     elif agent_settings.accept_jobs != "never":
