@@ -596,3 +596,28 @@ async def test_lock_files_are_the_jobs_own(data_dir: Path) -> None:
     assert first.split() == ["wrote"]
     assert second.split() == ["0"]
     assert not (Path("/run/lock") / marker).exists()
+
+
+@pytest.mark.skipif(not Path("/home").is_dir(), reason="no /home here")
+async def test_a_workdir_in_a_folder_the_owner_lent_is_allowed(data_dir: Path) -> None:
+    """`job_paths` lends a folder under a hidden one (a lab's shared folder in /home): a
+    workdir there is bound in, writable as its own permissions say; the agent's own
+    folders stay refused, lent or not."""
+    lent = Path("/home") / f"chiffon-test-lab-{uuid.uuid4().hex[:8]}"
+    (lent / "proj").mkdir(parents=True)
+    (lent / "proj").chmod(0o777)
+    try:
+        sandbox = _sandbox(data_dir, expose=[lent, data_dir])
+        assert sandbox.forbidden_workdir(lent / "elsewhere") is None
+        assert sandbox.forbidden_workdir(Path("/home")) is not None  # holds the homes
+        assert sandbox.forbidden_workdir(data_dir / "jobs") is not None  # lent or not
+        ok = JobRun(
+            Assignment(job_id="l", attempt=1, command=["sh", "-c", "echo done > out"],
+                       workdir=str(lent / "proj")),
+            attempt_dir=data_dir / "jobs" / "l-1", unit=sandbox.unit("l-1", memory_gb=0),
+        )  # fmt: skip
+        await ok.start()
+        assert (await asyncio.wait_for(ok.wait(), 30)).exit_code == 0, ok.log_path.read_text()
+        assert (lent / "proj" / "out").read_text() == "done\n"
+    finally:
+        shutil.rmtree(lent)

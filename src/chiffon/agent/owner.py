@@ -277,7 +277,7 @@ class OwnerRules(Declared):
     job_paths: list[str] = _setting(  # noqa: RUF009 (a field: declare.setting)
         factory=list, check=strings, env="CHIFFON_JOB_PATHS", take=tuple,
         help="Paths every job may read (read-only), though under a hidden folder: a "
-        "dataset, a conda install. Comma separated.",
+        "dataset, a conda install; a --workdir inside one is allowed. Comma separated.",
     )  # fmt: skip
 
     @property

@@ -241,8 +241,16 @@ class Sandbox:
         return _outermost(p for p in wanted if os.path.isdir(p))
 
     def forbidden_workdir(self, workdir: Path) -> str | None:
-        """Why a workdir the submitter named may not be bound into a job's view, if so."""
+        """Why a workdir the submitter named may not be bound into a job's view, if so.
+        Inside a path the owner lent in `job_paths` it may be (a lab's shared folder under
+        /home), unless it is in, or holds, the agent's own folders."""
         real = os.path.realpath(workdir)
+        agents = [os.path.realpath(p) for p in self.config.hide]
+        lent = [os.path.realpath(p) for p in self.config.expose]
+        if any(_inside(real, p) for p in lent) and not any(
+            _inside(real, a) or _inside(a, real) for a in agents
+        ):  # a folder the owner lent jobs (`job_paths`), though under a hidden one
+            return None
         for folder in [*self.hidden_paths(), *KERNEL_DIRS]:
             if _inside(real, folder) or (folder not in KERNEL_DIRS and _inside(folder, real)):
                 return f"the workdir {real} is in or holds {folder}, which jobs may not see"
@@ -346,9 +354,10 @@ class AttemptUnit:
                 cover.chmod(0o000)
             mounts = [{"source": str(attempt_dir / "tmp"), "target": tmp, "writable": True}
                       for tmp in jail.PRIVATE_TMP if os.path.isdir(tmp)]  # fmt: skip
-            mounts += [{"source": str(p), "target": str(p), "writable": True} for p in binds]
+            # read-only first: the job's own folder, inside a lent one, is bound over it
             mounts += [{"source": str(p), "target": str(p), "writable": False}
                        for p in _exposed(sandbox.config.expose)]  # fmt: skip
+            mounts += [{"source": str(p), "target": str(p), "writable": True} for p in binds]
             hide = [*sandbox.hidden_paths(), *self._closed_to_job_user(binds)]
             plan.update(hide=_outermost(hide), binds=mounts, cover_file=str(cover),
                         cover=self._covered_nodes())  # fmt: skip
