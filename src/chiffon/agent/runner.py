@@ -3,7 +3,8 @@
 `agent.work.WorkLoop` runs one per assignment; docs/jobs.md describes it.
 
 - The command is an argv list, run without a shell, stdin closed, in a process group of
-  its own (`start_new_session`), as the agent's own user.
+  its own (`start_new_session`), as the agent's own user; given a unit (`agent.sandbox`),
+  through the sandbox's launcher, in that unit, which ends whatever the job started.
 - It sees only its GPUs: `CUDA_VISIBLE_DEVICES` holds their UUIDs (with
   `CUDA_DEVICE_ORDER=PCI_BUS_ID`), and `NVIDIA_VISIBLE_DEVICES`, `ROCR_VISIBLE_DEVICES`,
   `HIP_VISIBLE_DEVICES` are set the same way; a job without GPUs sees none.
@@ -197,6 +198,8 @@ class JobRun:
                 pass_fds=passed,
             )
         except OSError as exc:
+            if self.unit is not None:  # its group made, its launcher not started
+                await asyncio.to_thread(self.unit.close)
             raise CannotStart(why_not_started(exc, a.command[0], workdir, env)) from exc
         if self.unit is not None:
             await self._check_started(self.unit, workdir, env)
@@ -211,6 +214,7 @@ class JobRun:
             argv, fd = unit.command(self.assignment.command, cwd=workdir,
                                     attempt_dir=self.attempt_dir, binds=[workdir])  # fmt: skip
         except (SandboxError, OSError) as exc:
+            unit.close()  # a group made before the failure goes with it
             raise CannotStart(f"its sandbox could not be made ({exc})") from exc
         if unit.sandbox.namespaces:  # the owner's home is hidden: its own /tmp is its home
             env.update(HOME="/tmp", TMPDIR="/tmp")

@@ -386,6 +386,7 @@ class AttemptUnit:
         self.launcher_pid = launcher_pid
         assert self._report is not None
         read, write = self._report
+        self._report = None
         os.close(write)
         said = await asyncio.to_thread(_drain, read)
         return json.loads(said) if said else None
@@ -423,6 +424,12 @@ class AttemptUnit:
         return f"out of memory (limit {self.memory_bytes / GB:.3g} GB)"
 
     def close(self) -> None:
+        """Its processes killed and its group removed (idempotent); the report pipe shut."""
+        if self._report is not None:
+            for fd in self._report:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._report = None
         if self.group is not None:
             self.group.kill()
             try:
