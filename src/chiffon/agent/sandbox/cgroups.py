@@ -106,6 +106,20 @@ def _kill_listed(procs: Path) -> int:
     return killed
 
 
+def _freeze_and_kill(unit: Unit, procs: Path) -> bool:
+    """Freeze the unit (nothing forks meanwhile), SIGKILL each of `procs`, thaw (SIGKILL
+    acts on a thawed process), until `procs` is empty; whether it is."""
+    for _ in range(20):
+        with contextlib.suppress(CgroupError):
+            unit.freeze(True)
+        killed = _kill_listed(procs)
+        with contextlib.suppress(CgroupError):
+            unit.freeze(False)
+        if _wait_empty([procs], 0.5 if killed else 0.1):
+            return True
+    return False
+
+
 class Tree:
     """Where attempt groups go, on one version of cgroups."""
 
@@ -267,16 +281,7 @@ class V1Unit(Unit):
         _write(state, "FROZEN" if frozen else "THAWED")
 
     def kill(self) -> bool:
-        """Freeze (nothing forks meanwhile), SIGKILL each, thaw (SIGKILL acts), until empty."""
-        procs = self.dirs["pids"] / "cgroup.procs"
-        for _ in range(20):
-            with contextlib.suppress(CgroupError):
-                self.freeze(True)
-            killed = _kill_listed(procs)
-            with contextlib.suppress(CgroupError):
-                self.freeze(False)
-            if _wait_empty([procs], 0.5 if killed else 0.1):
-                return _wait_empty(self.procs_files_paths())
+        _freeze_and_kill(self, self.dirs["pids"] / "cgroup.procs")
         return _wait_empty(self.procs_files_paths())
 
     def procs_files_paths(self) -> list[Path]:
@@ -422,15 +427,7 @@ class V2Unit(Unit):
                 _write(self.dir / "cgroup.kill", "1")
                 if _wait_empty([procs, self.dir / "cgroup.procs"]):
                     return True
-        for _ in range(20):
-            with contextlib.suppress(CgroupError):
-                self.freeze(True)
-            killed = _kill_listed(procs)
-            with contextlib.suppress(CgroupError):
-                self.freeze(False)
-            if _wait_empty([procs], 0.5 if killed else 0.1):
-                return True
-        return _wait_empty([procs])
+        return _freeze_and_kill(self, procs) or _wait_empty([procs])
 
     def oom_kills(self) -> int:
         with contextlib.suppress(OSError, ValueError):
