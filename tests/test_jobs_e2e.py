@@ -559,8 +559,10 @@ def _read_pty(fd: int) -> bytes:
 
 
 @pytest.mark.parametrize("fleet", ["sqlite-http"], indirect=True)
-def test_jobs_and_jobs_show_say_what_a_user_needs(fleet: Fleet) -> None:
-    done = chiffon(fleet, "run", "--name", "quoted", "--workdir", "/tmp", "--timeout", "1h",
+def test_jobs_and_jobs_show_say_what_a_user_needs(fleet: Fleet, job_visible_dir: Path) -> None:
+    # (the desktop's /tmp itself is refused as a workdir: each job has its own)
+    workdir = str(job_visible_dir)
+    done = chiffon(fleet, "run", "--name", "quoted", "--workdir", workdir, "--timeout", "1h",
                    "--env", "SECRET_TOKEN=hunter2", "--",
                    "sh", "-c", "echo hello from $CHIFFON_JOB_ID; exit 3")  # fmt: skip
     assert done.returncode == 3
@@ -570,7 +572,7 @@ def test_jobs_and_jobs_show_say_what_a_user_needs(fleet: Fleet) -> None:
     assert job_id is not None
     shown = chiffon(fleet, "jobs", "show", job_id[1]).stdout
     assert "sh -c 'echo hello from $CHIFFON_JOB_ID; exit 3'" in shown
-    assert "/tmp" in shown and "3600s" in shown and "SECRET_TOKEN" in shown
+    assert workdir in shown and "3600s" in shown and "SECRET_TOKEN" in shown
     assert "hunter2" not in shown
     log = fleet.tmp / "desk-2x24g" / "state" / "jobs" / f"{job_id[1]}-1" / "output.log"
     assert f"whole log at {log}" in shown
