@@ -247,15 +247,17 @@ class Sandbox:
         real = os.path.realpath(workdir)
         agents = [os.path.realpath(p) for p in self.config.hide]
         lent = [os.path.realpath(p) for p in self.config.expose]
-        if any(_inside(real, p) for p in lent) and not any(
-            _inside(real, a) or _inside(a, real) for a in agents
+        if any(jail.inside(real, p) for p in lent) and not any(
+            jail.inside(real, a) or jail.inside(a, real) for a in agents
         ):  # a folder the owner lent jobs (`job_paths`), though under a hidden one
             return None
         for folder in [*self.hidden_paths(), *KERNEL_DIRS]:
-            if _inside(real, folder) or (folder not in KERNEL_DIRS and _inside(folder, real)):
+            if jail.inside(real, folder) or (
+                folder not in KERNEL_DIRS and jail.inside(folder, real)
+            ):
                 return f"the workdir {real} is in or holds {folder}, which jobs may not see"
         for shared in jail.PRIVATE_TMP:  # a folder in it, yes; the desktop's own, whole, no
-            if _inside(shared, real):
+            if jail.inside(shared, real):
                 return f"the workdir {real} holds {shared}, which each job has its own of"
         return None
 
@@ -463,15 +465,11 @@ def _descendants(pid: int | None) -> list[int]:
         return []
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
 def _outermost(paths: Iterable[str]) -> list[str]:
     """Each folder once, without those inside another listed (hidden with it)."""
     kept: list[str] = []
     for p in sorted(set(paths), key=len):
-        if not any(_inside(p, k) for k in kept):
+        if not any(jail.inside(p, k) for k in kept):
             kept.append(p)
     return kept
 

@@ -135,7 +135,8 @@ def _bind(fd: int, target: str, writable: bool, is_dir: bool) -> None:
     os.close(fd)
 
 
-def _under(path: str, folder: str) -> bool:
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or under it (the agent's side uses it too)."""
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
@@ -143,7 +144,7 @@ def _outermost(folders: list[str]) -> list[str]:
     """The folders to cover: those there, one inside another (or in a private tmp) skipped."""
     hidden: list[str] = []
     for folder in sorted(folders, key=len):
-        if os.path.isdir(folder) and not any(_under(folder, h) for h in [*hidden, *PRIVATE_TMP]):
+        if os.path.isdir(folder) and not any(inside(folder, h) for h in [*hidden, *PRIVATE_TMP]):
             hidden.append(folder)
     return hidden
 
