@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from chiffon.schemas import files
 from chiffon.schemas import limits
 
 # --- Job states -------------------------------------------------------------------------
@@ -192,13 +193,24 @@ class Work:
     # The job's claims on the host (0: none asked): the agent may hold the job to them.
     memory_gb: float = 0.0
     cores: float = 0.0
+    # Its files (`chiffon.files`): the snapshot laid into its folder, the checkpoint
+    # restored into CHIFFON_CHECKPOINT_DIR (each a manifest's hash, fetched by the agent
+    # over HTTP), the patterns of what comes back, and how often its checkpoint is saved.
+    snapshot: str | None = None
+    checkpoint: str | None = None
+    outputs: tuple[str, ...] = ()
+    checkpoint_every_seconds: float | None = None
+    python_env: bool = False
 
     def payload(self) -> dict[str, Any]:
         return {
             "command": list(self.command), "env": dict(self.env), "workdir": self.workdir,
             "timeout_seconds": self.timeout_seconds, "gpu_uuids": list(self.gpu_uuids),
             "vram_gb": self.vram_gb, "gpu_vendor": self.gpu_vendor,
-            "memory_gb": self.memory_gb, "cores": self.cores,
+            "memory_gb": self.memory_gb, "cores": self.cores, "snapshot": self.snapshot,
+            "checkpoint": self.checkpoint, "outputs": list(self.outputs),
+            "checkpoint_every_seconds": self.checkpoint_every_seconds,
+            "python_env": self.python_env,
         }  # fmt: skip
 
     @classmethod
@@ -219,7 +231,20 @@ class Work:
             # absent (an older orchestrator): none asked
             memory_gb=_positive(p.get("memory_gb"), "memory_gb", zero=True) or 0.0,
             cores=_positive(p.get("cores"), "cores", zero=True) or 0.0,
-        )
+            snapshot=_hash(p.get("snapshot"), "snapshot"),
+            checkpoint=_hash(p.get("checkpoint"), "checkpoint"),
+            outputs=tuple(files.check_out_pattern(o) for o in
+                          _strings(p.get("outputs", []), "outputs", most=files.OUT_PATTERNS_MAX)),
+            checkpoint_every_seconds=_positive(p.get("checkpoint_every_seconds"),
+                                               "checkpoint_every_seconds"),
+            python_env=p.get("python_env") is True,
+        )  # fmt: skip
+
+
+def _hash(value: Any, name: str) -> str | None:
+    if value is not None and not files.is_sha256(value):
+        raise ValueError(f"{name} must be a SHA-256 in hex")
+    return value  # type: ignore[no-any-return]
 
 
 def _env(env: Any) -> Mapping[str, str]:
