@@ -19,8 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from chiffon.schemas import files
-from chiffon.schemas import limits
+from chiffon.schemas import files, limits
 
 # --- Job states -------------------------------------------------------------------------
 
