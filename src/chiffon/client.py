@@ -14,20 +14,24 @@ a submission no agent could ever hold is a warning, a change of why a job waits 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
+from chiffon.backoff import Backoff
 from chiffon.schemas.dispatch import is_terminal
+from chiffon.schemas.files import HASH_CHUNK, is_sha256, sha256_bytes
 from chiffon.schemas.jobs import (
     JobAccepted,
     JobDetail,
@@ -48,6 +52,11 @@ PENDING_WAIT_SECONDS = 0.5
 # After a skip, output is resumed at the next line's start, looked for this far: a reader
 # never sees half a line glued to another (output without newlines is resumed as it is).
 _LINE_SEARCH_BYTES = 64 * 1024
+BLOBS_PER_ASK = 100_000  # hashes one `POST /blobs/missing` may name
+TRANSFER_TRIES = 5  # a blob's upload, or its download resumed where it stopped
+TRANSFER_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=8.0)
+# Sending a chunk may wait on a busy store this long (the default read timeout stays).
+TRANSFER_WRITE_SECONDS = 120.0
 
 log = logging.getLogger("chiffon.client")
 
@@ -280,6 +289,10 @@ class Client:
         retries: int = 0,
         retry_on_exit: bool = False,
         policy: Policy = "best_fit",
+        snapshot: str | None = None,
+        outputs: Sequence[str] = (),
+        checkpoint_every_seconds: float | None = None,
+        python_env: bool = False,
     ) -> JobAccepted:
         """Queue `command` (an argv list) to run once where it fits. `vram_gb` is free
         memory on each GPU; giving it without `gpus` asks for one GPU; `require_sandbox`:
@@ -289,7 +302,13 @@ class Client:
         Sent with a new `Idempotency-Key`, and sent again with the same key (twice at
         most) when no answer came or the orchestrator was unavailable (502, 503, 504):
         a submission whose reply was lost had created its job, and the orchestrator
-        answers the retry with that job instead of creating a second."""
+        answers the retry with that job instead of creating a second.
+
+        Files: `snapshot` is the hash of a manifest already stored with all its blobs
+        (`put_blob`; the job runs in a copy of that tree), `outputs` the globs of what
+        comes back (`job_files`), `checkpoint_every_seconds` how often a running job's
+        checkpoint folder is saved, `python_env` builds the snapshot's Python environment
+        (uv.lock or requirements.txt) on the desktop."""
         wanted: dict[str, Any] = {"vram_gb": vram_gb, "cpu_cores": cpu_cores,
                                   "memory_gb": memory_gb, "labels": dict(labels or {}),
                                   "pool": pool, "gpu_vendor": gpu_vendor,
@@ -302,6 +321,11 @@ class Client:
             "retry_on_exit": retry_on_exit, "policy": policy,
             "requirements": JobRequirements.model_validate(wanted).model_dump(mode="json"),
         }  # fmt: skip
+        # Only what is asked: a submission without files reads as it always did.
+        files = {"snapshot": snapshot, "outputs": list(outputs),
+                 "checkpoint_every_seconds": checkpoint_every_seconds,
+                 "python_env": python_env}  # fmt: skip
+        spec.update({k: v for k, v in files.items() if v})
         body = JobSubmit.model_validate(spec).model_dump(mode="json", exclude_none=True)
         return JobAccepted.model_validate(self._submit_once(body))
 
@@ -452,6 +476,136 @@ class Client:
             time.sleep(0.5)  # queued again, not yet placed
         return False
 
+    def missing_blobs(self, hashes: Iterable[str]) -> set[str]:
+        """Which of `hashes` (SHA-256, hex) the orchestrator's store lacks."""
+        wanted = sorted(set(hashes))
+        missing: set[str] = set()
+        for start in range(0, len(wanted), BLOBS_PER_ASK):
+            ask = wanted[start : start + BLOBS_PER_ASK]
+            answer = self._send("POST", "/blobs/missing", json={"sha256": ask})
+            missing.update(h for h in answer.get("missing", ()) if h in set(ask))
+        return missing
+
+    def put_blob(
+        self,
+        sha256: str,
+        source: Path | bytes,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Store a blob: a file, streamed in chunks (never whole in memory), or bytes. The
+        orchestrator refuses it (400, nothing stored) when its hash is not `sha256`: a file
+        that changed while it was sent. Sent again from the start after a dropped
+        connection; `on_progress(n)` counts bytes sent (negative: a restart takes them
+        back). Its size."""
+        _check_sha(sha256)
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        tries = 0
+        while True:
+            tries += 1
+            counted = [0]
+            try:
+                self._put_once(sha256, source, size, _counting(on_progress, counted))
+                return size
+            except httpx.TransportError as exc:
+                if on_progress and counted[0]:
+                    on_progress(-counted[0])
+                if tries >= TRANSFER_TRIES:
+                    why = f"sending blob {sha256[:12]} to {self.url} failed"
+                    raise ChiffonError(f"{why} ({type(exc).__name__})") from None
+                time.sleep(TRANSFER_BACKOFF.delay(tries))
+
+    def _put_once(
+        self, sha256: str, source: Path | bytes, size: int, progress: Callable[[int], None]
+    ) -> None:
+        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+        timeout = httpx.Timeout(self._timeout, write=TRANSFER_WRITE_SECONDS)
+        if isinstance(source, bytes):
+            resp = self._http.put(f"/blobs/{sha256}", content=source, headers=headers,
+                                  timeout=timeout)  # fmt: skip
+            progress(size)
+        else:
+            with source.open("rb") as f:
+                chunks = _chunks(f, size, progress)
+                resp = self._http.put(f"/blobs/{sha256}", content=chunks, headers=headers,
+                                      timeout=timeout)  # fmt: skip
+        _answer(resp, self.url)
+
+    def get_blob(
+        self,
+        sha256: str,
+        dest: Path,
+        on_progress: Callable[[int], None] | None = None,
+        *,
+        size: int | None = None,
+    ) -> int:
+        """Download a blob to `dest`: streamed to a temporary file beside it, resumed
+        (`Range: bytes=N-`) after a dropped connection, its SHA-256 checked, then renamed
+        into place; nothing is left at `dest` when it fails. `size`, when known, bounds
+        what is read. Its size."""
+        _check_sha(sha256)
+        fd, temp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                part = _Partial(f, size, on_progress)
+                self._download(sha256, part)
+            if (got := part.digest.hexdigest()) != sha256:
+                raise ChiffonError(f"blob {sha256[:12]} arrived with the hash {got[:12]}: "
+                                   "refused, nothing written")  # fmt: skip
+            os.replace(temp, dest)
+            return part.offset
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+
+    def _download(self, sha256: str, part: _Partial) -> None:
+        tries = 0
+        while True:
+            try:
+                headers = {"range": f"bytes={part.offset}-"} if part.offset else {}
+                with self._http.stream("GET", f"/blobs/{sha256}", headers=headers) as resp:
+                    if not resp.is_success:
+                        resp.read()
+                        _answer(resp, self.url)
+                    if resp.status_code != 206:  # the whole blob: from its start
+                        part.restart()
+                    # As it arrives: bytes buffered into a bigger chunk would be lost with
+                    # the connection, and fetched again.
+                    for chunk in resp.iter_bytes():
+                        part.write(chunk, sha256)
+                return
+            except httpx.TransportError as exc:
+                tries += 1
+                if tries >= TRANSFER_TRIES:
+                    why = f"fetching blob {sha256[:12]} from {self.url} failed"
+                    raise ChiffonError(f"{why} ({type(exc).__name__}, {tries} tries)") from None
+                log.info("fetching blob %s: %s; resuming at byte %d",
+                         sha256[:12], type(exc).__name__, part.offset)  # fmt: skip
+                time.sleep(TRANSFER_BACKOFF.delay(tries))
+
+    def read_blob(self, sha256: str, max_bytes: int) -> bytes:
+        """A small blob (a manifest) in memory, its hash checked; at most `max_bytes`."""
+        _check_sha(sha256)
+        data = bytearray()
+        with self._http.stream("GET", f"/blobs/{sha256}") as resp:
+            if not resp.is_success:
+                resp.read()
+                _answer(resp, self.url)
+            for chunk in resp.iter_bytes(HASH_CHUNK):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ChiffonError(f"blob {sha256[:12]} is over {max_bytes} bytes")
+        if sha256_bytes(bytes(data)) != sha256:
+            raise ChiffonError(f"blob {sha256[:12]} arrived with another hash: refused")
+        return bytes(data)
+
+    def job_files(self, job_id: uuid.UUID | str) -> dict[str, Any]:
+        """`GET /jobs/{id}/files`: its snapshot's hash, and its saved outputs and latest
+        checkpoint, each a file set ({"attempt", "manifest", "bytes", "files",
+        "saved_at", "entries"}) or None."""
+        answer = self._send("GET", f"/jobs/{job_id}/files")
+        return answer if isinstance(answer, dict) else {}
+
     def get_json(self, path: str, **params: Any) -> Any:
         """GET any endpoint of the API (`/agents`, `/fleet/summary`...) as parsed JSON;
         parameters that are None are left out."""
@@ -488,14 +642,72 @@ class Client:
                 f"cannot reach the orchestrator at {self.url} ({type(exc).__name__}); "
                 "is it running?"
             ) from None
-        if resp.is_success:
-            return resp.json() if resp.content else None
-        try:
-            detail = resp.json().get("detail")
-        except ValueError:
-            detail = None
-        raise ChiffonError(str(detail or resp.reason_phrase), resp.status_code,
-                           _seconds(resp.headers.get("retry-after")))  # fmt: skip
+        return _answer(resp, self.url)
+
+
+def _answer(resp: httpx.Response, url: str) -> Any:
+    """A success's JSON (None when empty), else `ChiffonError` with what it said."""
+    if resp.is_success:
+        return resp.json() if resp.content else None
+    try:
+        detail = resp.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    raise ChiffonError(str(detail or resp.reason_phrase), resp.status_code,
+                       _seconds(resp.headers.get("retry-after")))  # fmt: skip
+
+
+def _check_sha(sha256: str) -> None:
+    if not is_sha256(sha256):
+        raise ChiffonError(f"{sha256[:80]!r} is not a SHA-256 (64 lowercase hex digits)")
+
+
+def _counting(
+    on_progress: Callable[[int], None] | None, counted: list[int]
+) -> Callable[[int], None]:
+    def progress(n: int) -> None:
+        counted[0] += n
+        if on_progress is not None:
+            on_progress(n)
+
+    return progress
+
+
+def _chunks(f: IO[bytes], size: int, progress: Callable[[int], None]) -> Iterator[bytes]:
+    """At most `size` bytes of `f` in chunks: a file that grew meanwhile is sent as far as
+    its announced length (its hash then differs, and the store refuses it)."""
+    left = size
+    while left > 0 and (chunk := f.read(min(HASH_CHUNK, left))):
+        left -= len(chunk)
+        yield chunk
+        progress(len(chunk))
+
+
+class _Partial:
+    """A download written so far: where it stands, its running hash, its bound."""
+
+    def __init__(
+        self, f: IO[bytes], size: int | None, on_progress: Callable[[int], None] | None
+    ) -> None:
+        self.f, self.size, self.on_progress = f, size, on_progress
+        self.offset = 0
+        self.digest = hashlib.sha256()
+
+    def restart(self) -> None:
+        if self.offset and self.on_progress:
+            self.on_progress(-self.offset)
+        self.f.seek(0)
+        self.f.truncate()
+        self.offset, self.digest = 0, hashlib.sha256()
+
+    def write(self, chunk: bytes, sha256: str) -> None:
+        if self.size is not None and self.offset + len(chunk) > self.size:
+            raise ChiffonError(f"blob {sha256[:12]} is longer than its {self.size} bytes")
+        self.f.write(chunk)
+        self.digest.update(chunk)
+        self.offset += len(chunk)
+        if self.on_progress:
+            self.on_progress(len(chunk))
 
 
 def _seconds(header: str | None) -> float | None:
