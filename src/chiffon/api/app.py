@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from chiffon import __version__
 from chiffon.api import (
     routes_agents,
+    routes_files,
     routes_fleet,
     routes_ingest,
     routes_jobs,
@@ -133,6 +134,7 @@ def create_app(
         BodyLimit,
         max_bytes=orchestrator.settings.max_message_bytes,
         on_refused=lambda: orchestrator.reject("too_large"),
+        streamed=routes_files.is_upload,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _database_refused_value)
@@ -147,6 +149,8 @@ def create_app(
     app.include_router(routes_fleet.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_work.router)
+    app.include_router(routes_files.router)
+    app.include_router(routes_files.agent_router)
     app.include_router(routes_tokens.router)
 
     @app.get("/docs", include_in_schema=False)

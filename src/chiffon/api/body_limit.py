@@ -18,13 +18,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class BodyLimit:
     """413 for a request body over `max_bytes`; `on_refused()` counts each refusal."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, on_refused: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        on_refused: Callable[[], None],
+        streamed: Callable[[Scope], bool] = lambda _: False,
+    ) -> None:
+        """`streamed(scope)`: a route that reads its body as a stream, after checking the
+        caller, and bounds it itself (a blob's upload: the file store's cap)."""
         self.app = app
         self.max_bytes = max_bytes
         self.on_refused = on_refused
+        self.streamed = streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.streamed(scope):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

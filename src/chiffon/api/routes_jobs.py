@@ -71,6 +71,11 @@ async def submit(
     """Queue a command to run once on a desktop that has room for it. With an
     `Idempotency-Key` already given in the last day, the job it created (the same 201),
     and no other."""
+    if spec.snapshot is not None:
+        try:
+            await orchestrator.store.complete(spec.snapshot)
+        except (LookupError, ValueError) as exc:
+            raise HTTPException(422, f"snapshot: {exc}") from None
     try:
         job_id, warning = await orchestrator.submit_job(spec, idempotency_key=idempotency_key)
     except KeyReusedError as exc:
@@ -93,14 +98,15 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses=_ERRORS)
-async def show(job_id: JobIdDep, session: SessionDep) -> JobDetail:
+async def show(job_id: JobIdDep, session: SessionDep, orchestrator: OrchestratorDep) -> JobDetail:
     """One job with its attempts and its events (why it waits, how each attempt ended)."""
     job = await _job(session, job_id)
     attempts, events = await repo.history(session, job_id=job_id)
     ids = [job.agent_id, *(a.agent_id for a in attempts)]
     names = await repo.agent_names(session, agent_ids=ids)
     cut = await repo.log_bytes_cut(session, job_id=job_id)
-    return views.job_detail(job, attempts, events, names, cut)
+    saved = await orchestrator.store.saved(job_id)
+    return views.job_detail(job, attempts, events, names, cut, saved)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=_ERRORS)

@@ -96,7 +96,7 @@ _REPORT_BODY = {
 }
 
 
-async def _the_agent(orchestrator: Orchestrator, agent_id: uuid.UUID, request: Request) -> None:
+async def the_agent(orchestrator: Orchestrator, agent_id: uuid.UUID, request: Request) -> None:
     try:
         await orchestrator.check_bearer(agent_id, bearer_token(request))
     except RejectedMessage as exc:
@@ -115,7 +115,7 @@ async def orders(
     ] = 0,
 ) -> Orders:
     """What this agent must be told now: assignments not yet started, cancels."""
-    await _the_agent(orchestrator, agent_id, request)
+    await the_agent(orchestrator, agent_id, request)
     try:
         signed = await orchestrator.wait_orders(agent_id, wait_seconds=wait)
     except RejectedMessage as exc:  # revoked while waiting
@@ -137,7 +137,7 @@ async def attempt_report(
     orchestrator: OrchestratorDep,
 ) -> AttemptVerdict:
     """An attempt started, or ended (and how). The body is read after the credential."""
-    await _the_agent(orchestrator, agent_id, request)
+    await the_agent(orchestrator, agent_id, request)
     try:
         said = AttemptReport.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -171,7 +171,7 @@ async def attempt_log(
     orchestrator: OrchestratorDep,
 ) -> AttemptVerdict:
     """A chunk of the attempt's output (raw bytes), at its offset in the desktop's log."""
-    await _the_agent(orchestrator, agent_id, request)
+    await the_agent(orchestrator, agent_id, request)
     data = await request.body()
     verdict = await orchestrator.ship_log(agent_id, job_id, attempt, offset, data)
     return AttemptVerdict(verdict=verdict)

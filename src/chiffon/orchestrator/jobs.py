@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.jobspec import JobSpec
+from chiffon.orchestrator.store import latest_checkpoint
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import AgentRow, JobAttemptRow, JobRow
 from chiffon.schemas.dispatch import (
@@ -284,7 +285,10 @@ async def pending_orders(
         if job.cancel_requested_at is not None:
             orders.append(Order("cancel", agent_id, job.job_id, job.attempt, issued_at))
         elif job.state == "assigned":
-            payload = JobSpec.parse(job.spec).assignment(gpus)
+            async with sessions() as session:  # rare: only while it waits to start
+                restore = await latest_checkpoint(session, job.job_id, job.attempt)
+            checkpoint = None if restore is None else restore.manifest
+            payload = JobSpec.parse(job.spec).assignment(gpus, checkpoint)
             orders.append(Order("assign", agent_id, job.job_id, job.attempt, issued_at, payload))
     return orders
 

@@ -65,6 +65,10 @@ class JobSpec:
     retries: int = 0
     retry_on_exit: bool = False
     policy: Policy = "best_fit"
+    snapshot: str | None = None
+    outputs: tuple[str, ...] = ()
+    checkpoint_every_seconds: float | None = None
+    python_env: bool = False
 
     @classmethod
     def parse(cls, stored: Mapping[str, Any]) -> JobSpec:
@@ -78,17 +82,25 @@ class JobSpec:
             retries=int(stored.get("retries", 0)),
             retry_on_exit=bool(stored.get("retry_on_exit", False)),
             policy=_policy(stored.get("policy")),
+            snapshot=stored.get("snapshot"),
+            outputs=tuple(stored.get("outputs") or ()),
+            checkpoint_every_seconds=stored.get("checkpoint_every_seconds"),
+            python_env=stored.get("python_env") is True,
         )
 
     def retries_left(self, used: int) -> bool:
         return used < self.retries
 
-    def assignment(self, gpus: list[str]) -> dict[str, Any]:
-        """The payload of the order that runs it on `gpus` (`schemas.dispatch.Work`)."""
+    def assignment(self, gpus: list[str], checkpoint: str | None = None) -> dict[str, Any]:
+        """The payload of the order that runs it on `gpus` (`schemas.dispatch.Work`),
+        restoring the `checkpoint` manifest an earlier attempt saved."""
         work = Work(command=self.command, env=self.env, workdir=self.workdir,
                     timeout_seconds=self.timeout_seconds, gpu_uuids=tuple(gpus),
                     vram_gb=self.wants.vram_gb, gpu_vendor=self.wants.gpu_vendor,
-                    memory_gb=self.wants.memory_gb, cores=self.wants.cpu_cores)  # fmt: skip
+                    memory_gb=self.wants.memory_gb, cores=self.wants.cpu_cores,
+                    snapshot=self.snapshot, checkpoint=checkpoint, outputs=self.outputs,
+                    checkpoint_every_seconds=self.checkpoint_every_seconds,
+                    python_env=self.python_env)  # fmt: skip
         return work.payload()
 
 

@@ -36,6 +36,7 @@ from chiffon.orchestrator.periodic import run_every
 from chiffon.orchestrator.readiness import readiness
 from chiffon.orchestrator.scheduler import Dispatcher
 from chiffon.orchestrator.settings import OrchestratorSettings
+from chiffon.orchestrator.store import BlobStore
 from chiffon.persistence import jobs as jobs_repo
 from chiffon.persistence import registry
 from chiffon.persistence.credentials import credential_changes
@@ -138,6 +139,10 @@ class Orchestrator:
         self.dispatcher = Dispatcher(core, clock, placed_on=self.orders.tell,
                                      lost=self.desk.log_changed,
                                      avoid_seconds=settings.preempt_avoid_seconds)  # fmt: skip
+        self.store = BlobStore(self.sessions, clock,
+                               folder=settings.blob_folder(self.engine.dialect.name),
+                               max_bytes=int(settings.store_max_gb * 1e9),
+                               retention_seconds=settings.store_retention_seconds)  # fmt: skip
         self.long_polls = LongPolls(settings.long_polls_per_token)  # log followers per token
         self._tasks: list[asyncio.Task[None]] = []
         self.sweeping = False
@@ -179,6 +184,8 @@ class Orchestrator:
                 self._spawn("chiffon-queue-notices", self._follow_queue())
         prune = run_every(LOG_PRUNE_INTERVAL_SECONDS, self.prune_job_logs, "pruning job logs")
         self._spawn("chiffon-log-prune", prune)
+        collect = run_every(LOG_PRUNE_INTERVAL_SECONDS, self.store.collect, "collecting blobs")
+        self._spawn("chiffon-blob-collect", collect)
         if self.recorder.tiers:
             self._spawn("chiffon-history-record", self.recorder.run())
             self._spawn("chiffon-history-prune",

@@ -109,6 +109,13 @@ class OrchestratorSettings(BaseSettings):
     # and ingest only, beside orchestrators on the same database that place
     # (docs/jobs.md, "Orchestrators that do not place").
     dispatch: bool = True
+    # Jobs' files (docs/jobs.md, "Your code and data"): the blobs' folder (unset: the
+    # database itself with PostgreSQL, `<data_dir>/blobs` with SQLite), the store's cap
+    # (uploads past it are refused, nothing is deleted for them), and how long a blob no
+    # live job refers to is kept.
+    store_dir: Path | None = None
+    store_max_gb: float = Field(100.0, gt=0, le=1_000_000)
+    store_retention_seconds: float = Field(7 * 86400, ge=0, le=5 * 366 * 86400)
 
     @field_validator("api_token", "read_token", "enroll_token", "secret_key", mode="after")
     @classmethod
@@ -158,6 +165,12 @@ class OrchestratorSettings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    def blob_folder(self, dialect: str) -> Path | None:
+        """Where the file store keeps its bytes (None: in the database)."""
+        if self.store_dir is not None:
+            return self.store_dir
+        return None if dialect == "postgresql" else self.data_dir / "blobs"
 
     @property
     def effective_database_url(self) -> str:

@@ -10,6 +10,7 @@ from uuid import UUID
 from sqlalchemy import Row
 
 from chiffon.orchestrator.jobspec import JobSpec
+from chiffon.orchestrator.store import Saved
 from chiffon.persistence.jobs import Current
 from chiffon.persistence.models import (
     AgentEventRow,
@@ -117,6 +118,8 @@ def job(
         workdir=spec.workdir,
         timeout_seconds=spec.timeout_seconds,
         env_names=sorted(spec.env),
+        snapshot=spec.snapshot,
+        outputs=list(spec.outputs),
     )
 
 
@@ -126,18 +129,32 @@ def job_detail(
     events: Sequence[JobEventRow],
     names: Mapping[UUID, str],
     log_bytes_cut: Mapping[int, int] | None = None,
+    checkpoints: Sequence[Saved] = (),
 ) -> JobDetail:
     """`log_bytes_cut`: by attempt, the bytes at the start of its output no longer kept
-    (`persistence.jobs.log_bytes_cut`; absent: none)."""
+    (`persistence.jobs.log_bytes_cut`; absent: none). `checkpoints`: those the job's
+    attempts saved (`store.BlobStore.saved`), to say which each attempt resumed from."""
     held = [Current(list(a.gpu_uuids), a.started_at) for a in attempts if a.attempt == row.attempt]
+    cut = log_bytes_cut or {}
+    tried = [attempt(a, names, cut.get(a.attempt, 0), resumed(a, checkpoints)) for a in attempts]
     return JobDetail(
         **job(row, names, {row.job_id: held[0]} if held else {}).model_dump(),
-        attempts=[attempt(a, names, (log_bytes_cut or {}).get(a.attempt, 0)) for a in attempts],
+        attempts=tried,
         events=[JobEvent.model_validate(e, from_attributes=True) for e in events],
     )
 
 
-def attempt(row: JobAttemptRow, names: Mapping[UUID, str], log_bytes_cut: int) -> JobAttempt:
+def resumed(row: JobAttemptRow, checkpoints: Sequence[Saved]) -> Saved | None:
+    """The checkpoint the attempt started with: the last one an earlier attempt saved
+    before it started (the order carries the latest when the agent takes it)."""
+    before = [c for c in checkpoints if c.kind == "checkpoint" and c.attempt < row.attempt
+              and (row.started_at is None or c.saved_at <= row.started_at)]  # fmt: skip
+    return max(before, key=lambda c: c.saved_at, default=None)
+
+
+def attempt(
+    row: JobAttemptRow, names: Mapping[UUID, str], log_bytes_cut: int, start: Saved | None = None
+) -> JobAttempt:
     return JobAttempt(
         attempt=row.attempt,
         agent_id=row.agent_id,
@@ -153,6 +170,8 @@ def attempt(row: JobAttemptRow, names: Mapping[UUID, str], log_bytes_cut: int) -
         peak_vram_gb=row.peak_vram_gb,
         log_path=row.log_path,
         log_bytes_cut=log_bytes_cut,
+        resumed_from=start.attempt if start else None,
+        resumed_bytes=start.bytes if start else None,
     )
 
 

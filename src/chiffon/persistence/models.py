@@ -354,3 +354,44 @@ class JobIdempotencyKeyRow(Base):
     # submission is refused, not answered with a job that is not what was asked for.
     request_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
+
+
+class BlobRow(Base):
+    """A file's content in the store, named by its SHA-256 (`orchestrator.store`): a file
+    of a snapshot, an output or a checkpoint, or a manifest naming such files. Its bytes
+    are in `blob_chunks` (PostgreSQL) or a file under the store's folder (`chiffon up`)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    stored_at: Mapped[datetime]
+    # Last asked for or named by a new upload: what garbage collection's retention counts
+    # from for a blob no job refers to.
+    used_at: Mapped[datetime]
+
+
+class BlobChunkRow(Base):
+    """One piece (`store.CHUNK_BYTES`, the last shorter) of a blob kept in the database."""
+
+    __tablename__ = "blob_chunks"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JobFilesRow(Base):
+    """What an attempt saved: its outputs (the files its `--out` patterns named) or its
+    checkpoint folder, as a manifest in the store. One row per attempt and kind; a newer
+    save of the same attempt (a periodic checkpoint) replaces it."""
+
+    __tablename__ = "job_files"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # output | checkpoint
+    manifest: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[int] = mapped_column(Integer)
+    saved_at: Mapped[datetime]

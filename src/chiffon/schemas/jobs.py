@@ -21,11 +21,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from chiffon.schemas import limits
+from chiffon.schemas import files, limits
 from chiffon.schemas.dispatch import COMMAND_MAX_ITEMS, JobState
 from chiffon.schemas.heartbeat import LabelKey, LabelValue, ShortText
 
 Policy = Literal["best_fit", "spread"]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="a SHA-256, in hex")]
+OutPattern = Annotated[
+    str, Field(min_length=1, max_length=files.OUT_PATTERN_MAX_CHARS, pattern=r"^[^\x00\\]*$")
+]
 
 
 ARG_MAX_CHARS = 8192
@@ -153,6 +157,47 @@ class JobSubmit(BaseModel):
     retries: Annotated[int, Field(ge=0, le=RETRIES_MAX), INTEGRAL] = 0
     retry_on_exit: bool = False
     policy: Policy = "best_fit"
+    snapshot: Sha256 | None = Field(
+        None,
+        description="the manifest (its SHA-256) of the files the job runs in: laid into its "
+        "folder on the desktop; the manifest and every blob it names must be in the store "
+        "(`PUT /api/v1/blobs/{sha256}`) first",
+    )
+    outputs: Annotated[
+        list[OutPattern],
+        Field(
+            max_length=files.OUT_PATTERNS_MAX,
+            description="globs relative to the job's folder (`results/**`, `model.pt`): what "
+            "comes back when an attempt ends (`GET /api/v1/jobs/{id}/files`)",
+        ),
+    ] = []
+    checkpoint_every_seconds: Annotated[float, Field(ge=10, le=TIMEOUT_MAX_SECONDS)] | None = Field(
+        None,
+        description="save CHIFFON_CHECKPOINT_DIR this often while the job runs (it is "
+        "always saved when an attempt ends)",
+    )
+    python_env: bool = Field(
+        False,
+        description="build the snapshot's uv.lock or requirements.txt into a cached "
+        "environment on the desktop and run the job in it",
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                files.check_out_pattern(pattern)
+            except files.ManifestError as exc:
+                raise ValueError(str(exc)) from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _files_need_a_folder_of_their_own(self) -> JobSubmit:
+        if self.snapshot is not None and self.workdir is not None:
+            raise ValueError("snapshot and workdir: a job runs in its snapshot's copy or in "
+                             "a folder of the desktop, not both")  # fmt: skip
+        return self
 
     @field_validator("command")
     @classmethod
@@ -224,6 +269,8 @@ class JobView(BaseModel):
     env_names: list[str] = Field(
         [], description="the names of the variables it was given, sorted; never their values"
     )
+    snapshot: str | None = Field(None, description="the manifest of the files it runs in")
+    outputs: list[str] = Field([], description="the patterns of what comes back")
 
 
 class JobAttempt(BaseModel):
@@ -246,6 +293,10 @@ class JobAttempt(BaseModel):
         description="where its whole output is on the desktop, as the agent said when it "
         "started it (null: not said)",
     )
+    resumed_from: int | None = Field(
+        None, description="the attempt whose checkpoint it started with (null: none)"
+    )
+    resumed_bytes: int | None = Field(None, description="that checkpoint's size in bytes")
     log_bytes_cut: int = Field(
         0,
         description="how many bytes at the start of its output the orchestrator no longer "
@@ -264,6 +315,57 @@ class JobEvent(BaseModel):
 class JobDetail(JobView):
     attempts: list[JobAttempt]
     events: list[JobEvent]
+
+
+class FileEntry(BaseModel):
+    path: str
+    sha256: str
+    size: int
+    exec: bool = False
+
+
+class FileSet(BaseModel):
+    """What one attempt saved: its outputs or its checkpoint, as a manifest in the store."""
+
+    attempt: int
+    manifest: str = Field(description="the manifest's SHA-256 (`GET /api/v1/blobs/{sha256}`)")
+    bytes: int
+    files: int
+    saved_at: datetime
+    entries: list[FileEntry] = Field(description="each file: fetch it by its sha256")
+
+
+class JobFiles(BaseModel):
+    """`GET /api/v1/jobs/{id}/files`: what the job runs in and what it saved."""
+
+    job_id: UUID
+    snapshot: str | None
+    outputs: FileSet | None = Field(description="the latest attempt's outputs that were saved")
+    checkpoint: FileSet | None = Field(description="the latest checkpoint saved")
+
+
+class BlobHashes(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sha256: Annotated[list[Sha256], Field(max_length=files.MAX_FILES)]
+
+
+class MissingBlobs(BaseModel):
+    missing: list[str] = Field(description="those the store lacks: upload them")
+
+
+class BlobStored(BaseModel):
+    sha256: str
+    size: int
+
+
+class FilesSaved(BaseModel):
+    """An agent's word that an attempt's outputs or checkpoint are stored whole."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal["output", "checkpoint"]
+    manifest: Sha256
 
 
 class JobAccepted(BaseModel):
