@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from chiffon.agent.attempts import Attempt, AttemptTable
 from chiffon.agent.hooks import AttemptHook, HookParts
-from chiffon.agent.hooks.base import not_current
+from chiffon.agent.hooks.base import Refuse, not_current
 from chiffon.agent.outbox import ended_from
 from chiffon.agent.runner import CannotStart, JobRun
 from chiffon.backoff import Backoff
@@ -50,6 +50,11 @@ class AttemptRunner:
             for hook in self._hooks:
                 await hook.prestart(a)
             await a.run.start()
+        except Refuse as exc:  # not here, not now: placed elsewhere
+            log.info("attempt %s of %s refused: %s", a.number, a.job_id, exc)
+            await self._stop_hooks()
+            await self._parts.outbox.say(a, ended("refused", str(exc)))
+            return False
         except (CannotStart, OSError) as exc:  # no such program, a workdir that is not
             # there: it fails without an exit code (it never ran); the orchestrator adds where
             why = str(exc) if isinstance(exc, CannotStart) else f"it could not be started ({exc})"

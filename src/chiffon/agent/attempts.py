@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chiffon.agent.runner import JobRun
+from chiffon.schemas.dispatch import Work
 
 AttemptState = Literal["accepted", "starting", "running", "ended", "reported"]
 MOVES: dict[AttemptState, frozenset[AttemptState]] = {
@@ -67,6 +68,8 @@ class Attempt:
     ended_at: float | None = None  # time.monotonic() of its end
     used: dict[str, float] = field(default_factory=dict)
     peak: dict[str, float] = field(default_factory=dict)
+    work: Work | None = None  # what its order said (its files: `agent.stage`)
+    checkpoint_saved: str | None = None  # the manifest of its last checkpoint saved
 
     @property
     def job_id(self) -> uuid.UUID:

@@ -103,6 +103,8 @@ def work_settings(settings: AgentSettings) -> WorkSettings:
         jobs_dir=settings.effective_jobs_dir,
         allow_root=settings.allow_root_jobs,
         grace_seconds=settings.job_grace_seconds,
+        cache_dir=settings.effective_cache_dir,
+        cache_max_gb=settings.cache_max_gb,
         ladder=Ladder(
             settings.checkpoint_signal, settings.vacate_grace_seconds, settings.vacate_kill_seconds
         ),
@@ -138,7 +140,7 @@ def started_sandbox(settings: AgentSettings) -> Sandbox:
     files (its state, its jobs, its configuration) hidden from jobs."""
     from chiffon.agent.sandbox import Sandbox, SandboxConfig
 
-    hide = [settings.state_dir, settings.effective_jobs_dir]
+    hide = [settings.state_dir, settings.effective_jobs_dir, settings.effective_cache_dir]
     # One group per agent (by its jobs folder): an agent's start ends only its own leftovers.
     jobs = hashlib.sha256(str(settings.effective_jobs_dir.resolve()).encode()).hexdigest()
     config = SandboxConfig(

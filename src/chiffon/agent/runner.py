@@ -15,6 +15,10 @@
   checkpoint signal (`CHIFFON_PREEMPT_SIGNAL`, SIGUSR1 by default), SIGTERM after
   `CHIFFON_PREEMPT_DEADLINE` seconds, SIGKILL after the vacate kill grace. The job is told
   both in its environment at start.
+- Every job gets `CHIFFON_CHECKPOINT_DIR` (`<attempt dir>/checkpoint`; in a sandbox with
+  namespaces, bound writable at `/tmp/chiffon-checkpoint` in its own /tmp): whatever it
+  leaves there is saved and restored into its next attempt (`agent.stage`); creating
+  `CHIFFON_CHECKPOINT_SAVE` asks for a save now.
 - While it runs, `<attempt dir>/state.json` names its process (pid and start time, so a
   reused pid is never taken for it). A restarted agent finds such files and ends those
   processes (`end_orphans`): no job is left running unsupervised.
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from chiffon.agent.sandbox import AttemptUnit, SandboxError, parse_report
+from chiffon.agent.sandbox import JAIL_CHECKPOINT, AttemptUnit, SandboxError, parse_report
 from chiffon.schemas.dispatch import Outcome, visible_device
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,8 @@ READ_CHUNK_BYTES = 64 * 1024
 # After the job's process ended, how long its output may take to drain.
 OUTPUT_DRAIN_SECONDS = 2.0
 EXIT_POLL_SECONDS = 0.05
+# In the checkpoint folder: the job creates it to ask for a save now (`agent.stage`).
+CHECKPOINT_SAVE_MARKER = ".chiffon-save"
 LEFT_THE_GROUP = "a process it started left its process group and still held its output"
 
 
@@ -97,7 +103,12 @@ class Ended:
 
 
 def job_environment(
-    a: Assignment, *, inherited: Mapping[str, str], workdir: Path, ladder: Ladder = Ladder()
+    a: Assignment,
+    *,
+    inherited: Mapping[str, str],
+    workdir: Path,
+    ladder: Ladder = Ladder(),
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, str]:
     """The documented set, then what the user gave (which may not override it: the
     submission's schema refuses those names)."""
@@ -116,6 +127,9 @@ def job_environment(
         ROCR_VISIBLE_DEVICES=visible,
         HIP_VISIBLE_DEVICES=visible,
     )
+    if checkpoint_dir is not None:
+        marker = checkpoint_dir / CHECKPOINT_SAVE_MARKER
+        env.update(CHIFFON_CHECKPOINT_DIR=str(checkpoint_dir), CHIFFON_CHECKPOINT_SAVE=str(marker))
     if not a.gpu_uuids:
         # an empty CUDA_VISIBLE_DEVICES hides every device; ROCm reads -1 as "none"
         env.update(ROCR_VISIBLE_DEVICES="-1", HIP_VISIBLE_DEVICES="-1")
@@ -142,6 +156,7 @@ class JobRun:
         self.ladder = ladder
         self.attempt_dir = attempt_dir
         self.log_path = attempt_dir / "output.log"
+        self.checkpoint_dir = attempt_dir / "checkpoint"
         self._max_log_bytes = max_log_bytes
         self._grace = grace_seconds
         self._inherited = os.environ if inherited_env is None else inherited_env
@@ -176,12 +191,14 @@ class JobRun:
             self.attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not a.workdir:
                 workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.checkpoint_dir.mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:  # the agent's own disk: full, read-only
             shown = _shown(self.attempt_dir)
             raise CannotStart(f"the agent could not make {shown} ({exc.strerror or exc})") from exc
         if a.workdir and (why := folder_problem(workdir)) is not None:
             raise CannotStart(why)
-        env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder)
+        env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder,
+                              checkpoint_dir=self.checkpoint_dir)  # fmt: skip
         argv, passed = list(a.command), tuple[int, ...]()
         if self.unit is not None:
             argv, passed = self._in_unit(self.unit, workdir, env)
@@ -212,12 +229,16 @@ class JobRun:
         try:
             unit.prepare(self.attempt_dir, workdir, given_workdir=bool(self.assignment.workdir))
             argv, fd = unit.command(self.assignment.command, cwd=workdir,
-                                    attempt_dir=self.attempt_dir, binds=[workdir])  # fmt: skip
+                                    attempt_dir=self.attempt_dir, binds=[workdir],
+                                    checkpoint=self.checkpoint_dir)  # fmt: skip
         except (SandboxError, OSError) as exc:
             unit.close()  # a group made before the failure goes with it
             raise CannotStart(f"its sandbox could not be made ({exc})") from exc
         if unit.sandbox.namespaces:  # the owner's home is hidden: its own /tmp is its home
             env.update(HOME="/tmp", TMPDIR="/tmp")
+            # its checkpoint folder, bound in its own /tmp (`AttemptUnit.command`)
+            marker = Path(JAIL_CHECKPOINT) / CHECKPOINT_SAVE_MARKER
+            env.update(CHIFFON_CHECKPOINT_DIR=JAIL_CHECKPOINT, CHIFFON_CHECKPOINT_SAVE=str(marker))
         return argv, (fd,)
 
     async def _check_started(self, unit: AttemptUnit, workdir: Path, env: dict[str, str]) -> None:

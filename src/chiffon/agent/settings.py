@@ -29,6 +29,7 @@ from chiffon.agent.declare import (
     env_vars,
     one_of,
     optional,
+    positive,
     seconds,
     setting,
     strings,
@@ -207,6 +208,15 @@ class AgentSettings(OwnerRules, AgentBasics):
         help="Each attempt's directory (its log, its state, its work dir). Unset: "
         "<state_dir>/jobs.",
     )  # fmt: skip
+    cache_dir: Path | None = setting(  # noqa: RUF009 (a field: declare.setting)
+        None, optional(_path), env="CHIFFON_CACHE_DIR",
+        help="Where the files of jobs (their snapshots and checkpoints, by hash) are kept "
+        "between attempts; hidden from jobs. Unset: beside jobs_dir (<jobs_dir>/../cache).",
+    )  # fmt: skip
+    cache_max_gb: float = setting(
+        20.0, positive(1 << 20), env="CHIFFON_CACHE_MAX_GB",
+        help="The cache's bound, GB; past it the least recently used files go first.",
+    )  # fmt: skip
     # The vacate ladder: this signal (the job checkpoints), SIGTERM after
     # vacate_grace_seconds, SIGKILL after vacate_kill_seconds more.
     checkpoint_signal: str = setting(
@@ -241,6 +251,10 @@ class AgentSettings(OwnerRules, AgentBasics):
     @property
     def effective_jobs_dir(self) -> Path:
         return self.jobs_dir or self.state_dir / "jobs"
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or self.effective_jobs_dir.parent / "cache"
 
     def as_json(self) -> dict[str, Any]:
         """Every setting as JSON can hold it, in field order; the token masked."""

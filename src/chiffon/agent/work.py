@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from chiffon.agent.attempt_runner import AttemptRunner
 from chiffon.agent.attempts import ENDED, REPORTED, Attempt, AttemptTable
 from chiffon.agent.bounded import in_daemon_thread
+from chiffon.agent.cache import GB, BlobCache
 from chiffon.agent.guard import OwnerGuard, may_run_jobs
 from chiffon.agent.hooks import HOOKS, HookParts
 from chiffon.agent.hooks.disk import remove_old
@@ -44,6 +45,7 @@ from chiffon.agent.reading import Jobs, Reading, read
 from chiffon.agent.report import ATTEMPTS_HELD_MAX, Snapshot
 from chiffon.agent.runner import JobRun, Ladder, end_orphans
 from chiffon.agent.sandbox import AttemptUnit, Sandbox
+from chiffon.agent.stage import FileChannel
 from chiffon.backoff import Backoff
 from chiffon.schemas.dispatch import Work, ended, usage
 from chiffon.transport.base import TransportError
@@ -105,6 +107,12 @@ class WorkSettings(OwnerRules):
     max_order_age_seconds: float = 300.0
     alive_check_seconds: float = ALIVE_CHECK_SECONDS
     ladder: Ladder = Ladder()  # noqa: RUF009 (frozen, so one shared default is safe)
+    cache_dir: Path | None = None  # the blob cache (`agent.cache`); None: beside jobs_dir
+    cache_max_gb: float = 20.0
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or self.jobs_dir.parent / "cache"
 
 
 async def _pause(seconds: float, pushed: asyncio.Event | None) -> None:
@@ -128,7 +136,10 @@ class WorkLoop:
         clock: Callable[[], float] = time.time,
         local_time: Callable[[], datetime] = lambda: datetime.now().astimezone(),
         sandbox: Sandbox | None = None,
+        files: FileChannel | None = None,
     ) -> None:
+        """`files`: how attempts' files move; unset, the channel when it can move them
+        (`transport.http.HttpWork`), else none (an attempt with files is refused)."""
         self.settings = settings
         self.sandbox = sandbox  # where each attempt is contained (agent.sandbox)
         self.intake = OrderIntake(settings.jobs_dir, agent_id=agent_id, secret=secret,
@@ -146,9 +157,14 @@ class WorkLoop:
         self._fresh = fresh
         self._tasks: set[asyncio.Task[None]] = set()
         self._raw: Snapshot | None = None  # the last snapshot observed, as read
+        if files is None and isinstance(channel, FileChannel):
+            files = channel
+        cache = BlobCache(settings.effective_cache_dir,
+                          max_bytes=int(settings.cache_max_gb * GB))  # fmt: skip
         self._parts = HookParts(settings=settings, channel=channel, outbox=self.outbox,
                                 hygiene=self.hygiene, spawn=self._spawn,
-                                last_reading=lambda: self._raw)  # fmt: skip
+                                last_reading=lambda: self._raw, files=files,
+                                cache=cache)  # fmt: skip
 
     # What the heartbeat and the tests see.
 
@@ -209,6 +225,7 @@ class WorkLoop:
             return False
         attempt = self.attempts.add((order.job_id, order.attempt), attempt_dir)
         work, unusable = self._decode(order)
+        attempt.work = work
         why_not = await self._why_not(work) or unusable
         if why_not is not None:
             log.info("attempt %s of %s declined: %s", order.attempt, order.job_id, why_not)

@@ -12,19 +12,25 @@ HTTPS uses the system's trust store (`ssl.create_default_context()`).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import ssl
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import h11
 
 from chiffon import __version__
+from chiffon.backoff import Backoff
 from chiffon.transport.auth import AgentCredential, Credentials, credential_for
 from chiffon.transport.base import Message, TransportError
 
+Write = Callable[[bytes], object]  # where a streamed answer's body goes
 MAX_CONNECTIONS = 100
 MAX_RESPONSE_BYTES = 64 * 1024  # our answers are a few hundred bytes
 READ_CHUNK_BYTES = 16 * 1024
@@ -175,13 +181,46 @@ class HttpClient:
                     conn.close()
                 return resp
 
-    def header_fields(self, body: bytes, headers: dict[str, str]) -> list[tuple[str, str]]:
+    def header_fields(self, body: bytes | int, headers: dict[str, str]) -> list[tuple[str, str]]:
+        """`body`: the body, or its length (a body streamed)."""
         return [
             ("host", self._host_header),
             ("user-agent", USER_AGENT),
-            ("content-length", str(len(body))),
+            ("content-length", str(body if isinstance(body, int) else len(body))),
             *headers.items(),
         ]
+
+    async def exchange(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        *,
+        idle_seconds: float,
+        send: BinaryIO | None = None,
+        sink: Callable[[h11.Response], Write | None] | None = None,
+    ) -> Response:
+        """One request on a connection of its own, for bodies of any size: the request's
+        streamed from `send` (from its position to its end), the answer's streamed into
+        what `sink(response)` gives (None: kept, bounded, for its detail). Each step may
+        take `idle_seconds`; raises `OSError`, `h11.ProtocolError` or `TimeoutError`."""
+        size = 0 if send is None else os.fstat(send.fileno()).st_size - send.tell()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port, ssl=self._tls), idle_seconds
+        )
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_BYTES)
+        try:
+            fields = self.header_fields(size, headers)
+            writer.write(conn.send(h11.Request(method=method, target=self._prefix + path,
+                                               headers=fields)) or b"")  # fmt: skip
+            while send is not None and (chunk := await asyncio.to_thread(send.read, BODY_CHUNK)):
+                writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                await asyncio.wait_for(writer.drain(), idle_seconds)
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await asyncio.wait_for(writer.drain(), idle_seconds)
+            return await _streamed_answer(conn, reader, sink, idle_seconds)
+        finally:
+            writer.close()
 
     def _kept(self) -> tuple[_Connection | None, bool]:
         while self._idle:
@@ -195,6 +234,34 @@ class HttpClient:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+async def _streamed_answer(
+    conn: h11.Connection,
+    reader: asyncio.StreamReader,
+    sink: Callable[[h11.Response], Write | None] | None,
+    idle_seconds: float,
+) -> Response:
+    status, reason, kept, out = 0, b"", bytearray(), None
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await asyncio.wait_for(reader.read(BODY_CHUNK), idle_seconds)
+            if not data and not status:
+                raise ConnectionResetError("the server closed the connection unanswered")
+            conn.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status, reason = event.status_code, event.reason
+            out = sink(event) if sink is not None else None
+        elif isinstance(event, h11.Data):
+            if out is not None:
+                out(event.data)
+            elif len(kept) < MAX_RESPONSE_BYTES:
+                kept += event.data[: MAX_RESPONSE_BYTES - len(kept)]
+        elif isinstance(event, h11.EndOfMessage):
+            return Response(status, reason.decode("latin-1"), bytes(kept))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ConnectionResetError("the server closed the connection mid-answer")
 
 
 class HttpPublisher:
@@ -288,6 +355,12 @@ async def enroll(
 
 
 ORDERS_RESPONSE_BYTES = 8 * 1024 * 1024  # a few orders of at most 256 KiB each
+BODY_CHUNK = 256 * 1024
+# A blob's transfer: each step (connect, a chunk read or written) may take this long; a
+# dropped or stalled one is tried again this many times, a download resumed where it was.
+BLOB_IDLE_SECONDS = 60.0
+BLOB_TRIES = 5
+MISSING_BATCH = 10_000  # hashes per "which are missing" ask (the route takes 100,000)
 
 
 class HttpWork:
@@ -329,6 +402,95 @@ class HttpWork:
         path = f"/attempts/{job_id}/{attempt}/log?offset={offset}"
         return _verdict(await self._send("POST", path, data))
 
+    # An attempt's files (`agent.stage.FileChannel`): blobs moved over connections of their
+    # own, streamed, never through the bounded answers above.
+
+    async def fetch_blob(
+        self, job_id: uuid.UUID, attempt: int, sha256: str, into: Path, *, max_bytes: int
+    ) -> None:
+        """The blob's bytes into `into`, resumed (`Range: bytes=N-`) after a dropped
+        connection, a few tries with backoff; `TransportError` when it could not be had
+        (the orchestrator refused, or it is larger than `max_bytes`)."""
+        path = f"{self._prefix}/attempts/{job_id}/{attempt}/blobs/{sha256}"
+        with os.fdopen(os.open(into, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as out:
+            await _retried(f"blob {sha256[:12]}",
+                           lambda: self._fetch_once(path, out, max_bytes))  # fmt: skip
+
+    async def _fetch_once(self, path: str, out: BinaryIO, max_bytes: int) -> bool:
+        """One try; whether the blob is whole."""
+        have = out.seek(0, io.SEEK_END)
+        headers = {"authorization": self._credential.bearer}
+        if have:
+            headers["range"] = f"bytes={have}-"
+
+        misplaced = False
+
+        def sink(resp: h11.Response) -> Write | None:
+            nonlocal misplaced
+            if resp.status_code == 200:  # the whole blob (a Range not honoured): again
+                out.seek(0)
+                out.truncate()
+            elif resp.status_code == 206 and _range_start(resp) != have:
+                misplaced = True
+                return None
+            elif resp.status_code != 206:
+                return None
+            return _Bounded(out, max_bytes).write
+
+        resp = await self._client.exchange("GET", path, headers, sink=sink,
+                                           idle_seconds=BLOB_IDLE_SECONDS)  # fmt: skip
+        if resp.status == 416 and have:  # all of it was here already
+            return True
+        if misplaced:  # a part that does not follow what is here: all of it, again
+            out.seek(0)
+            out.truncate()
+            raise TransportError("the orchestrator answered another range than asked")
+        _check_blob_answer(resp)
+        return True
+
+    async def missing_blobs(
+        self, job_id: uuid.UUID, attempt: int, sha256s: Sequence[str]
+    ) -> list[str]:
+        """Those of `sha256s` the orchestrator's store lacks."""
+        missing: list[str] = []
+        for start in range(0, len(sha256s), MISSING_BATCH):
+            body = json.dumps({"sha256": list(sha256s[start : start + MISSING_BATCH])}).encode()
+            resp = await self._send("POST", f"/attempts/{job_id}/{attempt}/blobs/missing", body,
+                                    json_body=True)  # fmt: skip
+            try:
+                missing += [str(h) for h in resp.json()["missing"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TransportError(f"answer is not understood: {exc}") from None
+        return missing
+
+    async def put_blob(
+        self, job_id: uuid.UUID, attempt: int, sha256: str, source: BinaryIO | bytes
+    ) -> None:
+        """One blob, streamed from `source`; tried again (from the same start) when the
+        connection dropped; `TransportError` when refused (its content is not its hash,
+        the store is full, the attempt is not current)."""
+        stream = io.BytesIO(source) if isinstance(source, bytes) else source
+        start = stream.tell()
+        path = f"{self._prefix}/attempts/{job_id}/{attempt}/blobs/{sha256}"
+        headers = {"authorization": self._credential.bearer,
+                   "content-type": "application/octet-stream"}  # fmt: skip
+
+        async def once() -> bool:
+            stream.seek(start)
+            resp = await self._client.exchange("PUT", path, headers, send=stream,
+                                               idle_seconds=BLOB_IDLE_SECONDS)  # fmt: skip
+            _check_blob_answer(resp)
+            return True
+
+        await _retried(f"blob {sha256[:12]}", once)
+
+    async def record_files(self, job_id: uuid.UUID, attempt: int, kind: str, manifest: str) -> str:
+        """The attempt's outputs or checkpoint are the stored manifest `manifest`."""
+        body = json.dumps({"kind": kind, "manifest": manifest}).encode()
+        resp = await self._send("POST", f"/attempts/{job_id}/{attempt}/files", body,
+                                json_body=True)  # fmt: skip
+        return _verdict(resp)
+
     async def _send(
         self, method: str, path: str, body: bytes, *, waits: float = 0, json_body: bool = False
     ) -> Response:
@@ -342,6 +504,57 @@ class HttpWork:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _Refused(TransportError):
+    """The orchestrator answered no: trying again is futile."""
+
+
+class _Bounded:
+    """A file written to, refusing more than `most` bytes in all."""
+
+    def __init__(self, out: BinaryIO, most: int) -> None:
+        self._out, self._left = out, most - out.tell()
+
+    def write(self, data: bytes) -> int:
+        self._left -= len(data)
+        if self._left < 0:
+            raise _Refused("the blob is larger than it may be")
+        return self._out.write(data)
+
+
+def _range_start(resp: h11.Response) -> int | None:
+    for name, value in resp.headers:
+        if name == b"content-range":
+            unit, _, rest = value.decode("latin-1").partition(" ")
+            first = rest.partition("-")[0]
+            return int(first) if unit == "bytes" and first.isdigit() else None
+    return None
+
+
+def _check_blob_answer(resp: Response) -> None:
+    if resp.ok:
+        return
+    why = f"orchestrator refused it: HTTP {resp.status}: {resp.detail()}"
+    if (resp.status >= 500 and resp.status != 507) or resp.status == 429:
+        raise TransportError(why)  # worth another try
+    raise _Refused(why)
+
+
+async def _retried(what: str, once: Callable[[], Any]) -> None:
+    """`once()` tried `BLOB_TRIES` times with backoff while the connection fails or the
+    orchestrator is busy; a refusal at once."""
+    backoff = Backoff(0.5, max_seconds=8.0)
+    for tries in range(1, BLOB_TRIES + 1):
+        try:
+            await once()
+            return
+        except _Refused:
+            raise
+        except (OSError, h11.ProtocolError, TimeoutError, TransportError) as exc:
+            if tries == BLOB_TRIES:
+                raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from None
+            await asyncio.sleep(backoff.delay(tries))
 
 
 def _verdict(resp: Response) -> str:

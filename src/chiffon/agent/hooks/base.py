@@ -4,7 +4,8 @@ A hook is one concern of an attempt (its log shipped, its GPUs checked after it,
 saved), run at the attempt's named points, like the hooks of Nomad's task runner:
 
 - `prestart`: before its process starts (stage-in goes here); raising `CannotStart` ends
-  the attempt as failed to start, with that reason;
+  the attempt as failed to start, with that reason; raising `Refuse` ends it `refused`
+  (this desktop cannot take it now, a full disk: the orchestrator places it elsewhere);
 - `poststart`: its process runs;
 - `exited`: its process ended; `said` is the end about to be said (a hook may add to it);
 - `stop`: always, last, whatever happened (cleanup).
@@ -24,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chiffon.agent.attempts import Attempt
+    from chiffon.agent.cache import BlobCache
     from chiffon.agent.hygiene import GpuHygiene
     from chiffon.agent.outbox import Outbox
     from chiffon.agent.report import Snapshot
+    from chiffon.agent.stage import FileChannel
     from chiffon.agent.work import WorkChannel, WorkSettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,16 @@ class HookParts:
     hygiene: GpuHygiene
     spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[None]]
     last_reading: Callable[[], Snapshot | None]  # the machine as last read, before the start
+    # How an attempt's files move (`agent.stage`), and where its blobs are kept; None where
+    # the channel cannot move files (`InMemoryWork`): an attempt with files is refused.
+    files: FileChannel | None = None
+    cache: BlobCache | None = None
+
+
+class Refuse(Exception):
+    """A prestart hook's word that this desktop cannot take the attempt now (its disk
+    cannot hold the job's files): it ends `refused`, with this reason, and the
+    orchestrator places the job elsewhere."""
 
 
 class AttemptHook:

@@ -22,7 +22,8 @@ DISK_CHECK_SECONDS = 2.0
 BLOCK = 4096
 GB = 1024**3
 REMOVE_SECONDS = 600.0
-REMOVED = ("work", "tmp", "output.log", "covered-device", "state.json")
+REMOVED = ("work", "checkpoint", "tmp", "output.log", "covered-device", "state.json",
+           ".work-staging", ".checkpoint-staging")  # fmt: skip
 
 
 def used_bytes(folder: Path) -> int:
@@ -47,8 +48,9 @@ class DiskCap(TaskHook):
         assert run is not None
         cap_gb = self.parts.settings.job_disk_cap_gb
         while not run.ending:
-            used = await asyncio.to_thread(used_bytes, attempt.directory / "work")
-            used += await asyncio.to_thread(used_bytes, attempt.directory / "tmp")
+            used = 0
+            for folder in ("work", "checkpoint", "tmp"):
+                used += await asyncio.to_thread(used_bytes, attempt.directory / folder)
             if used > cap_gb * GB:
                 log.warning("attempt %s of %s used %.3g GB of disk, past its cap of %g GB",
                             attempt.number, attempt.job_id, used / GB, cap_gb)  # fmt: skip

@@ -49,6 +49,10 @@ CHIFFON_DIRS = ("/etc/chiffon", "/var/lib/chiffon")
 CGROUPS = "/sys/fs/cgroup"
 KERNEL_DIRS = ("/proc", "/sys", "/dev")  # never a job's workdir
 NICE = 19
+# Where a job in namespaces sees its checkpoint folder (`<attempt dir>/checkpoint`): in its
+# own /tmp, always there and writable (a bind at its own path would fail where the owner
+# lent a folder holding the agent's, read-only).
+JAIL_CHECKPOINT = "/tmp/chiffon-checkpoint"
 NVIDIA_MAJOR = 195
 TRIAL_SECONDS = 10.0
 WHY_MAX = 8
@@ -298,10 +302,10 @@ class AttemptUnit:
         tmp = attempt_dir / "tmp"
         tmp.mkdir(mode=0o700, exist_ok=True)
         user = self.sandbox.user
-        if user is not None:
-            owned = [tmp] if given_workdir else [tmp, workdir]
+        if user is not None:  # its folders, and the files laid into them (`agent.stage`)
+            owned = [tmp, attempt_dir / "checkpoint"] + ([] if given_workdir else [workdir])
             for path in owned:
-                os.chown(path, user.uid, user.gid)
+                _chown_tree(path, user.uid, user.gid)
             attempt_dir.chmod(0o711)  # the job user passes through to work/, reads nothing
         tree = self.sandbox.tree
         if tree is None:
@@ -340,8 +344,10 @@ class AttemptUnit:
         return numbers
 
     def command(self, argv: Sequence[str], *, cwd: Path, attempt_dir: Path,
-                binds: Sequence[Path] = ()) -> tuple[list[str], int]:  # fmt: skip
-        """The launcher's argv for this job, and the fd to pass it (its report pipe)."""
+                binds: Sequence[Path] = (),
+                checkpoint: Path | None = None) -> tuple[list[str], int]:  # fmt: skip
+        """The launcher's argv for this job, and the fd to pass it (its report pipe);
+        `checkpoint`: its checkpoint folder, bound writable at `JAIL_CHECKPOINT`."""
         read, write = os.pipe()
         self._report = (read, write)
         sandbox = self.sandbox
@@ -360,6 +366,9 @@ class AttemptUnit:
             mounts += [{"source": str(p), "target": str(p), "writable": False}
                        for p in _exposed(sandbox.config.expose)]  # fmt: skip
             mounts += [{"source": str(p), "target": str(p), "writable": True} for p in binds]
+            if checkpoint is not None and "/tmp" in jail.PRIVATE_TMP:
+                mounts.append({"source": str(checkpoint), "target": JAIL_CHECKPOINT,
+                               "writable": True})  # fmt: skip
             hide = [*sandbox.hidden_paths(), *self._closed_to_job_user(binds)]
             plan.update(hide=_outermost(hide), binds=mounts, cover_file=str(cover),
                         cover=self._covered_nodes())  # fmt: skip
@@ -438,6 +447,16 @@ class AttemptUnit:
                 self.group.remove()
             except OSError as exc:
                 log.warning("the control group of %s could not be removed: %s", self.name, exc)
+
+
+def _chown_tree(folder: Path, uid: int, gid: int) -> None:
+    """`folder` and all under it, links themselves (never followed), given to the job user."""
+    if not folder.exists():
+        return
+    os.lchown(folder, uid, gid)
+    for top, dirs, names in os.walk(folder, followlinks=False):
+        for name in [*dirs, *names]:
+            os.lchown(os.path.join(top, name), uid, gid)
 
 
 def _launcher() -> list[str]:
