@@ -222,6 +222,7 @@ async def test_an_agent_fetches_only_its_attempts_files_and_the_next_attempt_res
         clock.advance(1)
         await desk_a.post(mine, json={"kind": "ended", "outcome": "lost", "detail": "gone"})
         clock.advance(1)
+        await desktop(orchestrator, "a", (24.0, 24.0), agent=a, accepts=False)  # a's owner is back
         await desktop(orchestrator, "b", (24.0, 24.0), agent=b)  # b's owner closed a game
         placed, attempt, payload = await _placed(orchestrator, clock, desk_b, b, cred_b.secret)
         assert (placed, attempt, payload["checkpoint"]) == (job_id, 2, cp.digest)
@@ -256,3 +257,47 @@ async def test_blobs_no_live_job_refers_to_are_collected_after_the_retention(
                                  json={"sha256": [snap, sha(code), sha(stray)]})  # fmt: skip
         assert missing.json() == {"missing": [sha(stray)]}
         assert (await api.get(f"/api/v1/blobs/{sha(code)}")).content == code
+
+
+async def test_among_equally_good_desktops_the_one_that_has_the_snapshot_wins(
+    orchestrator: Orchestrator, clock: ManualClock
+) -> None:
+    # b's id sorts first, so a tie between the two goes to b unless a's cache decides it
+    a, b = uuid.UUID(int=2**128 - 1), uuid.UUID(int=1)
+    await desktop(orchestrator, "a", (24.0, 24.0), agent=a, pool="studio")
+    await desktop(orchestrator, "b", (24.0, 24.0), agent=b, pool="lab")
+    cred_a, cred_b = await issue(orchestrator, a), await issue(orchestrator, b)
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        api_client(orchestrator, bearer(cred_a)) as desk_a,
+        api_client(orchestrator, bearer(cred_b)) as desk_b,
+    ):
+        snap = await snapshot(user, {"train.py": b"print(1)\n"})
+        other = await snapshot(user, {"eval.py": b"print(2)\n"})
+        first = {"command": ["python", "train.py"], "snapshot": snap,
+                 "requirements": {"gpus": 1, "vram_gb": 8, "pool": "studio"}}  # fmt: skip
+        job_id = (await user.post("/api/v1/jobs", json=first)).json()["job"]["job_id"]
+        assert (await _placed(orchestrator, clock, desk_a, a, cred_a.secret))[0] == job_id
+        url = f"/api/v1/agents/{a}/attempts/{job_id}/1"
+        assert (await desk_a.get(f"{url}/blobs/{snap}")).status_code == 200  # a's cache has it
+        await desk_a.post(url, json={"kind": "started"})
+        await desk_a.post(url, json={"kind": "ended", "outcome": "exit", "exit_code": 0})
+        clock.advance(1)
+        anywhere = {"gpus": 1, "vram_gb": 16}  # one such job per GPU
+        cold = await user.post("/api/v1/jobs", json={"command": ["python", "eval.py"],
+                                                     "snapshot": other, "requirements": anywhere})
+        await orchestrator.dispatcher.tick()
+        cold_id = cold.json()["job"]["job_id"]
+        cold_view = (await user.get(f"/api/v1/jobs/{cold_id}")).json()
+        url = f"/api/v1/agents/{b}/attempts/{cold_id}/1"  # it ends: b is free again
+        await desk_b.post(url, json={"kind": "started"})
+        await desk_b.post(url, json={"kind": "ended", "outcome": "exit", "exit_code": 0})
+        again = await user.post("/api/v1/jobs", json={"command": ["python", "train.py"],
+                                                      "snapshot": snap, "requirements": anywhere})
+        clock.advance(1)
+        await orchestrator.dispatcher.tick()
+        warm_view = (await user.get(f"/api/v1/jobs/{again.json()['job']['job_id']}")).json()
+    # a tie goes to b by its id; the job whose files a holds goes to a
+    assert (cold_view["agent_id"], warm_view["agent_id"]) == (str(b), str(a))
+    assert warm_view["attempts"][0]["snapshot_cached"] is True
+    assert cold_view["attempts"][0]["snapshot_cached"] is False

@@ -157,6 +157,8 @@ async def agent_download(
     await _attempt_of(orchestrator, agent_id, job_id, attempt)
     if sha256 not in await orchestrator.store.job_blobs(job_id):
         raise HTTPException(404, f"blob {sha256} is not one of job {job_id}'s files")
+    if sha256 == await orchestrator.store.job_snapshot(job_id):
+        await orchestrator.store.fetched(agent_id, sha256)
     return await _send(orchestrator, sha256, request)
 
 

@@ -106,7 +106,9 @@ async def show(job_id: JobIdDep, session: SessionDep, orchestrator: Orchestrator
     names = await repo.agent_names(session, agent_ids=ids)
     cut = await repo.log_bytes_cut(session, job_id=job_id)
     saved = await orchestrator.store.saved(job_id)
-    return views.job_detail(job, attempts, events, names, cut, saved)
+    snapshot = job.spec.get("snapshot")
+    fetched = await orchestrator.store.fetched_by(snapshot) if snapshot else None
+    return views.job_detail(job, attempts, events, names, cut, saved, fetched)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=_ERRORS)

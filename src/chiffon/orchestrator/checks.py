@@ -32,10 +32,16 @@ class Requirements(Wants):
     # A long job (no timeout, or one of an hour or more) goes to the most reliable desktop
     # that fits, before the tightest fit.
     long: bool = False
+    # Desktops that fetched the job's snapshot before: their cache likely holds its
+    # files. Among equally good placements, one of these wins (`scorers.rank`).
+    warm: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, wants: Wants, *, avoid: frozenset[str], long: bool) -> Requirements:
-        return cls(**{name: getattr(wants, name) for name in _ASKED}, avoid=avoid, long=long)
+    def of(
+        cls, wants: Wants, *, avoid: frozenset[str], long: bool, warm: frozenset[str] = frozenset()
+    ) -> Requirements:
+        return cls(**{name: getattr(wants, name) for name in _ASKED}, avoid=avoid, long=long,
+                   warm=warm)  # fmt: skip
 
 
 _ASKED = tuple(f.name for f in fields(Wants))

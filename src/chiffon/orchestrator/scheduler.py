@@ -78,6 +78,7 @@ from chiffon.orchestrator.placement import (
     still_fits,
 )
 from chiffon.orchestrator.scorers import policy_of
+from chiffon.orchestrator.store import warm_agents
 from chiffon.persistence import jobs as repo
 from chiffon.persistence.models import JobRow
 
@@ -123,10 +124,13 @@ class PassResult:
 LONG_JOB_SECONDS = 3600.0
 
 
-def requirements(spec: JobSpec, avoid: frozenset[str] = frozenset()) -> Requirements:
+def requirements(
+    spec: JobSpec, avoid: frozenset[str] = frozenset(), warm: frozenset[str] = frozenset()
+) -> Requirements:
     """What a job asks of a desktop (its parsed spec's wants), with the desktops to
-    avoid."""
-    return Requirements.of(spec.wants, avoid=avoid, long=_long(spec.timeout_seconds))
+    avoid and those whose cache holds its files."""
+    return Requirements.of(spec.wants, avoid=avoid, long=_long(spec.timeout_seconds),
+                           warm=warm)  # fmt: skip
 
 
 def _long(timeout_seconds: float | None) -> bool:
@@ -309,7 +313,10 @@ class _Queue:
                                      avoided_since=self.avoided_since)  # fmt: skip
             ids = [job.job_id for job in page]
             taken = await repo.taken_back(session, job_ids=ids, since=self.avoided_since)
+            snapshots = {s for job in page if (s := job.spec.get("snapshot"))}
+            warm = await warm_agents(session, snapshots) if snapshots else {}
         self._pass.taken.update(taken)
+        self._pass.warm.update(warm)
         self._ahead.extend(page)
         self._read.update((job.job_id, job) for job in page)
         last = page[-1] if len(page) == PAGE else None  # a shorter page: the queue's end
@@ -511,6 +518,8 @@ class _Pass:
     # The oldest job of the shapes not read (known to miss), by its submission: the
     # starvation guard's candidate once the walk passes it (`reach`).
     unread_oldest: tuple[datetime, Requirements] | None = None
+    # snapshot -> the desktops that fetched it (`store.warm_agents`)
+    warm: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def excluded(self) -> frozenset[str]:
@@ -521,7 +530,8 @@ class _Pass:
         return self._want(job.job_id, JobSpec.parse(job.spec))
 
     def _want(self, job_id: uuid.UUID, spec: JobSpec) -> Requirements:
-        return requirements(spec, frozenset(str(a) for a in self.taken.get(job_id, ())))
+        warm = self.warm.get(spec.snapshot, frozenset()) if spec.snapshot else frozenset()
+        return requirements(spec, frozenset(str(a) for a in self.taken.get(job_id, ())), warm)
 
     def known_miss(self, job_id: uuid.UUID, stored: dict[str, Any]) -> Miss | None:
         """The kept miss for this job's shape (`Fleet.known_miss`)."""

@@ -98,12 +98,14 @@ def score(want: Requirements, c: Candidate, usable: list[GpuLedger], scorer: Sco
                      scorer.score(left, core_share(want, c)), c.setbacks)  # fmt: skip
 
 
-def rank(p: Placement, want: Requirements) -> tuple[float, float, str]:
+def rank(p: Placement, want: Requirements) -> tuple[float, float, bool, str]:
     """The order of placements: the reliability record first for a long job, the score
-    first for the others; the agent's id breaks ties."""
+    first for the others; then a desktop whose cache holds the job's files; the agent's
+    id breaks ties."""
+    cold = p.agent_id not in want.warm
     if want.long:
-        return (p.setbacks, p.score, p.agent_id)
-    return (p.score, p.setbacks, p.agent_id)
+        return (p.setbacks, p.score, cold, p.agent_id)
+    return (p.score, p.setbacks, cold, p.agent_id)
 
 
 def first(placements: Sequence[Placement], want: Requirements) -> Placement | None:

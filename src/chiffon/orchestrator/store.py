@@ -40,7 +40,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chiffon.orchestrator.clock import Clock
-from chiffon.persistence.models import BlobChunkRow, BlobRow, JobFilesRow, JobRow
+from chiffon.persistence.models import (
+    AgentSnapshotRow,
+    BlobChunkRow,
+    BlobRow,
+    JobFilesRow,
+    JobRow,
+)
 from chiffon.schemas.dispatch import OUT
 from chiffon.schemas.files import Manifest, ManifestError, is_sha256
 
@@ -276,6 +282,25 @@ class BlobStore:
                 .order_by(JobFilesRow.attempt))).all()  # fmt: skip
         return [Saved(r.attempt, r.kind, r.manifest, r.bytes, r.files, r.saved_at) for r in rows]
 
+    async def fetched(self, agent_id: uuid.UUID, manifest: str) -> None:
+        """`agent_id` fetched the snapshot `manifest`: its cache holds it now (placement
+        prefers it for the snapshot's next jobs). The first fetch is what is kept."""
+        async with self._sessions() as session:
+            known = await session.get(AgentSnapshotRow, (agent_id, manifest))
+            if known is None:
+                session.add(AgentSnapshotRow(agent_id=agent_id, manifest=manifest,
+                                             fetched_at=self._clock.now()))  # fmt: skip
+                with contextlib.suppress(IntegrityError):
+                    await session.commit()
+
+    async def fetched_by(self, manifest: str) -> dict[uuid.UUID, datetime]:
+        """When each agent first fetched the snapshot `manifest`."""
+        async with self._sessions() as session:
+            rows = await session.execute(select(AgentSnapshotRow.agent_id,
+                                                AgentSnapshotRow.fetched_at)
+                                         .where(AgentSnapshotRow.manifest == manifest))  # fmt: skip
+        return {agent_id: at for agent_id, at in rows}
+
     async def job_snapshot(self, job_id: uuid.UUID) -> str | bool | None:
         """The job's snapshot manifest, None when it has none, False when there is no
         such job."""
@@ -349,6 +374,17 @@ async def current(
         JobRow.job_id == job_id, JobRow.attempt == attempt, JobRow.agent_id == agent_id,
         JobRow.state.in_(OUT)))  # fmt: skip
     return found is not None
+
+
+async def warm_agents(session: AsyncSession, manifests: set[str]) -> dict[str, frozenset[str]]:
+    """For each snapshot, the agents that fetched it (`BlobStore.fetched`)."""
+    found: dict[str, set[str]] = {}
+    for part in _parts(sorted(manifests)):
+        rows = await session.execute(select(AgentSnapshotRow.manifest, AgentSnapshotRow.agent_id)
+                                     .where(AgentSnapshotRow.manifest.in_(part)))  # fmt: skip
+        for manifest, agent_id in rows:
+            found.setdefault(manifest, set()).add(str(agent_id))
+    return {m: frozenset(agents) for m, agents in found.items()}
 
 
 async def latest_checkpoint(

@@ -130,13 +130,20 @@ def job_detail(
     names: Mapping[UUID, str],
     log_bytes_cut: Mapping[int, int] | None = None,
     checkpoints: Sequence[Saved] = (),
+    fetched: Mapping[UUID, datetime] | None = None,
 ) -> JobDetail:
     """`log_bytes_cut`: by attempt, the bytes at the start of its output no longer kept
     (`persistence.jobs.log_bytes_cut`; absent: none). `checkpoints`: those the job's
-    attempts saved (`store.BlobStore.saved`), to say which each attempt resumed from."""
+    attempts saved (`store.BlobStore.saved`), to say which each attempt resumed from;
+    `fetched`: when each agent first fetched its snapshot (`store.BlobStore.fetched_by`;
+    None: the job has no snapshot)."""
     held = [Current(list(a.gpu_uuids), a.started_at) for a in attempts if a.attempt == row.attempt]
     cut = log_bytes_cut or {}
     tried = [attempt(a, names, cut.get(a.attempt, 0), resumed(a, checkpoints)) for a in attempts]
+    if fetched is not None:
+        for seen, a in zip(tried, attempts, strict=True):
+            at = fetched.get(a.agent_id)
+            seen.snapshot_cached = at is not None and at < a.assigned_at
     return JobDetail(
         **job(row, names, {row.job_id: held[0]} if held else {}).model_dump(),
         attempts=tried,

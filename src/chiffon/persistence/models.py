@@ -395,3 +395,16 @@ class JobFilesRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     files: Mapped[int] = mapped_column(Integer)
     saved_at: Mapped[datetime]
+
+
+class AgentSnapshotRow(Base):
+    """An agent fetched a job's snapshot (its manifest): its cache likely holds those
+    files, so placement prefers it, among equally good desktops, for jobs of the same
+    snapshot (`orchestrator.store.warm_agents`)."""
+
+    __tablename__ = "agent_snapshots"
+    __table_args__ = (Index("ix_agent_snapshots_manifest", "manifest"),)
+
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    manifest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fetched_at: Mapped[datetime]

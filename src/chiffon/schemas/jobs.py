@@ -297,6 +297,11 @@ class JobAttempt(BaseModel):
         None, description="the attempt whose checkpoint it started with (null: none)"
     )
     resumed_bytes: int | None = Field(None, description="that checkpoint's size in bytes")
+    snapshot_cached: bool | None = Field(
+        None,
+        description="its desktop had fetched the job's snapshot before (its cache held the "
+        "files; placement prefers such a desktop among equally good ones); null: no snapshot",
+    )
     log_bytes_cut: int = Field(
         0,
         description="how many bytes at the start of its output the orchestrator no longer "

@@ -44,9 +44,17 @@ def upgrade() -> None:
         sa.Column("files", sa.Integer(), nullable=False),
         sa.Column("saved_at", UTCDateTime(), nullable=False),
     )
+    op.create_table(
+        "agent_snapshots",
+        sa.Column("agent_id", sa.Uuid(), primary_key=True),
+        sa.Column("manifest", sa.String(64), primary_key=True),
+        sa.Column("fetched_at", UTCDateTime(), nullable=False),
+    )
+    op.create_index("ix_agent_snapshots_manifest", "agent_snapshots", ["manifest"])
 
 
 def downgrade() -> None:
+    op.drop_table("agent_snapshots")
     op.drop_table("job_files")
     op.drop_table("blob_chunks")
     op.drop_table("blobs")
