@@ -284,16 +284,20 @@ async def test_among_equally_good_desktops_the_one_that_has_the_snapshot_wins(
         await desk_a.post(url, json={"kind": "ended", "outcome": "exit", "exit_code": 0})
         clock.advance(1)
         anywhere = {"gpus": 1, "vram_gb": 16}  # one such job per GPU
-        cold = await user.post("/api/v1/jobs", json={"command": ["python", "eval.py"],
-                                                     "snapshot": other, "requirements": anywhere})
+        cold = await user.post(
+            "/api/v1/jobs",
+            json={"command": ["python", "eval.py"], "snapshot": other, "requirements": anywhere},
+        )
         await orchestrator.dispatcher.tick()
         cold_id = cold.json()["job"]["job_id"]
         cold_view = (await user.get(f"/api/v1/jobs/{cold_id}")).json()
         url = f"/api/v1/agents/{b}/attempts/{cold_id}/1"  # it ends: b is free again
         await desk_b.post(url, json={"kind": "started"})
         await desk_b.post(url, json={"kind": "ended", "outcome": "exit", "exit_code": 0})
-        again = await user.post("/api/v1/jobs", json={"command": ["python", "train.py"],
-                                                      "snapshot": snap, "requirements": anywhere})
+        again = await user.post(
+            "/api/v1/jobs",
+            json={"command": ["python", "train.py"], "snapshot": snap, "requirements": anywhere},
+        )
         clock.advance(1)
         await orchestrator.dispatcher.tick()
         warm_view = (await user.get(f"/api/v1/jobs/{again.json()['job']['job_id']}")).json()
