@@ -204,7 +204,11 @@ class HttpClient:
         streamed from `send` (from its position to its end), the answer's streamed into
         what `sink(response)` gives (None: kept, bounded, for its detail). Each step may
         take `idle_seconds`; raises `OSError`, `h11.ProtocolError` or `TimeoutError`."""
-        size = 0 if send is None else os.fstat(send.fileno()).st_size - send.tell()
+        size = 0
+        if send is not None:  # from its position to its end
+            start = send.tell()
+            size = send.seek(0, io.SEEK_END) - start
+            send.seek(start)
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self._host, self._port, ssl=self._tls), idle_seconds
         )
