@@ -1,6 +1,10 @@
 """Jobs from the command line, as `srun`, `squeue` and `docker run` users expect:
-`chiffon run`, `chiffon jobs` (list, show, cancel) and `chiffon logs`. All through
-`chiffon.client`.
+`chiffon run`, `chiffon jobs` (list, show, cancel), `chiffon logs` and `chiffon get` (a
+job's outputs). All through `chiffon.client`.
+
+`chiffon run` sends the current folder as the job's snapshot (cli/sync.py) unless
+`--no-sync` or `--workdir`, and brings back what its `--out` patterns name into
+`./chiffon-out/<job id>/` when it ends.
 
 `chiffon run` writes the job's own output to stdout and its own words to stderr, so a
 pipe gets only the job's output; it exits with the job's exit status.
@@ -17,6 +21,7 @@ import time
 import uuid
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -27,6 +32,7 @@ from chiffon.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, console, err_c
 from chiffon.schemas.dispatch import JOB_STATES, is_active, is_out
 
 if TYPE_CHECKING:
+    from chiffon.cli.sync import Snapshot
     from chiffon.client import Client, LogCursor, Signals
     from chiffon.schemas.jobs import JobAccepted, JobAttempt, JobDetail, JobLog, JobView
 
@@ -45,6 +51,10 @@ EXIT_TIMED_OUT = 124  # as timeout(1)
 EXIT_LOST = 1
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+OUT_FOLDER = Path("chiffon-out")  # where `run` and `get` put a job's outputs: ./chiffon-out/<id>
+# A job's outputs are saved by its desktop as its attempt ends: a moment to land in the
+# store after the job reads as ended.
+OUTPUTS_WAIT_SECONDS = 3.0
 
 jobs_app = typer.Typer(help="List jobs (default), show one, or cancel one.", no_args_is_help=False)
 
@@ -131,7 +141,33 @@ def run(
     ),
     name: str = typer.Option(None, "--name", help="A name to find it by."),
     env: list[str] = typer.Option(None, "--env", "-e", help="KEY=VALUE; repeatable."),
-    workdir: str = typer.Option(None, "--workdir", help="Absolute directory on the desktop."),
+    workdir: str = typer.Option(
+        None, "--workdir", help="Absolute directory on the desktop (implies --no-sync)."
+    ),
+    no_sync: bool = typer.Option(
+        False, "--no-sync", help="Send no snapshot of this folder: the job runs in a fresh one."
+    ),
+    sync_max_mb: float = typer.Option(
+        None, "--sync-max-mb", help="Refuse to send more than this [500]; env CHIFFON_SYNC_MAX_MB."
+    ),
+    out_globs: list[str] = typer.Option(
+        None,
+        "--out",
+        help="A glob in the job's folder to bring back into ./chiffon-out/<job id>/ when it "
+        "ends ('results/**', model.pt); repeatable.",
+    ),
+    checkpoint_every: str = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="Save CHIFFON_CHECKPOINT_DIR this often while it runs (10m); it is always saved "
+        "when an attempt ends.",
+    ),
+    python_env: bool = typer.Option(
+        False,
+        "--python-env",
+        help="Build the snapshot's uv.lock or requirements.txt into a cached environment on "
+        "the desktop and run the job in it.",
+    ),
     spread: bool = typer.Option(
         False, "--spread", help="The most free VRAM first (default: the best fit)."
     ),
@@ -140,12 +176,17 @@ def run(
     url: str = URL_OPTION,
 ) -> None:
     """Run a command once on a desktop with room for it; follow its output to its exit.
-    Ctrl-C, SIGTERM or SIGHUP (the terminal closed) cancels the job, as with srun.
+    Ctrl-C, SIGTERM or SIGHUP (the terminal closed) cancels the job, as with srun. The
+    current folder is sent with it (less what .gitignore and .chiffonignore name), and
+    what --out names comes back into ./chiffon-out/<job id>/.
 
-    Example: chiffon run --gpus 1 --vram 8 --cores 2 -- python train.py --epochs 3
+    Example: chiffon run --gpus 1 --vram 8 --out 'results/**' -- python train.py --epochs 3
     """
     from chiffon.client import Interrupted, interruptible
 
+    outputs = _out_patterns(out_globs)
+    every = parse_duration(checkpoint_every, "--checkpoint-every") if checkpoint_every else None
+    snap = None if no_sync or workdir else _snapshot(sync_max_mb)
     spec = {
         "gpus": gpus, "vram_gb": vram, "cpu_cores": cores, "memory_gb": memory, "pool": pool,
         "labels": _pairs(label, "--label"), "gpu_vendor": gpu_vendor, "name": name,
@@ -153,27 +194,93 @@ def run(
         "env": _pairs(env, "--env"), "workdir": workdir, "retries": retries,
         "retry_on_exit": retry_on_exit, "policy": "spread" if spread else "best_fit",
         "timeout_seconds": parse_duration(timeout, "--timeout") if timeout else None,
+        "outputs": outputs, "checkpoint_every_seconds": every, "python_env": python_env,
     }  # fmt: skip
-    with client(url) as c, interruptible() as signals:
-        accepted, signum = _submit_shielded(c, command, spec, signals)
-        job = accepted.job
-        if accepted.warning:
-            err_console.print(f"warning: {accepted.warning}", highlight=False, style="yellow")
-        if detach and not signum:
-            typer.echo(job.job_id)
-            return
-        say(f"job {job.job_id} queued")
-        out = Output(c, job.job_id, raw=raw)
+    with client(url) as c:
+        with interruptible() as signals:
+            if snap is not None:
+                spec["snapshot"] = _send(c, snap)
+            accepted, signum = _submit_shielded(c, command, spec, signals)
+            job = accepted.job
+            if accepted.warning:
+                err_console.print(f"warning: {accepted.warning}", highlight=False, style="yellow")
+            if detach and not signum:
+                typer.echo(job.job_id)
+                return
+            say(f"job {job.job_id} queued")
+            out = Output(c, job.job_id, raw=raw)
+            try:
+                if signum:
+                    raise Interrupted(signum)
+                final = follow(c, job.job_id, out, signals)
+            except Interrupted as exc:
+                final = _cancel(c, job.job_id, exc.signum, out, signals)
+        if final.state != "succeeded":
+            why = "" if final.reason in ("", final.state) else f": {final.reason}"
+            say(f"job {final.job_id} {final.state}{why}")
+        fetched = _bring_back(c, final.job_id) if outputs else True
+    raise typer.Exit(exit_status(final) or (0 if fetched else EXIT_FAILED))
+
+
+def _out_patterns(patterns: list[str] | None) -> list[str]:
+    """The --out globs, each checked: one that could leave the job's folder is refused."""
+    from chiffon.schemas.files import OUT_PATTERNS_MAX, ManifestError, check_out_pattern
+
+    found = list(patterns or ())
+    if len(found) > OUT_PATTERNS_MAX:
+        raise CliError(f"--out: at most {OUT_PATTERNS_MAX} patterns, not {len(found)}",
+                       code=EXIT_USAGE)  # fmt: skip
+    for pattern in found:
         try:
-            if signum:
-                raise Interrupted(signum)
-            final = follow(c, job.job_id, out, signals)
-        except Interrupted as exc:
-            final = _cancel(c, job.job_id, exc.signum, out, signals)
-    if final.state != "succeeded":
-        why = "" if final.reason in ("", final.state) else f": {final.reason}"
-        say(f"job {final.job_id} {final.state}{why}")
-    raise typer.Exit(exit_status(final))
+            check_out_pattern(pattern)
+        except ManifestError as exc:
+            raise CliError(str(exc), code=EXIT_USAGE) from None
+    return found
+
+
+def _snapshot(max_mb: float | None) -> Snapshot:
+    """The current folder as the job's snapshot (cli/sync.py)."""
+    from chiffon.cli.sync import SyncSettings, snapshot
+
+    return snapshot(Path.cwd(), max_bytes=SyncSettings.build(max_mb).max_bytes)
+
+
+def _send(c: Client, snap: Snapshot) -> str:
+    """Upload what the store lacks of the snapshot; a signal meanwhile ends `run` (nothing
+    was submitted yet)."""
+    from chiffon.cli.sync import send
+    from chiffon.client import Interrupted
+
+    try:
+        return send(c, snap, say)
+    except Interrupted as exc:
+        say("stopped sending; no job was submitted")
+        raise typer.Exit(128 + exc.signum) from None
+
+
+def _bring_back(c: Client, job_id: uuid.UUID) -> bool:
+    """Fetch the ended job's outputs into ./chiffon-out/<job id>/, saying where and how
+    much in one line; whether that went well (a failure is said, `chiffon get` retries)."""
+    from chiffon.cli.sync import fetch, outputs_of
+    from chiffon.client import ChiffonError
+
+    later = f"`chiffon get {job_id}` fetches them later"
+    try:
+        saved = outputs_of(c, job_id)
+        deadline = time.monotonic() + OUTPUTS_WAIT_SECONDS
+        while saved is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            saved = outputs_of(c, job_id)
+        if saved is None:
+            say("no outputs were saved: nothing matched --out, or its desktop could not save them")
+            return True
+        say(fetch(c, saved["manifest"], OUT_FOLDER / str(job_id)).line())
+        return True
+    except (ChiffonError, CliError) as exc:
+        say(f"fetching its outputs failed: {exc}; {later}")
+    except KeyboardInterrupt:
+        say(f"stopped fetching its outputs; {later}")
+    return False
 
 
 def _submit_shielded(
@@ -393,10 +500,24 @@ def show(
     """One job: requirements, placement with GPU UUIDs, attempts, events, why it waits."""
     with client(url) as c:
         detail = c.get(resolve(c, job))
+        files = None if as_json else _files_of(c, detail)
     if as_json:
         typer.echo(detail.model_dump_json(indent=2))
         return
-    console.print(detail_table(detail))
+    console.print(detail_table(detail, files))
+
+
+def _files_of(c: Client, j: JobDetail) -> dict[str, Any] | None:
+    """What the job saved (`GET /jobs/{id}/files`: any job may leave a checkpoint); None
+    when the orchestrator does not say (an older one)."""
+    from chiffon.client import ChiffonError
+
+    try:
+        return c.job_files(j.job_id)
+    except ChiffonError as exc:
+        if exc.status in (404, 405):
+            return None
+        raise
 
 
 def _wants(j: JobDetail) -> str:
@@ -420,14 +541,40 @@ def _attempt_line(a: JobAttempt) -> str:
     if a.log_path:
         cut = f" ({a.log_bytes_cut:,} bytes at its start no longer kept here)"
         line += f"; whole log at {a.log_path}" + (cut if a.log_bytes_cut else "")
+    resumed_from = getattr(a, "resumed_from", None)  # absent from an older orchestrator
+    if resumed_from is not None:
+        size = _mb(getattr(a, "resumed_bytes", None) or 0)
+        line += f"; resumed from attempt {resumed_from}'s checkpoint ({size})"
     return line.strip()
 
 
-def detail_table(j: JobDetail) -> Table:
+def _mb(n: int) -> str:
+    from chiffon.cli.sync import human_bytes
+
+    return human_bytes(n)
+
+
+def _files_rows(j: JobDetail, files: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The snapshot it runs in, its --out patterns, what it saved."""
+    snapshot = getattr(j, "snapshot", None)
+    patterns = getattr(j, "outputs", None) or []
+    rows = [("snapshot", snapshot[:12] if snapshot else ""), ("--out", "  ".join(patterns))]
+    for what, key in (("outputs saved", "outputs"), ("checkpoint", "checkpoint")):
+        found = (files or {}).get(key)
+        if isinstance(found, dict):
+            n = found.get("files", 0)
+            rows.append((what, f"{n} file{'s' if n != 1 else ''}, {_mb(found.get('bytes', 0))} "
+                               f"(attempt {found.get('attempt')})"))  # fmt: skip
+    if patterns and not (files or {}).get("outputs"):
+        rows.append(("outputs saved", "none yet"))
+    return rows
+
+
+def detail_table(j: JobDetail, files: dict[str, Any] | None = None) -> Table:
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
-    for what, value in _detail_rows(j):
+    for what, value in _detail_rows(j) + _files_rows(j, files):
         if value:
             table.add_row(what, plain(value))
     for a in j.attempts:
@@ -455,6 +602,29 @@ def _detail_rows(j: JobDetail) -> list[tuple[str, str]]:
         ("taken back", f"{j.preemptions}x by a desktop's owner (no retry used)"
                        if j.preemptions else ""),
     ]  # fmt: skip
+
+
+def get(
+    job: str = typer.Argument(..., help="The job (id or id prefix)."),
+    to: Path = typer.Option(
+        None, "--to", help="The folder to write them into [./chiffon-out/<job id>]."
+    ),
+    url: str = URL_OPTION,
+) -> None:
+    """Fetch what a job's --out patterns saved into a folder. Each file is written to a
+    temporary file, checked against its hash and renamed into place; a file already there
+    with the same content is kept."""
+    from chiffon.cli.sync import fetch, outputs_of
+
+    with client(url) as c:
+        job_id = resolve(c, job)
+        saved = outputs_of(c, job_id)
+        if saved is None:
+            patterns = getattr(c.get(job_id), "outputs", None)
+            why = "" if patterns else " (it was run without --out)"
+            raise CliError(f"job {job_id} has no saved outputs{why}")
+        got = fetch(c, saved["manifest"], to if to is not None else OUT_FOLDER / str(job_id))
+    console.print(got.line(), highlight=False)
 
 
 @jobs_app.command("cancel")
@@ -500,3 +670,4 @@ def register(app: typer.Typer) -> None:
     app.command(context_settings={"allow_interspersed_args": False})(run)
     app.add_typer(jobs_app, name="jobs")
     app.command()(logs)
+    app.command()(get)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +55,7 @@ LARGEST_SHOWN = 3  # files a refusal over the cap names
 TRANSFERS = 8  # blobs sent or fetched at once: 2,000 small files are latency, not bandwidth
 BAR_AFTER_SECONDS = 1.0  # a transfer shorter than this shows no progress bar
 GIT_SECONDS = 120.0
+T = TypeVar("T")
 
 
 class SyncSettings(BaseSettings):
@@ -422,13 +423,39 @@ def send(c: Client, snap: Snapshot, tell: Callable[[str], None]) -> str:
     new_files = sorted(missing - {snap.digest})
     tell(snap.summary(len(new_files)))
     total = sum(snap.sources[sha].stat().st_size for sha in new_files)
-    with bar("sending", total) as shown, ThreadPoolExecutor(TRANSFERS) as pool:
-        sent = [pool.submit(c.put_blob, sha, snap.sources[sha], shown.advance) for sha in new_files]
-        for done in sent:
-            done.result()
+    with bar("sending", total) as shown:
+        _each(lambda sha: _put(c, sha, snap.sources[sha], shown.advance), new_files)
     if snap.digest in missing:
         c.put_blob(snap.digest, snap.manifest.to_bytes())
     return snap.digest
+
+
+def _put(c: Client, sha: str, source: Path, progress: Callable[[int], None]) -> None:
+    from chiffon.client import ChiffonError
+
+    try:
+        c.put_blob(sha, source, progress)
+    except OSError as exc:  # gone since the snapshot was taken
+        raise CliError(f"cannot read {source}: {exc.strerror}; nothing was submitted") from None
+    except ChiffonError as exc:
+        if exc.status != 400:
+            raise
+        # The store hashed other bytes than the snapshot did: the file is being written.
+        raise CliError(f"{source} changed while it was sent; nothing was submitted: run "
+                       "again once it is written", code=EXIT_USAGE) from None  # fmt: skip
+
+
+def _each(work: Callable[[T], None], items: list[T]) -> None:
+    """`work` on every item, `TRANSFERS` at once; the first failure (or Ctrl-C) is raised
+    and the items not yet started are dropped."""
+    pool = ThreadPoolExecutor(TRANSFERS)
+    try:
+        for done in [pool.submit(work, item) for item in items]:
+            done.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,10 +489,8 @@ def fetch(c: Client, manifest_sha: str, to: Path) -> Fetched:
     base = Path(os.path.realpath(to))
     wanted = [e for e in manifest.files if not _same(base / e.path, e)]
     total = sum(e.size for e in wanted)
-    with bar("fetching", total) as shown, ThreadPoolExecutor(TRANSFERS) as pool:
-        jobs = [pool.submit(_fetch_one, c, base, e, shown.advance) for e in wanted]
-        for done in jobs:
-            done.result()
+    with bar("fetching", total) as shown:
+        _each(lambda e: _fetch_one(c, base, e, shown.advance), wanted)
     for link in manifest.links:
         _place_link(base, link)
     return Fetched(to, len(manifest.files), manifest.total_bytes)
