@@ -229,3 +229,16 @@ async def test_a_file_that_changes_while_it_is_sent_is_refused_and_tried_later(
     again = Store()  # the next round sends what is there then
     digest = await save_tree(again, KEY, folder, "checkpoint")
     assert digest is not None and again.recorded == [("checkpoint", digest)]
+
+
+async def test_an_attempt_with_files_on_a_channel_that_cannot_move_them_is_refused(
+    tmp_path: Path,
+) -> None:
+    from tests.test_work_loop import Orchestrator, loop, order
+
+    orch, job = Orchestrator(), uuid.uuid4()
+    work = loop(tmp_path, orch)  # its channel reports, and moves no files
+    await work.handle(*order(job, snapshot=sha(b"a manifest")))
+    await orch.until(job, 1)
+    assert orch.said(job) == ["refused"]
+    assert "cannot fetch a job's files" in orch.reports[-1][2]["detail"]

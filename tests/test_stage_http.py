@@ -252,3 +252,76 @@ async def test_a_desktop_whose_disk_cannot_hold_the_files_refuses_the_attempt(
         assert last["state"] == "refused", last
         assert "this desktop's disk cannot hold the job's files" in last["reason"]
         assert not (tmp_path / "jobs" / f"{job_id}-1" / "work").exists()
+
+
+RESUMING = b"""\
+import os, pathlib, sys
+cp = pathlib.Path(os.environ["CHIFFON_CHECKPOINT_DIR"])
+step = int((cp / "step").read_text()) if (cp / "step").exists() else 0
+pathlib.Path("done.txt").write_text(f"resumed at {step}\\n")
+(cp / "step").write_text(str(step + 5))
+sys.exit(3 if step == 0 else 0)
+"""
+
+
+async def test_the_next_attempt_starts_from_the_checkpoint_the_last_one_left(
+    orchestrator: Orchestrator, clock: ManualClock, tmp_path: Path
+) -> None:
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        desk(orchestrator, clock, tmp_path) as (d, _),
+    ):
+        snap = await upload(user, {"train.py": RESUMING})
+        job_id = await submit(user, snap, outputs=["done.txt"], retries=1, retry_on_exit=True)
+        await d.take()
+        first = await ended(user, job_id)
+        assert first["exit_code"] == 3, first
+        clock.advance(1)
+        await d.take()
+
+        async def second_ended() -> bool:
+            attempts = (await user.get(f"/api/v1/jobs/{job_id}")).json()["attempts"]
+            return len(attempts) == 2 and attempts[1]["ended_at"] is not None
+
+        await eventually(second_ended, within_seconds=30)
+        shown = (await user.get(f"/api/v1/jobs/{job_id}")).json()
+        second = shown["attempts"][1]
+        assert (second["exit_code"], second["resumed_from"]) == (0, 1), second
+        files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
+        [done] = files["outputs"]["entries"]
+        assert (await user.get(f"/api/v1/blobs/{done['sha256']}")).content == b"resumed at 5\n"
+        [step] = files["checkpoint"]["entries"]
+        assert (await user.get(f"/api/v1/blobs/{step['sha256']}")).content == b"10"
+
+
+ASKING = b"""\
+import os, pathlib, time
+cp = pathlib.Path(os.environ["CHIFFON_CHECKPOINT_DIR"])
+(cp / "step").write_text("1")
+pathlib.Path(os.environ["CHIFFON_CHECKPOINT_SAVE"]).touch()
+time.sleep(60)
+"""
+
+
+async def test_a_job_asks_for_a_save_while_it_runs_and_gets_it(
+    orchestrator: Orchestrator, clock: ManualClock, tmp_path: Path
+) -> None:
+    """What a job on a desktop that dies resumes from: saved while it ran."""
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        desk(orchestrator, clock, tmp_path) as (d, _),
+    ):
+        snap = await upload(user, {"train.py": ASKING})
+        job_id = await submit(user, snap)
+        await d.take()
+
+        async def saved() -> bool:
+            files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
+            return files["checkpoint"] is not None
+
+        await eventually(saved, within_seconds=20)
+        assert d.work.running != []  # saved while it runs
+        marker = tmp_path / "jobs" / f"{job_id}-1" / "checkpoint" / ".chiffon-save"
+        assert not marker.exists()  # taken
+        files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
+        assert [e["path"] for e in files["checkpoint"]["entries"]] == ["step"]
