@@ -180,6 +180,7 @@ async def test_bad_files_input_is_one_line_and_submits_nothing(pool: Pool, tmp_p
         (["--out", "../secrets"], {}, "--out '../secrets' has a '..'"),
         (["--out", "/etc/passwd"], {}, "--out '/etc/passwd' is absolute"),
         (["--checkpoint-every", "often"], {}, "--checkpoint-every wants a duration"),
+        (["--checkpoint-every", "5s"], {}, "--checkpoint-every must be at least 10s"),
         (["--sync-max-mb", "0.004"], {}, "largest: big.bin (5.0 kB), "),
         ([], {"CHIFFON_SYNC_MAX_MB": "0.004"}, "over the 4.0 kB cap"),
         ([], {"CHIFFON_SYNC_MAX_MB": "many"}, "bad setting max_mb = 'many' (from env "

@@ -35,6 +35,7 @@ from chiffon.schemas.files import HASH_CHUNK, is_sha256, sha256_bytes
 from chiffon.schemas.jobs import (
     JobAccepted,
     JobDetail,
+    JobFiles,
     JobLog,
     JobRequirements,
     JobSubmit,
@@ -599,12 +600,10 @@ class Client:
             raise ChiffonError(f"blob {sha256[:12]} arrived with another hash: refused")
         return bytes(data)
 
-    def job_files(self, job_id: uuid.UUID | str) -> dict[str, Any]:
-        """`GET /jobs/{id}/files`: its snapshot's hash, and its saved outputs and latest
-        checkpoint, each a file set ({"attempt", "manifest", "bytes", "files",
-        "saved_at", "entries"}) or None."""
-        answer = self._send("GET", f"/jobs/{job_id}/files")
-        return answer if isinstance(answer, dict) else {}
+    def job_files(self, job_id: uuid.UUID | str) -> JobFiles:
+        """The job's snapshot (its manifest's hash), its saved outputs and its latest
+        checkpoint, each a `FileSet` (the manifest to fetch, with its entries) or None."""
+        return JobFiles.model_validate(self._send("GET", f"/jobs/{job_id}/files"))
 
     def get_json(self, path: str, **params: Any) -> Any:
         """GET any endpoint of the API (`/agents`, `/fleet/summary`...) as parsed JSON;

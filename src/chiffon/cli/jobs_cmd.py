@@ -34,7 +34,15 @@ from chiffon.schemas.dispatch import JOB_STATES, is_active, is_out
 if TYPE_CHECKING:
     from chiffon.cli.sync import Snapshot
     from chiffon.client import Client, LogCursor, Signals
-    from chiffon.schemas.jobs import JobAccepted, JobAttempt, JobDetail, JobLog, JobView
+    from chiffon.schemas.jobs import (
+        FileSet,
+        JobAccepted,
+        JobAttempt,
+        JobDetail,
+        JobFiles,
+        JobLog,
+        JobView,
+    )
 
 RAW_OPTION = typer.Option(
     False, "--raw", help="Write the job's output as it is, control sequences included."
@@ -55,6 +63,7 @@ OUT_FOLDER = Path("chiffon-out")  # where `run` and `get` put a job's outputs: .
 # A job's outputs are saved by its desktop as its attempt ends: a moment to land in the
 # store after the job reads as ended.
 OUTPUTS_WAIT_SECONDS = 3.0
+CHECKPOINT_MIN_SECONDS = 10  # as JobSubmit's checkpoint_every_seconds allows
 
 jobs_app = typer.Typer(help="List jobs (default), show one, or cancel one.", no_args_is_help=False)
 
@@ -185,7 +194,7 @@ def run(
     from chiffon.client import Interrupted, interruptible
 
     outputs = _out_patterns(out_globs)
-    every = parse_duration(checkpoint_every, "--checkpoint-every") if checkpoint_every else None
+    every = _checkpoint_every(checkpoint_every) if checkpoint_every else None
     snap = None if no_sync or workdir else _snapshot(sync_max_mb)
     spec = {
         "gpus": gpus, "vram_gb": vram, "cpu_cores": cores, "memory_gb": memory, "pool": pool,
@@ -238,6 +247,14 @@ def _out_patterns(patterns: list[str] | None) -> list[str]:
     return found
 
 
+def _checkpoint_every(text: str) -> float:
+    seconds = parse_duration(text, "--checkpoint-every")
+    if seconds < CHECKPOINT_MIN_SECONDS:
+        raise CliError(f"--checkpoint-every must be at least {CHECKPOINT_MIN_SECONDS}s, not "
+                       f"{text!r}", code=EXIT_USAGE)  # fmt: skip
+    return seconds
+
+
 def _snapshot(max_mb: float | None) -> Snapshot:
     """The current folder as the job's snapshot (cli/sync.py)."""
     from chiffon.cli.sync import SyncSettings, snapshot
@@ -274,7 +291,7 @@ def _bring_back(c: Client, job_id: uuid.UUID) -> bool:
         if saved is None:
             say("no outputs were saved: nothing matched --out, or its desktop could not save them")
             return True
-        say(fetch(c, saved["manifest"], OUT_FOLDER / str(job_id)).line())
+        say(fetch(c, saved.manifest, OUT_FOLDER / str(job_id)).line())
         return True
     except (ChiffonError, CliError) as exc:
         say(f"fetching its outputs failed: {exc}; {later}")
@@ -329,7 +346,9 @@ _FLAGS = {
     "requirements.vram_gb": "--vram", "requirements.cpu_cores": "--cores",
     "requirements.memory_gb": "--memory", "requirements.pool": "--pool",
     "requirements.labels": "--label", "requirements.gpu_vendor": "--gpu-vendor",
-    "requirements.require_sandbox": "--require-sandbox",
+    "requirements.require_sandbox": "--require-sandbox", "outputs": "--out",
+    "checkpoint_every_seconds": "--checkpoint-every", "python_env": "--python-env",
+    "snapshot": "the snapshot",
 }  # fmt: skip
 
 
@@ -507,7 +526,7 @@ def show(
     console.print(detail_table(detail, files))
 
 
-def _files_of(c: Client, j: JobDetail) -> dict[str, Any] | None:
+def _files_of(c: Client, j: JobDetail) -> JobFiles | None:
     """What the job saved (`GET /jobs/{id}/files`: any job may leave a checkpoint); None
     when the orchestrator does not say (an older one)."""
     from chiffon.client import ChiffonError
@@ -541,10 +560,9 @@ def _attempt_line(a: JobAttempt) -> str:
     if a.log_path:
         cut = f" ({a.log_bytes_cut:,} bytes at its start no longer kept here)"
         line += f"; whole log at {a.log_path}" + (cut if a.log_bytes_cut else "")
-    resumed_from = getattr(a, "resumed_from", None)  # absent from an older orchestrator
-    if resumed_from is not None:
-        size = _mb(getattr(a, "resumed_bytes", None) or 0)
-        line += f"; resumed from attempt {resumed_from}'s checkpoint ({size})"
+    if a.resumed_from is not None:  # null from an older orchestrator too
+        size = _mb(a.resumed_bytes or 0)
+        line += f"; resumed from attempt {a.resumed_from}'s checkpoint ({size})"
     return line.strip()
 
 
@@ -554,23 +572,23 @@ def _mb(n: int) -> str:
     return human_bytes(n)
 
 
-def _files_rows(j: JobDetail, files: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _files_rows(j: JobDetail, files: JobFiles | None) -> list[tuple[str, str]]:
     """The snapshot it runs in, its --out patterns, what it saved."""
-    snapshot = getattr(j, "snapshot", None)
-    patterns = getattr(j, "outputs", None) or []
-    rows = [("snapshot", snapshot[:12] if snapshot else ""), ("--out", "  ".join(patterns))]
-    for what, key in (("outputs saved", "outputs"), ("checkpoint", "checkpoint")):
-        found = (files or {}).get(key)
-        if isinstance(found, dict):
-            n = found.get("files", 0)
-            rows.append((what, f"{n} file{'s' if n != 1 else ''}, {_mb(found.get('bytes', 0))} "
-                               f"(attempt {found.get('attempt')})"))  # fmt: skip
-    if patterns and not (files or {}).get("outputs"):
-        rows.append(("outputs saved", "none yet"))
-    return rows
+    snapshot, patterns = j.snapshot, j.outputs
+    outputs, checkpoint = (files.outputs, files.checkpoint) if files else (None, None)
+    return [
+        ("snapshot", snapshot[:12] if snapshot else ""), ("--out", "  ".join(patterns)),
+        ("outputs saved", _saved(outputs) if outputs else "none yet" if patterns else ""),
+        ("checkpoint", _saved(checkpoint) if checkpoint else ""),
+    ]  # fmt: skip
 
 
-def detail_table(j: JobDetail, files: dict[str, Any] | None = None) -> Table:
+def _saved(found: FileSet) -> str:
+    n = found.files
+    return f"{n} file{'s' if n != 1 else ''}, {_mb(found.bytes)} (attempt {found.attempt})"
+
+
+def detail_table(j: JobDetail, files: JobFiles | None = None) -> Table:
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
@@ -620,10 +638,9 @@ def get(
         job_id = resolve(c, job)
         saved = outputs_of(c, job_id)
         if saved is None:
-            patterns = getattr(c.get(job_id), "outputs", None)
-            why = "" if patterns else " (it was run without --out)"
+            why = "" if c.get(job_id).outputs else " (it was run without --out)"
             raise CliError(f"job {job_id} has no saved outputs{why}")
-        got = fetch(c, saved["manifest"], to if to is not None else OUT_FOLDER / str(job_id))
+        got = fetch(c, saved.manifest, to if to is not None else OUT_FOLDER / str(job_id))
     console.print(got.line(), highlight=False)
 
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pathspec import GitIgnoreSpec
 
     from chiffon.client import Client
+    from chiffon.schemas.jobs import FileSet
 
 CHIFFONIGNORE = ".chiffonignore"
 GITIGNORE = ".gitignore"
@@ -469,11 +470,9 @@ class Fetched:
         return f"{n} output file{'s' if n != 1 else ''}, {size}, in {self.folder}"
 
 
-def outputs_of(c: Client, job_id: uuid.UUID) -> dict[str, Any] | None:
-    """The job's saved outputs (`FileSet`), or None when it saved none."""
-    files = c.job_files(job_id)
-    found = files.get("outputs") if isinstance(files, dict) else None
-    return found if isinstance(found, dict) else None
+def outputs_of(c: Client, job_id: uuid.UUID) -> FileSet | None:
+    """The job's saved outputs, or None when it saved none."""
+    return c.job_files(job_id).outputs
 
 
 def fetch(c: Client, manifest_sha: str, to: Path) -> Fetched:
