@@ -53,7 +53,9 @@ PENDING_WAIT_SECONDS = 0.5
 # After a skip, output is resumed at the next line's start, looked for this far: a reader
 # never sees half a line glued to another (output without newlines is resumed as it is).
 _LINE_SEARCH_BYTES = 64 * 1024
-BLOBS_PER_ASK = 100_000  # hashes one `POST /blobs/missing` may name
+# Hashes one `POST /blobs/missing` names: the API takes up to 100,000, but a request's
+# JSON body is held to 64 KiB by default (api/body_limit.py): 900 are 60 kB.
+BLOBS_PER_ASK = 900
 TRANSFER_TRIES = 5  # a blob's upload, or its download resumed where it stopped
 TRANSFER_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=8.0)
 # Sending a chunk may wait on a busy store this long (the default read timeout stays).
