@@ -228,6 +228,15 @@ async def test_outputs_come_back_when_the_job_ends_and_again_with_get(
     assert os.readlink(back / "results" / "latest.csv") == "loss.csv"
     assert not [p for p in back.rglob("*") if p.name.endswith((".part", ".link"))]
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "trap").mkdir()
+    (tmp_path / "trap" / "results").symlink_to(elsewhere)
+    trapped = await pool.cli("get", job_id, "--to", str(tmp_path / "trap"), cwd=tmp_path)
+    assert trapped.returncode == 1
+    assert trapped.stderr.startswith("error: results/") and "leads outside" in trapped.stderr
+    assert list(elsewhere.iterdir()) == []
+
     later = await pool.cli("get", job_id[:8], "--to", str(tmp_path / "copy"), cwd=tmp_path)
     assert later.returncode == 0, later.stderr
     assert later.stdout.strip() == f"3 output files, {total}, in {tmp_path / 'copy'}"
@@ -290,3 +299,11 @@ async def test_a_file_changed_between_snapshot_and_upload_is_named_and_nothing_i
     assert told == [snap.summary(new=4)]
     stored = await pool.user.post("/api/v1/blobs/missing", json={"sha256": [snap.digest]})
     assert stored.json() == {"missing": [snap.digest]}  # no manifest: nothing half-sent
+
+
+async def test_thousands_of_hashes_are_asked_about_in_requests_the_api_takes(pool: Pool) -> None:
+    from chiffon.client import Client
+
+    hashes = {sha(str(i).encode()) for i in range(2500)}
+    with Client(pool.url, token=TOKENS_ENV["CHIFFON_API_TOKEN"]) as c:
+        assert await asyncio.to_thread(c.missing_blobs, hashes) == hashes

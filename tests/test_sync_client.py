@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from chiffon.cli.common import CliError
+from chiffon.cli.sync import fetch
 from chiffon.client import ChiffonError, Client
 
 PREFIX = "/api/v1/blobs/"
@@ -182,3 +184,18 @@ def test_an_unknown_blob_and_a_bad_hash_are_one_clear_error(
     assert caught.value.status == 404 and leftovers(tmp_path) == []
     with pytest.raises(ChiffonError, match="is not a SHA-256"):
         c.get_blob("../../etc/passwd", tmp_path / "x")
+
+
+@pytest.mark.parametrize("path", ["../outside.txt", "/etc/cron.d/job", "a/../../b"])
+def test_an_output_manifest_naming_a_path_outside_is_refused_and_nothing_written(
+    served: tuple[Store, Client], tmp_path: Path, path: str
+) -> None:
+    store, c = served
+    content_sha, content = blob(10)
+    doc = {"v": 1, "links": [], "files": [{"path": path, "sha256": content_sha, "size": 10}]}
+    raw = json.dumps(doc).encode()
+    store.blobs[content_sha], store.blobs[hashlib.sha256(raw).hexdigest()] = content, raw
+    to = tmp_path / "out" / "job"
+    with pytest.raises(CliError, match="the job's outputs are refused: path"):
+        fetch(c, hashlib.sha256(raw).hexdigest(), to)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
