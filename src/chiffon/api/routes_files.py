@@ -50,13 +50,23 @@ agent_router = APIRouter(prefix="/api/v1/agents/{agent_id}/attempts", tags=["wor
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorDetail} for code in (400, 401, 404, 409, 413, 422, 503, 507)
 }
-_UPLOAD = re.compile(
-    r"^/api/v1/(agents/[^/]+/attempts/[^/]+/[^/]+/)?blobs/[0-9a-f]{64}$"
-)  # fmt: skip
+_UPLOAD = re.compile(r"^/api/v1/(agents/[^/]+/attempts/[^/]+/[^/]+/)?blobs/[0-9a-f]{64}$")
 _RAW_BODY = {
     "requestBody": {
         "required": True,
         "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+    }
+}
+_HASHES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": BlobHashes.model_json_schema()}},
+    }
+}
+_SAVED_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": FilesSaved.model_json_schema()}},
     }
 }
 _BYTES: dict[int | str, dict[str, Any]] = {
@@ -71,8 +81,12 @@ def is_upload(scope: Scope) -> bool:
 
 
 async def _sha(
-    sha256: Annotated[str, Path(description="the blob's SHA-256, 64 lowercase hex digits")],
-) -> str:
+    sha256: Annotated[
+        str,
+        Path(description="the blob's SHA-256, 64 lowercase hex digits",
+             json_schema_extra={"pattern": "^[0-9a-f]{64}$"}),
+    ],
+) -> str:  # fmt: skip
     if not is_sha256(sha256):
         raise HTTPException(400, f"{sha256[:80]!r} is not a SHA-256 (64 lowercase hex digits)")
     return sha256
@@ -85,7 +99,9 @@ AttemptNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 # The user's side.
 
 
-@router.post("/blobs/missing", response_model=MissingBlobs, responses=_ERRORS)
+@router.post(
+    "/blobs/missing", response_model=MissingBlobs, responses=_ERRORS, openapi_extra=_HASHES_BODY
+)
 async def missing(orchestrator: OrchestratorDep, request: Request) -> MissingBlobs:
     """Which of these blobs the store lacks: upload only those."""
     asked = await _hashes(request)
@@ -144,6 +160,20 @@ async def _attempt_of(
             raise HTTPException(409, f"attempt {attempt} of {job_id} is not out on this agent")
 
 
+@agent_router.post(
+    "/{job_id}/{attempt}/missing", response_model=MissingBlobs, responses=_ERRORS,
+    openapi_extra=_HASHES_BODY,
+)  # fmt: skip
+async def agent_missing(
+    agent_id: AgentIdDep, job_id: JobIdDep, attempt: AttemptNumber, request: Request,
+    orchestrator: OrchestratorDep,
+) -> MissingBlobs:  # fmt: skip
+    await the_agent(orchestrator, agent_id, request)
+    await _attempt_of(orchestrator, agent_id, job_id, attempt)
+    asked = await _hashes(request)
+    return MissingBlobs(missing=await orchestrator.store.missing(asked.sha256))
+
+
 @agent_router.get(
     "/{job_id}/{attempt}/blobs/{sha256}", responses={**_ERRORS, **_BYTES}
 )  # fmt: skip
@@ -162,19 +192,6 @@ async def agent_download(
     return await _send(orchestrator, sha256, request)
 
 
-@agent_router.post(
-    "/{job_id}/{attempt}/blobs/missing", response_model=MissingBlobs, responses=_ERRORS
-)  # fmt: skip
-async def agent_missing(
-    agent_id: AgentIdDep, job_id: JobIdDep, attempt: AttemptNumber, request: Request,
-    orchestrator: OrchestratorDep,
-) -> MissingBlobs:  # fmt: skip
-    await the_agent(orchestrator, agent_id, request)
-    await _attempt_of(orchestrator, agent_id, job_id, attempt)
-    asked = await _hashes(request)
-    return MissingBlobs(missing=await orchestrator.store.missing(asked.sha256))
-
-
 @agent_router.put(
     "/{job_id}/{attempt}/blobs/{sha256}", status_code=201, response_model=BlobStored,
     responses=_ERRORS, openapi_extra=_RAW_BODY,
@@ -190,7 +207,8 @@ async def agent_upload(
 
 
 @agent_router.post(
-    "/{job_id}/{attempt}/files", response_model=AttemptVerdict, responses=_ERRORS
+    "/{job_id}/{attempt}/files", response_model=AttemptVerdict, responses=_ERRORS,
+    openapi_extra=_SAVED_BODY,
 )  # fmt: skip
 async def agent_saved(
     agent_id: AgentIdDep, job_id: JobIdDep, attempt: AttemptNumber, request: Request,
