@@ -1,0 +1,65 @@
+"""`--python-env` on the desktop: an environment built once per lockfile with uv (the
+wheel Chiffon depends on), found in the cache the next time, and a failed build said in
+uv's words. Offline: the locks name no package the index would have to serve."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from chiffon.agent.pyenv import EnvFailed, ensure, uv_binary
+
+PROJECT = '[project]\nname = "x"\nversion = "0"\nrequires-python = ">=3.8"\ndependencies = []\n'
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+
+
+def _python_of(env: Path) -> str:
+    done = subprocess.run([env / "bin" / "python", "-c", "import sys; print(sys.prefix)"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_a_requirements_file_is_built_once_and_found_in_the_cache_after(tmp_path: Path) -> None:
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    folder.mkdir()
+    (folder / "requirements.txt").write_text("# nothing to install\n")
+    first = asyncio.run(ensure(folder, envs))
+    assert first.built_seconds is not None and first.source == "requirements.txt"
+    assert _python_of(first.path) == str(first.path)
+    again = asyncio.run(ensure(folder, envs))
+    assert (again.path, again.built_seconds) == (first.path, None)
+    assert again.line().startswith(f"chiffon: python environment {first.key[:12]} from "
+                                   "requirements.txt (from the cache)")  # fmt: skip
+    (folder / "requirements.txt").write_text("# changed\n")
+    assert asyncio.run(ensure(folder, envs)).key != first.key  # a new lock, a new env
+
+
+def test_a_uv_lock_is_synced_without_installing_the_project(tmp_path: Path) -> None:
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(PROJECT)
+    subprocess.run([uv_binary(), "lock"], cwd=folder, check=True, capture_output=True)
+    (folder / "requirements.txt").write_text("ignored: the lock wins\n")
+    env = asyncio.run(ensure(folder, envs))
+    assert env.source == "uv.lock" and _python_of(env.path) == str(env.path)
+    assert not list(env.path.glob("lib/python*/site-packages/x*"))  # the job's code: not in
+
+
+def test_a_failed_build_says_why_and_leaves_nothing_half_built(tmp_path: Path) -> None:
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    folder.mkdir()
+    (folder / "requirements.txt").write_text("no-such-package-chiffon==1.0\n")
+    with pytest.raises(EnvFailed, match="building the python environment failed"):
+        asyncio.run(ensure(folder, envs))
+    assert [p for p in envs.iterdir() if p.is_dir()] == []
+    (folder / "requirements.txt").unlink()
+    with pytest.raises(EnvFailed, match=r"has no uv\.lock"):
+        asyncio.run(ensure(folder, envs))
