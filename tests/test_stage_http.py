@@ -25,6 +25,7 @@ from chiffon.orchestrator.service import Orchestrator
 from chiffon.schemas.files import Entry, Manifest
 from chiffon.transport.auth import AgentCredential
 from chiffon.transport.http import HttpWork
+from chiffon.transport.memory import InMemoryWork
 from tests.auth import API_HEADERS, issue
 from tests.conftest import api_client, serving
 from tests.jobfleet import desktop
@@ -325,3 +326,37 @@ async def test_a_job_asks_for_a_save_while_it_runs_and_gets_it(
         assert not marker.exists()  # taken
         files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
         assert [e["path"] for e in files["checkpoint"]["entries"]] == ["step"]
+
+
+async def test_an_agent_inside_its_orchestrator_moves_files_through_its_store(
+    orchestrator: Orchestrator, clock: ManualClock, tmp_path: Path
+) -> None:
+    """`chiffon up`: the in-memory twin of the HTTP channel, the same outcome."""
+    agent = uuid.uuid4()
+    await desktop(orchestrator, "a", (24.0, 24.0), (24.0, 24.0), agent=agent)
+    cred = await issue(orchestrator, agent)
+    channel = InMemoryWork(orchestrator, agent)
+    settings = WorkSettings(accept_jobs="always", jobs_dir=tmp_path / "jobs", allow_root=True,
+                            grace_seconds=0.5)  # fmt: skip
+
+    async def fresh() -> Snapshot:
+        return machine({"GPU-a-0": 24.0, "GPU-a-1": 24.0})
+
+    work = WorkLoop(settings, agent_id=agent, secret=cred.secret, channel=channel, fresh=fresh,
+                    clock=lambda: clock.now().timestamp())  # fmt: skip
+    data = os.urandom(50_000)
+    try:
+        async with api_client(orchestrator, API_HEADERS) as user:
+            snap = await upload(user, {"train.py": TRAIN, "data.bin": data})
+            job_id = await submit(user, snap, outputs=["model.pt"])
+            await orchestrator.dispatcher.tick()
+            for body, signature in await channel.orders(wait_seconds=0):
+                await work.handle(body, signature)
+            last = await ended(user, job_id)
+            assert last["exit_code"] == 0, last
+            files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
+            [model] = files["outputs"]["entries"]
+            assert (await user.get(f"/api/v1/blobs/{model['sha256']}")).content == data[::-1]
+            assert [e["path"] for e in files["checkpoint"]["entries"]] == ["step"]
+    finally:
+        await work.stop()
