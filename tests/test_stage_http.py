@@ -360,3 +360,42 @@ async def test_an_agent_inside_its_orchestrator_moves_files_through_its_store(
             assert [e["path"] for e in files["checkpoint"]["entries"]] == ["step"]
     finally:
         await work.stop()
+
+
+VACATED = b"""\
+import os, pathlib, signal, time
+cp = pathlib.Path(os.environ["CHIFFON_CHECKPOINT_DIR"])
+
+def save(signum, frame):
+    (cp / "step").write_text("42")
+    raise SystemExit(0)
+
+signal.signal(signal.SIGUSR1, save)
+pathlib.Path("started").touch()
+time.sleep(60)
+"""
+
+
+async def test_a_job_vacated_by_the_owner_leaves_its_checkpoint_for_the_next_desktop(
+    orchestrator: Orchestrator, clock: ManualClock, tmp_path: Path
+) -> None:
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        desk(orchestrator, clock, tmp_path) as (d, _),
+    ):
+        snap = await upload(user, {"train.py": VACATED})
+        job_id = await submit(user, snap)
+        await d.take()
+        started = tmp_path / "jobs" / f"{job_id}-1" / "work" / "started"
+
+        async def running() -> bool:
+            return started.exists()
+
+        await eventually(running, within_seconds=20)
+        [run] = d.work.runs.values()
+        await run.vacate("the owner is back")
+        last = await ended(user, job_id)
+        assert last["state"] == "preempted", last
+        files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
+        [step] = files["checkpoint"]["entries"]
+        assert (await user.get(f"/api/v1/blobs/{step['sha256']}")).content == b"42"

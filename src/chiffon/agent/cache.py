@@ -89,7 +89,8 @@ class BlobCache:
             if self.has(sha256):
                 return self.path(sha256)
             tmp = self.root / "tmp" / f"{sha256}.{uuid.uuid4().hex[:8]}"
-            tmp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp.parent.mkdir(exist_ok=True, mode=0o700)
             try:
                 await fetch(tmp)
                 await asyncio.to_thread(self._admit, tmp, sha256)
