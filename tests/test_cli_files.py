@@ -257,6 +257,13 @@ async def test_get_says_when_a_job_has_no_outputs(pool: Pool, tmp_path: Path) ->
     assert got.returncode == 1
     assert got.stderr.strip() == (f"error: job {job_id} has no saved outputs (it was run "
                                   "without --out)")  # fmt: skip
+    waiting = await pool.cli("run", "--detach", "--no-sync", "--out", "m.pt", "--", "true",
+                             cwd=tmp_path)  # fmt: skip
+    waiting_id = waiting.stdout.strip()
+    got = await pool.cli("get", waiting_id, cwd=tmp_path)
+    assert got.returncode == 1
+    assert got.stderr.strip() == (f"error: job {waiting_id} has no saved outputs yet: it is "
+                                  "queued, and they are saved when an attempt ends")  # fmt: skip
     unknown = await pool.cli("get", "ffffffff", cwd=tmp_path)
     assert unknown.returncode == 2 and "no job has the id" in unknown.stderr
 

@@ -6,6 +6,11 @@
         job = chiffon.run(["python", "train.py"], gpus=1, vram_gb=8, timeout_seconds=3600)
         print(job.state, job.exit_code)
 
+A job's files travel as blobs named by their SHA-256: `missing_blobs` says which the store
+lacks, `put_blob` sends one (streamed), `get_blob` fetches one (resumed, verified) and
+`job_files` says what a job runs in and what it saved (`chiffon run` and `chiffon get` use
+them; the manifest format is `chiffon.schemas.files`).
+
 Errors are `ChiffonError`: `status` is the HTTP status (None when the orchestrator could
 not be reached) and `detail` what it said. Its words go to the `chiffon.client` logger:
 a submission no agent could ever hold is a warning, a change of why a job waits is info.

@@ -157,7 +157,7 @@ def run(
         False, "--no-sync", help="Send no snapshot of this folder: the job runs in a fresh one."
     ),
     sync_max_mb: float = typer.Option(
-        None, "--sync-max-mb", help="Refuse to send more than this [500]; env CHIFFON_SYNC_MAX_MB."
+        None, "--sync-max-mb", help="Send at most this many MB [500]; env CHIFFON_SYNC_MAX_MB."
     ),
     out_globs: list[str] = typer.Option(
         None,
@@ -638,10 +638,17 @@ def get(
         job_id = resolve(c, job)
         saved = outputs_of(c, job_id)
         if saved is None:
-            why = "" if c.get(job_id).outputs else " (it was run without --out)"
-            raise CliError(f"job {job_id} has no saved outputs{why}")
+            raise CliError(f"job {job_id} has no saved outputs{_why_none(c.get(job_id))}")
         got = fetch(c, saved.manifest, to if to is not None else OUT_FOLDER / str(job_id))
     console.print(got.line(), highlight=False)
+
+
+def _why_none(j: JobDetail) -> str:
+    if not j.outputs:
+        return " (it was run without --out)"
+    if is_active(j.state):
+        return f" yet: it is {j.state}, and they are saved when an attempt ends"
+    return f": nothing matched {'  '.join(j.outputs)}, or its desktop could not save them"
 
 
 @jobs_app.command("cancel")
