@@ -242,3 +242,35 @@ async def test_an_attempt_with_files_on_a_channel_that_cannot_move_them_is_refus
     await orch.until(job, 1)
     assert orch.said(job) == ["refused"]
     assert "cannot fetch a job's files" in orch.reports[-1][2]["detail"]
+
+
+async def test_the_checkpoint_is_saved_every_so_often_while_the_job_runs(
+    tmp_path: Path,
+) -> None:
+    """What a job on a desktop that dies resumes from (the orchestrator's bound is 10 s
+    at least; the agent takes what the order says)."""
+    import sys
+
+    from chiffon.agent.report import Snapshot
+    from chiffon.agent.work import WorkLoop, WorkSettings
+    from tests.test_work_loop import AGENT, SECRET, Orchestrator, machine, order
+
+    orch, store, job = Orchestrator(), Store(), uuid.uuid4()
+    settings = WorkSettings(accept_jobs="always", jobs_dir=tmp_path / "jobs", allow_root=True,
+                            grace_seconds=0.5)  # fmt: skip
+
+    async def fresh() -> Snapshot:
+        return machine({})
+
+    work = WorkLoop(settings, agent_id=AGENT, secret=SECRET, channel=orch, fresh=fresh,
+                    files=store)  # fmt: skip
+    script = ("import os, pathlib, time\n"
+              "cp = pathlib.Path(os.environ['CHIFFON_CHECKPOINT_DIR'])\n"
+              "for i in range(40):\n"
+              "    (cp / 'step').write_text(str(i)); time.sleep(0.1)\n")  # fmt: skip
+    await work.handle(*order(job, command=[sys.executable, "-c", script],
+                             checkpoint_every_seconds=1.0))  # fmt: skip
+    await orch.until(job, 2)
+    steps = [Manifest.parse(store.blobs[m]).files[0].sha256 for _, m in store.recorded]
+    assert len(store.recorded) >= 3  # two or more while it ran, and the last at its end
+    assert store.blobs[steps[-1]] == b"39" and len(set(steps)) == len(steps)
