@@ -274,3 +274,10 @@ async def test_the_checkpoint_is_saved_every_so_often_while_the_job_runs(
     steps = [Manifest.parse(store.blobs[m]).files[0].sha256 for _, m in store.recorded]
     assert len(store.recorded) >= 3  # two or more while it ran, and the last at its end
     assert store.blobs[steps[-1]] == b"39" and len(set(steps)) == len(steps)
+
+
+def test_a_name_no_manifest_can_hold_is_left_out_alone(tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_text("1")
+    (tmp_path / "odd\\name").write_text("2")
+    found = gather(tmp_path)
+    assert found.files == ["ok.txt"] and "a name a manifest cannot hold" in found.skipped[0]

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, runtime_checkable
 
 from chiffon.agent.runner import CHECKPOINT_SAVE_MARKER
-from chiffon.schemas.files import MAX_FILES, Entry, Link, Manifest, ManifestError, link_inside
+from chiffon.schemas.files import (
+    MAX_FILES,
+    Entry,
+    Link,
+    Manifest,
+    ManifestError,
+    check_path,
+    link_inside,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +199,11 @@ def gather(folder: Path, wanted: Callable[[str], bool] | None = None) -> Found:
 
 def _take(folder: Path, rel: str, found: Found) -> None:
     try:
+        check_path(rel)
         st = os.lstat(folder / rel)
+    except ManifestError:  # a name no manifest may hold (a backslash): that file only
+        found.skipped.append(f"{rel[:200]!r} (a name a manifest cannot hold)")
+        return
     except OSError:
         return
     if stat.S_ISLNK(st.st_mode):
@@ -235,7 +247,7 @@ def _fd_inside(fd: int, folder: Path) -> bool:
     return real.startswith(top + os.sep)
 
 
-def hash_inside(folder: Path, rel: str, executable_too: bool = True) -> Entry | None:
+def hash_inside(folder: Path, rel: str) -> Entry | None:
     """The entry for one found file (its hash and size, read once), or None when it is no
     longer a regular file inside `folder`."""
     f = open_inside(folder, rel)
@@ -246,7 +258,7 @@ def hash_inside(folder: Path, rel: str, executable_too: bool = True) -> Entry | 
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        executable = executable_too and bool(os.fstat(f.fileno()).st_mode & 0o100)
+        executable = bool(os.fstat(f.fileno()).st_mode & 0o100)
     return Entry(rel, digest.hexdigest(), size, executable)
 
 

@@ -206,7 +206,9 @@ class PeriodicCheckpoint(TaskHook):
     desktop that dies resumes from."""
 
     async def exited(self, attempt: Attempt, said: object) -> None:
-        await self.stop(attempt)  # the last save is SaveFiles'
+        if self._task is not None:  # the last save is SaveFiles': this one ends first
+            self._task.cancel()
+            await asyncio.wait([self._task])
 
     async def beside(self, attempt: Attempt) -> None:
         files, work, run = self.parts.files, attempt.work, attempt.run
