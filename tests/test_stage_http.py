@@ -399,3 +399,18 @@ async def test_a_job_vacated_by_the_owner_leaves_its_checkpoint_for_the_next_des
         files = (await user.get(f"/api/v1/jobs/{job_id}/files")).json()
         [step] = files["checkpoint"]["entries"]
         assert (await user.get(f"/api/v1/blobs/{step['sha256']}")).content == b"42"
+
+
+async def test_thousands_of_files_are_asked_about_within_the_body_limit(
+    orchestrator: Orchestrator, clock: ManualClock, tmp_path: Path
+) -> None:
+    many = {f"f{i}.txt": f"{i}\n".encode() for i in range(2500)}
+    async with (
+        api_client(orchestrator, API_HEADERS) as user,
+        desk(orchestrator, clock, tmp_path) as (d, _),
+    ):
+        snap = await upload(user, {"train.py": b"import time; time.sleep(30)\n"})
+        job_id = await submit(user, snap)
+        await d.take()  # the attempt is out on this agent while it runs
+        missing = await d.files.missing_blobs(uuid.UUID(job_id), 1, sorted(map(sha, many.values())))
+    assert len(missing) == 2500

@@ -364,7 +364,7 @@ BODY_CHUNK = 256 * 1024
 # dropped or stalled one is tried again this many times, a download resumed where it was.
 BLOB_IDLE_SECONDS = 60.0
 BLOB_TRIES = 5
-MISSING_BATCH = 10_000  # hashes per "which are missing" ask (the route takes 100,000)
+MISSING_BATCH = 900  # hashes per "which are missing" ask: its JSON within the 64 KiB body limit
 
 
 class HttpWork:
@@ -459,7 +459,7 @@ class HttpWork:
         missing: list[str] = []
         for start in range(0, len(sha256s), MISSING_BATCH):
             body = json.dumps({"sha256": list(sha256s[start : start + MISSING_BATCH])}).encode()
-            resp = await self._send("POST", f"/attempts/{job_id}/{attempt}/blobs/missing", body,
+            resp = await self._send("POST", f"/attempts/{job_id}/{attempt}/missing", body,
                                     json_body=True)  # fmt: skip
             try:
                 missing += [str(h) for h in resp.json()["missing"]]
