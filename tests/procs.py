@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,16 +37,24 @@ def free_port() -> int:
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CHIFFON, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "CHIFFON_API_TOKEN": TOKENS_ENV["CHIFFON_API_TOKEN"], **(env or {})},
-        check=False,
-    )
+    """`chiffon ...` as a user runs it, in `cwd` (default: an empty folder of its own, so
+    `chiffon run` sends nothing: in the repository it would send the repository)."""
+    with tempfile.TemporaryDirectory(prefix="chiffon-cwd-") as empty:
+        return subprocess.run(
+            [*CHIFFON, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={
+                **os.environ,
+                "CHIFFON_API_TOKEN": TOKENS_ENV["CHIFFON_API_TOKEN"],
+                **(env or {}),
+            },
+            check=False,
+            cwd=cwd or empty,
+        )
 
 
 def wait_http(

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from tests.procs import CHIFFON, alive, run_cli, stop
 ACCEPTS = {"CHIFFON_ACCEPT_JOBS": "true", "CHIFFON_ALLOW_ROOT_JOBS": "true",
            "CHIFFON_JOB_GRACE": "2"}  # fmt: skip
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd"  # desk-2x24g's GPU 0 (20000 MiB free)
+EMPTY = tempfile.mkdtemp(prefix="chiffon-e2e-")  # where a user runs `chiffon run`: nothing sent
 PRINT_ENV = "import json, os, sys; print(json.dumps(dict(os.environ))); sys.exit(3)"
 
 
@@ -84,7 +86,8 @@ def test_run_streams_the_output_and_exits_with_the_jobs_own_code(fleet: Fleet) -
     # Nothing of the agent's own environment leaks in: not its enrollment token.
     assert not {k for k in env if k.startswith("CHIFFON_")} - {
         "CHIFFON_JOB_ID", "CHIFFON_ATTEMPT", "CHIFFON_JOB_DIR", "CHIFFON_GPUS",
-        "CHIFFON_PREEMPT_SIGNAL", "CHIFFON_PREEMPT_DEADLINE",
+        "CHIFFON_PREEMPT_SIGNAL", "CHIFFON_PREEMPT_DEADLINE", "CHIFFON_CHECKPOINT_DIR",
+        "CHIFFON_CHECKPOINT_SAVE",
     }  # fmt: skip
     assert "job " in done.stderr and "failed: exited 3" in done.stderr
     with client(fleet) as c:
@@ -113,7 +116,7 @@ def test_ctrl_c_cancels_the_job_and_says_so(fleet: Fleet) -> None:
     proc = subprocess.Popen(
         [*CHIFFON, "run", "--", "sleep", "300"],
         env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=EMPTY,
     )  # fmt: skip
     try:
         with client(fleet) as c:
@@ -448,7 +451,7 @@ def test_a_signal_to_run_cancels_its_job_and_goes_on_from_where_it_was(
     proc = subprocess.Popen(
         [*CHIFFON, "run", "--name", f"steps-{sig.name}", "--", "sh", "-c", script],
         env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=EMPTY,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -481,7 +484,7 @@ def test_the_python_client_cancels_its_job_when_its_program_is_killed(fleet: Fle
     proc = subprocess.Popen(
         [sys.executable, "-c", program, fleet.api],
         env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=EMPTY,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -616,7 +619,7 @@ def test_ctrl_c_twice_at_once_is_still_one_clean_cancel(fleet: Fleet) -> None:
     proc = subprocess.Popen(
         [*CHIFFON, "run", "--name", "twice", "--", "sh", "-c", "echo started; sleep 300"],
         env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=EMPTY,
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "started\n"
@@ -641,7 +644,7 @@ def test_under_nohup_a_hangup_leaves_the_job_running(fleet: Fleet) -> None:
     proc = subprocess.Popen(
         ["nohup", *CHIFFON, "run", "--name", "nohup", "--", "sh", "-c", "echo up; sleep 300"],
         env={**os.environ, "CHIFFON_API_TOKEN": API_TOKEN, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=EMPTY,
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "up\n"

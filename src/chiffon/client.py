@@ -317,6 +317,56 @@ class Client:
         comes back (`job_files`), `checkpoint_every_seconds` how often a running job's
         checkpoint folder is saved, `python_env` builds the snapshot's Python environment
         (uv.lock or requirements.txt) on the desktop."""
+        body = self.submission(
+            command,
+            gpus=gpus,
+            vram_gb=vram_gb,
+            cpu_cores=cpu_cores,
+            memory_gb=memory_gb,
+            pool=pool,
+            labels=labels,
+            gpu_vendor=gpu_vendor,
+            require_sandbox=require_sandbox,
+            name=name,
+            env=env,
+            workdir=workdir,
+            timeout_seconds=timeout_seconds,
+            retries=retries,
+            retry_on_exit=retry_on_exit,
+            policy=policy,
+            snapshot=snapshot,
+            outputs=outputs,
+            checkpoint_every_seconds=checkpoint_every_seconds,
+            python_env=python_env,
+        )
+        return JobAccepted.model_validate(self._submit_once(body))
+
+    def submission(
+        self,
+        command: Sequence[str],
+        *,
+        gpus: int | None = None,
+        vram_gb: float = 0.0,
+        cpu_cores: float = 0.0,
+        memory_gb: float = 0.0,
+        pool: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        gpu_vendor: str | None = None,
+        require_sandbox: bool = False,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        timeout_seconds: float | None = None,
+        retries: int = 0,
+        retry_on_exit: bool = False,
+        policy: Policy = "best_fit",
+        snapshot: str | None = None,
+        outputs: Sequence[str] = (),
+        checkpoint_every_seconds: float | None = None,
+        python_env: bool = False,
+    ) -> dict[str, Any]:
+        """What `submit` sends, checked here as the server checks it (pydantic's
+        `ValidationError` names the first field refused), without sending it."""
         wanted: dict[str, Any] = {"vram_gb": vram_gb, "cpu_cores": cpu_cores,
                                   "memory_gb": memory_gb, "labels": dict(labels or {}),
                                   "pool": pool, "gpu_vendor": gpu_vendor,
@@ -335,7 +385,7 @@ class Client:
                  "python_env": python_env}  # fmt: skip
         spec.update({k: v for k, v in files.items() if v})
         body = JobSubmit.model_validate(spec).model_dump(mode="json", exclude_none=True)
-        return JobAccepted.model_validate(self._submit_once(body))
+        return body
 
     def _submit_once(self, body: dict[str, Any]) -> Any:
         """POST the job with a key of this call's own, again with the same key while no

@@ -19,10 +19,11 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.table import Table
@@ -59,6 +60,7 @@ EXIT_TIMED_OUT = 124  # as timeout(1)
 EXIT_LOST = 1
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+T = TypeVar("T")
 OUT_FOLDER = Path("chiffon-out")  # where `run` and `get` put a job's outputs: ./chiffon-out/<id>
 # A job's outputs are saved by its desktop as its attempt ends: a moment to land in the
 # store after the job reads as ended.
@@ -196,7 +198,7 @@ def run(
     outputs = _out_patterns(out_globs)
     every = _checkpoint_every(checkpoint_every) if checkpoint_every else None
     snap = None if no_sync or workdir else _snapshot(sync_max_mb)
-    spec = {
+    spec: dict[str, Any] = {
         "gpus": gpus, "vram_gb": vram, "cpu_cores": cores, "memory_gb": memory, "pool": pool,
         "labels": _pairs(label, "--label"), "gpu_vendor": gpu_vendor, "name": name,
         "require_sandbox": require_sandbox,
@@ -206,6 +208,7 @@ def run(
         "outputs": outputs, "checkpoint_every_seconds": every, "python_env": python_env,
     }  # fmt: skip
     with client(url) as c:
+        _checked(lambda: c.submission(command, **spec))  # a bad flag sends nothing
         with interruptible() as signals:
             if snap is not None:
                 spec["snapshot"] = _send(c, snap)
@@ -353,11 +356,17 @@ _FLAGS = {
 
 
 def _submit(c: Client, command: list[str], spec: dict[str, Any]) -> JobAccepted:
+    return _checked(lambda: c.submit(command, **spec))
+
+
+def _checked(submit: Callable[[], T]) -> T:
+    """`submit()`, its refusal said as a flag's: it is checked here before it is sent, as
+    the server would check it."""
     from pydantic import ValidationError
 
     try:
-        return c.submit(command, **spec)
-    except ValidationError as exc:  # checked here before it is sent, as the server would
+        return submit()
+    except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "job"
         message = str(first["msg"]).removeprefix("Value error, ")
