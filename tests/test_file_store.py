@@ -305,3 +305,19 @@ async def test_among_equally_good_desktops_the_one_that_has_the_snapshot_wins(
     assert (cold_view["agent_id"], warm_view["agent_id"]) == (str(b), str(a))
     assert warm_view["attempts"][0]["snapshot_cached"] is True
     assert cold_view["attempts"][0]["snapshot_cached"] is False
+
+
+async def test_which_of_100000_hashes_are_missing_is_one_ask_and_a_bigger_body_is_refused(
+    orchestrator: Orchestrator,
+) -> None:
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(100_000)]
+    async with api_client(orchestrator, API_HEADERS) as api:
+        asked = await api.post("/api/v1/blobs/missing", json={"sha256": hashes})
+        assert asked.status_code == 200 and len(asked.json()["missing"]) == 100_000
+        too_big = await api.post("/api/v1/blobs/missing", content=b" " * (9 * 1024 * 1024),
+                                 headers={"content-type": "application/json"})  # fmt: skip
+        assert too_big.status_code == 413
+        # elsewhere the API's own limit stands
+        job = await api.post("/api/v1/jobs", content=b" " * (128 * 1024),
+                             headers={"content-type": "application/json"})  # fmt: skip
+        assert job.status_code == 413

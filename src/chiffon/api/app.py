@@ -134,7 +134,7 @@ def create_app(
         BodyLimit,
         max_bytes=orchestrator.settings.max_message_bytes,
         on_refused=lambda: orchestrator.reject("too_large"),
-        streamed=routes_files.is_upload,
+        limit_for=routes_files.body_limit,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _database_refused_value)

@@ -24,28 +24,34 @@ class BodyLimit:
         *,
         max_bytes: int,
         on_refused: Callable[[], None],
-        streamed: Callable[[Scope], bool] = lambda _: False,
+        limit_for: Callable[[Scope], int | None] = lambda _: None,
     ) -> None:
-        """`streamed(scope)`: a route that reads its body as a stream, after checking the
-        caller, and bounds it itself (a blob's upload: the file store's cap)."""
+        """`limit_for(scope)`: a route's own limit (None: `max_bytes`; 0: the route reads
+        its body as a stream, after checking the caller, and bounds it itself, as a blob's
+        upload is bounded by the file store's cap)."""
         self.app = app
         self.max_bytes = max_bytes
         self.on_refused = on_refused
-        self.streamed = streamed
+        self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.streamed(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        own = self.limit_for(scope)
+        if own == 0:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes if own is None else own
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
+        if declared is not None and declared > limit:
             self.on_refused()
-            detail = f"body is {declared} bytes, limit {self.max_bytes}"
+            detail = f"body is {declared} bytes, limit {limit}"
             await JSONResponse({"detail": detail}, 413)(scope, receive, send)
             return
-        await self.app(scope, self._counting(receive), send)
+        await self.app(scope, self._counting(receive, limit), send)
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _counting(self, receive: Receive, limit: int) -> Receive:
         seen = 0
 
         async def counted() -> Message:
@@ -53,11 +59,11 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     self.on_refused()
                     # Raised inside the route's read: FastAPI passes an HTTPException on,
                     # and the app's exception middleware answers it.
-                    raise HTTPException(413, f"body is over the limit of {self.max_bytes} bytes")
+                    raise HTTPException(413, f"body is over the limit of {limit} bytes")
             return message
 
         return counted

@@ -75,9 +75,20 @@ _BYTES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def is_upload(scope: Scope) -> bool:
-    """A blob's upload: its body is bounded by the store, not the message limit."""
-    return scope.get("method") == "PUT" and _UPLOAD.match(scope.get("path", "")) is not None
+_ASKS = re.compile(r"^/api/v1/(blobs/missing|agents/[^/]+/attempts/[^/]+/[^/]+/missing)$")
+# Which of 100,000 hashes are missing: about 70 bytes each in JSON.
+ASK_MAX_BYTES = 8 * 1024 * 1024
+
+
+def body_limit(scope: Scope) -> int | None:
+    """A files route's own body limit (`api.body_limit`): a blob's upload is bounded by
+    the store as it is read (0); asking which blobs are missing, by `ASK_MAX_BYTES`."""
+    method, path = scope.get("method"), scope.get("path", "")
+    if method == "PUT" and _UPLOAD.match(path):
+        return 0
+    if method == "POST" and _ASKS.match(path):
+        return ASK_MAX_BYTES
+    return None
 
 
 async def _sha(
