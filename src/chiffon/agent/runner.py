@@ -157,6 +157,10 @@ class JobRun:
         self.attempt_dir = attempt_dir
         self.log_path = attempt_dir / "output.log"
         self.checkpoint_dir = attempt_dir / "checkpoint"
+        # Set by a prestart hook (`hooks.pyenv`): the Python environment it runs in (first on
+        # its PATH, bound read-only into its sandbox), and a line its log starts with.
+        self.python_env: Path | None = None
+        self.preface = b""
         self._max_log_bytes = max_log_bytes
         self._grace = grace_seconds
         self._inherited = os.environ if inherited_env is None else inherited_env
@@ -199,6 +203,9 @@ class JobRun:
             raise CannotStart(why)
         env = job_environment(a, inherited=self._inherited, workdir=workdir, ladder=self.ladder,
                               checkpoint_dir=self.checkpoint_dir)  # fmt: skip
+        if self.python_env is not None:
+            env.update(PATH=f"{self.python_env / 'bin'}:{env.get('PATH', os.defpath)}",
+                       VIRTUAL_ENV=str(self.python_env))  # fmt: skip
         argv, passed = list(a.command), tuple[int, ...]()
         if self.unit is not None:
             argv, passed = self._in_unit(self.unit, workdir, env)
@@ -228,9 +235,11 @@ class JobRun:
         """The launcher's argv (`agent.sandbox`): the job in its unit, its folder bound."""
         try:
             unit.prepare(self.attempt_dir, workdir, given_workdir=bool(self.assignment.workdir))
+            env_dirs = [self.python_env] if self.python_env else []
             argv, fd = unit.command(self.assignment.command, cwd=workdir,
                                     attempt_dir=self.attempt_dir, binds=[workdir],
-                                    checkpoint=self.checkpoint_dir)  # fmt: skip
+                                    checkpoint=self.checkpoint_dir,
+                                    read_only=env_dirs)  # fmt: skip
         except (SandboxError, OSError) as exc:
             unit.close()  # a group made before the failure goes with it
             raise CannotStart(f"its sandbox could not be made ({exc})") from exc
@@ -360,7 +369,9 @@ class JobRun:
 
     async def _copy_output(self, stream: asyncio.StreamReader) -> None:
         with self.log_path.open("ab") as out:
-            while chunk := await stream.read(READ_CHUNK_BYTES):
+            preface = self.preface
+            while chunk := preface or await stream.read(READ_CHUNK_BYTES):
+                preface = b""
                 room = max(0, self._max_log_bytes - self.log_bytes)
                 out.write(chunk[:room])
                 out.flush()

@@ -344,10 +344,11 @@ class AttemptUnit:
         return numbers
 
     def command(self, argv: Sequence[str], *, cwd: Path, attempt_dir: Path,
-                binds: Sequence[Path] = (),
-                checkpoint: Path | None = None) -> tuple[list[str], int]:  # fmt: skip
+                binds: Sequence[Path] = (), checkpoint: Path | None = None,
+                read_only: Sequence[Path] = ()) -> tuple[list[str], int]:  # fmt: skip
         """The launcher's argv for this job, and the fd to pass it (its report pipe);
-        `checkpoint`: its checkpoint folder, bound writable at `JAIL_CHECKPOINT`."""
+        `checkpoint`: its checkpoint folder, bound writable at `JAIL_CHECKPOINT`;
+        `read_only`: folders of the agent's it may read (its Python environment)."""
         read, write = os.pipe()
         self._report = (read, write)
         sandbox = self.sandbox
@@ -365,6 +366,7 @@ class AttemptUnit:
             # read-only first: the job's own folder, inside a lent one, is bound over it
             mounts += [{"source": str(p), "target": str(p), "writable": False}
                        for p in _exposed(sandbox.config.expose)]  # fmt: skip
+            mounts += [{"source": str(p), "target": str(p), "writable": False} for p in read_only]
             mounts += [{"source": str(p), "target": str(p), "writable": True} for p in binds]
             if checkpoint is not None and "/tmp" in jail.PRIVATE_TMP:
                 mounts.append({"source": str(checkpoint), "target": JAIL_CHECKPOINT,
