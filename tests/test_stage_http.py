@@ -335,7 +335,7 @@ async def test_an_agent_inside_its_orchestrator_moves_files_through_its_store(
     agent = uuid.uuid4()
     await desktop(orchestrator, "a", (24.0, 24.0), (24.0, 24.0), agent=agent)
     cred = await issue(orchestrator, agent)
-    channel = InMemoryWork(orchestrator, agent)
+    channel = InMemoryWork(orchestrator, agent, store=orchestrator.store)
     settings = WorkSettings(accept_jobs="always", jobs_dir=tmp_path / "jobs", allow_root=True,
                             grace_seconds=0.5)  # fmt: skip
 

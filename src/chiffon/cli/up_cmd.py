@@ -47,7 +47,7 @@ class LocalAgent:
 
         credential = await self._credential(orchestrator)
         publisher = InMemoryPublisher(orchestrator.ingest, credential=credential)
-        channel = InMemoryWork(orchestrator, credential.agent_id)
+        channel = InMemoryWork(orchestrator, credential.agent_id, store=orchestrator.store)
         self._daemon = Daemon(self._settings, self._identity, credential, publisher=publisher,
                               channel=channel, collector=self._collector,
                               orders=polled(channel))  # fmt: skip

@@ -78,14 +78,14 @@ class BlobDesk(Protocol):
 class InMemoryWork:
     """The jobs channel of an agent inside its orchestrator's process (`chiffon up`): its
     orders, reports and output go straight to the orchestrator, still signed and fenced;
-    its attempts' files through the orchestrator's store (`store`, or the desk's own
-    `store`), the same checks as over HTTP: only its job's blobs, each checked on arrival
-    (the agent's cache) and on upload (the store)."""
+    its attempts' files through the orchestrator's store (`store`; without one, a job
+    with files is refused), the same checks as over HTTP: only its job's blobs, each
+    checked on arrival (the agent's cache) and on upload (the store)."""
 
     def __init__(self, desk: AgentDesk, agent_id: uuid.UUID, store: BlobDesk | None = None) -> None:
         self._desk = desk
         self._agent_id = agent_id
-        self._store: BlobDesk | None = store or getattr(desk, "store", None)
+        self._store = store
 
     async def orders(self, *, wait_seconds: float) -> list[SignedOrder]:
         try:
