@@ -63,3 +63,30 @@ def test_a_failed_build_says_why_and_leaves_nothing_half_built(tmp_path: Path) -
     (folder / "requirements.txt").unlink()
     with pytest.raises(EnvFailed, match=r"has no uv\.lock"):
         asyncio.run(ensure(folder, envs))
+
+
+BACKEND = """
+import pathlib
+def _mark(*_a, **_k):
+    pathlib.Path(MARK).write_text("ran")
+    raise SystemExit("built")
+build_wheel = build_editable = _mark
+get_requires_for_build_wheel = prepare_metadata_for_build_wheel = _mark
+"""
+
+
+def test_a_lock_that_needs_a_build_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    # A source tree with its own build backend (PEP 517, no download needed): building it
+    # would run the job's code outside its sandbox, as the agent's user.
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    pkg = folder / "evil"
+    pkg.mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text('[project]\nname = "evil"\nversion = "1"\n[build-system]\n'
+                                        'requires = []\nbuild-backend = "backend"\n'
+                                        'backend-path = ["."]\n')  # fmt: skip
+    mark = tmp_path / "BUILT-BY-THE-AGENT"
+    (pkg / "backend.py").write_text(f"MARK = {str(mark)!r}\n" + BACKEND)
+    (folder / "requirements.txt").write_text("./evil\n")
+    with pytest.raises(EnvFailed, match="building the python environment failed"):
+        asyncio.run(ensure(folder, envs))
+    assert not mark.exists()

@@ -9,7 +9,10 @@ kind, and the Python that runs it), so a second job of the same lock, or a new s
 whose lock did not change, runs at once in the environment already built.
 
 uv is a dependency of Chiffon (the `uv` wheel), so the desktop needs nothing else; the
-only downloads are the packages, from the index the desktop already reaches. A build
+only downloads are the packages, from the index the desktop already reaches. Wheels only
+(`--no-build`): building a source distribution runs its code, and the build runs outside
+the job's sandbox as the agent's user, so a lock that needs a build is refused in uv's
+words; a wheel's install runs nothing. A build
 that fails ends the attempt with uv's last words. Environments are built under a lock
 file, so two attempts of one lock build it once; one half built (the agent died) is
 removed and built again.
@@ -125,17 +128,19 @@ def _build(folder: Path, path: Path, source: str, python: str) -> None:
             for name in ("pyproject.toml", "uv.lock"):
                 shutil.copyfile(folder / name, Path(project) / name)
             env["UV_PROJECT_ENVIRONMENT"] = str(path)
-            _uv([uv, "sync", "--frozen", "--no-install-project", "--project", project], env)
+            _uv([uv, "sync", "--frozen", "--no-install-project", "--no-build", "--project",
+                 project], env)  # fmt: skip
         return
     _uv([uv, "venv", "--python", python, str(path)], env)
-    _uv([uv, "pip", "install", "--python", str(path / "bin" / "python"), "-r",
-         str(folder / "requirements.txt")], env)  # fmt: skip
+    # In the job's folder, as pip runs: a path in the file is the folder's.
+    _uv([uv, "pip", "install", "--no-build", "--python", str(path / "bin" / "python"), "-r",
+         "requirements.txt"], env, cwd=folder)  # fmt: skip
 
 
-def _uv(argv: list[str], env: dict[str, str]) -> None:
+def _uv(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
     try:
         done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=BUILD_SECONDS, check=False)  # fmt: skip
+                              timeout=BUILD_SECONDS, check=False, cwd=cwd)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise EnvFailed(f"building the python environment took over {BUILD_SECONDS:.0f} s"
                         ) from None  # fmt: skip
