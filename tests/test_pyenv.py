@@ -5,6 +5,7 @@ uv's words. Offline: the locks name no package the index would have to serve."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from pathlib import Path
 
@@ -90,3 +91,37 @@ def test_a_lock_that_needs_a_build_is_refused_and_runs_nothing(tmp_path: Path) -
     with pytest.raises(EnvFailed, match="building the python environment failed"):
         asyncio.run(ensure(folder, envs))
     assert not mark.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("-r /etc/shadow", "-r is not allowed"),
+        ("--requirement=../../secrets.txt", "outside the job's folder"),
+        ("evil @ file:///root/.ssh/id_rsa", "outside the job's folder"),
+        ("-e .", "-e is not allowed"),
+        ("--index-url /srv/mirror", "--index-url is not allowed"),
+    ],
+)
+def test_a_requirements_file_cannot_name_the_desktops_files(
+    tmp_path: Path, line: str, says: str
+) -> None:
+    # uv runs as the agent's user and its words go back to the job's owner: `-r /etc/shadow`
+    # would print the file's first line in the error.
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    folder.mkdir()
+    (folder / "requirements.txt").write_text(f"numpy\n{line}\n")
+    with pytest.raises(EnvFailed, match=re.escape(says)):
+        asyncio.run(ensure(folder, envs))
+    assert not envs.exists() or not any(envs.iterdir())
+
+
+def test_index_urls_and_the_folders_own_requirement_files_are_allowed(tmp_path: Path) -> None:
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    folder.mkdir()
+    (folder / "base.txt").write_text("# nothing\n")
+    (folder / "requirements.txt").write_text(
+        "--extra-index-url https://wheels.example.org/simple\n-r base.txt\n--pre\n"
+    )
+    env = asyncio.run(ensure(folder, envs))
+    assert env.source == "requirements.txt" and env.built_seconds is not None

@@ -72,6 +72,47 @@ def lock_of(folder: Path) -> tuple[str, bytes] | None:
     return None
 
 
+# What a requirements file may say besides requirements: where wheels come from (a URL,
+# never a path of the desktop's), and other requirement files of the job's own folder.
+_URL_OPTIONS = frozenset({"-i", "--index-url", "--extra-index-url", "-f", "--find-links"})
+_FILE_OPTIONS = frozenset({"-r", "--requirement", "-c", "--constraint"})
+_FLAGS = frozenset({"--no-index", "--pre", "--prefer-binary"})
+
+
+def check_requirements(folder: Path, name: str = "requirements.txt", depth: int = 0) -> None:
+    """`EnvFailed` naming the first line that could make the agent, which builds the
+    environment outside the sandbox and says uv's words back to the job's owner, read a
+    file of the desktop's (`-r /etc/shadow`, `x @ file:///root/...`, `../x`), or build one
+    (`-e`). Requirement files it names are checked too."""
+    if depth > 8:
+        raise EnvFailed(f"{name}: requirement files nested more than 8 deep")
+    for number, raw in enumerate((folder / name).read_text(errors="replace").splitlines(), 1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{name} line {number}"
+        if "file:" in line or line.startswith(("/", "~", "..")) or "/.." in line:
+            raise EnvFailed(f"--python-env: {where} names a path outside the job's folder")
+        if not line.startswith("-"):
+            continue
+        option, _, value = line.replace("=", " ", 1).partition(" ")
+        value = value.strip()
+        if option in _URL_OPTIONS and value.startswith(("https://", "http://")):
+            continue
+        if option in _FILE_OPTIONS and value and _inside(folder, value):
+            check_requirements(folder, value, depth + 1)
+            continue
+        if option in _FLAGS:
+            continue
+        allowed = "an index URL, a --find-links URL or a requirement file of the job's folder"
+        raise EnvFailed(f"--python-env: {where}: {option} is not allowed ({allowed} is)")
+
+
+def _inside(folder: Path, relative: str) -> bool:
+    target = (folder / relative).resolve()
+    return target.is_relative_to(folder.resolve()) and target.is_file()
+
+
 def uv_binary() -> str:
     """uv as installed with Chiffon (the `uv` wheel), else on PATH."""
     try:
@@ -98,6 +139,8 @@ def find_or_build(folder: Path, envs: Path, python: str) -> PythonEnv:
         raise EnvFailed("--python-env: the job's folder has no uv.lock (with its "
                         "pyproject.toml) or requirements.txt")  # fmt: skip
     source, content = found
+    if source == "requirements.txt":
+        check_requirements(folder)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     key = hashlib.sha256(b"%s\0%s\0%s\0" % (source.encode(), python.encode(), version.encode())
                          + content).hexdigest()  # fmt: skip
