@@ -61,7 +61,7 @@ def chiffon_in(
     home = folder.parent / "home"
     home.mkdir(exist_ok=True)
     env = {**os.environ, "CHIFFON_API_TOKEN": TOKENS_ENV["CHIFFON_API_TOKEN"],
-           "CHIFFON_ORCHESTRATOR_URL": f.api, "HOME": str(home)}  # fmt: skip
+           "CHIFFON_ORCHESTRATOR_URL": f.api, "HOME": str(home), "COLUMNS": "400"}  # fmt: skip
     return subprocess.run([*CHIFFON, *args], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)  # fmt: skip
 
@@ -96,6 +96,12 @@ def test_run_from_a_folder_sends_it_and_brings_the_outputs_back_byte_for_byte(
     # the same folder again: nothing new to send; `chiffon get` fetches the outputs later
     again = chiffon_in(folder, fleet, "run", "--detach", "--", sys.executable, "train.py")
     assert again.returncode == 0 and "; 0 new" in again.stderr, again.stderr
+    with Client(fleet.api, token=API_TOKEN) as c:
+        assert c.wait(again.stdout.strip(), timeout_seconds=60).state == "succeeded"
+    shown = chiffon_in(folder, fleet, "jobs", "show", again.stdout.strip()).stdout
+    assert "files in its cache" in " ".join(shown.split())  # the desktop had them
+    shown = chiffon_in(folder, fleet, "jobs", "show", job_id).stdout
+    assert "files fetched" in " ".join(shown.split())
     fetched = chiffon_in(folder, fleet, "get", job_id, "--to", str(tmp_path / "later"))
     assert fetched.returncode == 0, fetched.stderr
     assert (tmp_path / "later" / "model.pt").read_bytes() == b"weights:" + data[:1000]

@@ -233,3 +233,13 @@ def test_the_cap_comes_from_the_flag_else_the_environment(
                                  "must be a number")  # fmt: skip
     with pytest.raises(CliError, match=r"max_mb = -1.0 \(from flag\): must be greater than 0"):
         SyncSettings.build(-1.0)
+
+
+def test_what_came_back_from_earlier_jobs_is_not_sent_again(tmp_path: Path) -> None:
+    # ./chiffon-out/ is where `chiffon run` and `chiffon get` put outputs: sending it would
+    # make every run's snapshot new (no desktop's cache would hold it) and grow it each time.
+    write(tmp_path, {"train.py": "print(1)\n", "chiffon-out/5f0c/model.pt": b"w" * 100,
+                     "data/chiffon-out/keep.csv": "1,2\n"})  # fmt: skip
+    assert paths(take(tmp_path)) == ["data/chiffon-out/keep.csv", "train.py"]
+    git(tmp_path, "init", "-q")
+    assert paths(take(tmp_path)) == ["data/chiffon-out/keep.csv", "train.py"]

@@ -61,7 +61,8 @@ EXIT_LOST = 1
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 T = TypeVar("T")
-OUT_FOLDER = Path("chiffon-out")  # where `run` and `get` put a job's outputs: ./chiffon-out/<id>
+# Where `run` and `get` put a job's outputs, ./chiffon-out/<id>: never sent (cli/sync.py).
+OUT_FOLDER = Path("chiffon-out")
 # A job's outputs are saved by its desktop as its attempt ends: a moment to land in the
 # store after the job reads as ended.
 OUTPUTS_WAIT_SECONDS = 3.0
@@ -572,6 +573,8 @@ def _attempt_line(a: JobAttempt) -> str:
     if a.resumed_from is not None:  # null from an older orchestrator too
         size = _mb(a.resumed_bytes or 0)
         line += f"; resumed from attempt {a.resumed_from}'s checkpoint ({size})"
+    if a.snapshot_cached is not None:  # null: no snapshot (or an older orchestrator)
+        line += "; files in its cache" if a.snapshot_cached else "; files fetched"
     return line.strip()
 
 

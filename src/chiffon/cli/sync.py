@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from chiffon.schemas.jobs import FileSet
 
 CHIFFONIGNORE = ".chiffonignore"
+OUT_FOLDER = "chiffon-out"  # where `chiffon run` and `chiffon get` put outputs: never sent
 GITIGNORE = ".gitignore"
 DEFAULT_MAX_MB = 500.0
 LARGEST_SHOWN = 3  # files a refusal over the cap names
@@ -117,6 +118,8 @@ def snapshot(root: Path, *, max_bytes: int) -> Snapshot:
     if not root.is_dir():
         raise CliError(f"{root} is not a folder to send", code=EXIT_USAGE)
     paths, honoured = _listing(root)
+    # What came back from earlier jobs (`./chiffon-out/`) is not sent as the next one's code.
+    paths = [p for p in paths if p.split("/", 1)[0] != OUT_FOLDER]
     ignore = _chiffonignore(root)
     if ignore is not None:
         paths = [p for p in paths if not ignore.match_file(p)]
