@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -281,3 +282,32 @@ def test_a_name_no_manifest_can_hold_is_left_out_alone(tmp_path: Path) -> None:
     (tmp_path / "odd\\name").write_text("2")
     found = gather(tmp_path)
     assert found.files == ["ok.txt"] and "a name a manifest cannot hold" in found.skipped[0]
+
+
+def test_a_chain_of_links_each_inside_on_its_own_is_refused_where_it_leads_out(
+    tmp_path: Path,
+) -> None:
+    # `k -> t/../../..` looks inside, but `t` is itself a link: the system climbs from
+    # where `t` leads. Refused in a manifest (the agent's lay-out, `chiffon get`) and never
+    # gathered from what a job left.
+    deep = "/".join(f"d{i}" for i in range(12))
+    chain = [Link("t", "tdir"), Link(f"{deep}/k", "../" * 12 + "t"),
+             Link("esc", f"{deep}/k/" + "../" * 13 + "etc/passwd")]  # fmt: skip
+    with pytest.raises(ManifestError, match=f"goes through the link '{deep}/k'"):
+        Manifest.of([Entry("tdir/x", "0" * 64, 0)], chain)
+    assert Manifest.of([], [Link("libx.so", "libx.so.1"), Link("libx.so.1", "d/libx.so.1.2")])
+    job = tmp_path / "work"
+    (job / "d0").mkdir(parents=True)
+    os.symlink("/etc", job / "d0" / "etc-link-outside")  # itself out: never recorded
+    os.symlink("d0/etc-link-outside", job / "inside-by-its-text")
+    found = gather(job, None)
+    assert [k.path for k in found.links] == []
+
+
+def test_a_pattern_built_to_backtrack_is_matched_at_once() -> None:
+    # `*a*a...*b` against a long name of `a`s: exponential for a backtracking regex (the
+    # agent's loop once stalled on it: the GIL is never let go while a regex runs).
+    named = out_matcher(["*a" * 20 + "b", "x/**/" + "*a" * 20 + "b"])
+    began = time.perf_counter()
+    assert not named("a" * 60) and not named("x/y/" + "a" * 60)
+    assert time.perf_counter() - began < 5.0  # the backtracking regex: minutes

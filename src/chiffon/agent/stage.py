@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
+import functools
 import hashlib
 import logging
 import os
-import re
 import stat
 import uuid
 from collections.abc import Callable, Sequence
@@ -132,42 +133,24 @@ def _copy(source: Path, dest: Path, entry: Entry) -> None:
 
 
 def out_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """Whether a relative path is named by one of the `--out` globs: `*` and `?` within a
-    part, `**` any number of parts; a pattern naming a folder names all under it."""
-    regexes = [re.compile(_glob_regex(p)) for p in patterns]
-    return lambda path: any(r.fullmatch(path) for r in regexes)
+    """Whether a relative path is named by one of the `--out` globs: `*`, `?` and `[...]`
+    within a part (`fnmatch`, whose `*` cannot backtrack exponentially: a pattern like
+    `*a*a*a*b` once held the agent's loop for minutes), `**` any number of parts; a
+    pattern naming a folder names all under it."""
+    split = [tuple(p for p in pattern.split("/") if p not in ("", ".")) for pattern in patterns]
+    return lambda path: any(_glob_match(parts, tuple(path.split("/"))) for parts in split)
 
 
-def _glob_regex(pattern: str) -> str:
-    parts = [p for p in pattern.split("/") if p not in ("", ".")]
-    out = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]+/)*")
-        else:
-            out.append(_part_regex(part) + ("" if last else "/"))
-    return "".join(out) + "(?:/.*)?"
+def _glob_match(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
+    @functools.cache
+    def at(i: int, j: int) -> bool:
+        if i == len(pattern):
+            return True  # all of the pattern: this path, or one under the folder it names
+        if pattern[i] == "**":
+            return any(at(i + 1, k) for k in range(j, len(path) + 1))
+        return j < len(path) and fnmatch.fnmatchcase(path[j], pattern[i]) and at(i + 1, j + 1)
 
-
-def _part_regex(part: str) -> str:
-    out, i = [], 0
-    while i < len(part):
-        c = part[i]
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[" and (end := part.find("]", i + 2)) != -1:
-            inner = part[i + 1 : end]
-            negate = inner[:1] in ("!", "^")
-            inner = re.escape(inner[1:] if negate else inner).replace("\\-", "-")
-            out.append(f"[{'^/' if negate else ''}{inner}]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)
+    return at(0, 0)
 
 
 @dataclass(slots=True)
@@ -197,6 +180,12 @@ def gather(folder: Path, wanted: Callable[[str], bool] | None = None) -> Found:
     return found
 
 
+def _resolves_inside(folder: Path, rel: str) -> bool:
+    """Where the system takes the link, through any other links: still in the folder."""
+    top = os.path.realpath(folder)
+    return os.path.commonpath([top, os.path.realpath(folder / rel)]) == top
+
+
 def _take(folder: Path, rel: str, found: Found) -> None:
     try:
         check_path(rel)
@@ -208,7 +197,7 @@ def _take(folder: Path, rel: str, found: Found) -> None:
         return
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(folder / rel)
-        if link_inside(rel, target):
+        if link_inside(rel, target) and _resolves_inside(folder, rel):
             found.links.append(Link(rel, target))
         else:
             found.skipped.append(f"{rel} (a link out of its folder)")

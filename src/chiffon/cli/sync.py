@@ -313,7 +313,9 @@ def _link_target(root: Path, path: str) -> str:
                 here = os.path.dirname(os.path.join(base, path))
                 target = os.path.relpath(absolute, here)
                 break
-    if not link_inside(path, target):
+    top = os.path.realpath(root)
+    through = os.path.commonpath([top, os.path.realpath(root / path)]) != top
+    if through or not link_inside(path, target):  # through other links, or on its own
         raise CliError(f"{path} is a link to {target}, outside the folder sent: the job "
                        f"could not follow it; copy what it points to in, or add {path} to "
                        f"{CHIFFONIGNORE}", code=EXIT_USAGE)  # fmt: skip

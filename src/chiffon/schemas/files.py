@@ -173,6 +173,7 @@ class Manifest:
         entries = tuple(_entry(f) for f in files)
         linked = tuple(_link(k) for k in links)
         _one_tree([e.path for e in entries] + [k.path for k in linked])
+        _no_link_through_a_link(linked)
         return cls(entries, linked, raw)
 
 
@@ -197,6 +198,29 @@ def _link(k: object) -> Link:
     if not isinstance(target, str) or not link_inside(path, target):
         raise ManifestError(f"link {path!r} points outside the job's folder ({target!r})")
     return Link(path, target)
+
+
+def _no_link_through_a_link(links: tuple[Link, ...]) -> None:
+    """No link's target goes *through* another link of the tree (`a -> b/../../x` with `b`
+    a link): the system follows `b` there, so `..` after it climbs from wherever `b`
+    leads, and a chain of links each inside on its own can leave the tree. A link to a
+    link (`libx.so -> libx.so.1`) is fine: each hop is checked on its own."""
+    named = {k.path for k in links}
+    for k in links:
+        parts = [*posixpath.dirname(k.path).split("/"), *k.target.split("/")]
+        parts = [p for p in parts if p not in ("", ".")]
+        stack: list[str] = []
+        for i, part in enumerate(parts):
+            if part == "..":
+                if not stack:
+                    raise ManifestError(f"link {k.path!r} points outside the job's folder")
+                stack.pop()
+                continue
+            stack.append(part)
+            through = "/".join(stack)
+            if through in named and i < len(parts) - 1:
+                raise ManifestError(f"link {k.path!r} goes through the link {through!r}: it "
+                                    "could lead outside the job's folder")  # fmt: skip
 
 
 def _one_tree(paths: list[str]) -> None:

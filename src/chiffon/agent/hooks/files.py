@@ -73,7 +73,8 @@ class StageIn(AttemptHook):
             needed = {blob for m, _ in manifests for blob in m.blobs()}
             with cache.pinned(needed):
                 await self._check_disk(attempt, cache, [m for m, _ in manifests], needed)
-                await self._fetch_all(attempt, files, cache, needed)
+                sizes = {e.sha256: e.size for m, _ in manifests for e in m.files}
+                await self._fetch_all(attempt, files, cache, sizes)
                 for manifest, folder in manifests:
                     await asyncio.to_thread(_lay, manifest, cache, attempt.directory, folder)
         attempt.checkpoint_saved = work.checkpoint  # restored: no need to send it back
@@ -106,14 +107,16 @@ class StageIn(AttemptHook):
                              f"{wanted / GB:.3g} GB needed, {free / GB:.3g} GB free")  # fmt: skip
 
     async def _fetch_all(self, attempt: Attempt, files: FileChannel, cache: BlobCache,
-                         needed: set[str]) -> None:  # fmt: skip
+                         sizes: dict[str, int]) -> None:  # fmt: skip
+        """Every blob, each held to the size its manifest says (an orchestrator that sends
+        more fills no disk)."""
         slots = asyncio.Semaphore(PARALLEL)
 
         async def one(sha: str) -> None:
             async with slots:
-                await _fetched(attempt, files, cache, sha, None)
+                await _fetched(attempt, files, cache, sha, sizes[sha])
 
-        tasks = [asyncio.create_task(one(sha)) for sha in sorted(needed)]
+        tasks = [asyncio.create_task(one(sha)) for sha in sorted(sizes)]
         try:
             await asyncio.gather(*tasks)
         finally:  # the first failure ends the rest
@@ -123,13 +126,13 @@ class StageIn(AttemptHook):
 
 
 async def _fetched(
-    attempt: Attempt, files: FileChannel, cache: BlobCache, sha: str, max_bytes: int | None
+    attempt: Attempt, files: FileChannel, cache: BlobCache, sha: str, max_bytes: int
 ) -> Path:
     """The blob's path in the cache; a tampered one fails the attempt, one that cannot be
     fetched refuses it (placed again, perhaps where the orchestrator is reachable)."""
 
     async def fetch(into: Path) -> None:
-        await files.fetch_blob(*attempt.key, sha, into, max_bytes=max_bytes or 2**62)
+        await files.fetch_blob(*attempt.key, sha, into, max_bytes=max_bytes)
 
     try:
         return await cache.get(sha, fetch)
