@@ -321,3 +321,12 @@ async def test_which_of_100000_hashes_are_missing_is_one_ask_and_a_bigger_body_i
         job = await api.post("/api/v1/jobs", content=b" " * (128 * 1024),
                              headers={"content-type": "application/json"})  # fmt: skip
         assert job.status_code == 413
+
+
+async def test_a_python_env_is_built_from_the_jobs_own_folder_never_a_workdir(
+    orchestrator: Orchestrator,
+) -> None:
+    async with api_client(orchestrator, API_HEADERS) as api:
+        resp = await api.post("/api/v1/jobs", json={"command": ["python", "x.py"],
+                                                    "python_env": True, "workdir": "/srv/x"})  # fmt: skip
+    assert resp.status_code == 422 and "not of a workdir" in resp.json()["detail"]

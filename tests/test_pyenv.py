@@ -96,7 +96,8 @@ def test_a_lock_that_needs_a_build_is_refused_and_runs_nothing(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("line", "says"),
     [
-        ("-r /etc/shadow", "-r is not allowed"),
+        ("-r /etc/shadow", "/etc/shadow leads outside the job's folder"),
+        ("--index-url https://mirror.example.org/${CHIFFON_AMQP_URL}/", "names a variable"),
         ("--requirement=../../secrets.txt", "outside the job's folder"),
         ("evil @ file:///root/.ssh/id_rsa", "outside the job's folder"),
         ("-e .", "-e is not allowed"),
@@ -125,3 +126,15 @@ def test_index_urls_and_the_folders_own_requirement_files_are_allowed(tmp_path: 
     )
     env = asyncio.run(ensure(folder, envs))
     assert env.source == "requirements.txt" and env.built_seconds is not None
+
+
+def test_a_lock_file_that_is_a_link_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    folder, envs = tmp_path / "job", tmp_path / "envs"
+    folder.mkdir()
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$salt$HASH:19000:0:99999:7:::\n")
+    (folder / "pyproject.toml").write_text(PROJECT)
+    (folder / "uv.lock").symlink_to(secret)
+    with pytest.raises(EnvFailed, match=r"uv\.lock leads outside the job.s folder") as refused:
+        asyncio.run(ensure(folder, envs))
+    assert "HASH" not in str(refused.value)

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -60,14 +61,41 @@ class PythonEnv:
         return {**env, "PATH": path, "VIRTUAL_ENV": str(self.path)}
 
 
+LOCK_MAX_BYTES = 16 * 1024 * 1024
+# What uv is given of the agent's environment: its own settings and how to reach the index
+# (a proxy, a CA); nothing else (a secret in the agent's environment could be sent to an
+# index URL a requirements file names, as `${VAR}`).
+_PASSED = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "HTTP_PROXY",
+           "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
+           "all_proxy")  # fmt: skip
+
+
+def _own_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` where the system takes it (through links) when that is a regular file
+    inside the folder, of at most `LOCK_MAX_BYTES`; None when there is none. `EnvFailed`
+    when it leads out of the folder (a link to /etc/shadow: uv would read it as the
+    agent's user, and say its first line back)."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([top, real]) != top:
+        raise EnvFailed(f"--python-env: {name} leads outside the job's folder")
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > LOCK_MAX_BYTES:
+        raise EnvFailed(f"--python-env: {name} is not a regular file of at most "
+                        f"{LOCK_MAX_BYTES // 2**20} MB")  # fmt: skip
+    return Path(real)
+
+
 def lock_of(folder: Path) -> tuple[str, bytes] | None:
     """What the environment is built from: `uv.lock` (beside a `pyproject.toml`), else
     `requirements.txt`; None when the folder has neither."""
-    lock, project = folder / "uv.lock", folder / "pyproject.toml"
-    if lock.is_file() and project.is_file():
+    lock, project = _own_file(folder, "uv.lock"), _own_file(folder, "pyproject.toml")
+    if lock is not None and project is not None:
         return "uv.lock", project.read_bytes() + b"\0" + lock.read_bytes()
-    requirements = folder / "requirements.txt"
-    if requirements.is_file():
+    requirements = _own_file(folder, "requirements.txt")
+    if requirements is not None:
         return "requirements.txt", requirements.read_bytes()
     return None
 
@@ -82,35 +110,40 @@ _FLAGS = frozenset({"--no-index", "--pre", "--prefer-binary"})
 def check_requirements(folder: Path, name: str = "requirements.txt", depth: int = 0) -> None:
     """`EnvFailed` naming the first line that could make the agent, which builds the
     environment outside the sandbox and says uv's words back to the job's owner, read a
-    file of the desktop's (`-r /etc/shadow`, `x @ file:///root/...`, `../x`), or build one
-    (`-e`). Requirement files it names are checked too."""
+    file of the desktop's (`-r /etc/shadow`, `x @ file:///root/...`, `../x`), send one of
+    its variables (`${...}`) or build code (`-e`). Requirement files it names are
+    checked too."""
     if depth > 8:
         raise EnvFailed(f"{name}: requirement files nested more than 8 deep")
-    for number, raw in enumerate((folder / name).read_text(errors="replace").splitlines(), 1):
+    own = _own_file(folder, name)
+    if own is None:
+        raise EnvFailed(f"--python-env: {name} is not in the job's folder")
+    for number, raw in enumerate(own.read_text(errors="replace").splitlines(), 1):
         line = raw.split(" #", 1)[0].strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{name} line {number}"
-        if "file:" in line or line.startswith(("/", "~", "..")) or "/.." in line:
-            raise EnvFailed(f"--python-env: {where} names a path outside the job's folder")
-        if not line.startswith("-"):
-            continue
-        option, _, value = line.replace("=", " ", 1).partition(" ")
-        value = value.strip()
-        if option in _URL_OPTIONS and value.startswith(("https://", "http://")):
-            continue
-        if option in _FILE_OPTIONS and value and _inside(folder, value):
-            check_requirements(folder, value, depth + 1)
-            continue
-        if option in _FLAGS:
-            continue
-        allowed = "an index URL, a --find-links URL or a requirement file of the job's folder"
-        raise EnvFailed(f"--python-env: {where}: {option} is not allowed ({allowed} is)")
+        if line and not line.startswith("#"):
+            nested = _line_names(line, f"{name} line {number}")
+            if nested is not None:
+                check_requirements(folder, nested, depth + 1)
 
 
-def _inside(folder: Path, relative: str) -> bool:
-    target = (folder / relative).resolve()
-    return target.is_relative_to(folder.resolve()) and target.is_file()
+def _line_names(line: str, where: str) -> str | None:
+    """The requirement file a line names (None: none), once the line is allowed."""
+    if "${" in line:
+        raise EnvFailed(f"--python-env: {where} names a variable of the desktop's")
+    if "file:" in line or line.startswith(("/", "~", "..")) or "/.." in line:
+        raise EnvFailed(f"--python-env: {where} names a path outside the job's folder")
+    if not line.startswith("-"):
+        return None
+    option, _, value = line.replace("=", " ", 1).partition(" ")
+    value = value.strip()
+    if option in _URL_OPTIONS and value.startswith(("https://", "http://")):
+        return None
+    if option in _FILE_OPTIONS and value and not value.startswith("-"):
+        return value
+    if option in _FLAGS:
+        return None
+    allowed = "an index URL, a --find-links URL or a requirement file of the job's folder"
+    raise EnvFailed(f"--python-env: {where}: {option} is not allowed ({allowed} is)")
 
 
 def uv_binary() -> str:
@@ -164,12 +197,16 @@ def find_or_build(folder: Path, envs: Path, python: str) -> PythonEnv:
 
 def _build(folder: Path, path: Path, source: str, python: str) -> None:
     uv = uv_binary()
-    env = {**os.environ, "UV_PYTHON": python, "UV_NO_PROGRESS": "1"}
+    env = {k: v for k, v in os.environ.items() if k in _PASSED or k.startswith("UV_")}
+    env.update(UV_PYTHON=python, UV_NO_PROGRESS="1", HOME=str(path.parent))
+    env.setdefault("UV_CACHE_DIR", str(path.parent / ".uv-cache"))
     if source == "uv.lock":
         # A copy of the project's two files: the job's code is neither read nor installed.
         with tempfile.TemporaryDirectory(prefix="chiffon-lock-") as project:
             for name in ("pyproject.toml", "uv.lock"):
-                shutil.copyfile(folder / name, Path(project) / name)
+                own = _own_file(folder, name)
+                assert own is not None  # lock_of found both
+                shutil.copyfile(own, Path(project) / name)
             env["UV_PROJECT_ENVIRONMENT"] = str(path)
             _uv([uv, "sync", "--frozen", "--no-install-project", "--no-build", "--project",
                  project], env)  # fmt: skip

@@ -19,6 +19,8 @@ class PythonEnvHook(AttemptHook):
         work, run, cache = attempt.work, attempt.run, self.parts.cache
         if work is None or not work.python_env or run is None or cache is None:
             return
+        if work.workdir:  # a folder of the desktop's, read as the agent's user: never
+            raise CannotStart("--python-env builds the job's own folder, not a workdir")
         try:
             env = await ensure(job_folder(attempt, work), cache.root / ENVS)
         except EnvFailed as exc:
