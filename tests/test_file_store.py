@@ -327,6 +327,6 @@ async def test_a_python_env_is_built_from_the_jobs_own_folder_never_a_workdir(
     orchestrator: Orchestrator,
 ) -> None:
     async with api_client(orchestrator, API_HEADERS) as api:
-        resp = await api.post("/api/v1/jobs", json={"command": ["python", "x.py"],
-                                                    "python_env": True, "workdir": "/srv/x"})  # fmt: skip
+        job = {"command": ["python", "x.py"], "python_env": True, "workdir": "/srv/x"}
+        resp = await api.post("/api/v1/jobs", json=job)
     assert resp.status_code == 422 and "not of a workdir" in resp.json()["detail"]
