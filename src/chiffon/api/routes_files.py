@@ -196,7 +196,7 @@ async def agent_download(
     holds the attempt; with `Range: bytes=N-`, from byte N."""
     await the_agent(orchestrator, agent_id, request)
     await _attempt_of(orchestrator, agent_id, job_id, attempt)
-    if sha256 not in await orchestrator.store.job_blobs(job_id):
+    if not await orchestrator.store.job_has(job_id, sha256):
         raise HTTPException(404, f"blob {sha256} is not one of job {job_id}'s files")
     if sha256 == await orchestrator.store.job_snapshot(job_id):
         await orchestrator.store.fetched(agent_id, sha256)

@@ -48,13 +48,15 @@ from chiffon.persistence.models import (
     JobRow,
 )
 from chiffon.schemas.dispatch import OUT
-from chiffon.schemas.files import Manifest, ManifestError, is_sha256
+from chiffon.schemas.files import MAX_MANIFEST_BYTES, Manifest, ManifestError, is_sha256
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 READ_CHUNKS = 8  # chunks read from the database per query
-MANIFESTS_CACHED = 256
+# Manifests kept parsed (a blob never changes), bounded by the paths they hold: a
+# snapshot's 100,000 files are asked about once per file while an agent fetches them.
+MANIFEST_PATHS_CACHED = 1_000_000
 IN_CLAUSE = 1000
 FILE_KINDS = ("output", "checkpoint")
 
@@ -95,7 +97,8 @@ class BlobStore:
         self.folder = folder
         self.max_bytes = max_bytes
         self.retention_seconds = retention_seconds
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._manifests: OrderedDict[str, tuple[Manifest, frozenset[str]]] = OrderedDict()
+        self._cached_paths = 0
 
     # What is there.
 
@@ -231,20 +234,28 @@ class BlobStore:
     async def manifest(self, sha256: str) -> Manifest:
         """The stored manifest `sha256`, parsed (and kept: a blob never changes).
         `LookupError` when it is not stored, `ManifestError` when it is no manifest."""
+        return (await self._parsed(sha256))[0]
+
+    async def _parsed(self, sha256: str) -> tuple[Manifest, frozenset[str]]:
+        """The manifest and the blobs it names, parsed in a thread (100,000 paths take
+        seconds: never on the loop that serves the API)."""
         if (cached := self._manifests.get(sha256)) is not None:
             self._manifests.move_to_end(sha256)
             return cached
         size = await self.size(sha256)
         if size is None:
             raise LookupError(f"manifest {sha256} is not in the store")
-        if size > 64 * 1024 * 1024:
+        if size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{sha256} is too large to be a manifest")
         raw = b"".join([data async for data in self.read(sha256)])
-        manifest = Manifest.parse(raw)
-        self._manifests[sha256] = manifest
-        if len(self._manifests) > MANIFESTS_CACHED:
-            self._manifests.popitem(last=False)
-        return manifest
+        parsed = await asyncio.to_thread(Manifest.parse, raw)
+        kept = (Manifest(parsed.files, parsed.links), frozenset(parsed.blobs()))  # no raw
+        self._manifests[sha256] = kept
+        self._cached_paths += len(parsed.files) + len(parsed.links)
+        while self._cached_paths > MANIFEST_PATHS_CACHED and len(self._manifests) > 1:
+            _, (old, _) = self._manifests.popitem(last=False)
+            self._cached_paths -= len(old.files) + len(old.links)
+        return kept
 
     async def complete(self, sha256: str) -> Manifest:
         """The manifest `sha256`, when it and every blob it names are stored; else
@@ -311,9 +322,9 @@ class BlobStore:
         snapshot = spec.get("snapshot")
         return snapshot if is_sha256(snapshot) else None
 
-    async def job_blobs(self, job_id: uuid.UUID) -> set[str]:
-        """What an agent running `job_id` may fetch: its snapshot and its checkpoints, the
-        manifests and the files they name."""
+    async def job_has(self, job_id: uuid.UUID, sha256: str) -> bool:
+        """Whether an agent running `job_id` may fetch `sha256`: its snapshot or one of its
+        checkpoints, a manifest or a file one names."""
         async with self._sessions() as session:
             spec = await session.scalar(select(JobRow.spec).where(JobRow.job_id == job_id))
             mine = (JobFilesRow.job_id == job_id) & (JobFilesRow.kind == "checkpoint")
@@ -321,11 +332,13 @@ class BlobStore:
         manifests = list(checkpoints)
         if spec and is_sha256(spec.get("snapshot")):
             manifests.append(spec["snapshot"])
-        allowed = set(manifests)
+        if sha256 in manifests:
+            return True
         for sha in manifests:
             with contextlib.suppress(LookupError, ManifestError):
-                allowed |= (await self.manifest(sha)).blobs()
-        return allowed
+                if sha256 in (await self._parsed(sha))[1]:
+                    return True
+        return False
 
     # Garbage.
 
@@ -349,7 +362,7 @@ class BlobStore:
         keep = set(manifests)
         for sha in manifests:
             try:
-                keep |= (await self.manifest(sha)).blobs()
+                keep |= (await self._parsed(sha))[1]
             except (LookupError, ManifestError):
                 continue
         doomed = [sha for sha in old if sha not in keep]

@@ -68,7 +68,7 @@ class BlobDesk(Protocol):
         self, job_id: uuid.UUID, attempt: int, agent_id: uuid.UUID, kind: str, sha256: str
     ) -> str: ...
 
-    async def job_blobs(self, job_id: uuid.UUID) -> set[str]: ...
+    async def job_has(self, job_id: uuid.UUID, sha256: str) -> bool: ...
 
     async def job_snapshot(self, job_id: uuid.UUID) -> str | bool | None: ...
 
@@ -120,7 +120,7 @@ class InMemoryWork:
     ) -> None:
         store = self._blobs()
         try:
-            if sha256 not in await store.job_blobs(job_id):
+            if not await store.job_has(job_id, sha256):
                 raise TransportError(f"blob {sha256} is not one of job {job_id}'s files")
             if sha256 == await store.job_snapshot(job_id):  # its cache holds it: placement
                 await store.fetched(self._agent_id, sha256)
