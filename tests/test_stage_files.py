@@ -311,3 +311,34 @@ def test_a_pattern_built_to_backtrack_is_matched_at_once() -> None:
     began = time.perf_counter()
     assert not named("a" * 60) and not named("x/y/" + "a" * 60)
     assert time.perf_counter() - began < 5.0  # the backtracking regex: minutes
+
+
+def test_blobs_admitted_while_others_are_evicted_keep_the_index_whole(tmp_path: Path) -> None:
+    # Downloads admit blobs from worker threads while another's eviction sorts the index:
+    # unguarded, the sort met a blob being added ("dictionary changed size during
+    # iteration") and the agent's order loop died with it.
+    import threading
+
+    cache = BlobCache(tmp_path / "cache", max_bytes=64 * 1024)
+    blobs = [os.urandom(1024) + i.to_bytes(4, "big") for i in range(600)]
+    errors: list[BaseException] = []
+
+    def admit(part: list[bytes]) -> None:
+        for data in part:
+            tmp = tmp_path / "cache" / "tmp" / sha(data)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            try:
+                cache._admit(tmp, sha(data))
+                cache.evict()
+            except BaseException as exc:  # what a thread raised is the finding
+                errors.append(exc)
+
+    threads = [threading.Thread(target=admit, args=(blobs[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    kept = {p.name for p in (tmp_path / "cache" / "blobs").glob("??/*")}
+    assert cache.used_bytes == sum(len(b) for b in blobs if sha(b) in kept) <= 64 * 1024

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -43,6 +44,12 @@ class BlobCache:
         self.root = root
         self.max_bytes = max_bytes
         self._index: dict[str, tuple[float, int]] | None = None  # sha -> (last used, size)
+        self._total = 0  # bytes the index holds
+        # The index is read and changed from worker threads (a blob admitted while another
+        # download evicts): one at a time. Unguarded, an eviction's sort met a blob being
+        # admitted ("dictionary changed size during iteration") and ended the agent's
+        # order loop.
+        self._mutex = threading.Lock()
         self._pins: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -51,15 +58,21 @@ class BlobCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(size for _, size in self._blobs().values())
+        with self._mutex:
+            self._blobs()
+            return self._total
 
     def has(self, sha256: str) -> bool:
         """Whether it is here; if so it counts as used now."""
+        with self._mutex:
+            return self._has(sha256)
+
+    def _has(self, sha256: str) -> bool:
         blobs = self._blobs()
         if sha256 not in blobs:
             return False
         if not self.path(sha256).is_file():  # removed behind our back
-            del blobs[sha256]
+            self._total -= blobs.pop(sha256)[1]
             return False
         now = time.time()
         blobs[sha256] = (now, blobs[sha256][1])
@@ -71,15 +84,17 @@ class BlobCache:
     def pinned(self, shas: Iterable[str]) -> Iterator[None]:
         """While in it, none of `shas` is evicted."""
         held = list(set(shas))
-        for sha in held:
-            self._pins[sha] = self._pins.get(sha, 0) + 1
+        with self._mutex:
+            for sha in held:
+                self._pins[sha] = self._pins.get(sha, 0) + 1
         try:
             yield
         finally:
-            for sha in held:
-                self._pins[sha] -= 1
-                if not self._pins[sha]:
-                    del self._pins[sha]
+            with self._mutex:
+                for sha in held:
+                    self._pins[sha] -= 1
+                    if not self._pins[sha]:
+                        del self._pins[sha]
 
     async def get(self, sha256: str, fetch: Fetch) -> Path:
         """The blob's path here: fetched with `fetch(into)` when missing, its hash checked
@@ -113,24 +128,30 @@ class BlobCache:
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp.chmod(0o444)
         os.replace(tmp, final)
-        self._blobs()[sha256] = (time.time(), size)
+        with self._mutex:
+            blobs = self._blobs()
+            self._total += size - (blobs[sha256][1] if sha256 in blobs else 0)
+            blobs[sha256] = (time.time(), size)
 
     def evict(self) -> int:
         """Least recently used first, until under the bound (pinned blobs stay); how many
         went."""
-        blobs = self._blobs()
-        total = sum(size for _, size in blobs.values())
-        gone = 0
-        for sha, (_, size) in sorted(blobs.items(), key=lambda kv: kv[1][0]):
-            if total <= self.max_bytes:
-                break
-            if sha in self._pins:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                self.path(sha).unlink()
-            del blobs[sha]
-            total -= size
-            gone += 1
+        with self._mutex:
+            blobs = self._blobs()
+            if self._total <= self.max_bytes:  # the usual case: no sort at all
+                return 0
+            gone = 0
+            for sha, (_, size) in sorted(blobs.items(), key=lambda kv: kv[1][0]):
+                if self._total <= self.max_bytes:
+                    break
+                if sha in self._pins:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(sha).unlink()
+                del blobs[sha]
+                self._total -= size
+                gone += 1
+            total = self._total
         if gone:
             log.info("blob cache: %d least recently used blob(s) removed, %.3g GB kept",
                      gone, total / GB)  # fmt: skip
@@ -138,7 +159,7 @@ class BlobCache:
 
     def _blobs(self) -> dict[str, tuple[float, int]]:
         """What is here, read from the disk once (a previous run's blobs stay); what a
-        previous run left half-fetched goes."""
+        previous run left half-fetched goes. Under `_mutex`."""
         if self._index is None:
             self._index = {}
             shutil.rmtree(self.root / "tmp", ignore_errors=True)
@@ -146,6 +167,7 @@ class BlobCache:
                 with contextlib.suppress(OSError):
                     st = path.stat()
                     self._index[path.name] = (st.st_mtime, st.st_size)
+            self._total = sum(size for _, size in self._index.values())
         return self._index
 
 
