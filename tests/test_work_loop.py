@@ -450,3 +450,35 @@ async def test_while_its_queue_is_not_consumed_the_agent_long_polls_over_http(
         polling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await polling
+
+
+async def test_a_failure_of_the_agents_own_on_one_order_is_counted_and_the_next_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The order loop once died of a bug of the agent's own (a race in its blob cache) and
+    # the desktop went on saying it accepted jobs while it started none.
+    orch, broken, fine = Orchestrator(), uuid.uuid4(), uuid.uuid4()
+    work = loop(tmp_path, orch)
+    real = work._assign
+
+    async def assign(o: Order) -> bool:
+        if o.job_id == broken:
+            raise RuntimeError("dictionary changed size during iteration")
+        return await real(o)
+
+    monkeypatch.setattr(work, "_assign", assign)
+    asks = 0
+
+    class Source:
+        async def orders(self, *, wait_seconds: float) -> list[tuple[bytes, str]]:
+            nonlocal asks
+            asks += 1
+            if asks == 3:
+                raise asyncio.CancelledError
+            return [order(broken), order(fine)] if asks == 1 else []
+
+    with pytest.raises(asyncio.CancelledError):
+        await work.poll(Source(), wait_seconds=0)
+    await orch.until(fine, 2)
+    assert orch.said(fine) == ["started", "exit"] and work.refused["failed"] == 1
+    await work.stop()

@@ -219,6 +219,17 @@ class WorkLoop:
         self._spawn(run.cancel())
         return True
 
+    async def _handled(self, body: bytes, signature: str | None) -> bool:
+        """`handle`, and a failure of the agent's own while handling one order is logged
+        and counted, never the end of the order loop (it once ended it, silently: the
+        desktop went on saying it accepts jobs and started none)."""
+        try:
+            return await self.handle(body, signature)
+        except Exception:
+            log.exception("handling an order failed")
+            self.intake.refused["failed"] += 1
+            return False
+
     async def _assign(self, order: Order) -> bool:
         attempt_dir = self.intake.claim(order)
         if attempt_dir is None:  # said again, replayed, or older than one started
@@ -237,9 +248,17 @@ class WorkLoop:
                      max_log_bytes=self.settings.max_log_bytes,
                      ladder=self.settings.ladder, unit=self._unit(order, work))  # fmt: skip
         runner = AttemptRunner(attempt, run, table=self.attempts, parts=self._parts, hooks=HOOKS)
-        if await runner.start():
+        if work.snapshot or work.checkpoint or work.python_env:
+            # its files are fetched first (minutes for a big folder): in the background,
+            # so that the next order (a cancel, another job) is not held up behind them
+            self._spawn(self._start_and_follow(runner))
+        elif await runner.start():
             self._spawn(runner.follow())
         return True
+
+    async def _start_and_follow(self, runner: AttemptRunner) -> None:
+        if await runner.start():
+            await runner.follow()
 
     def _unit(self, order: Order, work: Work) -> AttemptUnit | None:
         """The attempt's contained unit, bounded by its claims; its GPUs by index."""
@@ -411,7 +430,7 @@ class WorkLoop:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            news = [await self.handle(body, signature) for body, signature in delivered]
+            news = [await self._handled(body, signature) for body, signature in delivered]
             if delivered and not any(news):
                 # all already in hand (an attempt not yet reported started, a cancel under
                 # way): the orchestrator says them again until it hears back, so ask again
