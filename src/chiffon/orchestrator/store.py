@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -58,6 +59,7 @@ READ_CHUNKS = 8  # chunks read from the database per query
 # snapshot's 100,000 files are asked about once per file while an agent fetches them.
 MANIFEST_PATHS_CACHED = 1_000_000
 IN_CLAUSE = 1000
+USED_SECONDS = 5.0
 FILE_KINDS = ("output", "checkpoint")
 
 
@@ -99,6 +101,7 @@ class BlobStore:
         self.retention_seconds = retention_seconds
         self._manifests: OrderedDict[str, tuple[Manifest, frozenset[str]]] = OrderedDict()
         self._cached_paths = 0
+        self._used: tuple[float, int] | None = None  # (when summed, bytes): `_used_lately`
 
     # What is there.
 
@@ -134,12 +137,26 @@ class BlobStore:
         already there is not read again."""
         if (size := await self.size(sha256)) is not None:
             return size
-        room = self.max_bytes - await self.used_bytes()
+        room = self.max_bytes - await self._used_lately()
         if declared is not None and declared > room:
             raise StoreFull(self._full(declared))
         if self.folder is None:
-            return await self._put_rows(sha256, body, room)
-        return await self._put_file(sha256, body, room)
+            return self._stored(await self._put_rows(sha256, body, room))
+        return self._stored(await self._put_file(sha256, body, room))
+
+    async def _used_lately(self) -> int:
+        """The store's size as summed at most `USED_SECONDS` ago, plus what this process
+        stored since: the sum is a scan of every blob's row, once per upload it was most
+        of a small upload's cost. Orchestrators beside this one add theirs within that."""
+        now = time.monotonic()
+        if self._used is None or now - self._used[0] > USED_SECONDS:
+            self._used = (now, await self.used_bytes())
+        return self._used[1]
+
+    def _stored(self, size: int) -> int:
+        if self._used is not None:
+            self._used = (self._used[0], self._used[1] + size)
+        return size
 
     def _full(self, size: int) -> str:
         cap = self.max_bytes / 1e9
