@@ -6,6 +6,7 @@ periodic save, the work done once in all."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -35,6 +36,19 @@ pathlib.Path("results/deep/reversed.bin").write_bytes(data[::-1])
 pathlib.Path("model.pt").write_bytes(b"weights:" + data[:1000])
 pathlib.Path("scratch.tmp").write_text("not asked for")
 print("trained in", os.getcwd(), flush=True)
+"""
+
+
+MAKE = """\
+import hashlib, os, pathlib, sys
+rows = pathlib.Path("data.csv").read_text().split()
+print("rows", len(rows), "secret here:", os.path.exists("secret.log"))
+pathlib.Path("results/plots").mkdir(parents=True, exist_ok=True)
+pathlib.Path("results/sum.txt").write_text(str(sum(int(r) for r in rows)))
+pathlib.Path("results/plots/p.bin").write_bytes(bytes(range(256)) * 40)
+pathlib.Path("model.bin").write_bytes(hashlib.sha256(b"w").digest() * 1000)
+pathlib.Path("not-asked-for.txt").write_text("stays on the desktop")
+sys.exit(int(sys.argv[1]))
 """
 
 
@@ -152,7 +166,7 @@ def test_a_job_vacated_by_the_owner_resumes_elsewhere_from_its_checkpoint(tmp_pa
         f.start_agent("desk-8g", **WHEN_IDLE, **QUICK_VACATE)
         wait_for("desk-8g", lambda: f.agents().get("desk-8g", {}).get("accepts_jobs"), f, 30)
         sent = chiffon_in(folder, f, "run", "--detach", "--gpus", "1", "--vram", "4", "--out",
-                          "done.log", "--", sys.executable, "steps.py", "0.5")  # fmt: skip
+                          "done.log", "--", sys.executable, "steps.py", "1.0")  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         job_id = sent.stdout.strip()
         wait_for("some steps saved", lambda: _saved_steps(c, job_id) >= 3, f, 60)
@@ -216,3 +230,44 @@ def test_a_killed_desktops_job_resumes_from_its_last_periodic_save(tmp_path: Pat
     assert numbers == list(range(12)), steps
     assert any(s.endswith("by attempt 1") for s in steps)
     assert any(s.endswith("by attempt 2") for s in steps)
+
+
+def git_project(root: Path) -> Path:
+    root.mkdir()
+    (root / "make.py").write_text(MAKE)
+    (root / "data.csv").write_text("1\n2\n3\n4\n")
+    (root / ".gitignore").write_text("*.log\nchiffon-out/\n")
+    (root / "secret.log").write_text("never leaves this machine")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def run_make(fleet: Fleet, folder: Path, code: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHIFFON, "run", "--out", "results/**", "--out", "model.bin", "--",
+         "python3", "make.py", str(code)],
+        cwd=folder, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **TOKENS_ENV, "CHIFFON_ORCHESTRATOR_URL": fleet.api},
+    )  # fmt: skip
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_script_from_a_folder_runs_and_its_outputs_come_back_whatever_its_end(
+    fleet: Fleet, tmp_path: Path, code: int
+) -> None:
+    folder = git_project(tmp_path / "proj")
+    done = run_make(fleet, folder, code)
+    assert done.returncode == code, done.stderr + fleet.logs()
+    assert done.stdout.splitlines()[-1] == "rows 4 secret here: False"
+    assert "sending 3 files" in done.stderr and ".gitignore honoured" in done.stderr
+    [job_dir] = (folder / "chiffon-out").iterdir()
+    expected = {"model.bin": hashlib.sha256(hashlib.sha256(b"w").digest() * 1000).hexdigest(),
+                "results/plots/p.bin": hashlib.sha256(bytes(range(256)) * 40).hexdigest(),
+                "results/sum.txt": hashlib.sha256(b"10").hexdigest()}  # fmt: skip
+    assert tree(job_dir) == expected
+    assert f"3 output files, 42.2 kB, in chiffon-out/{job_dir.name}" in done.stderr
