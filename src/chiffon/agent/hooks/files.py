@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 DISK_RESERVE_BYTES = 256 * 1024**2
 # How long sending an attempt's outputs and checkpoint may hold up the saying of its end.
 SAVE_SECONDS = 600.0
+# The least time between two saves a job asks for (`CHIFFON_CHECKPOINT_SAVE`).
+ASKED_SAVE_SECONDS = 2.0
 MARKER_CHECK_SECONDS = 1.0
 
 
@@ -220,10 +223,15 @@ class PeriodicCheckpoint(TaskHook):
         every = work.checkpoint_every_seconds
         due = time.monotonic() + every if every else None
         marker = attempt.directory / CHECKPOINT / SAVE_MARKER
+        last = -math.inf
         while not run.finished.is_set():
             await asyncio.sleep(MARKER_CHECK_SECONDS)
-            asked = await asyncio.to_thread(_taken, marker)
+            # a job asking every moment gets a save every ASKED_SAVE_SECONDS (the store is
+            # shared: each save of a changed checkpoint is new bytes in it)
+            soon = time.monotonic() - last < ASKED_SAVE_SECONDS
+            asked = not soon and await asyncio.to_thread(_taken, marker)
             if asked or (due is not None and time.monotonic() >= due):
+                last = time.monotonic()
                 await self._save(files, attempt)
                 if every:
                     due = time.monotonic() + every
