@@ -318,7 +318,12 @@ async def test_history_off_records_nothing(database_url: str, tmp_path: Path) ->
         listeners = {"chiffon-credential-changes", "chiffon-queue-notices",
                      "chiffon-log-notices", "chiffon-order-notices"}  # fmt: skip
         names = {t.get_name() for t in orch._tasks} - listeners
-        assert names == {"chiffon-sweep", "chiffon-dispatch", "chiffon-log-prune"}
+        assert names == {
+            "chiffon-sweep",
+            "chiffon-dispatch",
+            "chiffon-log-prune",
+            "chiffon-blob-collect",
+        }
         assert await orch.recorder.record_once() == {}
     finally:
         await orch.stop()
