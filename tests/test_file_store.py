@@ -330,3 +330,8 @@ async def test_a_python_env_is_built_from_the_jobs_own_folder_never_a_workdir(
         job = {"command": ["python", "x.py"], "python_env": True, "workdir": "/srv/x"}
         resp = await api.post("/api/v1/jobs", json=job)
     assert resp.status_code == 422 and "not of a workdir" in resp.json()["detail"]
+    # nor are outputs read from one: the agent, root perhaps, would send `/etc/shadow`
+    async with api_client(orchestrator, API_HEADERS) as api:
+        job = {"command": ["true"], "workdir": "/etc", "outputs": ["shadow"]}
+        resp = await api.post("/api/v1/jobs", json=job)
+    assert resp.status_code == 422 and "not from a workdir" in resp.json()["detail"]

@@ -197,6 +197,9 @@ class JobSubmit(BaseModel):
         if self.snapshot is not None and self.workdir is not None:
             raise ValueError("snapshot and workdir: a job runs in its snapshot's copy or in "
                              "a folder of the desktop, not both")  # fmt: skip
+        if self.outputs and self.workdir is not None:
+            raise ValueError("outputs come back from the job's own folder, not from a "
+                             "workdir (the agent would read it as itself)")  # fmt: skip
         if self.python_env and self.workdir is not None:
             raise ValueError("python_env builds the environment of the job's own folder, "
                              "not of a workdir on the desktop")  # fmt: skip

@@ -183,9 +183,11 @@ class SaveFiles(AttemptHook):
         files, work = self.parts.files, attempt.work
         if files is None or work is None:
             return
-        if work.outputs:
+        # Only from the attempt's own folder: a workdir is a folder of the desktop's, and
+        # the agent (root, perhaps) reads what it sends (`--workdir /etc --out shadow`).
+        if work.outputs and not work.workdir:
             await self._bounded(attempt, "outputs", save_tree(
-                files, attempt.key, job_folder(attempt, work), "output",
+                files, attempt.key, attempt.directory / WORK, "output",
                 out_matcher(work.outputs)))  # fmt: skip
         await self._bounded(attempt, "checkpoint", save_checkpoint(files, attempt))
 
