@@ -334,6 +334,9 @@ def test_blobs_admitted_while_others_are_evicted_keep_the_index_whole(tmp_path: 
             except BaseException as exc:  # what a thread raised is the finding
                 errors.append(exc)
 
+    # the index is read (and a previous run's half-fetched files cleared) at the first ask,
+    # as `get` does before any fetch writes a temporary file
+    assert not cache.has(sha(blobs[0]))
     threads = [threading.Thread(target=admit, args=(blobs[i::3],)) for i in range(3)]
     for t in threads:
         t.start()
