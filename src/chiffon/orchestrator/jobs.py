@@ -277,20 +277,27 @@ async def pending_orders(
         .where(JobRow.agent_id == agent_id, JobRow.state.in_(OUT))
         .order_by(JobRow.updated_at, JobRow.job_id)
     )
-    async with sessions() as session:
-        rows = (await session.execute(stmt)).all()
     issued_at = now.timestamp()
     orders = []
-    for job, gpus in rows:
-        if job.cancel_requested_at is not None:
-            orders.append(Order("cancel", agent_id, job.job_id, job.attempt, issued_at))
-        elif job.state == "assigned":
-            async with sessions() as session:  # rare: only while it waits to start
-                restore = await latest_checkpoint(session, job.job_id, job.attempt)
-            checkpoint = None if restore is None else restore.manifest
-            payload = JobSpec.parse(job.spec).assignment(gpus, checkpoint)
-            orders.append(Order("assign", agent_id, job.job_id, job.attempt, issued_at, payload))
+    async with sessions() as session:
+        for job, gpus in (await session.execute(stmt)).all():
+            if job.cancel_requested_at is not None:
+                orders.append(Order("cancel", agent_id, job.job_id, job.attempt, issued_at))
+            elif job.state == "assigned":
+                checkpoint = await _restored(session, job)
+                payload = JobSpec.parse(job.spec).assignment(gpus, checkpoint)
+                orders.append(Order("assign", agent_id, job.job_id, job.attempt, issued_at,
+                                    payload))  # fmt: skip
     return orders
+
+
+async def _restored(session: AsyncSession, job: JobRow) -> str | None:
+    """The checkpoint an attempt starts from: none for a first attempt (nothing could
+    have saved one), else the latest an earlier attempt saved."""
+    if job.attempt <= 1:
+        return None
+    restore = await latest_checkpoint(session, job.job_id, job.attempt)
+    return None if restore is None else restore.manifest
 
 
 async def lose_offline(
